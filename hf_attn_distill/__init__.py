@@ -1,0 +1,30 @@
+"""Knowledge distillation with attention transfer for Hugging Face Transformers."""
+
+from .attention_capture import ATTN_IMPLEMENTATION, AttentionRecorder, enable_attention_capture
+from .config import DistillConfig
+from .layer_map import parse_layer_map, resolve_layer_map
+from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads, logit_kd_loss
+from .model_structure import find_attention_modules, find_encoder_layers
+from .students import student_from_config, student_from_teacher_layers
+from .trainer import DistillTrainer, check_distillation_pair
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "AttentionRecorder",
+    "DistillConfig",
+    "DistillTrainer",
+    "attention_kl_loss",
+    "attention_mse_loss",
+    "check_distillation_pair",
+    "enable_attention_capture",
+    "find_attention_modules",
+    "find_encoder_layers",
+    "group_teacher_heads",
+    "logit_kd_loss",
+    "parse_layer_map",
+    "resolve_layer_map",
+    "student_from_config",
+    "student_from_teacher_layers",
+]

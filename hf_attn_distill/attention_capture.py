@@ -1,0 +1,146 @@
+"""Selective attention capture through the transformers ``AttentionInterface``.
+
+``output_attentions=True`` forces the slow eager path on *every* layer and returns probabilities
+*after* attention dropout. Instead we register one attention implementation, ``"hf_attn_distill"``:
+layers nobody records run PyTorch's ``scaled_dot_product_attention`` exactly like ``"sdpa"``; the
+few layers an :class:`AttentionRecorder` watches compute their scores explicitly and store the
+pre-dropout log-probabilities (or raw scores) for the loss. The matching mask function (the one
+``"sdpa"`` uses) is registered too, otherwise transformers would silently drop the padding mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "AttentionRecorder",
+    "enable_attention_capture",
+    "recording_attention_forward",
+]
+
+ATTN_IMPLEMENTATION = "hf_attn_distill"
+_SLOT_ATTR = "_hf_attn_distill_slot"
+RECORD_KINDS = ("log_probs", "scores")
+
+
+class AttentionRecorder:
+    """Records attention of chosen modules during a forward pass.
+
+    Args:
+        modules: attention modules to watch, in the order their records are returned.
+        kind: ``"log_probs"`` (``log_softmax`` of masked scores, for KL or MSE on probabilities) or
+            ``"scores"`` (raw pre-softmax ``q k^T * scaling``, before masking, TinyBERT-style).
+
+    Use as ``with recorder.record() as records: model(**inputs)``; afterwards ``records`` holds one
+    ``[B, H, Q, K]`` float32 tensor per module (with gradient, when the forward had one).
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], kind: str = "log_probs"):
+        if kind not in RECORD_KINDS:
+            raise ValueError(f"kind must be one of {RECORD_KINDS}, got {kind!r}")
+        self.modules = list(modules)
+        self.kind = kind
+
+    @contextlib.contextmanager
+    def record(self, enabled: bool = True) -> Iterator[list[torch.Tensor | None]]:
+        records: list[torch.Tensor | None] = [None] * len(self.modules)
+        if not enabled:
+            yield records
+            return
+        for slot, module in enumerate(self.modules):
+            if getattr(module, _SLOT_ATTR, None) is not None:
+                raise RuntimeError("An attention module is already being recorded (nested record() on one model).")
+            setattr(module, _SLOT_ATTR, (records, slot, self.kind))
+        try:
+            yield records
+        finally:
+            for module in self.modules:
+                setattr(module, _SLOT_ATTR, None)
+        missing = [i for i, r in enumerate(records) if r is None]
+        if missing:
+            raise RuntimeError(
+                f"Attention modules {missing} of the layer map were not called with the '{ATTN_IMPLEMENTATION}' "
+                "attention implementation, so no attention was recorded. The model must dispatch attention "
+                "through transformers' AttentionInterface and keep config._attn_implementation set by "
+                "enable_attention_capture()."
+            )
+
+
+def recording_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function registered as ``"hf_attn_distill"``.
+
+    Unrecorded modules: identical to transformers' ``sdpa_attention_forward``. Recorded modules:
+    explicit ``softmax(q k^T * scaling + mask)`` with the recorded tensor taken *before* dropout.
+    """
+    slot = getattr(module, _SLOT_ATTR, None)
+    if slot is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    records, index, kind = slot
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    masked = scores
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            masked = scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
+        else:
+            masked = scores + attention_mask.float()
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        if causal and q_len > 1:
+            allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+            masked = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    log_probs = torch.log_softmax(masked, dim=-1)
+    records[index] = log_probs if kind == "log_probs" else scores
+    probs = log_probs.exp().to(value.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, None
+
+
+def _register() -> None:
+    AttentionInterface.register(ATTN_IMPLEMENTATION, recording_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def enable_attention_capture(model: PreTrainedModel) -> None:
+    """Switch ``model`` to the ``"hf_attn_distill"`` attention implementation (in place).
+
+    Outside a recording the model computes exactly what ``"sdpa"`` computes. The setting is not
+    written to ``config.json``, so saved models load with the default implementation.
+    """
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, so its "
+            "attention cannot be captured selectively. Use a model that does (BERT, RoBERTa, DistilBERT, ELECTRA, "
+            "... in transformers >= 5), or set attention_weight=0 to distill logits only."
+        )
+    _register()
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(f"{type(model).__name__} refused attention implementation {ATTN_IMPLEMENTATION!r}.")

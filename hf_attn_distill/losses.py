@@ -1,0 +1,191 @@
+"""Distillation losses as pure functions.
+
+Shapes use ``B`` batch, ``H`` heads, ``Q`` query positions, ``K`` key positions, ``C`` classes.
+Masks are boolean or 0/1 tensors where ``True``/1 marks a *valid* position.
+Every function returns the mean over valid items, so the caller can rescale it by item counts
+(see :class:`~hf_attn_distill.DistillTrainer` for exact gradient-accumulation scaling).
+All math runs in float32, whatever the input dtype, so fp16/bf16 inputs give no inf/NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "logit_kd_loss",
+    "attention_kl_loss",
+    "attention_mse_loss",
+    "group_teacher_heads",
+]
+
+
+def _valid_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true (mask broadcasts to values)."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype).expand_as(values)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def logit_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Hinton knowledge-distillation loss on logits (scores, not probabilities).
+
+    ``KL(softmax(t / T) || softmax(s / T)) * T**2``, summed over classes and averaged over items.
+    With a single output unit (regression heads) it is the mean squared error of the outputs instead.
+
+    Args:
+        student_logits: ``[..., C]`` student scores (pre-softmax).
+        teacher_logits: ``[..., C]`` teacher scores, same shape.
+        temperature: softening temperature ``T > 0``; the ``T**2`` factor keeps gradient scale
+            independent of ``T``.
+        mask: ``[...]`` (the logits shape without ``C``); items where it is false are excluded
+            (padding tokens, ``-100`` labels). ``None`` averages over all items.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ in shape: student and teacher need the same label set (num_labels) and inputs."
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    s = student_logits.float()
+    t = teacher_logits.detach().float()
+    if s.shape[-1] == 1:  # regression head: match the outputs directly
+        return _valid_mean((s - t).squeeze(-1).pow(2), mask)
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return _valid_mean(kl, mask) * temperature**2
+
+
+def group_teacher_heads(teacher: torch.Tensor, num_student_heads: int, kind: str) -> torch.Tensor:
+    """Average teacher heads in consecutive groups so they line up with ``num_student_heads``.
+
+    Teacher head ``h`` goes to group ``h // (H_t // H_s)``. Averaging is done on what the attention
+    loss compares: for ``kind="log_probs"`` the group's *probabilities* are averaged (the result is
+    again a log-distribution, ``logsumexp - log g``); for ``kind="scores"`` or ``"probs"`` the values
+    are averaged directly.
+
+    Args:
+        teacher: ``[B, H_t, Q, K]``.
+        num_student_heads: ``H_s``; ``H_t`` must be a multiple of it.
+        kind: ``"log_probs"``, ``"probs"`` or ``"scores"``.
+
+    Returns:
+        ``[B, H_s, Q, K]``.
+    """
+    num_teacher_heads = teacher.shape[1]
+    if num_teacher_heads == num_student_heads:
+        return teacher
+    if num_teacher_heads % num_student_heads != 0:
+        raise ValueError(
+            f"Teacher has {num_teacher_heads} heads and student {num_student_heads}: teacher heads must be a "
+            "multiple of student heads to be averaged in groups."
+        )
+    g = num_teacher_heads // num_student_heads
+    grouped = teacher.unflatten(1, (num_student_heads, g))
+    if kind == "log_probs":
+        return torch.logsumexp(grouped, dim=2) - math.log(g)
+    if kind in ("probs", "scores"):
+        return grouped.mean(dim=2)
+    raise ValueError(f"kind must be 'log_probs', 'probs' or 'scores', got {kind!r}")
+
+
+def _attention_masks(
+    shape: torch.Size, key_mask: torch.Tensor | None, query_mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Return ``(key_mask [B,1,1,K], query_mask [B,1,Q,1])`` as booleans, or ``None`` for no masking."""
+    batch, _, num_q, num_k = shape
+    if query_mask is None and key_mask is not None and num_q == num_k:
+        query_mask = key_mask  # self-attention: padded tokens are padded queries too
+    k = None if key_mask is None else key_mask.bool().reshape(batch, 1, 1, num_k)
+    q = None if query_mask is None else query_mask.bool().reshape(batch, 1, num_q, 1)
+    return k, q
+
+
+def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.dim() != 4 or student.shape != teacher.shape:
+        raise ValueError(
+            f"Attention tensors must both be [batch, heads, query, key] of the same shape; got student "
+            f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}. Group teacher heads first "
+            "(group_teacher_heads) if the head counts differ."
+        )
+
+
+def attention_kl_loss(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MiniLM attention-transfer loss: row-wise ``KL(teacher || student)`` over keys, per head.
+
+    Takes **log-probabilities** (``log_softmax`` of the attention scores, as recorded by
+    :class:`~hf_attn_distill.AttentionRecorder`), never probabilities, so there is no ``log(0)``.
+    Padded keys are excluded from each row's sum, and padded query rows from the average: the
+    result is the mean over heads and valid query positions. Fully padded rows contribute nothing
+    and produce no NaN.
+
+    Args:
+        student_log_probs: ``[B, H, Q, K]``.
+        teacher_log_probs: ``[B, H, Q, K]`` (no gradient flows into it).
+        key_mask: ``[B, K]`` valid keys (the attention mask). ``None``: all keys valid.
+        query_mask: ``[B, Q]`` valid queries; defaults to ``key_mask`` when ``Q == K``.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+    _check_pair(student_log_probs, teacher_log_probs)
+    log_s = student_log_probs.float()
+    log_t = teacher_log_probs.detach().float()
+    k, q = _attention_masks(log_s.shape, key_mask, query_mask)
+    elementwise = log_t.exp() * (log_t - log_s)
+    if k is not None:
+        elementwise = elementwise.masked_fill(~k, 0.0)
+    row_kl = elementwise.sum(-1, keepdim=True)  # [B, H, Q, 1]
+    return _valid_mean(row_kl, q)
+
+
+def attention_mse_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """TinyBERT attention-transfer loss: mean squared error per head over valid (query, key) pairs.
+
+    Works on whatever both tensors hold: pre-softmax **scores** (TinyBERT) or **probabilities**.
+    Entries with a padded key or a padded query are excluded; the result is the mean over heads,
+    valid query rows and valid keys.
+
+    Args:
+        student: ``[B, H, Q, K]``.
+        teacher: ``[B, H, Q, K]`` (no gradient flows into it).
+        key_mask: ``[B, K]`` valid keys. ``None``: all keys valid.
+        query_mask: ``[B, Q]`` valid queries; defaults to ``key_mask`` when ``Q == K``.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+    _check_pair(student, teacher)
+    diff = (student.float() - teacher.detach().float()).pow(2)
+    k, q = _attention_masks(diff.shape, key_mask, query_mask)
+    if k is None and q is None:
+        return diff.mean()
+    mask = torch.ones((), dtype=torch.bool, device=diff.device)
+    if k is not None:
+        mask = mask & k
+    if q is not None:
+        mask = mask & q
+    return _valid_mean(diff, mask)

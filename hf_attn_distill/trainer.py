@@ -1,0 +1,296 @@
+"""``DistillTrainer``: a drop-in ``transformers.Trainer`` that distills a teacher into the student."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel, Trainer
+
+from .attention_capture import AttentionRecorder, enable_attention_capture
+from .config import DistillConfig
+from .layer_map import resolve_layer_map
+from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads, logit_kd_loss
+from .model_structure import find_attention_modules
+
+__all__ = ["DistillTrainer", "check_distillation_pair"]
+
+LABEL_KEYS = ("labels", "start_positions", "end_positions")
+LOGIT_KEYS = ("logits", "start_logits", "end_logits")
+# Model outputs that must never reach `predictions` (large, and not predictions).
+STRIPPED_OUTPUT_KEYS = (
+    "attentions",
+    "hidden_states",
+    "encoder_attentions",
+    "encoder_hidden_states",
+    "decoder_attentions",
+    "decoder_hidden_states",
+    "cross_attentions",
+)
+
+
+def _load_teacher(name_or_path: str) -> PreTrainedModel:
+    """Load a teacher from the Hub or a folder with the class its config names."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise ValueError(
+            f"Cannot tell which model class to load for teacher {name_or_path!r} (config.architectures="
+            f"{architectures}); load it yourself and pass the model as teacher_model."
+        )
+    return model_class.from_pretrained(name_or_path)
+
+
+def _num_heads(model: PreTrainedModel) -> int:
+    return int(model.config.num_attention_heads)
+
+
+def check_distillation_pair(
+    student: PreTrainedModel, teacher: PreTrainedModel, args: DistillConfig
+) -> list[tuple[int, int]]:
+    """Check that ``student`` can learn from ``teacher`` under ``args``; return the resolved layer map.
+
+    Raises ``ValueError`` naming the fix for vocab or label-count mismatches, layer maps out of
+    range and head counts that cannot be grouped.
+    """
+    s_cfg, t_cfg = student.config, teacher.config
+    if getattr(s_cfg, "vocab_size", None) != getattr(t_cfg, "vocab_size", None):
+        raise ValueError(
+            f"Student vocab_size {s_cfg.vocab_size} != teacher vocab_size {t_cfg.vocab_size}: both models must "
+            "read the same token ids. Build the student from the teacher (student_from_config / "
+            "student_from_teacher_layers) or use a student trained with the teacher's tokenizer."
+        )
+    if args.alpha_kd > 0 and getattr(s_cfg, "num_labels", None) != getattr(t_cfg, "num_labels", None):
+        raise ValueError(
+            f"Student has num_labels={s_cfg.num_labels}, teacher num_labels={t_cfg.num_labels}: logit KD needs the "
+            "same label set. Create the student with the teacher's num_labels/id2label."
+        )
+    if args.attention_weight == 0:
+        return []
+    pairs = resolve_layer_map(args.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    s_heads, t_heads = _num_heads(student), _num_heads(teacher)
+    if s_heads != t_heads and (args.head_grouping == "strict" or t_heads % s_heads != 0):
+        divisors = [d for d in range(1, t_heads + 1) if t_heads % d == 0]
+        reason = "head_grouping='strict'" if args.head_grouping == "strict" else "it is not a multiple of the student's"
+        raise ValueError(
+            f"Teacher has {t_heads} attention heads and student {s_heads}, and {reason}. Options: give the student "
+            f"a head count that divides {t_heads} ({divisors}) with head_grouping='mean' (teacher heads are "
+            "averaged in groups), or set attention_weight=0 to distill logits only."
+        )
+    return pairs
+
+
+class DistillTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is ``alpha_ce * CE + alpha_kd * KD + attention_weight * ATT``.
+
+    The teacher runs in eval mode under ``torch.no_grad``, is never given to the optimizer and is not
+    saved with student checkpoints. Only the layers in ``args.layer_map`` materialize attention (in
+    both models); every other layer keeps the fused SDPA kernel. Each loss term is normalised over the
+    whole gradient-accumulation window, so ``k`` micro-batches of ``n`` give the update of one batch
+    of ``k * n`` (``loss_is_scaled_for_ga = True``). Loss terms are logged as ``loss_ce``, ``loss_kd``,
+    ``loss_attn`` (train) and ``eval_loss_*`` (eval), averaged over items in the logging window and
+    across processes.
+
+    Args:
+        model: the student (a ``PreTrainedModel``).
+        teacher_model: the teacher, or a Hub id / folder to load it from.
+        args: a :class:`DistillConfig`.
+        **kwargs: everything else ``Trainer`` takes (datasets, ``processing_class``, callbacks, ...).
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel | None = None,
+        teacher_model: PreTrainedModel | str | None = None,
+        args: DistillConfig | None = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            args = DistillConfig(output_dir="tmp_trainer")
+        if not isinstance(args, DistillConfig):
+            raise TypeError(f"args must be a DistillConfig, got {type(args).__name__}: DistillConfig(**args.to_dict()).")
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError("model must be the student, a transformers PreTrainedModel (model_init is not supported).")
+        if teacher_model is None:
+            raise ValueError("teacher_model is required: a PreTrainedModel, a Hub id or a folder.")
+        if isinstance(teacher_model, str):
+            teacher_model = _load_teacher(teacher_model)
+        if teacher_model is model:
+            raise ValueError("teacher_model is the student itself; pass a separate teacher.")
+        self.layer_pairs = check_distillation_pair(model, teacher_model, args)
+
+        if args.teacher_dtype != "auto":
+            teacher_model = teacher_model.to(getattr(torch, args.teacher_dtype))
+        teacher_model.eval().requires_grad_(False)
+        teacher_model.config.output_attentions = False
+        teacher_model.config.output_hidden_states = False
+        self._student_recorder = self._teacher_recorder = None
+        if self.layer_pairs:
+            enable_attention_capture(model)
+            enable_attention_capture(teacher_model)
+            kind = args.attention_record_kind
+            s_mods, t_mods = find_attention_modules(model), find_attention_modules(teacher_model)
+            self._student_recorder = AttentionRecorder([s_mods[s] for s, _ in self.layer_pairs], kind)
+            self._teacher_recorder = AttentionRecorder([t_mods[t] for _, t in self.layer_pairs], kind)
+        forward_params = inspect.signature(teacher_model.forward).parameters
+        self._teacher_input_names = {
+            n for n, p in forward_params.items() if p.kind is not p.VAR_KEYWORD and n not in LABEL_KEYS
+        }
+
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self._window_items: torch.Tensor | None = None
+        self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {"train": {}, "eval": {}}
+
+    # ---- gradient accumulation: count items of the whole window before its first micro-batch ----
+
+    @staticmethod
+    def _batch_items(inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(label items, valid tokens)`` of one batch: what the CE/KD and attention terms average over."""
+        labels = inputs.get("labels")
+        input_ids = inputs.get("input_ids")
+        reference = input_ids if input_ids is not None else next(v for v in inputs.values() if torch.is_tensor(v))
+        if torch.is_tensor(labels) and labels.dim() > 1:
+            label_items = labels.ne(-100).sum()
+        else:
+            label_items = torch.tensor(reference.shape[0], device=reference.device)
+        mask = inputs.get("attention_mask")
+        tokens = mask.sum() if torch.is_tensor(mask) else torch.tensor(reference[..., 0].numel() * reference.shape[-1])
+        return label_items.float(), tokens.float().to(label_items.device)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples:
+            totals = torch.stack([torch.stack(self._batch_items(b)).to(device) for b in batch_samples]).sum(0)
+            if self.args.world_size > 1:
+                totals = self.accelerator.gather(totals).view(-1, 2).sum(0)
+            self._window_items = totals
+        return batch_samples, num_items_in_batch
+
+    def _scales(self, model: nn.Module, items: torch.Tensor) -> torch.Tensor:
+        """Per-term multipliers turning micro-batch means into this micro-batch's share of the window mean."""
+        if not model.training:
+            return torch.ones_like(items)
+        if self._window_items is None:  # training_step called outside the Trainer loop
+            return torch.full_like(items, 1.0 / self.current_gradient_accumulation_steps)
+        # DDP averages gradients over processes; multiply back so the result is the global mean.
+        return items / self._window_items.to(items.device) * self.args.world_size
+
+    # ---- the loss ----
+
+    def _kd_term(self, outputs: Mapping, teacher_outputs: Mapping, inputs: Mapping) -> torch.Tensor:
+        keys = [k for k in LOGIT_KEYS if outputs.get(k) is not None and teacher_outputs.get(k) is not None]
+        if not keys:
+            raise ValueError(
+                f"Neither model returned logits ({', '.join(LOGIT_KEYS)}) to distill; use a model with a task head "
+                "or set alpha_kd=0."
+            )
+        terms = []
+        for key in keys:
+            student_logits, teacher_logits = outputs[key], teacher_outputs[key]
+            mask = None
+            if student_logits.dim() == 3:  # token-level outputs: ignore -100 labels, else padding
+                labels, attn = inputs.get("labels"), inputs.get("attention_mask")
+                if torch.is_tensor(labels) and labels.shape == student_logits.shape[:2]:
+                    mask = labels.ne(-100)
+                elif torch.is_tensor(attn) and attn.shape == student_logits.shape[:2]:
+                    mask = attn.bool()
+            terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature, mask))
+        return torch.stack(terms).mean()
+
+    def _attention_term(self, student_att: list, teacher_att: list, inputs: Mapping) -> torch.Tensor:
+        mask = inputs.get("attention_mask")
+        kind = self.args.attention_record_kind
+        losses = []
+        for s, t in zip(student_att, teacher_att):
+            t = group_teacher_heads(t, s.shape[1], kind)
+            if self.args.attention_loss == "kl":
+                losses.append(attention_kl_loss(s, t, mask))
+            elif kind == "scores":
+                losses.append(attention_mse_loss(s, t, mask))
+            else:
+                losses.append(attention_mse_loss(s.exp(), t.exp(), mask))
+        return torch.stack(losses).mean()
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """Run teacher and student on ``inputs`` and combine the loss terms (see the class docstring).
+
+        ``num_items_in_batch`` is accepted for the ``Trainer`` contract; normalisation uses this
+        trainer's own window counts, which also cover the attention term's token count.
+        """
+        args = self.args
+        use_attention = bool(self.layer_pairs)
+        teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_input_names}
+        with torch.no_grad(), self._record(self._teacher_recorder, use_attention) as teacher_att:
+            teacher_outputs = self.teacher_model(**teacher_inputs)
+        with self._record(self._student_recorder, use_attention) as student_att:
+            outputs = model(**inputs)
+
+        terms: dict[str, torch.Tensor] = {}
+        if outputs.get("loss") is not None:
+            terms["loss_ce"] = outputs["loss"].float()
+        elif args.alpha_ce > 0:
+            raise ValueError(
+                "alpha_ce > 0 but the student returned no loss: the batch has no labels "
+                f"({', '.join(LABEL_KEYS)}). Add a label column or set alpha_ce=0 for unlabeled transfer data."
+            )
+        if args.alpha_kd > 0:
+            terms["loss_kd"] = self._kd_term(outputs, teacher_outputs, inputs)
+        if use_attention:
+            terms["loss_attn"] = self._attention_term(student_att, teacher_att, inputs)
+
+        label_items, tokens = self._batch_items(inputs)
+        label_scale, token_scale = self._scales(model, torch.stack([label_items, tokens]))
+        weights = {"loss_ce": args.alpha_ce, "loss_kd": args.alpha_kd, "loss_attn": args.attention_weight}
+        loss = sum(
+            weights[name] * value * (token_scale if name == "loss_attn" else label_scale)
+            for name, value in terms.items()
+        )
+        self._accumulate_terms("train" if model.training else "eval", terms, label_items, tokens)
+
+        if return_outputs:
+            stripped = [k for k in STRIPPED_OUTPUT_KEYS if outputs.get(k) is not None]
+            if stripped:
+                outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in stripped})
+            return loss, outputs
+        return loss
+
+    @staticmethod
+    def _record(recorder: AttentionRecorder | None, enabled: bool):
+        return recorder.record(enabled) if recorder is not None else AttentionRecorder([]).record(False)
+
+    # ---- logging of each term ----
+
+    def _accumulate_terms(self, mode: str, terms: dict, label_items: torch.Tensor, tokens: torch.Tensor) -> None:
+        sums = self._term_sums[mode]
+        for name, value in terms.items():
+            items = tokens if name == "loss_attn" else label_items
+            total = torch.stack([value.detach().float() * items, items])
+            sums[name] = [sums[name][0] + total] if name in sums else [total]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        sums = self._term_sums[mode]
+        if sums and (mode == "eval" or "loss" in logs):
+            names = sorted(sums)
+            totals = torch.stack([sums[n][0] for n in names])  # [terms, (weighted sum, items)]
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            prefix = "eval_" if mode == "eval" else ""
+            for name, (weighted, items) in zip(names, totals.tolist()):
+                logs[f"{prefix}{name}"] = weighted / max(items, 1.0)
+            sums.clear()
+        super().log(logs, start_time)

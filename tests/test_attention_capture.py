@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from hf_attn_distill import AttentionRecorder, enable_attention_capture, find_attention_modules
+
+from conftest import tiny_classifier
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_selective_capture_equals_eager_and_output_equals_sdpa():
+    model = tiny_classifier(0, num_hidden_layers=4).eval()
+    inputs = _inputs()
+    sdpa_logits = model(**inputs).logits  # default implementation is sdpa
+    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    eager = model(**inputs, output_attentions=True)
+    enable_attention_capture(model)
+    modules = find_attention_modules(model)
+    recorder = AttentionRecorder([modules[1], modules[3]])
+    with recorder.record() as records:
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+    for record, layer in zip(records, (1, 3)):
+        probs = record.exp()
+        valid = inputs["attention_mask"].bool()[:, None, :, None].expand_as(probs)
+        torch.testing.assert_close(probs[valid], eager.attentions[layer][valid], atol=1e-6, rtol=1e-5)
+    # outside a recording nothing is kept and outputs are still sdpa's
+    torch.testing.assert_close(model(**inputs).logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+    assert all(getattr(m, "_hf_attn_distill_slot", None) is None for m in modules)
+
+
+def test_capture_is_pre_dropout_in_training_mode():
+    model = tiny_classifier(0, num_hidden_layers=2, attention_probs_dropout_prob=0.5)
+    inputs = _inputs()
+    model.set_attn_implementation("eager")
+    reference = model.eval()(**inputs, output_attentions=True).attentions[0]
+    torch.manual_seed(1)
+    post_dropout = model.train()(**inputs, output_attentions=True).attentions[0]
+    assert not torch.allclose(post_dropout, reference)  # eager in training mode returns post-dropout probs
+    enable_attention_capture(model)
+    recorder = AttentionRecorder([find_attention_modules(model)[0]])
+    with recorder.record() as records:
+        model.train()(**inputs)
+    valid = inputs["attention_mask"].bool()[:, None, :, None].expand_as(reference)
+    torch.testing.assert_close(records[0].exp()[valid], reference[valid], atol=1e-6, rtol=1e-5)
+
+
+def test_record_scores_kind_gives_raw_pre_softmax_scores():
+    model = tiny_classifier(0, num_hidden_layers=2).eval()
+    inputs = _inputs()
+    model.set_attn_implementation("eager")
+    eager = model(**inputs, output_attentions=True).attentions[0]
+    enable_attention_capture(model)
+    with AttentionRecorder([find_attention_modules(model)[0]], "scores").record() as scores:
+        model(**inputs)
+    assert scores[0].shape == (3, 4, 9, 9)
+    key_mask = inputs["attention_mask"].bool()[:, None, None, :]
+    probs = torch.softmax(scores[0].masked_fill(~key_mask, float("-inf")), -1)
+    valid = inputs["attention_mask"].bool()[:, None, :, None].expand_as(probs)
+    torch.testing.assert_close(probs[valid], eager[valid], atol=1e-6, rtol=1e-5)
+    assert scores[0][2, :, :, 3:].abs().max() < 100  # raw scores: padding is not baked in
+
+
+def test_padding_mask_is_applied():
+    model = tiny_classifier(0, num_hidden_layers=1).eval()
+    enable_attention_capture(model)
+    inputs = _inputs()
+    with AttentionRecorder(find_attention_modules(model)).record() as records:
+        model(**inputs)
+    probs = records[0].exp()
+    assert probs[2, :, :, 3:].abs().max() < 1e-12  # padded keys get no attention
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+
+
+def test_recorder_reports_modules_that_never_ran():
+    model = tiny_classifier(0, num_hidden_layers=2).eval()
+    other = tiny_classifier(1, num_hidden_layers=2).eval()
+    enable_attention_capture(model)
+    with pytest.raises(RuntimeError, match="not called"):
+        with AttentionRecorder(find_attention_modules(other)).record():
+            model(**_inputs())
+
+
+def test_model_without_attention_interface_is_rejected(monkeypatch):
+    model = tiny_classifier(0, num_hidden_layers=1)
+    monkeypatch.setattr(type(model), "_supports_attention_backend", False)
+    with pytest.raises(ValueError, match="attention_weight=0"):
+        enable_attention_capture(model)
+
+
+def test_saved_config_keeps_default_implementation(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    model = tiny_classifier(0, num_hidden_layers=1)
+    enable_attention_capture(model)
+    model.save_pretrained(tmp_path)
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path)
+    assert reloaded.config._attn_implementation == "sdpa"

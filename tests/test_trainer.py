@@ -1,0 +1,205 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import DataCollatorWithPadding
+
+from hf_attn_distill import DistillConfig, DistillTrainer
+
+from conftest import tiny_classifier
+
+
+def make_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        max_steps=10,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=5,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def make_trainer(args, tokenizer, dataset, teacher=None, student=None, **kwargs):
+    teacher = teacher if teacher is not None else tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
+    teacher = copy.deepcopy(teacher)
+    student = student if student is not None else tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
+    return DistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        **kwargs,
+    )
+
+
+def _series(history, key):
+    return [entry[key] for entry in history if key in entry]
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [dict(attention_loss="kl"), dict(attention_loss="mse"), dict(attention_loss="mse", attention_mse_input="probs",
+                                                                attention_weight=100.0)],
+    ids=["kl", "mse_scores", "mse_probs"],
+)
+def test_every_loss_term_decreases(tmp_path, tokenizer, sentiment_dataset, trained_teacher, attention):
+    args = make_args(
+        tmp_path, max_steps=40, logging_steps=10, learning_rate=3e-3, eval_strategy="steps", eval_steps=40, **attention
+    )
+    trainer = make_trainer(args, tokenizer, sentiment_dataset, teacher=trained_teacher)
+    trainer.train()
+    history = trainer.state.log_history
+    for key in ("loss_ce", "loss_kd", "loss_attn"):
+        values = _series(history, key)
+        assert len(values) == 4, (key, history)
+        assert values[-1] < values[0] * 0.9, (key, values)
+    for key in ("eval_loss_ce", "eval_loss_kd", "eval_loss_attn"):
+        assert np.isfinite(_series(history, key)[-1])
+    # the logged total is the weighted sum of the logged terms
+    last = [e for e in history if "loss_ce" in e][-1]
+    expected = 0.5 * last["loss_ce"] + 0.5 * last["loss_kd"] + args.attention_weight * last["loss_attn"]
+    assert last["loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_teacher_frozen_not_optimized_not_saved(tmp_path, tokenizer, sentiment_dataset):
+    teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    args = make_args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)
+    trainer = make_trainer(args, tokenizer, sentiment_dataset, teacher=teacher)
+    trainer.train()
+    assert not trainer.teacher_model.training
+    assert not any(p.requires_grad for p in trainer.teacher_model.parameters())
+    teacher_ids = {id(p) for p in trainer.teacher_model.parameters()}
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not teacher_ids & optimized
+    for k, v in trainer.teacher_model.state_dict().items():
+        assert torch.equal(v, before[k])
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
+    assert set(saved) == set(trainer.model.state_dict())
+
+
+def test_predictions_carry_no_attentions_or_hidden_states(tmp_path, tokenizer, sentiment_dataset):
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, output_hidden_states=True)
+    trainer = make_trainer(make_args(tmp_path, max_steps=1), tokenizer, sentiment_dataset, student=student)
+    output = trainer.predict(sentiment_dataset)
+    assert isinstance(output.predictions, np.ndarray)
+    assert output.predictions.shape == (len(sentiment_dataset), 2)
+    for key in ("test_loss_ce", "test_loss_kd", "test_loss_attn"):
+        assert key not in output.metrics or np.isfinite(output.metrics[key])
+
+
+def _one_update(tmp_path, tokenizer, dataset, batch, accumulation):
+    args = make_args(
+        tmp_path / f"b{batch}ga{accumulation}",
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+    )
+    trainer = make_trainer(args, tokenizer, dataset)
+    trainer.train()
+    return trainer.model.state_dict(), trainer.state.log_history[0]
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path, tokenizer, sentiment_dataset):
+    # rows of very different lengths, so micro-batches pad differently and hold different token counts
+    dataset = sentiment_dataset.select(range(8))
+    start = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1).state_dict()
+    big, big_log = _one_update(tmp_path, tokenizer, dataset, batch=8, accumulation=1)
+    small, small_log = _one_update(tmp_path, tokenizer, dataset, batch=4, accumulation=2)
+    moved = max((big[k] - start[k]).abs().max().item() for k in big)
+    assert moved > 1e-3  # the update is real
+    for key in big:
+        torch.testing.assert_close(small[key], big[key], atol=1e-6, rtol=1e-4)
+    for key in ("loss", "loss_ce", "loss_kd", "loss_attn"):
+        assert small_log[key] == pytest.approx(big_log[key], rel=1e-4)
+
+
+def test_resume_from_checkpoint_continues_identically(tmp_path, tokenizer, sentiment_dataset):
+    common = dict(max_steps=20, logging_steps=5, save_strategy="steps", save_steps=10)
+    full = make_trainer(make_args(tmp_path / "full", **common), tokenizer, sentiment_dataset)
+    full.train()
+    resumed = make_trainer(make_args(tmp_path / "full", **common), tokenizer, sentiment_dataset)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-10"))
+    want = {e["step"]: e for e in full.state.log_history if "loss_kd" in e and e["step"] > 10}
+    got = {e["step"]: e for e in resumed.state.log_history if "loss_kd" in e and e["step"] > 10}
+    assert sorted(want) == sorted(got) == [15, 20]
+    for step in want:
+        for key in ("loss", "loss_ce", "loss_kd", "loss_attn"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+
+
+def test_head_grouping_trains_student_with_fewer_heads(tmp_path, tokenizer, sentiment_dataset):
+    teacher = tiny_classifier(0, num_hidden_layers=4, num_attention_heads=8, hidden_size=64)
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
+    trainer = make_trainer(make_args(tmp_path, max_steps=2), tokenizer, sentiment_dataset, teacher, student)
+    trainer.train()
+    assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_logit_only_distillation_skips_attention(tmp_path, tokenizer, sentiment_dataset):
+    trainer = make_trainer(make_args(tmp_path, max_steps=5, attention_weight=0), tokenizer, sentiment_dataset)
+    trainer.train()
+    assert trainer.model.config._attn_implementation == "sdpa"
+    logged = [e for e in trainer.state.log_history if "loss" in e][0]
+    assert "loss_attn" not in logged and "loss_kd" in logged
+
+
+# ---- bad inputs: clear errors at construction ----
+
+
+@pytest.mark.parametrize(
+    "teacher_kwargs, student_kwargs, args_kwargs, match",
+    [
+        (dict(vocab_size=1000), {}, {}, "vocab_size"),
+        (dict(num_labels=3), {}, {}, "num_labels"),
+        ({}, dict(num_attention_heads=8, hidden_size=32), {}, "divides 4"),
+        (dict(num_attention_heads=4), dict(num_attention_heads=2), dict(head_grouping="strict"), "strict"),
+        ({}, {}, dict(layer_map="0:7"), "out of range"),
+        ({}, {}, dict(layer_map="5:1"), "out of range"),
+    ],
+)
+def test_bad_pairs_raise_at_construction(tmp_path, tokenizer, sentiment_dataset, teacher_kwargs, student_kwargs,
+                                         args_kwargs, match):
+    teacher = tiny_classifier(0, num_hidden_layers=4, **teacher_kwargs)
+    student = tiny_classifier(1, num_hidden_layers=2, **{"num_attention_heads": 2, **student_kwargs})
+    with pytest.raises(ValueError, match=match):
+        make_trainer(make_args(tmp_path, **args_kwargs), tokenizer, sentiment_dataset, teacher, student)
+
+
+def test_missing_labels_with_alpha_ce_names_fix(tmp_path, tokenizer, sentiment_dataset):
+    unlabeled = sentiment_dataset.remove_columns(["labels"])
+    trainer = make_trainer(make_args(tmp_path, max_steps=1), tokenizer, unlabeled)
+    with pytest.raises(ValueError, match="alpha_ce=0"):
+        trainer.train()
+    ok = make_trainer(make_args(tmp_path, max_steps=2, alpha_ce=0), tokenizer, unlabeled)
+    ok.train()
+
+
+def test_wrong_args_type_and_missing_teacher(tmp_path, tokenizer, sentiment_dataset):
+    from transformers import TrainingArguments
+
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
+    with pytest.raises(TypeError, match="DistillConfig"):
+        DistillTrainer(model=student, teacher_model=tiny_classifier(0),
+                       args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    with pytest.raises(ValueError, match="teacher_model is required"):
+        DistillTrainer(model=student, args=make_args(tmp_path))
