@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Quality benchmark on SST-2: does attention transfer help a 3-layer student?
+
+One fine-tuned teacher (all-MiniLM-L6-v2), then student variants with the same initialisation
+(layers 1,3,5 of the pretrained MiniLM), data, steps and seeds:
+
+- ``finetune``: fine-tuning without a teacher;
+- ``kd``: logit KD (+ hard labels);
+- ``kd_attn_kl``: KD + MiniLM attention KL on every mapped layer;
+- ``kd_attn_mse``: KD + TinyBERT attention MSE on pre-softmax scores.
+
+Accuracy is measured on the 872-sentence GLUE dev set (``test.tsv``). Writes
+``benchmarks/results/quality_sst2.json`` and ``.md``, updated after every run. CPU by default
+(about 1-2 hours on 2 cores with the defaults); CUDA is used when present.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from hf_attn_distill.profiling import machine_info  # noqa: E402
+from recipes.distill_classification import main as run_recipe  # noqa: E402
+from recipes.sst2_demo import DemoArguments, student_recipe_args, teacher_recipe_args  # noqa: E402
+
+VARIANTS = {
+    "finetune": ["--training_mode", "finetune"],
+    "kd": ["--attention_weight", "0"],
+    "kd_attn_kl": ["--attention_loss", "kl"],
+    "kd_attn_mse": ["--attention_loss", "mse", "--attention_mse_input", "scores"],
+}
+
+
+@dataclass
+class QualityArguments:
+    """Budget and output of the quality benchmark."""
+
+    work_dir: str = field(default="outputs/quality_sst2", metadata={"help": "Scratch folder for models."})
+    results: str = field(default=str(ROOT / "benchmarks" / "results" / "quality_sst2"), metadata={"help": "JSON/MD path stem."})
+    data_dir: str = field(default=DemoArguments.data_dir, metadata={"help": "SST-2 folder."})
+    teacher_steps: int = field(default=1000, metadata={"help": "Teacher fine-tuning steps."})
+    student_steps: int = field(default=500, metadata={"help": "Steps per student run (same for every variant)."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size."})
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "Student seeds."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
+    attention_weight_kl: float = field(default=1.0, metadata={"help": "Attention weight of kd_attn_kl."})
+    attention_weight_mse: float = field(
+        default=0.2, metadata={"help": "Attention weight of kd_attn_mse (score MSE starts ~5x the KL; 0.2 evens them)."}
+    )
+    reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
+
+
+def summarize(teacher_acc: float, runs: dict[str, list[dict]], args: QualityArguments) -> dict:
+    students = {}
+    for name, items in runs.items():
+        accs = [r["accuracy"] for r in items]
+        mean = statistics.fmean(accs)
+        students[name] = {
+            "mean": mean,
+            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "runs": accs,
+            "seeds": [r["seed"] for r in items],
+            "retention": mean / teacher_acc,
+            "wall_s_mean": statistics.fmean(r["wall_s"] for r in items),
+        }
+    return {
+        "metric": "accuracy",
+        "unit": "fraction",
+        "eval_set": "GLUE SST-2 dev (872 sentences, shared/data/sst2/test.tsv)",
+        "teacher": teacher_acc,
+        "teacher_model": "all-MiniLM-L6-v2 fine-tuned on SST-2 train",
+        "students": students,
+        "student": "3 layers (init: pretrained all-MiniLM-L6-v2 layers 1,3,5), 384 hidden, 12 heads",
+        "machine": machine_info(),
+        "settings": asdict(args),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Teacher accuracy: {result['teacher'] * 100:.2f}%  ",
+        f"Machine: {result['machine']}",
+        "",
+        "| student variant | accuracy mean | std | runs | retention | wall time / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in result["students"].items():
+        runs = ", ".join(f"{a * 100:.2f}" for a in s["runs"])
+        lines.append(
+            f"| {name} | {s['mean'] * 100:.2f}% | {s['std'] * 100:.2f} | {runs} | {s['retention'] * 100:.1f}% | "
+            f"{s['wall_s_mean']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(argv)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}.")
+    work = Path(args.work_dir)
+    teacher_dir = work / "teacher"
+    demo = DemoArguments(
+        output_dir=str(work), data_dir=args.data_dir, teacher_steps=args.teacher_steps,
+        student_steps=args.student_steps, batch_size=args.batch_size,
+    )
+    if args.reuse_teacher and (teacher_dir / "all_results.json").exists():
+        teacher_acc = json.loads((teacher_dir / "all_results.json").read_text())["test_accuracy"]
+    else:
+        teacher_acc = run_recipe(teacher_recipe_args(demo, teacher_dir))["test_accuracy"]
+    print(f"teacher accuracy {teacher_acc:.4f}")
+
+    runs: dict[str, list[dict]] = {}
+    stem = Path(args.results)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.variants:
+        for seed in args.seeds:
+            demo.seed = seed
+            student_dir = work / f"{name}_seed{seed}"
+            extra = list(VARIANTS[name])
+            if name == "kd_attn_kl":
+                extra += ["--attention_weight", str(args.attention_weight_kl)]
+            if name == "kd_attn_mse":
+                extra += ["--attention_weight", str(args.attention_weight_mse)]
+            # every variant starts from the same student (pretrained MiniLM layers), only the loss differs
+            recipe_args = student_recipe_args(demo, teacher_dir, student_dir) + extra
+            start = time.perf_counter()
+            metrics = run_recipe(recipe_args)
+            wall = time.perf_counter() - start
+            runs.setdefault(name, []).append({"seed": seed, "accuracy": metrics["test_accuracy"], "wall_s": wall})
+            print(f"{name} seed {seed}: accuracy {metrics['test_accuracy']:.4f} ({wall:.0f} s)")
+            shutil.rmtree(student_dir, ignore_errors=True)
+            result = summarize(teacher_acc, runs, args)
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+            stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

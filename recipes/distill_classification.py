@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Distill (or fine-tune) a sequence classifier: GLUE-style single sentences or sentence pairs.
+
+Examples::
+
+    # 1. fine-tune a teacher (no distillation)
+    python recipes/distill_classification.py --training_mode finetune \
+        --teacher_model_name_or_path bert-base-uncased --dataset_name glue --dataset_config_name sst2 \
+        --output_dir out/teacher --num_train_epochs 3 --do_train --do_eval
+
+    # 2. distill it into a 4-layer student initialised from teacher layers 2,5,8,11
+    python recipes/distill_classification.py --teacher_model_name_or_path out/teacher \
+        --student_teacher_layers 2,5,8,11 --dataset_name glue --dataset_config_name sst2 \
+        --output_dir out/student --attention_loss kl --layer_map uniform --do_train --do_eval
+
+    # or everything from a YAML/JSON file
+    python recipes/distill_classification.py recipes/configs/sst2_student.yaml
+
+Local data: ``--train_file``/``--validation_file``/``--test_file`` (csv, tsv, json, jsonl) with
+``--text_column``, optional ``--text_pair_column`` and ``--label_column``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    set_seed,
+)
+
+from hf_attn_distill import DistillConfig, DistillTrainer, student_from_config, student_from_teacher_layers
+from hf_attn_distill.metrics import compute_classification_metrics
+from hf_attn_distill.model_card import count_parameters, write_model_card
+
+logger = logging.getLogger(__name__)
+
+MODES = ("distill", "finetune")
+
+
+@dataclass
+class ModelArguments:
+    """Which teacher, which student, and whether to distill or fine-tune."""
+
+    teacher_model_name_or_path: str = field(
+        metadata={"help": "Teacher: Hub id or local folder. In finetune mode without a student, the model to fine-tune."}
+    )
+    training_mode: str = field(
+        default="distill",
+        metadata={
+            "help": "'distill': train the student with DistillTrainer. 'finetune': plain Trainer, no teacher signal; "
+            "fine-tunes the student if one is given (the no-teacher baseline), else the teacher model itself.",
+            "choices": list(MODES),
+        },
+    )
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student as a Hub id or folder (must share the teacher's tokenizer)."}
+    )
+    student_teacher_layers: str | None = field(
+        default=None,
+        metadata={"help": "Build the student from these 0-based layers of --student_layers_from, e.g. '1,3,5'."},
+    )
+    student_layers_from: str | None = field(
+        default=None,
+        metadata={"help": "Model whose embeddings and layers initialise the student (default: the teacher)."},
+    )
+    student_config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Random-init student from the teacher's config with overrides: 'num_hidden_layers=4,hidden_size=312'."},
+    )
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Number of classes when the model has no classification head yet (default: from data)."}
+    )
+    evaluate_teacher: bool = field(
+        default=False, metadata={"help": "In distill mode, also evaluate the teacher (metrics prefixed 'teacher_')."}
+    )
+
+    def __post_init__(self):
+        if self.training_mode not in MODES:
+            raise ValueError(f"training_mode must be one of {MODES}, got {self.training_mode!r}")
+        given = [n for n in ("student_model_name_or_path", "student_teacher_layers", "student_config_overrides") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"Give one way to build the student, not {given}.")
+        if self.training_mode == "distill" and not given:
+            raise ValueError(
+                "Distillation needs a student: --student_model_name_or_path, --student_teacher_layers '1,3,5' or "
+                "--student_config_overrides 'num_hidden_layers=4'. Use --training_mode finetune to train a teacher."
+            )
+        if self.student_layers_from and not self.student_teacher_layers:
+            raise ValueError("--student_layers_from only applies with --student_teacher_layers.")
+
+    @property
+    def has_student(self) -> bool:
+        return bool(self.student_model_name_or_path or self.student_teacher_layers or self.student_config_overrides)
+
+
+@dataclass
+class DataArguments:
+    """Which data, which columns, how to tokenize."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. 'glue' (with --dataset_config_name sst2)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training file: csv, tsv, json or jsonl."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
+    test_file: str | None = field(default=None, metadata={"help": "Local test file; evaluated if it has labels."})
+    validation_split: str = field(default="validation", metadata={"help": "Split name used for evaluation."})
+    test_split: str = field(default="test", metadata={"help": "Split name used for the final test."})
+    text_column: str = field(default="sentence", metadata={"help": "Column with the (first) text."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Column with the second text of a pair."})
+    label_column: str = field(default="label", metadata={"help": "Column with the class label."})
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
+
+    def __post_init__(self):
+        if not self.dataset_name and not self.train_file and not self.validation_file:
+            raise ValueError("Give --dataset_name or local --train_file/--validation_file.")
+        if self.max_seq_length < 8:
+            raise ValueError(f"max_seq_length must be >= 8, got {self.max_seq_length}")
+
+
+def parse_args(args: list[str] | None = None) -> tuple[ModelArguments, DataArguments, DistillConfig]:
+    """Parse the command line, or a single YAML/JSON file of the same arguments."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillConfig))
+    args = sys.argv[1:] if args is None else args
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(args[0]))
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(args[0]))
+    return parser.parse_args_into_dataclasses(args)
+
+
+def load_raw_datasets(data: DataArguments) -> datasets.DatasetDict:
+    if data.dataset_name:
+        return datasets.load_dataset(data.dataset_name, data.dataset_config_name)
+    files = {"train": data.train_file, data.validation_split: data.validation_file, data.test_split: data.test_file}
+    files = {k: v for k, v in files.items() if v}
+    suffixes = {Path(f).suffix for f in files.values()}
+    if len(suffixes) != 1:
+        raise ValueError(f"All local files must have one format, got {sorted(suffixes)}.")
+    suffix = suffixes.pop()
+    if suffix in (".tsv", ".csv"):
+        delimiter = "\t" if suffix == ".tsv" else ","
+        # SST-2 style TSV has unbalanced quotes: never treat quotes specially in TSV.
+        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+        return datasets.load_dataset("csv", data_files=files, delimiter=delimiter, quoting=quoting)
+    if suffix in (".json", ".jsonl"):
+        return datasets.load_dataset("json", data_files=files)
+    raise ValueError(f"Unsupported file type {suffix!r}: use csv, tsv, json or jsonl.")
+
+
+def check_columns(raw: datasets.DatasetDict, data: DataArguments) -> None:
+    for split, ds in raw.items():
+        needed = {"--text_column": data.text_column, "--text_pair_column": data.text_pair_column}
+        if split == "train":
+            needed["--label_column"] = data.label_column
+        for flag, column in needed.items():
+            if column and column not in ds.column_names:
+                raise ValueError(
+                    f"Split '{split}' has no column {column!r} (columns: {ds.column_names}); set {flag} to one of them."
+                )
+
+
+def label_names(raw: datasets.DatasetDict, data: DataArguments) -> list | None:
+    """Sorted label values when labels are strings (mapped to ids), ``None`` when they are ints already."""
+    feature = raw["train"].features[data.label_column] if "train" in raw else None
+    if isinstance(feature, datasets.ClassLabel):
+        return None
+    values = sorted({v for ds in raw.values() if data.label_column in ds.column_names for v in ds[data.label_column]})
+    return values if values and isinstance(values[0], str) else None
+
+
+def tokenize(raw: datasets.DatasetDict, tokenizer, data: DataArguments, names: list | None) -> datasets.DatasetDict:
+    def encode(batch):
+        pairs = batch[data.text_pair_column] if data.text_pair_column else None
+        enc = tokenizer(batch[data.text_column], pairs, truncation=True, max_length=data.max_seq_length)
+        if data.label_column in batch:
+            labels = batch[data.label_column]
+            enc["labels"] = [names.index(v) for v in labels] if names else [int(v) for v in labels]
+        return enc
+
+    return datasets.DatasetDict(
+        {split: ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}") for split, ds in raw.items()}
+    )
+
+
+def parse_overrides(text: str) -> dict:
+    """``'num_hidden_layers=4,hidden_size=312'`` or a JSON object -> dict of ints/floats/strings."""
+    if text.strip().startswith("{"):
+        return json.loads(text)
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Cannot parse override {item!r}; use key=value pairs separated by commas.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def build_student(model_args: ModelArguments, teacher, num_labels: int):
+    if model_args.student_model_name_or_path:
+        return AutoModelForSequenceClassification.from_pretrained(model_args.student_model_name_or_path, num_labels=num_labels)
+    if model_args.student_teacher_layers:
+        layers = [int(x) for x in model_args.student_teacher_layers.split(",")]
+        source = teacher
+        if model_args.student_layers_from:
+            source = AutoModelForSequenceClassification.from_pretrained(
+                model_args.student_layers_from, num_labels=num_labels, id2label=teacher.config.id2label,
+                label2id=teacher.config.label2id,
+            )
+        return student_from_teacher_layers(source, layers)
+    return student_from_config(teacher, **parse_overrides(model_args.student_config_overrides))
+
+
+def check_tokenizers(model_args: ModelArguments, tokenizer) -> None:
+    if not model_args.student_model_name_or_path:
+        return
+    try:
+        student_tokenizer = AutoTokenizer.from_pretrained(model_args.student_model_name_or_path)
+    except (OSError, ValueError):
+        return  # student folder without tokenizer files: it reads the teacher's
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            "Student and teacher tokenizers have different vocabularies, so the same token ids mean different "
+            "words. Use a student trained with the teacher's tokenizer, or build one with --student_teacher_layers "
+            "or --student_config_overrides."
+        )
+
+
+def main(args: list[str] | None = None) -> dict:
+    """Run the recipe; returns the metrics dict it also saves to ``output_dir``."""
+    model_args, data_args, training_args = parse_args(args)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    raw = load_raw_datasets(data_args)
+    check_columns(raw, data_args)
+    names = label_names(raw, data_args)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path)
+    check_tokenizers(model_args, tokenizer)
+    tokenized = tokenize(raw, tokenizer, data_args, names)
+    for split, limit in (("train", data_args.max_train_samples), (data_args.validation_split, data_args.max_eval_samples),
+                         (data_args.test_split, data_args.max_test_samples)):
+        if limit is not None and split in tokenized:
+            tokenized[split] = tokenized[split].select(range(min(limit, len(tokenized[split]))))
+    if "train" in tokenized:
+        num_labels = model_args.num_labels or (len(names) if names else int(max(tokenized["train"]["labels"])) + 1)
+    else:
+        num_labels = model_args.num_labels
+
+    label_kwargs = {"num_labels": num_labels} if num_labels else {}
+    if names:
+        label_kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    teacher = AutoModelForSequenceClassification.from_pretrained(model_args.teacher_model_name_or_path, **label_kwargs)
+    distill = model_args.training_mode == "distill"
+    model = build_student(model_args, teacher, teacher.config.num_labels) if model_args.has_student else teacher
+
+    common = dict(
+        model=model,
+        args=training_args,
+        train_dataset=tokenized.get("train"),
+        eval_dataset=tokenized.get(data_args.validation_split),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None),
+        compute_metrics=compute_classification_metrics,
+    )
+    trainer = DistillTrainer(teacher_model=teacher, **common) if distill else Trainer(**common)
+
+    metrics: dict = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        metrics.update(result.metrics)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    splits = [(data_args.validation_split, "eval", training_args.do_eval), (data_args.test_split, "test", training_args.do_predict)]
+    for split, prefix, wanted in splits:
+        if not wanted or split not in tokenized:
+            continue
+        if "labels" not in tokenized[split].column_names:
+            logger.warning("Split '%s' has no labels; skipping its evaluation.", split)
+            continue
+        split_metrics = trainer.evaluate(tokenized[split], metric_key_prefix=prefix)
+        if distill and model_args.evaluate_teacher:
+            teacher_trainer = Trainer(**{**common, "model": trainer.teacher_model})
+            teacher_metrics = teacher_trainer.evaluate(tokenized[split], metric_key_prefix=prefix)
+            split_metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items() if k.endswith("accuracy")})
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
+
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+        write_card(model_args, data_args, training_args, teacher, model, metrics)
+        if training_args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+            api = HfApi(token=training_args.hub_token)
+            api.create_repo(repo_id, exist_ok=True, private=training_args.hub_private_repo)
+            api.upload_folder(repo_id=repo_id, folder_path=training_args.output_dir,
+                              ignore_patterns=["checkpoint-*", "runs/*"])
+    return metrics
+
+
+def write_card(model_args, data_args, training_args, teacher, model, metrics) -> None:
+    distill = model_args.training_mode == "distill"
+    metric_key = "test_accuracy" if "test_accuracy" in metrics else "eval_accuracy"
+    if distill:
+        method = f"logit KD + attention {training_args.attention_loss.upper()}" if training_args.attention_weight else "logit KD"
+    else:
+        method = "fine-tuning without a teacher"
+    fields = dict(
+        license="apache-2.0",
+        task="text-classification",
+        teacher=model_args.teacher_model_name_or_path,
+        dataset=data_args.dataset_name or Path(data_args.train_file or data_args.validation_file).parent.name,
+        metric_name="accuracy",
+        model_name=Path(training_args.output_dir).name,
+        summary=(
+            f"A {model.config.num_hidden_layers}-layer student distilled from `{model_args.teacher_model_name_or_path}` "
+            f"with [hf_attn_distill](https://github.com/hf-attn-distill/hf_attn_distill) ({method})."
+            if distill
+            else f"A {model.config.num_hidden_layers}-layer model trained by {method} "
+            f"(starting point: `{model_args.student_layers_from or model_args.teacher_model_name_or_path}`)."
+        ),
+        teacher_metric=metrics.get(f"teacher_{metric_key}", "not evaluated in this run"),
+        teacher_params=count_parameters(teacher),
+        student_metric=metrics.get(metric_key, "n/a"),
+        student_params=count_parameters(model),
+        eval_split=("test split" if metric_key.startswith("test") else "validation split")
+        + (f" ({data_args.test_file or data_args.validation_file})" if not data_args.dataset_name else ""),
+    )
+    keys = ["training_mode", "student_teacher_layers", "student_layers_from", "student_config_overrides"]
+    settings = {k: v for k, v in asdict(model_args).items() if k in keys and v is not None}
+    train_keys = ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "seed"]
+    if distill:
+        train_keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map"] + train_keys
+    settings.update({k: getattr(training_args, k) for k in train_keys})
+    write_model_card(training_args.output_dir, fields, settings)
+
+
+if __name__ == "__main__":
+    main()
