@@ -234,6 +234,34 @@ def run_worker(spec: dict) -> dict:
     return {"step_s": statistics.median(times), "step_s_all": times, "peak_mb": peak_mb, **extra}
 
 
+def run_cache_worker(spec: dict) -> dict:
+    """Wall time of an N-epoch logit-KD run (attention off), with or without the teacher-logit cache."""
+    import datasets
+    import torch
+
+    from hf_attn_distill import DistillConfig, DistillTrainer
+
+    teacher, student = build_pair(spec["pair"])
+    g = torch.Generator().manual_seed(0)
+    n, seq = spec["examples"], spec["seq_len"]
+    data = datasets.Dataset.from_dict({
+        "input_ids": torch.randint(1000, teacher.config.vocab_size, (n, seq), generator=g).tolist(),
+        "attention_mask": [[1] * seq] * n,
+        "labels": torch.randint(0, 2, (n,), generator=g).tolist(),
+    })
+    work = tempfile.mkdtemp()
+    args = DistillConfig(
+        output_dir=work, report_to="none", attention_weight=0, num_train_epochs=spec["epochs"],
+        per_device_train_batch_size=spec["batch"], per_device_eval_batch_size=64, save_strategy="no",
+        disable_tqdm=True, teacher_logits_cache=os.path.join(work, "cache") if spec["use_cache"] else None,
+    )
+    start = time.perf_counter()
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    build = time.perf_counter() - start
+    trainer.train()
+    return {"wall_s": time.perf_counter() - start, "setup_s": build}
+
+
 # ---------------------------------------------------------------- driver side
 
 
@@ -285,6 +313,12 @@ def markdown(result: dict) -> str:
             f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {f('D/L_time')} | {f('D/N_time')} | {f('D/T_time')} | "
             f"{f('D/L_mem')} | {f('D/N_mem')} | {f('D/T_mem')} |"
         )
+    cache = result.get("teacher_cache")
+    if cache:
+        lines += ["", "| teacher-logit cache | epochs | examples | wall time (s) | of which setup (s) |", "|---|---|---|---|---|"]
+        for r in cache:
+            shown = r.get("error") or f"{r['wall_s']:.1f} | {r['setup_s']:.1f}"
+            lines.append(f"| {'on' if r['use_cache'] else 'off'} | {r['epochs']} | {r['examples']} | {shown} |")
     return "\n".join(lines) + "\n"
 
 
@@ -301,11 +335,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA).")
     parser.add_argument("--timeout", type=int, default=900, help="Seconds per row before it counts as an error.")
+    parser.add_argument("--cache_epochs", type=int, default=3,
+                        help="Epochs of the teacher-logit cache comparison (0 skips it).")
+    parser.add_argument("--cache_examples", type=int, default=512)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "speed"))
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
-        print("RESULT " + json.dumps(run_worker(json.loads(args._worker))), flush=True)
+        spec = json.loads(args._worker)
+        result = run_cache_worker(spec) if spec.get("kind") == "cache" else run_worker(spec)
+        print("RESULT " + json.dumps(result), flush=True)
         return {}
 
     from hf_attn_distill.profiling import machine_info
@@ -327,6 +366,19 @@ def main(argv: list[str] | None = None) -> dict:
                       "ratios": ratios(rows)}
             stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
             stem.with_suffix(".md").write_text(markdown(result))
+    if args.cache_epochs:
+        cache_rows = []
+        for use_cache in (False, True):
+            spec = {"kind": "cache", "pair": args.pairs[0], "seq_len": 128, "batch": args.batch, "mode": "cache",
+                    "examples": args.cache_examples, "epochs": args.cache_epochs, "use_cache": use_cache}
+            row = {**run_row(spec, args.timeout), "use_cache": use_cache, "epochs": args.cache_epochs,
+                   "examples": args.cache_examples}
+            cache_rows.append(row)
+            shown = row.get("error") or f"{row['wall_s']:.1f} s"
+            print(f"teacher-logit cache {'on' if use_cache else 'off'}: {shown}", flush=True)
+        result["teacher_cache"] = cache_rows
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return result
 

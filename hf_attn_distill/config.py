@@ -14,6 +14,7 @@ ATTENTION_LOSSES = ("kl", "mse")
 MSE_INPUTS = ("scores", "probs")
 HEAD_GROUPINGS = ("mean", "strict")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+CACHE_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -53,6 +54,12 @@ class DistillConfig(TrainingArguments):
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Cast the teacher to this dtype for faster inference (`"bfloat16"`, `"float16"`, `"float32"`); `"auto"`
             keeps it as loaded.
+        teacher_logits_cache (`str` or `None`, *optional*, defaults to `None`):
+            Folder for teacher logits computed once per training example and memory-mapped; later steps read them
+            instead of running the teacher. Needs `attention_weight=0` and sequence-level logits. Rebuilt when the
+            teacher or the training data change.
+        teacher_logits_cache_dtype (`str`, *optional*, defaults to `"float16"`):
+            Storage dtype of the cache: `"float16"` (half the size) or `"float32"` (exact).
     """
 
     temperature: float = field(
@@ -102,6 +109,15 @@ class DistillConfig(TrainingArguments):
         },
     )
 
+    teacher_logits_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder to cache teacher logits once per training example (needs attention_weight=0)."},
+    )
+    teacher_logits_cache_dtype: str = field(
+        default="float16",
+        metadata={"help": "Storage dtype of the teacher-logit cache.", "choices": list(CACHE_DTYPES)},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if not self.temperature > 0:
@@ -119,6 +135,15 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"head_grouping must be one of {HEAD_GROUPINGS}, got {self.head_grouping!r}")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
+        if self.teacher_logits_cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"teacher_logits_cache_dtype must be one of {CACHE_DTYPES}, got {self.teacher_logits_cache_dtype!r}")
+        if self.teacher_logits_cache and self.attention_weight > 0:
+            raise ValueError(
+                "teacher_logits_cache only replaces the teacher when it is needed for logits alone: set "
+                "attention_weight=0, or drop teacher_logits_cache (with attention the teacher runs every step)."
+            )
+        if self.teacher_logits_cache and self.alpha_kd == 0:
+            raise ValueError("teacher_logits_cache is useless with alpha_kd=0: no teacher logits are used.")
         parsed = parse_layer_map(self.layer_map)
         # Keep a JSON-friendly form so the arguments still serialize with checkpoints.
         self.layer_map = parsed if isinstance(parsed, str) else [list(p) for p in parsed]

@@ -16,6 +16,7 @@ from .config import DistillConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads, logit_kd_loss
 from .model_structure import find_attention_modules
+from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
 
 __all__ = ["DistillTrainer", "check_distillation_pair"]
 
@@ -148,6 +149,48 @@ class DistillTrainer(Trainer):
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self._window_items: torch.Tensor | None = None
         self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {"train": {}, "eval": {}}
+        self.teacher_logits_cache = self._prepare_logits_cache() if args.teacher_logits_cache else None
+
+    # ---- optional teacher-logit cache ----
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if CACHE_INDEX_COLUMN not in self._signature_columns:
+            self._signature_columns.append(CACHE_INDEX_COLUMN)
+
+    def _prepare_logits_cache(self) -> TeacherLogitsCache:
+        """Index the training set, then compute teacher logits once (or reuse a matching cache)."""
+        import datasets
+
+        dataset = self.train_dataset
+        if not isinstance(dataset, datasets.Dataset):
+            raise ValueError("teacher_logits_cache needs train_dataset to be a datasets.Dataset (rows are keyed by index).")
+        key = {
+            "teacher": str(getattr(self.teacher_model.config, "_name_or_path", "")),
+            "teacher_weights_checksum": float(sum(p.detach().float().sum() for p in self.teacher_model.parameters())),
+            "dataset_fingerprint": dataset._fingerprint,
+            "num_examples": len(dataset),
+            "dtype": self.args.teacher_logits_cache_dtype,
+        }
+        if CACHE_INDEX_COLUMN not in dataset.column_names:
+            dataset = dataset.add_column(CACHE_INDEX_COLUMN, list(range(len(dataset))))
+        self.train_dataset = dataset
+        cache = TeacherLogitsCache(self.args.teacher_logits_cache, key)
+        if not cache.is_complete and self.is_world_process_zero():
+            loader = torch.utils.data.DataLoader(
+                self._remove_unused_columns(dataset, description="teacher cache"),
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=self.data_collator,
+            )
+
+            @torch.inference_mode()
+            def forward(batch):
+                inputs = {k: v.to(self.args.device) for k, v in batch.items() if k in self._teacher_input_names}
+                return self.teacher_model(**inputs)["logits"]
+
+            cache.build(loader, forward, len(dataset), self.args.teacher_logits_cache_dtype)
+        self.accelerator.wait_for_everyone()
+        return cache
 
     # ---- gradient accumulation: count items of the whole window before its first micro-batch ----
 
@@ -162,7 +205,7 @@ class DistillTrainer(Trainer):
         else:
             label_items = torch.tensor(reference.shape[0], device=reference.device)
         mask = inputs.get("attention_mask")
-        tokens = mask.sum() if torch.is_tensor(mask) else torch.tensor(reference[..., 0].numel() * reference.shape[-1])
+        tokens = mask.sum() if torch.is_tensor(mask) else torch.tensor(reference.numel())
         return label_items.float(), tokens.float().to(label_items.device)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -233,9 +276,14 @@ class DistillTrainer(Trainer):
         """
         args = self.args
         use_attention = bool(self.layer_pairs)
-        teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_input_names}
-        with torch.no_grad(), self._record(self._teacher_recorder, use_attention) as teacher_att:
-            teacher_outputs = self.teacher_model(**teacher_inputs)
+        inputs = dict(inputs)
+        cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
+        if self.teacher_logits_cache is not None and cache_index is not None:
+            teacher_outputs, teacher_att = {"logits": self.teacher_logits_cache.lookup(cache_index)}, []
+        else:
+            teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_input_names}
+            with torch.no_grad(), self._record(self._teacher_recorder, use_attention) as teacher_att:
+                teacher_outputs = self.teacher_model(**teacher_inputs)
         with self._record(self._student_recorder, use_attention) as student_att:
             outputs = model(**inputs)
 

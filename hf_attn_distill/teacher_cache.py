@@ -1,0 +1,85 @@
+"""Teacher logits computed once per training example and memory-mapped, for multi-epoch logit KD.
+
+With ``attention_weight=0`` the teacher contributes only its logits, and in eval mode those are a
+fixed function of the example. Computing them once and reading them back each epoch removes the
+teacher forward from every later step. Rows are keyed by the example's position in the training
+dataset (an index column the trainer adds), so shuffling and any batch size are fine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["CACHE_INDEX_COLUMN", "TeacherLogitsCache"]
+
+CACHE_INDEX_COLUMN = "teacher_cache_index"
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class TeacherLogitsCache:
+    """A ``[num_examples, num_classes]`` array of teacher logits in ``folder/logits.npy`` (memory-mapped).
+
+    Args:
+        folder: where ``logits.npy`` and ``meta.json`` live.
+        key: identifies what was cached (teacher, dataset fingerprint); a cache with another key is
+            rebuilt, never silently reused.
+    """
+
+    def __init__(self, folder: str | Path, key: dict):
+        self.folder = Path(folder)
+        self.key = key
+        self._array: np.ndarray | None = None
+
+    @property
+    def is_complete(self) -> bool:
+        meta = self.folder / "meta.json"
+        return meta.exists() and json.loads(meta.read_text()) == {**self.key, "complete": True}
+
+    def build(
+        self,
+        batches: Iterable[dict],
+        forward: Callable[[dict], torch.Tensor],
+        num_examples: int,
+        dtype: str = "float16",
+    ) -> None:
+        """Fill the cache: ``forward(batch)`` returns ``[B, C]`` teacher logits; each batch carries
+        ``CACHE_INDEX_COLUMN`` with the rows it covers."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "meta.json").unlink(missing_ok=True)
+        array = None
+        filled = np.zeros(num_examples, dtype=bool)
+        for batch in batches:
+            index = batch[CACHE_INDEX_COLUMN].cpu().numpy()
+            logits = forward(batch)
+            if logits.dim() != 2:
+                raise ValueError(
+                    f"The teacher-logit cache stores one logit vector per example, got logits of shape "
+                    f"{tuple(logits.shape)}; token-level tasks must run without teacher_logits_cache."
+                )
+            if array is None:
+                array = np.lib.format.open_memmap(
+                    self.folder / "logits.npy", mode="w+", dtype=_DTYPES[dtype], shape=(num_examples, logits.shape[-1])
+                )
+            array[index] = logits.float().cpu().numpy()
+            filled[index] = True
+        if array is None or not filled.all():
+            raise ValueError(f"Teacher-logit cache covers {int(filled.sum())} of {num_examples} examples.")
+        array.flush()
+        (self.folder / "meta.json").write_text(json.dumps({**self.key, "complete": True}))
+        self._array = None
+
+    def lookup(self, index: torch.Tensor) -> torch.Tensor:
+        """Teacher logits (float32) of the examples at ``index`` ``[B]``, on ``index``'s device."""
+        if self._array is None:
+            if not self.is_complete:
+                raise RuntimeError(f"Teacher-logit cache in {self.folder} is missing or incomplete; build it first.")
+            self._array = np.load(self.folder / "logits.npy", mmap_mode="r")
+        rows = self._array[index.cpu().numpy()]
+        return torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(index.device)

@@ -1,0 +1,139 @@
+"""The classification recipe and the SST-2 demo, called through their ``main()``."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+from recipes.distill_classification import main as recipe_main
+
+from conftest import FIXTURES, tiny_classifier
+
+DATA = FIXTURES / "sentiment_tiny.tsv"
+SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    tiny_classifier(0, num_hidden_layers=4, initializer_range=0.1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _base(output_dir, **extra):
+    args = {
+        "--train_file": str(DATA), "--validation_file": str(DATA), "--output_dir": str(output_dir),
+        "--max_steps": "4", "--per_device_train_batch_size": "8", "--report_to": "none", "--save_strategy": "no",
+        "--do_train": None, "--do_eval": None, "--disable_tqdm": "true", "--learning_rate": "1e-3",
+    }
+    args.update(extra)
+    out = []
+    for k, v in args.items():
+        out += [k] if v is None else [k, v]
+    return out
+
+
+def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir):
+    teacher_dir = tmp_path / "teacher"
+    metrics = recipe_main(_base(teacher_dir, **{"--training_mode": "finetune", "--teacher_model_name_or_path": tiny_teacher_dir}))
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    student_dir = tmp_path / "student"
+    metrics = recipe_main(_base(student_dir, **{
+        "--teacher_model_name_or_path": str(teacher_dir), "--student_teacher_layers": "1,3",
+        "--attention_loss": "mse", "--evaluate_teacher": "true",
+    }))
+    assert {"eval_accuracy", "eval_loss_kd", "eval_loss_attn", "teacher_eval_accuracy"} <= set(metrics)
+    student = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    assert student.config.num_hidden_layers == 2
+    assert (student_dir / "tokenizer.json").exists()
+    card = (student_dir / "README.md").read_text()
+    assert "2-layer student distilled" in card and "attention MSE" in card and "$" not in card
+    assert json.loads((student_dir / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
+
+
+def test_student_from_config_overrides_and_json_config(tmp_path, tiny_teacher_dir):
+    config = {
+        "teacher_model_name_or_path": tiny_teacher_dir, "student_config_overrides": "num_hidden_layers=2,hidden_size=16",
+        "train_file": str(DATA), "validation_file": str(DATA), "output_dir": str(tmp_path / "s"), "max_steps": 2,
+        "report_to": "none", "save_strategy": "no", "do_train": True, "do_eval": True, "layer_map": "last",
+        "attention_loss": "kl",
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    metrics = recipe_main([str(path)])
+    assert "eval_loss_attn" in metrics
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s")
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (2, 16)
+
+
+def test_yaml_config(tmp_path, tiny_teacher_dir):
+    yaml = pytest.importorskip("yaml")
+    config = {
+        "teacher_model_name_or_path": tiny_teacher_dir, "student_teacher_layers": "0,3", "train_file": str(DATA),
+        "validation_file": str(DATA), "output_dir": str(tmp_path / "y"), "max_steps": 2, "report_to": "none",
+        "save_strategy": "no", "do_train": True, "attention_weight": 0,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    metrics = recipe_main([str(path)])
+    assert "train_loss" in metrics
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"--text_column": "text"}, "--text_column"),
+        ({"--label_column": "y"}, "--label_column"),
+        ({"--student_teacher_layers": "0,9"}, "out of range"),
+        ({"--student_teacher_layers": None}, "needs a student"),
+    ],
+)
+def test_bad_arguments_name_the_fix(tmp_path, tiny_teacher_dir, extra, match):
+    args = {"--teacher_model_name_or_path": tiny_teacher_dir, "--student_teacher_layers": "0,1", **extra}
+    if extra.get("--student_teacher_layers", "x") is None:
+        del args["--student_teacher_layers"]
+    with pytest.raises(ValueError, match=match):
+        recipe_main(_base(tmp_path / "bad", **args))
+
+
+def test_student_with_other_tokenizer_is_rejected(tmp_path, tiny_teacher_dir):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]))
+    other = tmp_path / "other_student"
+    tiny_classifier(3, num_hidden_layers=2).save_pretrained(other)
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(other)
+    with pytest.raises(ValueError, match="tokenizers have different vocabularies"):
+        recipe_main(_base(tmp_path / "x", **{"--teacher_model_name_or_path": tiny_teacher_dir,
+                                             "--student_model_name_or_path": str(other)}))
+
+
+@pytest.mark.slow
+def test_recipe_with_real_minilm_teacher(tmp_path, minilm_path):
+    """Real pretrained weights: fine-tune MiniLM briefly, distill 3 of its layers, get a loadable student."""
+    teacher_dir = tmp_path / "teacher"
+    recipe_main(_base(teacher_dir, **{"--training_mode": "finetune", "--teacher_model_name_or_path": minilm_path,
+                                      "--learning_rate": "1e-4", "--max_steps": "6"}))
+    metrics = recipe_main(_base(tmp_path / "student", **{
+        "--teacher_model_name_or_path": str(teacher_dir), "--student_teacher_layers": "1,3,5",
+        "--student_layers_from": minilm_path, "--learning_rate": "1e-4", "--max_steps": "6",
+    }))
+    assert all(k in metrics for k in ("eval_accuracy", "eval_loss_ce", "eval_loss_kd", "eval_loss_attn"))
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
+    assert student.config.num_hidden_layers == 3 and student.config.hidden_size == 384
+
+
+@pytest.mark.slow
+@pytest.mark.very_slow
+@pytest.mark.skipif(not SHARED_SST2.exists(), reason="needs ../shared/data/sst2")
+def test_sst2_demo_runs_end_to_end(tmp_path):
+    from recipes.sst2_demo import main as demo_main
+
+    result = demo_main(["--output_dir", str(tmp_path), "--teacher_steps", "3", "--student_steps", "3",
+                        "--latency_sentences", "10", "--batch_size", "8"])
+    assert set(result["models"]) and 0 < result["retention"]
+    assert (tmp_path / "student" / "README.md").exists()
+    assert (tmp_path / "demo_results.md").read_text().count("|") > 10
