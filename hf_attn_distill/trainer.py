@@ -89,7 +89,7 @@ def check_distillation_pair(
 class DistillTrainer(Trainer):
     """``transformers.Trainer`` whose loss is ``alpha_ce * CE + alpha_kd * KD + attention_weight * ATT``.
 
-    The teacher runs in eval mode under ``torch.no_grad``, is never given to the optimizer and is not
+    The teacher runs in eval mode under ``torch.inference_mode``, is never given to the optimizer and is not
     saved with student checkpoints. Only the layers in ``args.layer_map`` materialize attention (in
     both models); every other layer keeps the fused SDPA kernel. Each loss term is normalised over the
     whole gradient-accumulation window, so ``k`` micro-batches of ``n`` give the update of one batch
@@ -282,7 +282,7 @@ class DistillTrainer(Trainer):
             teacher_outputs, teacher_att = {"logits": self.teacher_logits_cache.lookup(cache_index)}, []
         else:
             teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_input_names}
-            with torch.no_grad(), self._record(self._teacher_recorder, use_attention) as teacher_att:
+            with torch.inference_mode(), self._record(self._teacher_recorder, use_attention) as teacher_att:
                 teacher_outputs = self.teacher_model(**teacher_inputs)
         with self._record(self._student_recorder, use_attention) as student_att:
             outputs = model(**inputs)
