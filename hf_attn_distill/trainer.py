@@ -329,16 +329,34 @@ class DistillTrainer(Trainer):
             total = torch.stack([value.detach().float() * items, items])
             sums[name] = [sums[name][0] + total] if name in sums else [total]
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+    def _pop_term_means(self, mode: str) -> dict[str, float]:
+        """Item-weighted mean of each term accumulated in ``mode`` (all processes), then reset."""
         sums = self._term_sums[mode]
-        if sums and (mode == "eval" or "loss" in logs):
-            names = sorted(sums)
-            totals = torch.stack([sums[n][0] for n in names])  # [terms, (weighted sum, items)]
-            if self.args.world_size > 1:
-                totals = self.accelerator.reduce(totals, reduction="sum")
-            prefix = "eval_" if mode == "eval" else ""
-            for name, (weighted, items) in zip(names, totals.tolist()):
-                logs[f"{prefix}{name}"] = weighted / max(items, 1.0)
-            sums.clear()
+        if not sums:
+            return {}
+        names = sorted(sums)
+        totals = torch.stack([sums[n][0] for n in names])  # [terms, (weighted sum, items)]
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        sums.clear()
+        return {name: weighted / max(items, 1.0) for name, (weighted, items) in zip(names, totals.tolist())}
+
+    def evaluation_loop(
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
+        """Adds ``{prefix}_loss_ce/_loss_kd/_loss_attn`` to the metrics of ``evaluate`` and ``predict``."""
+        self._term_sums["eval"].clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        for name, value in self._pop_term_means("eval").items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = value
+        return output
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the terms averaged over its window
+            logs.update(self._pop_term_means("train"))
         super().log(logs, start_time)

@@ -137,3 +137,21 @@ def test_sst2_demo_runs_end_to_end(tmp_path):
     assert set(result["models"]) and 0 < result["retention"]
     assert (tmp_path / "student" / "README.md").exists()
     assert (tmp_path / "demo_results.md").read_text().count("|") > 10
+
+
+def test_sentence_pairs_from_jsonl(tmp_path, tiny_teacher_dir):
+    rows = [
+        {"premise": "a good film", "hypothesis": "the film is good", "gold": "entailment"},
+        {"premise": "a bad film", "hypothesis": "the film is good", "gold": "contradiction"},
+    ] * 8
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    metrics = recipe_main([
+        "--teacher_model_name_or_path", tiny_teacher_dir, "--student_teacher_layers", "0,3",
+        "--train_file", str(path), "--validation_file", str(path), "--text_column", "premise",
+        "--text_pair_column", "hypothesis", "--label_column", "gold", "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "2", "--report_to", "none", "--save_strategy", "no", "--do_train", "--do_eval",
+    ])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert student.config.id2label == {0: "contradiction", 1: "entailment"}  # string labels mapped in sorted order
