@@ -101,19 +101,22 @@ def recording_attention_forward(
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
-    masked = scores
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            masked = scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
-        else:
-            masked = scores + attention_mask.float()
-    else:
+    # Scale the (smaller) query rather than the [B, H, Q, K] scores; compute the softmax in float32.
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2)).float()
+    blocked = None
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        blocked = ~attention_mask
+    elif attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
         q_len, k_len = query.shape[-2], key.shape[-2]
         if causal and q_len > 1:
-            allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-            masked = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+            blocked = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+    # The "scores" record keeps raw scores, so mask a copy; otherwise mask in place (matmul saves no output).
+    masked = scores.clone() if kind == "scores" else scores
+    if blocked is not None:
+        masked.masked_fill_(blocked, torch.finfo(torch.float32).min)
+    elif attention_mask is not None:
+        masked.add_(attention_mask.float())
     log_probs = torch.log_softmax(masked, dim=-1)
     records[index] = log_probs if kind == "log_probs" else scores
     probs = log_probs.exp().to(value.dtype)

@@ -104,3 +104,16 @@ def test_saved_config_keeps_default_implementation(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = BertForSequenceClassification.from_pretrained(tmp_path)
     assert reloaded.config._attn_implementation == "sdpa"
+
+
+def test_causal_attention_without_padding_mask():
+    model = tiny_classifier(0, num_hidden_layers=2, is_decoder=True).eval()
+    ids = _inputs()["input_ids"]
+    model.set_attn_implementation("eager")
+    eager = model(input_ids=ids, output_attentions=True).attentions[1]
+    enable_attention_capture(model)
+    with AttentionRecorder([find_attention_modules(model)[1]]).record() as records:
+        model(input_ids=ids)
+    probs = records[0].exp()
+    torch.testing.assert_close(probs, eager, atol=1e-6, rtol=1e-5)
+    assert probs[..., 0, 1:].abs().max() < 1e-12  # the first query sees only itself
