@@ -81,6 +81,15 @@ def naive_kl(student_probs, teacher_probs, eps=1e-12):
     return (teacher_probs * ((teacher_probs + eps).log() - (student_probs + eps).log())).sum(-1).mean()
 
 
+def same_optimizer(student, device):
+    """The optimizer ``DistillTrainer`` builds by default (fused AdamW), so every mode pays the same update."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=device.type == "cpu")
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, student)
+    return optimizer_cls(student.parameters(), **kwargs)
+
+
 def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
     """Return a zero-argument function doing one training step of ``mode``."""
     import torch
@@ -108,7 +117,7 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
 
         return step
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    optimizer = same_optimizer(student, device)
 
     def finish(loss):
         loss.backward()

@@ -19,6 +19,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .fused_transfer import TransferTarget, softmax_with_transfer_loss
+
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionRecorder",
@@ -41,6 +43,11 @@ class AttentionRecorder:
 
     Use as ``with recorder.record() as records: model(**inputs)``; afterwards ``records`` holds one
     ``[B, H, Q, K]`` float32 tensor per module (with gradient, when the forward had one).
+
+    With ``record(targets=[...])`` (one :class:`~hf_attn_distill.fused_transfer.TransferTarget` per
+    module, typically the teacher's records of the same batch) each module instead computes its
+    attention-transfer loss inside its softmax (:class:`~hf_attn_distill.fused_transfer.SoftmaxWithTransferLoss`)
+    and ``records`` holds one scalar loss per module: no ``[B, H, Q, K]`` tensor outlives the layer.
     """
 
     def __init__(self, modules: Sequence[nn.Module], kind: str = "log_probs"):
@@ -50,15 +57,20 @@ class AttentionRecorder:
         self.kind = kind
 
     @contextlib.contextmanager
-    def record(self, enabled: bool = True) -> Iterator[list[torch.Tensor | None]]:
+    def record(
+        self, enabled: bool = True, targets: Sequence[TransferTarget] | None = None
+    ) -> Iterator[list[torch.Tensor | None]]:
         records: list[torch.Tensor | None] = [None] * len(self.modules)
         if not enabled:
             yield records
             return
+        if targets is not None and len(targets) != len(self.modules):
+            raise ValueError(f"Got {len(targets)} transfer targets for {len(self.modules)} recorded modules.")
         for slot, module in enumerate(self.modules):
             if getattr(module, _SLOT_ATTR, None) is not None:
                 raise RuntimeError("An attention module is already being recorded (nested record() on one model).")
-            setattr(module, _SLOT_ATTR, (records, slot, self.kind))
+            target = targets[slot] if targets is not None else None
+            setattr(module, _SLOT_ATTR, (records, slot, self.kind, target))
         try:
             yield records
         finally:
@@ -95,7 +107,7 @@ def recording_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    records, index, kind = slot
+    records, index, kind, target = slot
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -111,15 +123,19 @@ def recording_attention_forward(
         q_len, k_len = query.shape[-2], key.shape[-2]
         if causal and q_len > 1:
             blocked = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
-    # The "scores" record keeps raw scores, so mask a copy; otherwise mask in place (matmul saves no output).
-    masked = scores.clone() if kind == "scores" else scores
+    # The plain "scores" record keeps raw scores, so mask a copy; otherwise mask in place (matmul saves no output).
+    masked = scores.clone() if kind == "scores" and target is None else scores
     if blocked is not None:
         masked.masked_fill_(blocked, torch.finfo(torch.float32).min)
     elif attention_mask is not None:
         masked.add_(attention_mask.float())
-    log_probs = torch.log_softmax(masked, dim=-1)
-    records[index] = log_probs if kind == "log_probs" else scores
-    probs = log_probs.exp().to(value.dtype)
+    if target is not None:
+        probs, records[index] = softmax_with_transfer_loss(masked, target)
+        probs = probs.to(value.dtype)
+    else:
+        log_probs = torch.log_softmax(masked, dim=-1)
+        records[index] = log_probs if kind == "log_probs" else scores
+        probs = log_probs.exp().to(value.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, None

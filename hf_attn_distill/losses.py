@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "logit_kd_loss",
@@ -123,6 +124,116 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
         )
 
 
+def _valid_count(
+    shape: torch.Size, k: torch.Tensor | None, q: torch.Tensor | None, per_entry: bool, device
+) -> torch.Tensor:
+    """Denominator of the attention losses, at least 1: valid (head, query) rows, or with ``per_entry``
+    valid (head, query, key) entries. ``k``/``q`` are the broadcastable masks of ``_attention_masks``."""
+    batch, heads, num_q, num_k = shape
+    rows = q.float() if q is not None else torch.ones(batch, 1, num_q, 1, device=device)
+    if per_entry:
+        keys = k.float().sum(-1, keepdim=True) if k is not None else torch.full((batch, 1, 1, 1), float(num_k), device=device)
+        rows = rows * keys
+    return (rows.sum() * heads).clamp_min(1.0)
+
+
+# Elements per chunk of the fused losses: 4 MB of float32, small enough to stay in cache and in the
+# allocator's free lists instead of mapping fresh pages for every [B, H, Q, K] temporary.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _flat_rows(x: torch.Tensor, k: torch.Tensor | None, q: torch.Tensor | None):
+    """View ``x [B, H, Q, K]`` as ``[B*H, Q, K]`` with matching ``[B*H, 1, K]`` / ``[B*H, Q, 1]`` masks."""
+    batch, heads, num_q, num_k = x.shape
+    flat = x.reshape(batch * heads, num_q, num_k)
+    k = None if k is None else k.expand(batch, heads, 1, num_k).reshape(batch * heads, 1, num_k)
+    q = None if q is None else q.expand(batch, heads, num_q, 1).reshape(batch * heads, num_q, 1)
+    return flat, k, q
+
+
+def _chunks(flat: torch.Tensor):
+    """Slices of the first dimension of ``flat`` holding about ``_CHUNK_ELEMENTS`` elements each."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, flat[0].numel()))
+    return [slice(i, i + step) for i in range(0, flat.shape[0], step)]
+
+
+def _masked_(x: torch.Tensor, k: torch.Tensor | None, q: torch.Tensor | None, sl: slice) -> torch.Tensor:
+    if k is not None:
+        x.masked_fill_(~k[sl], 0.0)
+    if q is not None:
+        x.masked_fill_(~q[sl], 0.0)
+    return x
+
+
+class _AttentionKL(torch.autograd.Function):
+    """Row-wise KL(teacher || student) summed over valid entries and divided by ``count``.
+
+    The plain formula's autograd graph allocates about ten ``[B, H, Q, K]`` temporaries; at sequence
+    512 those memory passes cost more than the attention itself. Here the forward runs in small
+    chunks that reuse cache-sized buffers, and the backward writes ``d loss / d log_s = -p_t / count``
+    (zero on invalid entries) straight into the one gradient tensor it must return. Nothing but the
+    recorded teacher log-probabilities is kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, log_s, log_t, k, q, count):
+        flat_s, fk, fq = _flat_rows(log_s, k, q)
+        flat_t = log_t.reshape(flat_s.shape)
+        total = torch.zeros((), dtype=torch.float32, device=log_s.device)
+        for sl in _chunks(flat_t):
+            p_t = _masked_(flat_t[sl].exp(), fk, fq, sl)
+            ratio = torch.sub(flat_t[sl], flat_s[sl]).mul_(p_t)
+            total += ratio.nan_to_num_(nan=0.0).sum()  # 0 * log(0) = 0 where the teacher gives a key no mass
+        ctx.save_for_backward(count)
+        # The teacher tensor may come from inference mode, which save_for_backward refuses; it has no
+        # autograd history, so holding it on ctx creates no reference cycle.
+        ctx.teacher, ctx.masks = log_t, (k, q)
+        return total / count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        (count,), log_t, (k, q) = ctx.saved_tensors, ctx.teacher, ctx.masks
+        flat_t, fk, fq = _flat_rows(log_t, k, q)
+        grad = torch.empty_like(flat_t)
+        scale = -grad_output / count
+        for sl in _chunks(flat_t):
+            _masked_(torch.exp(flat_t[sl], out=grad[sl]), fk, fq, sl).mul_(scale)
+        return grad.view_as(log_t), None, None, None, None
+
+
+class _MaskedMSE(torch.autograd.Function):
+    """Sum of squared differences over valid entries, divided by ``count``, in cache-sized chunks."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, k, q, count):
+        flat_s, fk, fq = _flat_rows(student, k, q)
+        flat_t = teacher.reshape(flat_s.shape)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for sl in _chunks(flat_s):
+            diff = _masked_(torch.sub(flat_s[sl], flat_t[sl]), fk, fq, sl).reshape(-1)
+            total += torch.dot(diff, diff)
+        ctx.save_for_backward(student, count)
+        ctx.teacher, ctx.masks = teacher, (k, q)
+        return total / count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        (student, count), teacher, (k, q) = ctx.saved_tensors, ctx.teacher, ctx.masks
+        flat_s, fk, fq = _flat_rows(student, k, q)
+        flat_t = teacher.reshape(flat_s.shape)
+        grad = torch.empty_like(flat_s)
+        scale = 2.0 * grad_output / count
+        for sl in _chunks(flat_s):
+            _masked_(torch.sub(flat_s[sl], flat_t[sl], out=grad[sl]), fk, fq, sl).mul_(scale)
+        return grad.view_as(student), None, None, None, None
+
+
 def attention_kl_loss(
     student_log_probs: torch.Tensor,
     teacher_log_probs: torch.Tensor,
@@ -135,7 +246,8 @@ def attention_kl_loss(
     :class:`~hf_attn_distill.AttentionRecorder`), never probabilities, so there is no ``log(0)``.
     Padded keys are excluded from each row's sum, and padded query rows from the average: the
     result is the mean over heads and valid query positions. Fully padded rows contribute nothing
-    and produce no NaN.
+    and produce no NaN. Keys the teacher gives exactly zero probability (``log p = -inf``)
+    contribute ``0``.
 
     Args:
         student_log_probs: ``[B, H, Q, K]``.
@@ -150,11 +262,8 @@ def attention_kl_loss(
     log_s = student_log_probs.float()
     log_t = teacher_log_probs.detach().float()
     k, q = _attention_masks(log_s.shape, key_mask, query_mask)
-    elementwise = log_t.exp() * (log_t - log_s)
-    if k is not None:
-        elementwise = elementwise.masked_fill(~k, 0.0)
-    row_kl = elementwise.sum(-1, keepdim=True)  # [B, H, Q, 1]
-    return _valid_mean(row_kl, q)
+    count = _valid_count(log_s.shape, k, q, per_entry=False, device=log_s.device)
+    return _AttentionKL.apply(log_s, log_t, k, q, count)
 
 
 def attention_mse_loss(
@@ -179,13 +288,7 @@ def attention_mse_loss(
         Scalar float32 tensor.
     """
     _check_pair(student, teacher)
-    diff = (student.float() - teacher.detach().float()).pow(2)
-    k, q = _attention_masks(diff.shape, key_mask, query_mask)
-    if k is None and q is None:
-        return diff.mean()
-    mask = torch.ones((), dtype=torch.bool, device=diff.device)
-    if k is not None:
-        mask = mask & k
-    if q is not None:
-        mask = mask & q
-    return _valid_mean(diff, mask)
+    s, t = student.float(), teacher.detach().float()
+    k, q = _attention_masks(s.shape, key_mask, query_mask)
+    count = _valid_count(s.shape, k, q, per_entry=True, device=s.device)
+    return _MaskedMSE.apply(s, t, k, q, count)

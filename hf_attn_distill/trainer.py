@@ -14,7 +14,8 @@ from transformers import AutoConfig, PreTrainedModel, Trainer
 from .attention_capture import AttentionRecorder, enable_attention_capture
 from .config import DistillConfig
 from .layer_map import resolve_layer_map
-from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads, logit_kd_loss
+from .fused_transfer import TransferTarget
+from .losses import group_teacher_heads, logit_kd_loss
 from .model_structure import find_attention_modules
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
 
@@ -140,6 +141,7 @@ class DistillTrainer(Trainer):
             s_mods, t_mods = find_attention_modules(model), find_attention_modules(teacher_model)
             self._student_recorder = AttentionRecorder([s_mods[s] for s, _ in self.layer_pairs], kind)
             self._teacher_recorder = AttentionRecorder([t_mods[t] for _, t in self.layer_pairs], kind)
+        self._student_heads = _num_heads(model)
         forward_params = inspect.signature(teacher_model.forward).parameters
         self._teacher_input_names = {
             n for n, p in forward_params.items() if p.kind is not p.VAR_KEYWORD and n not in LABEL_KEYS
@@ -248,19 +250,12 @@ class DistillTrainer(Trainer):
             terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature, mask))
         return torch.stack(terms).mean()
 
-    def _attention_term(self, student_att: list, teacher_att: list, inputs: Mapping) -> torch.Tensor:
+    def _transfer_targets(self, teacher_att: list, inputs: Mapping) -> list[TransferTarget]:
+        """One target per mapped student layer: the teacher's record, heads grouped to the student's count."""
+        kind, heads = self.args.attention_record_kind, self._student_heads
+        loss = self.args.attention_loss if self.args.attention_loss == "kl" else f"mse_{self.args.attention_mse_input}"
         mask = inputs.get("attention_mask")
-        kind = self.args.attention_record_kind
-        losses = []
-        for s, t in zip(student_att, teacher_att):
-            t = group_teacher_heads(t, s.shape[1], kind)
-            if self.args.attention_loss == "kl":
-                losses.append(attention_kl_loss(s, t, mask))
-            elif kind == "scores":
-                losses.append(attention_mse_loss(s, t, mask))
-            else:
-                losses.append(attention_mse_loss(s.exp(), t.exp(), mask))
-        return torch.stack(losses).mean()
+        return [TransferTarget(group_teacher_heads(t, heads, kind), loss, mask) for t in teacher_att]
 
     def compute_loss(
         self,
@@ -284,8 +279,11 @@ class DistillTrainer(Trainer):
             teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_input_names}
             with torch.inference_mode(), self._record(self._teacher_recorder, use_attention) as teacher_att:
                 teacher_outputs = self.teacher_model(**teacher_inputs)
-        with self._record(self._student_recorder, use_attention) as student_att:
+        # The student's mapped layers take their attention loss inside their softmax (fused_transfer).
+        targets = self._transfer_targets(teacher_att, inputs) if use_attention else None
+        with self._record(self._student_recorder, use_attention, targets) as layer_losses:
             outputs = model(**inputs)
+        del teacher_att, targets
 
         terms: dict[str, torch.Tensor] = {}
         if outputs.get("loss") is not None:
@@ -298,7 +296,7 @@ class DistillTrainer(Trainer):
         if args.alpha_kd > 0:
             terms["loss_kd"] = self._kd_term(outputs, teacher_outputs, inputs)
         if use_attention:
-            terms["loss_attn"] = self._attention_term(student_att, teacher_att, inputs)
+            terms["loss_attn"] = torch.stack(layer_losses).mean()
 
         label_items, tokens = self._batch_items(inputs)
         label_scale, token_scale = self._scales(model, torch.stack([label_items, tokens]))
@@ -317,8 +315,8 @@ class DistillTrainer(Trainer):
         return loss
 
     @staticmethod
-    def _record(recorder: AttentionRecorder | None, enabled: bool):
-        return recorder.record(enabled) if recorder is not None else AttentionRecorder([]).record(False)
+    def _record(recorder: AttentionRecorder | None, enabled: bool, targets: list | None = None):
+        return recorder.record(enabled, targets) if recorder is not None else AttentionRecorder([]).record(False)
 
     # ---- logging of each term ----
 

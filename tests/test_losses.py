@@ -142,3 +142,58 @@ def test_group_teacher_heads_log_probs_is_mean_of_probs():
 def test_group_teacher_heads_rejects_non_multiple():
     with pytest.raises(ValueError, match="multiple"):
         group_teacher_heads(torch.zeros(1, 6, 2, 2), 4, "log_probs")
+
+
+# ---- the fused autograd functions agree with the plain formulas, values and gradients ----
+
+def _reference_kl(log_s, log_t, key_mask, query_mask):
+    k = key_mask.bool()[:, None, None, :]
+    q = query_mask.bool()[:, None, :, None]
+    row = (log_t.exp() * (log_t - log_s)).masked_fill(~k, 0.0).sum(-1, keepdim=True)
+    q = q.expand_as(row).float()
+    return (row * q).sum() / q.sum()
+
+
+def _reference_mse(s, t, key_mask, query_mask):
+    valid = (key_mask.bool()[:, None, None, :] & query_mask.bool()[:, None, :, None]).expand_as(s).float()
+    return ((s - t).pow(2) * valid).sum() / valid.sum()
+
+
+def test_fused_attention_losses_match_plain_autograd():
+    torch.manual_seed(1)
+    key_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    query_mask = torch.tensor([[1, 1, 0, 1, 1, 0], [1, 0, 1, 0, 0, 0]])  # differs from key_mask on purpose
+    scores_t = torch.randn(2, 3, 6, 6)
+    log_t = _log_probs(scores_t, key_mask)
+    for fused, reference, make in (
+        (attention_kl_loss, _reference_kl, lambda x: _log_probs(x, key_mask)),
+        (attention_mse_loss, _reference_mse, lambda x: x),
+    ):
+        base = torch.randn(2, 3, 6, 6)
+        a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+        target = log_t if fused is attention_kl_loss else scores_t
+        got = fused(make(a), target, key_mask, query_mask)
+        want = reference(make(b), target, key_mask, query_mask)
+        got.backward()
+        want.backward()
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), fused.__name__
+        assert a.grad.abs().sum() > 0
+
+
+def test_attention_kl_teacher_zero_probability_keys_give_no_nan():
+    # a teacher that gives key 2 exactly zero mass (log p = -inf), the student some
+    log_t = torch.log(torch.tensor([0.5, 0.5, 0.0])).view(1, 1, 1, 3)
+    log_s = torch.log(torch.tensor([0.25, 0.25, 0.5])).view(1, 1, 1, 3).requires_grad_(True)
+    loss = attention_kl_loss(log_s, log_t)
+    loss.backward()
+    assert loss.item() == pytest.approx(2 * 0.5 * math.log(0.5 / 0.25), rel=1e-6)
+    assert torch.isfinite(log_s.grad).all() and log_s.grad[0, 0, 0, 2] == 0
+
+
+def test_fused_losses_accept_teacher_tensors_from_inference_mode():
+    with torch.inference_mode():
+        log_t = _log_probs(torch.randn(1, 2, 4, 4))
+    s = torch.randn(1, 2, 4, 4, requires_grad=True)
+    (attention_kl_loss(_log_probs(s), log_t) + attention_mse_loss(s, log_t)).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
