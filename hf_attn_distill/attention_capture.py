@@ -123,6 +123,10 @@ def recording_attention_forward(
         q_len, k_len = query.shape[-2], key.shape[-2]
         if causal and q_len > 1:
             blocked = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+    if target is None and not torch.is_grad_enabled():
+        # Teacher side (no autograd): work in cache-sized blocks; only the record is a full-size tensor.
+        out, records[index] = _blockwise_attention(query * scaling, key, value, blocked, attention_mask, kind)
+        return out.transpose(1, 2).contiguous(), None
     # The plain "scores" record keeps raw scores, so mask a copy; otherwise mask in place (matmul saves no output).
     masked = scores.clone() if kind == "scores" and target is None else scores
     if blocked is not None:
@@ -139,6 +143,47 @@ def recording_attention_forward(
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, None
+
+
+def _blockwise_attention(query, key, value, blocked, attention_mask, kind):
+    """``softmax(q k^T + mask) v`` without autograd, a few (batch, head) blocks at a time.
+
+    Returns the output ``[B, H, Q, D]`` and the full ``[B, H, Q, K]`` record (log-probabilities, or raw
+    scores for ``kind="scores"``); the scores and probabilities of each block are cache-sized
+    temporaries instead of three extra full-size tensors.
+    """
+    batch, heads, num_q, _ = query.shape
+    num_k = key.shape[-2]
+    record = torch.empty(batch, heads, num_q, num_k, dtype=torch.float32, device=query.device)
+    out = torch.empty(batch, heads, num_q, value.shape[-1], dtype=value.dtype, device=query.device)
+    step = max(1, _BLOCK_ELEMENTS // (num_q * num_k))
+    for b in range(batch):
+        for h in range(0, heads, step):
+            hs = slice(h, h + step)
+            scores = torch.matmul(query[b, hs], key[b, hs].transpose(-1, -2)).float()
+            if kind == "scores":
+                record[b, hs] = scores
+            if blocked is not None:
+                scores.masked_fill_(_block_of(blocked, b, hs), _MIN)
+            elif attention_mask is not None:
+                scores.add_(_block_of(attention_mask, b, hs))
+            log_probs = torch.log_softmax(scores, dim=-1)
+            if kind == "log_probs":
+                record[b, hs] = log_probs
+            out[b, hs] = torch.matmul(log_probs.exp_().to(value.dtype), value[b, hs])
+    return out, record
+
+
+def _block_of(mask: torch.Tensor, b: int, hs: slice) -> torch.Tensor:
+    """The part of a ``[Q, K]`` or ``[B|1, H|1, Q, K]`` mask that applies to batch ``b``, heads ``hs``."""
+    if mask.dim() == 2:
+        return mask
+    mask = mask[b if mask.shape[0] > 1 else 0]
+    return mask[hs] if mask.shape[0] > 1 else mask
+
+
+_BLOCK_ELEMENTS = 1 << 20
+_MIN = torch.finfo(torch.float32).min
 
 
 def _register() -> None:

@@ -1,9 +1,24 @@
+import contextlib
+
 import pytest
 import torch
+
+import hf_attn_distill.attention_capture as capture
 
 from hf_attn_distill import AttentionRecorder, enable_attention_capture, find_attention_modules
 
 from conftest import tiny_classifier
+
+# Recording with autograd (the student) and without (the teacher, computed block by block); the tiny
+# block size makes the teacher path split heads across blocks.
+GRAD_MODES = pytest.mark.parametrize("teacher_side", [False, True], ids=["autograd", "inference-blocks"])
+
+
+def _mode(teacher_side, monkeypatch):
+    if teacher_side:
+        monkeypatch.setattr(capture, "_BLOCK_ELEMENTS", 81 * 2)
+        return torch.inference_mode()
+    return contextlib.nullcontext()
 
 
 def _inputs():
@@ -15,7 +30,8 @@ def _inputs():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def test_selective_capture_equals_eager_and_output_equals_sdpa():
+@GRAD_MODES
+def test_selective_capture_equals_eager_and_output_equals_sdpa(teacher_side, monkeypatch):
     model = tiny_classifier(0, num_hidden_layers=4).eval()
     inputs = _inputs()
     sdpa_logits = model(**inputs).logits  # default implementation is sdpa
@@ -25,7 +41,7 @@ def test_selective_capture_equals_eager_and_output_equals_sdpa():
     enable_attention_capture(model)
     modules = find_attention_modules(model)
     recorder = AttentionRecorder([modules[1], modules[3]])
-    with recorder.record() as records:
+    with _mode(teacher_side, monkeypatch), recorder.record() as records:
         logits = model(**inputs).logits
     torch.testing.assert_close(logits, sdpa_logits, atol=1e-5, rtol=1e-5)
     for record, layer in zip(records, (1, 3)):
@@ -53,14 +69,16 @@ def test_capture_is_pre_dropout_in_training_mode():
     torch.testing.assert_close(records[0].exp()[valid], reference[valid], atol=1e-6, rtol=1e-5)
 
 
-def test_record_scores_kind_gives_raw_pre_softmax_scores():
+@GRAD_MODES
+def test_record_scores_kind_gives_raw_pre_softmax_scores(teacher_side, monkeypatch):
     model = tiny_classifier(0, num_hidden_layers=2).eval()
     inputs = _inputs()
     model.set_attn_implementation("eager")
     eager = model(**inputs, output_attentions=True).attentions[0]
     enable_attention_capture(model)
-    with AttentionRecorder([find_attention_modules(model)[0]], "scores").record() as scores:
-        model(**inputs)
+    with _mode(teacher_side, monkeypatch), AttentionRecorder([find_attention_modules(model)[0]], "scores").record() as scores:
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
     assert scores[0].shape == (3, 4, 9, 9)
     key_mask = inputs["attention_mask"].bool()[:, None, None, :]
     probs = torch.softmax(scores[0].masked_fill(~key_mask, float("-inf")), -1)
@@ -106,14 +124,16 @@ def test_saved_config_keeps_default_implementation(tmp_path):
     assert reloaded.config._attn_implementation == "sdpa"
 
 
-def test_causal_attention_without_padding_mask():
+@GRAD_MODES
+def test_causal_attention_without_padding_mask(teacher_side, monkeypatch):
     model = tiny_classifier(0, num_hidden_layers=2, is_decoder=True).eval()
     ids = _inputs()["input_ids"]
     model.set_attn_implementation("eager")
     eager = model(input_ids=ids, output_attentions=True).attentions[1]
     enable_attention_capture(model)
-    with AttentionRecorder([find_attention_modules(model)[1]]).record() as records:
-        model(input_ids=ids)
+    with _mode(teacher_side, monkeypatch), AttentionRecorder([find_attention_modules(model)[1]]).record() as records:
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     probs = records[0].exp()
     torch.testing.assert_close(probs, eager, atol=1e-6, rtol=1e-5)
     assert probs[..., 0, 1:].abs().max() < 1e-12  # the first query sees only itself
