@@ -302,25 +302,34 @@ def ratios(rows: list[dict]) -> list[dict]:
                 if other in by_mode:
                     item[f"D/{other}_time"] = by_mode["D"]["step_s"] / by_mode[other]["step_s"]
                     item[f"D/{other}_mem"] = by_mode["D"]["peak_mb"] / by_mode[other]["peak_mb"]
+                    work = "peak_above_start_mb" if "peak_above_start_mb" in by_mode["D"] else "peak_above_weights_mb"
+                    if work in by_mode["D"] and work in by_mode[other] and by_mode[other][work] > 0:
+                        item[f"D/{other}_work_mem"] = by_mode["D"][work] / by_mode[other][work]
         out.append(item)
     return out
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Machine: {result['machine']}", "", "| pair | seq | batch | mode | step (s) | peak MB |", "|---|---|---|---|---|---|"]
+    lines = [f"Machine: {result['machine']}", "",
+             "`peak MB`: peak RSS (CPU) or allocated memory (CUDA) during the measured steps; `working MB`: the part "
+             "above what was resident when they started (weights, optimizer state, libraries).", "",
+             "| pair | seq | batch | mode | step (s) | peak MB | working MB |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | error: {r['error'][:120]} | |")
+            lines.append(f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | error: {r['error'][:120]} | | |")
         else:
-            lines.append(f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | {r['step_s']:.3f} | {r['peak_mb']:.0f} |")
-    lines += ["", "| pair | seq | batch | D/L time | D/N time | D/T time | D/L mem | D/N mem | D/T mem |", "|---|---|---|---|---|---|---|---|---|"]
+            work = r.get("peak_above_start_mb", r.get("peak_above_weights_mb"))
+            shown = "-" if work is None else f"{work:.0f}"
+            lines.append(f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | {r['step_s']:.3f} | {r['peak_mb']:.0f} | {shown} |")
+    lines += ["", "| pair | seq | batch | D/L time | D/N time | D/T time | D/L mem | D/N mem | D/T mem | D/N working mem | D/T working mem |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["ratios"]:
         def f(k):
             return f"{r[k]:.2f}" if k in r else "-"
 
         lines.append(
             f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {f('D/L_time')} | {f('D/N_time')} | {f('D/T_time')} | "
-            f"{f('D/L_mem')} | {f('D/N_mem')} | {f('D/T_mem')} |"
+            f"{f('D/L_mem')} | {f('D/N_mem')} | {f('D/T_mem')} | {f('D/N_work_mem')} | {f('D/T_work_mem')} |"
         )
     cache = result.get("teacher_cache")
     if cache:
@@ -341,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_sweep_seq_len", type=int, default=128)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA).")
     parser.add_argument("--timeout", type=int, default=900, help="Seconds per row before it counts as an error.")
     parser.add_argument("--cache_epochs", type=int, default=3,

@@ -96,14 +96,17 @@ class SoftmaxWithTransferLoss(torch.autograd.Function):
         flat_p, fk, fq = _flat_rows(probs, k, q)
         flat_t = teacher.reshape(flat_p.shape)
         w = grad_loss / count
-        grad = grad_probs.clone()
-        flat_g = grad.view(flat_p.shape)
         if loss == "mse_probs":  # gradient w.r.t. the probabilities, before the softmax backward
+            grad = grad_probs.clone()
+            flat_g = grad.view(flat_p.shape)
             for sl in _chunks(flat_p):
                 diff = _masked_(flat_p[sl] - flat_t[sl].exp(), fk, fq, sl)
                 flat_g[sl].add_(diff.mul_(2.0 * w))
+            grad.mul_(probs)
+        else:
+            grad = grad_probs * probs
+            flat_g = grad.view(flat_p.shape)
         # softmax backward, in place: g <- p * (g - sum_k p g)
-        grad.mul_(probs)
         grad.addcmul_(probs, grad.sum(-1, keepdim=True), value=-1.0)
         if loss == "kl":
             for sl in _chunks(flat_p):

@@ -255,6 +255,8 @@ class DistillTrainer(Trainer):
         kind, heads = self.args.attention_record_kind, self._student_heads
         loss = self.args.attention_loss if self.args.attention_loss == "kl" else f"mse_{self.args.attention_mse_input}"
         mask = inputs.get("attention_mask")
+        if torch.is_tensor(mask) and bool(mask.all()):
+            mask = None  # no padding: skip masking passes over [B, H, Q, K]
         return [TransferTarget(group_teacher_heads(t, heads, kind), loss, mask) for t in teacher_att]
 
     def compute_loss(
