@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .losses import _attention_masks, _chunks, _flat_rows, _masked_, _valid_count
+from .losses import _attention_masks, _chunks, _flat_rows, _kl_sum, _masked_, _squared_sum, _valid_count
 
 __all__ = ["TRANSFER_LOSSES", "TransferTarget", "SoftmaxWithTransferLoss", "softmax_with_transfer_loss"]
 
@@ -59,6 +59,10 @@ def _score_diff(student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> t
     return diff.masked_fill_(student_scores <= _BLOCKED, 0.0)
 
 
+def _prob_diff(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    return student_log_probs.exp() - teacher_log_probs.exp()
+
+
 _BLOCKED = torch.finfo(torch.float32).min / 2
 
 
@@ -69,18 +73,13 @@ class SoftmaxWithTransferLoss(torch.autograd.Function):
     def forward(ctx, scores, teacher, loss, k, q, count):
         log_s = torch.log_softmax(scores, dim=-1)
         flat_s, fk, fq = _flat_rows(scores, k, q)
-        flat_log_s = log_s.view(flat_s.shape)
-        flat_t = teacher.reshape(flat_s.shape)
-        total = torch.zeros((), dtype=torch.float32, device=scores.device)
-        for sl in _chunks(flat_s):
-            if loss == "kl":
-                p_t = _masked_(flat_t[sl].exp(), fk, fq, sl)
-                part = torch.sub(flat_t[sl], flat_log_s[sl]).mul_(p_t).nan_to_num_(nan=0.0).sum()
-            else:
-                diff = _score_diff(flat_s[sl], flat_t[sl]) if loss == "mse_scores" else flat_log_s[sl].exp() - flat_t[sl].exp()
-                diff = _masked_(diff, fk, fq, sl).reshape(-1)
-                part = torch.dot(diff, diff)
-            total += part
+        flat_log_s, flat_t = log_s.view(flat_s.shape), teacher.reshape(flat_s.shape)
+        if loss == "kl":
+            total = _kl_sum(flat_log_s, flat_t, fk, fq)
+        elif loss == "mse_scores":
+            total = _squared_sum(_score_diff, flat_s, flat_t, fk, fq)
+        else:
+            total = _squared_sum(_prob_diff, flat_log_s, flat_t, fk, fq)
         probs = log_s.exp_()
         ctx.save_for_backward(probs, scores if loss == "mse_scores" else None, count)
         # The teacher may be an inference-mode tensor, which save_for_backward refuses; it has no autograd

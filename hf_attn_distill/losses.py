@@ -165,6 +165,25 @@ def _masked_(x: torch.Tensor, k: torch.Tensor | None, q: torch.Tensor | None, sl
     return x
 
 
+def _kl_sum(flat_log_s: torch.Tensor, flat_log_t: torch.Tensor, fk, fq) -> torch.Tensor:
+    """``sum p~_t (log p_t - log p_s)`` over valid entries of ``[N, Q, K]`` log-probabilities, chunk by chunk."""
+    total = torch.zeros((), dtype=torch.float32, device=flat_log_s.device)
+    for sl in _chunks(flat_log_t):
+        p_t = _masked_(flat_log_t[sl].exp(), fk, fq, sl)
+        ratio = torch.sub(flat_log_t[sl], flat_log_s[sl]).mul_(p_t)
+        total += ratio.nan_to_num_(nan=0.0).sum()  # 0 * log(0) = 0 where the teacher gives a key no mass
+    return total
+
+
+def _squared_sum(diff_of, flat_a: torch.Tensor, flat_b: torch.Tensor, fk, fq) -> torch.Tensor:
+    """``sum diff_of(a, b)**2`` over valid entries of ``[N, Q, K]`` tensors, chunk by chunk."""
+    total = torch.zeros((), dtype=torch.float32, device=flat_a.device)
+    for sl in _chunks(flat_a):
+        diff = _masked_(diff_of(flat_a[sl], flat_b[sl]), fk, fq, sl).reshape(-1)
+        total += torch.dot(diff, diff)
+    return total
+
+
 class _AttentionKL(torch.autograd.Function):
     """Row-wise KL(teacher || student) summed over valid entries and divided by ``count``.
 
@@ -178,12 +197,7 @@ class _AttentionKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_s, log_t, k, q, count):
         flat_s, fk, fq = _flat_rows(log_s, k, q)
-        flat_t = log_t.reshape(flat_s.shape)
-        total = torch.zeros((), dtype=torch.float32, device=log_s.device)
-        for sl in _chunks(flat_t):
-            p_t = _masked_(flat_t[sl].exp(), fk, fq, sl)
-            ratio = torch.sub(flat_t[sl], flat_s[sl]).mul_(p_t)
-            total += ratio.nan_to_num_(nan=0.0).sum()  # 0 * log(0) = 0 where the teacher gives a key no mass
+        total = _kl_sum(flat_s, log_t.reshape(flat_s.shape), fk, fq)
         ctx.save_for_backward(count)
         # The teacher tensor may come from inference mode, which save_for_backward refuses; it has no
         # autograd history, so holding it on ctx creates no reference cycle.
@@ -210,11 +224,7 @@ class _MaskedMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, k, q, count):
         flat_s, fk, fq = _flat_rows(student, k, q)
-        flat_t = teacher.reshape(flat_s.shape)
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for sl in _chunks(flat_s):
-            diff = _masked_(torch.sub(flat_s[sl], flat_t[sl]), fk, fq, sl).reshape(-1)
-            total += torch.dot(diff, diff)
+        total = _squared_sum(torch.sub, flat_s, teacher.reshape(flat_s.shape), fk, fq)
         ctx.save_for_backward(student, count)
         ctx.teacher, ctx.masks = teacher, (k, q)
         return total / count

@@ -28,6 +28,11 @@ def _fmt(value) -> str:
 def render_model_card(fields: dict, settings: dict | None = None, template: str | Path | None = None) -> str:
     """Fill a ``$placeholder`` template; every placeholder must be given (missing ones raise ``KeyError``)."""
     path = Path(template) if template is not None else DEFAULT_TEMPLATE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Model card template {path} not found. The default lives in the repository's model_cards/ folder "
+            "(install with `pip install -e .` from a checkout), or pass template= a file of your own."
+        )
     values = {k: _fmt(v) for k, v in fields.items()}
     rows = [f"| {k} | {_fmt(v)} |" for k, v in (settings or {}).items()]
     values["settings_table"] = "\n".join(rows) if rows else "| (none) | |"
