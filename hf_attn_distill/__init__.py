@@ -2,6 +2,7 @@
 
 from .attention_capture import ATTN_IMPLEMENTATION, AttentionRecorder, enable_attention_capture
 from .config import DistillConfig
+from .fused_transfer import TransferTarget, softmax_with_transfer_loss
 from .layer_map import parse_layer_map, resolve_layer_map
 from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads, logit_kd_loss
 from .model_structure import find_attention_modules, find_encoder_layers
@@ -15,6 +16,7 @@ __all__ = [
     "AttentionRecorder",
     "DistillConfig",
     "DistillTrainer",
+    "TransferTarget",
     "attention_kl_loss",
     "attention_mse_loss",
     "check_distillation_pair",
@@ -25,6 +27,7 @@ __all__ = [
     "logit_kd_loss",
     "parse_layer_map",
     "resolve_layer_map",
+    "softmax_with_transfer_loss",
     "student_from_config",
     "student_from_teacher_layers",
 ]

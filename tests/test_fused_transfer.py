@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from hf_attn_distill import attention_kl_loss, attention_mse_loss
-from hf_attn_distill.fused_transfer import TransferTarget, softmax_with_transfer_loss
+from hf_attn_distill import TransferTarget, attention_kl_loss, attention_mse_loss, softmax_with_transfer_loss
 
 MIN = torch.finfo(torch.float32).min
 
