@@ -209,3 +209,42 @@ def test_wrong_args_type_and_missing_teacher(tmp_path, tokenizer, sentiment_data
                        args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
     with pytest.raises(ValueError, match="teacher_model is required"):
         DistillTrainer(model=student, args=make_args(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "attention", [dict(attention_loss="kl"), dict(attention_loss="mse"), dict(attention_loss="mse", attention_mse_input="probs")],
+    ids=["kl", "mse_scores", "mse_probs"],
+)
+def test_trainer_attention_term_equals_standalone_losses(tmp_path, tokenizer, sentiment_dataset, attention):
+    """The fused in-softmax loss, wired through the trainer (padding, 4 -> 2 head grouping, uniform map),
+    equals the standalone loss functions applied to recorded attention."""
+    from hf_attn_distill import AttentionRecorder, attention_kl_loss, attention_mse_loss, group_teacher_heads
+
+    trainer = make_trainer(make_args(tmp_path, **attention), tokenizer, sentiment_dataset)
+    batch = trainer.data_collator([sentiment_dataset[i] for i in range(6)])
+    assert not bool(batch["attention_mask"].all())  # the batch has padding
+    student = trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(student, dict(batch))
+    got = trainer._pop_term_means("eval")["loss_attn"]
+
+    kind = trainer.args.attention_record_kind
+    s_rec = AttentionRecorder(trainer._student_recorder.modules, kind)
+    t_rec = AttentionRecorder(trainer._teacher_recorder.modules, kind)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad(), t_rec.record() as t_att:
+        trainer.teacher_model(**inputs)
+    with torch.enable_grad(), s_rec.record() as s_att:  # the autograd path records full tensors
+        student(**inputs)
+    mask = batch["attention_mask"]
+    want = []
+    for s, t in zip(s_att, t_att):
+        t = group_teacher_heads(t, s.shape[1], kind)
+        if attention["attention_loss"] == "kl":
+            want.append(attention_kl_loss(s, t, mask))
+        elif kind == "scores":
+            want.append(attention_mse_loss(s, t, mask))
+        else:
+            want.append(attention_mse_loss(s.exp(), t.exp(), mask))
+    assert len(want) == 2 and got > 0
+    assert got == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
