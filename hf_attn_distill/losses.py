@@ -184,6 +184,17 @@ def _squared_sum(diff_of, flat_a: torch.Tensor, flat_b: torch.Tensor, fk, fq) ->
     return total
 
 
+def _masked_chunks(like: torch.Tensor, k, q, scale: torch.Tensor, fill) -> torch.Tensor:
+    """A new tensor shaped like ``like`` ``[B, H, Q, K]``, written chunk by chunk: ``fill(slice, out)``
+    writes the values of the ``[N, Q, K]`` rows in ``slice`` into ``out``; invalid entries become 0 and
+    everything is multiplied by ``scale``."""
+    flat, fk, fq = _flat_rows(like, k, q)
+    out = torch.empty_like(flat)
+    for sl in _chunks(flat):
+        _masked_(fill(sl, out[sl]), fk, fq, sl).mul_(scale)
+    return out.view_as(like)
+
+
 class _AttentionKL(torch.autograd.Function):
     """Row-wise KL(teacher || student) summed over valid entries and divided by ``count``.
 
@@ -210,12 +221,9 @@ class _AttentionKL(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         (count,), log_t, (k, q) = ctx.saved_tensors, ctx.teacher, ctx.masks
-        flat_t, fk, fq = _flat_rows(log_t, k, q)
-        grad = torch.empty_like(flat_t)
-        scale = -grad_output / count
-        for sl in _chunks(flat_t):
-            _masked_(torch.exp(flat_t[sl], out=grad[sl]), fk, fq, sl).mul_(scale)
-        return grad.view_as(log_t), None, None, None, None
+        flat_t = _flat_rows(log_t, None, None)[0]
+        grad = _masked_chunks(log_t, k, q, -grad_output / count, lambda sl, out: torch.exp(flat_t[sl], out=out))
+        return grad, None, None, None, None
 
 
 class _MaskedMSE(torch.autograd.Function):
@@ -235,13 +243,12 @@ class _MaskedMSE(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         (student, count), teacher, (k, q) = ctx.saved_tensors, ctx.teacher, ctx.masks
-        flat_s, fk, fq = _flat_rows(student, k, q)
+        flat_s = _flat_rows(student, None, None)[0]
         flat_t = teacher.reshape(flat_s.shape)
-        grad = torch.empty_like(flat_s)
-        scale = 2.0 * grad_output / count
-        for sl in _chunks(flat_s):
-            _masked_(torch.sub(flat_s[sl], flat_t[sl], out=grad[sl]), fk, fq, sl).mul_(scale)
-        return grad.view_as(student), None, None, None, None
+        grad = _masked_chunks(
+            student, k, q, 2.0 * grad_output / count, lambda sl, out: torch.sub(flat_s[sl], flat_t[sl], out=out)
+        )
+        return grad, None, None, None, None
 
 
 def attention_kl_loss(
