@@ -37,7 +37,7 @@ VARIANTS = {
     "finetune": ["--training_mode", "finetune"],
     "kd": ["--attention_weight", "0"],
     "kd_attn_kl": ["--attention_loss", "kl"],
-    "kd_attn_mse": ["--attention_loss", "mse", "--attention_mse_input", "scores"],
+    "kd_attn_mse": ["--attention_loss", "mse_scores"],
 }
 
 

@@ -1,29 +1,34 @@
 """Knowledge distillation with attention transfer for Hugging Face Transformers."""
 
 from .attention_capture import ATTN_IMPLEMENTATION, AttentionRecorder, enable_attention_capture
+from .attention_masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
 from .config import DistillConfig
 from .fused_transfer import TransferTarget, softmax_with_transfer_loss
 from .layer_map import parse_layer_map, resolve_layer_map
 from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads, logit_kd_loss
 from .model_structure import find_attention_modules, find_encoder_layers
 from .students import student_from_config, student_from_teacher_layers
-from .trainer import DistillTrainer, check_distillation_pair
+from .trainer import DistillTrainer, check_distillation_pair, load_teacher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATTENTION_LOSSES",
     "ATTN_IMPLEMENTATION",
     "AttentionRecorder",
     "DistillConfig",
     "DistillTrainer",
     "TransferTarget",
     "attention_kl_loss",
+    "attention_loss_count",
     "attention_mse_loss",
+    "attention_valid_mask",
     "check_distillation_pair",
     "enable_attention_capture",
     "find_attention_modules",
     "find_encoder_layers",
     "group_teacher_heads",
+    "load_teacher",
     "logit_kd_loss",
     "parse_layer_map",
     "resolve_layer_map",

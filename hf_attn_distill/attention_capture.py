@@ -4,8 +4,22 @@
 *after* attention dropout. Instead we register one attention implementation, ``"hf_attn_distill"``:
 layers nobody records run PyTorch's ``scaled_dot_product_attention`` exactly like ``"sdpa"``; the
 few layers an :class:`AttentionRecorder` watches compute their scores explicitly and store the
-pre-dropout log-probabilities (or raw scores) for the loss. The matching mask function (the one
-``"sdpa"`` uses) is registered too, otherwise transformers would silently drop the padding mask.
+pre-dropout log-probabilities (or raw scores) for the loss, or take the loss inside their softmax.
+The matching mask function (the one ``"sdpa"`` uses) is registered too, otherwise transformers would
+silently drop the padding mask.
+
+Three things a recorded layer survives:
+
+- **gradient checkpointing**: a recorder stays active until :meth:`AttentionRecorder.stop`, so a layer
+  re-run in backward takes the same path and saves the same tensors. With ``use_reentrant=True`` the
+  first forward runs without autograd; the layer then records the loss value, and its recomputation in
+  backward receives the loss's gradient through a side channel filled by the loss node of
+  :meth:`AttentionRecorder.collect` (which autograd runs first: it is the newest node of the graph);
+- **torch.compile**: a module's recording state lives in a per-module object that never changes
+  identity, and the recording branch is excluded from compilation (``torch.compiler.disable``), so
+  unrecorded layers compile and recorded ones run eagerly without recompilations;
+- **extra attention inputs**: T5's ``position_bias`` is added to the scores as ``"sdpa"`` adds it;
+  logit soft-capping, attention sinks and sliding windows are refused with an error, never dropped.
 """
 
 from __future__ import annotations
@@ -19,71 +33,173 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .fused_transfer import TransferTarget, softmax_with_transfer_loss
+from .attention_masks import ATTENTION_LOSSES, recorded_quantity
+from .fused_transfer import TransferTarget, attention_blocks, softmax_with_transfer_loss
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionRecorder",
+    "UNSUPPORTED_ATTENTION_KWARGS",
     "enable_attention_capture",
     "recording_attention_forward",
+    "verify_capture",
 ]
 
 ATTN_IMPLEMENTATION = "hf_attn_distill"
-_SLOT_ATTR = "_hf_attn_distill_slot"
-RECORD_KINDS = ("log_probs", "scores")
+POINT_ATTR = "_hf_attn_distill_point"
+# Attention inputs that change the attention pattern in ways the recording path does not reproduce.
+UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "sliding_window")
+_MIN = torch.finfo(torch.float32).min
+
+
+class _CapturePoint:
+    """Recording state of one attention module; the object stays attached for the module's lifetime."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.records: list | None = None
+        self.index = 0
+        self.loss = "kl"
+        self.target: TransferTarget | None = None
+        self.deferred: _GradCell | None = None
+
+
+class _GradCell:
+    """Holds the gradient of a layer loss computed without autograd (reentrant checkpointing)."""
+
+    def __init__(self) -> None:
+        self.grad: torch.Tensor | None = None
+
+
+class _DeferredLoss(torch.autograd.Function):
+    """Returns ``value``; in backward, stores the incoming gradient in ``cell`` for the layer's recomputation."""
+
+    @staticmethod
+    def forward(ctx, anchor, value, cell):
+        ctx.cell = cell
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.cell.grad = grad
+        return None, None, None
+
+
+class _InjectLossGrad(torch.autograd.Function):
+    """Identity on the attention output; in backward, feeds ``cell.grad`` to the recomputed layer loss."""
+
+    @staticmethod
+    def forward(ctx, out, loss, cell):
+        ctx.cell = cell
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.cell.grad is None:
+            raise RuntimeError(
+                "The attention-transfer loss of a checkpointed layer got no gradient before its recomputation. "
+                "Use gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
+            )
+        return grad_out, ctx.cell.grad, None
 
 
 class AttentionRecorder:
-    """Records attention of chosen modules during a forward pass.
+    """Records attention of chosen modules during forward passes.
 
     Args:
-        modules: attention modules to watch, in the order their records are returned.
-        kind: ``"log_probs"`` (``log_softmax`` of masked scores, for KL or MSE on probabilities) or
-            ``"scores"`` (raw pre-softmax ``q k^T * scaling``, before masking, TinyBERT-style).
+        modules: attention modules to watch, in the order their records are returned. Each must be called
+            once per forward (a module shared by several layers cannot be recorded per layer).
+        loss: the attention loss the records are for (``ATTENTION_LOSSES``); it decides what is recorded:
+            log-probabilities (``log_softmax`` of masked scores) or, for ``"mse_scores"``, raw pre-softmax
+            ``q k^T * scaling (+ position bias)`` before masking.
 
-    Use as ``with recorder.record() as records: model(**inputs)``; afterwards ``records`` holds one
-    ``[B, H, Q, K]`` float32 tensor per module (with gradient, when the forward had one).
+    ``with recorder.record() as records: model(**inputs)``: afterwards ``records`` holds one ``[B, H, Q, K]``
+    float32 tensor per module (with gradient, when the forward had one). With ``record(targets=[...])``
+    (one :class:`~hf_attn_distill.fused_transfer.TransferTarget` per module, typically the teacher's records
+    of the same batch) each module instead computes its transfer loss inside its softmax and ``records``
+    holds one scalar loss per module: no ``[B, H, Q, K]`` tensor outlives the layer.
 
-    With ``record(targets=[...])`` (one :class:`~hf_attn_distill.fused_transfer.TransferTarget` per
-    module, typically the teacher's records of the same batch) each module instead computes its
-    attention-transfer loss inside its softmax (:class:`~hf_attn_distill.fused_transfer.SoftmaxWithTransferLoss`)
-    and ``records`` holds one scalar loss per module: no ``[B, H, Q, K]`` tensor outlives the layer.
+    With gradient checkpointing the layers run again during backward, so recording must stay active
+    until backward ends: use ``records = recorder.start(targets)``, the forward, ``recorder.collect()``,
+    ``loss.backward()``, then ``recorder.stop()`` (what :class:`~hf_attn_distill.DistillTrainer` does).
     """
 
-    def __init__(self, modules: Sequence[nn.Module], kind: str = "log_probs"):
-        if kind not in RECORD_KINDS:
-            raise ValueError(f"kind must be one of {RECORD_KINDS}, got {kind!r}")
+    def __init__(self, modules: Sequence[nn.Module], loss: str = "kl"):
+        if loss not in ATTENTION_LOSSES:
+            raise ValueError(f"loss must be one of {ATTENTION_LOSSES}, got {loss!r}")
         self.modules = list(modules)
-        self.kind = kind
+        if len({id(m) for m in self.modules}) != len(self.modules):
+            raise ValueError(
+                "The same attention module appears twice: a module shared by several layers (as in ALBERT) "
+                "cannot be recorded per layer. Map each student layer to a distinct teacher layer module."
+            )
+        self.loss = loss
+        self.points = []
+        for module in self.modules:
+            point = getattr(module, POINT_ATTR, None)
+            if point is None:
+                point = _CapturePoint()
+                setattr(module, POINT_ATTR, point)
+            self.points.append(point)
+        self._records: list | None = None
+
+    def start(self, targets: Sequence[TransferTarget] | None = None) -> list:
+        """Activate recording; returns the list the modules fill (one entry per module)."""
+        if targets is not None and len(targets) != len(self.modules):
+            raise ValueError(f"Got {len(targets)} transfer targets for {len(self.modules)} recorded modules.")
+        records: list = [None] * len(self.modules)
+        for index, point in enumerate(self.points):
+            point.active, point.records, point.index, point.loss = True, records, index, self.loss
+            point.target = targets[index] if targets is not None else None
+            point.deferred = None
+        self._records = records
+        return records
+
+    def collect(self) -> list:
+        """Check every module recorded, and connect losses computed without autograd to the graph.
+
+        Call once after the forward, with autograd enabled if a backward follows.
+        """
+        records = self._records
+        missing = [i for i, r in enumerate(records) if r is None]
+        if missing:
+            self.stop()
+            raise RuntimeError(
+                f"Attention modules {missing} of the recorder were not called through the '{ATTN_IMPLEMENTATION}' "
+                "attention implementation during the forward, so nothing was recorded. Either the model computes "
+                "these attentions in its own code rather than through transformers' AttentionInterface, or its "
+                "attention implementation was changed after enable_attention_capture(). Set attention_weight=0 "
+                "to distill logits only."
+            )
+        if torch.is_grad_enabled():
+            anchor = None
+            for index, point in enumerate(self.points):
+                if point.deferred is not None and not records[index].requires_grad:
+                    if anchor is None:
+                        anchor = torch.zeros((), requires_grad=True)
+                    records[index] = _DeferredLoss.apply(anchor, records[index], point.deferred)
+        return records
+
+    def stop(self) -> None:
+        """Deactivate recording and drop references to records and targets."""
+        for point in self.points:
+            point.active, point.records, point.target, point.deferred = False, None, None, None
+        self._records = None
 
     @contextlib.contextmanager
     def record(
         self, enabled: bool = True, targets: Sequence[TransferTarget] | None = None
     ) -> Iterator[list[torch.Tensor | None]]:
-        records: list[torch.Tensor | None] = [None] * len(self.modules)
+        """Context manager around one forward pass (no gradient checkpointing: see the class docstring)."""
         if not enabled:
-            yield records
+            yield [None] * len(self.modules)
             return
-        if targets is not None and len(targets) != len(self.modules):
-            raise ValueError(f"Got {len(targets)} transfer targets for {len(self.modules)} recorded modules.")
-        for slot, module in enumerate(self.modules):
-            if getattr(module, _SLOT_ATTR, None) is not None:
-                raise RuntimeError("An attention module is already being recorded (nested record() on one model).")
-            target = targets[slot] if targets is not None else None
-            setattr(module, _SLOT_ATTR, (records, slot, self.kind, target))
+        records = self.start(targets)
         try:
             yield records
+            records[:] = self.collect()
         finally:
-            for module in self.modules:
-                setattr(module, _SLOT_ATTR, None)
-        missing = [i for i, r in enumerate(records) if r is None]
-        if missing:
-            raise RuntimeError(
-                f"Attention modules {missing} of the layer map were not called with the '{ATTN_IMPLEMENTATION}' "
-                "attention implementation, so no attention was recorded. The model must dispatch attention "
-                "through transformers' AttentionInterface and keep config._attn_implementation set by "
-                "enable_attention_capture()."
-            )
+            self.stop()
 
 
 def recording_attention_forward(
@@ -99,54 +215,84 @@ def recording_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Attention function registered as ``"hf_attn_distill"``.
 
-    Unrecorded modules: identical to transformers' ``sdpa_attention_forward``. Recorded modules:
-    explicit ``softmax(q k^T * scaling + mask)`` with the recorded tensor taken *before* dropout.
+    Modules no recorder watches, and watched modules outside a recording: identical to transformers'
+    ``sdpa_attention_forward``. Recorded modules: explicit ``softmax(q k^T * scaling + bias + mask)``,
+    with the recorded tensor taken *before* dropout.
     """
-    slot = getattr(module, _SLOT_ATTR, None)
-    if slot is None:
+    point = getattr(module, POINT_ATTR, None)
+    if point is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    records, index, kind, target = slot
+    return _point_attention(point, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+
+@torch.compiler.disable
+def _point_attention(point, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    if not point.active:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    refused = [name for name in UNSUPPORTED_ATTENTION_KWARGS if kwargs.get(name) is not None]
+    if refused:
+        raise NotImplementedError(
+            f"{type(module).__name__} passes {refused} to its attention function; recorded layers do not reproduce "
+            "them, and dropping them would make the recorded attention and the model's output wrong. Map only "
+            "layers without them, or set attention_weight=0 to distill logits only."
+        )
+    bias = kwargs.get("position_bias")
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    # Scale the (smaller) query rather than the [B, H, Q, K] scores; compute the softmax in float32.
-    scores = torch.matmul(query * scaling, key.transpose(-1, -2)).float()
     blocked = None
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         blocked = ~attention_mask
+        attention_mask = None
     elif attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
         q_len, k_len = query.shape[-2], key.shape[-2]
         if causal and q_len > 1:
             blocked = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+    records, index, target = point.records, point.index, point.target
+    kind = recorded_quantity(point.loss)
     if target is None and not torch.is_grad_enabled():
         # Teacher side (no autograd): work in cache-sized blocks; only the record is a full-size tensor.
-        out, records[index] = _blockwise_attention(query * scaling, key, value, blocked, attention_mask, kind)
+        out, records[index] = _blockwise_attention(query * scaling, key, value, bias, blocked, attention_mask, kind)
         return out.transpose(1, 2).contiguous(), None
+    # Scale the (smaller) query rather than the [B, H, Q, K] scores; compute the softmax in float32.
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2)).float()
+    if bias is not None:
+        scores = scores + bias.float()
     # The plain "scores" record keeps raw scores, so mask a copy; otherwise mask in place (matmul saves no output).
     masked = scores.clone() if kind == "scores" and target is None else scores
     if blocked is not None:
-        masked.masked_fill_(blocked, torch.finfo(torch.float32).min)
+        masked.masked_fill_(blocked, _MIN)
     elif attention_mask is not None:
         masked.add_(attention_mask.float())
-    if target is not None:
-        probs, records[index] = softmax_with_transfer_loss(masked, target)
-        probs = probs.to(value.dtype)
-    else:
+    if target is None:
         log_probs = torch.log_softmax(masked, dim=-1)
         records[index] = log_probs if kind == "log_probs" else scores
         probs = log_probs.exp().to(value.dtype)
+    else:
+        probs, loss = softmax_with_transfer_loss(masked, target)
+        probs = probs.to(value.dtype)
+        if module.training and not torch.is_grad_enabled():
+            # First pass of reentrant checkpointing: the loss gets its gradient when the layer is recomputed.
+            point.deferred = _GradCell()
+        elif point.deferred is not None and torch.is_grad_enabled():
+            # The recomputation: route the loss's gradient (already known) into this graph.
+            probs = _InjectLossGrad.apply(probs, loss, point.deferred)
+        if point.deferred is None or not torch.is_grad_enabled():
+            records[index] = loss
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, None
 
 
-def _blockwise_attention(query, key, value, blocked, attention_mask, kind):
-    """``softmax(q k^T + mask) v`` without autograd, a few (batch, head) blocks at a time.
+def _blockwise_attention(query, key, value, bias, blocked, attention_mask, kind):
+    """``softmax(q k^T + bias + mask) v`` without autograd, a few (batch, head) blocks at a time.
 
     Returns the output ``[B, H, Q, D]`` and the full ``[B, H, Q, K]`` record (log-probabilities, or raw
     scores for ``kind="scores"``); the scores and probabilities of each block are cache-sized
@@ -156,34 +302,30 @@ def _blockwise_attention(query, key, value, blocked, attention_mask, kind):
     num_k = key.shape[-2]
     record = torch.empty(batch, heads, num_q, num_k, dtype=torch.float32, device=query.device)
     out = torch.empty(batch, heads, num_q, value.shape[-1], dtype=value.dtype, device=query.device)
-    step = max(1, _BLOCK_ELEMENTS // (num_q * num_k))
-    for b in range(batch):
-        for h in range(0, heads, step):
-            hs = slice(h, h + step)
-            scores = torch.matmul(query[b, hs], key[b, hs].transpose(-1, -2)).float()
-            if kind == "scores":
-                record[b, hs] = scores
-            if blocked is not None:
-                scores.masked_fill_(_block_of(blocked, b, hs), _MIN)
-            elif attention_mask is not None:
-                scores.add_(_block_of(attention_mask, b, hs))
-            log_probs = torch.log_softmax(scores, dim=-1)
-            if kind == "log_probs":
-                record[b, hs] = log_probs
-            out[b, hs] = torch.matmul(log_probs.exp_().to(value.dtype), value[b, hs])
+    for bs, hs in attention_blocks(batch, heads, num_q * num_k):
+        scores = torch.matmul(query[bs, hs], key[bs, hs].transpose(-1, -2)).float()
+        if bias is not None:
+            scores += _block_of(bias, bs, hs)
+        if kind == "scores":
+            record[bs, hs] = scores
+        if blocked is not None:
+            scores.masked_fill_(_block_of(blocked, bs, hs), _MIN)
+        elif attention_mask is not None:
+            scores += _block_of(attention_mask, bs, hs)
+        log_probs = torch.log_softmax(scores, dim=-1)
+        if kind == "log_probs":
+            record[bs, hs] = log_probs
+        out[bs, hs] = torch.matmul(log_probs.exp_().to(value.dtype), value[bs, hs])
     return out, record
 
 
-def _block_of(mask: torch.Tensor, b: int, hs: slice) -> torch.Tensor:
-    """The part of a ``[Q, K]`` or ``[B|1, H|1, Q, K]`` mask that applies to batch ``b``, heads ``hs``."""
+def _block_of(mask: torch.Tensor, bs: slice, hs: slice) -> torch.Tensor:
+    """The part of a ``[Q, K]`` or ``[B|1, H|1, Q, K]`` mask or bias that applies to batches ``bs``, heads ``hs``."""
     if mask.dim() == 2:
         return mask
-    mask = mask[b if mask.shape[0] > 1 else 0]
-    return mask[hs] if mask.shape[0] > 1 else mask
-
-
-_BLOCK_ELEMENTS = 1 << 20
-_MIN = torch.finfo(torch.float32).min
+    mask = mask[bs] if mask.shape[0] > 1 else mask
+    mask = mask[:, hs] if mask.shape[1] > 1 else mask
+    return mask.float() if mask.dtype != torch.bool else mask
 
 
 def _register() -> None:
@@ -195,16 +337,50 @@ def enable_attention_capture(model: PreTrainedModel) -> None:
     """Switch ``model`` to the ``"hf_attn_distill"`` attention implementation (in place).
 
     Outside a recording the model computes exactly what ``"sdpa"`` computes. The setting is not
-    written to ``config.json``, so saved models load with the default implementation.
+    written to ``config.json``, so saved models load with the default implementation. Whether the
+    model really dispatches its attention through it shows on the first recording
+    (:meth:`AttentionRecorder.collect` names the modules that never reported).
     """
-    if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(
-            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, so its "
-            "attention cannot be captured selectively. Use a model that does (BERT, RoBERTa, DistilBERT, ELECTRA, "
-            "... in transformers >= 5), or set attention_weight=0 to distill logits only."
-        )
     _register()
+    try:
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    except (ValueError, NotImplementedError) as err:
+        raise ValueError(
+            f"{type(model).__name__} refused the '{ATTN_IMPLEMENTATION}' attention implementation ({err}), so its "
+            "attention cannot be captured selectively. Set attention_weight=0 to distill logits only."
+        ) from err
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-        raise ValueError(f"{type(model).__name__} refused attention implementation {ATTN_IMPLEMENTATION!r}.")
+        raise ValueError(
+            f"{type(model).__name__} does not let transformers choose its attention implementation (it computes "
+            "attention in its own code, not through AttentionInterface), so its attention cannot be captured "
+            "selectively. Set attention_weight=0 to distill logits only."
+        )
+
+
+def verify_capture(model: PreTrainedModel, recorder: AttentionRecorder) -> None:
+    """Run ``model`` once on its ``dummy_inputs`` while ``recorder`` records, so a model that does not
+    dispatch the recorded attentions through ``AttentionInterface`` fails now, with the modules named,
+    rather than at the first training step. Models without usable dummy inputs are checked at their
+    first recording instead."""
+    try:
+        inputs = {k: v.to(model.device) for k, v in model.dummy_inputs.items() if torch.is_tensor(v)}
+    except Exception:  # noqa: BLE001 - no dummy inputs: the first real recording checks instead
+        return
+    if not inputs or any(p.device.type == "meta" for p in model.parameters()):
+        return
+    was_training = model.training
+    model.eval()
+    recorder.start()
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        recorder.collect()
+    except RuntimeError as err:
+        if "were not called through" in str(err):
+            raise ValueError(f"{type(model).__name__}: {err}") from None
+    except Exception:  # noqa: BLE001 - the dummy inputs do not suit this model; the first recording checks
+        pass
+    finally:
+        recorder.stop()
+        model.train(was_training)

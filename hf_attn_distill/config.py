@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+import json
+
+from .attention_masks import ATTENTION_LOSSES
 from .layer_map import parse_layer_map
 
 __all__ = ["DistillConfig"]
 
-ATTENTION_LOSSES = ("kl", "mse")
-MSE_INPUTS = ("scores", "probs")
 HEAD_GROUPINGS = ("mean", "strict")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_DTYPES = ("float16", "float32")
@@ -35,11 +36,9 @@ class DistillConfig(TrainingArguments):
             Weight of the KL divergence between temperature-softened teacher and student logits.
         attention_loss (`str`, *optional*, defaults to `"kl"`):
             Per-head attention-transfer loss. `"kl"`: MiniLM, row-wise KL(teacher || student) between attention
-            distributions, computed from log-probabilities. `"mse"`: TinyBERT, mean squared error, on pre-softmax
-            scores or probabilities as `attention_mse_input` says.
-        attention_mse_input (`str`, *optional*, defaults to `"scores"`):
-            What `attention_loss="mse"` compares: `"scores"` (pre-softmax `q k^T / sqrt(d)`, TinyBERT) or `"probs"`
-            (attention probabilities). Ignored for `"kl"`.
+            distributions (from log-probabilities), mean over heads and valid query rows. `"mse_scores"`: TinyBERT,
+            mean squared error of pre-softmax scores `q k^T / sqrt(d)`, mean over heads and valid (query, key)
+            entries. `"mse_probs"`: the same on attention probabilities.
         attention_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the attention loss, averaged over mapped layers. `0` turns attention capture off entirely.
         layer_map (`str` or list of pairs, *optional*, defaults to `"uniform"`):
@@ -54,6 +53,14 @@ class DistillConfig(TrainingArguments):
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Cast the teacher to this dtype for faster inference (`"bfloat16"`, `"float16"`, `"float32"`); `"auto"`
             keeps it as loaded.
+        teacher_model_init_kwargs (`dict` or `str`, *optional*, defaults to `None`):
+            Keyword arguments for `from_pretrained` when `teacher_model` is given as a Hub id or folder (a dict, or
+            a JSON string on the command line), e.g. `{"dtype": "bfloat16", "revision": "main"}`.
+            `trust_remote_code` stays off unless given here.
+        eval_with_teacher (`bool`, *optional*, defaults to `True`):
+            Run the teacher during evaluation and report `eval_loss_kd` / `eval_loss_attn` next to `eval_loss`
+            (the weighted distillation loss). `False`: evaluation runs the student alone, at the cost of a plain
+            `Trainer` evaluation, and `eval_loss` is the student's own task loss.
         teacher_logits_cache (`str` or `None`, *optional*, defaults to `None`):
             Folder for teacher logits computed once per training example and memory-mapped; later steps read them
             instead of running the teacher. Needs `attention_weight=0` and sequence-level logits. Rebuilt when the
@@ -72,15 +79,9 @@ class DistillConfig(TrainingArguments):
     attention_loss: str = field(
         default="kl",
         metadata={
-            "help": "Attention-transfer loss: 'kl' (MiniLM, on attention distributions) or 'mse' (TinyBERT).",
+            "help": "Attention-transfer loss: 'kl' (MiniLM, on attention distributions), 'mse_scores' (TinyBERT, "
+            "on pre-softmax scores) or 'mse_probs' (on probabilities).",
             "choices": list(ATTENTION_LOSSES),
-        },
-    )
-    attention_mse_input: str = field(
-        default="scores",
-        metadata={
-            "help": "What attention_loss='mse' compares: 'scores' (pre-softmax, TinyBERT) or 'probs'.",
-            "choices": list(MSE_INPUTS),
         },
     )
     attention_weight: float = field(
@@ -108,7 +109,20 @@ class DistillConfig(TrainingArguments):
             "choices": list(TEACHER_DTYPES),
         },
     )
-
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "from_pretrained kwargs for a teacher given as a Hub id or folder (dict or JSON string), e.g. "
+            '\'{"dtype": "bfloat16"}\'. trust_remote_code stays off unless given.'
+        },
+    )
+    eval_with_teacher: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the teacher during evaluation and report eval_loss_kd/eval_loss_attn; False evaluates the "
+            "student alone (as fast as a plain Trainer evaluation)."
+        },
+    )
     teacher_logits_cache: str | None = field(
         default=None,
         metadata={"help": "Folder to cache teacher logits once per training example (needs attention_weight=0)."},
@@ -127,10 +141,22 @@ class DistillConfig(TrainingArguments):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.alpha_ce == 0 and self.alpha_kd == 0 and self.attention_weight == 0:
             raise ValueError("alpha_ce, alpha_kd and attention_weight are all 0: nothing to train on.")
+        if self.attention_loss == "mse":
+            raise ValueError(
+                "attention_loss='mse' is ambiguous: use 'mse_scores' (TinyBERT, pre-softmax scores) or 'mse_probs' "
+                "(attention probabilities)."
+            )
         if self.attention_loss not in ATTENTION_LOSSES:
             raise ValueError(f"attention_loss must be one of {ATTENTION_LOSSES}, got {self.attention_loss!r}")
-        if self.attention_mse_input not in MSE_INPUTS:
-            raise ValueError(f"attention_mse_input must be one of {MSE_INPUTS}, got {self.attention_mse_input!r}")
+        if isinstance(self.teacher_model_init_kwargs, str):
+            try:
+                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"teacher_model_init_kwargs must be a dict or a JSON object string, got {self.teacher_model_init_kwargs!r}"
+                ) from err
+        if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
+            raise ValueError(f"teacher_model_init_kwargs must be a dict, got {type(self.teacher_model_init_kwargs).__name__}")
         if self.head_grouping not in HEAD_GROUPINGS:
             raise ValueError(f"head_grouping must be one of {HEAD_GROUPINGS}, got {self.head_grouping!r}")
         if self.teacher_dtype not in TEACHER_DTYPES:
@@ -147,10 +173,3 @@ class DistillConfig(TrainingArguments):
         parsed = parse_layer_map(self.layer_map)
         # Keep a JSON-friendly form so the arguments still serialize with checkpoints.
         self.layer_map = parsed if isinstance(parsed, str) else [list(p) for p in parsed]
-
-    @property
-    def attention_record_kind(self) -> str:
-        """What the attention recorder stores for the chosen loss: ``"log_probs"`` or ``"scores"``."""
-        if self.attention_loss == "mse" and self.attention_mse_input == "scores":
-            return "scores"
-        return "log_probs"

@@ -5,6 +5,10 @@ Masks are boolean or 0/1 tensors where ``True``/1 marks a *valid* position.
 Every function returns the mean over valid items, so the caller can rescale it by item counts
 (see :class:`~hf_attn_distill.DistillTrainer` for exact gradient-accumulation scaling).
 All math runs in float32, whatever the input dtype, so fp16/bf16 inputs give no inf/NaN.
+
+The attention losses here are the plain reference formulas: readable, autograd-differentiated, and
+the oracles the fused kernel the trainer uses (:mod:`~hf_attn_distill.fused_transfer`) is tested
+against. Use them in custom training loops on recorded attention.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+
+from .attention_masks import attention_loss_count, attention_valid_mask
 
 __all__ = [
     "logit_kd_loss",
@@ -103,18 +108,6 @@ def group_teacher_heads(teacher: torch.Tensor, num_student_heads: int, kind: str
     raise ValueError(f"kind must be 'log_probs', 'probs' or 'scores', got {kind!r}")
 
 
-def _attention_masks(
-    shape: torch.Size, key_mask: torch.Tensor | None, query_mask: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Return ``(key_mask [B,1,1,K], query_mask [B,1,Q,1])`` as booleans, or ``None`` for no masking."""
-    batch, _, num_q, num_k = shape
-    if query_mask is None and key_mask is not None and num_q == num_k:
-        query_mask = key_mask  # self-attention: padded tokens are padded queries too
-    k = None if key_mask is None else key_mask.bool().reshape(batch, 1, 1, num_k)
-    q = None if query_mask is None else query_mask.bool().reshape(batch, 1, num_q, 1)
-    return k, q
-
-
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
     if student.dim() != 4 or student.shape != teacher.shape:
         raise ValueError(
@@ -124,163 +117,41 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
         )
 
 
-def _valid_count(
-    shape: torch.Size, k: torch.Tensor | None, q: torch.Tensor | None, per_entry: bool, device
-) -> torch.Tensor:
-    """Denominator of the attention losses, at least 1: valid (head, query) rows, or with ``per_entry``
-    valid (head, query, key) entries. ``k``/``q`` are the broadcastable masks of ``_attention_masks``."""
-    batch, heads, num_q, num_k = shape
-    rows = q.float() if q is not None else torch.ones(batch, 1, num_q, 1, device=device)
-    if per_entry:
-        keys = k.float().sum(-1, keepdim=True) if k is not None else torch.full((batch, 1, 1, 1), float(num_k), device=device)
-        rows = rows * keys
-    return (rows.sum() * heads).clamp_min(1.0)
-
-
-# Elements per chunk of the fused losses: 4 MB of float32, small enough to stay in cache and in the
-# allocator's free lists instead of mapping fresh pages for every [B, H, Q, K] temporary.
-_CHUNK_ELEMENTS = 1 << 20
-
-
-def _flat_rows(x: torch.Tensor, k: torch.Tensor | None, q: torch.Tensor | None):
-    """View ``x [B, H, Q, K]`` as ``[B*H, Q, K]`` with matching ``[B*H, 1, K]`` / ``[B*H, Q, 1]`` masks."""
-    batch, heads, num_q, num_k = x.shape
-    flat = x.reshape(batch * heads, num_q, num_k)
-    k = None if k is None else k.expand(batch, heads, 1, num_k).reshape(batch * heads, 1, num_k)
-    q = None if q is None else q.expand(batch, heads, num_q, 1).reshape(batch * heads, num_q, 1)
-    return flat, k, q
-
-
-def _chunks(flat: torch.Tensor):
-    """Slices of the first dimension of ``flat`` holding about ``_CHUNK_ELEMENTS`` elements each."""
-    step = max(1, _CHUNK_ELEMENTS // max(1, flat[0].numel()))
-    return [slice(i, i + step) for i in range(0, flat.shape[0], step)]
-
-
-def _masked_(x: torch.Tensor, k: torch.Tensor | None, q: torch.Tensor | None, sl: slice) -> torch.Tensor:
-    if k is not None:
-        x.masked_fill_(~k[sl], 0.0)
-    if q is not None:
-        x.masked_fill_(~q[sl], 0.0)
-    return x
-
-
-def _kl_sum(flat_log_s: torch.Tensor, flat_log_t: torch.Tensor, fk, fq) -> torch.Tensor:
-    """``sum p~_t (log p_t - log p_s)`` over valid entries of ``[N, Q, K]`` log-probabilities, chunk by chunk."""
-    total = torch.zeros((), dtype=torch.float32, device=flat_log_s.device)
-    for sl in _chunks(flat_log_t):
-        p_t = _masked_(flat_log_t[sl].exp(), fk, fq, sl)
-        ratio = torch.sub(flat_log_t[sl], flat_log_s[sl]).mul_(p_t)
-        total += ratio.nan_to_num_(nan=0.0).sum()  # 0 * log(0) = 0 where the teacher gives a key no mass
-    return total
-
-
-def _squared_sum(diff_of, flat_a: torch.Tensor, flat_b: torch.Tensor, fk, fq) -> torch.Tensor:
-    """``sum diff_of(a, b)**2`` over valid entries of ``[N, Q, K]`` tensors, chunk by chunk."""
-    total = torch.zeros((), dtype=torch.float32, device=flat_a.device)
-    for sl in _chunks(flat_a):
-        diff = _masked_(diff_of(flat_a[sl], flat_b[sl]), fk, fq, sl).reshape(-1)
-        total += torch.dot(diff, diff)
-    return total
-
-
-def _masked_chunks(like: torch.Tensor, k, q, scale: torch.Tensor, fill) -> torch.Tensor:
-    """A new tensor shaped like ``like`` ``[B, H, Q, K]``, written chunk by chunk: ``fill(slice, out)``
-    writes the values of the ``[N, Q, K]`` rows in ``slice`` into ``out``; invalid entries become 0 and
-    everything is multiplied by ``scale``."""
-    flat, fk, fq = _flat_rows(like, k, q)
-    out = torch.empty_like(flat)
-    for sl in _chunks(flat):
-        _masked_(fill(sl, out[sl]), fk, fq, sl).mul_(scale)
-    return out.view_as(like)
-
-
-class _AttentionKL(torch.autograd.Function):
-    """Row-wise KL(teacher || student) summed over valid entries and divided by ``count``.
-
-    The plain formula's autograd graph allocates about ten ``[B, H, Q, K]`` temporaries; at sequence
-    512 those memory passes cost more than the attention itself. Here the forward runs in small
-    chunks that reuse cache-sized buffers, and the backward writes ``d loss / d log_s = -p_t / count``
-    (zero on invalid entries) straight into the one gradient tensor it must return. Nothing but the
-    recorded teacher log-probabilities is kept for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, log_s, log_t, k, q, count):
-        flat_s, fk, fq = _flat_rows(log_s, k, q)
-        total = _kl_sum(flat_s, log_t.reshape(flat_s.shape), fk, fq)
-        ctx.save_for_backward(count)
-        # The teacher tensor may come from inference mode, which save_for_backward refuses; it has no
-        # autograd history, so holding it on ctx creates no reference cycle.
-        ctx.teacher, ctx.masks = log_t, (k, q)
-        return total / count
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        (count,), log_t, (k, q) = ctx.saved_tensors, ctx.teacher, ctx.masks
-        flat_t = _flat_rows(log_t, None, None)[0]
-        grad = _masked_chunks(log_t, k, q, -grad_output / count, lambda sl, out: torch.exp(flat_t[sl], out=out))
-        return grad, None, None, None, None
-
-
-class _MaskedMSE(torch.autograd.Function):
-    """Sum of squared differences over valid entries, divided by ``count``, in cache-sized chunks."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, k, q, count):
-        flat_s, fk, fq = _flat_rows(student, k, q)
-        total = _squared_sum(torch.sub, flat_s, teacher.reshape(flat_s.shape), fk, fq)
-        ctx.save_for_backward(student, count)
-        ctx.teacher, ctx.masks = teacher, (k, q)
-        return total / count
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        (student, count), teacher, (k, q) = ctx.saved_tensors, ctx.teacher, ctx.masks
-        flat_s = _flat_rows(student, None, None)[0]
-        flat_t = teacher.reshape(flat_s.shape)
-        grad = _masked_chunks(
-            student, k, q, 2.0 * grad_output / count, lambda sl, out: torch.sub(flat_s[sl], flat_t[sl], out=out)
-        )
-        return grad, None, None, None, None
-
-
 def attention_kl_loss(
     student_log_probs: torch.Tensor,
     teacher_log_probs: torch.Tensor,
     key_mask: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """MiniLM attention-transfer loss: row-wise ``KL(teacher || student)`` over keys, per head.
 
-    Takes **log-probabilities** (``log_softmax`` of the attention scores, as recorded by
-    :class:`~hf_attn_distill.AttentionRecorder`), never probabilities, so there is no ``log(0)``.
-    Padded keys are excluded from each row's sum, and padded query rows from the average: the
-    result is the mean over heads and valid query positions. Fully padded rows contribute nothing
-    and produce no NaN. Keys the teacher gives exactly zero probability (``log p = -inf``)
-    contribute ``0``.
+    ``sum_k p_t (log p_t - log p_s)`` over valid keys, averaged over heads and valid query rows
+    (:func:`~hf_attn_distill.attention_masks.attention_loss_count`). Takes **log-probabilities**
+    (``log_softmax`` of the masked attention scores, as :class:`~hf_attn_distill.AttentionRecorder`
+    records them), never probabilities, so there is no ``log(0)``. Keys the teacher gives zero
+    probability contribute ``0``; fully padded rows contribute nothing and give no NaN.
 
     Args:
         student_log_probs: ``[B, H, Q, K]``.
         teacher_log_probs: ``[B, H, Q, K]`` (no gradient flows into it).
         key_mask: ``[B, K]`` valid keys (the attention mask). ``None``: all keys valid.
         query_mask: ``[B, Q]`` valid queries; defaults to ``key_mask`` when ``Q == K``.
+        causal: exclude future keys (decoder self-attention).
 
     Returns:
         Scalar float32 tensor.
     """
     _check_pair(student_log_probs, teacher_log_probs)
-    log_s = student_log_probs.float()
-    log_t = teacher_log_probs.detach().float()
-    k, q = _attention_masks(log_s.shape, key_mask, query_mask)
-    count = _valid_count(log_s.shape, k, q, per_entry=False, device=log_s.device)
-    return _AttentionKL.apply(log_s, log_t, k, q, count)
+    log_s, log_t = student_log_probs.float(), teacher_log_probs.detach().float()
+    batch, heads, num_q, num_k = log_s.shape
+    valid = attention_valid_mask(batch, num_q, num_k, key_mask, query_mask, causal, log_s.device)
+    p_t = log_t.exp()
+    if valid is not None:
+        p_t = p_t * valid
+    kl = torch.where(p_t > 0, p_t * (log_t - log_s), 0.0)
+    count = attention_loss_count("kl", heads, batch, num_q, num_k, key_mask, query_mask, causal, log_s.device)
+    return kl.sum() / count.clamp_min(1.0)
 
 
 def attention_mse_loss(
@@ -288,24 +159,30 @@ def attention_mse_loss(
     teacher: torch.Tensor,
     key_mask: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
-    """TinyBERT attention-transfer loss: mean squared error per head over valid (query, key) pairs.
+    """TinyBERT attention-transfer loss: mean squared error per head over valid (query, key) entries.
 
-    Works on whatever both tensors hold: pre-softmax **scores** (TinyBERT) or **probabilities**.
-    Entries with a padded key or a padded query are excluded; the result is the mean over heads,
-    valid query rows and valid keys.
+    Works on whatever both tensors hold: pre-softmax **scores** (``"mse_scores"``, TinyBERT) or
+    **probabilities** (``"mse_probs"``). Entries with a padded key, a padded query or (``causal``) a future
+    key are excluded from the sum *and* the count: the result is the mean over heads and valid entries.
 
     Args:
         student: ``[B, H, Q, K]``.
         teacher: ``[B, H, Q, K]`` (no gradient flows into it).
         key_mask: ``[B, K]`` valid keys. ``None``: all keys valid.
         query_mask: ``[B, Q]`` valid queries; defaults to ``key_mask`` when ``Q == K``.
+        causal: exclude future keys (decoder self-attention).
 
     Returns:
         Scalar float32 tensor.
     """
     _check_pair(student, teacher)
     s, t = student.float(), teacher.detach().float()
-    k, q = _attention_masks(s.shape, key_mask, query_mask)
-    count = _valid_count(s.shape, k, q, per_entry=True, device=s.device)
-    return _MaskedMSE.apply(s, t, k, q, count)
+    batch, heads, num_q, num_k = s.shape
+    valid = attention_valid_mask(batch, num_q, num_k, key_mask, query_mask, causal, s.device)
+    if valid is not None:  # before subtracting: masked student scores are -3.4e38
+        s, t = torch.where(valid, s, 0.0), torch.where(valid, t, 0.0)
+    sq = (s - t).pow(2)
+    count = attention_loss_count("mse_scores", heads, batch, num_q, num_k, key_mask, query_mask, causal, s.device)
+    return sq.sum() / count.clamp_min(1.0)

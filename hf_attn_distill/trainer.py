@@ -11,15 +11,16 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, Trainer
 
-from .attention_capture import AttentionRecorder, enable_attention_capture
+from .attention_capture import AttentionRecorder, enable_attention_capture, verify_capture
+from .attention_masks import attention_loss_count, recorded_quantity
 from .config import DistillConfig
-from .layer_map import resolve_layer_map
 from .fused_transfer import TransferTarget
+from .layer_map import resolve_layer_map
 from .losses import group_teacher_heads, logit_kd_loss
 from .model_structure import find_attention_modules
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
 
-__all__ = ["DistillTrainer", "check_distillation_pair"]
+__all__ = ["DistillTrainer", "check_distillation_pair", "load_teacher"]
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 LOGIT_KEYS = ("logits", "start_logits", "end_logits")
@@ -35,9 +36,15 @@ STRIPPED_OUTPUT_KEYS = (
 )
 
 
-def _load_teacher(name_or_path: str) -> PreTrainedModel:
-    """Load a teacher from the Hub or a folder with the class its config names."""
-    config = AutoConfig.from_pretrained(name_or_path)
+def load_teacher(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedModel:
+    """Load a teacher from the Hub or a folder with the class its config names.
+
+    ``init_kwargs`` go to ``from_pretrained`` (``dtype``, ``revision``, ...); ``trust_remote_code`` is off
+    unless it says otherwise.
+    """
+    kwargs = {"trust_remote_code": False, **(init_kwargs or {})}
+    config_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "revision", "token") if k in kwargs}
+    config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if model_class is None:
@@ -45,7 +52,7 @@ def _load_teacher(name_or_path: str) -> PreTrainedModel:
             f"Cannot tell which model class to load for teacher {name_or_path!r} (config.architectures="
             f"{architectures}); load it yourself and pass the model as teacher_model."
         )
-    return model_class.from_pretrained(name_or_path)
+    return model_class.from_pretrained(name_or_path, **kwargs)
 
 
 def _num_heads(model: PreTrainedModel) -> int:
@@ -123,7 +130,7 @@ class DistillTrainer(Trainer):
         if teacher_model is None:
             raise ValueError("teacher_model is required: a PreTrainedModel, a Hub id or a folder.")
         if isinstance(teacher_model, str):
-            teacher_model = _load_teacher(teacher_model)
+            teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
         if teacher_model is model:
             raise ValueError("teacher_model is the student itself; pass a separate teacher.")
         self.layer_pairs = check_distillation_pair(model, teacher_model, args)
@@ -137,10 +144,12 @@ class DistillTrainer(Trainer):
         if self.layer_pairs:
             enable_attention_capture(model)
             enable_attention_capture(teacher_model)
-            kind = args.attention_record_kind
+            loss = args.attention_loss
             s_mods, t_mods = find_attention_modules(model), find_attention_modules(teacher_model)
-            self._student_recorder = AttentionRecorder([s_mods[s] for s, _ in self.layer_pairs], kind)
-            self._teacher_recorder = AttentionRecorder([t_mods[t] for _, t in self.layer_pairs], kind)
+            self._student_recorder = AttentionRecorder([s_mods[s] for s, _ in self.layer_pairs], loss)
+            self._teacher_recorder = AttentionRecorder([t_mods[t] for _, t in self.layer_pairs], loss)
+            verify_capture(model, self._student_recorder)
+            verify_capture(teacher_model, self._teacher_recorder)
         self._student_heads = _num_heads(model)
         forward_params = inspect.signature(teacher_model.forward).parameters
         self._teacher_input_names = {
@@ -196,9 +205,12 @@ class DistillTrainer(Trainer):
 
     # ---- gradient accumulation: count items of the whole window before its first micro-batch ----
 
-    @staticmethod
-    def _batch_items(inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(label items, valid tokens)`` of one batch: what the CE/KD and attention terms average over."""
+    def _batch_items(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(label items, attention items)`` of one batch: what the CE/KD and attention terms average over.
+
+        Attention items are counted per head by :func:`~hf_attn_distill.attention_masks.attention_loss_count`
+        for the configured loss: valid query rows for ``"kl"``, valid (query, key) entries for the MSE kinds.
+        """
         labels = inputs.get("labels")
         input_ids = inputs.get("input_ids")
         reference = input_ids if input_ids is not None else next(v for v in inputs.values() if torch.is_tensor(v))
@@ -207,8 +219,12 @@ class DistillTrainer(Trainer):
         else:
             label_items = torch.tensor(reference.shape[0], device=reference.device)
         mask = inputs.get("attention_mask")
-        tokens = mask.sum() if torch.is_tensor(mask) else torch.tensor(reference.numel())
-        return label_items.float(), tokens.float().to(label_items.device)
+        batch, length = reference.shape[:2]
+        attention_items = attention_loss_count(
+            self.args.attention_loss, 1, batch, length, length, key_mask=mask if torch.is_tensor(mask) else None,
+            device=reference.device,
+        )
+        return label_items.float(), attention_items.to(label_items.device)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -223,10 +239,28 @@ class DistillTrainer(Trainer):
         """Per-term multipliers turning micro-batch means into this micro-batch's share of the window mean."""
         if not model.training:
             return torch.ones_like(items)
-        if self._window_items is None:  # training_step called outside the Trainer loop
-            return torch.full_like(items, 1.0 / self.current_gradient_accumulation_steps)
+        if self._window_items is None:  # compute_loss / training_step called outside the Trainer loop
+            return torch.full_like(items, 1.0 / getattr(self, "current_gradient_accumulation_steps", 1))
         # DDP averages gradients over processes; multiply back so the result is the global mean.
         return items / self._window_items.to(items.device) * self.args.world_size
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._window_items = None  # the last window's counts must not scale later calls
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None):
+        # Recording stays active through backward: gradient checkpointing re-runs mapped layers there.
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._stop_recording()
+
+    def _stop_recording(self) -> None:
+        for recorder in (self._student_recorder, self._teacher_recorder):
+            if recorder is not None:
+                recorder.stop()
 
     # ---- the loss ----
 
@@ -252,12 +286,12 @@ class DistillTrainer(Trainer):
 
     def _transfer_targets(self, teacher_att: list, inputs: Mapping) -> list[TransferTarget]:
         """One target per mapped student layer: the teacher's record, heads grouped to the student's count."""
-        kind, heads = self.args.attention_record_kind, self._student_heads
-        loss = self.args.attention_loss if self.args.attention_loss == "kl" else f"mse_{self.args.attention_mse_input}"
+        loss, heads = self.args.attention_loss, self._student_heads
         mask = inputs.get("attention_mask")
         if torch.is_tensor(mask) and bool(mask.all()):
             mask = None  # no padding: skip masking passes over [B, H, Q, K]
-        return [TransferTarget(group_teacher_heads(t, heads, kind), loss, mask) for t in teacher_att]
+        quantity = recorded_quantity(loss)
+        return [TransferTarget(group_teacher_heads(t, heads, quantity), loss, mask) for t in teacher_att]
 
     def compute_loss(
         self,
@@ -269,23 +303,42 @@ class DistillTrainer(Trainer):
         """Run teacher and student on ``inputs`` and combine the loss terms (see the class docstring).
 
         ``num_items_in_batch`` is accepted for the ``Trainer`` contract; normalisation uses this
-        trainer's own window counts, which also cover the attention term's token count.
+        trainer's own window counts, which also cover the attention term's own count.
         """
         args = self.args
-        use_attention = bool(self.layer_pairs)
         inputs = dict(inputs)
         cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
+        if not model.training and not args.eval_with_teacher:
+            return self._student_only_loss(model, inputs, return_outputs)
+        use_attention = bool(self.layer_pairs)
+        teacher_att: list = []
         if self.teacher_logits_cache is not None and cache_index is not None:
-            teacher_outputs, teacher_att = {"logits": self.teacher_logits_cache.lookup(cache_index)}, []
+            teacher_outputs = {"logits": self.teacher_logits_cache.lookup(cache_index)}
         else:
             teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_input_names}
-            with torch.inference_mode(), self._record(self._teacher_recorder, use_attention) as teacher_att:
-                teacher_outputs = self.teacher_model(**teacher_inputs)
+            with torch.inference_mode():
+                if use_attention:
+                    self._teacher_recorder.start()
+                try:
+                    teacher_outputs = self.teacher_model(**teacher_inputs)
+                    if use_attention:
+                        teacher_att = self._teacher_recorder.collect()
+                finally:
+                    if use_attention:
+                        self._teacher_recorder.stop()
         # The student's mapped layers take their attention loss inside their softmax (fused_transfer).
-        targets = self._transfer_targets(teacher_att, inputs) if use_attention else None
-        with self._record(self._student_recorder, use_attention, targets) as layer_losses:
+        layer_losses: list = []
+        if use_attention:
+            layer_losses = self._student_recorder.start(self._transfer_targets(teacher_att, inputs))
+        del teacher_att
+        keep_recording = use_attention and model.training and torch.is_grad_enabled()
+        try:
             outputs = model(**inputs)
-        del teacher_att, targets
+            if use_attention:
+                layer_losses = self._student_recorder.collect()
+        finally:
+            if not keep_recording:  # else training_step stops it after backward
+                self._stop_recording()
 
         terms: dict[str, torch.Tensor] = {}
         if outputs.get("loss") is not None:
@@ -300,32 +353,41 @@ class DistillTrainer(Trainer):
         if use_attention:
             terms["loss_attn"] = torch.stack(layer_losses).mean()
 
-        label_items, tokens = self._batch_items(inputs)
-        label_scale, token_scale = self._scales(model, torch.stack([label_items, tokens]))
+        label_items, attention_items = self._batch_items(inputs)
+        label_scale, attention_scale = self._scales(model, torch.stack([label_items, attention_items]))
         weights = {"loss_ce": args.alpha_ce, "loss_kd": args.alpha_kd, "loss_attn": args.attention_weight}
         loss = sum(
-            weights[name] * value * (token_scale if name == "loss_attn" else label_scale)
+            weights[name] * value * (attention_scale if name == "loss_attn" else label_scale)
             for name, value in terms.items()
         )
-        self._accumulate_terms("train" if model.training else "eval", terms, label_items, tokens)
+        self._accumulate_terms("train" if model.training else "eval", terms, label_items, attention_items)
+        return (loss, self._strip(outputs)) if return_outputs else loss
 
-        if return_outputs:
-            stripped = [k for k in STRIPPED_OUTPUT_KEYS if outputs.get(k) is not None]
-            if stripped:
-                outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in stripped})
-            return loss, outputs
-        return loss
+    def _student_only_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool):
+        """Evaluation without the teacher (``eval_with_teacher=False``): the student's own task loss."""
+        outputs = model(**inputs)
+        loss = outputs.get("loss")
+        if loss is not None:
+            label_items, attention_items = self._batch_items(inputs)
+            self._accumulate_terms("eval", {"loss_ce": loss.float()}, label_items, attention_items)
+        return (loss, self._strip(outputs)) if return_outputs else loss
 
     @staticmethod
-    def _record(recorder: AttentionRecorder | None, enabled: bool, targets: list | None = None):
-        return recorder.record(enabled, targets) if recorder is not None else AttentionRecorder([]).record(False)
+    def _strip(outputs):
+        """Drop attentions and hidden states so they never reach ``predictions``."""
+        stripped = [k for k in STRIPPED_OUTPUT_KEYS if outputs.get(k) is not None]
+        if stripped:
+            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in stripped})
+        return outputs
 
     # ---- logging of each term ----
 
-    def _accumulate_terms(self, mode: str, terms: dict, label_items: torch.Tensor, tokens: torch.Tensor) -> None:
+    def _accumulate_terms(
+        self, mode: str, terms: dict, label_items: torch.Tensor, attention_items: torch.Tensor
+    ) -> None:
         sums = self._term_sums[mode]
         for name, value in terms.items():
-            items = tokens if name == "loss_attn" else label_items
+            items = attention_items if name == "loss_attn" else label_items
             total = torch.stack([value.detach().float() * items, items])
             sums[name] = [sums[name][0] + total] if name in sums else [total]
 

@@ -53,7 +53,7 @@ class DemoArguments:
     teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Teacher learning rate."})
     student_learning_rate: float = field(default=2e-4, metadata={"help": "Student learning rate."})
     student_layers: str = field(default="1,3,5", metadata={"help": "Teacher layers that initialise the student."})
-    attention_loss: str = field(default="kl", metadata={"help": "'kl' or 'mse' attention transfer."})
+    attention_loss: str = field(default="kl", metadata={"help": "'kl', 'mse_scores' or 'mse_probs' attention transfer."})
     attention_weight: float = field(default=1.0, metadata={"help": "Weight of the attention loss."})
     max_seq_length: int = field(default=64, metadata={"help": "Truncation length (SST-2 sentences are short)."})
     reuse_teacher: bool = field(default=False, metadata={"help": "Skip teacher training if output_dir/teacher exists."})

@@ -3,7 +3,7 @@ import contextlib
 import pytest
 import torch
 
-import hf_attn_distill.attention_capture as capture
+import hf_attn_distill.fused_transfer as fused_transfer
 
 from hf_attn_distill import AttentionRecorder, enable_attention_capture, find_attention_modules
 
@@ -16,7 +16,7 @@ GRAD_MODES = pytest.mark.parametrize("teacher_side", [False, True], ids=["autogr
 
 def _mode(teacher_side, monkeypatch):
     if teacher_side:
-        monkeypatch.setattr(capture, "_BLOCK_ELEMENTS", 81 * 2)
+        monkeypatch.setattr(fused_transfer, "BLOCK_ELEMENTS", 81 * 2)
         return torch.inference_mode()
     return contextlib.nullcontext()
 
@@ -50,7 +50,7 @@ def test_selective_capture_equals_eager_and_output_equals_sdpa(teacher_side, mon
         torch.testing.assert_close(probs[valid], eager.attentions[layer][valid], atol=1e-6, rtol=1e-5)
     # outside a recording nothing is kept and outputs are still sdpa's
     torch.testing.assert_close(model(**inputs).logits, sdpa_logits, atol=1e-5, rtol=1e-5)
-    assert all(getattr(m, "_hf_attn_distill_slot", None) is None for m in modules)
+    assert all(not p.active and p.records is None for p in recorder.points)
 
 
 def test_capture_is_pre_dropout_in_training_mode():
@@ -76,7 +76,7 @@ def test_record_scores_kind_gives_raw_pre_softmax_scores(teacher_side, monkeypat
     model.set_attn_implementation("eager")
     eager = model(**inputs, output_attentions=True).attentions[0]
     enable_attention_capture(model)
-    with _mode(teacher_side, monkeypatch), AttentionRecorder([find_attention_modules(model)[0]], "scores").record() as scores:
+    with _mode(teacher_side, monkeypatch), AttentionRecorder([find_attention_modules(model)[0]], "mse_scores").record() as scores:
         logits = model(**inputs).logits
     torch.testing.assert_close(logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
     assert scores[0].shape == (3, 4, 9, 9)
@@ -107,10 +107,13 @@ def test_recorder_reports_modules_that_never_ran():
             model(**_inputs())
 
 
-def test_model_without_attention_interface_is_rejected(monkeypatch):
-    model = tiny_classifier(0, num_hidden_layers=1)
-    monkeypatch.setattr(type(model), "_supports_attention_backend", False)
-    with pytest.raises(ValueError, match="attention_weight=0"):
+def test_model_without_attention_interface_is_rejected():
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    model = DebertaV2ForSequenceClassification(
+        DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    )
+    with pytest.raises(ValueError, match="not through AttentionInterface.*attention_weight=0"):
         enable_attention_capture(model)
 
 

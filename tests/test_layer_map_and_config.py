@@ -48,7 +48,8 @@ def test_uniform_student_deeper_than_teacher():
         (dict(alpha_kd=-1), "alpha_kd"),
         (dict(alpha_ce=0, alpha_kd=0, attention_weight=0), "nothing to train"),
         (dict(attention_loss="cosine"), "attention_loss"),
-        (dict(attention_mse_input="logits"), "attention_mse_input"),
+        (dict(attention_loss="mse"), "mse_scores"),
+        (dict(teacher_model_init_kwargs="{not json"), "JSON"),
         (dict(head_grouping="max"), "head_grouping"),
         (dict(teacher_dtype="int8"), "teacher_dtype"),
         (dict(layer_map="0:1,0:2"), "twice"),
@@ -61,12 +62,12 @@ def test_config_rejects_bad_values(tmp_path, kwargs, match):
 
 def test_config_from_command_line(tmp_path):
     (args,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--temperature", "4", "--attention_loss", "mse", "--layer_map", "0:1,1:3",
-         "--report_to", "none"]
+        ["--output_dir", str(tmp_path), "--temperature", "4", "--attention_loss", "mse_scores", "--layer_map", "0:1,1:3",
+         "--report_to", "none", "--teacher_model_init_kwargs", '{"dtype": "float32"}', "--eval_with_teacher", "false"]
     )
-    assert args.temperature == 4.0 and args.attention_loss == "mse"
+    assert args.temperature == 4.0 and args.attention_loss == "mse_scores"
     assert args.layer_map == [[0, 1], [1, 3]]
-    assert args.attention_record_kind == "scores"
+    assert args.teacher_model_init_kwargs == {"dtype": "float32"} and args.eval_with_teacher is False
     assert "layer_map" in args.to_json_string()
 
 

@@ -42,7 +42,7 @@ def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir):
     student_dir = tmp_path / "student"
     metrics = recipe_main(_base(student_dir, **{
         "--teacher_model_name_or_path": str(teacher_dir), "--student_teacher_layers": "1,3",
-        "--attention_loss": "mse", "--evaluate_teacher": "true",
+        "--attention_loss": "mse_scores", "--evaluate_teacher": "true",
     }))
     assert {"eval_accuracy", "eval_loss_kd", "eval_loss_attn", "teacher_eval_accuracy"} <= set(metrics)
     student = AutoModelForSequenceClassification.from_pretrained(student_dir)
