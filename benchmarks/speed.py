@@ -93,7 +93,6 @@ def same_optimizer(student, device):
 def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
     """Return a zero-argument function doing one training step of ``mode``."""
     import torch
-    import torch.nn.functional as F
 
     from hf_attn_distill import DistillConfig, DistillTrainer, logit_kd_loss
 

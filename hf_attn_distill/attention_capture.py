@@ -38,8 +38,8 @@ from .fused_transfer import TransferTarget, attention_blocks, softmax_with_trans
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
-    "AttentionRecorder",
     "UNSUPPORTED_ATTENTION_KWARGS",
+    "AttentionRecorder",
     "enable_attention_capture",
     "recording_attention_forward",
     "verify_capture",
@@ -365,7 +365,7 @@ def verify_capture(model: PreTrainedModel, recorder: AttentionRecorder) -> None:
     first recording instead."""
     try:
         inputs = {k: v.to(model.device) for k, v in model.dummy_inputs.items() if torch.is_tensor(v)}
-    except Exception:  # noqa: BLE001 - no dummy inputs: the first real recording checks instead
+    except Exception:
         return
     if not inputs or any(p.device.type == "meta" for p in model.parameters()):
         return
@@ -379,7 +379,7 @@ def verify_capture(model: PreTrainedModel, recorder: AttentionRecorder) -> None:
     except RuntimeError as err:
         if "were not called through" in str(err):
             raise ValueError(f"{type(model).__name__}: {err}") from None
-    except Exception:  # noqa: BLE001 - the dummy inputs do not suit this model; the first recording checks
+    except Exception:
         pass
     finally:
         recorder.stop()

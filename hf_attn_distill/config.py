@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
-
-import json
 
 from .attention_masks import ATTENTION_LOSSES
 from .layer_map import parse_layer_map

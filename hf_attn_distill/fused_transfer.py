@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .attention_masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
 
-__all__ = ["TransferTarget", "SoftmaxWithTransferLoss", "softmax_with_transfer_loss"]
+__all__ = ["SoftmaxWithTransferLoss", "TransferTarget", "softmax_with_transfer_loss"]
 
 # Elements per block of the loss passes: 4 MB of float32, small enough to stay in cache and in the
 # allocator's free lists instead of mapping fresh pages for every [B, H, Q, K] temporary.

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from .attention_masks import attention_loss_count, attention_valid_mask
 
 __all__ = [
-    "logit_kd_loss",
     "attention_kl_loss",
     "attention_mse_loss",
     "group_teacher_heads",
+    "logit_kd_loss",
 ]
 
 

@@ -1,11 +1,31 @@
-"""Task metrics computed locally (``evaluate.load`` needs the Hub)."""
+"""Task metrics computed locally, also loadable as ``evaluate`` modules shipped inside the package.
+
+``evaluate.load("accuracy")`` needs the Hub; :func:`load_metric` hands ``evaluate.load`` the folder of
+our own module instead (``evaluate`` resolves a local folder before the Hub), so it works offline and
+computes with the tested functions below.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from transformers import EvalPrediction
 
-__all__ = ["accuracy", "compute_classification_metrics"]
+__all__ = ["METRIC_MODULES", "accuracy", "compute_classification_metrics", "load_metric"]
+
+METRIC_MODULES = Path(__file__).resolve().parent / "evaluate_modules"
+
+
+def load_metric(name: str):
+    """``evaluate.load`` of one of this package's metric modules (``"accuracy"``), offline."""
+    import evaluate
+
+    folder = METRIC_MODULES / name
+    if not (folder / f"{name}.py").is_file():
+        available = sorted(p.name for p in METRIC_MODULES.iterdir() if (p / f"{p.name}.py").is_file())
+        raise ValueError(f"No metric module {name!r} in hf_attn_distill; available: {available}.")
+    return evaluate.load(str(folder))
 
 
 def accuracy(predictions, references) -> float:

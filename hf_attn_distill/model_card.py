@@ -1,4 +1,4 @@
-"""Model cards for distilled students, rendered from ``model_cards/`` templates."""
+"""Model cards for distilled students, rendered from the template shipped in ``hf_attn_distill/templates/``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 __all__ = ["DEFAULT_TEMPLATE", "count_parameters", "render_model_card", "write_model_card"]
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "distilled_student.md"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "distilled_student.md"
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -30,8 +30,8 @@ def render_model_card(fields: dict, settings: dict | None = None, template: str 
     path = Path(template) if template is not None else DEFAULT_TEMPLATE
     if not path.is_file():
         raise FileNotFoundError(
-            f"Model card template {path} not found. The default lives in the repository's model_cards/ folder "
-            "(install with `pip install -e .` from a checkout), or pass template= a file of your own."
+            f"Model card template {path} not found. The default ships inside the package "
+            "(hf_attn_distill/templates/); reinstall the package, or pass template= a file of your own."
         )
     values = {k: _fmt(v) for k, v in fields.items()}
     rows = [f"| {k} | {_fmt(v)} |" for k, v in (settings or {}).items()]

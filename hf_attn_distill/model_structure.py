@@ -17,9 +17,15 @@ def find_encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(m, nn.ModuleList) and len(m) == num_layers and "decoder" not in name
     ]
     if not candidates:
+        shared = getattr(config, "num_hidden_groups", None) is not None
+        reason = (
+            "it shares one layer module across depth, so a layer's attention cannot be recorded on its own"
+            if shared
+            else "pass the attention modules explicitly to AttentionRecorder"
+        )
         raise ValueError(
-            f"Could not find the list of {num_layers} transformer layers in {type(model).__name__}; "
-            "pass the attention modules explicitly to AttentionRecorder."
+            f"Could not find the list of {num_layers} transformer layers in {type(model).__name__}: {reason}. "
+            "Set attention_weight=0 to distill logits only."
         )
     return candidates[0]
 

@@ -20,13 +20,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from transformers import HfArgumentParser  # noqa: E402
+from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes.distill_classification import main as run_recipe  # noqa: E402
-
-from hf_attn_distill.model_card import count_parameters  # noqa: E402
-from hf_attn_distill.profiling import folder_weights_mb, measure_latency_ms  # noqa: E402
+from hf_attn_distill.model_card import count_parameters
+from hf_attn_distill.profiling import folder_weights_mb, measure_latency_ms
+from recipes.distill_classification import main as run_recipe
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2"
 

@@ -2,12 +2,10 @@ import contextlib
 
 import pytest
 import torch
+from conftest import tiny_classifier
 
 import hf_attn_distill.fused_transfer as fused_transfer
-
 from hf_attn_distill import AttentionRecorder, enable_attention_capture, find_attention_modules
-
-from conftest import tiny_classifier
 
 # Recording with autograd (the student) and without (the teacher, computed block by block); the tiny
 # block size makes the teacher path split heads across blocks.
@@ -140,3 +138,49 @@ def test_causal_attention_without_padding_mask(teacher_side, monkeypatch):
     probs = records[0].exp()
     torch.testing.assert_close(probs, eager, atol=1e-6, rtol=1e-5)
     assert probs[..., 0, 1:].abs().max() < 1e-12  # the first query sees only itself
+
+
+@GRAD_MODES
+def test_t5_position_bias_is_honoured(teacher_side, monkeypatch):
+    """T5 passes its relative position bias as a kwarg; recorded layers add it exactly as sdpa/eager do."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(
+        T5Config(vocab_size=100, d_model=32, d_kv=8, num_layers=2, num_heads=4, d_ff=64, dropout_rate=0.0)
+    ).eval()
+    inputs = {"input_ids": torch.randint(2, 100, (2, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
+              "decoder_input_ids": torch.randint(2, 100, (2, 5))}
+    sdpa_logits = model(**inputs).logits
+    model.set_attn_implementation("eager")
+    eager = model(**inputs, output_attentions=True)
+    enable_attention_capture(model)
+    modules = [model.encoder.block[1].layer[0].SelfAttention, model.decoder.block[0].layer[0].SelfAttention,
+               model.decoder.block[1].layer[1].EncDecAttention]
+    with _mode(teacher_side, monkeypatch), AttentionRecorder(modules).record() as records:
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+    enc_valid = inputs["attention_mask"].bool()[:, None, :, None].expand_as(eager.encoder_attentions[1])
+    torch.testing.assert_close(records[0].exp()[enc_valid], eager.encoder_attentions[1][enc_valid], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(records[1].exp(), eager.decoder_attentions[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(records[2].exp(), eager.cross_attentions[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["softcap", "s_aux", "sliding_window"])
+def test_unsupported_attention_kwargs_are_refused_not_dropped(name):
+    from hf_attn_distill.attention_capture import recording_attention_forward
+
+    model = tiny_classifier(0, num_hidden_layers=1).eval()
+    module = find_attention_modules(model)[0]
+    q = k = v = torch.randn(1, 4, 3, 8)
+    value = {"softcap": 30.0, "s_aux": torch.zeros(4), "sliding_window": 2}[name]
+    recorder = AttentionRecorder([module])
+    recorder.start()
+    try:
+        with pytest.raises(NotImplementedError, match=f"{name}.*attention_weight=0"):
+            recording_attention_forward(module, q, k, v, None, **{name: value})
+    finally:
+        recorder.stop()
+    # modules outside a recording behave as sdpa, which handles or ignores these exactly as "sdpa" does
+    out, _ = recording_attention_forward(module, q, k, v, None)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2))

@@ -197,3 +197,36 @@ def test_fused_losses_accept_teacher_tensors_from_inference_mode():
     s = torch.randn(1, 2, 4, 4, requires_grad=True)
     (attention_kl_loss(_log_probs(s), log_t) + attention_mse_loss(s, log_t)).backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+# ---- causal masks and counts (each term divided by what it sums over) ----
+
+
+def test_causal_mse_counts_only_visible_entries():
+    # 4x4 causal, one head, no padding: 10 visible entries, each with squared difference 1
+    student, teacher = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    assert attention_mse_loss(student, teacher, causal=True).item() == pytest.approx(1.0)
+    # future entries do not count, whatever they hold
+    teacher[..., torch.ones(4, 4, dtype=torch.bool).triu(1)] = 100.0
+    assert attention_mse_loss(student, teacher, causal=True).item() == pytest.approx(1.0)
+
+
+def test_causal_kl_hand_computed():
+    # query 0 sees key 0 only (KL 0); query 1 sees keys 0, 1: teacher (0.9, 0.1), student (0.5, 0.5)
+    neg = float("-inf")
+    s = torch.tensor([[0.0, neg], [math.log(0.5), math.log(0.5)]]).view(1, 1, 2, 2)
+    t = torch.tensor([[0.0, neg], [math.log(0.9), math.log(0.1)]]).view(1, 1, 2, 2)
+    expected = (0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2  # mean over the 2 query rows
+    assert attention_kl_loss(s, t, causal=True).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_attention_loss_count_per_kind():
+    from hf_attn_distill import attention_loss_count
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert attention_loss_count("kl", 2, 2, 4, 4, mask).item() == 2 * (3 + 2)
+    assert attention_loss_count("mse_scores", 2, 2, 4, 4, mask).item() == 2 * (9 + 4)
+    assert attention_loss_count("mse_probs", 1, 2, 4, 4, mask, causal=True).item() == (1 + 2 + 3) + (1 + 2)
+    queries = torch.tensor([[1, 1, 0], [1, 0, 0]])  # cross-attention: 3 target queries over 4 source keys
+    assert attention_loss_count("mse_scores", 1, 2, 3, 4, mask, queries).item() == 2 * 3 + 1 * 2
+    assert attention_loss_count("kl", 3, 2, 4, 4).item() == 3 * 8

@@ -4,11 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES, tiny_classifier
 from transformers import AutoModelForSequenceClassification
 
 from recipes.distill_classification import main as recipe_main
-
-from conftest import FIXTURES, tiny_classifier
 
 DATA = FIXTURES / "sentiment_tiny.tsv"
 SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"

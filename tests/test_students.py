@@ -1,9 +1,8 @@
 import pytest
 import torch
+from conftest import tiny_classifier
 
 from hf_attn_distill import student_from_config, student_from_teacher_layers
-
-from conftest import tiny_classifier
 
 
 def test_student_from_teacher_layers_copies_embeddings_head_and_chosen_layers():

@@ -3,12 +3,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_classifier
+from test_trainer import make_args, make_trainer
 
 from hf_attn_distill import DistillConfig
 from hf_attn_distill.teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
-
-from conftest import tiny_classifier
-from test_trainer import make_args, make_trainer
 
 
 def _counting_teacher():

@@ -3,11 +3,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_classifier
 from transformers import DataCollatorWithPadding
 
 from hf_attn_distill import DistillConfig, DistillTrainer
-
-from conftest import tiny_classifier
 
 
 def make_args(tmp_path, **overrides):
@@ -260,3 +259,36 @@ def test_trainer_attention_term_equals_standalone_losses(tmp_path, tokenizer, se
             want.append(attention_mse_loss(s.exp(), t.exp(), mask))
     assert len(want) == 2 and got > 0
     assert got == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+
+
+def test_teacher_loaded_from_folder_with_init_kwargs(tmp_path, tokenizer, sentiment_dataset):
+    teacher = tiny_classifier(0, num_hidden_layers=4)
+    teacher.save_pretrained(tmp_path / "teacher")
+    args = make_args(tmp_path / "out", max_steps=1, teacher_model_init_kwargs={"dtype": "bfloat16"})
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
+    trainer = DistillTrainer(model=student, teacher_model=str(tmp_path / "teacher"), args=args,
+                             train_dataset=sentiment_dataset, data_collator=DataCollatorWithPadding(tokenizer))
+    assert trainer.teacher_model.dtype == torch.bfloat16 and not trainer.teacher_model.training
+    loaded = trainer.teacher_model.float().state_dict()
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(loaded[key], value.to(torch.bfloat16).float())
+    with pytest.raises(OSError):
+        DistillTrainer(model=student, teacher_model=str(tmp_path / "missing"), args=args)
+
+
+def test_eval_with_teacher_false_is_a_plain_student_evaluation(tmp_path, tokenizer, sentiment_dataset):
+    from transformers import Trainer, TrainingArguments
+
+    trainer = make_trainer(make_args(tmp_path, eval_with_teacher=False), tokenizer, sentiment_dataset)
+    calls = []
+    trainer.teacher_model.register_forward_hook(lambda *a: calls.append(1))
+    metrics = trainer.evaluate()
+    assert calls == []  # the teacher never ran
+    plain = Trainer(model=trainer.model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), report_to="none",
+                    use_cpu=True, per_device_eval_batch_size=8), eval_dataset=sentiment_dataset,
+                    data_collator=DataCollatorWithPadding(tokenizer))
+    assert metrics["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
+    assert metrics["eval_loss_ce"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert "eval_loss_kd" not in metrics and "eval_loss_attn" not in metrics
+    trainer.args.eval_with_teacher = True
+    assert "eval_loss_attn" in trainer.evaluate() and calls
