@@ -41,6 +41,7 @@ def logit_kd_loss(
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
+    class_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hinton knowledge-distillation loss on logits (scores, not probabilities).
 
@@ -54,6 +55,9 @@ def logit_kd_loss(
             independent of ``T``.
         mask: ``[...]`` (the logits shape without ``C``); items where it is false are excluded
             (padding tokens, ``-100`` labels). ``None`` averages over all items.
+        class_mask: ``[..., C]``; classes where it is false are removed from *both* softmaxes (e.g. the
+            question and padding positions of extractive-QA start/end logits). Items with no valid class
+            are excluded.
 
     Returns:
         Scalar float32 tensor.
@@ -69,6 +73,12 @@ def logit_kd_loss(
     t = teacher_logits.detach().float()
     if s.shape[-1] == 1:  # regression head: match the outputs directly
         return _valid_mean((s - t).squeeze(-1).pow(2), mask)
+    if class_mask is not None:
+        class_mask = class_mask.bool().expand_as(s)
+        lowest = torch.finfo(torch.float32).min
+        s, t = s.masked_fill(~class_mask, lowest), t.masked_fill(~class_mask, lowest)
+        has_class = class_mask.any(-1)
+        mask = has_class if mask is None else mask.bool() & has_class
     log_p_s = F.log_softmax(s / temperature, dim=-1)
     log_p_t = F.log_softmax(t / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)

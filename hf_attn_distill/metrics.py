@@ -7,18 +7,30 @@ computes with the tested functions below.
 
 from __future__ import annotations
 
+import collections
+import re
+import string
 from pathlib import Path
 
 import numpy as np
 from transformers import EvalPrediction
 
-__all__ = ["METRIC_MODULES", "accuracy", "compute_classification_metrics", "load_metric"]
+__all__ = [
+    "METRIC_MODULES",
+    "accuracy",
+    "compute_classification_metrics",
+    "compute_squad_metrics",
+    "load_metric",
+    "normalize_answer",
+    "squad_exact_match",
+    "squad_f1",
+]
 
 METRIC_MODULES = Path(__file__).resolve().parent / "evaluate_modules"
 
 
 def load_metric(name: str):
-    """``evaluate.load`` of one of this package's metric modules (``"accuracy"``), offline."""
+    """``evaluate.load`` of one of this package's metric modules (``"accuracy"``, ``"squad"``), offline."""
     import evaluate
 
     folder = METRIC_MODULES / name
@@ -42,3 +54,74 @@ def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float
     """``compute_metrics`` for ``Trainer``: accuracy of the arg-max class."""
     logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
     return {"accuracy": accuracy(np.argmax(logits, axis=-1), eval_pred.label_ids)}
+
+
+# ---- SQuAD exact match and F1 (the official v1.1 / v2.0 evaluation scripts' definitions) ----
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, drop punctuation, drop the articles a/an/the, collapse whitespace (official SQuAD rule)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def squad_exact_match(prediction: str, references: list[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised reference, else 0.0.
+
+    An empty ``references`` list means "no answer" (SQuAD v2): only an empty prediction matches.
+    """
+    references = references or [""]
+    return float(max(normalize_answer(prediction) == normalize_answer(r) for r in references))
+
+
+def _token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:  # v2: an empty side scores 1 only if both are empty
+        return float(pred == ref)
+    common = collections.Counter(pred) & collections.Counter(ref)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_f1(prediction: str, references: list[str]) -> float:
+    """Best bag-of-tokens F1 of the normalised prediction against any reference (empty list = no answer)."""
+    return max(_token_f1(prediction, r) for r in (references or [""]))
+
+
+def compute_squad_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """``exact_match`` and ``f1`` in percent over every question in ``references``, as the official scripts.
+
+    A question without a prediction scores 0 (and is counted in ``missing``). When some references are
+    empty (SQuAD v2 unanswerable questions), ``HasAns_*`` and ``NoAns_*`` give the split.
+    """
+    if not references:
+        raise ValueError("compute_squad_metrics needs at least one reference question.")
+    unknown = set(predictions) - set(references)
+    if unknown:
+        raise ValueError(f"{len(unknown)} predictions have ids not in the references, e.g. {sorted(unknown)[:3]}.")
+    em, f1 = {}, {}
+    for qid, refs in references.items():
+        pred = predictions.get(qid)
+        em[qid] = 0.0 if pred is None else squad_exact_match(pred, refs)
+        f1[qid] = 0.0 if pred is None else squad_f1(pred, refs)
+    out = {
+        "exact_match": 100.0 * sum(em.values()) / len(em),
+        "f1": 100.0 * sum(f1.values()) / len(f1),
+        "total": float(len(references)),
+        "missing": float(len(set(references) - set(predictions))),
+    }
+    has_ans = [q for q, refs in references.items() if refs]
+    no_ans = [q for q, refs in references.items() if not refs]
+    if no_ans:
+        for name, ids in (("HasAns", has_ans), ("NoAns", no_ans)):
+            out[f"{name}_total"] = float(len(ids))
+            if ids:
+                out[f"{name}_exact"] = 100.0 * sum(em[q] for q in ids) / len(ids)
+                out[f"{name}_f1"] = 100.0 * sum(f1[q] for q in ids) / len(ids)
+    return out

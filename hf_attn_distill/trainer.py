@@ -20,9 +20,12 @@ from .losses import group_teacher_heads, logit_kd_loss
 from .model_structure import find_attention_modules
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
 
-__all__ = ["DistillTrainer", "check_distillation_pair", "load_teacher"]
+__all__ = ["KD_MASK_COLUMN", "DistillTrainer", "check_distillation_pair", "load_teacher"]
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
+KD_MASK_COLUMN = "kd_mask"
+"""Optional dataset column ``[seq_len]`` of 0/1: the positions token-position logits (extractive-QA
+``start_logits``/``end_logits``) are distilled over. The trainer keeps it and never passes it to a model."""
 LOGIT_KEYS = ("logits", "start_logits", "end_logits")
 # Model outputs that must never reach `predictions` (large, and not predictions).
 STRIPPED_OUTPUT_KEYS = (
@@ -166,8 +169,9 @@ class DistillTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if CACHE_INDEX_COLUMN not in self._signature_columns:
-            self._signature_columns.append(CACHE_INDEX_COLUMN)
+        for column in (CACHE_INDEX_COLUMN, KD_MASK_COLUMN):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     def _prepare_logits_cache(self) -> TeacherLogitsCache:
         """Index the training set, then compute teacher logits once (or reuse a matching cache)."""
@@ -264,7 +268,9 @@ class DistillTrainer(Trainer):
 
     # ---- the loss ----
 
-    def _kd_term(self, outputs: Mapping, teacher_outputs: Mapping, inputs: Mapping) -> torch.Tensor:
+    def _kd_term(
+        self, outputs: Mapping, teacher_outputs: Mapping, inputs: Mapping, kd_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         keys = [k for k in LOGIT_KEYS if outputs.get(k) is not None and teacher_outputs.get(k) is not None]
         if not keys:
             raise ValueError(
@@ -274,6 +280,10 @@ class DistillTrainer(Trainer):
         terms = []
         for key in keys:
             student_logits, teacher_logits = outputs[key], teacher_outputs[key]
+            if key != "logits":  # start/end logits: a distribution over token positions
+                positions = kd_mask if kd_mask is not None else inputs.get("attention_mask")
+                terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature, class_mask=positions))
+                continue
             mask = None
             if student_logits.dim() == 3:  # token-level outputs: ignore -100 labels, else padding
                 labels, attn = inputs.get("labels"), inputs.get("attention_mask")
@@ -308,6 +318,7 @@ class DistillTrainer(Trainer):
         args = self.args
         inputs = dict(inputs)
         cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
+        kd_mask = inputs.pop(KD_MASK_COLUMN, None)
         if not model.training and not args.eval_with_teacher:
             return self._student_only_loss(model, inputs, return_outputs)
         use_attention = bool(self.layer_pairs)
@@ -349,7 +360,7 @@ class DistillTrainer(Trainer):
                 f"({', '.join(LABEL_KEYS)}). Add a label column or set alpha_ce=0 for unlabeled transfer data."
             )
         if args.alpha_kd > 0:
-            terms["loss_kd"] = self._kd_term(outputs, teacher_outputs, inputs)
+            terms["loss_kd"] = self._kd_term(outputs, teacher_outputs, inputs, kd_mask)
         if use_attention:
             terms["loss_attn"] = torch.stack(layer_losses).mean()
 

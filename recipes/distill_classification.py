@@ -23,10 +23,7 @@ Local data: ``--train_file``/``--validation_file``/``--test_file`` (csv, tsv, js
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,74 +33,25 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     set_seed,
 )
 
-from hf_attn_distill import DistillConfig, DistillTrainer, student_from_config, student_from_teacher_layers
+from hf_attn_distill import DistillConfig, DistillTrainer
 from hf_attn_distill.metrics import compute_classification_metrics
 from hf_attn_distill.model_card import count_parameters, write_model_card
+from recipes import common
+from recipes.common import ModelArguments, build_student, check_tokenizers
 
 logger = logging.getLogger(__name__)
 
-MODES = ("distill", "finetune")
-
-
 @dataclass
-class ModelArguments:
-    """Which teacher, which student, and whether to distill or fine-tune."""
+class ClassificationModelArguments(ModelArguments):
+    """Model arguments plus the label count of a classification head."""
 
-    teacher_model_name_or_path: str = field(
-        metadata={"help": "Teacher: Hub id or local folder. In finetune mode without a student, the model to fine-tune."}
-    )
-    training_mode: str = field(
-        default="distill",
-        metadata={
-            "help": "'distill': train the student with DistillTrainer. 'finetune': plain Trainer, no teacher signal; "
-            "fine-tunes the student if one is given (the no-teacher baseline), else the teacher model itself.",
-            "choices": list(MODES),
-        },
-    )
-    student_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Student as a Hub id or folder (must share the teacher's tokenizer)."}
-    )
-    student_teacher_layers: str | None = field(
-        default=None,
-        metadata={"help": "Build the student from these 0-based layers of --student_layers_from, e.g. '1,3,5'."},
-    )
-    student_layers_from: str | None = field(
-        default=None,
-        metadata={"help": "Model whose embeddings and layers initialise the student (default: the teacher)."},
-    )
-    student_config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Random-init student from the teacher's config with overrides: 'num_hidden_layers=4,hidden_size=312'."},
-    )
     num_labels: int | None = field(
         default=None, metadata={"help": "Number of classes when the model has no classification head yet (default: from data)."}
     )
-    evaluate_teacher: bool = field(
-        default=False, metadata={"help": "In distill mode, also evaluate the teacher (metrics prefixed 'teacher_')."}
-    )
-
-    def __post_init__(self):
-        if self.training_mode not in MODES:
-            raise ValueError(f"training_mode must be one of {MODES}, got {self.training_mode!r}")
-        given = [n for n in ("student_model_name_or_path", "student_teacher_layers", "student_config_overrides") if getattr(self, n)]
-        if len(given) > 1:
-            raise ValueError(f"Give one way to build the student, not {given}.")
-        if self.training_mode == "distill" and not given:
-            raise ValueError(
-                "Distillation needs a student: --student_model_name_or_path, --student_teacher_layers '1,3,5' or "
-                "--student_config_overrides 'num_hidden_layers=4'. Use --training_mode finetune to train a teacher."
-            )
-        if self.student_layers_from and not self.student_teacher_layers:
-            raise ValueError("--student_layers_from only applies with --student_teacher_layers.")
-
-    @property
-    def has_student(self) -> bool:
-        return bool(self.student_model_name_or_path or self.student_teacher_layers or self.student_config_overrides)
 
 
 @dataclass
@@ -132,15 +80,9 @@ class DataArguments:
             raise ValueError(f"max_seq_length must be >= 8, got {self.max_seq_length}")
 
 
-def parse_args(args: list[str] | None = None) -> tuple[ModelArguments, DataArguments, DistillConfig]:
+def parse_args(args: list[str] | None = None) -> tuple[ClassificationModelArguments, DataArguments, DistillConfig]:
     """Parse the command line, or a single YAML/JSON file of the same arguments."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillConfig))
-    args = sys.argv[1:] if args is None else args
-    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(args[0]))
-    if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(args[0]))
-    return parser.parse_args_into_dataclasses(args)
+    return common.parse_args((ClassificationModelArguments, DataArguments, DistillConfig), args)
 
 
 def load_raw_datasets(data: DataArguments) -> datasets.DatasetDict:
@@ -197,52 +139,6 @@ def tokenize(raw: datasets.DatasetDict, tokenizer, data: DataArguments, names: l
     )
 
 
-def parse_overrides(text: str) -> dict:
-    """``'num_hidden_layers=4,hidden_size=312'`` or a JSON object -> dict of ints/floats/strings."""
-    if text.strip().startswith("{"):
-        return json.loads(text)
-    out = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"Cannot parse override {item!r}; use key=value pairs separated by commas.")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
-    return out
-
-
-def build_student(model_args: ModelArguments, teacher, num_labels: int):
-    if model_args.student_model_name_or_path:
-        return AutoModelForSequenceClassification.from_pretrained(model_args.student_model_name_or_path, num_labels=num_labels)
-    if model_args.student_teacher_layers:
-        layers = [int(x) for x in model_args.student_teacher_layers.split(",")]
-        source = teacher
-        if model_args.student_layers_from:
-            source = AutoModelForSequenceClassification.from_pretrained(
-                model_args.student_layers_from, num_labels=num_labels, id2label=teacher.config.id2label,
-                label2id=teacher.config.label2id,
-            )
-        return student_from_teacher_layers(source, layers)
-    return student_from_config(teacher, **parse_overrides(model_args.student_config_overrides))
-
-
-def check_tokenizers(model_args: ModelArguments, tokenizer) -> None:
-    if not model_args.student_model_name_or_path:
-        return
-    try:
-        student_tokenizer = AutoTokenizer.from_pretrained(model_args.student_model_name_or_path)
-    except (OSError, ValueError):
-        return  # student folder without tokenizer files: it reads the teacher's
-    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            "Student and teacher tokenizers have different vocabularies, so the same token ids mean different "
-            "words. Use a student trained with the teacher's tokenizer, or build one with --student_teacher_layers "
-            "or --student_config_overrides."
-        )
-
-
 def main(args: list[str] | None = None) -> dict:
     """Run the recipe; returns the metrics dict it also saves to ``output_dir``."""
     model_args, data_args, training_args = parse_args(args)
@@ -270,7 +166,9 @@ def main(args: list[str] | None = None) -> dict:
         label_kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     teacher = AutoModelForSequenceClassification.from_pretrained(model_args.teacher_model_name_or_path, **label_kwargs)
     distill = model_args.training_mode == "distill"
-    model = build_student(model_args, teacher, teacher.config.num_labels) if model_args.has_student else teacher
+    head_kwargs = dict(num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
+                       label2id=teacher.config.label2id)
+    model = build_student(model_args, teacher, AutoModelForSequenceClassification, **head_kwargs) if model_args.has_student else teacher
 
     common = dict(
         model=model,
@@ -311,13 +209,7 @@ def main(args: list[str] | None = None) -> dict:
         tokenizer.save_pretrained(training_args.output_dir)
         write_card(model_args, data_args, training_args, teacher, model, metrics)
         if training_args.push_to_hub:
-            from huggingface_hub import HfApi
-
-            repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
-            api = HfApi(token=training_args.hub_token)
-            api.create_repo(repo_id, exist_ok=True, private=training_args.hub_private_repo)
-            api.upload_folder(repo_id=repo_id, folder_path=training_args.output_dir,
-                              ignore_patterns=["checkpoint-*", "runs/*"])
+            common.push_folder_to_hub(training_args)
     return metrics
 
 
@@ -331,7 +223,8 @@ def write_card(model_args, data_args, training_args, teacher, model, metrics) ->
     fields = dict(
         license="apache-2.0",
         task="text-classification",
-        teacher=model_args.teacher_model_name_or_path,
+        auto_class="AutoModelForSequenceClassification",
+        teacher=common.public_model_name(model_args.teacher_model_name_or_path),
         dataset=data_args.dataset_name or Path(data_args.train_file or data_args.validation_file).parent.name,
         metric_name="accuracy",
         model_name=Path(training_args.output_dir).name,

@@ -5,6 +5,7 @@ from hf_attn_distill.model_card import render_model_card, write_model_card
 FIELDS = {
     "model_name": "tiny-student", "teacher": "tiny-teacher", "dataset": "sst2", "eval_split": "dev",
     "task": "text-classification", "license": "apache-2.0", "metric_name": "accuracy", "summary": "A test.",
+    "auto_class": "AutoModelForSequenceClassification",
     "student_metric": 0.8512, "teacher_metric": 0.9, "student_params": 22_700_000, "teacher_params": 33_400_000,
 }
 

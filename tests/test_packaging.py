@@ -37,6 +37,7 @@ def test_wheel_install_writes_model_card_and_loads_metric(tmp_path):
         from hf_attn_distill.metrics import load_metric
         assert hf_attn_distill.__file__.startswith({str(target)!r}), hf_attn_distill.__file__
         fields = dict(license="apache-2.0", task="text-classification", teacher="teacher", dataset="sst2",
+                      auto_class="AutoModelForSequenceClassification",
                       metric_name="accuracy", model_name="student", summary="s", teacher_metric=0.9,
                       teacher_params=10, student_metric=0.8, student_params=5, eval_split="dev")
         card = write_model_card({str(tmp_path)!r}, fields, {{"temperature": 2.0}}).read_text()

@@ -1,0 +1,142 @@
+"""What the task recipes share: model arguments, argument parsing, building the student, publishing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer, HfArgumentParser
+
+from hf_attn_distill import student_from_config, student_from_teacher_layers
+
+__all__ = ["MODES", "ModelArguments", "build_student", "check_tokenizers", "parse_args", "parse_overrides",
+           "public_model_name", "push_folder_to_hub"]
+
+MODES = ("distill", "finetune")
+
+
+@dataclass
+class ModelArguments:
+    """Which teacher, which student, and whether to distill or fine-tune."""
+
+    teacher_model_name_or_path: str = field(
+        metadata={"help": "Teacher: Hub id or local folder. In finetune mode without a student, the model to fine-tune."}
+    )
+    training_mode: str = field(
+        default="distill",
+        metadata={
+            "help": "'distill': train the student with DistillTrainer. 'finetune': plain Trainer, no teacher signal; "
+            "fine-tunes the student if one is given (the no-teacher baseline), else the teacher model itself.",
+            "choices": list(MODES),
+        },
+    )
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student as a Hub id or folder (must share the teacher's tokenizer)."}
+    )
+    student_teacher_layers: str | None = field(
+        default=None,
+        metadata={"help": "Build the student from these 0-based layers of --student_layers_from, e.g. '1,3,5'."},
+    )
+    student_layers_from: str | None = field(
+        default=None,
+        metadata={"help": "Model whose embeddings and layers initialise the student (default: the teacher)."},
+    )
+    student_config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Random-init student from the teacher's config with overrides: 'num_hidden_layers=4,hidden_size=312'."},
+    )
+    evaluate_teacher: bool = field(
+        default=False, metadata={"help": "In distill mode, also evaluate the teacher (metrics prefixed 'teacher_')."}
+    )
+
+    def __post_init__(self):
+        if self.training_mode not in MODES:
+            raise ValueError(f"training_mode must be one of {MODES}, got {self.training_mode!r}")
+        given = [n for n in ("student_model_name_or_path", "student_teacher_layers", "student_config_overrides") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"Give one way to build the student, not {given}.")
+        if self.training_mode == "distill" and not given:
+            raise ValueError(
+                "Distillation needs a student: --student_model_name_or_path, --student_teacher_layers '1,3,5' or "
+                "--student_config_overrides 'num_hidden_layers=4'. Use --training_mode finetune to train a teacher."
+            )
+        if self.student_layers_from and not self.student_teacher_layers:
+            raise ValueError("--student_layers_from only applies with --student_teacher_layers.")
+
+    @property
+    def has_student(self) -> bool:
+        return bool(self.student_model_name_or_path or self.student_teacher_layers or self.student_config_overrides)
+
+
+def parse_args(dataclass_types: tuple, args: list[str] | None = None) -> tuple:
+    """Parse the command line, or a single YAML/JSON file of the same arguments."""
+    parser = HfArgumentParser(dataclass_types)
+    args = sys.argv[1:] if args is None else args
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(args[0]))
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(args[0]))
+    return parser.parse_args_into_dataclasses(args)
+
+
+def parse_overrides(text: str) -> dict:
+    """``'num_hidden_layers=4,hidden_size=312'`` or a JSON object -> dict of ints/floats/strings."""
+    if text.strip().startswith("{"):
+        return json.loads(text)
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Cannot parse override {item!r}; use key=value pairs separated by commas.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def build_student(model_args: ModelArguments, teacher, auto_class, **head_kwargs):
+    """The student ``model_args`` asks for, with the task head class ``auto_class`` (``AutoModelFor...``)."""
+    if model_args.student_model_name_or_path:
+        return auto_class.from_pretrained(model_args.student_model_name_or_path, **head_kwargs)
+    if model_args.student_teacher_layers:
+        layers = [int(x) for x in model_args.student_teacher_layers.split(",")]
+        source = teacher
+        if model_args.student_layers_from:
+            source = auto_class.from_pretrained(model_args.student_layers_from, **head_kwargs)
+        return student_from_teacher_layers(source, layers)
+    return student_from_config(teacher, **parse_overrides(model_args.student_config_overrides))
+
+
+def check_tokenizers(model_args: ModelArguments, tokenizer) -> None:
+    """Refuse a student folder whose tokenizer maps ids to other words than the teacher's."""
+    if not model_args.student_model_name_or_path:
+        return
+    try:
+        student_tokenizer = AutoTokenizer.from_pretrained(model_args.student_model_name_or_path)
+    except (OSError, ValueError):
+        return  # student folder without tokenizer files: it reads the teacher's
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            "Student and teacher tokenizers have different vocabularies, so the same token ids mean different "
+            "words. Use a student trained with the teacher's tokenizer, or build one with --student_teacher_layers "
+            "or --student_config_overrides."
+        )
+
+
+def push_folder_to_hub(training_args) -> None:
+    """Upload ``output_dir`` (without checkpoints) to ``hub_model_id``, as ``Trainer.push_to_hub`` names repos."""
+    from huggingface_hub import HfApi
+
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    api = HfApi(token=training_args.hub_token)
+    api.create_repo(repo_id, exist_ok=True, private=training_args.hub_private_repo)
+    api.upload_folder(repo_id=repo_id, folder_path=training_args.output_dir, ignore_patterns=["checkpoint-*", "runs/*"])
+
+
+def public_model_name(name_or_path: str) -> str:
+    """What a published card may say about a model: its Hub id, or only the folder name of a local path."""
+    return Path(name_or_path).name if Path(name_or_path).exists() else name_or_path

@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Distill (or fine-tune) an extractive question-answering model on SQuAD-format data (v1.1 or v2.0).
+
+Flag names follow transformers' ``examples/pytorch/question-answering/run_qa.py``.
+
+Examples::
+
+    # 1. fine-tune a teacher (no distillation) on SQuAD v1.1
+    python recipes/distill_qa.py --training_mode finetune --teacher_model_name_or_path bert-base-uncased \
+        --train_file ../shared/data/squad/train.json --validation_file ../shared/data/squad/validation.json \
+        --output_dir out/qa_teacher --do_train --do_eval --max_seq_length 384 --doc_stride 128
+
+    # 2. distill it into a 3-layer student initialised from teacher layers 1, 3, 5
+    python recipes/distill_qa.py --teacher_model_name_or_path out/qa_teacher --student_teacher_layers 1,3,5 \
+        --train_file ../shared/data/squad/train.json --validation_file ../shared/data/squad/validation.json \
+        --output_dir out/qa_student --do_train --do_eval --evaluate_teacher
+
+Data: ``--dataset_name squad`` (or ``squad_v2`` with ``--version_2_with_negative``) from the Hub, or local
+``--train_file``/``--validation_file`` in the official nested SQuAD JSON (or flat JSON lines with ``id``,
+``question``, ``context``, ``answers``). Training examples whose ``answer_start`` does not point at their
+answer text are dropped, counted and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, default_data_collator, set_seed
+
+from hf_attn_distill import DistillConfig, DistillTrainer
+from hf_attn_distill.model_card import count_parameters, write_model_card
+from hf_attn_distill.qa import (
+    QAMetrics,
+    check_qa_columns,
+    load_squad_json,
+    misplaced_answers,
+    prepare_train_features,
+    prepare_validation_features,
+)
+from recipes import common
+from recipes.common import ModelArguments, build_student, check_tokenizers
+
+logger = logging.getLogger(__name__)
+
+# Feature columns the post-processing needs but no model takes.
+EVAL_ONLY_COLUMNS = ("example_id", "offset_mapping")
+
+
+@dataclass
+class QADataArguments:
+    """Which data, and how to cut it into windows and answers (``run_qa.py`` names)."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. 'squad' or 'squad_v2'."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Local SQuAD-format JSON (or JSON lines) for training."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local SQuAD-format JSON for evaluation."})
+    question_column_name: str = field(default="question", metadata={"help": "Column with the question."})
+    context_column_name: str = field(default="context", metadata={"help": "Column with the context."})
+    answer_column_name: str = field(default="answers", metadata={"help": "Column with {'text': [...], 'answer_start': [...]}."})
+    id_column_name: str = field(default="id", metadata={"help": "Column with the question id."})
+    max_seq_length: int = field(default=384, metadata={"help": "Tokens per window (question + context + specials)."})
+    doc_stride: int = field(default=128, metadata={"help": "Tokens of context shared by consecutive windows."})
+    max_query_length: int = field(default=64, metadata={"help": "Questions are cut after this many tokens."})
+    version_2_with_negative: bool = field(default=False, metadata={"help": "SQuAD v2: some questions have no answer."})
+    null_score_diff_threshold: float = field(
+        default=0.0, metadata={"help": "v2: answer empty when null score - best span score exceeds this."}
+    )
+    n_best_size: int = field(default=20, metadata={"help": "Start/end candidates per feature in post-processing."})
+    max_answer_length: int = field(default=30, metadata={"help": "Longest answer, in tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+    def __post_init__(self):
+        if not self.dataset_name and not self.train_file and not self.validation_file:
+            raise ValueError("Give --dataset_name or local --train_file/--validation_file.")
+        if self.max_query_length < 1 or self.max_seq_length < 16:
+            raise ValueError("max_query_length must be >= 1 and max_seq_length >= 16.")
+        room = self.max_seq_length - self.max_query_length - 3  # [CLS] q [SEP] c [SEP]
+        if not 0 <= self.doc_stride < room:
+            raise ValueError(
+                f"doc_stride={self.doc_stride} leaves no new context per window: it must be below max_seq_length - "
+                f"max_query_length - 3 = {room}. Lower --doc_stride or --max_query_length, or raise --max_seq_length."
+            )
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return {"question": self.question_column_name, "context": self.context_column_name,
+                "answers": self.answer_column_name, "id": self.id_column_name}
+
+
+def load_raw_datasets(data: QADataArguments) -> datasets.DatasetDict:
+    if data.dataset_name:
+        return datasets.load_dataset(data.dataset_name, data.dataset_config_name)
+    splits = {"train": data.train_file, "validation": data.validation_file}
+    return datasets.DatasetDict({split: load_squad_json(path) for split, path in splits.items() if path})
+
+
+def main(args: list[str] | None = None) -> dict:
+    """Run the recipe; returns the metrics dict it also saves to ``output_dir``."""
+    model_args, data_args, training_args = common.parse_args((ModelArguments, QADataArguments, DistillConfig), args)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    raw = load_raw_datasets(data_args)
+    flags = {"--question_column_name": data_args.question_column_name, "--context_column_name": data_args.context_column_name,
+             "--answer_column_name": data_args.answer_column_name, "--id_column_name": data_args.id_column_name}
+    for split, ds in raw.items():
+        check_qa_columns(ds, split, flags)
+        if len(ds) == 0:
+            raise ValueError(f"Split '{split}' is empty.")
+    tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path)
+    if tokenizer.padding_side != "right":
+        raise ValueError("The QA recipe expects a tokenizer that pads on the right (question first, then context).")
+    check_tokenizers(model_args, tokenizer)
+    options = dict(tokenizer=tokenizer, max_seq_length=data_args.max_seq_length, doc_stride=data_args.doc_stride,
+                   max_query_length=data_args.max_query_length, version_2=data_args.version_2_with_negative,
+                   columns=data_args.columns)
+
+    train_features = eval_examples = eval_features = None
+    if "train" in raw and training_args.do_train:
+        train_examples = raw["train"]
+        if data_args.max_train_samples is not None:
+            train_examples = train_examples.select(range(min(data_args.max_train_samples, len(train_examples))))
+        dropped = set(misplaced_answers(train_examples, data_args.columns))
+        if dropped:
+            logger.warning("Dropped %d of %d training examples whose answer_start does not point at their answer "
+                           "text (e.g. %s).", len(dropped), len(train_examples), sorted(dropped)[:3])
+            ids = train_examples[data_args.id_column_name]
+            train_examples = train_examples.select([i for i, q in enumerate(ids) if str(q) not in dropped])
+        train_features = train_examples.map(
+            prepare_train_features, fn_kwargs=options, batched=True, remove_columns=train_examples.column_names,
+            num_proc=data_args.preprocessing_num_workers, desc="Training features",
+        )
+    if "validation" in raw and (training_args.do_eval or training_args.eval_strategy != "no"):
+        eval_examples = raw["validation"]
+        if data_args.max_eval_samples is not None:
+            eval_examples = eval_examples.select(range(min(data_args.max_eval_samples, len(eval_examples))))
+        eval_features = eval_examples.map(
+            prepare_validation_features, fn_kwargs=options, batched=True, remove_columns=eval_examples.column_names,
+            num_proc=data_args.preprocessing_num_workers, desc="Evaluation features",
+        )
+
+    teacher = AutoModelForQuestionAnswering.from_pretrained(model_args.teacher_model_name_or_path)
+    distill = model_args.training_mode == "distill"
+    model = build_student(model_args, teacher, AutoModelForQuestionAnswering) if model_args.has_student else teacher
+    compute_metrics = None
+    if eval_features is not None:
+        compute_metrics = QAMetrics(
+            eval_examples, eval_features, data_args.version_2_with_negative, data_args.n_best_size,
+            data_args.max_answer_length, data_args.null_score_diff_threshold, data_args.columns,
+        )
+    common_kwargs = dict(
+        model=model, args=training_args, train_dataset=train_features,
+        eval_dataset=eval_features.remove_columns(list(EVAL_ONLY_COLUMNS)) if eval_features is not None else None,
+        processing_class=tokenizer, data_collator=default_data_collator, compute_metrics=compute_metrics,
+    )
+    trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else Trainer(**common_kwargs)
+
+    metrics: dict = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        metrics.update(result.metrics)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval and eval_features is not None:
+        eval_metrics = trainer.evaluate()
+        if distill and model_args.evaluate_teacher:
+            teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
+            teacher_metrics = teacher_trainer.evaluate()
+            eval_metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items()
+                                 if k.endswith(("exact_match", "f1", "_exact"))})
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+        write_card(model_args, data_args, training_args, teacher, model, metrics)
+        if training_args.push_to_hub:
+            common.push_folder_to_hub(training_args)
+    return metrics
+
+
+def write_card(model_args, data_args, training_args, teacher, model, metrics) -> None:
+    distill = model_args.training_mode == "distill"
+    if distill:
+        method = f"start/end logit KD + attention {training_args.attention_loss}" if training_args.attention_weight else "start/end logit KD"
+    else:
+        method = "fine-tuning without a teacher"
+    source = data_args.dataset_name or Path(data_args.train_file or data_args.validation_file).parent.name
+    fields = dict(
+        license="apache-2.0",
+        task="question-answering",
+        auto_class="AutoModelForQuestionAnswering",
+        teacher=common.public_model_name(model_args.teacher_model_name_or_path),
+        dataset=source,
+        metric_name="f1",
+        model_name=Path(training_args.output_dir).name,
+        summary=(
+            f"A {model.config.num_hidden_layers}-layer extractive QA student distilled with hf_attn_distill ({method})."
+            if distill
+            else f"A {model.config.num_hidden_layers}-layer extractive QA model trained by {method}."
+        ),
+        teacher_metric=metrics.get("teacher_eval_f1", "not evaluated in this run"),
+        teacher_params=count_parameters(teacher),
+        student_metric=metrics.get("eval_f1", "n/a"),
+        student_params=count_parameters(model),
+        eval_split=f"validation split of {source}" + (" (SQuAD v2)" if data_args.version_2_with_negative else ""),
+    )
+    keys = ["training_mode", "student_teacher_layers", "student_config_overrides"]
+    settings = {k: v for k, v in asdict(model_args).items() if k in keys and v is not None}
+    settings.update({k: getattr(data_args, k) for k in ("max_seq_length", "doc_stride", "version_2_with_negative")})
+    train_keys = ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "seed"]
+    if distill:
+        train_keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map"] + train_keys
+    settings.update({k: getattr(training_args, k) for k in train_keys})
+    write_model_card(training_args.output_dir, fields, settings)
+
+
+if __name__ == "__main__":
+    main()
