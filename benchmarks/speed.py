@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hf_attn_distill.trainer import LABEL_KEYS  # noqa: E402
+
 MODES = ("L", "P", "D", "N", "T")
 PAIRS = {
     "minilm6->3": "all-MiniLM-L6-v2 (6x384x12) -> 3 layers from it",
@@ -69,9 +71,6 @@ def build_pair(pair: str):
     else:
         raise ValueError(f"unknown pair {pair!r}; choose from {list(PAIRS)}")
     return teacher, student
-
-
-LABEL_KEYS = ("labels", "start_positions", "end_positions")
 
 
 def make_batch(batch: int, seq_len: int, vocab: int, device, qa: bool = False):

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_attn_distill import student_from_config, student_from_teacher_layers
 
-__all__ = ["MODES", "ModelArguments", "build_student", "check_tokenizers", "parse_args", "parse_overrides",
-           "public_model_name", "push_folder_to_hub"]
+__all__ = ["MODES", "ModelArguments", "build_student", "card_settings", "check_tokenizers", "evaluate", "finish",
+           "parse_args", "parse_overrides", "public_model_name", "push_folder_to_hub", "train"]
 
 MODES = ("distill", "finetune")
 
@@ -140,3 +140,48 @@ def push_folder_to_hub(training_args) -> None:
 def public_model_name(name_or_path: str) -> str:
     """What a published card may say about a model: its Hub id, or only the folder name of a local path."""
     return Path(name_or_path).name if Path(name_or_path).exists() else name_or_path
+
+
+def train(trainer, training_args) -> dict:
+    """``trainer.train()`` (resuming if asked), then save model, metrics and state as ``run_*.py`` do."""
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    return dict(result.metrics)
+
+
+def evaluate(trainer, teacher_trainer, prefix: str, teacher_keys: tuple[str, ...], dataset=None) -> dict:
+    """Evaluate the trained model (and, given ``teacher_trainer``, the teacher on the same data: its metrics
+    ending in ``teacher_keys`` are added as ``teacher_{prefix}_...``); log and save them."""
+    metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+    if teacher_trainer is not None:
+        teacher_metrics = teacher_trainer.evaluate(dataset, metric_key_prefix=prefix)
+        metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items() if k.endswith(teacher_keys)})
+    trainer.log_metrics(prefix, metrics)
+    trainer.save_metrics(prefix, metrics)
+    return metrics
+
+
+def card_settings(model_args: ModelArguments, training_args, extra: dict | None = None) -> dict:
+    """The settings table of a model card: how the student was built and trained."""
+    keys = ["training_mode", "student_teacher_layers", "student_layers_from", "student_config_overrides"]
+    settings = {k: getattr(model_args, k) for k in keys if getattr(model_args, k) is not None}
+    if settings.get("student_layers_from"):
+        settings["student_layers_from"] = public_model_name(settings["student_layers_from"])
+    settings.update(extra or {})
+    train_keys = ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "seed"]
+    if model_args.training_mode == "distill":
+        train_keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map"] + train_keys
+    settings.update({k: getattr(training_args, k) for k in train_keys})
+    return settings
+
+
+def finish(trainer, tokenizer, training_args, write_card) -> None:
+    """On the main process: save the tokenizer next to the model, write the card, push if asked."""
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+        write_card()
+        if training_args.push_to_hub:
+            push_folder_to_hub(training_args)

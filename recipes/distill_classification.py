@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -170,7 +170,7 @@ def main(args: list[str] | None = None) -> dict:
                        label2id=teacher.config.label2id)
     model = build_student(model_args, teacher, AutoModelForSequenceClassification, **head_kwargs) if model_args.has_student else teacher
 
-    common = dict(
+    common_kwargs = dict(
         model=model,
         args=training_args,
         train_dataset=tokenized.get("train"),
@@ -179,16 +179,11 @@ def main(args: list[str] | None = None) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None),
         compute_metrics=compute_classification_metrics,
     )
-    trainer = DistillTrainer(teacher_model=teacher, **common) if distill else Trainer(**common)
+    trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else Trainer(**common_kwargs)
 
     metrics: dict = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        metrics.update(result.metrics)
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
+        metrics.update(common.train(trainer, training_args))
     splits = [(data_args.validation_split, "eval", training_args.do_eval), (data_args.test_split, "test", training_args.do_predict)]
     for split, prefix, wanted in splits:
         if not wanted or split not in tokenized:
@@ -196,20 +191,12 @@ def main(args: list[str] | None = None) -> dict:
         if "labels" not in tokenized[split].column_names:
             logger.warning("Split '%s' has no labels; skipping its evaluation.", split)
             continue
-        split_metrics = trainer.evaluate(tokenized[split], metric_key_prefix=prefix)
+        teacher_trainer = None
         if distill and model_args.evaluate_teacher:
-            teacher_trainer = Trainer(**{**common, "model": trainer.teacher_model})
-            teacher_metrics = teacher_trainer.evaluate(tokenized[split], metric_key_prefix=prefix)
-            split_metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items() if k.endswith("accuracy")})
-        trainer.log_metrics(prefix, split_metrics)
-        trainer.save_metrics(prefix, split_metrics)
-        metrics.update(split_metrics)
-
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(training_args.output_dir)
-        write_card(model_args, data_args, training_args, teacher, model, metrics)
-        if training_args.push_to_hub:
-            common.push_folder_to_hub(training_args)
+            teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
+        metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("accuracy",), tokenized[split]))
+    common.finish(trainer, tokenizer, training_args,
+                  lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
     return metrics
 
 
@@ -240,15 +227,9 @@ def write_card(model_args, data_args, training_args, teacher, model, metrics) ->
         student_metric=metrics.get(metric_key, "n/a"),
         student_params=count_parameters(model),
         eval_split=("test split" if metric_key.startswith("test") else "validation split")
-        + (f" ({data_args.test_file or data_args.validation_file})" if not data_args.dataset_name else ""),
+        + (f" ({Path(data_args.test_file or data_args.validation_file).name})" if not data_args.dataset_name else ""),
     )
-    keys = ["training_mode", "student_teacher_layers", "student_layers_from", "student_config_overrides"]
-    settings = {k: v for k, v in asdict(model_args).items() if k in keys and v is not None}
-    train_keys = ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "seed"]
-    if distill:
-        train_keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map"] + train_keys
-    settings.update({k: getattr(training_args, k) for k in train_keys})
-    write_model_card(training_args.output_dir, fields, settings)
+    write_model_card(training_args.output_dir, fields, common.card_settings(model_args, training_args))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ answer text are dropped, counted and logged.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -164,28 +164,14 @@ def main(args: list[str] | None = None) -> dict:
 
     metrics: dict = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        metrics.update(result.metrics)
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
+        metrics.update(common.train(trainer, training_args))
     if training_args.do_eval and eval_features is not None:
-        eval_metrics = trainer.evaluate()
+        teacher_trainer = None
         if distill and model_args.evaluate_teacher:
             teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
-            teacher_metrics = teacher_trainer.evaluate()
-            eval_metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items()
-                                 if k.endswith(("exact_match", "f1", "_exact"))})
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(training_args.output_dir)
-        write_card(model_args, data_args, training_args, teacher, model, metrics)
-        if training_args.push_to_hub:
-            common.push_folder_to_hub(training_args)
+        metrics.update(common.evaluate(trainer, teacher_trainer, "eval", ("exact_match", "f1", "_exact")))
+    common.finish(trainer, tokenizer, training_args,
+                  lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
     return metrics
 
 
@@ -215,14 +201,8 @@ def write_card(model_args, data_args, training_args, teacher, model, metrics) ->
         student_params=count_parameters(model),
         eval_split=f"validation split of {source}" + (" (SQuAD v2)" if data_args.version_2_with_negative else ""),
     )
-    keys = ["training_mode", "student_teacher_layers", "student_config_overrides"]
-    settings = {k: v for k, v in asdict(model_args).items() if k in keys and v is not None}
-    settings.update({k: getattr(data_args, k) for k in ("max_seq_length", "doc_stride", "version_2_with_negative")})
-    train_keys = ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "seed"]
-    if distill:
-        train_keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map"] + train_keys
-    settings.update({k: getattr(training_args, k) for k in train_keys})
-    write_model_card(training_args.output_dir, fields, settings)
+    extra = {k: getattr(data_args, k) for k in ("max_seq_length", "doc_stride", "version_2_with_negative")}
+    write_model_card(training_args.output_dir, fields, common.card_settings(model_args, training_args, extra))
 
 
 if __name__ == "__main__":

@@ -34,16 +34,41 @@ def _base(output_dir, **extra):
     return out
 
 
+def recomputed_accuracy(model_dir, rows, text="sentence", pair=None, label="label", names=None) -> float:
+    """Accuracy of the saved model on ``rows``, one unpadded example at a time (independent of the recipe)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    correct = 0
+    with torch.no_grad():
+        for row in rows:
+            enc = tokenizer(row[text], row[pair] if pair else None, truncation=True, max_length=128, return_tensors="pt")
+            gold = names.index(row[label]) if names else int(row[label])
+            correct += int(model(**enc).logits.argmax(-1).item() == gold)
+    return correct / len(rows)
+
+
+def tsv_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
 def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir):
     teacher_dir = tmp_path / "teacher"
     metrics = recipe_main(_base(teacher_dir, **{"--training_mode": "finetune", "--teacher_model_name_or_path": tiny_teacher_dir}))
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["eval_accuracy"] == pytest.approx(recomputed_accuracy(teacher_dir, tsv_rows(DATA)))
     student_dir = tmp_path / "student"
     metrics = recipe_main(_base(student_dir, **{
         "--teacher_model_name_or_path": str(teacher_dir), "--student_teacher_layers": "1,3",
         "--attention_loss": "mse_scores", "--evaluate_teacher": "true",
     }))
-    assert {"eval_accuracy", "eval_loss_kd", "eval_loss_attn", "teacher_eval_accuracy"} <= set(metrics)
+    assert metrics["eval_accuracy"] == pytest.approx(recomputed_accuracy(student_dir, tsv_rows(DATA)))
+    assert metrics["teacher_eval_accuracy"] == pytest.approx(recomputed_accuracy(teacher_dir, tsv_rows(DATA)))
+    assert metrics["eval_loss_kd"] > 0 and metrics["eval_loss_attn"] > 0
     student = AutoModelForSequenceClassification.from_pretrained(student_dir)
     assert student.config.num_hidden_layers == 2
     assert (student_dir / "tokenizer.json").exists()
@@ -77,7 +102,9 @@ def test_yaml_config(tmp_path, tiny_teacher_dir):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     metrics = recipe_main([str(path)])
-    assert "train_loss" in metrics
+    state = json.loads((tmp_path / "y" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and metrics["train_loss"] > 0
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "y").config.num_hidden_layers == 2
 
 
 @pytest.mark.parametrize(
@@ -151,6 +178,8 @@ def test_sentence_pairs_from_jsonl(tmp_path, tiny_teacher_dir):
         "--text_pair_column", "hypothesis", "--label_column", "gold", "--output_dir", str(tmp_path / "out"),
         "--max_steps", "2", "--report_to", "none", "--save_strategy", "no", "--do_train", "--do_eval",
     ])
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    names = ["contradiction", "entailment"]
+    assert metrics["eval_accuracy"] == pytest.approx(
+        recomputed_accuracy(tmp_path / "out", rows, "premise", "hypothesis", "gold", names))
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert student.config.id2label == {0: "contradiction", 1: "entailment"}  # string labels mapped in sorted order

@@ -164,11 +164,30 @@ def test_resume_from_checkpoint_continues_identically(tmp_path, tokenizer, senti
 
 
 def test_head_grouping_trains_student_with_fewer_heads(tmp_path, tokenizer, sentiment_dataset):
-    teacher = tiny_classifier(0, num_hidden_layers=4, num_attention_heads=8, hidden_size=64)
+    """8 teacher heads averaged in groups of 4 for a 2-head student: the term equals the reference loss on the
+    grouped teacher attention, and training lowers it."""
+    from hf_attn_distill import AttentionRecorder, attention_kl_loss, group_teacher_heads
+
+    teacher = tiny_classifier(0, num_hidden_layers=4, num_attention_heads=8, hidden_size=64, initializer_range=0.2)
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
-    trainer = make_trainer(make_args(tmp_path, max_steps=2), tokenizer, sentiment_dataset, teacher, student)
+    args = make_args(tmp_path, max_steps=30, logging_steps=10, learning_rate=3e-3, alpha_ce=0.0, alpha_kd=0.0)
+    trainer = make_trainer(args, tokenizer, sentiment_dataset, teacher, student)
+    batch = trainer.data_collator([sentiment_dataset[i] for i in range(6)])
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model.eval(), dict(batch))
+    got = trainer._pop_term_means("eval")["loss_attn"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    t_rec, s_rec = AttentionRecorder(trainer._teacher_recorder.modules), AttentionRecorder(trainer._student_recorder.modules)
+    with torch.no_grad(), t_rec.record() as t_att, s_rec.record() as s_att:
+        trainer.teacher_model(**inputs)
+        trainer.model(**inputs)
+    assert t_att[0].shape[1] == 8 and s_att[0].shape[1] == 2
+    want = [attention_kl_loss(s, group_teacher_heads(t, 2, "log_probs"), batch["attention_mask"])
+            for s, t in zip(s_att, t_att)]
+    assert got == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
     trainer.train()
-    assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
+    values = _series(trainer.state.log_history, "loss_attn")
+    assert values[-1] < values[0] * 0.9, values
 
 
 def test_logit_only_distillation_skips_attention(tmp_path, tokenizer, sentiment_dataset):
