@@ -180,6 +180,11 @@ class DistillTrainer(Trainer):
         dataset = self.train_dataset
         if not isinstance(dataset, datasets.Dataset):
             raise ValueError("teacher_logits_cache needs train_dataset to be a datasets.Dataset (rows are keyed by index).")
+        if "start_positions" in inspect.signature(self.teacher_model.forward).parameters:
+            raise ValueError(
+                "teacher_logits_cache stores one sequence-level `logits` vector per example; a question-answering "
+                "teacher returns start/end logits per token. Drop teacher_logits_cache for QA."
+            )
         key = {
             "teacher": str(getattr(self.teacher_model.config, "_name_or_path", "")),
             "teacher_weights_checksum": float(sum(p.detach().float().sum() for p in self.teacher_model.parameters())),

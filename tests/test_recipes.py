@@ -183,3 +183,12 @@ def test_sentence_pairs_from_jsonl(tmp_path, tiny_teacher_dir):
         recomputed_accuracy(tmp_path / "out", rows, "premise", "hypothesis", "gold", names))
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert student.config.id2label == {0: "contradiction", 1: "entailment"}  # string labels mapped in sorted order
+
+
+def test_shipped_yaml_config_parses():
+    from recipes.distill_classification import parse_args
+
+    root = Path(__file__).resolve().parents[1]
+    model_args, data_args, training_args = parse_args([str(root / "recipes" / "configs" / "sst2_student.yaml")])
+    assert model_args.student_teacher_layers == "1,3,5" and training_args.attention_loss == "kl"
+    assert data_args.train_file.endswith("sst2/train.tsv") and training_args.max_steps == 1000

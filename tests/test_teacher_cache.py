@@ -1,5 +1,7 @@
 import json
 
+from datasets import Dataset
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,17 @@ def test_incomplete_cache_is_not_used(tmp_path):
     with pytest.raises(ValueError, match="covers 1 of 3"):
         cache.build([{CACHE_INDEX_COLUMN: torch.tensor([0])}], lambda b: torch.zeros(1, 2), num_examples=3)
     assert not cache.is_complete
+
+
+def test_cache_refuses_question_answering_teachers(tmp_path):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from hf_attn_distill import DistillConfig, DistillTrainer
+
+    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    rows = Dataset.from_list([{"input_ids": [1, 2, 3], "start_positions": 1, "end_positions": 2}] * 4)
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, attention_weight=0,
+                         teacher_logits_cache=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="Drop teacher_logits_cache for QA"):
+        DistillTrainer(model=BertForQuestionAnswering(config), teacher_model=BertForQuestionAnswering(config), args=args,
+                       train_dataset=rows)
