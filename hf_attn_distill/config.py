@@ -39,12 +39,24 @@ class DistillConfig(TrainingArguments):
             mean squared error of pre-softmax scores `q k^T / sqrt(d)`, mean over heads and valid (query, key)
             entries. `"mse_probs"`: the same on attention probabilities.
         attention_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of the attention loss, averaged over mapped layers. `0` turns attention capture off entirely.
+            Weight of the encoder self-attention loss (`loss_attn_enc`), averaged over mapped layers. `0` leaves the
+            encoder out.
         layer_map (`str` or list of pairs, *optional*, defaults to `"uniform"`):
-            Which teacher layer each student layer learns attention from (0-based). `"uniform"` (TinyBERT: student
-            layer `i` <- teacher layer `k*(i+1)-1`, `k = teacher_layers / student_layers`), `"last"` (MiniLM: last
-            <- last), or explicit `(student, teacher)` pairs: `[(0, 1), (1, 3)]`, `"0:1,1:3"` or `"[[0,1],[1,3]]"`.
-            Only mapped layers materialize attention; all others keep the fused SDPA kernel.
+            Which teacher layer each student layer learns encoder self-attention from (0-based). `"uniform"`
+            (TinyBERT: student layer `i` <- teacher layer `k*(i+1)-1`, `k = teacher_layers / student_layers`),
+            `"last"` (MiniLM: last <- last), explicit `(student, teacher)` pairs: `[(0, 1), (1, 3)]`, `"0:1,1:3"` or
+            `"[[0,1],[1,3]]"`, or `"none"`. For a decoder-only model it maps its (causal) self-attention. Only mapped
+            layers materialize attention; all others keep the fused SDPA kernel.
+        decoder_layer_map (`str` or `None`, *optional*, defaults to `None`):
+            Encoder-decoder models: layer map of the causal decoder self-attention (`loss_attn_dec`), same forms as
+            `layer_map`; `None` leaves it out.
+        cross_layer_map (`str` or `None`, *optional*, defaults to `None`):
+            Encoder-decoder models: layer map of the decoder-to-encoder cross-attention (`loss_attn_cross`), which
+            carries the source-target alignment; `None` leaves it out.
+        decoder_attention_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the decoder self-attention loss.
+        cross_attention_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the cross-attention loss.
         head_grouping (`str`, *optional*, defaults to `"mean"`):
             How teacher heads meet student heads when their counts differ. `"mean"`: teacher heads are averaged in
             consecutive groups of `teacher_heads // student_heads` (teacher heads must be a multiple of student
@@ -84,15 +96,25 @@ class DistillConfig(TrainingArguments):
         },
     )
     attention_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the attention loss (>= 0); 0 disables attention capture."}
+        default=1.0, metadata={"help": "Weight of the encoder self-attention loss (>= 0); 0 leaves the encoder out."}
     )
-    layer_map: str = field(
+    layer_map: str | None = field(
         default="uniform",
         metadata={
-            "help": "Student<-teacher layer map: 'uniform' (TinyBERT), 'last' (MiniLM), or pairs "
-            "'student:teacher,...' such as '0:1,1:3,2:5' (0-based)."
+            "help": "Student<-teacher encoder layer map: 'uniform' (TinyBERT), 'last' (MiniLM), pairs "
+            "'student:teacher,...' such as '0:1,1:3,2:5' (0-based), or 'none'."
         },
     )
+    decoder_layer_map: str | None = field(
+        default=None, metadata={"help": "Layer map of the causal decoder self-attention (encoder-decoder models)."}
+    )
+    cross_layer_map: str | None = field(
+        default=None, metadata={"help": "Layer map of the cross-attention (encoder-decoder models)."}
+    )
+    decoder_attention_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the decoder self-attention loss (>= 0)."}
+    )
+    cross_attention_weight: float = field(default=1.0, metadata={"help": "Weight of the cross-attention loss (>= 0)."})
     head_grouping: str = field(
         default="mean",
         metadata={
@@ -135,11 +157,25 @@ class DistillConfig(TrainingArguments):
         super().__post_init__()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("alpha_ce", "alpha_kd", "attention_weight"):
+        for name in ("alpha_ce", "alpha_kd", "attention_weight", "decoder_attention_weight", "cross_attention_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.alpha_ce == 0 and self.alpha_kd == 0 and self.attention_weight == 0:
-            raise ValueError("alpha_ce, alpha_kd and attention_weight are all 0: nothing to train on.")
+        for name in ("layer_map", "decoder_layer_map", "cross_layer_map"):
+            spec = getattr(self, name)
+            if spec is None or (isinstance(spec, str) and spec.strip().lower() == "none"):
+                setattr(self, name, None)
+            else:
+                parsed = parse_layer_map(spec)
+                # Keep a JSON-friendly form so the arguments still serialize with checkpoints.
+                setattr(self, name, parsed if isinstance(parsed, str) else [list(p) for p in parsed])
+        if self.layer_map is None:
+            self.attention_weight = 0.0
+        if self.decoder_layer_map is None:
+            self.decoder_attention_weight = 0.0
+        if self.cross_layer_map is None:
+            self.cross_attention_weight = 0.0
+        if self.alpha_ce == 0 and self.alpha_kd == 0 and not self.uses_attention:
+            raise ValueError("alpha_ce, alpha_kd and every attention weight are 0: nothing to train on.")
         if self.attention_loss == "mse":
             raise ValueError(
                 "attention_loss='mse' is ambiguous: use 'mse_scores' (TinyBERT, pre-softmax scores) or 'mse_probs' "
@@ -162,13 +198,15 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         if self.teacher_logits_cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"teacher_logits_cache_dtype must be one of {CACHE_DTYPES}, got {self.teacher_logits_cache_dtype!r}")
-        if self.teacher_logits_cache and self.attention_weight > 0:
+        if self.teacher_logits_cache and self.uses_attention:
             raise ValueError(
                 "teacher_logits_cache only replaces the teacher when it is needed for logits alone: set "
                 "attention_weight=0, or drop teacher_logits_cache (with attention the teacher runs every step)."
             )
         if self.teacher_logits_cache and self.alpha_kd == 0:
             raise ValueError("teacher_logits_cache is useless with alpha_kd=0: no teacher logits are used.")
-        parsed = parse_layer_map(self.layer_map)
-        # Keep a JSON-friendly form so the arguments still serialize with checkpoints.
-        self.layer_map = parsed if isinstance(parsed, str) else [list(p) for p in parsed]
+
+    @property
+    def uses_attention(self) -> bool:
+        """Whether any attention site is transferred."""
+        return any(w > 0 for w in (self.attention_weight, self.decoder_attention_weight, self.cross_attention_weight))

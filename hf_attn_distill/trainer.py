@@ -11,13 +11,9 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, Trainer
 
-from .attention_capture import AttentionRecorder, enable_attention_capture, verify_capture
-from .attention_masks import attention_loss_count, recorded_quantity
+from .attention_transfer import SiteTransfer, plan_attention_transfer
 from .config import DistillConfig
-from .fused_transfer import TransferTarget
-from .layer_map import resolve_layer_map
-from .losses import group_teacher_heads, logit_kd_loss
-from .model_structure import find_attention_modules
+from .losses import logit_kd_loss
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
 
 __all__ = ["KD_MASK_COLUMN", "DistillTrainer", "check_distillation_pair", "load_teacher"]
@@ -58,22 +54,19 @@ def load_teacher(name_or_path: str, init_kwargs: dict | None = None) -> PreTrain
     return model_class.from_pretrained(name_or_path, **kwargs)
 
 
-def _num_heads(model: PreTrainedModel) -> int:
-    return int(model.config.num_attention_heads)
-
-
 def check_distillation_pair(
     student: PreTrainedModel, teacher: PreTrainedModel, args: DistillConfig
-) -> list[tuple[int, int]]:
-    """Check that ``student`` can learn from ``teacher`` under ``args``; return the resolved layer map.
+) -> list[SiteTransfer]:
+    """Check that ``student`` can learn from ``teacher`` under ``args``; return the attention transfer per site.
 
-    Raises ``ValueError`` naming the fix for vocab or label-count mismatches, layer maps out of
-    range and head counts that cannot be grouped.
+    Raises ``ValueError`` naming the fix for vocab or label-count mismatches, different decoder start tokens,
+    layer maps out of range or for a site the models lack, and head counts that cannot be grouped.
     """
     s_cfg, t_cfg = student.config, teacher.config
-    if getattr(s_cfg, "vocab_size", None) != getattr(t_cfg, "vocab_size", None):
+    s_vocab, t_vocab = _config_value(s_cfg, "vocab_size"), _config_value(t_cfg, "vocab_size")
+    if s_vocab != t_vocab:
         raise ValueError(
-            f"Student vocab_size {s_cfg.vocab_size} != teacher vocab_size {t_cfg.vocab_size}: both models must "
+            f"Student vocab_size {s_vocab} != teacher vocab_size {t_vocab}: both models must "
             "read the same token ids. Build the student from the teacher (student_from_config / "
             "student_from_teacher_layers) or use a student trained with the teacher's tokenizer."
         )
@@ -82,19 +75,21 @@ def check_distillation_pair(
             f"Student has num_labels={s_cfg.num_labels}, teacher num_labels={t_cfg.num_labels}: logit KD needs the "
             "same label set. Create the student with the teacher's num_labels/id2label."
         )
-    if args.attention_weight == 0:
-        return []
-    pairs = resolve_layer_map(args.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-    s_heads, t_heads = _num_heads(student), _num_heads(teacher)
-    if s_heads != t_heads and (args.head_grouping == "strict" or t_heads % s_heads != 0):
-        divisors = [d for d in range(1, t_heads + 1) if t_heads % d == 0]
-        reason = "head_grouping='strict'" if args.head_grouping == "strict" else "it is not a multiple of the student's"
+    s_start, t_start = _config_value(s_cfg, "decoder_start_token_id"), _config_value(t_cfg, "decoder_start_token_id")
+    if s_start != t_start:
         raise ValueError(
-            f"Teacher has {t_heads} attention heads and student {s_heads}, and {reason}. Options: give the student "
-            f"a head count that divides {t_heads} ({divisors}) with head_grouping='mean' (teacher heads are "
-            "averaged in groups), or set attention_weight=0 to distill logits only."
+            f"Student decoder_start_token_id {s_start} != teacher's {t_start}: both decoders must read the same target "
+            "prefix. Set the student's config.decoder_start_token_id to the teacher's."
         )
-    return pairs
+    return plan_attention_transfer(student, teacher, args)
+
+
+def _config_value(config, name: str):
+    """``config.name``, or the decoder sub-config's for ``EncoderDecoderConfig``."""
+    value = getattr(config, name, None)
+    if value is None and getattr(config, "decoder", None) is not None:
+        value = getattr(config.decoder, name, None)
+    return value
 
 
 class DistillTrainer(Trainer):
@@ -105,8 +100,8 @@ class DistillTrainer(Trainer):
     both models); every other layer keeps the fused SDPA kernel. Each loss term is normalised over the
     whole gradient-accumulation window, so ``k`` micro-batches of ``n`` give the update of one batch
     of ``k * n`` (``loss_is_scaled_for_ga = True``). Loss terms are logged as ``loss_ce``, ``loss_kd``,
-    ``loss_attn`` (train) and ``eval_loss_*`` (eval), averaged over items in the logging window and
-    across processes.
+    ``loss_attn_enc`` / ``loss_attn_dec`` / ``loss_attn_cross`` (train) and ``eval_loss_*`` (eval), averaged
+    over items in the logging window and across processes.
 
     Args:
         model: the student (a ``PreTrainedModel``).
@@ -136,24 +131,14 @@ class DistillTrainer(Trainer):
             teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
         if teacher_model is model:
             raise ValueError("teacher_model is the student itself; pass a separate teacher.")
-        self.layer_pairs = check_distillation_pair(model, teacher_model, args)
+        self.transfers = check_distillation_pair(model, teacher_model, args)
+        self._seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
 
         if args.teacher_dtype != "auto":
             teacher_model = teacher_model.to(getattr(torch, args.teacher_dtype))
         teacher_model.eval().requires_grad_(False)
         teacher_model.config.output_attentions = False
         teacher_model.config.output_hidden_states = False
-        self._student_recorder = self._teacher_recorder = None
-        if self.layer_pairs:
-            enable_attention_capture(model)
-            enable_attention_capture(teacher_model)
-            loss = args.attention_loss
-            s_mods, t_mods = find_attention_modules(model), find_attention_modules(teacher_model)
-            self._student_recorder = AttentionRecorder([s_mods[s] for s, _ in self.layer_pairs], loss)
-            self._teacher_recorder = AttentionRecorder([t_mods[t] for _, t in self.layer_pairs], loss)
-            verify_capture(model, self._student_recorder)
-            verify_capture(teacher_model, self._teacher_recorder)
-        self._student_heads = _num_heads(model)
         forward_params = inspect.signature(teacher_model.forward).parameters
         self._teacher_input_names = {
             n for n, p in forward_params.items() if p.kind is not p.VAR_KEYWORD and n not in LABEL_KEYS
@@ -214,33 +199,29 @@ class DistillTrainer(Trainer):
 
     # ---- gradient accumulation: count items of the whole window before its first micro-batch ----
 
-    def _batch_items(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(label items, attention items)`` of one batch: what the CE/KD and attention terms average over.
+    def _batch_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Float tensor ``[1 + sites]``: label items of the CE/KD terms, then what each site's attention term
+        averages over (per head; :meth:`SiteTransfer.count`).
 
-        Attention items are counted per head by :func:`~hf_attn_distill.attention_masks.attention_loss_count`
-        for the configured loss: valid query rows for ``"kl"``, valid (query, key) entries for the MSE kinds.
+        Label items are examples for sequence-level heads and QA, and ``labels != -100`` tokens for
+        token-level and sequence-to-sequence heads.
         """
         labels = inputs.get("labels")
-        input_ids = inputs.get("input_ids")
-        reference = input_ids if input_ids is not None else next(v for v in inputs.values() if torch.is_tensor(v))
+        reference = next(v for v in inputs.values() if torch.is_tensor(v))
         if torch.is_tensor(labels) and labels.dim() > 1:
             label_items = labels.ne(-100).sum()
         else:
             label_items = torch.tensor(reference.shape[0], device=reference.device)
-        mask = inputs.get("attention_mask")
-        batch, length = reference.shape[:2]
-        attention_items = attention_loss_count(
-            self.args.attention_loss, 1, batch, length, length, key_mask=mask if torch.is_tensor(mask) else None,
-            device=reference.device,
-        )
-        return label_items.float(), attention_items.to(label_items.device)
+        counts = [t.count(inputs).to(reference.device) for t in self.transfers]
+        return torch.stack([label_items.float(), *counts])
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
-            totals = torch.stack([torch.stack(self._batch_items(b)).to(device) for b in batch_samples]).sum(0)
+            totals = torch.stack([self._batch_items(self._with_decoder_inputs(b)).to(device) for b in batch_samples])
+            totals = totals.sum(0)
             if self.args.world_size > 1:
-                totals = self.accelerator.gather(totals).view(-1, 2).sum(0)
+                totals = self.accelerator.gather(totals).view(-1, totals.numel()).sum(0)
             self._window_items = totals
         return batch_samples, num_items_in_batch
 
@@ -267,9 +248,24 @@ class DistillTrainer(Trainer):
             self._stop_recording()
 
     def _stop_recording(self) -> None:
-        for recorder in (self._student_recorder, self._teacher_recorder):
-            if recorder is not None:
-                recorder.stop()
+        for transfer in self.transfers:
+            transfer.student.stop()
+            transfer.teacher.stop()
+
+    def _with_decoder_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """For encoder-decoder models, decoder inputs built once from the labels, so that teacher and student
+        read the same target prefix."""
+        inputs = dict(inputs)
+        labels = inputs.get("labels")
+        if self._seq2seq and torch.is_tensor(labels) and inputs.get("decoder_input_ids") is None:
+            model = self.accelerator.unwrap_model(self.model)
+            if not hasattr(model, "prepare_decoder_input_ids_from_labels"):
+                raise ValueError(
+                    f"{type(model).__name__} cannot build decoder inputs from labels; add decoder_input_ids to the batch "
+                    "(e.g. with DataCollatorForSeq2Seq(tokenizer, model=model))."
+                )
+            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        return inputs
 
     # ---- the loss ----
 
@@ -299,15 +295,6 @@ class DistillTrainer(Trainer):
             terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature, mask))
         return torch.stack(terms).mean()
 
-    def _transfer_targets(self, teacher_att: list, inputs: Mapping) -> list[TransferTarget]:
-        """One target per mapped student layer: the teacher's record, heads grouped to the student's count."""
-        loss, heads = self.args.attention_loss, self._student_heads
-        mask = inputs.get("attention_mask")
-        if torch.is_tensor(mask) and bool(mask.all()):
-            mask = None  # no padding: skip masking passes over [B, H, Q, K]
-        quantity = recorded_quantity(loss)
-        return [TransferTarget(group_teacher_heads(t, heads, quantity), loss, mask) for t in teacher_att]
-
     def compute_loss(
         self,
         model: nn.Module,
@@ -321,37 +308,33 @@ class DistillTrainer(Trainer):
         trainer's own window counts, which also cover the attention term's own count.
         """
         args = self.args
-        inputs = dict(inputs)
+        inputs = self._with_decoder_inputs(inputs)
         cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
         kd_mask = inputs.pop(KD_MASK_COLUMN, None)
         if not model.training and not args.eval_with_teacher:
             return self._student_only_loss(model, inputs, return_outputs)
-        use_attention = bool(self.layer_pairs)
-        teacher_att: list = []
+        teacher_records: list[list] = []
         if self.teacher_logits_cache is not None and cache_index is not None:
             teacher_outputs = {"logits": self.teacher_logits_cache.lookup(cache_index)}
         else:
             teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_input_names}
             with torch.inference_mode():
-                if use_attention:
-                    self._teacher_recorder.start()
+                for transfer in self.transfers:
+                    transfer.teacher.start()
                 try:
                     teacher_outputs = self.teacher_model(**teacher_inputs)
-                    if use_attention:
-                        teacher_att = self._teacher_recorder.collect()
+                    teacher_records = [transfer.teacher.collect() for transfer in self.transfers]
                 finally:
-                    if use_attention:
-                        self._teacher_recorder.stop()
+                    for transfer in self.transfers:
+                        transfer.teacher.stop()
         # The student's mapped layers take their attention loss inside their softmax (fused_transfer).
-        layer_losses: list = []
-        if use_attention:
-            layer_losses = self._student_recorder.start(self._transfer_targets(teacher_att, inputs))
-        del teacher_att
-        keep_recording = use_attention and model.training and torch.is_grad_enabled()
+        for transfer, records in zip(self.transfers, teacher_records):
+            transfer.student.start(transfer.targets(records, inputs))
+        del teacher_records
+        keep_recording = bool(self.transfers) and model.training and torch.is_grad_enabled()
         try:
             outputs = model(**inputs)
-            if use_attention:
-                layer_losses = self._student_recorder.collect()
+            layer_losses = [transfer.student.collect() for transfer in self.transfers]
         finally:
             if not keep_recording:  # else training_step stops it after backward
                 self._stop_recording()
@@ -366,26 +349,29 @@ class DistillTrainer(Trainer):
             )
         if args.alpha_kd > 0:
             terms["loss_kd"] = self._kd_term(outputs, teacher_outputs, inputs, kd_mask)
-        if use_attention:
-            terms["loss_attn"] = torch.stack(layer_losses).mean()
+        for transfer, losses in zip(self.transfers, layer_losses):
+            terms[transfer.term] = torch.stack(losses).mean()
 
-        label_items, attention_items = self._batch_items(inputs)
-        label_scale, attention_scale = self._scales(model, torch.stack([label_items, attention_items]))
-        weights = {"loss_ce": args.alpha_ce, "loss_kd": args.alpha_kd, "loss_attn": args.attention_weight}
-        loss = sum(
-            weights[name] * value * (attention_scale if name == "loss_attn" else label_scale)
-            for name, value in terms.items()
-        )
-        self._accumulate_terms("train" if model.training else "eval", terms, label_items, attention_items)
+        items = self._batch_items(inputs)
+        scales = self._scales(model, items)
+        weights = {"loss_ce": args.alpha_ce, "loss_kd": args.alpha_kd, **{t.term: t.weight for t in self.transfers}}
+        loss = sum(weights[name] * value * scales[self._item_index(name)] for name, value in terms.items())
+        self._accumulate_terms("train" if model.training else "eval", terms, items)
         return (loss, self._strip(outputs)) if return_outputs else loss
+
+    def _item_index(self, term: str) -> int:
+        """Which entry of :meth:`_batch_items` a term averages over."""
+        for index, transfer in enumerate(self.transfers, start=1):
+            if transfer.term == term:
+                return index
+        return 0
 
     def _student_only_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool):
         """Evaluation without the teacher (``eval_with_teacher=False``): the student's own task loss."""
         outputs = model(**inputs)
         loss = outputs.get("loss")
         if loss is not None:
-            label_items, attention_items = self._batch_items(inputs)
-            self._accumulate_terms("eval", {"loss_ce": loss.float()}, label_items, attention_items)
+            self._accumulate_terms("eval", {"loss_ce": loss.float()}, self._batch_items(inputs))
         return (loss, self._strip(outputs)) if return_outputs else loss
 
     @staticmethod
@@ -398,12 +384,10 @@ class DistillTrainer(Trainer):
 
     # ---- logging of each term ----
 
-    def _accumulate_terms(
-        self, mode: str, terms: dict, label_items: torch.Tensor, attention_items: torch.Tensor
-    ) -> None:
+    def _accumulate_terms(self, mode: str, terms: dict, batch_items: torch.Tensor) -> None:
         sums = self._term_sums[mode]
         for name, value in terms.items():
-            items = attention_items if name == "loss_attn" else label_items
+            items = batch_items[self._item_index(name)]
             total = torch.stack([value.detach().float() * items, items])
             sums[name] = [sums[name][0] + total] if name in sums else [total]
 
@@ -427,7 +411,8 @@ class DistillTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ):
-        """Adds ``{prefix}_loss_ce/_loss_kd/_loss_attn`` to the metrics of ``evaluate`` and ``predict``."""
+        """Adds ``{prefix}_loss_ce``, ``_loss_kd`` and each site's ``_loss_attn_*`` to the metrics of ``evaluate``
+        and ``predict``."""
         self._term_sums["eval"].clear()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         for name, value in self._pop_term_means("eval").items():

@@ -97,9 +97,9 @@ def test_distill_trainer_end_to_end(family, tmp_path):
     b = batch()
     with torch.no_grad():
         trainer.compute_loss(student.eval(), dict(b))
-    got = trainer._pop_term_means("eval")["loss_attn"]
-    s_rec = AttentionRecorder(trainer._student_recorder.modules)
-    t_rec = AttentionRecorder(trainer._teacher_recorder.modules)
+    got = trainer._pop_term_means("eval")["loss_attn_enc"]
+    s_rec = AttentionRecorder(trainer.transfers[0].student.modules)
+    t_rec = AttentionRecorder(trainer.transfers[0].teacher.modules)
     inputs = {k: v for k, v in b.items() if k != "labels"}
     with torch.no_grad(), t_rec.record() as t_att, s_rec.record() as s_att:
         teacher(**inputs)
@@ -108,8 +108,8 @@ def test_distill_trainer_end_to_end(family, tmp_path):
     assert got == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
     before = copy.deepcopy(student.state_dict())
     trainer.train()
-    logs = [e for e in trainer.state.log_history if "loss_attn" in e]
-    assert len(logs) == 3 and logs[0]["loss_attn"] == pytest.approx(got, rel=1e-4)
+    logs = [e for e in trainer.state.log_history if "loss_attn_enc" in e]
+    assert len(logs) == 3 and logs[0]["loss_attn_enc"] == pytest.approx(got, rel=1e-4)
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 

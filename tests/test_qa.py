@@ -207,7 +207,7 @@ def test_recipe_end_to_end(tmp_path, tokenizer, version_2):
         "--max_steps", "3", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
         "--report_to", "none", "--use_cpu", "--evaluate_teacher", "--logging_steps", "1",
     ] + (["--version_2_with_negative"] if version_2 else []))
-    for key in ("eval_exact_match", "eval_f1", "eval_loss_kd", "eval_loss_attn", "teacher_eval_f1"):
+    for key in ("eval_exact_match", "eval_f1", "eval_loss_kd", "eval_loss_attn_enc", "teacher_eval_f1"):
         assert key in metrics, key
     if version_2:
         assert "eval_HasAns_f1" in metrics and "eval_NoAns_exact" in metrics

@@ -68,7 +68,7 @@ def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir):
     }))
     assert metrics["eval_accuracy"] == pytest.approx(recomputed_accuracy(student_dir, tsv_rows(DATA)))
     assert metrics["teacher_eval_accuracy"] == pytest.approx(recomputed_accuracy(teacher_dir, tsv_rows(DATA)))
-    assert metrics["eval_loss_kd"] > 0 and metrics["eval_loss_attn"] > 0
+    assert metrics["eval_loss_kd"] > 0 and metrics["eval_loss_attn_enc"] > 0
     student = AutoModelForSequenceClassification.from_pretrained(student_dir)
     assert student.config.num_hidden_layers == 2
     assert (student_dir / "tokenizer.json").exists()
@@ -87,7 +87,7 @@ def test_student_from_config_overrides_and_json_config(tmp_path, tiny_teacher_di
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     metrics = recipe_main([str(path)])
-    assert "eval_loss_attn" in metrics
+    assert "eval_loss_attn_enc" in metrics
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s")
     assert (student.config.num_hidden_layers, student.config.hidden_size) == (2, 16)
 
@@ -147,7 +147,7 @@ def test_recipe_with_real_minilm_teacher(tmp_path, minilm_path):
         "--teacher_model_name_or_path": str(teacher_dir), "--student_teacher_layers": "1,3,5",
         "--student_layers_from": minilm_path, "--learning_rate": "1e-4", "--max_steps": "6",
     }))
-    assert all(k in metrics for k in ("eval_accuracy", "eval_loss_ce", "eval_loss_kd", "eval_loss_attn"))
+    assert all(k in metrics for k in ("eval_accuracy", "eval_loss_ce", "eval_loss_kd", "eval_loss_attn_enc"))
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
     assert student.config.num_hidden_layers == 3 and student.config.hidden_size == 384
 

@@ -61,7 +61,7 @@ def test_every_loss_term_decreases(tmp_path, tokenizer, sentiment_dataset, train
     trainer = make_trainer(args, tokenizer, sentiment_dataset, teacher=trained_teacher)
     trainer.train()
     history = trainer.state.log_history
-    trained = ("loss_attn",) if args.alpha_ce == args.alpha_kd == 0 else ("loss_ce", "loss_kd", "loss_attn")
+    trained = ("loss_attn_enc",) if args.alpha_ce == args.alpha_kd == 0 else ("loss_ce", "loss_kd", "loss_attn_enc")
     for key in trained:
         values = _series(history, key)
         assert len(values) == 4, (key, history)
@@ -80,7 +80,7 @@ def test_logged_loss_is_weighted_sum_of_logged_terms(tmp_path, tokenizer, sentim
     logs = [e for e in trainer.state.log_history if "loss_ce" in e]
     assert len(logs) == 3
     for e in logs:
-        assert e["loss"] == pytest.approx(0.3 * e["loss_ce"] + 0.6 * e["loss_kd"] + 2.0 * e["loss_attn"], rel=1e-5)
+        assert e["loss"] == pytest.approx(0.3 * e["loss_ce"] + 0.6 * e["loss_kd"] + 2.0 * e["loss_attn_enc"], rel=1e-5)
 
 
 def test_teacher_frozen_not_optimized_not_saved(tmp_path, tokenizer, sentiment_dataset):
@@ -108,12 +108,12 @@ def test_predictions_carry_no_attentions_or_hidden_states(tmp_path, tokenizer, s
     output = trainer.predict(sentiment_dataset)
     assert isinstance(output.predictions, np.ndarray)
     assert output.predictions.shape == (len(sentiment_dataset), 2)
-    for key in ("test_loss_ce", "test_loss_kd", "test_loss_attn"):
+    for key in ("test_loss_ce", "test_loss_kd", "test_loss_attn_enc"):
         assert np.isfinite(output.metrics[key])
     # predict() leaves nothing behind that would skew the next evaluation
     first = trainer.evaluate()
     second = trainer.evaluate()
-    for key in ("eval_loss_ce", "eval_loss_kd", "eval_loss_attn"):
+    for key in ("eval_loss_ce", "eval_loss_kd", "eval_loss_attn_enc"):
         assert first[key] == pytest.approx(second[key], rel=1e-6)
         assert first[key] == pytest.approx(output.metrics[key.replace("eval_", "test_")], rel=1e-5)
 
@@ -145,7 +145,7 @@ def test_gradient_accumulation_matches_large_batch(tmp_path, tokenizer, sentimen
     assert moved > 1e-3  # the update is real
     for key in big:
         torch.testing.assert_close(small[key], big[key], atol=1e-6, rtol=1e-4)
-    for key in ("loss", "loss_ce", "loss_kd", "loss_attn"):
+    for key in ("loss", "loss_ce", "loss_kd", "loss_attn_enc"):
         assert small_log[key] == pytest.approx(big_log[key], rel=1e-4)
 
 
@@ -159,7 +159,7 @@ def test_resume_from_checkpoint_continues_identically(tmp_path, tokenizer, senti
     got = {e["step"]: e for e in resumed.state.log_history if "loss_kd" in e and e["step"] > 10}
     assert sorted(want) == sorted(got) == [15, 20]
     for step in want:
-        for key in ("loss", "loss_ce", "loss_kd", "loss_attn"):
+        for key in ("loss", "loss_ce", "loss_kd", "loss_attn_enc"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
 
 
@@ -175,9 +175,9 @@ def test_head_grouping_trains_student_with_fewer_heads(tmp_path, tokenizer, sent
     batch = trainer.data_collator([sentiment_dataset[i] for i in range(6)])
     with torch.no_grad():
         trainer.compute_loss(trainer.model.eval(), dict(batch))
-    got = trainer._pop_term_means("eval")["loss_attn"]
+    got = trainer._pop_term_means("eval")["loss_attn_enc"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    t_rec, s_rec = AttentionRecorder(trainer._teacher_recorder.modules), AttentionRecorder(trainer._student_recorder.modules)
+    t_rec, s_rec = AttentionRecorder(trainer.transfers[0].teacher.modules), AttentionRecorder(trainer.transfers[0].student.modules)
     with torch.no_grad(), t_rec.record() as t_att, s_rec.record() as s_att:
         trainer.teacher_model(**inputs)
         trainer.model(**inputs)
@@ -186,7 +186,7 @@ def test_head_grouping_trains_student_with_fewer_heads(tmp_path, tokenizer, sent
             for s, t in zip(s_att, t_att)]
     assert got == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
     trainer.train()
-    values = _series(trainer.state.log_history, "loss_attn")
+    values = _series(trainer.state.log_history, "loss_attn_enc")
     assert values[-1] < values[0] * 0.9, values
 
 
@@ -195,7 +195,7 @@ def test_logit_only_distillation_skips_attention(tmp_path, tokenizer, sentiment_
     trainer.train()
     assert trainer.model.config._attn_implementation == "sdpa"
     logged = [e for e in trainer.state.log_history if "loss" in e][0]
-    assert "loss_attn" not in logged and "loss_kd" in logged
+    assert "loss_attn_enc" not in logged and "loss_kd" in logged
 
 
 # ---- bad inputs: clear errors at construction ----
@@ -255,12 +255,12 @@ def test_trainer_attention_term_equals_standalone_losses(tmp_path, tokenizer, se
     student = trainer.model.eval()
     with torch.no_grad():
         trainer.compute_loss(student, dict(batch))
-    got = trainer._pop_term_means("eval")["loss_attn"]
+    got = trainer._pop_term_means("eval")["loss_attn_enc"]
 
     loss = trainer.args.attention_loss
     kind = "scores" if loss == "mse_scores" else "log_probs"
-    s_rec = AttentionRecorder(trainer._student_recorder.modules, loss)
-    t_rec = AttentionRecorder(trainer._teacher_recorder.modules, loss)
+    s_rec = AttentionRecorder(trainer.transfers[0].student.modules, loss)
+    t_rec = AttentionRecorder(trainer.transfers[0].teacher.modules, loss)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad(), t_rec.record() as t_att:
         trainer.teacher_model(**inputs)
@@ -308,6 +308,6 @@ def test_eval_with_teacher_false_is_a_plain_student_evaluation(tmp_path, tokeniz
                     data_collator=DataCollatorWithPadding(tokenizer))
     assert metrics["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
     assert metrics["eval_loss_ce"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
-    assert "eval_loss_kd" not in metrics and "eval_loss_attn" not in metrics
+    assert "eval_loss_kd" not in metrics and "eval_loss_attn_enc" not in metrics
     trainer.args.eval_with_teacher = True
-    assert "eval_loss_attn" in trainer.evaluate() and calls
+    assert "eval_loss_attn_enc" in trainer.evaluate() and calls

@@ -11,7 +11,7 @@ from transformers import DataCollatorWithPadding
 from hf_attn_distill import DistillConfig, DistillTrainer
 
 LENGTHS = [3, 4, 3, 4, 12, 11, 12, 10]  # two micro-batches with very different padding and counts
-TERMS = ("loss", "loss_ce", "loss_kd", "loss_attn")
+TERMS = ("loss", "loss_ce", "loss_kd", "loss_attn_enc")
 
 
 class InOrderTrainer(DistillTrainer):
@@ -104,7 +104,7 @@ def test_compute_loss_outside_train_is_the_batch_mean(tmp_path, tokenizer):
     batch = DataCollatorWithPadding(tokenizer)(uneven_dataset().to_list())
     loss = trainer.compute_loss(student.train(), dict(batch))
     terms = trainer._pop_term_means("train")
-    assert loss.item() == pytest.approx(0.5 * terms["loss_ce"] + 0.5 * terms["loss_kd"] + terms["loss_attn"], rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * terms["loss_ce"] + 0.5 * terms["loss_kd"] + terms["loss_attn_enc"], rel=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad and p.dim() > 1)
 
@@ -114,5 +114,5 @@ def test_torch_compile_trains_with_attention_transfer(tmp_path, tokenizer):
     """Unmapped layers compile; recorded attention runs outside the graph (torch.compiler.disable)."""
     eager = one_update(tmp_path / "eager", tokenizer, 4, 2, attention_loss="kl")
     compiled = one_update(tmp_path / "compiled", tokenizer, 4, 2, attention_loss="kl", torch_compile=True)
-    assert compiled[1]["loss_attn"] > 0
+    assert compiled[1]["loss_attn_enc"] > 0
     assert_same_update(eager, compiled)
