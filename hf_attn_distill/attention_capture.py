@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -42,6 +42,7 @@ __all__ = [
     "AttentionRecorder",
     "enable_attention_capture",
     "recording_attention_forward",
+    "set_attention_implementation",
     "verify_capture",
 ]
 
@@ -333,6 +334,20 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
+def set_attention_implementation(model: PreTrainedModel, name: str) -> None:
+    """``model.set_attn_implementation(name)``, also reaching modules that hold their own copy of a sub-model's
+    config (the encoder layers of ``EncoderDecoderModel`` read a config object the model's setter does not
+    update)."""
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        return  # refused: the caller reports it
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig) and getattr(config, "_attn_implementation", name) != name:
+            config._attn_implementation_internal = name
+
+
 def enable_attention_capture(model: PreTrainedModel) -> None:
     """Switch ``model`` to the ``"hf_attn_distill"`` attention implementation (in place).
 
@@ -343,8 +358,7 @@ def enable_attention_capture(model: PreTrainedModel) -> None:
     """
     _register()
     try:
-        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        set_attention_implementation(model, ATTN_IMPLEMENTATION)
     except (ValueError, NotImplementedError) as err:
         raise ValueError(
             f"{type(model).__name__} refused the '{ATTN_IMPLEMENTATION}' attention implementation ({err}), so its "

@@ -1,0 +1,246 @@
+"""Encoder-decoder models: every attention site captured exactly, and distilled through DistillTrainer."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertLMHeadModel,
+    BertModel,
+    EncoderDecoderModel,
+    MarianConfig,
+    MarianMTModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from hf_attn_distill import (
+    AttentionRecorder,
+    DistillConfig,
+    DistillTrainer,
+    attention_kl_loss,
+    enable_attention_capture,
+    group_teacher_heads,
+    logit_kd_loss,
+)
+from hf_attn_distill.attention_capture import set_attention_implementation
+from hf_attn_distill.model_structure import find_attention_sites
+
+PAD = 1
+VOCAB = 100
+
+
+def bart(layers, heads, seed):
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+        decoder_attention_heads=heads, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=PAD, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None))
+
+
+def marian(layers, heads, seed):
+    torch.manual_seed(seed)
+    return MarianMTModel(MarianConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+        decoder_attention_heads=heads, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=PAD, eos_token_id=2,
+        decoder_start_token_id=PAD, forced_eos_token_id=None))
+
+
+def t5(layers, heads, seed):
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, num_layers=layers, num_decoder_layers=layers, num_heads=heads, d_ff=64,
+        dropout_rate=0.0, pad_token_id=PAD, eos_token_id=2, decoder_start_token_id=PAD))
+
+
+def bert2bert(layers, heads, seed):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, pad_token_id=PAD)
+    model = EncoderDecoderModel(encoder=BertModel(BertConfig(**common)),
+                                decoder=BertLMHeadModel(BertConfig(**common, is_decoder=True, add_cross_attention=True)))
+    model.config.decoder_start_token_id = 2
+    model.config.pad_token_id = PAD
+    return model
+
+
+FAMILIES = {"bart": bart, "marian": marian, "t5": t5, "bert2bert": bert2bert}
+
+
+def rows():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n_src, n_tgt in [(7, 5), (4, 3), (6, 2), (3, 5)]:
+        out.append({"input_ids": torch.randint(3, VOCAB, (n_src,), generator=g).tolist(),
+                    "labels": torch.randint(3, VOCAB, (n_tgt,), generator=g).tolist()})
+    return out
+
+
+def collate(features):
+    src = max(len(f["input_ids"]) for f in features)
+    tgt = max(len(f["labels"]) for f in features)
+    return {
+        "input_ids": torch.tensor([f["input_ids"] + [PAD] * (src - len(f["input_ids"])) for f in features]),
+        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (src - len(f["input_ids"])) for f in features]),
+        "labels": torch.tensor([f["labels"] + [-100] * (tgt - len(f["labels"])) for f in features]),
+    }
+
+
+def eager_attentions(model, inputs):
+    out = model(**inputs, output_attentions=True)
+    return {"encoder": out.encoder_attentions, "decoder": out.decoder_attentions, "cross": out.cross_attentions}
+
+
+def site_valid(site, batch):
+    """[B, 1, Q, 1] valid queries of a site's attention (padded queries hold arbitrary rows in eager)."""
+    src, tgt = batch["attention_mask"].bool(), batch["labels"].ne(-100)
+    return (src if site == "encoder" else tgt)[:, None, :, None]
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["autograd", "inference"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_site_captured_equal_to_eager_and_output_equal_to_sdpa(family, inference):
+    model = FAMILIES[family](2, 4, 0).eval()
+    batch = collate(rows())
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])}
+    sdpa_logits = model(**inputs).logits
+    set_attention_implementation(model, "eager")
+    eager = eager_attentions(model, inputs)
+    enable_attention_capture(model)
+    sites = find_attention_sites(model)
+    assert sorted(sites) == ["cross", "decoder", "encoder"]
+    recorders = {site: AttentionRecorder(modules) for site, modules in sites.items()}
+    mode = torch.inference_mode() if inference else torch.enable_grad()
+    with mode:
+        for recorder in recorders.values():
+            recorder.start()
+        logits = model(**inputs).logits
+        records = {site: r.collect() for site, r in recorders.items()}
+        for recorder in recorders.values():
+            recorder.stop()
+    tgt_valid = batch["labels"].ne(-100)[:, :, None]
+    torch.testing.assert_close(logits[tgt_valid.expand_as(logits)], sdpa_logits[tgt_valid.expand_as(logits)],
+                               atol=1e-5, rtol=1e-5)
+    for site, layers in records.items():
+        for layer, record in enumerate(layers):
+            valid = site_valid(site, batch).expand_as(record)
+            torch.testing.assert_close(record.exp()[valid], eager[site][layer][valid], atol=1e-6, rtol=1e-5,
+                                       msg=f"{site} layer {layer}")
+
+
+def make_trainer(family, tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=1e-2, max_steps=3,
+                  per_device_train_batch_size=4, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                  layer_map="uniform", decoder_layer_map="uniform", cross_layer_map="last",
+                  decoder_attention_weight=0.5, cross_attention_weight=2.0)
+    values.update(overrides)
+    teacher, student = FAMILIES[family](4, 4, 0), FAMILIES[family](2, 2, 1)
+    return DistillTrainer(model=student, teacher_model=teacher, args=DistillConfig(**values), train_dataset=rows(),
+                          data_collator=collate)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_distill_trainer_every_site_equals_reference_losses(family, tmp_path):
+    trainer = make_trainer(family, tmp_path)
+    assert [(t.site, t.pairs) for t in trainer.transfers] == [
+        ("encoder", [(0, 1), (1, 3)]), ("decoder", [(0, 1), (1, 3)]), ("cross", [(1, 3)])]
+    student, teacher = trainer.model, trainer.teacher_model
+    batch = collate(rows())
+    with torch.no_grad():
+        loss = trainer.compute_loss(student.eval(), dict(batch))
+    got = trainer._pop_term_means("eval")
+
+    decoder_input_ids = student.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "decoder_input_ids": decoder_input_ids}
+    src, tgt = batch["attention_mask"], batch["labels"].ne(-100)
+    masks = {"encoder": (src, src, False), "decoder": (tgt, tgt, True), "cross": (src, tgt, False)}
+    for transfer in trainer.transfers:
+        s_rec, t_rec = AttentionRecorder(transfer.student.modules), AttentionRecorder(transfer.teacher.modules)
+        with torch.no_grad(), t_rec.record() as t_att, s_rec.record() as s_att:
+            t_out = teacher(**inputs)
+            s_out = student(**inputs)
+        key, query, causal = masks[transfer.site]
+        want = [attention_kl_loss(s, group_teacher_heads(t, 2, "log_probs"), key, query, causal)
+                for s, t in zip(s_att, t_att)]
+        # float32 sums of near-cancelling terms: values ~1e-4 agree to ~1e-9 absolute
+        assert got[transfer.term] == pytest.approx(torch.stack(want).mean().item(), rel=1e-4, abs=1e-8), transfer.site
+        assert got[transfer.term] > 0
+    # token-level KD: the teacher decoded the same target prefix as the student
+    kd = logit_kd_loss(s_out.logits, t_out.logits, 2.0, tgt)
+    assert got["loss_kd"] == pytest.approx(kd.item(), rel=1e-4)
+    expected = 0.5 * got["loss_ce"] + 0.5 * got["loss_kd"] + got["loss_attn_enc"] + 0.5 * got["loss_attn_dec"] \
+        + 2.0 * got["loss_attn_cross"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+    before = copy.deepcopy(student.state_dict())
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss_attn_cross" in e]
+    assert len(logs) == 3 and all("loss_attn_enc" in e and "loss_attn_dec" in e for e in logs)
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_logit_only_teacher_reads_the_decoder_inputs_built_from_labels(tmp_path):
+    """attention off: the teacher still decodes shift(labels), not shift(input_ids)."""
+    trainer = make_trainer("bart", tmp_path, layer_map="none", decoder_layer_map=None, cross_layer_map=None)
+    assert trainer.transfers == []
+    batch = collate(rows())
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model.eval(), dict(batch))
+    got = trainer._pop_term_means("eval")
+    decoder_input_ids = trainer.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "decoder_input_ids": decoder_input_ids}
+    with torch.no_grad():
+        want = logit_kd_loss(trainer.model(**inputs).logits, trainer.teacher_model(**inputs).logits, 2.0,
+                             batch["labels"].ne(-100))
+    assert got["loss_kd"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_accumulation_is_exact_for_every_site(tmp_path):
+    def one_update(batch, accumulation):
+        trainer = make_trainer("bart", tmp_path / f"{batch}x{accumulation}", max_steps=1, optim="sgd",
+                               learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0,
+                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                               alpha_ce=0.0, alpha_kd=0.0)
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        start = copy.deepcopy(trainer.model.state_dict())
+        trainer.train()
+        log = next(e for e in trainer.state.log_history if "loss" in e)
+        return {k: v - start[k] for k, v in trainer.model.state_dict().items()}, log
+
+    (big, big_log), (small, small_log) = one_update(4, 1), one_update(2, 2)
+    largest = max(d.abs().max().item() for d in big.values())
+    assert largest > 1e-5
+    for key in big:
+        torch.testing.assert_close(small[key], big[key], atol=1e-3 * largest, rtol=1e-3, msg=key)
+    for key in ("loss", "loss_attn_enc", "loss_attn_dec", "loss_attn_cross"):
+        assert small_log[key] == pytest.approx(big_log[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(cross_layer_map="0:9"), "cross_layer_map.*out of range"),
+        (dict(decoder_layer_map="5:0"), "decoder_layer_map.*out of range"),
+    ],
+)
+def test_site_layer_maps_out_of_range_name_the_flag(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer("bart", tmp_path, **overrides)
+
+
+def test_site_map_for_a_site_the_model_lacks(tmp_path):
+    from conftest import tiny_classifier
+
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, cross_layer_map="uniform")
+    with pytest.raises(ValueError, match="cross_layer_map is set, but the models have no cross attention"):
+        DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+                       teacher_model=tiny_classifier(0), args=args)
