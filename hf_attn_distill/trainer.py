@@ -14,6 +14,7 @@ from transformers import AutoConfig, PreTrainedModel, Trainer
 from .attention_transfer import SiteTransfer, plan_attention_transfer
 from .config import DistillConfig
 from .losses import logit_kd_loss
+from .token_kd import token_kd_loss
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
 
 __all__ = ["KD_MASK_COLUMN", "DistillTrainer", "check_distillation_pair", "load_teacher"]
@@ -285,14 +286,18 @@ class DistillTrainer(Trainer):
                 positions = kd_mask if kd_mask is not None else inputs.get("attention_mask")
                 terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature, class_mask=positions))
                 continue
-            mask = None
-            if student_logits.dim() == 3:  # token-level outputs: ignore -100 labels, else padding
+            if student_logits.dim() == 3 and student_logits.shape[-1] > 1:
+                # token-level outputs (token classification, decoder logits): ignore -100 labels, else padding;
+                # computed in chunks of tokens, without float32 copies of [B, T, V]
                 labels, attn = inputs.get("labels"), inputs.get("attention_mask")
+                mask = None
                 if torch.is_tensor(labels) and labels.shape == student_logits.shape[:2]:
                     mask = labels.ne(-100)
                 elif torch.is_tensor(attn) and attn.shape == student_logits.shape[:2]:
                     mask = attn.bool()
-            terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature, mask))
+                terms.append(token_kd_loss(student_logits, teacher_logits, self.args.temperature, mask))
+                continue
+            terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature))
         return torch.stack(terms).mean()
 
     def compute_loss(
