@@ -6,8 +6,9 @@ from .config import DistillConfig
 from .fused_transfer import TransferTarget, softmax_with_transfer_loss
 from .layer_map import parse_layer_map, resolve_layer_map
 from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads, logit_kd_loss
-from .model_structure import find_attention_modules, find_encoder_layers
+from .model_structure import SITES, find_attention_modules, find_attention_sites, find_encoder_layers
 from .students import student_from_config, student_from_teacher_layers
+from .token_kd import token_kd_loss
 from .trainer import DistillTrainer, check_distillation_pair, load_teacher
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ATTENTION_LOSSES",
     "ATTN_IMPLEMENTATION",
+    "SITES",
     "AttentionRecorder",
     "DistillConfig",
     "DistillTrainer",
@@ -26,6 +28,7 @@ __all__ = [
     "check_distillation_pair",
     "enable_attention_capture",
     "find_attention_modules",
+    "find_attention_sites",
     "find_encoder_layers",
     "group_teacher_heads",
     "load_teacher",
@@ -35,4 +38,5 @@ __all__ = [
     "softmax_with_transfer_loss",
     "student_from_config",
     "student_from_teacher_layers",
+    "token_kd_loss",
 ]

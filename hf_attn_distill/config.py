@@ -69,7 +69,7 @@ class DistillConfig(TrainingArguments):
             a JSON string on the command line), e.g. `{"dtype": "bfloat16", "revision": "main"}`.
             `trust_remote_code` stays off unless given here.
         eval_with_teacher (`bool`, *optional*, defaults to `True`):
-            Run the teacher during evaluation and report `eval_loss_kd` / `eval_loss_attn` next to `eval_loss`
+            Run the teacher during evaluation and report `eval_loss_kd` / `eval_loss_attn_*` next to `eval_loss`
             (the weighted distillation loss). `False`: evaluation runs the student alone, at the cost of a plain
             `Trainer` evaluation, and `eval_loss` is the student's own task loss.
         teacher_logits_cache (`str` or `None`, *optional*, defaults to `None`):
@@ -140,7 +140,7 @@ class DistillConfig(TrainingArguments):
     eval_with_teacher: bool = field(
         default=True,
         metadata={
-            "help": "Run the teacher during evaluation and report eval_loss_kd/eval_loss_attn; False evaluates the "
+            "help": "Run the teacher during evaluation and report eval_loss_kd/eval_loss_attn_*; False evaluates the "
             "student alone (as fast as a plain Trainer evaluation)."
         },
     )
