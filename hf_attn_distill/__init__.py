@@ -7,6 +7,7 @@ from .fused_transfer import TransferTarget, softmax_with_transfer_loss
 from .layer_map import parse_layer_map, resolve_layer_map
 from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads, logit_kd_loss
 from .model_structure import SITES, find_attention_modules, find_attention_sites, find_encoder_layers
+from .seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
 from .students import student_from_config, student_from_teacher_layers
 from .token_kd import token_kd_loss
 from .trainer import DistillTrainer, check_distillation_pair, load_teacher
@@ -19,6 +20,8 @@ __all__ = [
     "SITES",
     "AttentionRecorder",
     "DistillConfig",
+    "DistillSeq2SeqConfig",
+    "DistillSeq2SeqTrainer",
     "DistillTrainer",
     "TransferTarget",
     "attention_kl_loss",

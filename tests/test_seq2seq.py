@@ -244,3 +244,39 @@ def test_site_map_for_a_site_the_model_lacks(tmp_path):
     with pytest.raises(ValueError, match="cross_layer_map is set, but the models have no cross attention"):
         DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
                        teacher_model=tiny_classifier(0), args=args)
+
+
+def test_generation_based_evaluation_keeps_the_loss_terms(tmp_path):
+    from hf_attn_distill import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
+
+    seen = {}
+
+    def compute_metrics(eval_pred):
+        seen["predictions"], seen["labels"] = eval_pred.predictions, eval_pred.label_ids
+        return {"n": float(len(eval_pred.predictions))}
+
+    args = DistillSeq2SeqConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=4,
+        predict_with_generate=True, generation_max_length=6, generation_num_beams=1,
+        layer_map="uniform", decoder_layer_map="uniform", cross_layer_map="uniform",
+    )
+    teacher, student = bart(4, 4, 0), bart(2, 2, 1)
+    trainer = DistillSeq2SeqTrainer(model=student, teacher_model=teacher, args=args, eval_dataset=rows(),
+                                    data_collator=collate, compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    generated = torch.as_tensor(seen["predictions"])
+    for key in ("eval_loss", "eval_loss_kd", "eval_loss_attn_enc", "eval_loss_attn_dec", "eval_loss_attn_cross"):
+        assert key in metrics and metrics[key] > 0, key
+    # the same terms as teacher-forced evaluation without generation
+    args.predict_with_generate = False
+    plain = trainer.evaluate()
+    for key in ("eval_loss", "eval_loss_kd", "eval_loss_attn_cross"):
+        assert metrics[key] == pytest.approx(plain[key], rel=1e-5), key
+    # predictions are the student's own generations
+    batch = collate(rows())
+    want = student.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_length=6,
+                            num_beams=1)
+    got = generated[:, : want.shape[1]]
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="DistillSeq2SeqConfig"):
+        DistillSeq2SeqTrainer(model=student, teacher_model=teacher, args=DistillConfig(output_dir=str(tmp_path)))
