@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["SITES", "attention_heads", "find_attention_modules", "find_attention_sites", "find_encoder_layers"]
+__all__ = [
+    "SITES",
+    "attention_heads",
+    "find_attention_modules",
+    "find_attention_sites",
+    "find_encoder_layers",
+    "find_layer_stacks",
+]
 
 SITES = ("encoder", "decoder", "cross")
 _QUERY_NAMES = ("q_proj", "query", "q", "q_lin")
@@ -55,9 +62,9 @@ def _shared_layers_error(model: nn.Module, num_layers: int, found: int) -> Value
     )
 
 
-def find_attention_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """Attention modules of each site present in ``model``, in layer order (see the module docstring)."""
-    sites: dict[str, list[nn.Module]] = {}
+def _stacks(model: nn.Module) -> dict[str, tuple[str, nn.ModuleList, list[nn.Module], list[nn.Module] | None]]:
+    """``{"encoder"|"decoder": (name, layer list, self-attention modules, cross-attention modules or None)}``."""
+    stacks = {}
     for name, layers in _layer_lists(model):
         kinds = []
         for index, layer in enumerate(layers):
@@ -73,24 +80,38 @@ def find_attention_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
         if len(self_sites) != 1:
             raise ValueError(f"The layers of {name} in {type(model).__name__} mix causal and bidirectional attention.")
         site = self_sites.pop()
-        if site in sites:
+        if site in stacks:
             raise ValueError(f"{type(model).__name__} has two {site} layer stacks; cannot tell which one is meant.")
-        sites[site] = [m for _, m, _ in kinds]
         crosses = [c for _, _, c in kinds]
-        if any(c is not None for c in crosses):
-            if any(c is None for c in crosses):
-                raise ValueError(f"Only some layers of {name} in {type(model).__name__} have cross-attention.")
-            sites["cross"] = crosses
-    if not sites:
+        if any(c is not None for c in crosses) and any(c is None for c in crosses):
+            raise ValueError(f"Only some layers of {name} in {type(model).__name__} have cross-attention.")
+        stacks[site] = (name, layers, [m for _, m, _ in kinds], crosses if crosses[0] is not None else None)
+    if not stacks:
         raise ValueError(
             f"Found no transformer layers with attention modules in {type(model).__name__}. Set attention_weight=0 to "
             "distill logits only, or pass the attention modules explicitly to AttentionRecorder."
         )
     config = getattr(model, "config", None)
     expected = getattr(config, "num_hidden_layers", None) if not getattr(config, "is_encoder_decoder", False) else None
-    only = next(iter(sites.values()))
-    if len(sites) == 1 and isinstance(expected, int) and expected != len(only):
-        raise _shared_layers_error(model, expected, len(only))
+    if len(stacks) == 1:
+        layers = next(iter(stacks.values()))[1]
+        if isinstance(expected, int) and expected != len(layers):
+            raise _shared_layers_error(model, expected, len(layers))
+    return stacks
+
+
+def find_layer_stacks(model: nn.Module) -> dict[str, tuple[str, nn.ModuleList]]:
+    """``{"encoder": (qualified name, layers), "decoder": ...}`` of the stacks ``model`` has."""
+    return {stack: (name, layers) for stack, (name, layers, _, _) in _stacks(model).items()}
+
+
+def find_attention_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """Attention modules of each site present in ``model``, in layer order (see the module docstring)."""
+    sites: dict[str, list[nn.Module]] = {}
+    for stack, (_, _, self_modules, cross_modules) in _stacks(model).items():
+        sites[stack] = self_modules
+        if cross_modules is not None:
+            sites["cross"] = cross_modules
     return sites
 
 
@@ -102,18 +123,10 @@ def find_attention_modules(model: nn.Module) -> list[nn.Module]:
 
 def find_encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(qualified name, module list)`` of the transformer layers of an encoder-only model."""
-    lists = _layer_lists(model)
-    config = getattr(model, "config", None)
-    num_layers = getattr(config, "num_hidden_layers", None)
-    if len(lists) != 1:
-        raise ValueError(
-            f"{type(model).__name__} has {len(lists)} layer stacks; building a student from teacher layers needs an "
-            "encoder-only model (use student_from_config for encoder-decoder models)."
-        )
-    name, layers = lists[0]
-    if isinstance(num_layers, int) and num_layers != len(layers):
-        raise _shared_layers_error(model, num_layers, len(layers))
-    return name, layers
+    stacks = find_layer_stacks(model)
+    if len(stacks) != 1:
+        raise ValueError(f"{type(model).__name__} has an encoder and a decoder; use find_layer_stacks.")
+    return next(iter(stacks.values()))
 
 
 def attention_heads(module: nn.Module) -> int:

@@ -5,47 +5,78 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
-from .model_structure import find_encoder_layers
+from .model_structure import find_layer_stacks
 
 __all__ = ["student_from_config", "student_from_teacher_layers"]
 
 
-def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
+def student_from_teacher_layers(
+    teacher: PreTrainedModel, layers: Sequence[int], decoder_layers: Sequence[int] | None = None
+) -> PreTrainedModel:
     """DistilBERT-style initialisation: a copy of ``teacher`` that keeps only the given layers.
 
     Embeddings, pooler and task head are copied as they are; teacher layer ``layers[j]`` becomes
-    student layer ``j``. The student has the teacher's class and config except for the layer count.
+    student layer ``j``. The student has the teacher's class and config except for the layer counts.
+    Encoder-decoder teachers (``EncoderDecoderModel``, BART, Marian) keep ``layers`` of the encoder and
+    ``decoder_layers`` of the decoder.
 
     Args:
         teacher: the fine-tuned teacher.
-        layers: 0-based teacher layer indices, distinct, e.g. ``[1, 3, 5]`` for every other of 6.
+        layers: 0-based teacher (encoder) layer indices, distinct, e.g. ``[1, 3, 5]`` for every other of 6.
+        decoder_layers: for encoder-decoder teachers, the decoder layers to keep.
     """
-    _, teacher_layers = find_encoder_layers(teacher)
-    num_layers = len(teacher_layers)
-    layers = [int(i) for i in layers]
-    if not layers:
-        raise ValueError("layers is empty: name at least one teacher layer to keep.")
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"Teacher layers {bad} are out of range: the teacher has layers 0..{num_layers - 1}.")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"Teacher layers {layers} repeat an index; each layer may be kept once.")
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    student = type(teacher)(config).to(teacher.dtype)
-    prefix = find_encoder_layers(student)[0] + "."
+    stacks = find_layer_stacks(teacher)
+    keep = {"encoder": layers, "decoder": decoder_layers}
+    if "decoder" in stacks and "encoder" not in stacks:  # decoder-only: ``layers`` are its layers
+        keep = {"decoder": layers}
+    if "encoder" in stacks and "decoder" in stacks and decoder_layers is None:
+        raise ValueError(f"{type(teacher).__name__} has a decoder too: give decoder_layers as well.")
+    if decoder_layers is not None and not ("encoder" in stacks and "decoder" in stacks):
+        raise ValueError(f"decoder_layers given, but {type(teacher).__name__} has no separate decoder.")
+    keep = {stack: [int(i) for i in chosen] for stack, chosen in keep.items() if stack in stacks}
+    for stack, chosen in keep.items():
+        num_layers = len(stacks[stack][1])
+        if not chosen:
+            raise ValueError(f"{stack} layers are empty: name at least one teacher layer to keep.")
+        bad = [i for i in chosen if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"Teacher {stack} layers {bad} are out of range: the teacher has layers 0..{num_layers - 1}.")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"Teacher {stack} layers {chosen} repeat an index; each layer may be kept once.")
+    student = type(teacher)(_with_layer_counts(teacher, {s: len(c) for s, c in keep.items()})).to(teacher.dtype)
+    prefixes = {stack: name + "." for stack, (name, _) in find_layer_stacks(student).items()}
     state = {}
     for key, value in teacher.state_dict().items():
-        if key.startswith(prefix):
-            index, rest = key[len(prefix) :].split(".", 1)
-            if int(index) in layers:
-                state[f"{prefix}{layers.index(int(index))}.{rest}"] = value
-        else:
+        stack = next((s for s, p in prefixes.items() if key.startswith(p)), None)
+        if stack is None:
             state[key] = value
+            continue
+        index, rest = key[len(prefixes[stack]) :].split(".", 1)
+        if int(index) in keep[stack]:
+            state[f"{prefixes[stack]}{keep[stack].index(int(index))}.{rest}"] = value
     student.load_state_dict(state, strict=True)
     return student
+
+
+def _with_layer_counts(teacher: PreTrainedModel, counts: dict[str, int]) -> PretrainedConfig:
+    """A copy of the teacher's config with ``counts`` layers per stack."""
+    config = copy.deepcopy(teacher.config)
+    if "encoder" in counts and "decoder" in counts:
+        if isinstance(getattr(config, "encoder", None), PretrainedConfig):  # EncoderDecoderConfig
+            config.encoder.num_hidden_layers = counts["encoder"]
+            config.decoder.num_hidden_layers = counts["decoder"]
+        elif hasattr(config, "encoder_layers") and hasattr(config, "decoder_layers"):  # BART, Marian, ...
+            config.encoder_layers, config.decoder_layers = counts["encoder"], counts["decoder"]
+        else:
+            raise ValueError(
+                f"Cannot set the layer counts of {type(config).__name__} (T5 keeps its relative position bias in "
+                "layer 0 only); build the student with student_from_config instead."
+            )
+    else:
+        config.num_hidden_layers = next(iter(counts.values()))
+    return config
 
 
 def student_from_config(teacher: PreTrainedModel, **overrides) -> PreTrainedModel:

@@ -280,3 +280,37 @@ def test_generation_based_evaluation_keeps_the_loss_terms(tmp_path):
     assert torch.equal(got, want)
     with pytest.raises(TypeError, match="DistillSeq2SeqConfig"):
         DistillSeq2SeqTrainer(model=student, teacher_model=teacher, args=DistillConfig(output_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("family", ["bart", "marian", "bert2bert"])
+def test_student_from_teacher_layers_for_encoder_decoders(family, tmp_path):
+    from hf_attn_distill import student_from_teacher_layers
+    from hf_attn_distill.model_structure import find_layer_stacks
+
+    teacher = FAMILIES[family](4, 4, 0).eval()
+    batch = collate(rows())
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "decoder_input_ids": teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"])}
+    same = student_from_teacher_layers(teacher, [0, 1, 2, 3], decoder_layers=[0, 1, 2, 3]).eval()
+    torch.testing.assert_close(same(**inputs).logits, teacher(**inputs).logits)
+    student = student_from_teacher_layers(teacher, [1, 3], decoder_layers=[0, 2, 3])
+    stacks = {k: len(v[1]) for k, v in find_layer_stacks(student).items()}
+    assert stacks == {"encoder": 2, "decoder": 3}
+    t_stacks, s_stacks = find_layer_stacks(teacher), find_layer_stacks(student)
+    for stack, chosen in (("encoder", [1, 3]), ("decoder", [0, 2, 3])):
+        for j, i in enumerate(chosen):
+            t_params = dict(t_stacks[stack][1][i].named_parameters())
+            for name, p in s_stacks[stack][1][j].named_parameters():
+                assert torch.equal(p, t_params[name]), (stack, j, name)
+    student.save_pretrained(tmp_path / "s")
+    reloaded = type(student).from_pretrained(tmp_path / "s").eval()
+    torch.testing.assert_close(reloaded(**inputs).logits, student.eval()(**inputs).logits)
+    with pytest.raises(ValueError, match="decoder_layers"):
+        student_from_teacher_layers(teacher, [1, 3])
+
+
+def test_student_from_teacher_layers_refuses_t5_clearly():
+    from hf_attn_distill import student_from_teacher_layers
+
+    with pytest.raises(ValueError, match="student_from_config"):
+        student_from_teacher_layers(t5(4, 4, 0), [1, 3], decoder_layers=[1, 3])
