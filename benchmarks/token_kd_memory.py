@@ -25,9 +25,9 @@ METHODS = ("reference", "chunked")
 def worker(spec: dict) -> dict:
     import torch
 
+    from benchmarks.speed import proc_status_mb, reset_peak_rss
     from hf_attn_distill import logit_kd_loss
     from hf_attn_distill.token_kd import token_kd_loss
-    from benchmarks.speed import proc_status_mb, reset_peak_rss
 
     torch.manual_seed(0)
     shape = (spec["batch"], spec["target_len"], spec["vocab"])

@@ -14,8 +14,8 @@ from transformers import AutoConfig, PreTrainedModel, Trainer
 from .attention_transfer import SiteTransfer, plan_attention_transfer
 from .config import DistillConfig
 from .losses import logit_kd_loss
-from .token_kd import token_kd_loss
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
+from .token_kd import token_kd_loss
 
 __all__ = ["KD_MASK_COLUMN", "DistillTrainer", "check_distillation_pair", "load_teacher"]
 

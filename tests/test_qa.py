@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from transformers import BertConfig, BertForQuestionAnswering
 
 from hf_attn_distill import logit_kd_loss

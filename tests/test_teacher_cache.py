@@ -1,11 +1,10 @@
 import json
 
-from datasets import Dataset
-
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_classifier
+from datasets import Dataset
 from test_trainer import make_args, make_trainer
 
 from hf_attn_distill import DistillConfig

@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""Distill (or fine-tune) an encoder-decoder translation model; BLEU and chrF with sacrebleu.
+
+Flag names follow transformers' ``examples/pytorch/translation/run_translation.py``.
+
+Examples::
+
+    # 1. a teacher: an EncoderDecoderModel whose encoder and decoder start from one BERT-family checkpoint
+    python recipes/distill_translation.py --training_mode finetune --teacher_model_name_or_path <bert folder> \
+        --build_encoder_decoder --data_dir ../shared/data/multi30k --source_lang de --target_lang en \
+        --output_dir out/mt_teacher --do_train --do_eval --predict_with_generate
+
+    # 2. a student with 3 encoder and 3 decoder layers of the teacher, with attention transfer at every site
+    python recipes/distill_translation.py --teacher_model_name_or_path out/mt_teacher \
+        --student_teacher_layers 1,3,5 --student_decoder_layers 1,3,5 --data_dir ../shared/data/multi30k \
+        --source_lang de --target_lang en --layer_map uniform --decoder_layer_map uniform --cross_layer_map uniform \
+        --output_dir out/mt_student --do_train --do_eval --do_predict --predict_with_generate
+
+Data: aligned text files ``{data_dir}/{split}.{lang}`` (one sentence a line), or a Hub dataset with a
+``translation`` column (``--dataset_name wmt16 --dataset_config_name de-en``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    EncoderDecoderModel,
+    Seq2SeqTrainer,
+    set_seed,
+)
+
+from hf_attn_distill import (
+    DistillSeq2SeqConfig,
+    DistillSeq2SeqTrainer,
+    student_from_config,
+    student_from_teacher_layers,
+)
+from hf_attn_distill.metrics import TranslationMetrics
+from hf_attn_distill.model_card import count_parameters, write_model_card
+from recipes import common
+from recipes.common import ModelArguments, check_tokenizers, parse_overrides
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TranslationModelArguments(ModelArguments):
+    """Model arguments plus what an encoder-decoder needs."""
+
+    student_decoder_layers: str | None = field(
+        default=None, metadata={"help": "With --student_teacher_layers: the decoder layers to keep, e.g. '1,3,5'."}
+    )
+    build_encoder_decoder: bool = field(
+        default=False,
+        metadata={"help": "--teacher_model_name_or_path is an encoder checkpoint (e.g. BERT): build an "
+                  "EncoderDecoderModel with encoder and decoder both initialised from it (cross-attention new)."},
+    )
+
+
+@dataclass
+class TranslationDataArguments:
+    """Which parallel data, which languages, how long (``run_translation.py`` names)."""
+
+    source_lang: str = field(metadata={"help": "Source language id, e.g. 'de' (file suffix of the source side)."})
+    target_lang: str = field(metadata={"help": "Target language id, e.g. 'en'."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder with aligned {split}.{lang} text files."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset with a 'translation' column."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_split: str = field(default="train", metadata={"help": "Training split (file stem)."})
+    validation_split: str = field(default="val", metadata={"help": "Validation split (file stem)."})
+    test_split: str = field(default="test_2016_flickr", metadata={"help": "Test split (file stem)."})
+    max_source_length: int = field(default=64, metadata={"help": "Source tokens kept."})
+    max_target_length: int = field(default=64, metadata={"help": "Target tokens kept (labels)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation pairs."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test pairs."})
+    lowercase_metrics: bool = field(
+        default=True, metadata={"help": "Case-insensitive BLEU/chrF (right for uncased vocabularies such as MiniLM's)."}
+    )
+
+    def __post_init__(self):
+        if not self.data_dir and not self.dataset_name:
+            raise ValueError("Give --data_dir (aligned {split}.{lang} files) or --dataset_name.")
+
+
+def load_parallel_text(data_dir: str | Path, split: str, source_lang: str, target_lang: str) -> datasets.Dataset:
+    """``{data_dir}/{split}.{source_lang}`` and ``.{target_lang}`` as a dataset with a ``translation`` column.
+
+    Raises naming the files when their line counts differ or a line is empty.
+    """
+    paths = [Path(data_dir) / f"{split}.{lang}" for lang in (source_lang, target_lang)]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: --data_dir needs {split}.{source_lang} and {split}.{target_lang}.")
+    sides = [path.read_text(encoding="utf-8").rstrip("\n").split("\n") for path in paths]
+    if len(sides[0]) != len(sides[1]):
+        raise ValueError(
+            f"{paths[0]} has {len(sides[0])} lines and {paths[1]} {len(sides[1])}: parallel files must be aligned line "
+            "by line."
+        )
+    for path, lines in zip(paths, sides):
+        empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+        if empty:
+            raise ValueError(f"{path} has empty lines (line {empty[0]} and {len(empty) - 1} more); remove the pair.")
+    return datasets.Dataset.from_dict(
+        {"translation": [{source_lang: s, target_lang: t} for s, t in zip(*sides)]}
+    )
+
+
+def load_raw_datasets(data: TranslationDataArguments) -> datasets.DatasetDict:
+    if data.dataset_name:
+        raw = datasets.load_dataset(data.dataset_name, data.dataset_config_name)
+        for split, ds in raw.items():
+            if "translation" not in ds.column_names:
+                raise ValueError(f"Split '{split}' of {data.dataset_name} has no 'translation' column: {ds.column_names}.")
+        return raw
+    splits = (data.train_split, data.validation_split, data.test_split)
+    return datasets.DatasetDict({
+        split: load_parallel_text(data.data_dir, split, data.source_lang, data.target_lang)
+        for split in splits if (Path(data.data_dir) / f"{split}.{data.source_lang}").exists()
+    })
+
+
+def load_teacher(model_args: TranslationModelArguments, tokenizer):
+    if model_args.build_encoder_decoder:
+        path = model_args.teacher_model_name_or_path
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+        model.config.decoder_start_token_id = tokenizer.cls_token_id
+        model.config.eos_token_id = tokenizer.sep_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.decoder_start_token_id = tokenizer.cls_token_id
+        model.generation_config.eos_token_id = tokenizer.sep_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model
+    config = AutoConfig.from_pretrained(model_args.teacher_model_name_or_path)
+    if not getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{common.public_model_name(model_args.teacher_model_name_or_path)} is not an encoder-decoder model "
+            f"({type(config).__name__}); pass a translation model, or an encoder checkpoint with --build_encoder_decoder."
+        )
+    return AutoModelForSeq2SeqLM.from_pretrained(model_args.teacher_model_name_or_path)
+
+
+def build_student(model_args: TranslationModelArguments, teacher):
+    if model_args.student_model_name_or_path:
+        return AutoModelForSeq2SeqLM.from_pretrained(model_args.student_model_name_or_path)
+    if model_args.student_teacher_layers:
+        if not model_args.student_decoder_layers:
+            raise ValueError("--student_teacher_layers needs --student_decoder_layers too (e.g. '1,3,5').")
+        encoder = [int(x) for x in model_args.student_teacher_layers.split(",")]
+        decoder = [int(x) for x in model_args.student_decoder_layers.split(",")]
+        return student_from_teacher_layers(teacher, encoder, decoder_layers=decoder)
+    return student_from_config(teacher, **parse_overrides(model_args.student_config_overrides))
+
+
+def tokenize(raw: datasets.DatasetDict, tokenizer, data: TranslationDataArguments, decoder_start: int | None):
+    def encode(batch):
+        sources = [pair[data.source_lang] for pair in batch["translation"]]
+        targets = [pair[data.target_lang] for pair in batch["translation"]]
+        enc = tokenizer(sources, max_length=data.max_source_length, truncation=True)
+        labels = tokenizer(text_target=targets, max_length=data.max_target_length, truncation=True)["input_ids"]
+        # the decoder starts from decoder_start_token_id itself: do not make it predict a leading copy of it
+        enc["labels"] = [ids[1:] if decoder_start is not None and ids[:1] == [decoder_start] else ids for ids in labels]
+        return enc
+
+    return datasets.DatasetDict({
+        split: ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
+        for split, ds in raw.items()
+    })
+
+
+def main(args: list[str] | None = None) -> dict:
+    """Run the recipe; returns the metrics dict it also saves to ``output_dir``."""
+    model_args, data_args, training_args = common.parse_args(
+        (TranslationModelArguments, TranslationDataArguments, DistillSeq2SeqConfig), args
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    raw = load_raw_datasets(data_args)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path)
+    check_tokenizers(model_args, tokenizer)
+    teacher = load_teacher(model_args, tokenizer)
+    distill = model_args.training_mode == "distill"
+    model = build_student(model_args, teacher) if model_args.has_student else teacher
+    tokenized = tokenize(raw, tokenizer, data_args, model.config.decoder_start_token_id)
+    limits = {data_args.train_split: data_args.max_train_samples, data_args.validation_split: data_args.max_eval_samples,
+              data_args.test_split: data_args.max_predict_samples}
+    for split, limit in limits.items():
+        if limit is not None and split in tokenized:
+            tokenized[split] = tokenized[split].select(range(min(limit, len(tokenized[split]))))
+
+    common_kwargs = dict(
+        model=model, args=training_args, train_dataset=tokenized.get(data_args.train_split),
+        eval_dataset=tokenized.get(data_args.validation_split), processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        compute_metrics=TranslationMetrics(tokenizer, data_args.lowercase_metrics) if training_args.predict_with_generate else None,
+    )
+    trainer = DistillSeq2SeqTrainer(teacher_model=teacher, **common_kwargs) if distill else Seq2SeqTrainer(**common_kwargs)
+
+    metrics: dict = {}
+    if training_args.do_train:
+        metrics.update(common.train(trainer, training_args))
+    teacher_trainer = None
+    if distill and model_args.evaluate_teacher:
+        teacher_trainer = Seq2SeqTrainer(**{**common_kwargs, "model": trainer.teacher_model})
+    for split, prefix, wanted in ((data_args.validation_split, "eval", training_args.do_eval),
+                                  (data_args.test_split, "test", training_args.do_predict)):
+        if wanted and split in tokenized:
+            metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("bleu", "chrf"), tokenized[split]))
+    common.finish(trainer, tokenizer, training_args,
+                  lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
+    return metrics
+
+
+def write_card(model_args, data_args, training_args, teacher, model, metrics) -> None:
+    distill = model_args.training_mode == "distill"
+    metric_key = "test_bleu" if "test_bleu" in metrics else "eval_bleu"
+    sites = [name for name, w in (("encoder", training_args.attention_weight),
+                                  ("decoder", training_args.decoder_attention_weight),
+                                  ("cross", training_args.cross_attention_weight)) if w > 0]
+    if distill:
+        method = "token-level KD" + (f" + {training_args.attention_loss} attention transfer ({', '.join(sites)})" if sites else "")
+    else:
+        method = "fine-tuning without a teacher"
+    source = data_args.dataset_name or Path(data_args.data_dir).name
+    fields = dict(
+        license="apache-2.0",
+        task="translation",
+        auto_class="AutoModelForSeq2SeqLM",
+        teacher=common.public_model_name(model_args.teacher_model_name_or_path),
+        dataset=source,
+        metric_name="bleu",
+        model_name=Path(training_args.output_dir).name,
+        summary=f"A {data_args.source_lang}->{data_args.target_lang} translation model trained with hf_attn_distill ({method}).",
+        teacher_metric=metrics.get(f"teacher_{metric_key}", "not evaluated in this run"),
+        teacher_params=count_parameters(teacher),
+        student_metric=metrics.get(metric_key, "n/a"),
+        student_params=count_parameters(model),
+        eval_split=f"{'test' if metric_key.startswith('test') else 'validation'} split of {source}, "
+        f"{'lower-cased' if data_args.lowercase_metrics else 'cased'} sacrebleu BLEU",
+    )
+    extra = {"student_decoder_layers": model_args.student_decoder_layers, "decoder_layer_map": training_args.decoder_layer_map,
+             "cross_layer_map": training_args.cross_layer_map}
+    write_model_card(training_args.output_dir, fields,
+                     common.card_settings(model_args, training_args, {k: v for k, v in extra.items() if v is not None}))
+
+
+if __name__ == "__main__":
+    main()

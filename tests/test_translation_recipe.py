@@ -1,0 +1,84 @@
+"""The translation recipe end to end on tiny models and a few real Multi30k-style sentence pairs."""
+
+import pytest
+import torch
+from conftest import tiny_bert_config
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, BertModel
+
+from hf_attn_distill.metrics import compute_translation_metrics
+from recipes.distill_translation import load_parallel_text, main
+
+DE = ["Zwei junge Männer sind im Freien.", "Ein Mädchen klettert in ein Spielhaus.", "Ein Hund rennt im Schnee.",
+      "Eine Frau liest ein Buch.", "Männer spielen Fußball.", "Ein Kind isst Eis."]
+EN = ["Two young men are outside.", "A girl climbs into a playhouse.", "A dog runs in the snow.",
+      "A woman reads a book.", "Men play soccer.", "A child eats ice cream."]
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "val", "test_2016_flickr"):
+        (folder / f"{split}.de").write_text("\n".join(DE) + "\n")
+        (folder / f"{split}.en").write_text("\n".join(EN) + "\n")
+    return folder
+
+
+@pytest.fixture()
+def encoder_dir(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    folder = tmp_path / "encoder"
+    BertModel(tiny_bert_config(num_hidden_layers=4)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+COMMON = ["--source_lang", "de", "--target_lang", "en", "--max_steps", "3", "--per_device_train_batch_size", "3",
+          "--per_device_eval_batch_size", "3", "--report_to", "none", "--use_cpu", "--save_strategy", "no",
+          "--predict_with_generate", "--generation_max_length", "8", "--generation_num_beams", "1",
+          "--learning_rate", "1e-3", "--disable_tqdm", "true"]
+
+
+def test_teacher_then_student_with_every_site(tmp_path, data_dir, encoder_dir):
+    teacher_dir = tmp_path / "teacher"
+    teacher_metrics = main(["--training_mode", "finetune", "--teacher_model_name_or_path", str(encoder_dir),
+                            "--build_encoder_decoder", "--data_dir", str(data_dir), "--output_dir", str(teacher_dir),
+                            "--do_train", "--do_eval", *COMMON])
+    assert "eval_bleu" in teacher_metrics
+    student_dir = tmp_path / "student"
+    metrics = main(["--teacher_model_name_or_path", str(teacher_dir), "--student_teacher_layers", "1,3",
+                    "--student_decoder_layers", "0,3", "--layer_map", "uniform", "--decoder_layer_map", "uniform",
+                    "--cross_layer_map", "uniform", "--data_dir", str(data_dir), "--output_dir", str(student_dir),
+                    "--do_train", "--do_eval", "--do_predict", "--evaluate_teacher", *COMMON])
+    for key in ("eval_loss_kd", "eval_loss_attn_enc", "eval_loss_attn_dec", "eval_loss_attn_cross"):
+        assert metrics[key] > 0, key
+    # the reported BLEU is sacrebleu's on the student's own greedy translations of the test sources
+    student = AutoModelForSeq2SeqLM.from_pretrained(student_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    enc = tokenizer(DE, return_tensors="pt", padding=True)
+    generated = student.generate(**enc, max_length=8, num_beams=1)
+    hyps = [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    refs = [t.strip() for t in tokenizer.batch_decode(tokenizer(text_target=EN)["input_ids"], skip_special_tokens=True)]
+    assert metrics["test_bleu"] == pytest.approx(compute_translation_metrics(hyps, refs)["bleu"], abs=1e-6)
+    assert "teacher_test_bleu" in metrics
+    assert (student.config.encoder.num_hidden_layers, student.config.decoder.num_hidden_layers) == (2, 2)
+    card = (student_dir / "README.md").read_text()
+    assert "AutoModelForSeq2SeqLM" in card and "cross" in card and str(tmp_path) not in card
+
+
+def test_bad_parallel_data_names_the_file(tmp_path):
+    (tmp_path / "train.de").write_text("a\nb\nc\n")
+    (tmp_path / "train.en").write_text("a\nb\n")
+    with pytest.raises(ValueError, match="aligned line by line"):
+        load_parallel_text(tmp_path, "train", "de", "en")
+    (tmp_path / "train.en").write_text("a\n\nc\n")
+    with pytest.raises(ValueError, match=r"train.en has empty lines \(line 2"):
+        load_parallel_text(tmp_path, "train", "de", "en")
+    with pytest.raises(FileNotFoundError, match="val.de"):
+        load_parallel_text(tmp_path, "val", "de", "en")
+
+
+def test_encoder_only_teacher_is_refused(tmp_path, data_dir, encoder_dir):
+    with pytest.raises(ValueError, match="not an encoder-decoder model.*--build_encoder_decoder"):
+        main(["--training_mode", "finetune", "--teacher_model_name_or_path", str(encoder_dir), "--data_dir",
+              str(data_dir), "--output_dir", str(tmp_path / "x"), "--do_train", *COMMON])
