@@ -15,10 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CACHE_INDEX_COLUMN", "TeacherLogitsCache"]
+__all__ = ["CACHE_INDEX_COLUMN", "TeacherLogitsCache", "weights_checksum"]
 
 CACHE_INDEX_COLUMN = "teacher_cache_index"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of a model's weights (the sum of all parameters, in float64), part of cache keys."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
 class TeacherLogitsCache:

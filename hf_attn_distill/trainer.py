@@ -14,7 +14,7 @@ from transformers import AutoConfig, PreTrainedModel, Trainer
 from .attention_transfer import SiteTransfer, plan_attention_transfer
 from .config import DistillConfig
 from .losses import logit_kd_loss
-from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
+from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache, weights_checksum
 from .token_kd import token_kd_loss
 
 __all__ = ["KD_MASK_COLUMN", "DistillTrainer", "check_distillation_pair", "load_teacher"]
@@ -173,7 +173,7 @@ class DistillTrainer(Trainer):
             )
         key = {
             "teacher": str(getattr(self.teacher_model.config, "_name_or_path", "")),
-            "teacher_weights_checksum": float(sum(p.detach().float().sum() for p in self.teacher_model.parameters())),
+            "teacher_weights_checksum": weights_checksum(self.teacher_model),
             "dataset_fingerprint": dataset._fingerprint,
             "num_examples": len(dataset),
             "dtype": self.args.teacher_logits_cache_dtype,

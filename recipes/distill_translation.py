@@ -46,6 +46,7 @@ from hf_attn_distill import (
 )
 from hf_attn_distill.metrics import TranslationMetrics
 from hf_attn_distill.model_card import count_parameters, write_model_card
+from hf_attn_distill.sequence_kd import sequence_kd_dataset
 from recipes import common
 from recipes.common import ModelArguments, check_tokenizers, parse_overrides
 
@@ -58,6 +59,15 @@ class TranslationModelArguments(ModelArguments):
 
     student_decoder_layers: str | None = field(
         default=None, metadata={"help": "With --student_teacher_layers: the decoder layers to keep, e.g. '1,3,5'."}
+    )
+    sequence_kd: bool = field(
+        default=False,
+        metadata={"help": "Sequence-level KD (Kim & Rush 2016): train on the teacher's beam-search translations of the "
+                  "training sources (cached on disk) instead of the references; combines with word KD and attention."},
+    )
+    sequence_kd_num_beams: int = field(default=4, metadata={"help": "Beams of the teacher's translations."})
+    sequence_kd_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where the teacher's translations are cached (default: output_dir/teacher_translations)."}
     )
     build_encoder_decoder: bool = field(
         default=False,
@@ -200,6 +210,14 @@ def main(args: list[str] | None = None) -> dict:
         if limit is not None and split in tokenized:
             tokenized[split] = tokenized[split].select(range(min(limit, len(tokenized[split]))))
 
+    if model_args.sequence_kd:
+        if not distill or data_args.train_split not in tokenized:
+            raise ValueError("--sequence_kd needs --training_mode distill and training data.")
+        cache = model_args.sequence_kd_cache_dir or str(Path(training_args.output_dir) / "teacher_translations")
+        tokenized[data_args.train_split] = sequence_kd_dataset(
+            teacher, tokenizer, tokenized[data_args.train_split], cache, num_beams=model_args.sequence_kd_num_beams,
+            max_length=data_args.max_target_length, batch_size=training_args.per_device_eval_batch_size,
+        )
     common_kwargs = dict(
         model=model, args=training_args, train_dataset=tokenized.get(data_args.train_split),
         eval_dataset=tokenized.get(data_args.validation_split), processing_class=tokenizer,
@@ -230,7 +248,8 @@ def write_card(model_args, data_args, training_args, teacher, model, metrics) ->
                                   ("decoder", training_args.decoder_attention_weight),
                                   ("cross", training_args.cross_attention_weight)) if w > 0]
     if distill:
-        method = "token-level KD" + (f" + {training_args.attention_loss} attention transfer ({', '.join(sites)})" if sites else "")
+        method = ("sequence-level KD + " if model_args.sequence_kd else "") + "token-level KD"
+        method += f" + {training_args.attention_loss} attention transfer ({', '.join(sites)})" if sites else ""
     else:
         method = "fine-tuning without a teacher"
     source = data_args.dataset_name or Path(data_args.data_dir).name
@@ -250,7 +269,8 @@ def write_card(model_args, data_args, training_args, teacher, model, metrics) ->
         eval_split=f"{'test' if metric_key.startswith('test') else 'validation'} split of {source}, "
         f"{'lower-cased' if data_args.lowercase_metrics else 'cased'} sacrebleu BLEU",
     )
-    extra = {"student_decoder_layers": model_args.student_decoder_layers, "decoder_layer_map": training_args.decoder_layer_map,
+    extra = {"student_decoder_layers": model_args.student_decoder_layers, "sequence_kd": model_args.sequence_kd or None,
+             "decoder_layer_map": training_args.decoder_layer_map,
              "cross_layer_map": training_args.cross_layer_map}
     write_model_card(training_args.output_dir, fields,
                      common.card_settings(model_args, training_args, {k: v for k, v in extra.items() if v is not None}))

@@ -314,3 +314,34 @@ def test_student_from_teacher_layers_refuses_t5_clearly():
 
     with pytest.raises(ValueError, match="student_from_config"):
         student_from_teacher_layers(t5(4, 4, 0), [1, 3], decoder_layers=[1, 3])
+
+
+def test_sequence_kd_labels_are_the_teachers_translations_cached_until_the_teacher_changes(tmp_path, monkeypatch):
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_attn_distill.sequence_kd import sequence_kd_dataset
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": PAD, "<unk>": 0}, "<unk>")),
+                                  pad_token="<pad>")
+    teacher = bart(2, 4, 0).eval()
+    data = Dataset.from_list(rows())
+    calls = []
+    generate = teacher.generate
+    monkeypatch.setattr(teacher, "generate", lambda **kw: calls.append(1) or generate(**kw))
+    out = sequence_kd_dataset(teacher, tok, data, tmp_path / "cache", num_beams=2, max_length=6, batch_size=3)
+    assert len(calls) == 2  # 4 rows in batches of 3
+    for row, labels in zip(rows(), out["labels"]):
+        want = generate(input_ids=torch.tensor([row["input_ids"]]), num_beams=2, max_length=6)[0].tolist()[1:]
+        eos = teacher.generation_config.eos_token_id
+        want = want[: want.index(eos) + 1] if eos in want else want  # the start token and what follows eos go
+        assert labels == want
+    again = sequence_kd_dataset(teacher, tok, data, tmp_path / "cache", num_beams=2, max_length=6, batch_size=3)
+    assert len(calls) == 2 and again["labels"] == out["labels"]  # read from the cache
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.5)  # another teacher: rebuilt
+    sequence_kd_dataset(teacher, tok, data, tmp_path / "cache", num_beams=2, max_length=6, batch_size=3)
+    assert len(calls) == 4
+    sequence_kd_dataset(teacher, tok, data, tmp_path / "cache", num_beams=1, max_length=6, batch_size=3)
+    assert len(calls) == 6  # other generation settings: rebuilt

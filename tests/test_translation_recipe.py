@@ -82,3 +82,24 @@ def test_encoder_only_teacher_is_refused(tmp_path, data_dir, encoder_dir):
     with pytest.raises(ValueError, match="not an encoder-decoder model.*--build_encoder_decoder"):
         main(["--training_mode", "finetune", "--teacher_model_name_or_path", str(encoder_dir), "--data_dir",
               str(data_dir), "--output_dir", str(tmp_path / "x"), "--do_train", *COMMON])
+
+
+def test_sequence_level_kd_trains_on_cached_teacher_translations(tmp_path, data_dir, encoder_dir):
+    teacher_dir = tmp_path / "teacher"
+    main(["--training_mode", "finetune", "--teacher_model_name_or_path", str(encoder_dir), "--build_encoder_decoder",
+          "--data_dir", str(data_dir), "--output_dir", str(teacher_dir), "--do_train", *COMMON])
+    out = tmp_path / "seq_kd"
+    args = ["--teacher_model_name_or_path", str(teacher_dir), "--student_teacher_layers", "1,3",
+            "--student_decoder_layers", "0,3", "--sequence_kd", "--sequence_kd_num_beams", "2",
+            "--max_target_length", "8", "--data_dir", str(data_dir), "--output_dir", str(out), "--do_train", *COMMON]
+    main(args)
+    import json
+
+    cached = json.loads((out / "teacher_translations" / "translations.json").read_text())
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    first = teacher.generate(**tokenizer(DE[:1], return_tensors="pt"), num_beams=2, max_length=8)[0].tolist()[1:]
+    sep = tokenizer.sep_token_id
+    assert cached[0] == (first[: first.index(sep) + 1] if sep in first else first)
+    assert len(cached) == len(DE)
+    assert "sequence_kd" in (out / "README.md").read_text()

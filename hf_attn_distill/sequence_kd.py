@@ -1,0 +1,85 @@
+"""Sequence-level knowledge distillation (Kim & Rush, 2016): train the student on the teacher's translations.
+
+The teacher translates every training source once (beam search); the student is then trained on those
+outputs instead of (or, with word-level KD and attention transfer, as well as with) the references. The
+translations are cached on disk and reused only while the teacher weights, the training data and the
+generation settings are the same.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .teacher_cache import weights_checksum
+
+__all__ = ["sequence_kd_dataset"]
+
+
+def _strip(tokens: list[int], start: int | None, pad: int | None, eos: int | None) -> list[int]:
+    """Generated ids without the decoder start token, the padding, or anything after the first ``eos``."""
+    if tokens and start is not None and tokens[0] == start:
+        tokens = tokens[1:]
+    out = []
+    for t in tokens:
+        if t == pad and t != eos:
+            break
+        out.append(t)
+        if t == eos:
+            break
+    return out
+
+
+@torch.inference_mode()
+def sequence_kd_dataset(
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: datasets.Dataset,
+    cache_dir: str | Path,
+    num_beams: int = 4,
+    max_length: int = 64,
+    batch_size: int = 32,
+) -> datasets.Dataset:
+    """``dataset`` (with ``input_ids``) with ``labels`` replaced by the teacher's translations of its sources.
+
+    Translations come from ``cache_dir`` when its key (teacher weights checksum, dataset fingerprint and size,
+    generation settings) matches; otherwise they are generated (teacher in eval mode, beam search) and cached.
+    """
+    if "input_ids" not in dataset.column_names:
+        raise ValueError("sequence-level KD needs a tokenized dataset with an input_ids column.")
+    key = {
+        "teacher": type(teacher).__name__,
+        "teacher_weights_checksum": weights_checksum(teacher),
+        "dataset_fingerprint": dataset._fingerprint,
+        "num_examples": len(dataset),
+        "num_beams": num_beams,
+        "max_length": max_length,
+    }
+    folder = Path(cache_dir)
+    meta, data = folder / "meta.json", folder / "translations.json"
+    if meta.exists() and data.exists() and json.loads(meta.read_text()) == key:
+        labels = json.loads(data.read_text())
+    else:
+        config = teacher.generation_config
+        start, pad, eos = config.decoder_start_token_id, config.pad_token_id, config.eos_token_id
+        was_training = teacher.training
+        teacher.eval()
+        labels = []
+        device = next(teacher.parameters()).device
+        for first in range(0, len(dataset), batch_size):
+            rows = dataset[first : first + batch_size]["input_ids"]
+            batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
+            generated = teacher.generate(**batch, num_beams=num_beams, max_length=max_length)
+            labels += [_strip(seq, start, pad, eos) for seq in generated.tolist()]
+        teacher.train(was_training)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta.unlink(missing_ok=True)
+        data.write_text(json.dumps(labels))
+        meta.write_text(json.dumps(key))
+    if "labels" in dataset.column_names:
+        dataset = dataset.remove_columns("labels")
+    return dataset.add_column("labels", labels)
