@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Quality benchmark on Multi30k de->en: which distillation helps a smaller encoder-decoder student?
+
+One teacher: an ``EncoderDecoderModel`` whose encoder and decoder start from all-MiniLM-L6-v2 (6 + 6 layers,
+cross-attention new), trained on the first ``train_examples`` pairs of Multi30k train. Then students with
+3 encoder and 3 decoder layers taken from the teacher (layers 1, 3, 5 of each), the same data, steps and
+seeds:
+
+- ``finetune``: fine-tuning without a teacher;
+- ``kd``: word-level (token) KD + references;
+- ``seq_kd``: sequence-level KD (Kim & Rush 2016): trained on the teacher's beam-search translations;
+- ``kd_attn``: ``kd`` + attention KL at every site (encoder self, decoder self, cross);
+- ``kd_attn_self``: ``kd`` + encoder and decoder self-attention only (does cross-attention add anything?).
+
+BLEU and chrF (sacrebleu, lower-cased: the MiniLM vocabulary is uncased) of greedy translations of
+``test_2016_flickr``. Writes ``benchmarks/results/quality_translation.json`` and ``.md`` after every run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from hf_attn_distill.profiling import machine_info  # noqa: E402
+from recipes.distill_translation import main as run_recipe  # noqa: E402
+from recipes.sst2_demo import minilm_path  # noqa: E402
+
+SITES_ALL = ["--layer_map", "uniform", "--decoder_layer_map", "uniform", "--cross_layer_map", "uniform"]
+VARIANTS = {
+    "finetune": ["--training_mode", "finetune"],
+    "kd": ["--layer_map", "none"],
+    "seq_kd": ["--layer_map", "none", "--sequence_kd"],
+    "kd_attn": SITES_ALL,
+    "kd_attn_self": ["--layer_map", "uniform", "--decoder_layer_map", "uniform"],
+}
+
+
+@dataclass
+class QualityTranslationArguments:
+    """Budget and output of the translation quality benchmark."""
+
+    work_dir: str = field(default="outputs/quality_translation", metadata={"help": "Scratch folder for models."})
+    results: str = field(default=str(ROOT / "benchmarks" / "results" / "quality_translation"),
+                         metadata={"help": "JSON/MD path stem."})
+    data_dir: str = field(default=str(ROOT.parent / "shared" / "data" / "multi30k"), metadata={"help": "Multi30k folder."})
+    train_examples: int = field(default=29000, metadata={"help": "First N training pairs (teacher and students)."})
+    test_examples: int = field(default=1000, metadata={"help": "First N test_2016_flickr pairs scored."})
+    teacher_steps: int = field(default=1500, metadata={"help": "Teacher training steps."})
+    student_steps: int = field(default=800, metadata={"help": "Steps per student run (same for every variant)."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size (sentence pairs)."})
+    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Teacher learning rate."})
+    student_learning_rate: float = field(default=2e-4, metadata={"help": "Student learning rate."})
+    encoder_layers: str = field(default="1,3,5", metadata={"help": "Teacher encoder layers kept by the student."})
+    decoder_layers: str = field(default="1,3,5", metadata={"help": "Teacher decoder layers kept by the student."})
+    max_length: int = field(default=40, metadata={"help": "Source/target tokens and generation length."})
+    seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Student seeds."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
+    reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
+
+
+def common_args(args: QualityTranslationArguments, output_dir: Path, seed: int) -> list[str]:
+    return [
+        "--data_dir", args.data_dir, "--source_lang", "de", "--target_lang", "en",
+        "--max_train_samples", str(args.train_examples), "--max_predict_samples", str(args.test_examples),
+        "--max_source_length", str(args.max_length), "--max_target_length", str(args.max_length),
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_eval_batch_size", "64", "--warmup_steps", "0.06", "--weight_decay", "0.01",
+        "--logging_steps", "50", "--save_strategy", "no", "--report_to", "none", "--seed", str(seed),
+        "--do_train", "--do_predict", "--predict_with_generate", "--generation_max_length", str(args.max_length),
+        "--generation_num_beams", "1", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+    ]
+
+
+def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslationArguments) -> dict:
+    students = {}
+    for name, items in runs.items():
+        bleus = [r["bleu"] for r in items]
+        students[name] = {
+            "mean": statistics.fmean(bleus),
+            "std": statistics.stdev(bleus) if len(bleus) > 1 else 0.0,
+            "runs": bleus,
+            "chrf_mean": statistics.fmean(r["chrf"] for r in items),
+            "seeds": [r["seed"] for r in items],
+            "retention": statistics.fmean(bleus) / teacher["bleu"] if teacher["bleu"] else None,
+            "wall_s_mean": statistics.fmean(r["wall_s"] for r in items),
+        }
+    return {
+        "metric": "bleu",
+        "unit": "BLEU (sacrebleu 13a)",
+        "casing": "lower-cased (the MiniLM vocabulary is uncased)",
+        "eval_set": f"Multi30k test_2016_flickr, first {args.test_examples} pairs, greedy decoding",
+        "teacher": teacher["bleu"],
+        "teacher_chrf": teacher["chrf"],
+        "teacher_model": f"EncoderDecoderModel from all-MiniLM-L6-v2 (6+6 layers), {args.teacher_steps} steps",
+        "student": f"3+3 layers (encoder {args.encoder_layers}, decoder {args.decoder_layers} of the teacher)",
+        "students": students,
+        "machine": machine_info(),
+        "settings": asdict(args),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Teacher: BLEU {result['teacher']:.2f}, chrF {result['teacher_chrf']:.2f} ({result['casing']})  ",
+             f"Eval set: {result['eval_set']}  ", f"Machine: {result['machine']}", "",
+             "| student variant | BLEU mean | std | BLEU runs | chrF mean | retention | wall time / run |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in result["students"].items():
+        runs = ", ".join(f"{b:.2f}" for b in s["runs"])
+        retention = "-" if s["retention"] is None else f"{s['retention'] * 100:.1f}%"
+        lines.append(f"| {name} | {s['mean']:.2f} | {s['std']:.2f} | {runs} | {s['chrf_mean']:.2f} | {retention} | "
+                     f"{s['wall_s_mean']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(QualityTranslationArguments).parse_args_into_dataclasses(argv)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}.")
+    work = Path(args.work_dir)
+    teacher_dir = work / "teacher"
+    if args.reuse_teacher and (teacher_dir / "test_results.json").exists():
+        metrics = json.loads((teacher_dir / "test_results.json").read_text())
+    else:
+        metrics = run_recipe([
+            "--training_mode", "finetune", "--teacher_model_name_or_path", minilm_path(), "--build_encoder_decoder",
+            "--learning_rate", str(args.teacher_learning_rate), "--max_steps", str(args.teacher_steps),
+            *common_args(args, teacher_dir, 0),
+        ])
+    teacher = {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"]}
+    print(f"teacher BLEU {teacher['bleu']:.2f} chrF {teacher['chrf']:.2f}", flush=True)
+    runs: dict[str, list[dict]] = {}
+    stem = Path(args.results)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    result = summarize(teacher, runs, args)
+    for name in args.variants:
+        for seed in args.seeds:
+            student_dir = work / f"{name}_seed{seed}"
+            recipe_args = [
+                "--training_mode", "distill", "--teacher_model_name_or_path", str(teacher_dir),
+                "--student_teacher_layers", args.encoder_layers, "--student_decoder_layers", args.decoder_layers,
+                "--learning_rate", str(args.student_learning_rate), "--max_steps", str(args.student_steps),
+                "--temperature", "2.0", "--alpha_ce", "0.5", "--alpha_kd", "0.5",
+                "--sequence_kd_cache_dir", str(work / "teacher_translations"),
+                *common_args(args, student_dir, seed), *VARIANTS[name],
+            ]
+            start = time.perf_counter()
+            metrics = run_recipe(recipe_args)
+            wall = time.perf_counter() - start
+            runs.setdefault(name, []).append(
+                {"seed": seed, "bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"], "wall_s": wall})
+            print(f"{name} seed {seed}: BLEU {metrics['test_bleu']:.2f} chrF {metrics['test_chrf']:.2f} ({wall:.0f} s)",
+                  flush=True)
+            shutil.rmtree(student_dir, ignore_errors=True)
+            result = summarize(teacher, runs, args)
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+            stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
