@@ -17,7 +17,7 @@ from .losses import logit_kd_loss
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache, weights_checksum
 from .token_kd import token_kd_loss
 
-__all__ = ["KD_MASK_COLUMN", "DistillTrainer", "check_distillation_pair", "load_teacher"]
+__all__ = ["KD_MASK_COLUMN", "DistillTrainer", "check_distillation_pair", "load_teacher", "teacher_label_order"]
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 KD_MASK_COLUMN = "kd_mask"
@@ -76,6 +76,8 @@ def check_distillation_pair(
             f"Student has num_labels={s_cfg.num_labels}, teacher num_labels={t_cfg.num_labels}: logit KD needs the "
             "same label set. Create the student with the teacher's num_labels/id2label."
         )
+    if args.alpha_kd > 0:
+        teacher_label_order(student, teacher)  # raises when the label names differ
     s_start, t_start = _config_value(s_cfg, "decoder_start_token_id"), _config_value(t_cfg, "decoder_start_token_id")
     if s_start != t_start:
         raise ValueError(
@@ -83,6 +85,27 @@ def check_distillation_pair(
             "prefix. Set the student's config.decoder_start_token_id to the teacher's."
         )
     return plan_attention_transfer(student, teacher, args)
+
+
+def teacher_label_order(student: PreTrainedModel, teacher: PreTrainedModel) -> list[int] | None:
+    """Teacher logit columns in the student's label order, or ``None`` when both order labels alike.
+
+    Models name their labels in ``config.id2label``. Default names (``LABEL_0``...) or identical maps need no
+    reordering; the same names in another order are remapped; different names raise.
+    """
+    s_map, t_map = getattr(student.config, "id2label", None), getattr(teacher.config, "id2label", None)
+    if not s_map or not t_map or len(s_map) != len(t_map):
+        return None
+    s_names = [s_map[i] for i in sorted(s_map)]
+    t_names = [t_map[i] for i in sorted(t_map)]
+    if s_names == t_names:
+        return None
+    if sorted(s_names) != sorted(t_names):
+        raise ValueError(
+            f"Student labels {s_names} and teacher labels {t_names} differ: KD would teach the student the wrong "
+            "classes. Create the student with the teacher's id2label/label2id (or relabel the data)."
+        )
+    return [t_names.index(name) for name in s_names]
 
 
 def _config_value(config, name: str):
@@ -133,6 +156,12 @@ class DistillTrainer(Trainer):
         if teacher_model is model:
             raise ValueError("teacher_model is the student itself; pass a separate teacher.")
         self.transfers = check_distillation_pair(model, teacher_model, args)
+        self._teacher_label_order = teacher_label_order(model, teacher_model) if args.alpha_kd > 0 else None
+        if any(p.device.type == "meta" for p in teacher_model.parameters()):
+            raise ValueError(
+                "The teacher has parameters on the 'meta' device (not loaded). Load it with real weights, e.g. "
+                "from_pretrained(..., device_map=None), before passing it as teacher_model."
+            )
         self._seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
 
         if args.teacher_dtype != "auto":
@@ -235,6 +264,19 @@ class DistillTrainer(Trainer):
         # DDP averages gradients over processes; multiply back so the result is the global mean.
         return items / self._window_items.to(items.device) * self.args.world_size
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err) and "Missing key" not in str(err) and "Unexpected key" not in str(err):
+                raise
+            raise ValueError(
+                f"Checkpoint {resume_from_checkpoint} holds a student of another shape than this trainer's "
+                f"({type(self.accelerator.unwrap_model(self.model)).__name__}, "
+                f"{sum(p.numel() for p in self.model.parameters())} parameters): resume with the same student "
+                "configuration, or start a new run (resume_from_checkpoint=None)."
+            ) from err
+
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
@@ -297,6 +339,8 @@ class DistillTrainer(Trainer):
                     mask = attn.bool()
                 terms.append(token_kd_loss(student_logits, teacher_logits, self.args.temperature, mask))
                 continue
+            if self._teacher_label_order is not None:  # same label names, other order
+                teacher_logits = teacher_logits[..., self._teacher_label_order]
             terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature))
         return torch.stack(terms).mean()
 

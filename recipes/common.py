@@ -185,3 +185,22 @@ def finish(trainer, tokenizer, training_args, write_card) -> None:
         write_card()
         if training_args.push_to_hub:
             push_folder_to_hub(training_args)
+
+
+def check_lengths(model, lengths: dict[str, int]) -> None:
+    """Refuse sequence lengths (``{flag: value}``) beyond the model's position embeddings."""
+    config = getattr(model.config, "encoder", model.config)
+    positions = getattr(config, "max_position_embeddings", None)
+    for flag, value in lengths.items():
+        if isinstance(positions, int) and value > positions:
+            raise ValueError(
+                f"{flag}={value} but {type(model).__name__} has only {positions} positions: lower {flag} to at most "
+                f"{positions}."
+            )
+
+
+def check_not_empty(datasets_by_split: dict) -> None:
+    """Refuse empty splits, naming them."""
+    for split, ds in datasets_by_split.items():
+        if ds is not None and len(ds) == 0:
+            raise ValueError(f"Split '{split}' is empty: point the data arguments at a file with examples.")

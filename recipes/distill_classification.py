@@ -94,14 +94,20 @@ def load_raw_datasets(data: DataArguments) -> datasets.DatasetDict:
     if len(suffixes) != 1:
         raise ValueError(f"All local files must have one format, got {sorted(suffixes)}.")
     suffix = suffixes.pop()
-    if suffix in (".tsv", ".csv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        # SST-2 style TSV has unbalanced quotes: never treat quotes specially in TSV.
-        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
-        return datasets.load_dataset("csv", data_files=files, delimiter=delimiter, quoting=quoting)
-    if suffix in (".json", ".jsonl"):
+    if suffix not in (".tsv", ".csv", ".json", ".jsonl"):
+        raise ValueError(f"Unsupported file type {suffix!r}: use csv, tsv, json or jsonl.")
+    try:
+        if suffix in (".tsv", ".csv"):
+            delimiter = "\t" if suffix == ".tsv" else ","
+            # SST-2 style TSV has unbalanced quotes: never treat quotes specially in TSV.
+            quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+            return datasets.load_dataset("csv", data_files=files, delimiter=delimiter, quoting=quoting)
         return datasets.load_dataset("json", data_files=files)
-    raise ValueError(f"Unsupported file type {suffix!r}: use csv, tsv, json or jsonl.")
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):
+            raise
+        raise ValueError(f"A data file is empty (no rows after the header): {sorted(Path(f).name for f in files.values())}."
+                         ) from err
 
 
 def check_columns(raw: datasets.DatasetDict, data: DataArguments) -> None:
@@ -147,6 +153,7 @@ def main(args: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     raw = load_raw_datasets(data_args)
+    common.check_not_empty(raw)
     check_columns(raw, data_args)
     names = label_names(raw, data_args)
     tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path)
@@ -165,6 +172,16 @@ def main(args: list[str] | None = None) -> dict:
     if names:
         label_kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     teacher = AutoModelForSequenceClassification.from_pretrained(model_args.teacher_model_name_or_path, **label_kwargs)
+    common.check_lengths(teacher, {"--max_seq_length": data_args.max_seq_length})
+    for split, ds in tokenized.items():
+        if "labels" in ds.column_names and len(ds):
+            high, low = max(ds["labels"]), min(ds["labels"])
+            if low < 0 or high >= teacher.config.num_labels:
+                raise ValueError(
+                    f"Split '{split}' has label {high if high >= teacher.config.num_labels else low}, outside 0.."
+                    f"{teacher.config.num_labels - 1} (num_labels={teacher.config.num_labels}): fix the labels or set "
+                    "--num_labels to the number of classes."
+                )
     distill = model_args.training_mode == "distill"
     head_kwargs = dict(num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
                        label2id=teacher.config.label2id)

@@ -147,6 +147,7 @@ def main(args: list[str] | None = None) -> dict:
         )
 
     teacher = AutoModelForQuestionAnswering.from_pretrained(model_args.teacher_model_name_or_path)
+    common.check_lengths(teacher, {"--max_seq_length": data_args.max_seq_length})
     distill = model_args.training_mode == "distill"
     model = build_student(model_args, teacher, AutoModelForQuestionAnswering) if model_args.has_student else teacher
     compute_metrics = None

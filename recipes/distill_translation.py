@@ -198,11 +198,14 @@ def main(args: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     raw = load_raw_datasets(data_args)
+    common.check_not_empty(raw)
     tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path)
     check_tokenizers(model_args, tokenizer)
     teacher = load_teacher(model_args, tokenizer)
     distill = model_args.training_mode == "distill"
     model = build_student(model_args, teacher) if model_args.has_student else teacher
+    common.check_lengths(teacher, {"--max_source_length": data_args.max_source_length,
+                                   "--max_target_length": data_args.max_target_length})
     tokenized = tokenize(raw, tokenizer, data_args, model.config.decoder_start_token_id)
     limits = {data_args.train_split: data_args.max_train_samples, data_args.validation_split: data_args.max_eval_samples,
               data_args.test_split: data_args.max_predict_samples}

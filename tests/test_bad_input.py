@@ -1,0 +1,97 @@
+"""Bad input gets an error that names the fix (the README's troubleshooting list)."""
+
+import pytest
+import torch
+from conftest import FIXTURES, tiny_classifier
+from transformers import DataCollatorWithPadding
+
+from hf_attn_distill import DistillConfig, DistillTrainer, logit_kd_loss
+
+DATA = FIXTURES / "sentiment_tiny.tsv"
+
+
+def args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def test_same_label_names_in_another_order_are_remapped(tmp_path, tokenizer, sentiment_dataset):
+    teacher = tiny_classifier(0, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2,
+                              id2label={0: "positive", 1: "negative"}, label2id={"positive": 0, "negative": 1})
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path, attention_weight=0))
+    batch = DataCollatorWithPadding(tokenizer)([sentiment_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        trainer.compute_loss(student.eval(), dict(batch))
+        got = trainer._pop_term_means("eval")["loss_kd"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        want = logit_kd_loss(student(**inputs).logits, teacher(**inputs).logits[:, [1, 0]], 2.0)
+    assert got == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_different_label_names_raise(tmp_path):
+    teacher = tiny_classifier(0, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2,
+                              id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1})
+    with pytest.raises(ValueError, match="teacher's id2label"):
+        DistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path))
+
+
+def test_teacher_without_real_weights_raises(tmp_path):
+    with torch.device("meta"):
+        teacher = tiny_classifier(0)
+    with pytest.raises(ValueError, match="meta"):
+        DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2), teacher_model=teacher,
+                       args=args(tmp_path, attention_weight=0))
+
+
+def test_resume_from_a_checkpoint_of_another_student_shape(tmp_path, tokenizer, sentiment_dataset):
+    common = dict(max_steps=2, save_strategy="steps", save_steps=2, per_device_train_batch_size=4)
+    first = DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+                           teacher_model=tiny_classifier(0), args=args(tmp_path / "a", **common),
+                           train_dataset=sentiment_dataset, data_collator=DataCollatorWithPadding(tokenizer))
+    first.train()
+    other = DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, hidden_size=64),
+                           teacher_model=tiny_classifier(0, hidden_size=64), args=args(tmp_path / "b", **common),
+                           train_dataset=sentiment_dataset, data_collator=DataCollatorWithPadding(tokenizer))
+    with pytest.raises(ValueError, match="another shape.*resume_from_checkpoint=None"):
+        other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+
+
+def _recipe(tmp_path, teacher_dir, **extra):
+    from test_recipes import _base
+
+    from recipes.distill_classification import main
+
+    return main(_base(tmp_path / "out", **{"--teacher_model_name_or_path": teacher_dir,
+                                           "--student_teacher_layers": "0,1", **extra}))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("teacher")
+    tiny_classifier(0, num_hidden_layers=4).save_pretrained(folder)  # max_position_embeddings=64
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_max_length_beyond_position_embeddings(tmp_path, teacher_dir):
+    with pytest.raises(ValueError, match="max_seq_length=128.*64 positions"):
+        _recipe(tmp_path, teacher_dir, **{"--max_seq_length": "128"})
+
+
+def test_empty_training_data(tmp_path, teacher_dir):
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("sentence\tlabel\n")
+    with pytest.raises(ValueError, match="empty"):
+        _recipe(tmp_path, teacher_dir, **{"--train_file": str(empty), "--validation_file": str(empty),
+                                          "--max_seq_length": "32"})
+
+
+def test_labels_out_of_range(tmp_path, teacher_dir):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\na good film\t1\na bad film\t5\n")
+    with pytest.raises(ValueError, match="label 5.*num_labels=2"):
+        _recipe(tmp_path, teacher_dir, **{"--train_file": str(bad), "--validation_file": str(bad),
+                                          "--max_seq_length": "32", "--num_labels": "2"})
