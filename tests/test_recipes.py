@@ -26,6 +26,7 @@ def _base(output_dir, **extra):
         "--train_file": str(DATA), "--validation_file": str(DATA), "--output_dir": str(output_dir),
         "--max_steps": "4", "--per_device_train_batch_size": "8", "--report_to": "none", "--save_strategy": "no",
         "--do_train": None, "--do_eval": None, "--disable_tqdm": "true", "--learning_rate": "1e-3",
+        "--max_seq_length": "64",
     }
     args.update(extra)
     out = []
@@ -80,7 +81,7 @@ def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir):
 def test_student_from_config_overrides_and_json_config(tmp_path, tiny_teacher_dir):
     config = {
         "teacher_model_name_or_path": tiny_teacher_dir, "student_config_overrides": "num_hidden_layers=2,hidden_size=16",
-        "train_file": str(DATA), "validation_file": str(DATA), "output_dir": str(tmp_path / "s"), "max_steps": 2,
+        "train_file": str(DATA), "validation_file": str(DATA), "output_dir": str(tmp_path / "s"), "max_steps": 2, "max_seq_length": 64,
         "report_to": "none", "save_strategy": "no", "do_train": True, "do_eval": True, "layer_map": "last",
         "attention_loss": "kl",
     }
@@ -96,7 +97,7 @@ def test_yaml_config(tmp_path, tiny_teacher_dir):
     yaml = pytest.importorskip("yaml")
     config = {
         "teacher_model_name_or_path": tiny_teacher_dir, "student_teacher_layers": "0,3", "train_file": str(DATA),
-        "validation_file": str(DATA), "output_dir": str(tmp_path / "y"), "max_steps": 2, "report_to": "none",
+        "validation_file": str(DATA), "output_dir": str(tmp_path / "y"), "max_steps": 2, "max_seq_length": 64, "report_to": "none",
         "save_strategy": "no", "do_train": True, "attention_weight": 0,
     }
     path = tmp_path / "config.yaml"
@@ -176,7 +177,7 @@ def test_sentence_pairs_from_jsonl(tmp_path, tiny_teacher_dir):
         "--teacher_model_name_or_path", tiny_teacher_dir, "--student_teacher_layers", "0,3",
         "--train_file", str(path), "--validation_file", str(path), "--text_column", "premise",
         "--text_pair_column", "hypothesis", "--label_column", "gold", "--output_dir", str(tmp_path / "out"),
-        "--max_steps", "2", "--report_to", "none", "--save_strategy", "no", "--do_train", "--do_eval",
+        "--max_steps", "2", "--report_to", "none", "--save_strategy", "no", "--do_train", "--do_eval", "--max_seq_length", "64",
     ])
     names = ["contradiction", "entailment"]
     assert metrics["eval_accuracy"] == pytest.approx(
