@@ -128,13 +128,26 @@ def check_tokenizers(model_args: ModelArguments, tokenizer) -> None:
 
 
 def push_folder_to_hub(training_args) -> None:
-    """Upload ``output_dir`` (without checkpoints) to ``hub_model_id``, as ``Trainer.push_to_hub`` names repos."""
+    """Upload ``output_dir`` (without checkpoints) to ``hub_model_id``, as ``Trainer.push_to_hub`` names repos.
+
+    A failure raises ``RuntimeError`` saying why, after everything is saved locally; the token never
+    appears in the message.
+    """
     from huggingface_hub import HfApi
 
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
-    api = HfApi(token=training_args.hub_token)
-    api.create_repo(repo_id, exist_ok=True, private=training_args.hub_private_repo)
-    api.upload_folder(repo_id=repo_id, folder_path=training_args.output_dir, ignore_patterns=["checkpoint-*", "runs/*"])
+    try:
+        api = HfApi(token=training_args.hub_token)
+        api.create_repo(repo_id, exist_ok=True, private=training_args.hub_private_repo)
+        api.upload_folder(repo_id=repo_id, folder_path=training_args.output_dir,
+                          ignore_patterns=["checkpoint-*", "runs/*", "training_args.bin"], commit_message="Distilled student")
+    except Exception as err:  # noqa: BLE001 - any transport or Hub error: keep the local result, say why
+        reason = str(err).replace(training_args.hub_token or "\0", "<token>")
+        raise RuntimeError(
+            f"Pushing to the Hub repo {repo_id} failed: {reason.splitlines()[0] if reason else type(err).__name__}. "
+            f"The student, its tokenizer, metrics and model card are saved in {training_args.output_dir}; push them "
+            "later with `huggingface-cli upload`."
+        ) from None
 
 
 def public_model_name(name_or_path: str) -> str:
@@ -143,9 +156,13 @@ def public_model_name(name_or_path: str) -> str:
 
 
 def train(trainer, training_args) -> dict:
-    """``trainer.train()`` (resuming if asked), then save model, metrics and state as ``run_*.py`` do."""
+    """``trainer.train()`` (resuming if asked), then save model, metrics and state as ``run_*.py`` do.
+
+    With ``push_to_hub`` the Trainer pushes during training as ``hub_strategy`` says; the final upload is
+    :func:`push_folder_to_hub`'s, once the card is written, so the model is saved here without pushing.
+    """
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
+    trainer.save_model(_internal_call=True)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

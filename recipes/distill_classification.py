@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,10 @@ from transformers import (
 from hf_attn_distill import DistillConfig, DistillTrainer
 from hf_attn_distill.metrics import compute_classification_metrics
 from hf_attn_distill.model_card import count_parameters, write_model_card
-from recipes import common
+
+if __package__ in (None, ""):  # run as a script: make the repository's `recipes` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recipes import common  # noqa: E402
 from recipes.common import ModelArguments, build_student, check_tokenizers
 
 logger = logging.getLogger(__name__)
@@ -233,11 +237,12 @@ def write_card(model_args, data_args, training_args, teacher, model, metrics) ->
         metric_name="accuracy",
         model_name=Path(training_args.output_dir).name,
         summary=(
-            f"A {model.config.num_hidden_layers}-layer student distilled from `{model_args.teacher_model_name_or_path}` "
+            f"A {model.config.num_hidden_layers}-layer student distilled from "
+            f"`{common.public_model_name(model_args.teacher_model_name_or_path)}` "
             f"with [hf_attn_distill](https://github.com/hf-attn-distill/hf_attn_distill) ({method})."
             if distill
             else f"A {model.config.num_hidden_layers}-layer model trained by {method} "
-            f"(starting point: `{model_args.student_layers_from or model_args.teacher_model_name_or_path}`)."
+            f"(starting point: `{common.public_model_name(model_args.student_layers_from or model_args.teacher_model_name_or_path)}`)."
         ),
         teacher_metric=metrics.get(f"teacher_{metric_key}", "not evaluated in this run"),
         teacher_params=count_parameters(teacher),

@@ -24,6 +24,7 @@ answer text are dropped, counted and logged.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,10 @@ from hf_attn_distill.qa import (
     prepare_train_features,
     prepare_validation_features,
 )
-from recipes import common
+
+if __package__ in (None, ""):  # run as a script: make the repository's `recipes` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recipes import common  # noqa: E402
 from recipes.common import ModelArguments, build_student, check_tokenizers
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ Data: aligned text files ``{data_dir}/{split}.{lang}`` (one sentence a line), or
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,10 @@ from hf_attn_distill import (
 from hf_attn_distill.metrics import TranslationMetrics
 from hf_attn_distill.model_card import count_parameters, write_model_card
 from hf_attn_distill.sequence_kd import sequence_kd_dataset
-from recipes import common
+
+if __package__ in (None, ""):  # run as a script: make the repository's `recipes` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recipes import common  # noqa: E402
 from recipes.common import ModelArguments, check_tokenizers, parse_overrides
 
 logger = logging.getLogger(__name__)
