@@ -221,3 +221,35 @@ def check_not_empty(datasets_by_split: dict) -> None:
     for split, ds in datasets_by_split.items():
         if ds is not None and len(ds) == 0:
             raise ValueError(f"Split '{split}' is empty: point the data arguments at a file with examples.")
+
+
+def write_figures(trainer, tokenizer, inputs: dict, output_dir: str | Path) -> list[Path]:
+    """``loss_curves.png`` and, for each distilled attention site, ``attention_{site}.png`` (teacher vs student
+    on the first example of ``inputs``) in ``output_dir``. Skipped with a warning when matplotlib is missing."""
+    import logging
+
+    from hf_attn_distill import group_teacher_heads
+    from hf_attn_distill.plots import attention_maps, plot_attention, plot_loss_curves
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logging.getLogger(__name__).warning("matplotlib is not installed: no figures written (pip install matplotlib).")
+        return []
+    output_dir = Path(output_dir)
+    written = []
+    if any("loss" in e for e in trainer.state.log_history):
+        written.append(plot_loss_curves(trainer.state.log_history, output_dir / "loss_curves.png"))
+    source = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    target = tokenizer.convert_ids_to_tokens(inputs["decoder_input_ids"][0]) if "decoder_input_ids" in inputs else source
+    device = trainer.args.device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    for transfer in getattr(trainer, "transfers", []):
+        teacher = attention_maps(trainer.teacher_model, transfer.teacher.modules, inputs)
+        student = attention_maps(trainer.model, transfer.student.modules, inputs)
+        teacher = [group_teacher_heads(t[None], transfer.student_heads, "probs")[0] for t in teacher]
+        queries = source if transfer.site == "encoder" else target
+        keys = target if transfer.site == "decoder" else source
+        written.append(plot_attention(teacher, student, transfer.pairs, output_dir / f"attention_{transfer.site}.png",
+                                      queries, keys, title=f"{transfer.site} attention"))
+    return written

@@ -216,6 +216,12 @@ def main(args: list[str] | None = None) -> dict:
         if distill and model_args.evaluate_teacher:
             teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
         metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("accuracy",), tokenized[split]))
+    if training_args.do_train and trainer.is_world_process_zero():
+        example = raw[data_args.validation_split if data_args.validation_split in raw else "train"][0]
+        pair = example[data_args.text_pair_column] if data_args.text_pair_column else None
+        common.write_figures(trainer, tokenizer, tokenizer(example[data_args.text_column], pair, truncation=True,
+                                                           max_length=data_args.max_seq_length, return_tensors="pt"),
+                             training_args.output_dir)
     common.finish(trainer, tokenizer, training_args,
                   lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
     return metrics

@@ -175,6 +175,12 @@ def main(args: list[str] | None = None) -> dict:
         if distill and model_args.evaluate_teacher:
             teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
         metrics.update(common.evaluate(trainer, teacher_trainer, "eval", ("exact_match", "f1", "_exact")))
+    if training_args.do_train and trainer.is_world_process_zero():
+        example = (eval_examples if eval_examples is not None else raw["train"])[0]
+        cols = data_args.columns
+        common.write_figures(trainer, tokenizer, tokenizer(example[cols["question"]], example[cols["context"]],
+                                                           truncation="only_second", max_length=data_args.max_seq_length,
+                                                           return_tensors="pt"), training_args.output_dir)
     common.finish(trainer, tokenizer, training_args,
                   lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
     return metrics

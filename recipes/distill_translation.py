@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from transformers import (
     AutoConfig,
@@ -243,6 +244,15 @@ def main(args: list[str] | None = None) -> dict:
                                   (data_args.test_split, "test", training_args.do_predict)):
         if wanted and split in tokenized:
             metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("bleu", "chrf"), tokenized[split]))
+    if training_args.do_train and trainer.is_world_process_zero():
+        split = data_args.validation_split if data_args.validation_split in tokenized else data_args.train_split
+        row = tokenized[split][0]
+        labels = torch.tensor([row["labels"]])
+        common.write_figures(trainer, tokenizer, {
+            "input_ids": torch.tensor([row["input_ids"]]), "attention_mask": torch.tensor([row["attention_mask"]]),
+            "decoder_input_ids": trainer.accelerator.unwrap_model(trainer.model).prepare_decoder_input_ids_from_labels(
+                labels=labels),
+        }, training_args.output_dir)
     common.finish(trainer, tokenizer, training_args,
                   lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
     return metrics

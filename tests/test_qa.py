@@ -215,3 +215,4 @@ def test_recipe_end_to_end(tmp_path, tokenizer, version_2):
     card = (out / "README.md").read_text()
     assert "AutoModelForQuestionAnswering" in card and str(tmp_path) not in card
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert (out / "attention_encoder.png").exists() and (out / "loss_curves.png").exists()

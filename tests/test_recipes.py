@@ -65,7 +65,7 @@ def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir):
     student_dir = tmp_path / "student"
     metrics = recipe_main(_base(student_dir, **{
         "--teacher_model_name_or_path": str(teacher_dir), "--student_teacher_layers": "1,3",
-        "--attention_loss": "mse_scores", "--evaluate_teacher": "true",
+        "--attention_loss": "mse_scores", "--evaluate_teacher": "true", "--logging_steps": "1",
     }))
     assert metrics["eval_accuracy"] == pytest.approx(recomputed_accuracy(student_dir, tsv_rows(DATA)))
     assert metrics["teacher_eval_accuracy"] == pytest.approx(recomputed_accuracy(teacher_dir, tsv_rows(DATA)))
@@ -73,6 +73,7 @@ def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir):
     student = AutoModelForSequenceClassification.from_pretrained(student_dir)
     assert student.config.num_hidden_layers == 2
     assert (student_dir / "tokenizer.json").exists()
+    assert (student_dir / "loss_curves.png").stat().st_size > 0 and (student_dir / "attention_encoder.png").exists()
     card = (student_dir / "README.md").read_text()
     assert "2-layer student distilled" in card and "attention MSE" in card and "$" not in card
     assert json.loads((student_dir / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]

@@ -62,6 +62,8 @@ def test_teacher_then_student_with_every_site(tmp_path, data_dir, encoder_dir):
     assert metrics["test_bleu"] == pytest.approx(compute_translation_metrics(hyps, refs)["bleu"], abs=1e-6)
     assert "teacher_test_bleu" in metrics
     assert (student.config.encoder.num_hidden_layers, student.config.decoder.num_hidden_layers) == (2, 2)
+    for site in ("encoder", "decoder", "cross"):  # cross: a source x target alignment grid per mapped layer
+        assert (student_dir / f"attention_{site}.png").stat().st_size > 0
     card = (student_dir / "README.md").read_text()
     assert "AutoModelForSeq2SeqLM" in card and "cross" in card and str(tmp_path) not in card
 
