@@ -23,7 +23,10 @@ class DistillConfig(TrainingArguments):
     Configuration for [`DistillTrainer`]: everything [`~transformers.TrainingArguments`] has, plus the
     distillation objective
 
-    ``loss = alpha_ce * CE(student, labels) + alpha_kd * KD(student, teacher) + attention_weight * ATT``
+    ``loss = alpha_ce * CE(student, labels) + alpha_kd * KD(student, teacher)
+    + attention_weight * ATT_enc + decoder_attention_weight * ATT_dec + cross_attention_weight * ATT_cross``
+
+    with one attention term per mapped site (encoder self-attention, decoder self-attention, cross-attention).
 
     Parameters:
         temperature (`float`, *optional*, defaults to `2.0`):
@@ -45,7 +48,7 @@ class DistillConfig(TrainingArguments):
             Which teacher layer each student layer learns encoder self-attention from (0-based). `"uniform"`
             (TinyBERT: student layer `i` <- teacher layer `k*(i+1)-1`, `k = teacher_layers / student_layers`),
             `"last"` (MiniLM: last <- last), explicit `(student, teacher)` pairs: `[(0, 1), (1, 3)]`, `"0:1,1:3"` or
-            `"[[0,1],[1,3]]"`, or `"none"`. For a decoder-only model it maps its (causal) self-attention. Only mapped
+            `"[[0,1],[1,3]]"`, or `"none"`. Only mapped
             layers materialize attention; all others keep the fused SDPA kernel.
         decoder_layer_map (`str` or `None`, *optional*, defaults to `None`):
             Encoder-decoder models: layer map of the causal decoder self-attention (`loss_attn_dec`), same forms as
@@ -201,7 +204,8 @@ class DistillConfig(TrainingArguments):
         if self.teacher_logits_cache and self.uses_attention:
             raise ValueError(
                 "teacher_logits_cache only replaces the teacher when it is needed for logits alone: set "
-                "attention_weight=0, or drop teacher_logits_cache (with attention the teacher runs every step)."
+                "attention_weight=0 and leave decoder_layer_map/cross_layer_map unset, or drop teacher_logits_cache "
+                "(with attention the teacher runs every step)."
             )
         if self.teacher_logits_cache and self.alpha_kd == 0:
             raise ValueError("teacher_logits_cache is useless with alpha_kd=0: no teacher logits are used.")

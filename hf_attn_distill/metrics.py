@@ -150,12 +150,14 @@ def compute_translation_metrics(
 
 
 class TranslationMetrics:
-    """``compute_metrics`` for generation-based evaluation: decode generated ids and labels with ``tokenizer``
-    (``-100`` and padding removed) and score them with :func:`compute_translation_metrics`; also reports
-    ``gen_len``, the mean generated length in tokens."""
+    """``compute_metrics`` for generation-based evaluation: decode the generated ids with ``tokenizer`` and score
+    them with :func:`compute_translation_metrics` against ``references``, the raw target sentences of the
+    evaluated split in order (set the attribute before each ``evaluate``); without them, against the labels
+    decoded back to text (cut to the label length and normalised by the tokenizer). Also reports ``gen_len``,
+    the mean generated length in tokens."""
 
-    def __init__(self, tokenizer, lowercase: bool = True):
-        self.tokenizer, self.lowercase = tokenizer, lowercase
+    def __init__(self, tokenizer, lowercase: bool = True, references: list[str] | None = None):
+        self.tokenizer, self.lowercase, self.references = tokenizer, lowercase, references
 
     def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
         predictions = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
@@ -163,7 +165,13 @@ class TranslationMetrics:
         predictions = np.where(predictions < 0, pad, predictions)
         labels = np.where(eval_pred.label_ids < 0, pad, eval_pred.label_ids)
         hyps = [t.strip() for t in self.tokenizer.batch_decode(predictions, skip_special_tokens=True)]
-        refs = [t.strip() for t in self.tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        if self.references is not None:
+            if len(self.references) != len(hyps):
+                raise ValueError(f"{len(hyps)} translations for {len(self.references)} references: set "
+                                 "TranslationMetrics.references to the raw targets of the evaluated split.")
+            refs = list(self.references)
+        else:
+            refs = [t.strip() for t in self.tokenizer.batch_decode(labels, skip_special_tokens=True)]
         scores = compute_translation_metrics(hyps, refs, self.lowercase)
         scores["gen_len"] = float(np.mean([np.count_nonzero(p != pad) for p in predictions]))
         return scores

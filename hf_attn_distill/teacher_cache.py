@@ -8,6 +8,7 @@ dataset (an index column the trainer adds), so shuffling and any batch size are 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,9 +22,14 @@ CACHE_INDEX_COLUMN = "teacher_cache_index"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def weights_checksum(model: torch.nn.Module) -> float:
-    """A cheap fingerprint of a model's weights (the sum of all parameters, in float64), part of cache keys."""
-    return float(sum(p.detach().double().sum() for p in model.parameters()))
+def weights_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes, dtypes and bytes), part of cache keys."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class TeacherLogitsCache:

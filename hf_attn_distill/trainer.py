@@ -117,11 +117,13 @@ def _config_value(config, name: str):
 
 
 class DistillTrainer(Trainer):
-    """``transformers.Trainer`` whose loss is ``alpha_ce * CE + alpha_kd * KD + attention_weight * ATT``.
+    """``transformers.Trainer`` whose loss is ``alpha_ce * CE + alpha_kd * KD`` plus, per attention site,
+    ``attention_weight * ATT_enc + decoder_attention_weight * ATT_dec + cross_attention_weight * ATT_cross``.
 
     The teacher runs in eval mode under ``torch.inference_mode``, is never given to the optimizer and is not
-    saved with student checkpoints. Only the layers in ``args.layer_map`` materialize attention (in
-    both models); every other layer keeps the fused SDPA kernel. Each loss term is normalised over the
+    saved with student checkpoints. Only the layers of the site layer maps (``layer_map``,
+    ``decoder_layer_map``, ``cross_layer_map``) materialize attention (in both models); every other layer keeps
+    the fused SDPA kernel. Each loss term is normalised over the
     whole gradient-accumulation window, so ``k`` micro-batches of ``n`` give the update of one batch
     of ``k * n`` (``loss_is_scaled_for_ga = True``). Loss terms are logged as ``loss_ce``, ``loss_kd``,
     ``loss_attn_enc`` / ``loss_attn_dec`` / ``loss_attn_cross`` (train) and ``eval_loss_*`` (eval), averaged
@@ -259,8 +261,8 @@ class DistillTrainer(Trainer):
         """Per-term multipliers turning micro-batch means into this micro-batch's share of the window mean."""
         if not model.training:
             return torch.ones_like(items)
-        if self._window_items is None:  # compute_loss / training_step called outside the Trainer loop
-            return torch.full_like(items, 1.0 / getattr(self, "current_gradient_accumulation_steps", 1))
+        if self._window_items is None:  # compute_loss / training_step called outside the Trainer loop: one batch
+            return torch.ones_like(items)
         # DDP averages gradients over processes; multiply back so the result is the global mean.
         return items / self._window_items.to(items.device) * self.args.world_size
 
@@ -282,6 +284,7 @@ class DistillTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self._window_items = None  # the last window's counts must not scale later calls
+            self._term_sums["train"].clear()  # terms after the last log must not leak into a later run
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None):
         # Recording stays active through backward: gradient checkpointing re-runs mapped layers there.

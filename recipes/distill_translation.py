@@ -173,7 +173,15 @@ def build_student(model_args: TranslationModelArguments, teacher):
             raise ValueError("--student_teacher_layers needs --student_decoder_layers too (e.g. '1,3,5').")
         encoder = [int(x) for x in model_args.student_teacher_layers.split(",")]
         decoder = [int(x) for x in model_args.student_decoder_layers.split(",")]
-        return student_from_teacher_layers(teacher, encoder, decoder_layers=decoder)
+        source = teacher
+        if model_args.student_layers_from:
+            source = AutoModelForSeq2SeqLM.from_pretrained(model_args.student_layers_from)
+        return student_from_teacher_layers(source, encoder, decoder_layers=decoder)
+    if isinstance(getattr(teacher.config, "encoder", None), transformers.PretrainedConfig):
+        raise ValueError(
+            "--student_config_overrides cannot resize an EncoderDecoderModel (its config nests an encoder and a "
+            "decoder config); use --student_teacher_layers with --student_decoder_layers."
+        )
     return student_from_config(teacher, **parse_overrides(model_args.student_config_overrides))
 
 
@@ -230,7 +238,11 @@ def main(args: list[str] | None = None) -> dict:
         model=model, args=training_args, train_dataset=tokenized.get(data_args.train_split),
         eval_dataset=tokenized.get(data_args.validation_split), processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
-        compute_metrics=TranslationMetrics(tokenizer, data_args.lowercase_metrics) if training_args.predict_with_generate else None,
+        compute_metrics=(
+            TranslationMetrics(tokenizer, data_args.lowercase_metrics,
+                               references(raw, tokenized, data_args.validation_split, data_args))
+            if training_args.predict_with_generate else None
+        ),
     )
     trainer = DistillSeq2SeqTrainer(teacher_model=teacher, **common_kwargs) if distill else Seq2SeqTrainer(**common_kwargs)
 
@@ -243,6 +255,8 @@ def main(args: list[str] | None = None) -> dict:
     for split, prefix, wanted in ((data_args.validation_split, "eval", training_args.do_eval),
                                   (data_args.test_split, "test", training_args.do_predict)):
         if wanted and split in tokenized:
+            if common_kwargs["compute_metrics"] is not None:  # score against the raw reference sentences
+                common_kwargs["compute_metrics"].references = references(raw, tokenized, split, data_args)
             metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("bleu", "chrf"), tokenized[split]))
     if training_args.do_train and trainer.is_world_process_zero():
         split = data_args.validation_split if data_args.validation_split in tokenized else data_args.train_split
@@ -256,6 +270,13 @@ def main(args: list[str] | None = None) -> dict:
     common.finish(trainer, tokenizer, training_args,
                   lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
     return metrics
+
+
+def references(raw, tokenized, split: str, data: TranslationDataArguments) -> list[str] | None:
+    """The raw target sentences of ``split``, as many as were kept for evaluation."""
+    if split not in raw or split not in tokenized:
+        return None
+    return [pair[data.target_lang] for pair in raw[split].select(range(len(tokenized[split])))["translation"]]
 
 
 def write_card(model_args, data_args, training_args, teacher, model, metrics) -> None:

@@ -190,8 +190,16 @@ def _tiny_qa(seed, layers):
         max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
+def test_missing_columns_name_the_flag(tmp_path):
+    from hf_attn_distill.qa import check_qa_columns
+
+    ds = load_squad_json(squad_json(tmp_path / "d.json")).rename_column("question", "query")
+    with pytest.raises(ValueError, match="no column 'question'.*--question_column_name"):
+        check_qa_columns(ds, "train", {"--question_column_name": "question", "--context_column_name": "context"})
+
+
 @pytest.mark.parametrize("version_2", [False, True], ids=["v1.1", "v2.0"])
-def test_recipe_end_to_end(tmp_path, tokenizer, version_2):
+def test_recipe_end_to_end(tmp_path, tokenizer, version_2, caplog):
     from recipes.distill_qa import main
 
     teacher_dir = tmp_path / "teacher"
@@ -210,6 +218,8 @@ def test_recipe_end_to_end(tmp_path, tokenizer, version_2):
         assert key in metrics, key
     if version_2:
         assert "eval_HasAns_f1" in metrics and "eval_NoAns_exact" in metrics
+    # the example with a misplaced answer_start was dropped from training, counted and logged
+    assert any("Dropped 1 of" in r.getMessage() and "bad" in r.getMessage() for r in caplog.records)
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["eval_f1"] == metrics["eval_f1"]
     card = (out / "README.md").read_text()

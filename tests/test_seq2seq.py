@@ -237,13 +237,34 @@ def test_site_layer_maps_out_of_range_name_the_flag(tmp_path, overrides, match):
         make_trainer("bart", tmp_path, **overrides)
 
 
-def test_site_map_for_a_site_the_model_lacks(tmp_path):
+@pytest.mark.parametrize("flag", ["cross_layer_map", "decoder_layer_map"])
+def test_site_map_for_a_site_the_model_lacks(tmp_path, flag):
     from conftest import tiny_classifier
 
-    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, cross_layer_map="uniform")
-    with pytest.raises(ValueError, match="cross_layer_map is set, but the models have no cross attention"):
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{flag: "uniform"})
+    site = "cross" if flag == "cross_layer_map" else "decoder"
+    with pytest.raises(ValueError, match=f"{flag} is set, but the models have no {site} attention"):
         DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
                        teacher_model=tiny_classifier(0), args=args)
+
+
+def test_different_decoder_start_tokens_are_refused(tmp_path):
+    teacher, student = bart(4, 4, 0), bart(2, 2, 1)
+    student.config.decoder_start_token_id = 0
+    with pytest.raises(ValueError, match="decoder_start_token_id 0 != teacher's 2"):
+        DistillTrainer(model=student, teacher_model=teacher, args=DistillConfig(output_dir=str(tmp_path)))
+
+
+def test_a_model_that_never_calls_the_recording_implementation_is_caught_at_construction(tmp_path, monkeypatch):
+    """verify_capture runs the model once on its dummy inputs: mapped modules that do not report raise."""
+    from conftest import tiny_classifier
+
+    import hf_attn_distill.attention_transfer as attention_transfer
+
+    monkeypatch.setattr(attention_transfer, "enable_attention_capture", lambda model: None)  # stays on sdpa
+    with pytest.raises(ValueError, match=r"Attention modules \[0, 1\] .*not called through"):
+        DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+                       teacher_model=tiny_classifier(0), args=DistillConfig(output_dir=str(tmp_path)))
 
 
 def test_generation_based_evaluation_keeps_the_loss_terms(tmp_path):
@@ -345,3 +366,11 @@ def test_sequence_kd_labels_are_the_teachers_translations_cached_until_the_teach
     assert len(calls) == 4
     sequence_kd_dataset(teacher, tok, data, tmp_path / "cache", num_beams=1, max_length=6, batch_size=3)
     assert len(calls) == 6  # other generation settings: rebuilt
+    other = Dataset.from_list(rows()[::-1])
+    sequence_kd_dataset(teacher, tok, other, tmp_path / "cache", num_beams=1, max_length=6, batch_size=3)
+    assert len(calls) == 8  # other training data: rebuilt
+    with torch.no_grad():
+        weight = next(teacher.parameters())
+        weight.copy_(weight.flip(0))  # same parameter sum, other weights: rebuilt
+    sequence_kd_dataset(teacher, tok, other, tmp_path / "cache", num_beams=1, max_length=6, batch_size=3)
+    assert len(calls) == 10

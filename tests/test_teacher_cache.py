@@ -53,9 +53,9 @@ def test_cache_is_reused_and_rebuilt_when_the_teacher_changes(tmp_path, tokenize
     other = tiny_classifier(5, num_hidden_layers=2, initializer_range=0.2)
     trainer = make_trainer(args, tokenizer, sentiment_dataset, teacher=other)
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["teacher_weights_checksum"] == pytest.approx(
-        float(sum(p.float().sum() for p in trainer.teacher_model.parameters()))
-    )
+    from hf_attn_distill.teacher_cache import weights_checksum
+
+    assert meta["teacher_weights_checksum"] == weights_checksum(trainer.teacher_model)
     logits = np.load(folder / "logits.npy")
     assert logits.shape == (len(sentiment_dataset), 2) and logits.dtype == np.float16
     rows = trainer.teacher_logits_cache.lookup(torch.tensor([0, 3]))
@@ -64,6 +64,11 @@ def test_cache_is_reused_and_rebuilt_when_the_teacher_changes(tmp_path, tokenize
         direct = trainer.teacher_model(input_ids=ids).logits[0]
     torch.testing.assert_close(rows[0], direct, atol=2e-3, rtol=2e-3)  # float16 storage
     assert CACHE_INDEX_COLUMN in trainer.train_dataset.column_names
+    # other training data: rebuilt
+    rebuilt_at = json.loads((folder / "meta.json").read_text())["dataset_fingerprint"]
+    make_trainer(args, tokenizer, sentiment_dataset.select(range(10)), teacher=other)
+    assert json.loads((folder / "meta.json").read_text())["dataset_fingerprint"] != rebuilt_at
+    assert np.load(folder / "logits.npy").shape == (10, 2)
 
 
 def test_cache_requires_logit_only_distillation(tmp_path):

@@ -31,6 +31,19 @@ def test_lowercase_ignores_case_only_when_asked():
         compute_translation_metrics(["a"], ["a", "b"])
 
 
+def test_translation_metrics_against_raw_references(tokenizer):
+    refs = ["Two young men are outside.", "A girl climbs into a playhouse."]
+    ids = np.array(tokenizer([r.lower() for r in refs], padding=True)["input_ids"])
+    labels = np.full_like(ids, -100)
+    lowered = TranslationMetrics(tokenizer, references=refs)(EvalPrediction(predictions=ids, label_ids=labels))
+    assert lowered["bleu"] == pytest.approx(compute_translation_metrics(
+        tokenizer.batch_decode(ids, skip_special_tokens=True), refs)["bleu"])
+    cased = TranslationMetrics(tokenizer, lowercase=False, references=refs)(EvalPrediction(predictions=ids, label_ids=labels))
+    assert cased["bleu"] < lowered["bleu"]
+    with pytest.raises(ValueError, match="references"):
+        TranslationMetrics(tokenizer, references=refs[:1])(EvalPrediction(predictions=ids, label_ids=labels))
+
+
 def test_translation_metrics_decode_ids(tokenizer):
     refs = ["two young men are outside .", "a girl climbs into a playhouse ."]
     ids = tokenizer(refs, padding=True)["input_ids"]

@@ -58,8 +58,9 @@ def test_teacher_then_student_with_every_site(tmp_path, data_dir, encoder_dir):
     enc = tokenizer(DE, return_tensors="pt", padding=True)
     generated = student.generate(**enc, max_length=8, num_beams=1)
     hyps = [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
-    refs = [t.strip() for t in tokenizer.batch_decode(tokenizer(text_target=EN)["input_ids"], skip_special_tokens=True)]
-    assert metrics["test_bleu"] == pytest.approx(compute_translation_metrics(hyps, refs)["bleu"], abs=1e-6)
+    # against the raw reference sentences, lower-cased by default
+    assert metrics["test_bleu"] == pytest.approx(compute_translation_metrics(hyps, EN)["bleu"], abs=1e-6)
+    assert metrics["test_chrf"] == pytest.approx(compute_translation_metrics(hyps, EN)["chrf"], abs=1e-6)
     assert "teacher_test_bleu" in metrics
     assert (student.config.encoder.num_hidden_layers, student.config.decoder.num_hidden_layers) == (2, 2)
     for site in ("encoder", "decoder", "cross"):  # cross: a source x target alignment grid per mapped layer
