@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import json
+import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .attention_transfer import SiteTransfer, plan_attention_transfer
 from .config import DistillConfig
@@ -17,7 +22,18 @@ from .losses import logit_kd_loss
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache, weights_checksum
 from .token_kd import token_kd_loss
 
-__all__ = ["KD_MASK_COLUMN", "DistillTrainer", "check_distillation_pair", "load_teacher", "teacher_label_order"]
+__all__ = [
+    "KD_MASK_COLUMN",
+    "DistillTrainer",
+    "check_distillation_pair",
+    "checkpoint_is_complete",
+    "last_complete_checkpoint",
+    "load_teacher",
+    "teacher_label_order",
+]
+
+logger = logging.getLogger(__name__)
+TRAINER_STATE_NAME = "trainer_state.json"
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 KD_MASK_COLUMN = "kd_mask"
@@ -114,6 +130,25 @@ def _config_value(config, name: str):
     if value is None and getattr(config, "decoder", None) is not None:
         value = getattr(config.decoder, name, None)
     return value
+
+
+def checkpoint_is_complete(folder: str | os.PathLike) -> bool:
+    """A checkpoint is complete once its ``trainer_state.json``, written last by ``Trainer``, parses."""
+    try:
+        json.loads((Path(folder) / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose save finished; a save killed midway is skipped."""
+    folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if checkpoint_is_complete(folder):
+            return str(folder)
+        logger.warning("Skipping %s: its save did not finish (no readable %s).", folder, TRAINER_STATE_NAME)
+    return None
 
 
 class DistillTrainer(Trainer):
@@ -279,9 +314,19 @@ class DistillTrainer(Trainer):
                 "configuration, or start a new run (resume_from_checkpoint=None)."
             ) from err
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+        elif isinstance(resume_from_checkpoint, str) and not checkpoint_is_complete(resume_from_checkpoint):
+            raise ValueError(
+                f"Checkpoint {resume_from_checkpoint} is incomplete (its save was interrupted: no readable "
+                "trainer_state.json); resume from an earlier checkpoint, or with resume_from_checkpoint=True to pick "
+                "the last complete one."
+            )
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._window_items = None  # the last window's counts must not scale later calls
             self._term_sums["train"].clear()  # terms after the last log must not leak into a later run
