@@ -1,15 +1,63 @@
-"""Model cards for distilled students, rendered from the template shipped in ``hf_attn_distill/templates/``."""
+"""Model cards for distilled students: Hub metadata (``ModelCardData`` with a ``model-index``) rendered through the
+Jinja template shipped in ``hf_attn_distill/templates/``.
+
+A card never holds a local path: models given as local folders are named by their folder name only, and only
+a Hub id becomes ``base_model``.
+"""
 
 from __future__ import annotations
 
-import string
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-__all__ = ["DEFAULT_TEMPLATE", "count_parameters", "render_model_card", "write_model_card"]
+__all__ = [
+    "CARD_METRICS", "CITATIONS", "DEFAULT_TEMPLATE", "TASKS", "CardInfo", "build_model_card", "card_metrics",
+    "count_parameters", "describe_layers", "distillation_method", "distillation_settings", "hub_model_id",
+    "measure_forward_latency_ms", "public_model_name", "task_of", "write_model_card",
+]
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "distilled_student.md"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "distilled_student_card.md"
+
+#: Hub task id -> (task name shown in the model-index, Auto class that loads the student, usage snippet).
+TASKS = {
+    "text-classification": ("Text Classification", "AutoModelForSequenceClassification",
+                            ('classifier = pipeline("text-classification", model="{model}")\n'
+                            'print(classifier("a gripping, beautifully shot film"))')),
+    "question-answering": ("Question Answering", "AutoModelForQuestionAnswering",
+                           ('qa = pipeline("question-answering", model="{model}")\n'
+                           'print(qa(question="Who wrote it?", context="The book was written by Ann Lee in 1990."))')),
+    "translation": ("Translation", "AutoModelForSeq2SeqLM",
+                    ('tokenizer = AutoTokenizer.from_pretrained("{model}")\n'
+                    'model = AutoModelForSeq2SeqLM.from_pretrained("{model}")\n'
+                    'batch = tokenizer(["ein Hund läuft durch den Schnee ."], return_tensors="pt")\n'
+                    'print(tokenizer.batch_decode(model.generate(**batch, max_length=64), skip_special_tokens=True))')),
+}
+
+CITATIONS = {
+    "hinton2015": "@article{hinton2015distilling,\n  title={Distilling the Knowledge in a Neural Network},\n"
+                  "  author={Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},\n  journal={arXiv:1503.02531},\n"
+                  "  year={2015}\n}",
+    "tinybert": "@inproceedings{jiao2020tinybert,\n  title={TinyBERT: Distilling BERT for Natural Language Understanding},\n"
+                "  author={Jiao, Xiaoqi and Yin, Yichun and Shang, Lifeng and Jiang, Xin and Chen, Xiao and Li, Linlin "
+                "and Wang, Fang and Liu, Qun},\n  booktitle={Findings of EMNLP},\n  year={2020}\n}",
+    "minilm": "@inproceedings{wang2020minilm,\n  title={MiniLM: Deep Self-Attention Distillation for Task-Agnostic "
+              "Compression of Pre-Trained Transformers},\n  author={Wang, Wenhui and Wei, Furu and Dong, Li and Bao, "
+              "Hangbo and Yang, Nan and Zhou, Ming},\n  booktitle={NeurIPS},\n  year={2020}\n}",
+    "kim2016": "@inproceedings{kim2016sequence,\n  title={Sequence-Level Knowledge Distillation},\n"
+               "  author={Kim, Yoon and Rush, Alexander M.},\n  booktitle={EMNLP},\n  year={2016}\n}",
+}
+
+#: Metrics a card reports (``evaluate`` names), in this order.
+CARD_METRICS = ("accuracy", "exact_match", "f1", "bleu", "chrf")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -17,7 +65,77 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """``name_or_path`` when it is a Hub model id (not an existing local path), else ``None``."""
+    if not name_or_path or Path(name_or_path).exists() or Path(name_or_path).is_absolute():
+        return None
+    return name_or_path if _HUB_ID.match(name_or_path) and ".." not in name_or_path else None
+
+
+def public_model_name(name_or_path: str) -> str:
+    """What a published card may say about a model: its Hub id, or only the folder name of a local path."""
+    return hub_model_id(name_or_path) or Path(str(name_or_path).rstrip("/")).name
+
+
+@torch.inference_mode()
+def measure_forward_latency_ms(model: nn.Module, inputs: dict, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``model(**inputs)`` in milliseconds (the model is put in eval mode for the measurement)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(**inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return statistics.median(times) * 1e3
+
+
+@dataclass
+class CardInfo:
+    """What a distilled student's card says. Metric names are the bare ``evaluate`` names (``accuracy``, ``f1``,
+    ``exact_match``, ``bleu``, ``chrf``); ``teacher_metrics`` are the teacher's on the same split in the same run."""
+
+    model_name: str
+    task: str
+    teacher: str
+    dataset: str
+    eval_split: str
+    method: str
+    student_params: int
+    teacher_params: int
+    student_layers: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    teacher_metrics: dict[str, float] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    student_latency_ms: float | None = None
+    teacher_latency_ms: float | None = None
+    latency_note: str = ""
+    distilled: bool = True
+    license: str = "apache-2.0"
+    language: list[str] | None = None
+    citations: tuple[str, ...] = ("hinton2015", "tinybert", "minilm")
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"Unknown card task {self.task!r}; choose from {list(TASKS)}.")
+        unknown = set(self.citations) - set(CITATIONS)
+        if unknown:
+            raise ValueError(f"Unknown citations {sorted(unknown)}; choose from {list(CITATIONS)}.")
+
+
 def _fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, int) and value >= 10_000:
@@ -25,22 +143,111 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def render_model_card(fields: dict, settings: dict | None = None, template: str | Path | None = None) -> str:
-    """Fill a ``$placeholder`` template; every placeholder must be given (missing ones raise ``KeyError``)."""
+def build_model_card(info: CardInfo, template: str | Path | None = None) -> ModelCard:
+    """The card of ``info``: Hub YAML metadata (license, tags, ``base_model`` when the teacher is a Hub id,
+    ``model-index`` with every metric) and the body rendered from the Jinja ``template``."""
     path = Path(template) if template is not None else DEFAULT_TEMPLATE
     if not path.is_file():
         raise FileNotFoundError(
             f"Model card template {path} not found. The default ships inside the package "
             "(hf_attn_distill/templates/); reinstall the package, or pass template= a file of your own."
         )
-    values = {k: _fmt(v) for k, v in fields.items()}
-    rows = [f"| {k} | {_fmt(v)} |" for k, v in (settings or {}).items()]
-    values["settings_table"] = "\n".join(rows) if rows else "| (none) | |"
-    return string.Template(path.read_text()).substitute(values)
+    task_name, auto_class, usage = TASKS[info.task]
+    eval_results = [
+        EvalResult(task_type=info.task, task_name=task_name, dataset_type=info.dataset, dataset_name=info.dataset,
+                   dataset_split=info.eval_split, metric_type=name, metric_name=name, metric_value=round(float(v), 4))
+        for name, v in info.metrics.items()
+    ]
+    data = ModelCardData(
+        language=info.language, license=info.license, library_name="transformers", pipeline_tag=info.task,
+        tags=["hf_attn_distill", "knowledge-distillation", "attention-transfer", info.task],
+        base_model=hub_model_id(info.teacher), datasets=[info.dataset], metrics=list(info.metrics) or None,
+        model_name=info.model_name, eval_results=eval_results or None,
+    )
+    names = list(dict.fromkeys([*info.metrics, *info.teacher_metrics]))
+    rows = [
+        {"model": f"{'teacher' if info.distilled else 'starting point'} `{public_model_name(info.teacher)}`", "params": _fmt(info.teacher_params),
+         "values": [_fmt(info.teacher_metrics.get(n, "-")) for n in names],
+         "latency": "-" if info.teacher_latency_ms is None else f"{info.teacher_latency_ms:.2f} ms"},
+        {"model": "this student", "params": _fmt(info.student_params),
+         "values": [_fmt(info.metrics.get(n, "-")) for n in names],
+         "latency": "-" if info.student_latency_ms is None else f"{info.student_latency_ms:.2f} ms"},
+    ]
+    speedup = (info.teacher_latency_ms / info.student_latency_ms
+               if info.teacher_latency_ms and info.student_latency_ms else None)
+    return ModelCard.from_template(
+        data, template_path=str(path), info=info, task_name=task_name, auto_class=auto_class,
+        usage=usage.format(model=info.model_name), metric_names=names, rows=rows,
+        teacher_name=public_model_name(info.teacher), compression=info.teacher_params / max(info.student_params, 1),
+        speedup=speedup, settings=[(k, _fmt(v)) for k, v in info.settings.items()],
+        citations=[CITATIONS[c] for c in info.citations],
+    )
 
 
-def write_model_card(output_dir: str | Path, fields: dict, settings: dict | None = None, template=None) -> Path:
-    """Render the card and write it as ``README.md`` in ``output_dir``; return its path."""
+def write_model_card(output_dir: str | Path, info: CardInfo, template: str | Path | None = None) -> Path:
+    """Render the card of ``info`` and save it as ``README.md`` in ``output_dir``; return its path."""
     path = Path(output_dir) / "README.md"
-    path.write_text(render_model_card(fields, settings, template))
+    build_model_card(info, template).save(path)
     return path
+
+
+def card_metrics(metrics: dict, prefix: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """``(student, teacher)`` card metrics from a metrics dict such as ``trainer.evaluate`` returns: keys
+    ``{prefix}_{name}`` and ``teacher_{prefix}_{name}`` for ``name`` in :data:`CARD_METRICS`. Without ``prefix``,
+    ``test`` is used when present, else ``eval``."""
+    if prefix is None:
+        prefix = "test" if any(f"test_{n}" in metrics for n in CARD_METRICS) else "eval"
+    student = {n: float(metrics[f"{prefix}_{n}"]) for n in CARD_METRICS if f"{prefix}_{n}" in metrics}
+    teacher = {n: float(metrics[f"teacher_{prefix}_{n}"]) for n in CARD_METRICS if f"teacher_{prefix}_{n}" in metrics}
+    return student, teacher
+
+
+def task_of(model: nn.Module) -> str:
+    """The card task of a model, from its class (``...ForSequenceClassification`` -> ``text-classification``)."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "text-classification"
+    if name.endswith("ForQuestionAnswering"):
+        return "question-answering"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "translation"
+    raise ValueError(f"No model card task for {name}; pass task= one of {list(TASKS)}.")
+
+
+def describe_layers(model: nn.Module) -> str:
+    """``"3-layer"`` or, for an encoder-decoder, ``"3+3-layer"``."""
+    from .model_structure import find_layer_stacks
+
+    stacks = find_layer_stacks(model)
+    return "+".join(str(len(layers)) for _, layers in stacks.values()) + "-layer"
+
+
+def distillation_method(args, sequence_kd: bool = False) -> str:
+    """One phrase naming the objective a :class:`~hf_attn_distill.DistillConfig` sets up."""
+    parts = ["sequence-level KD"] if sequence_kd else []
+    if args.alpha_kd > 0:
+        parts.append("logit KD" if args.temperature is not None else "KD")
+    sites = [site for site, weight, layer_map in (
+        ("encoder", args.attention_weight, args.layer_map),
+        ("decoder", args.decoder_attention_weight, args.decoder_layer_map),
+        ("cross", args.cross_attention_weight, args.cross_layer_map),
+    ) if weight > 0 and layer_map not in (None, "none")]
+    if sites:
+        parts.append(f"attention transfer ({args.attention_loss}; {', '.join(sites)})")
+    return " + ".join(parts) or "hard labels only"
+
+
+def distillation_settings(args) -> dict:
+    """The settings table of a card: objective and training budget of a :class:`~hf_attn_distill.DistillConfig`."""
+    keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map",
+            "decoder_layer_map", "decoder_attention_weight", "cross_layer_map", "cross_attention_weight",
+            "head_grouping", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "seed"]
+    settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    if settings.get("decoder_layer_map") is None:
+        settings = {k: v for k, v in settings.items() if not k.startswith("decoder_")}
+    if settings.get("cross_layer_map") is None:
+        settings = {k: v for k, v in settings.items() if not k.startswith("cross_")}
+    if settings.get("max_steps", -1) > 0:
+        settings.pop("num_train_epochs", None)
+    return {k: (str(v) if isinstance(v, (list, tuple)) else v) for k, v in settings.items()}

@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import transformers
@@ -19,6 +19,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .attention_transfer import SiteTransfer, plan_attention_transfer
 from .config import DistillConfig
 from .losses import logit_kd_loss
+from .model_card import (
+    CardInfo,
+    card_metrics,
+    count_parameters,
+    describe_layers,
+    distillation_method,
+    distillation_settings,
+    task_of,
+    write_model_card,
+)
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache, weights_checksum
 from .token_kd import token_kd_loss
 
@@ -520,3 +530,47 @@ class DistillTrainer(Trainer):
         if "loss" in logs:  # a training log: add the terms averaged over its window
             logs.update(self._pop_term_means("train"))
         super().log(logs, start_time)
+
+    _tag_names: ClassVar[list[str]] = ["hf_attn_distill", "knowledge-distillation"]
+
+    def card_info(self, **fields) -> CardInfo:
+        """What :meth:`create_model_card` writes: the student, teacher and objective this trainer holds, the last
+        evaluation's metrics, and ``fields`` overriding any :class:`~hf_attn_distill.model_card.CardInfo` field."""
+        student = self.accelerator.unwrap_model(self.model)
+        evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
+        metrics, _ = card_metrics(evals[-1] if evals else {}, "eval")
+        teacher_name = getattr(self.teacher_model.config, "_name_or_path", "") or type(self.teacher_model).__name__
+        defaults = {
+            "model_name": self.args.hub_model_id or Path(self.args.output_dir).name, "task": task_of(student),
+            "teacher": teacher_name, "dataset": "custom", "eval_split": "evaluation set",
+            "method": distillation_method(self.args), "student_params": count_parameters(student),
+            "teacher_params": count_parameters(self.teacher_model), "student_layers": describe_layers(student),
+            "metrics": metrics, "settings": distillation_settings(self.args),
+        }
+        return CardInfo(**{**defaults, **fields})
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        **card_fields,
+    ) -> None:
+        """Write the distillation card (Hub metadata with ``model-index``, teacher vs student, objective, usage,
+        citations) as ``README.md`` in ``output_dir``. Takes ``Trainer.create_model_card``'s arguments, so
+        ``push_to_hub`` writes it too; ``card_fields`` set :class:`~hf_attn_distill.model_card.CardInfo` fields
+        (``teacher_metrics``, ``eval_split``, latencies, ...). Tags and ``dataset_args`` are not used."""
+        if not self.is_world_process_zero():
+            return
+        given = {"language": [language] if isinstance(language, str) else language, "license": license,
+                 "model_name": model_name, "teacher": finetuned_from,
+                 "task": tasks[0] if isinstance(tasks, list) else tasks,
+                 "dataset": (dataset[0] if isinstance(dataset, list) else dataset)
+                 or (dataset_tags[0] if isinstance(dataset_tags, list) else dataset_tags)}
+        write_model_card(self.args.output_dir, self.card_info(**{k: v for k, v in given.items() if v}, **card_fields))

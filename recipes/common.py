@@ -11,9 +11,21 @@ from pathlib import Path
 from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_attn_distill import student_from_config, student_from_teacher_layers
+from hf_attn_distill.model_card import (
+    CardInfo,
+    card_metrics,
+    count_parameters,
+    describe_layers,
+    distillation_settings,
+    measure_forward_latency_ms,
+    public_model_name,
+    task_of,
+    write_model_card,
+)
+from hf_attn_distill.profiling import machine_info
 
 __all__ = ["MODES", "ModelArguments", "build_student", "card_settings", "check_tokenizers", "evaluate", "finish",
-           "parse_args", "parse_overrides", "public_model_name", "push_folder_to_hub", "train"]
+           "parse_args", "parse_overrides", "public_model_name", "push_folder_to_hub", "train", "write_card"]
 
 MODES = ("distill", "finetune")
 
@@ -49,7 +61,9 @@ class ModelArguments:
         metadata={"help": "Random-init student from the teacher's config with overrides: 'num_hidden_layers=4,hidden_size=312'."},
     )
     evaluate_teacher: bool = field(
-        default=False, metadata={"help": "In distill mode, also evaluate the teacher (metrics prefixed 'teacher_')."}
+        default=True,
+        metadata={"help": "In distill mode, also evaluate the teacher on the same data (metrics prefixed 'teacher_'; "
+                  "the model card's teacher row)."},
     )
 
     def __post_init__(self):
@@ -150,11 +164,6 @@ def push_folder_to_hub(training_args) -> None:
         ) from None
 
 
-def public_model_name(name_or_path: str) -> str:
-    """What a published card may say about a model: its Hub id, or only the folder name of a local path."""
-    return Path(name_or_path).name if Path(name_or_path).exists() else name_or_path
-
-
 def train(trainer, training_args) -> dict:
     """``trainer.train()`` (resuming if asked), then save model, metrics and state as ``run_*.py`` do.
 
@@ -187,12 +196,45 @@ def card_settings(model_args: ModelArguments, training_args, extra: dict | None 
     settings = {k: getattr(model_args, k) for k in keys if getattr(model_args, k) is not None}
     if settings.get("student_layers_from"):
         settings["student_layers_from"] = public_model_name(settings["student_layers_from"])
-    settings.update(extra or {})
-    train_keys = ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "seed"]
+    settings.update({k: v for k, v in (extra or {}).items() if v is not None})
     if model_args.training_mode == "distill":
-        train_keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map"] + train_keys
-    settings.update({k: getattr(training_args, k) for k in train_keys})
+        settings.update(distillation_settings(training_args))
+    else:
+        train_keys = ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "seed"]
+        settings.update({k: getattr(training_args, k) for k in train_keys})
     return settings
+
+
+def write_card(trainer, model_args: ModelArguments, training_args, teacher, model, metrics: dict, *, dataset: str,
+               eval_split: str, sample: dict | None, method: str | None = None, extra_settings: dict | None = None,
+               citations: tuple[str, ...] = ("hinton2015", "tinybert", "minilm")) -> Path:
+    """The model card of ``output_dir``: teacher vs student metrics measured in this run (``metrics`` as the
+    recipe saved them), CPU latency of one forward pass on ``sample`` (batch 1) for both, objective and settings.
+
+    In distill mode it goes through ``DistillTrainer.create_model_card``; otherwise the card describes
+    fine-tuning without a teacher, with the starting model in the teacher's row."""
+    student_metrics, teacher_metrics = card_metrics(metrics)
+    fields = {
+        "model_name": training_args.hub_model_id or Path(training_args.output_dir).name,
+        "teacher": model_args.teacher_model_name_or_path, "dataset": dataset, "eval_split": eval_split,
+        "metrics": student_metrics, "teacher_metrics": teacher_metrics, "citations": citations,
+        "settings": card_settings(model_args, training_args, extra_settings),
+    }
+    if method:
+        fields["method"] = method
+    if sample is not None:
+        fields["student_latency_ms"] = measure_forward_latency_ms(model, sample)
+        if teacher is not model:
+            fields["teacher_latency_ms"] = measure_forward_latency_ms(teacher, sample)
+        length = sample["input_ids"].shape[-1]
+        fields["latency_note"] = f"median of 20 forward passes at batch 1, {length} input tokens; {machine_info()}"
+    if model_args.training_mode == "distill":
+        trainer.create_model_card(**fields)
+        return Path(training_args.output_dir) / "README.md"
+    info = CardInfo(task=task_of(model), distilled=False, student_params=count_parameters(model),
+                    teacher_params=count_parameters(teacher), student_layers=describe_layers(model),
+                    **{"method": "fine-tuning without a teacher", **fields})
+    return write_model_card(training_args.output_dir, info)
 
 
 def finish(trainer, tokenizer, training_args, write_card) -> None:

@@ -40,12 +40,12 @@ from transformers import (
 
 from hf_attn_distill import DistillConfig, DistillTrainer
 from hf_attn_distill.metrics import compute_classification_metrics
-from hf_attn_distill.model_card import count_parameters, write_model_card
 
-if __package__ in (None, ""):  # run as a script: make the repository's `recipes` package importable
+if __package__ in (None, ""):  # run as a script: import the sibling modules as the `recipes` package (PEP 366)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes import common  # noqa: E402
-from recipes.common import ModelArguments, build_student, check_tokenizers
+    __package__ = "recipes"
+from . import common  # noqa: E402
+from .common import ModelArguments, build_student, check_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -216,49 +216,26 @@ def main(args: list[str] | None = None) -> dict:
         if distill and model_args.evaluate_teacher:
             teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
         metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("accuracy",), tokenized[split]))
+    example = raw[data_args.validation_split if data_args.validation_split in raw else "train"][0]
+    pair = example[data_args.text_pair_column] if data_args.text_pair_column else None
+    sample = tokenizer(example[data_args.text_column], pair, truncation=True, max_length=data_args.max_seq_length,
+                       return_tensors="pt")
     if training_args.do_train and trainer.is_world_process_zero():
-        example = raw[data_args.validation_split if data_args.validation_split in raw else "train"][0]
-        pair = example[data_args.text_pair_column] if data_args.text_pair_column else None
-        common.write_figures(trainer, tokenizer, tokenizer(example[data_args.text_column], pair, truncation=True,
-                                                           max_length=data_args.max_seq_length, return_tensors="pt"),
-                             training_args.output_dir)
+        common.write_figures(trainer, tokenizer, sample, training_args.output_dir)
     common.finish(trainer, tokenizer, training_args,
-                  lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
+                  lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample))
     return metrics
 
 
-def write_card(model_args, data_args, training_args, teacher, model, metrics) -> None:
-    distill = model_args.training_mode == "distill"
-    metric_key = "test_accuracy" if "test_accuracy" in metrics else "eval_accuracy"
-    if distill:
-        method = f"logit KD + attention {training_args.attention_loss.upper()}" if training_args.attention_weight else "logit KD"
-    else:
-        method = "fine-tuning without a teacher"
-    fields = dict(
-        license="apache-2.0",
-        task="text-classification",
-        auto_class="AutoModelForSequenceClassification",
-        teacher=common.public_model_name(model_args.teacher_model_name_or_path),
+def write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample) -> None:
+    test = any(k.startswith("test_") for k in metrics)
+    eval_file = data_args.test_file if test else data_args.validation_file
+    common.write_card(
+        trainer, model_args, training_args, teacher, model, metrics, sample=sample,
         dataset=data_args.dataset_name or Path(data_args.train_file or data_args.validation_file).parent.name,
-        metric_name="accuracy",
-        model_name=Path(training_args.output_dir).name,
-        summary=(
-            f"A {model.config.num_hidden_layers}-layer student distilled from "
-            f"`{common.public_model_name(model_args.teacher_model_name_or_path)}` "
-            f"with [hf_attn_distill](https://github.com/hf-attn-distill/hf_attn_distill) ({method})."
-            if distill
-            else f"A {model.config.num_hidden_layers}-layer model trained by {method} "
-            f"(starting point: `{common.public_model_name(model_args.student_layers_from or model_args.teacher_model_name_or_path)}`)."
-        ),
-        teacher_metric=metrics.get(f"teacher_{metric_key}", "not evaluated in this run"),
-        teacher_params=count_parameters(teacher),
-        student_metric=metrics.get(metric_key, "n/a"),
-        student_params=count_parameters(model),
-        eval_split=("test split" if metric_key.startswith("test") else "validation split")
-        + (f" ({Path(data_args.test_file or data_args.validation_file).name})" if not data_args.dataset_name else ""),
+        eval_split=("test split" if test else "validation split")
+        + (f" ({Path(eval_file).name})" if eval_file and not data_args.dataset_name else ""),
     )
-    write_model_card(training_args.output_dir, fields, common.card_settings(model_args, training_args))
-
 
 if __name__ == "__main__":
     main()

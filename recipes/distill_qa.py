@@ -33,7 +33,6 @@ import transformers
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, default_data_collator, set_seed
 
 from hf_attn_distill import DistillConfig, DistillTrainer
-from hf_attn_distill.model_card import count_parameters, write_model_card
 from hf_attn_distill.qa import (
     QAMetrics,
     check_qa_columns,
@@ -43,10 +42,11 @@ from hf_attn_distill.qa import (
     prepare_validation_features,
 )
 
-if __package__ in (None, ""):  # run as a script: make the repository's `recipes` package importable
+if __package__ in (None, ""):  # run as a script: import the sibling modules as the `recipes` package (PEP 366)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes import common  # noqa: E402
-from recipes.common import ModelArguments, build_student, check_tokenizers
+    __package__ = "recipes"
+from . import common  # noqa: E402
+from .common import ModelArguments, build_student, check_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -175,46 +175,25 @@ def main(args: list[str] | None = None) -> dict:
         if distill and model_args.evaluate_teacher:
             teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
         metrics.update(common.evaluate(trainer, teacher_trainer, "eval", ("exact_match", "f1", "_exact")))
+    example = (eval_examples if eval_examples is not None else raw["train"])[0]
+    cols = data_args.columns
+    sample = tokenizer(example[cols["question"]], example[cols["context"]], truncation="only_second",
+                       max_length=data_args.max_seq_length, return_tensors="pt")
     if training_args.do_train and trainer.is_world_process_zero():
-        example = (eval_examples if eval_examples is not None else raw["train"])[0]
-        cols = data_args.columns
-        common.write_figures(trainer, tokenizer, tokenizer(example[cols["question"]], example[cols["context"]],
-                                                           truncation="only_second", max_length=data_args.max_seq_length,
-                                                           return_tensors="pt"), training_args.output_dir)
+        common.write_figures(trainer, tokenizer, sample, training_args.output_dir)
     common.finish(trainer, tokenizer, training_args,
-                  lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
+                  lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample))
     return metrics
 
 
-def write_card(model_args, data_args, training_args, teacher, model, metrics) -> None:
-    distill = model_args.training_mode == "distill"
-    if distill:
-        method = f"start/end logit KD + attention {training_args.attention_loss}" if training_args.attention_weight else "start/end logit KD"
-    else:
-        method = "fine-tuning without a teacher"
+def write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample) -> None:
     source = data_args.dataset_name or Path(data_args.train_file or data_args.validation_file).parent.name
-    fields = dict(
-        license="apache-2.0",
-        task="question-answering",
-        auto_class="AutoModelForQuestionAnswering",
-        teacher=common.public_model_name(model_args.teacher_model_name_or_path),
-        dataset=source,
-        metric_name="f1",
-        model_name=Path(training_args.output_dir).name,
-        summary=(
-            f"A {model.config.num_hidden_layers}-layer extractive QA student distilled with hf_attn_distill ({method})."
-            if distill
-            else f"A {model.config.num_hidden_layers}-layer extractive QA model trained by {method}."
-        ),
-        teacher_metric=metrics.get("teacher_eval_f1", "not evaluated in this run"),
-        teacher_params=count_parameters(teacher),
-        student_metric=metrics.get("eval_f1", "n/a"),
-        student_params=count_parameters(model),
-        eval_split=f"validation split of {source}" + (" (SQuAD v2)" if data_args.version_2_with_negative else ""),
-    )
     extra = {k: getattr(data_args, k) for k in ("max_seq_length", "doc_stride", "version_2_with_negative")}
-    write_model_card(training_args.output_dir, fields, common.card_settings(model_args, training_args, extra))
-
+    common.write_card(
+        trainer, model_args, training_args, teacher, model, metrics, sample=sample, dataset=source,
+        eval_split=f"validation split of {source}" + (" (SQuAD v2)" if data_args.version_2_with_negative else ""),
+        extra_settings=extra,
+    )
 
 if __name__ == "__main__":
     main()

@@ -47,13 +47,14 @@ from hf_attn_distill import (
     student_from_teacher_layers,
 )
 from hf_attn_distill.metrics import TranslationMetrics
-from hf_attn_distill.model_card import count_parameters, write_model_card
+from hf_attn_distill.model_card import distillation_method
 from hf_attn_distill.sequence_kd import sequence_kd_dataset
 
-if __package__ in (None, ""):  # run as a script: make the repository's `recipes` package importable
+if __package__ in (None, ""):  # run as a script: import the sibling modules as the `recipes` package (PEP 366)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes import common  # noqa: E402
-from recipes.common import ModelArguments, check_tokenizers, parse_overrides
+    __package__ = "recipes"
+from . import common  # noqa: E402
+from .common import ModelArguments, check_tokenizers, parse_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -258,17 +259,17 @@ def main(args: list[str] | None = None) -> dict:
             if common_kwargs["compute_metrics"] is not None:  # score against the raw reference sentences
                 common_kwargs["compute_metrics"].references = references(raw, tokenized, split, data_args)
             metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("bleu", "chrf"), tokenized[split]))
-    if training_args.do_train and trainer.is_world_process_zero():
-        split = data_args.validation_split if data_args.validation_split in tokenized else data_args.train_split
-        row = tokenized[split][0]
-        labels = torch.tensor([row["labels"]])
-        common.write_figures(trainer, tokenizer, {
-            "input_ids": torch.tensor([row["input_ids"]]), "attention_mask": torch.tensor([row["attention_mask"]]),
-            "decoder_input_ids": trainer.accelerator.unwrap_model(trainer.model).prepare_decoder_input_ids_from_labels(
-                labels=labels),
-        }, training_args.output_dir)
+    split = data_args.validation_split if data_args.validation_split in tokenized else data_args.train_split
+    row = tokenized[split][0] if split in tokenized and len(tokenized[split]) else None
+    sample = None
+    if row is not None:
+        sample = {"input_ids": torch.tensor([row["input_ids"]]), "attention_mask": torch.tensor([row["attention_mask"]]),
+                  "decoder_input_ids": trainer.accelerator.unwrap_model(trainer.model).prepare_decoder_input_ids_from_labels(
+                      labels=torch.tensor([row["labels"]]))}
+    if training_args.do_train and trainer.is_world_process_zero() and sample is not None:
+        common.write_figures(trainer, tokenizer, sample, training_args.output_dir)
     common.finish(trainer, tokenizer, training_args,
-                  lambda: write_card(model_args, data_args, training_args, teacher, model, metrics))
+                  lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample))
     return metrics
 
 
@@ -279,40 +280,20 @@ def references(raw, tokenized, split: str, data: TranslationDataArguments) -> li
     return [pair[data.target_lang] for pair in raw[split].select(range(len(tokenized[split])))["translation"]]
 
 
-def write_card(model_args, data_args, training_args, teacher, model, metrics) -> None:
-    distill = model_args.training_mode == "distill"
-    metric_key = "test_bleu" if "test_bleu" in metrics else "eval_bleu"
-    sites = [name for name, w in (("encoder", training_args.attention_weight),
-                                  ("decoder", training_args.decoder_attention_weight),
-                                  ("cross", training_args.cross_attention_weight)) if w > 0]
-    if distill:
-        method = ("sequence-level KD + " if model_args.sequence_kd else "") + "token-level KD"
-        method += f" + {training_args.attention_loss} attention transfer ({', '.join(sites)})" if sites else ""
-    else:
-        method = "fine-tuning without a teacher"
+def write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample) -> None:
     source = data_args.dataset_name or Path(data_args.data_dir).name
-    fields = dict(
-        license="apache-2.0",
-        task="translation",
-        auto_class="AutoModelForSeq2SeqLM",
-        teacher=common.public_model_name(model_args.teacher_model_name_or_path),
-        dataset=source,
-        metric_name="bleu",
-        model_name=Path(training_args.output_dir).name,
-        summary=f"A {data_args.source_lang}->{data_args.target_lang} translation model trained with hf_attn_distill ({method}).",
-        teacher_metric=metrics.get(f"teacher_{metric_key}", "not evaluated in this run"),
-        teacher_params=count_parameters(teacher),
-        student_metric=metrics.get(metric_key, "n/a"),
-        student_params=count_parameters(model),
-        eval_split=f"{'test' if metric_key.startswith('test') else 'validation'} split of {source}, "
-        f"{'lower-cased' if data_args.lowercase_metrics else 'cased'} sacrebleu BLEU",
-    )
+    test = any(k.startswith("test_") for k in metrics)
+    method = None
+    if model_args.training_mode == "distill" and model_args.sequence_kd:
+        method = distillation_method(training_args, sequence_kd=True)
     extra = {"student_decoder_layers": model_args.student_decoder_layers, "sequence_kd": model_args.sequence_kd or None,
-             "decoder_layer_map": training_args.decoder_layer_map,
-             "cross_layer_map": training_args.cross_layer_map}
-    write_model_card(training_args.output_dir, fields,
-                     common.card_settings(model_args, training_args, {k: v for k, v in extra.items() if v is not None}))
-
+             "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length}
+    common.write_card(
+        trainer, model_args, training_args, teacher, model, metrics, sample=sample, dataset=source, method=method,
+        eval_split=f"{'test' if test else 'validation'} split of {source}, "
+        f"{'lower-cased' if data_args.lowercase_metrics else 'cased'} sacrebleu BLEU/chrF",
+        extra_settings=extra, citations=("hinton2015", "kim2016", "tinybert", "minilm"),
+    )
 
 if __name__ == "__main__":
     main()

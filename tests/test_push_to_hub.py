@@ -44,7 +44,8 @@ def test_push_to_hub_uploads_the_student_and_a_valid_card(tmp_path, tokenizer):
     card = files["README.md"].decode()
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["library_name"] == "transformers" and "hf_attn_distill" in metadata["tags"]
-    assert metadata["base_model"] == "teacher"  # the teacher's name, not its local path
+    assert "base_model" not in metadata  # a local teacher is no Hub id: named in the text only, never by its path
+    assert metadata["model-index"][0]["name"] == "me/tiny-student" and "`teacher`" in card
     assert str(tmp_path) not in card and TOKEN not in card
     # the token is never printed, logged or uploaded
     assert TOKEN not in proc.stdout and TOKEN not in proc.stderr

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 from conftest import FIXTURES, tiny_classifier
 from transformers import AutoModelForSequenceClassification
 
@@ -74,8 +75,13 @@ def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir):
     assert student.config.num_hidden_layers == 2
     assert (student_dir / "tokenizer.json").exists()
     assert (student_dir / "loss_curves.png").stat().st_size > 0 and (student_dir / "attention_encoder.png").exists()
-    card = (student_dir / "README.md").read_text()
-    assert "2-layer student distilled" in card and "attention MSE" in card and "$" not in card
+    card = ModelCard.load(student_dir / "README.md", ignore_metadata_errors=False)
+    assert "2-layer text classification student distilled from `teacher`" in card.text
+    assert "attention transfer (mse_scores; encoder)" in card.text
+    (result,) = card.data.eval_results
+    assert result.metric_type == "accuracy" and result.metric_value == round(metrics["eval_accuracy"], 4)
+    assert f"| {metrics['teacher_eval_accuracy']:.4f} |" in card.text  # teacher row, measured in this run
+    assert card.data.base_model is None and str(tmp_path) not in card.content  # local teacher: no path, no base_model
     assert json.loads((student_dir / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
 
 
