@@ -13,7 +13,7 @@ import torch
 
 from .attention_capture import AttentionRecorder
 
-__all__ = ["attention_maps", "plot_attention", "plot_loss_curves"]
+__all__ = ["attention_maps", "log_figures_to_tensorboard", "plot_attention", "plot_loss_curves"]
 
 
 def _pyplot():
@@ -109,3 +109,23 @@ def plot_loss_curves(log_history: Sequence[Mapping], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def log_figures_to_tensorboard(trainer, paths: Sequence[str | Path]) -> Path | None:
+    """Add the PNG figures ``paths`` as images (tag ``distillation/<file stem>``, at the trainer's last step) to
+    the TensorBoard run of ``trainer``, next to its per-term loss scalars. Does nothing (returns ``None``) unless
+    ``report_to`` includes ``"tensorboard"``; returns the run folder written to."""
+    from transformers.integrations import TensorBoardCallback
+
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+    if callback is None or not paths:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    plt = _pyplot()
+    log_dir = getattr(callback, "logging_dir", None) or str(Path(trainer.args.output_dir) / "runs")
+    with SummaryWriter(log_dir=log_dir) as writer:
+        for path in paths:
+            image = plt.imread(str(path))[..., :3]  # RGBA PNG -> RGB, floats in [0, 1]
+            writer.add_image(f"distillation/{Path(path).stem}", image, trainer.state.global_step, dataformats="HWC")
+    return Path(log_dir)

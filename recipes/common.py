@@ -267,11 +267,12 @@ def check_not_empty(datasets_by_split: dict) -> None:
 
 def write_figures(trainer, tokenizer, inputs: dict, output_dir: str | Path) -> list[Path]:
     """``loss_curves.png`` and, for each distilled attention site, ``attention_{site}.png`` (teacher vs student
-    on the first example of ``inputs``) in ``output_dir``. Skipped with a warning when matplotlib is missing."""
+    on the first example of ``inputs``) in ``output_dir``, also logged to TensorBoard when ``report_to`` includes
+    it. Skipped with a warning when matplotlib is missing."""
     import logging
 
     from hf_attn_distill import group_teacher_heads
-    from hf_attn_distill.plots import attention_maps, plot_attention, plot_loss_curves
+    from hf_attn_distill.plots import attention_maps, log_figures_to_tensorboard, plot_attention, plot_loss_curves
 
     try:
         import matplotlib  # noqa: F401
@@ -294,4 +295,5 @@ def write_figures(trainer, tokenizer, inputs: dict, output_dir: str | Path) -> l
         keys = target if transfer.site == "decoder" else source
         written.append(plot_attention(teacher, student, transfer.pairs, output_dir / f"attention_{transfer.site}.png",
                                       queries, keys, title=f"{transfer.site} attention"))
+    log_figures_to_tensorboard(trainer, written)
     return written

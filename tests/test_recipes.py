@@ -200,3 +200,22 @@ def test_shipped_yaml_config_parses():
     model_args, data_args, training_args = parse_args([str(root / "recipes" / "configs" / "sst2_student.yaml")])
     assert model_args.student_teacher_layers == "1,3,5" and training_args.attention_loss == "kl"
     assert data_args.train_file.endswith("sst2/train.tsv") and training_args.max_steps == 1000
+
+
+def test_tensorboard_gets_every_loss_term_and_the_attention_figures(tmp_path, tiny_teacher_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    recipe_main(_base(out, **{"--teacher_model_name_or_path": tiny_teacher_dir, "--student_teacher_layers": "1,3",
+                              "--report_to": "tensorboard", "--logging_steps": "1"}))
+    (events,) = {p.parent for p in out.glob("runs/**/events.out.tfevents.*")}
+    run = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = run.Tags()
+    assert {"train/loss_ce", "train/loss_kd", "train/loss_attn_enc", "eval/loss_attn_enc"} <= set(tags["scalars"])
+    assert [e.value for e in run.Scalars("train/loss_attn_enc")] == pytest.approx(
+        [e["loss_attn_enc"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+         if "loss_attn_enc" in e], rel=1e-5)
+    assert {"distillation/attention_encoder", "distillation/loss_curves"} <= set(tags["images"])
+    (image,) = run.Images("distillation/attention_encoder")
+    assert image.step == 4 and image.width > 100
