@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .attention_masks import ATTENTION_LOSSES
+from .hidden_transfer import HIDDEN_LOSSES
 from .layer_map import parse_layer_map
 
 __all__ = ["DistillConfig"]
@@ -64,6 +65,20 @@ class DistillConfig(TrainingArguments):
             How teacher heads meet student heads when their counts differ. `"mean"`: teacher heads are averaged in
             consecutive groups of `teacher_heads // student_heads` (teacher heads must be a multiple of student
             heads); `"strict"`: head counts must be equal.
+        hidden_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the hidden-state transfer term `loss_hidden` (encoder-only models); `0` turns it off. Both
+            models then return `hidden_states`, and each mapped student layer's output (and the embedding output)
+            learns the teacher's.
+        hidden_loss (`str`, *optional*, defaults to `"mse"`):
+            `"mse"` (TinyBERT): mean squared error over valid tokens and hidden units, the student's states passed
+            through one learned `nn.Linear(student width, teacher width)` shared by all pairs when the widths
+            differ. `"cosine"` (DistilBERT): mean over valid tokens of `1 - cos(student, teacher)`, through the
+            same projection when widths differ.
+        hidden_layer_map (`str` or `None`, *optional*, defaults to `None`):
+            Layer map of the hidden-state term, same forms as `layer_map` (indices of layer outputs, 0-based);
+            `None` uses `layer_map`.
+        hidden_include_embeddings (`bool`, *optional*, defaults to `True`):
+            Also match the embedding outputs (TinyBERT's embedding-layer loss).
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Cast the teacher to this dtype for faster inference (`"bfloat16"`, `"float16"`, `"float32"`); `"auto"`
             keeps it as loaded.
@@ -126,6 +141,23 @@ class DistillConfig(TrainingArguments):
             "choices": list(HEAD_GROUPINGS),
         },
     )
+    hidden_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the hidden-state transfer term loss_hidden (>= 0); 0 turns it off."}
+    )
+    hidden_loss: str = field(
+        default="mse",
+        metadata={
+            "help": "Hidden-state loss: 'mse' (TinyBERT, through a learned projection when widths differ) or "
+            "'cosine' (DistilBERT).",
+            "choices": list(HIDDEN_LOSSES),
+        },
+    )
+    hidden_layer_map: str | None = field(
+        default=None, metadata={"help": "Layer map of the hidden-state term (same forms as layer_map); default: layer_map."}
+    )
+    hidden_include_embeddings: bool = field(
+        default=True, metadata={"help": "Also match the embedding outputs in the hidden-state term."}
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={
@@ -160,10 +192,11 @@ class DistillConfig(TrainingArguments):
         super().__post_init__()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("alpha_ce", "alpha_kd", "attention_weight", "decoder_attention_weight", "cross_attention_weight"):
+        for name in ("alpha_ce", "alpha_kd", "attention_weight", "decoder_attention_weight", "cross_attention_weight",
+                     "hidden_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("layer_map", "decoder_layer_map", "cross_layer_map"):
+        for name in ("layer_map", "decoder_layer_map", "cross_layer_map", "hidden_layer_map"):
             spec = getattr(self, name)
             if spec is None or (isinstance(spec, str) and spec.strip().lower() == "none"):
                 setattr(self, name, None)
@@ -177,8 +210,13 @@ class DistillConfig(TrainingArguments):
             self.decoder_attention_weight = 0.0
         if self.cross_layer_map is None:
             self.cross_attention_weight = 0.0
-        if self.alpha_ce == 0 and self.alpha_kd == 0 and not self.uses_attention:
-            raise ValueError("alpha_ce, alpha_kd and every attention weight are 0: nothing to train on.")
+        if self.alpha_ce == 0 and self.alpha_kd == 0 and not self.uses_attention and self.hidden_weight == 0:
+            raise ValueError("alpha_ce, alpha_kd, hidden_weight and every attention weight are 0: nothing to train on.")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss must be one of {tuple(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
+        if self.hidden_weight > 0 and self.hidden_layer_map is None and self.layer_map is None:
+            raise ValueError("hidden_weight > 0 needs a layer map: set hidden_layer_map (or layer_map) to 'uniform', "
+                             "'last' or pairs such as '0:1,1:3'.")
         if self.attention_loss == "mse":
             raise ValueError(
                 "attention_loss='mse' is ambiguous: use 'mse_scores' (TinyBERT, pre-softmax scores) or 'mse_probs' "
@@ -201,10 +239,11 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         if self.teacher_logits_cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"teacher_logits_cache_dtype must be one of {CACHE_DTYPES}, got {self.teacher_logits_cache_dtype!r}")
-        if self.teacher_logits_cache and self.uses_attention:
+        if self.teacher_logits_cache and (self.uses_attention or self.hidden_weight > 0):
             raise ValueError(
                 "teacher_logits_cache only replaces the teacher when it is needed for logits alone: set "
-                "attention_weight=0 and leave decoder_layer_map/cross_layer_map unset, or drop teacher_logits_cache "
+                "attention_weight=0 and hidden_weight=0 and leave decoder_layer_map/cross_layer_map unset, or drop "
+                "teacher_logits_cache "
                 "(with attention the teacher runs every step)."
             )
         if self.teacher_logits_cache and self.alpha_kd == 0:

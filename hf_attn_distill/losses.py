@@ -24,6 +24,8 @@ __all__ = [
     "attention_kl_loss",
     "attention_mse_loss",
     "group_teacher_heads",
+    "hidden_cosine_loss",
+    "hidden_mse_loss",
     "logit_kd_loss",
 ]
 
@@ -196,3 +198,36 @@ def attention_mse_loss(
     sq = (s - t).pow(2)
     count = attention_loss_count("mse_scores", heads, batch, num_q, num_k, key_mask, query_mask, causal, s.device)
     return sq.sum() / count.clamp_min(1.0)
+
+
+def _check_hidden(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"Hidden states must have the same shape [B, T, D] after projection: student {tuple(student.shape)} vs "
+            f"teacher {tuple(teacher.shape)}."
+        )
+
+
+def hidden_mse_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TinyBERT hidden-state loss: mean squared error over valid tokens and hidden units.
+
+    Args:
+        student: ``[B, T, D]`` student hidden states, already projected to the teacher's width ``D``.
+        teacher: ``[B, T, D]`` teacher hidden states (no gradient needed).
+        mask: ``[B, T]``, true at valid (non-padding) tokens; ``None`` = all valid.
+
+    Returns ``sum_{valid t, d} (s - t)^2 / (valid tokens * D)``.
+    """
+    _check_hidden(student, teacher)
+    squared = (student.float() - teacher.float()).pow(2).mean(-1)  # [B, T]
+    return _valid_mean(squared, mask)
+
+
+def hidden_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DistilBERT hidden-state loss: mean over valid tokens of ``1 - cos(student_t, teacher_t)``.
+
+    Shapes as :func:`hidden_mse_loss`; the cosine ignores scale, so no projection is needed when widths match.
+    """
+    _check_hidden(student, teacher)
+    cosine = F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)  # [B, T]
+    return _valid_mean(1.0 - cosine, mask)

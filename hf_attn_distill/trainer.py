@@ -18,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .attention_transfer import SiteTransfer, plan_attention_transfer
 from .config import DistillConfig
+from .hidden_transfer import PROJECTION_NAME, plan_hidden_transfer
 from .losses import logit_kd_loss
 from .model_card import (
     CardInfo,
@@ -203,6 +204,7 @@ class DistillTrainer(Trainer):
         if teacher_model is model:
             raise ValueError("teacher_model is the student itself; pass a separate teacher.")
         self.transfers = check_distillation_pair(model, teacher_model, args)
+        self.hidden_transfer = plan_hidden_transfer(model, teacher_model, args)  # before super(): optimizer, DDP
         self._teacher_label_order = teacher_label_order(model, teacher_model) if args.alpha_kd > 0 else None
         if any(p.device.type == "meta" for p in teacher_model.parameters()):
             raise ValueError(
@@ -224,6 +226,7 @@ class DistillTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self._window_items: torch.Tensor | None = None
+        self._saving_checkpoint = False
         self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {"train": {}, "eval": {}}
         self.teacher_logits_cache = self._prepare_logits_cache() if args.teacher_logits_cache else None
 
@@ -277,8 +280,8 @@ class DistillTrainer(Trainer):
     # ---- gradient accumulation: count items of the whole window before its first micro-batch ----
 
     def _batch_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Float tensor ``[1 + sites]``: label items of the CE/KD terms, then what each site's attention term
-        averages over (per head; :meth:`SiteTransfer.count`).
+        """Float tensor ``[1 + sites (+ 1)]``: label items of the CE/KD terms, then what each site's attention term
+        averages over (per head; :meth:`SiteTransfer.count`), then valid tokens of the hidden-state term if any.
 
         Label items are examples for sequence-level heads and QA, and ``labels != -100`` tokens for
         token-level and sequence-to-sequence heads.
@@ -290,7 +293,9 @@ class DistillTrainer(Trainer):
         else:
             label_items = torch.tensor(reference.shape[0], device=reference.device)
         counts = [t.count(inputs).to(reference.device) for t in self.transfers]
-        return torch.stack([label_items.float(), *counts])
+        if self.hidden_transfer is not None:
+            counts.append(self.hidden_transfer.count(inputs).to(reference.device))
+        return torch.stack([label_items.float(), *[c.float() for c in counts]])
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -323,6 +328,26 @@ class DistillTrainer(Trainer):
                 f"{sum(p.numel() for p in self.model.parameters())} parameters): resume with the same student "
                 "configuration, or start a new run (resume_from_checkpoint=None)."
             ) from err
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        self._saving_checkpoint = True  # checkpoints keep the hidden-state projection, for resume
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student as a plain ``from_pretrained`` model: without the hidden-state projection, which
+        only checkpoints keep."""
+        student = self.accelerator.unwrap_model(self.model)
+        projection = getattr(student, PROJECTION_NAME, None)
+        if projection is None or self._saving_checkpoint:
+            return super().save_model(output_dir, _internal_call)
+        del student._modules[PROJECTION_NAME]
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            student.add_module(PROJECTION_NAME, projection)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if resume_from_checkpoint is True:
@@ -428,6 +453,8 @@ class DistillTrainer(Trainer):
             with torch.inference_mode():
                 for transfer in self.transfers:
                     transfer.teacher.start()
+                if self.hidden_transfer is not None:
+                    teacher_inputs["output_hidden_states"] = True
                 try:
                     teacher_outputs = self.teacher_model(**teacher_inputs)
                     teacher_records = [transfer.teacher.collect() for transfer in self.transfers]
@@ -440,7 +467,7 @@ class DistillTrainer(Trainer):
         del teacher_records
         keep_recording = bool(self.transfers) and model.training and torch.is_grad_enabled()
         try:
-            outputs = model(**inputs)
+            outputs = model(**inputs, **({"output_hidden_states": True} if self.hidden_transfer is not None else {}))
             layer_losses = [transfer.student.collect() for transfer in self.transfers]
         finally:
             if not keep_recording:  # else training_step stops it after backward
@@ -458,10 +485,14 @@ class DistillTrainer(Trainer):
             terms["loss_kd"] = self._kd_term(outputs, teacher_outputs, inputs, kd_mask)
         for transfer, losses in zip(self.transfers, layer_losses):
             terms[transfer.term] = torch.stack(losses).mean()
+        if self.hidden_transfer is not None:
+            terms[self.hidden_transfer.term] = self.hidden_transfer(
+                outputs.get("hidden_states"), teacher_outputs.get("hidden_states"), inputs.get("attention_mask"))
 
         items = self._batch_items(inputs)
         scales = self._scales(model, items)
-        weights = {"loss_ce": args.alpha_ce, "loss_kd": args.alpha_kd, **{t.term: t.weight for t in self.transfers}}
+        weights = {"loss_ce": args.alpha_ce, "loss_kd": args.alpha_kd, "loss_hidden": args.hidden_weight,
+                   **{t.term: t.weight for t in self.transfers}}
         loss = sum(weights[name] * value * scales[self._item_index(name)] for name, value in terms.items())
         self._accumulate_terms("train" if model.training else "eval", terms, items)
         return (loss, self._strip(outputs)) if return_outputs else loss
@@ -471,6 +502,8 @@ class DistillTrainer(Trainer):
         for index, transfer in enumerate(self.transfers, start=1):
             if transfer.term == term:
                 return index
+        if term == "loss_hidden":
+            return 1 + len(self.transfers)
         return 0
 
     def _student_only_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool):
