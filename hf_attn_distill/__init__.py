@@ -3,9 +3,18 @@
 from .attention_capture import ATTN_IMPLEMENTATION, AttentionRecorder, enable_attention_capture
 from .attention_masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
 from .config import DistillConfig
+from .distributed import prepare_teacher, require_deepspeed
 from .fused_transfer import TransferTarget, softmax_with_transfer_loss
 from .layer_map import parse_layer_map, resolve_layer_map
-from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads, logit_kd_loss
+from .losses import (
+    attention_kl_loss,
+    attention_mse_loss,
+    group_teacher_heads,
+    hidden_cosine_loss,
+    hidden_mse_loss,
+    logit_kd_loss,
+    relation_kl_loss,
+)
 from .model_structure import SITES, find_attention_modules, find_attention_sites, find_encoder_layers
 from .seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
 from .students import student_from_config, student_from_teacher_layers
@@ -35,8 +44,13 @@ __all__ = [
     "find_encoder_layers",
     "group_teacher_heads",
     "load_teacher",
+    "hidden_cosine_loss",
+    "hidden_mse_loss",
     "logit_kd_loss",
+    "relation_kl_loss",
     "parse_layer_map",
+    "prepare_teacher",
+    "require_deepspeed",
     "resolve_layer_map",
     "softmax_with_transfer_loss",
     "student_from_config",

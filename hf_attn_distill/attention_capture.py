@@ -38,6 +38,7 @@ from .fused_transfer import TransferTarget, attention_blocks, softmax_with_trans
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "POINT_ATTR",
     "UNSUPPORTED_ATTENTION_KWARGS",
     "AttentionRecorder",
     "enable_attention_capture",
@@ -63,6 +64,7 @@ class _CapturePoint:
         self.loss = "kl"
         self.target: TransferTarget | None = None
         self.deferred: _GradCell | None = None
+        self.tap: list | None = None  # a StateTap's one-slot list: (query, key, value) of the last call
 
 
 class _GradCell:
@@ -230,6 +232,8 @@ def recording_attention_forward(
 
 @torch.compiler.disable
 def _point_attention(point, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    if point.tap is not None:
+        point.tap[0] = (query, key, value)
     if not point.active:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .attention_masks import ATTENTION_LOSSES
+from .distributed import require_deepspeed
 from .hidden_transfer import HIDDEN_LOSSES
 from .layer_map import parse_layer_map
+from .relation_transfer import parse_relation_kinds
 
 __all__ = ["DistillConfig"]
 
@@ -79,6 +81,21 @@ class DistillConfig(TrainingArguments):
             `None` uses `layer_map`.
         hidden_include_embeddings (`bool`, *optional*, defaults to `True`):
             Also match the embedding outputs (TinyBERT's embedding-layer loss).
+        relation_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the self-attention relation term `loss_relation` (MiniLM / MiniLMv2; encoder-only models);
+            `0` turns it off. For each kind in `relation_kinds`, `KL(softmax(X_t X_t^T / sqrt(d_r)) ||
+            softmax(X_s X_s^T / sqrt(d_r)))` per relation head and valid row, `X` the queries, keys or values of
+            all heads concatenated and split into `relation_heads` heads of width `d_r`. Works when the student
+            has another width and head count than the teacher.
+        relation_kinds (`str`, *optional*, defaults to `"qq,kk,vv"`):
+            Relations transferred: MiniLMv2's `"qq,kk,vv"`, or MiniLM's value relation `"vv"`.
+        relation_heads (`int` or `None`, *optional*, defaults to `None`):
+            Relation heads; must divide both models' widths. `None`: the student's attention heads.
+        relation_teacher_layer (`int`, *optional*, defaults to `-1`):
+            Teacher layer the relations come from (0-based; negative counts from the end). MiniLMv2 takes an
+            upper-middle layer of large teachers.
+        relation_student_layer (`int`, *optional*, defaults to `-1`):
+            Student layer that learns them (the last by default).
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Cast the teacher to this dtype for faster inference (`"bfloat16"`, `"float16"`, `"float32"`); `"auto"`
             keeps it as loaded.
@@ -158,6 +175,21 @@ class DistillConfig(TrainingArguments):
     hidden_include_embeddings: bool = field(
         default=True, metadata={"help": "Also match the embedding outputs in the hidden-state term."}
     )
+    relation_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the MiniLM/MiniLMv2 relation term loss_relation (>= 0); 0 turns it off."}
+    )
+    relation_kinds: str = field(
+        default="qq,kk,vv", metadata={"help": "Relations: comma-separated subset of qq, kk, vv ('vv' = MiniLM v1)."}
+    )
+    relation_heads: int | None = field(
+        default=None, metadata={"help": "Relation heads (must divide both widths); default: the student's heads."}
+    )
+    relation_teacher_layer: int = field(
+        default=-1, metadata={"help": "Teacher layer of the relations (0-based, negative from the end)."}
+    )
+    relation_student_layer: int = field(
+        default=-1, metadata={"help": "Student layer that learns the relations (0-based, negative from the end)."}
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={
@@ -189,11 +221,12 @@ class DistillConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        require_deepspeed(self)  # transformers would fail first, with a bare PackageNotFoundError
         super().__post_init__()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         for name in ("alpha_ce", "alpha_kd", "attention_weight", "decoder_attention_weight", "cross_attention_weight",
-                     "hidden_weight"):
+                     "hidden_weight", "relation_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("layer_map", "decoder_layer_map", "cross_layer_map", "hidden_layer_map"):
@@ -210,8 +243,13 @@ class DistillConfig(TrainingArguments):
             self.decoder_attention_weight = 0.0
         if self.cross_layer_map is None:
             self.cross_attention_weight = 0.0
-        if self.alpha_ce == 0 and self.alpha_kd == 0 and not self.uses_attention and self.hidden_weight == 0:
-            raise ValueError("alpha_ce, alpha_kd, hidden_weight and every attention weight are 0: nothing to train on.")
+        if (self.alpha_ce == 0 and self.alpha_kd == 0 and not self.uses_attention and self.hidden_weight == 0
+                and self.relation_weight == 0):
+            raise ValueError("alpha_ce, alpha_kd, hidden_weight, relation_weight and every attention weight are 0: "
+                             "nothing to train on.")
+        parse_relation_kinds(self.relation_kinds)
+        if self.relation_heads is not None and self.relation_heads < 1:
+            raise ValueError(f"relation_heads must be >= 1, got {self.relation_heads}")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss must be one of {tuple(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
         if self.hidden_weight > 0 and self.hidden_layer_map is None and self.layer_map is None:
@@ -239,10 +277,10 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         if self.teacher_logits_cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"teacher_logits_cache_dtype must be one of {CACHE_DTYPES}, got {self.teacher_logits_cache_dtype!r}")
-        if self.teacher_logits_cache and (self.uses_attention or self.hidden_weight > 0):
+        if self.teacher_logits_cache and (self.uses_attention or self.hidden_weight > 0 or self.relation_weight > 0):
             raise ValueError(
                 "teacher_logits_cache only replaces the teacher when it is needed for logits alone: set "
-                "attention_weight=0 and hidden_weight=0 and leave decoder_layer_map/cross_layer_map unset, or drop "
+                "attention_weight=0, hidden_weight=0 and relation_weight=0 and leave decoder_layer_map/cross_layer_map unset, or drop "
                 "teacher_logits_cache "
                 "(with attention the teacher runs every step)."
             )

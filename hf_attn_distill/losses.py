@@ -27,6 +27,8 @@ __all__ = [
     "hidden_cosine_loss",
     "hidden_mse_loss",
     "logit_kd_loss",
+    "relation_kl_loss",
+    "self_relation_log_probs",
 ]
 
 
@@ -231,3 +233,38 @@ def hidden_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch
     _check_hidden(student, teacher)
     cosine = F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)  # [B, T]
     return _valid_mean(1.0 - cosine, mask)
+
+
+def self_relation_log_probs(states: torch.Tensor, num_heads: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MiniLM(v2) self-attention relation: ``log_softmax(x_r x_r^T / sqrt(d_r))`` per relation head.
+
+    Args:
+        states: ``[B, T, D]`` queries, keys or values of one layer with all attention heads concatenated.
+        num_heads: relation heads ``R``; ``D`` is split into ``R`` chunks of ``d_r = D / R``.
+        key_mask: ``[B, T]`` valid tokens; padded keys get zero probability.
+
+    Returns ``[B, R, T, T]`` float32 log-probabilities.
+    """
+    batch, length, width = states.shape
+    if width % num_heads:
+        raise ValueError(f"A width of {width} cannot be split into {num_heads} relation heads.")
+    x = states.float().view(batch, length, num_heads, width // num_heads).transpose(1, 2)  # [B, R, T, d_r]
+    scores = torch.matmul(x, x.transpose(-1, -2)) * (width // num_heads) ** -0.5
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], torch.finfo(torch.float32).min)
+    return torch.log_softmax(scores, dim=-1)
+
+
+def relation_kl_loss(student: torch.Tensor, teacher: torch.Tensor, num_heads: int,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MiniLMv2 relation-transfer loss: ``KL(teacher relation || student relation)`` per relation head and row.
+
+    ``student`` ``[B, T, D_s]`` and ``teacher`` ``[B, T, D_t]`` are the same kind of states (queries, keys or
+    values, heads concatenated) of one layer each; widths and head counts may differ, only ``D_s`` and ``D_t``
+    must both divide into ``num_heads`` relation heads. Mean over relation heads and valid query rows, as
+    :func:`attention_kl_loss` (padded keys and rows excluded).
+    """
+    log_s = self_relation_log_probs(student, num_heads, mask)
+    with torch.no_grad():
+        log_t = self_relation_log_probs(teacher.detach(), num_heads, mask)
+    return attention_kl_loss(log_s, log_t, key_mask=mask)

@@ -236,6 +236,8 @@ def distillation_method(args, sequence_kd: bool = False) -> str:
         parts.append(f"attention transfer ({args.attention_loss}; {', '.join(sites)})")
     if getattr(args, "hidden_weight", 0) > 0:
         parts.append(f"hidden-state transfer ({args.hidden_loss})")
+    if getattr(args, "relation_weight", 0) > 0:
+        parts.append(f"self-attention relation transfer ({args.relation_kinds})")
     return " + ".join(parts) or "hard labels only"
 
 
@@ -243,15 +245,17 @@ def distillation_settings(args) -> dict:
     """The settings table of a card: objective and training budget of a :class:`~hf_attn_distill.DistillConfig`."""
     keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map",
             "decoder_layer_map", "decoder_attention_weight", "cross_layer_map", "cross_attention_weight",
-            "head_grouping", "hidden_weight", "hidden_loss", "hidden_layer_map", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+            "head_grouping", "hidden_weight", "hidden_loss", "hidden_layer_map", "relation_weight", "relation_kinds",
+            "relation_heads", "relation_teacher_layer", "relation_student_layer", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
             "gradient_accumulation_steps", "seed"]
     settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if settings.get("decoder_layer_map") is None:
         settings = {k: v for k, v in settings.items() if not k.startswith("decoder_")}
     if settings.get("cross_layer_map") is None:
         settings = {k: v for k, v in settings.items() if not k.startswith("cross_")}
-    if not settings.get("hidden_weight"):
-        settings = {k: v for k, v in settings.items() if not k.startswith("hidden_")}
+    for prefix in ("hidden_", "relation_"):
+        if not settings.get(f"{prefix}weight"):
+            settings = {k: v for k, v in settings.items() if not k.startswith(prefix)}
     if settings.get("max_steps", -1) > 0:
         settings.pop("num_train_epochs", None)
     return {k: (str(v) if isinstance(v, (list, tuple)) else v) for k, v in settings.items()}

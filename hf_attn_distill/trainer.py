@@ -18,8 +18,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .attention_transfer import SiteTransfer, plan_attention_transfer
 from .config import DistillConfig
+from .distributed import prepare_teacher
 from .hidden_transfer import PROJECTION_NAME, plan_hidden_transfer
 from .losses import logit_kd_loss
+from .relation_transfer import plan_relation_transfer
 from .model_card import (
     CardInfo,
     card_metrics,
@@ -205,6 +207,9 @@ class DistillTrainer(Trainer):
             raise ValueError("teacher_model is the student itself; pass a separate teacher.")
         self.transfers = check_distillation_pair(model, teacher_model, args)
         self.hidden_transfer = plan_hidden_transfer(model, teacher_model, args)  # before super(): optimizer, DDP
+        self.relation_transfer = plan_relation_transfer(model, teacher_model, args)
+        # terms besides CE, KD and the attention sites, each with .term, .weight and .count(inputs)
+        self._extra_terms = [t for t in (self.hidden_transfer, self.relation_transfer) if t is not None]
         self._teacher_label_order = teacher_label_order(model, teacher_model) if args.alpha_kd > 0 else None
         if any(p.device.type == "meta" for p in teacher_model.parameters()):
             raise ValueError(
@@ -224,7 +229,7 @@ class DistillTrainer(Trainer):
         }
 
         super().__init__(model=model, args=args, **kwargs)
-        self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args)  # see distributed.py
         self._window_items: torch.Tensor | None = None
         self._saving_checkpoint = False
         self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {"train": {}, "eval": {}}
@@ -280,8 +285,9 @@ class DistillTrainer(Trainer):
     # ---- gradient accumulation: count items of the whole window before its first micro-batch ----
 
     def _batch_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Float tensor ``[1 + sites (+ 1)]``: label items of the CE/KD terms, then what each site's attention term
-        averages over (per head; :meth:`SiteTransfer.count`), then valid tokens of the hidden-state term if any.
+        """Float tensor ``[1 + sites + extra terms]``: label items of the CE/KD terms, then what each site's attention
+        term averages over (per head; :meth:`SiteTransfer.count`), then what the hidden-state and relation terms
+        average over (valid tokens), when they are on.
 
         Label items are examples for sequence-level heads and QA, and ``labels != -100`` tokens for
         token-level and sequence-to-sequence heads.
@@ -293,8 +299,7 @@ class DistillTrainer(Trainer):
         else:
             label_items = torch.tensor(reference.shape[0], device=reference.device)
         counts = [t.count(inputs).to(reference.device) for t in self.transfers]
-        if self.hidden_transfer is not None:
-            counts.append(self.hidden_transfer.count(inputs).to(reference.device))
+        counts += [t.count(inputs).to(reference.device) for t in self._extra_terms]
         return torch.stack([label_items.float(), *[c.float() for c in counts]])
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -377,6 +382,8 @@ class DistillTrainer(Trainer):
         for transfer in self.transfers:
             transfer.student.stop()
             transfer.teacher.stop()
+        if self.relation_transfer is not None:
+            self.relation_transfer.student.stop()
 
     def _with_decoder_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """For encoder-decoder models, decoder inputs built once from the labels, so that teacher and student
@@ -455,20 +462,29 @@ class DistillTrainer(Trainer):
                     transfer.teacher.start()
                 if self.hidden_transfer is not None:
                     teacher_inputs["output_hidden_states"] = True
+                if self.relation_transfer is not None:
+                    self.relation_transfer.teacher.start()
                 try:
                     teacher_outputs = self.teacher_model(**teacher_inputs)
                     teacher_records = [transfer.teacher.collect() for transfer in self.transfers]
+                    if self.relation_transfer is not None:
+                        teacher_states = self.relation_transfer.teacher.states()
                 finally:
                     for transfer in self.transfers:
                         transfer.teacher.stop()
+                    if self.relation_transfer is not None:
+                        self.relation_transfer.teacher.stop()
         # The student's mapped layers take their attention loss inside their softmax (fused_transfer).
         for transfer, records in zip(self.transfers, teacher_records):
             transfer.student.start(transfer.targets(records, inputs))
         del teacher_records
-        keep_recording = bool(self.transfers) and model.training and torch.is_grad_enabled()
+        if self.relation_transfer is not None:
+            self.relation_transfer.student.start()
+        keep_recording = bool(self.transfers or self.relation_transfer) and model.training and torch.is_grad_enabled()
         try:
             outputs = model(**inputs, **({"output_hidden_states": True} if self.hidden_transfer is not None else {}))
             layer_losses = [transfer.student.collect() for transfer in self.transfers]
+            student_states = self.relation_transfer.student.states() if self.relation_transfer is not None else None
         finally:
             if not keep_recording:  # else training_step stops it after backward
                 self._stop_recording()
@@ -488,11 +504,15 @@ class DistillTrainer(Trainer):
         if self.hidden_transfer is not None:
             terms[self.hidden_transfer.term] = self.hidden_transfer(
                 outputs.get("hidden_states"), teacher_outputs.get("hidden_states"), inputs.get("attention_mask"))
+        if self.relation_transfer is not None:
+            terms[self.relation_transfer.term] = self.relation_transfer.loss(
+                student_states, teacher_states, inputs.get("attention_mask"))
+            del student_states, teacher_states
 
         items = self._batch_items(inputs)
         scales = self._scales(model, items)
-        weights = {"loss_ce": args.alpha_ce, "loss_kd": args.alpha_kd, "loss_hidden": args.hidden_weight,
-                   **{t.term: t.weight for t in self.transfers}}
+        weights = {"loss_ce": args.alpha_ce, "loss_kd": args.alpha_kd,
+                   **{t.term: t.weight for t in [*self.transfers, *self._extra_terms]}}
         loss = sum(weights[name] * value * scales[self._item_index(name)] for name, value in terms.items())
         self._accumulate_terms("train" if model.training else "eval", terms, items)
         return (loss, self._strip(outputs)) if return_outputs else loss
@@ -502,8 +522,9 @@ class DistillTrainer(Trainer):
         for index, transfer in enumerate(self.transfers, start=1):
             if transfer.term == term:
                 return index
-        if term == "loss_hidden":
-            return 1 + len(self.transfers)
+        for index, extra in enumerate(self._extra_terms, start=1 + len(self.transfers)):
+            if extra.term == term:
+                return index
         return 0
 
     def _student_only_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool):
