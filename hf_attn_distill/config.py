@@ -12,6 +12,7 @@ from .distributed import require_deepspeed
 from .hidden_transfer import HIDDEN_LOSSES
 from .layer_map import parse_layer_map
 from .relation_transfer import parse_relation_kinds
+from .schedules import parse_schedules
 
 __all__ = ["DistillConfig"]
 
@@ -96,6 +97,13 @@ class DistillConfig(TrainingArguments):
             upper-middle layer of large teachers.
         relation_student_layer (`int`, *optional*, defaults to `-1`):
             Student layer that learns them (the last by default).
+        schedules (`dict` or `str`, *optional*, defaults to `None`):
+            Move the temperature or a loss weight from its configured value to an end value over training:
+            `{"temperature": "linear:1.0", "attention_weight": "cosine:0.0"}` (or its JSON, or
+            `"temperature=linear:1.0,attention_weight=cosine:0.0"`). Kinds: `constant`, `linear`
+            (`start + (end - start) * p`), `cosine` (`end + (start - end) * (1 + cos(pi p)) / 2`), with
+            `p = global_step / max_steps`. Scheduled values are logged with each training log. A weight that
+            starts at 0 cannot be scheduled (its term is off).
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Cast the teacher to this dtype for faster inference (`"bfloat16"`, `"float16"`, `"float32"`); `"auto"`
             keeps it as loaded.
@@ -190,6 +198,11 @@ class DistillConfig(TrainingArguments):
     relation_student_layer: int = field(
         default=-1, metadata={"help": "Student layer that learns the relations (0-based, negative from the end)."}
     )
+    schedules: dict | str | None = field(
+        default=None,
+        metadata={"help": "Schedules of the temperature / loss weights, e.g. 'temperature=linear:1.0,"
+                  "attention_weight=cosine:0.0' or a JSON object (kinds: constant, linear, cosine; 'kind:end')."},
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={
@@ -248,6 +261,12 @@ class DistillConfig(TrainingArguments):
             raise ValueError("alpha_ce, alpha_kd, hidden_weight, relation_weight and every attention weight are 0: "
                              "nothing to train on.")
         parse_relation_kinds(self.relation_kinds)
+        parsed_schedules = parse_schedules(self.schedules)
+        for name in parsed_schedules:
+            if getattr(self, name) == 0:
+                raise ValueError(f"schedules: {name} starts at its configured value 0, so its term is off; set {name} "
+                                 "to the schedule's start value.")
+        self.schedules = {n: k if k == "constant" else f"{k}:{e}" for n, (k, e) in parsed_schedules.items()} or None
         if self.relation_heads is not None and self.relation_heads < 1:
             raise ValueError(f"relation_heads must be >= 1, got {self.relation_heads}")
         if self.hidden_loss not in HIDDEN_LOSSES:

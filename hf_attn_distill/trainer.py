@@ -22,6 +22,7 @@ from .distributed import prepare_teacher
 from .hidden_transfer import PROJECTION_NAME, plan_hidden_transfer
 from .losses import logit_kd_loss
 from .relation_transfer import plan_relation_transfer
+from .schedules import parse_schedules, scheduled_value
 from .model_card import (
     CardInfo,
     card_metrics,
@@ -53,6 +54,10 @@ KD_MASK_COLUMN = "kd_mask"
 """Optional dataset column ``[seq_len]`` of 0/1: the positions token-position logits (extractive-QA
 ``start_logits``/``end_logits``) are distilled over. The trainer keeps it and never passes it to a model."""
 LOGIT_KEYS = ("logits", "start_logits", "end_logits")
+# The DistillConfig weight of each loss term (what `schedules` names).
+TERM_WEIGHTS = {"loss_ce": "alpha_ce", "loss_kd": "alpha_kd", "loss_attn_enc": "attention_weight",
+                "loss_attn_dec": "decoder_attention_weight", "loss_attn_cross": "cross_attention_weight",
+                "loss_hidden": "hidden_weight", "loss_relation": "relation_weight"}
 # Model outputs that must never reach `predictions` (large, and not predictions).
 STRIPPED_OUTPUT_KEYS = (
     "attentions",
@@ -232,6 +237,8 @@ class DistillTrainer(Trainer):
         self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args)  # see distributed.py
         self._window_items: torch.Tensor | None = None
         self._saving_checkpoint = False
+        self._schedules = parse_schedules(args.schedules)
+        self._scheduled_in_window: dict[str, float] = {}
         self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {"train": {}, "eval": {}}
         self.teacher_logits_cache = self._prepare_logits_cache() if args.teacher_logits_cache else None
 
@@ -416,7 +423,7 @@ class DistillTrainer(Trainer):
             student_logits, teacher_logits = outputs[key], teacher_outputs[key]
             if key != "logits":  # start/end logits: a distribution over token positions
                 positions = kd_mask if kd_mask is not None else inputs.get("attention_mask")
-                terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature, class_mask=positions))
+                terms.append(logit_kd_loss(student_logits, teacher_logits, self.current_value("temperature"), class_mask=positions))
                 continue
             if student_logits.dim() == 3 and student_logits.shape[-1] > 1:
                 # token-level outputs (token classification, decoder logits): ignore -100 labels, else padding;
@@ -427,11 +434,11 @@ class DistillTrainer(Trainer):
                     mask = labels.ne(-100)
                 elif torch.is_tensor(attn) and attn.shape == student_logits.shape[:2]:
                     mask = attn.bool()
-                terms.append(token_kd_loss(student_logits, teacher_logits, self.args.temperature, mask))
+                terms.append(token_kd_loss(student_logits, teacher_logits, self.current_value("temperature"), mask))
                 continue
             if self._teacher_label_order is not None:  # same label names, other order
                 teacher_logits = teacher_logits[..., self._teacher_label_order]
-            terms.append(logit_kd_loss(student_logits, teacher_logits, self.args.temperature))
+            terms.append(logit_kd_loss(student_logits, teacher_logits, self.current_value("temperature")))
         return torch.stack(terms).mean()
 
     def compute_loss(
@@ -511,11 +518,21 @@ class DistillTrainer(Trainer):
 
         items = self._batch_items(inputs)
         scales = self._scales(model, items)
-        weights = {"loss_ce": args.alpha_ce, "loss_kd": args.alpha_kd,
-                   **{t.term: t.weight for t in [*self.transfers, *self._extra_terms]}}
+        weights = {term: self.current_value(TERM_WEIGHTS[term]) for term in terms}
+        if model.training:
+            self._scheduled_in_window = {name: self.current_value(name) for name in self._schedules}
         loss = sum(weights[name] * value * scales[self._item_index(name)] for name, value in terms.items())
         self._accumulate_terms("train" if model.training else "eval", terms, items)
         return (loss, self._strip(outputs)) if return_outputs else loss
+
+    def current_value(self, name: str) -> float:
+        """The temperature or loss weight ``name`` at this step: its configured value, moved along its schedule
+        (:mod:`~hf_attn_distill.schedules`) by ``global_step / max_steps``."""
+        start = getattr(self.args, name)
+        if name not in self._schedules:
+            return start
+        kind, end = self._schedules[name]
+        return scheduled_value(kind, start, end, self.state.global_step / max(self.state.max_steps, 1))
 
     def _item_index(self, term: str) -> int:
         """Which entry of :meth:`_batch_items` a term averages over."""
@@ -581,8 +598,9 @@ class DistillTrainer(Trainer):
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the terms averaged over its window
+        if "loss" in logs:  # a training log: add the terms averaged over its window, and the scheduled values
             logs.update(self._pop_term_means("train"))
+            logs.update(self._scheduled_in_window)  # the values the logged window was trained with
         super().log(logs, start_time)
 
     _tag_names: ClassVar[list[str]] = ["hf_attn_distill", "knowledge-distillation"]
