@@ -22,10 +22,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: import the sibling modules as the `recipes` package (PEP 366)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "recipes"
 from hf_attn_distill.model_card import count_parameters
 from hf_attn_distill.profiling import folder_weights_mb, measure_latency_ms
-from recipes.distill_classification import main as run_recipe
+
+from .distill_classification import main as run_recipe
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2"
 

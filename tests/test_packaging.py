@@ -1,8 +1,10 @@
-"""Installed from a wheel (not the checkout), the package finds its card template and metric modules."""
+"""Installed from a wheel (not the checkout), the package finds its card template, metric modules and recipes."""
 
 import subprocess
 import sys
 import textwrap
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -18,34 +20,81 @@ def test_accuracy_loads_through_evaluate_offline():
         load_metric("bleurt")
 
 
-@pytest.mark.slow
-def test_wheel_install_writes_model_card_and_loads_metric(tmp_path):
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parent.parent
 
-    root = Path(__file__).resolve().parent.parent
+
+@pytest.fixture(scope="module")
+def wheel_install(tmp_path_factory):
+    """The project built as a wheel and installed with ``pip --target``: (wheel, target folder)."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
-         str(root)], check=True,
+         str(ROOT)], check=True,
     )
     (wheel,) = (tmp_path / "dist").glob("hf_attn_distill-*.whl")
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True)
+    return wheel, target
+
+
+def isolated_env(target) -> dict:
+    return {"PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_wheel_install_writes_model_card_and_loads_metric(tmp_path, wheel_install):
+    _, target = wheel_install
     script = textwrap.dedent(f"""
         import hf_attn_distill
-        from hf_attn_distill.model_card import write_model_card
+        from hf_attn_distill.model_card import CardInfo, write_model_card
         from hf_attn_distill.metrics import load_metric
         assert hf_attn_distill.__file__.startswith({str(target)!r}), hf_attn_distill.__file__
-        fields = dict(license="apache-2.0", task="text-classification", teacher="teacher", dataset="sst2",
-                      auto_class="AutoModelForSequenceClassification",
-                      metric_name="accuracy", model_name="student", summary="s", teacher_metric=0.9,
-                      teacher_params=10, student_metric=0.8, student_params=5, eval_split="dev")
-        card = write_model_card({str(tmp_path)!r}, fields, {{"temperature": 2.0}}).read_text()
+        info = CardInfo(model_name="student", task="text-classification", teacher="teacher", dataset="sst2",
+                        eval_split="dev", method="logit KD", student_params=5, teacher_params=10,
+                        student_layers="3-layer", metrics={{"accuracy": 0.8}}, teacher_metrics={{"accuracy": 0.9}},
+                        settings={{"temperature": 2.0}})
+        card = write_model_card({str(tmp_path)!r}, info).read_text()
         assert "| temperature | 2.0000 |" in card and "base_model: teacher" in card
         print(load_metric("accuracy").compute(predictions=[1, 0], references=[1, 1])["accuracy"])
     """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={"PYTHONPATH": str(target),
-                         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    out = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp_path, env=isolated_env(target),
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "0.5"
+
+
+@pytest.mark.slow
+def test_wheel_ships_recipes_inside_the_package_and_the_console_script(tmp_path, wheel_install):
+    """recipes/ is installed as hf_attn_distill.recipes (no top-level `recipes` package to collide with), and the
+    wheel's ``hf-attn-distill`` script dispatches to those copies, from a folder without the checkout."""
+    wheel, target = wheel_install
+    names = zipfile.ZipFile(wheel).namelist()
+    recipes = sorted(p.name for p in (ROOT / "recipes").glob("*.py"))
+    assert sorted(n.split("/")[-1] for n in names if n.startswith("hf_attn_distill/recipes/")) == recipes
+    assert not any(n.startswith(("recipes/", "tests/", "benchmarks/")) for n in names)
+    package = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "hf_attn_distill").rglob("*.py"))
+    assert package == sorted(n for n in names if n.endswith(".py") and not n.startswith("hf_attn_distill/recipes/"))
+    assert not (target / "recipes").exists()
+    script = target / "bin" / "hf-attn-distill"
+    out = subprocess.run([str(script), "--help"], check=False, cwd=tmp_path, env=isolated_env(target), capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(f"\n    {command}" in out.stdout for command in ("classification", "qa", "translation"))
+    check = textwrap.dedent(f"""
+        import sys
+        from hf_attn_distill.cli import main
+        sys.argv = ["x"]
+        try:
+            main(["qa", "--help"])
+        except SystemExit as exit:
+            assert exit.code == 0, exit.code
+        module = sys.modules["hf_attn_distill.recipes.distill_qa"]
+        assert module.__file__.startswith({str(target)!r}), module.__file__
+        assert "recipes" not in sys.modules and module.common.__name__ == "hf_attn_distill.recipes.common"
+    """)
+    out = subprocess.run([sys.executable, "-c", check], check=False, cwd=tmp_path, env=isolated_env(target), capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage: hf-attn-distill qa ") and "--doc_stride" in out.stdout
