@@ -2,13 +2,14 @@
 """Quality benchmark on Multi30k de->en: which distillation helps a smaller encoder-decoder student?
 
 One teacher: an ``EncoderDecoderModel`` whose encoder and decoder start from all-MiniLM-L6-v2 (6 + 6 layers,
-cross-attention new), trained on the first ``train_examples`` pairs of Multi30k train. Then students with
-3 encoder and 3 decoder layers taken from the teacher (layers 1, 3, 5 of each), the same data, steps and
-seeds:
+cross-attention new), trained on the first ``teacher_train_examples`` pairs of Multi30k train. Then students
+with 3 encoder and 3 decoder layers taken from the teacher (layers 1, 3, 5 of each), all with the same data
+(the first ``train_examples`` pairs), steps and seeds:
 
 - ``finetune``: fine-tuning without a teacher;
 - ``kd``: word-level (token) KD + references;
-- ``seq_kd``: sequence-level KD (Kim & Rush 2016): trained on the teacher's beam-search translations;
+- ``seq_kd``: sequence-level KD (Kim & Rush 2016): trained on the teacher's translations of the training
+  sources (``sequence_kd_num_beams``; greedy by default, to fit the CPU budget);
 - ``kd_attn``: ``kd`` + attention KL at every site (encoder self, decoder self, cross);
 - ``kd_attn_self``: ``kd`` + encoder and decoder self-attention only (does cross-attention add anything?).
 
@@ -53,7 +54,9 @@ class QualityTranslationArguments:
     results: str = field(default=str(ROOT / "benchmarks" / "results" / "quality_translation"),
                          metadata={"help": "JSON/MD path stem."})
     data_dir: str = field(default=str(ROOT.parent / "shared" / "data" / "multi30k"), metadata={"help": "Multi30k folder."})
-    train_examples: int = field(default=10000, metadata={"help": "First N training pairs (teacher and students)."})
+    teacher_train_examples: int = field(default=10000, metadata={"help": "First N training pairs of the teacher."})
+    train_examples: int = field(default=8000, metadata={"help": "First N training pairs of every student (and of "
+                                                            "the teacher's translations for seq_kd)."})
     test_examples: int = field(default=1000, metadata={"help": "First N test_2016_flickr pairs scored."})
     teacher_steps: int = field(default=500, metadata={"help": "Teacher training steps."})
     student_steps: int = field(default=250, metadata={"help": "Steps per student run (same for every variant)."})
@@ -63,15 +66,16 @@ class QualityTranslationArguments:
     encoder_layers: str = field(default="1,3,5", metadata={"help": "Teacher encoder layers kept by the student."})
     decoder_layers: str = field(default="1,3,5", metadata={"help": "Teacher decoder layers kept by the student."})
     max_length: int = field(default=40, metadata={"help": "Source/target tokens and generation length."})
+    sequence_kd_num_beams: int = field(default=1, metadata={"help": "Beams of the teacher's seq_kd translations."})
     seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
     reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
 
 
-def common_args(args: QualityTranslationArguments, output_dir: Path, seed: int) -> list[str]:
+def common_args(args: QualityTranslationArguments, output_dir: Path, seed: int, train_examples: int) -> list[str]:
     return [
-        "--data_dir", args.data_dir, "--source_lang", "de", "--target_lang", "en",
-        "--max_train_samples", str(args.train_examples), "--max_predict_samples", str(args.test_examples),
+        "--data_dir", args.data_dir, "--source_lang", "de", "--target_lang", "en", "--evaluate_teacher", "false",
+        "--max_train_samples", str(train_examples), "--max_predict_samples", str(args.test_examples),
         "--max_source_length", str(args.max_length), "--max_target_length", str(args.max_length),
         "--output_dir", str(output_dir), "--per_device_train_batch_size", str(args.batch_size),
         "--per_device_eval_batch_size", "64", "--warmup_steps", "0.06", "--weight_decay", "0.01",
@@ -101,8 +105,10 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
         "eval_set": f"Multi30k test_2016_flickr, first {args.test_examples} pairs, greedy decoding",
         "teacher": teacher["bleu"],
         "teacher_chrf": teacher["chrf"],
-        "teacher_model": f"EncoderDecoderModel from all-MiniLM-L6-v2 (6+6 layers), {args.teacher_steps} steps",
-        "student": f"3+3 layers (encoder {args.encoder_layers}, decoder {args.decoder_layers} of the teacher)",
+        "teacher_model": f"EncoderDecoderModel from all-MiniLM-L6-v2 (6+6 layers), {args.teacher_steps} steps on "
+                         f"the first {args.teacher_train_examples} training pairs",
+        "student": f"3+3 layers (encoder {args.encoder_layers}, decoder {args.decoder_layers} of the teacher), "
+                   f"{args.student_steps} steps of {args.batch_size} on the first {args.train_examples} pairs",
         "students": students,
         "machine": machine_info(),
         "settings": asdict(args),
@@ -111,6 +117,7 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
 
 def markdown(result: dict) -> str:
     lines = [f"Teacher: BLEU {result['teacher']:.2f}, chrF {result['teacher_chrf']:.2f} ({result['casing']})  ",
+             f"Teacher model: {result['teacher_model']}  ", f"Students: {result['student']}  ",
              f"Eval set: {result['eval_set']}  ", f"Machine: {result['machine']}", "",
              "| student variant | BLEU mean | std | BLEU runs | chrF mean | retention | wall time / run |",
              "|---|---|---|---|---|---|---|"]
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = run_recipe([
             "--training_mode", "finetune", "--teacher_model_name_or_path", minilm_path(), "--build_encoder_decoder",
             "--learning_rate", str(args.teacher_learning_rate), "--max_steps", str(args.teacher_steps),
-            *common_args(args, teacher_dir, 0),
+            *common_args(args, teacher_dir, 0, args.teacher_train_examples),
         ])
     teacher = {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"]}
     print(f"teacher BLEU {teacher['bleu']:.2f} chrF {teacher['chrf']:.2f}", flush=True)
@@ -152,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "--learning_rate", str(args.student_learning_rate), "--max_steps", str(args.student_steps),
                 "--temperature", "2.0", "--alpha_ce", "0.5", "--alpha_kd", "0.5",
                 "--sequence_kd_cache_dir", str(work / "teacher_translations"),
-                *common_args(args, student_dir, seed), *VARIANTS[name],
+                "--sequence_kd_num_beams", str(args.sequence_kd_num_beams),
+                *common_args(args, student_dir, seed, args.train_examples), *VARIANTS[name],
             ]
             start = time.perf_counter()
             metrics = run_recipe(recipe_args)

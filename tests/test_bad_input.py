@@ -95,3 +95,21 @@ def test_labels_out_of_range(tmp_path, teacher_dir):
     with pytest.raises(ValueError, match="label 5.*num_labels=2"):
         _recipe(tmp_path, teacher_dir, **{"--train_file": str(bad), "--validation_file": str(bad),
                                           "--max_seq_length": "32", "--num_labels": "2"})
+
+
+@pytest.mark.parametrize("asked, expected", [("bfloat16", torch.bfloat16), ("float32", torch.float32),
+                                             ("auto", torch.bfloat16)])
+def test_teacher_gets_the_dtype_and_device_asked_for(tmp_path, tokenizer, sentiment_dataset, asked, expected):
+    """A teacher loaded in another dtype than ``teacher_dtype`` asks for is cast (``auto`` keeps it), and it is
+    placed on the training device; the KD term is computed from its logits in that dtype, in float32."""
+    teacher = tiny_classifier(0).to(torch.bfloat16)
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path, teacher_dtype=asked,
+                                                                             alpha_ce=0.0, attention_weight=0.0))
+    params = list(trainer.teacher_model.parameters())
+    assert {p.dtype for p in params} == {expected} and {p.device for p in params} == {trainer.args.device}
+    assert not any(p.requires_grad for p in params) and not trainer.teacher_model.training
+    batch = dict(DataCollatorWithPadding(tokenizer)([sentiment_dataset[i] for i in range(4)]))
+    with torch.no_grad():
+        reference = logit_kd_loss(student.eval()(**batch).logits, trainer.teacher_model(**batch).logits.float(), 2.0)
+        assert trainer.compute_loss(student, batch).item() == pytest.approx(0.5 * reference.item(), rel=1e-5)
