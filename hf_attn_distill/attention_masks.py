@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ATTENTION_LOSSES", "attention_loss_count", "attention_valid_mask", "recorded_quantity"]
+__all__ = ["ATTENTION_LOSSES", "attention_loss_count", "attention_valid_mask",
+    "valid_token_count", "recorded_quantity"]
 
 ATTENTION_LOSSES = ("kl", "mse_scores", "mse_probs")
 """Attention-transfer losses: ``"kl"`` (MiniLM, row-wise KL of attention distributions), ``"mse_scores"``
@@ -81,3 +82,13 @@ def attention_loss_count(
         return torch.tensor(float(per_head * num_heads), device=device)
     per_head = valid.any(-1).sum() if loss == "kl" else valid.sum()
     return per_head.float() * num_heads
+
+
+def valid_token_count(inputs) -> torch.Tensor:
+    """Valid (non-padding) tokens of a batch: ``attention_mask.sum()``, or every ``input_ids`` entry without a
+    mask. What per-token terms (hidden states, relations) average over."""
+    mask = inputs.get("attention_mask")
+    if torch.is_tensor(mask):
+        return mask.sum()
+    ids = inputs["input_ids"]
+    return torch.tensor(ids.numel(), device=ids.device)

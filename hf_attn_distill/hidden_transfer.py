@@ -10,11 +10,12 @@ resume); :class:`~hf_attn_distill.DistillTrainer` leaves it out of the exported 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .attention_masks import valid_token_count
 from .layer_map import resolve_layer_map
 from .losses import hidden_cosine_loss, hidden_mse_loss
 
@@ -76,14 +77,8 @@ class HiddenTransfer:
             losses.append(fn(student, teacher_states[t].to(student.dtype), mask))
         return torch.stack(losses).mean()
 
-    @staticmethod
-    def count(inputs: Mapping) -> torch.Tensor:
-        """Valid tokens of a batch: what each pair's loss averages over."""
-        mask = inputs.get("attention_mask")
-        if torch.is_tensor(mask):
-            return mask.sum()
-        ids = inputs["input_ids"]
-        return torch.tensor(ids.numel(), device=ids.device)
+    #: What the term averages over in a batch: its valid tokens.
+    count = staticmethod(valid_token_count)
 
 
 def plan_hidden_transfer(student: nn.Module, teacher: nn.Module, args) -> HiddenTransfer | None:

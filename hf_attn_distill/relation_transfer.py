@@ -13,12 +13,11 @@ hand their ``query``/``key``/``value`` to a :class:`StateTap`; every other layer
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import nn
 
 from .attention_capture import POINT_ATTR, _CapturePoint, enable_attention_capture
+from .attention_masks import valid_token_count
 from .losses import relation_kl_loss
 from .model_structure import find_attention_sites
 
@@ -87,14 +86,8 @@ class RelationTransfer:
                                    self.num_heads, mask) for k in self.kinds]
         return torch.stack(losses).mean()
 
-    @staticmethod
-    def count(inputs: Mapping) -> torch.Tensor:
-        """Valid query rows of a batch (per relation head): what the term averages over."""
-        mask = inputs.get("attention_mask")
-        if torch.is_tensor(mask):
-            return mask.sum()
-        ids = inputs["input_ids"]
-        return torch.tensor(ids.numel(), device=ids.device)
+    #: What the term averages over in a batch: its valid tokens.
+    count = staticmethod(valid_token_count)
 
 
 def _layer(index: int, count: int, name: str) -> int:

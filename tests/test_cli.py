@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, tiny_classifier
+from conftest import FIXTURES
 from transformers import AutoModelForSequenceClassification, HfArgumentParser
 
 from hf_attn_distill import DistillConfig
@@ -20,14 +20,6 @@ SHARED = ROOT.parent / "shared" / "data"
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 # shipped config -> subcommand, by the data set its name starts with
 TASK_OF_CONFIG = {"sst2": "classification", "squad": "qa", "multi30k": "translation"}
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_teacher")
-    tiny_classifier(0, num_hidden_layers=4, initializer_range=0.1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def console_script(name: str) -> str:

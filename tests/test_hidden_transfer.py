@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_classifier
+from conftest import teacher_and_narrow_student
 from safetensors.torch import load_file
 from test_trainer_exactness import InOrderTrainer, uneven_dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
@@ -29,16 +29,9 @@ def test_hidden_losses_by_hand_with_padding():
         hidden_mse_loss(student[..., :1], teacher)
 
 
-def _models():
-    teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
-    student = tiny_classifier(1, num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                              initializer_range=0.1)
-    return teacher, student
-
-
 @pytest.mark.parametrize("loss", ["mse", "cosine"])
 def test_term_equals_recomputation_through_the_projection(tmp_path, tokenizer, loss):
-    teacher, student = _models()
+    teacher, student = teacher_and_narrow_student()
     args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, alpha_ce=0.0, alpha_kd=0.0,
                          attention_weight=0.0, hidden_weight=2.0, hidden_loss=loss, layer_map="0:1,1:3")
     trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=uneven_dataset())
@@ -57,7 +50,7 @@ def test_term_equals_recomputation_through_the_projection(tmp_path, tokenizer, l
 
 def test_projection_trains_is_checkpointed_restored_and_not_exported(tmp_path, tokenizer):
     def run(output_dir, max_steps, resume=None):
-        teacher, student = _models()
+        teacher, student = teacher_and_narrow_student()
         args = DistillConfig(output_dir=str(output_dir), report_to="none", use_cpu=True, hidden_weight=1.0,
                              layer_map="uniform", attention_weight=0.0, per_device_train_batch_size=4, max_steps=max_steps,
                              save_steps=2, logging_steps=1, learning_rate=1e-2, seed=0, disable_tqdm=True,
@@ -93,7 +86,7 @@ def test_projection_trains_is_checkpointed_restored_and_not_exported(tmp_path, t
 @pytest.mark.parametrize("loss", ["mse", "cosine"])
 def test_accumulation_equals_one_large_batch(tmp_path, tokenizer, loss):
     def update(batch, accumulation):
-        teacher, student = _models()
+        teacher, student = teacher_and_narrow_student()
         args = DistillConfig(output_dir=str(tmp_path / f"{batch}x{accumulation}"), per_device_train_batch_size=batch,
                              gradient_accumulation_steps=accumulation, max_steps=1, logging_steps=1, optim="sgd",
                              learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0, report_to="none",
@@ -120,7 +113,7 @@ def test_hidden_transfer_bad_settings_name_the_fix(tmp_path):
         DistillConfig(output_dir=str(tmp_path), hidden_weight=1.0, hidden_loss="l1", report_to="none")
     with pytest.raises(ValueError, match="needs a layer map"):
         DistillConfig(output_dir=str(tmp_path), hidden_weight=1.0, layer_map="none", report_to="none")
-    teacher, student = _models()
+    teacher, student = teacher_and_narrow_student()
     args = DistillConfig(output_dir=str(tmp_path), hidden_weight=1.0, hidden_layer_map="0:7", attention_weight=0.0,
                          report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="hidden_layer_map: .*out of range"):

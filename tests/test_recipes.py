@@ -14,14 +14,6 @@ DATA = FIXTURES / "sentiment_tiny.tsv"
 SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_teacher")
-    tiny_classifier(0, num_hidden_layers=4, initializer_range=0.1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def _base(output_dir, **extra):
     args = {
         "--train_file": str(DATA), "--validation_file": str(DATA), "--output_dir": str(output_dir),

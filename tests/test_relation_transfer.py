@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_classifier
+from conftest import teacher_and_narrow_student
 from test_trainer_exactness import InOrderTrainer, uneven_dataset
 from transformers import DataCollatorWithPadding
 
@@ -42,16 +42,9 @@ def test_relation_kl_by_hand_with_other_widths_and_padding():
         self_relation_log_probs(student, 4)
 
 
-def _models():
-    teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)  # 32 wide, 4 heads
-    student = tiny_classifier(1, num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                              initializer_range=0.1)
-    return teacher, student
-
-
 @pytest.mark.parametrize("kinds", ["qq,kk,vv", "vv"])
 def test_term_equals_recomputation_from_the_projections(tmp_path, tokenizer, kinds):
-    teacher, student = _models()
+    teacher, student = teacher_and_narrow_student()
     args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, alpha_ce=0.0, alpha_kd=0.0,
                          attention_weight=0.0, relation_weight=3.0, relation_kinds=kinds, relation_heads=2,
                          relation_teacher_layer=2, relation_student_layer=-1)
@@ -70,7 +63,7 @@ def test_term_equals_recomputation_from_the_projections(tmp_path, tokenizer, kin
 
 
 def _update(tmp_path, tokenizer, batch, accumulation, **overrides):
-    teacher, student = _models()
+    teacher, student = teacher_and_narrow_student()
     values = dict(output_dir=str(tmp_path / f"{batch}x{accumulation}{sorted(overrides)}"),
                   per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
                   logging_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0,
@@ -114,7 +107,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, tokenizer):
     ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
 ])
 def test_bad_relation_settings_name_the_fix(tmp_path, overrides, match):
-    teacher, student = _models()
+    teacher, student = teacher_and_narrow_student()
     args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, relation_weight=1.0,
                          attention_weight=0.0, **overrides)
     with pytest.raises(ValueError, match=match):
