@@ -17,10 +17,8 @@ The defaults fit about an hour on 2 CPU cores; CUDA is used when present.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import HfArgumentParser  # noqa: E402
 
+from benchmarks.quality_runs import check_variants, mean_std, run_students  # noqa: E402
 from hf_attn_distill.profiling import machine_info  # noqa: E402
 from recipes.distill_qa import main as run_recipe  # noqa: E402
 from recipes.sst2_demo import minilm_path  # noqa: E402
@@ -87,9 +86,10 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityQAArgumen
     students = {}
     for name, items in runs.items():
         f1s = [r["f1"] for r in items]
+        mean, std = mean_std(f1s)
         students[name] = {
-            "mean": statistics.fmean(f1s),
-            "std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
+            "mean": mean,
+            "std": std,
             "runs": f1s,
             "em_mean": statistics.fmean(r["exact_match"] for r in items),
             "em_runs": [r["exact_match"] for r in items],
@@ -136,9 +136,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(QualityQAArguments).parse_args_into_dataclasses(argv)
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}.")
+    check_variants(args.variants, VARIANTS)
     work = Path(args.work_dir)
     teacher_dir = work / "teacher"
     if args.reuse_teacher and (teacher_dir / "eval_results.json").exists():
@@ -152,33 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"]}
     print(f"teacher F1 {teacher['f1']:.2f} EM {teacher['exact_match']:.2f}", flush=True)
 
-    runs: dict[str, list[dict]] = {}
-    stem = Path(args.results)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    result = summarize(teacher, runs, args)
-    for name in args.variants:
-        for seed in args.seeds:
-            student_dir = work / f"{name}_seed{seed}"
-            recipe_args = [
-                "--training_mode", "distill", "--teacher_model_name_or_path", str(teacher_dir),
-                "--student_teacher_layers", args.student_layers, "--learning_rate", str(args.student_learning_rate),
-                "--max_steps", str(args.student_steps), "--temperature", "2.0", "--alpha_ce", "0.5", "--alpha_kd", "0.5",
-                *data_args(args), *common_args(args, student_dir, seed), *VARIANTS[name],
-            ]
-            start = time.perf_counter()
-            metrics = run_recipe(recipe_args)
-            wall = time.perf_counter() - start
-            runs.setdefault(name, []).append(
-                {"seed": seed, "f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"], "wall_s": wall}
-            )
-            print(f"{name} seed {seed}: F1 {metrics['eval_f1']:.2f} EM {metrics['eval_exact_match']:.2f} ({wall:.0f} s)",
-                  flush=True)
-            shutil.rmtree(student_dir, ignore_errors=True)
-            result = summarize(teacher, runs, args)
-            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-            stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    def run_one(name: str, seed: int, output_dir: Path) -> dict:
+        metrics = run_recipe([
+            "--training_mode", "distill", "--teacher_model_name_or_path", str(teacher_dir),
+            "--student_teacher_layers", args.student_layers, "--learning_rate", str(args.student_learning_rate),
+            "--max_steps", str(args.student_steps), "--temperature", "2.0", "--alpha_ce", "0.5", "--alpha_kd", "0.5",
+            "--evaluate_teacher", "false", *data_args(args), *common_args(args, output_dir, seed), *VARIANTS[name],
+        ])
+        return {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"]}
+
+    return run_students(args.variants, args.seeds, work, run_one, lambda runs: summarize(teacher, runs, args),
+                        Path(args.results), markdown)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ Accuracy is measured on the 872-sentence GLUE dev set (``test.tsv``). Writes
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import HfArgumentParser  # noqa: E402
 
+from benchmarks.quality_runs import check_variants, mean_std, run_students  # noqa: E402
 from hf_attn_distill.profiling import machine_info  # noqa: E402
 from recipes.distill_classification import main as run_recipe  # noqa: E402
 from recipes.sst2_demo import DemoArguments, student_recipe_args, teacher_recipe_args  # noqa: E402
@@ -64,10 +63,10 @@ def summarize(teacher_acc: float, runs: dict[str, list[dict]], args: QualityArgu
     students = {}
     for name, items in runs.items():
         accs = [r["accuracy"] for r in items]
-        mean = statistics.fmean(accs)
+        mean, std = mean_std(accs)
         students[name] = {
             "mean": mean,
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "std": std,
             "runs": accs,
             "seeds": [r["seed"] for r in items],
             "retention": mean / teacher_acc,
@@ -105,9 +104,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(argv)
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}.")
+    check_variants(args.variants, VARIANTS)
     work = Path(args.work_dir)
     teacher_dir = work / "teacher"
     demo = DemoArguments(
@@ -120,31 +117,19 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_acc = run_recipe(teacher_recipe_args(demo, teacher_dir))["test_accuracy"]
     print(f"teacher accuracy {teacher_acc:.4f}")
 
-    runs: dict[str, list[dict]] = {}
-    stem = Path(args.results)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.variants:
-        for seed in args.seeds:
-            demo.seed = seed
-            student_dir = work / f"{name}_seed{seed}"
-            extra = list(VARIANTS[name])
-            if name == "kd_attn_kl":
-                extra += ["--attention_weight", str(args.attention_weight_kl)]
-            if name == "kd_attn_mse":
-                extra += ["--attention_weight", str(args.attention_weight_mse)]
-            # every variant starts from the same student (pretrained MiniLM layers), only the loss differs
-            recipe_args = student_recipe_args(demo, teacher_dir, student_dir) + extra
-            start = time.perf_counter()
-            metrics = run_recipe(recipe_args)
-            wall = time.perf_counter() - start
-            runs.setdefault(name, []).append({"seed": seed, "accuracy": metrics["test_accuracy"], "wall_s": wall})
-            print(f"{name} seed {seed}: accuracy {metrics['test_accuracy']:.4f} ({wall:.0f} s)")
-            shutil.rmtree(student_dir, ignore_errors=True)
-            result = summarize(teacher_acc, runs, args)
-            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-            stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+
+    def run_one(name: str, seed: int, output_dir: Path) -> dict:
+        demo.seed = seed
+        extra = list(VARIANTS[name])
+        if name == "kd_attn_kl":
+            extra += ["--attention_weight", str(args.attention_weight_kl)]
+        if name == "kd_attn_mse":
+            extra += ["--attention_weight", str(args.attention_weight_mse)]
+        # every variant starts from the same student (pretrained MiniLM layers), only the loss differs
+        return {"accuracy": run_recipe(student_recipe_args(demo, teacher_dir, output_dir) + extra)["test_accuracy"]}
+
+    return run_students(args.variants, args.seeds, work, run_one, lambda runs: summarize(teacher_acc, runs, args),
+                        Path(args.results), markdown)
 
 
 if __name__ == "__main__":

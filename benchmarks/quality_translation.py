@@ -20,10 +20,8 @@ BLEU and chrF (sacrebleu, lower-cased: the MiniLM vocabulary is uncased) of gree
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import HfArgumentParser  # noqa: E402
 
+from benchmarks.quality_runs import check_variants, mean_std, run_students  # noqa: E402
 from hf_attn_distill.profiling import machine_info  # noqa: E402
 from recipes.distill_translation import main as run_recipe  # noqa: E402
 from recipes.sst2_demo import minilm_path  # noqa: E402
@@ -89,13 +88,10 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
     students = {}
     for name, items in runs.items():
         bleus = [r["bleu"] for r in items]
+        mean, std = mean_std(bleus)
         students[name] = {
-            "mean": statistics.fmean(bleus),
-            "std": statistics.stdev(bleus) if len(bleus) > 1 else 0.0,
-            "runs": bleus,
-            "chrf_mean": statistics.fmean(r["chrf"] for r in items),
-            "seeds": [r["seed"] for r in items],
-            "retention": statistics.fmean(bleus) / teacher["bleu"] if teacher["bleu"] else None,
+            "mean": mean, "std": std, "runs": bleus, "chrf_mean": statistics.fmean(r["chrf"] for r in items),
+            "seeds": [r["seed"] for r in items], "retention": mean / teacher["bleu"] if teacher["bleu"] else None,
             "wall_s_mean": statistics.fmean(r["wall_s"] for r in items),
         }
     return {
@@ -131,9 +127,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(QualityTranslationArguments).parse_args_into_dataclasses(argv)
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}.")
+    check_variants(args.variants, VARIANTS)
     work = Path(args.work_dir)
     teacher_dir = work / "teacher"
     if args.reuse_teacher and (teacher_dir / "test_results.json").exists():
@@ -146,35 +140,21 @@ def main(argv: list[str] | None = None) -> dict:
         ])
     teacher = {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"]}
     print(f"teacher BLEU {teacher['bleu']:.2f} chrF {teacher['chrf']:.2f}", flush=True)
-    runs: dict[str, list[dict]] = {}
-    stem = Path(args.results)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    result = summarize(teacher, runs, args)
-    for seed in args.seeds:  # seed-major: every variant has a run before any gets its second
-        for name in args.variants:
-            student_dir = work / f"{name}_seed{seed}"
-            recipe_args = [
-                "--training_mode", "distill", "--teacher_model_name_or_path", str(teacher_dir),
-                "--student_teacher_layers", args.encoder_layers, "--student_decoder_layers", args.decoder_layers,
-                "--learning_rate", str(args.student_learning_rate), "--max_steps", str(args.student_steps),
-                "--temperature", "2.0", "--alpha_ce", "0.5", "--alpha_kd", "0.5",
-                "--sequence_kd_cache_dir", str(work / "teacher_translations"),
-                "--sequence_kd_num_beams", str(args.sequence_kd_num_beams),
-                *common_args(args, student_dir, seed, args.train_examples), *VARIANTS[name],
-            ]
-            start = time.perf_counter()
-            metrics = run_recipe(recipe_args)
-            wall = time.perf_counter() - start
-            runs.setdefault(name, []).append(
-                {"seed": seed, "bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"], "wall_s": wall})
-            print(f"{name} seed {seed}: BLEU {metrics['test_bleu']:.2f} chrF {metrics['test_chrf']:.2f} ({wall:.0f} s)",
-                  flush=True)
-            shutil.rmtree(student_dir, ignore_errors=True)
-            result = summarize(teacher, runs, args)
-            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-            stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+
+    def run_one(name: str, seed: int, output_dir: Path) -> dict:
+        metrics = run_recipe([
+            "--training_mode", "distill", "--teacher_model_name_or_path", str(teacher_dir),
+            "--student_teacher_layers", args.encoder_layers, "--student_decoder_layers", args.decoder_layers,
+            "--learning_rate", str(args.student_learning_rate), "--max_steps", str(args.student_steps),
+            "--temperature", "2.0", "--alpha_ce", "0.5", "--alpha_kd", "0.5",
+            "--sequence_kd_cache_dir", str(work / "teacher_translations"),
+            "--sequence_kd_num_beams", str(args.sequence_kd_num_beams),
+            *common_args(args, output_dir, seed, args.train_examples), *VARIANTS[name],
+        ])
+        return {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"]}
+
+    return run_students(args.variants, args.seeds, work, run_one, lambda runs: summarize(teacher, runs, args),
+                        Path(args.results), markdown)
 
 
 if __name__ == "__main__":
