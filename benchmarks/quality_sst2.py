@@ -7,7 +7,12 @@ One fine-tuned teacher (all-MiniLM-L6-v2), then student variants with the same i
 - ``finetune``: fine-tuning without a teacher;
 - ``kd``: logit KD (+ hard labels);
 - ``kd_attn_kl``: KD + MiniLM attention KL on every mapped layer;
-- ``kd_attn_mse``: KD + TinyBERT attention MSE on pre-softmax scores.
+- ``kd_attn_mse``: KD + TinyBERT attention MSE on pre-softmax scores;
+- ``kd_hidden`` / ``kd_attn_hidden``: KD (+ attention KL) + TinyBERT hidden-state MSE (embeddings and mapped layers);
+- ``kd_value_relation``: KD + MiniLM's value relation (last layer);
+- ``kd_minilmv2``: KD + MiniLMv2's query/key/value relations (last layer);
+- ``small_kd`` / ``small_minilmv2``: a narrower random-init student (4 layers x 256 hidden x 4 heads), where
+  attention transfer cannot apply (12 teacher heads, 384 wide): logit KD alone, or + MiniLMv2 relations.
 
 Accuracy is measured on the 872-sentence GLUE dev set (``test.tsv``). Writes
 ``benchmarks/results/quality_sst2.json`` and ``.md``, updated after every run. CPU by default
@@ -37,7 +42,16 @@ VARIANTS = {
     "kd": ["--attention_weight", "0"],
     "kd_attn_kl": ["--attention_loss", "kl"],
     "kd_attn_mse": ["--attention_loss", "mse_scores"],
+    # more objectives (hidden states, MiniLM value relation, MiniLMv2 relations)
+    "kd_hidden": ["--attention_weight", "0", "--hidden_weight", "1.0", "--hidden_loss", "mse"],
+    "kd_attn_hidden": ["--attention_loss", "kl", "--hidden_weight", "1.0", "--hidden_loss", "mse"],
+    "kd_value_relation": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_kinds", "vv"],
+    "kd_minilmv2": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_kinds", "qq,kk,vv"],
+    # a narrower student (4 layers x 256 hidden x 4 heads, random init): only relation transfer applies
+    "small_kd": ["--attention_weight", "0"],
+    "small_minilmv2": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_kinds", "qq,kk,vv"],
 }
+SMALL_STUDENT = "num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024"
 
 
 @dataclass
@@ -125,8 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
             extra += ["--attention_weight", str(args.attention_weight_kl)]
         if name == "kd_attn_mse":
             extra += ["--attention_weight", str(args.attention_weight_mse)]
-        # every variant starts from the same student (pretrained MiniLM layers), only the loss differs
-        return {"accuracy": run_recipe(student_recipe_args(demo, teacher_dir, output_dir) + extra)["test_accuracy"]}
+        # every variant starts from the same student (pretrained MiniLM layers), only the loss differs;
+        # small_* variants start from the same random 4 x 256 x 4 student instead
+        recipe_args = student_recipe_args(demo, teacher_dir, output_dir) + ["--evaluate_teacher", "false"] + extra
+        if name.startswith("small_"):
+            start = recipe_args.index("--student_teacher_layers")
+            recipe_args[start:start + 4] = ["--student_config_overrides", SMALL_STUDENT]
+        return {"accuracy": run_recipe(recipe_args)["test_accuracy"]}
 
     return run_students(args.variants, args.seeds, work, run_one, lambda runs: summarize(teacher_acc, runs, args),
                         Path(args.results), markdown)
