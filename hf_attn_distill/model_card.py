@@ -20,7 +20,7 @@ from torch import nn
 __all__ = [
     "CARD_METRICS", "CITATIONS", "DEFAULT_TEMPLATE", "TASKS", "CardInfo", "build_model_card", "card_metrics",
     "count_parameters", "describe_layers", "distillation_method", "distillation_settings", "hub_model_id",
-    "measure_forward_latency_ms", "public_model_name", "task_of", "write_model_card",
+    "measure_forward_latency_ms", "public_model_name", "summary_table", "task_of", "write_model_card",
 ]
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "distilled_student_card.md"
@@ -143,6 +143,30 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _result_rows(info: CardInfo) -> tuple[list[str], list[dict]]:
+    """Metric names, and the teacher (or starting point) and student rows of the results table."""
+    names = list(dict.fromkeys([*info.metrics, *info.teacher_metrics]))
+    rows = [
+        {"model": f"{'teacher' if info.distilled else 'starting point'} `{public_model_name(info.teacher)}`",
+         "params": _fmt(info.teacher_params), "values": [_fmt(info.teacher_metrics.get(n, "-")) for n in names],
+         "latency": "-" if info.teacher_latency_ms is None else f"{info.teacher_latency_ms:.2f} ms"},
+        {"model": "this student" if info.distilled else "this model", "params": _fmt(info.student_params),
+         "values": [_fmt(info.metrics.get(n, "-")) for n in names],
+         "latency": "-" if info.student_latency_ms is None else f"{info.student_latency_ms:.2f} ms"},
+    ]
+    return names, rows
+
+
+def summary_table(info: CardInfo) -> str:
+    """The card's results as a plain-text table, for the end of a recipe's log."""
+    names, rows = _result_rows(info)
+    header = ["model", "parameters", *names, "CPU latency (batch 1)"]
+    body = [[r["model"].replace("`", ""), r["params"], *r["values"], r["latency"]] for r in rows]
+    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *body]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
 def build_model_card(info: CardInfo, template: str | Path | None = None) -> ModelCard:
     """The card of ``info``: Hub YAML metadata (license, tags, ``base_model`` when the teacher is a Hub id,
     ``model-index`` with every metric) and the body rendered from the Jinja ``template``."""
@@ -164,15 +188,7 @@ def build_model_card(info: CardInfo, template: str | Path | None = None) -> Mode
         base_model=hub_model_id(info.teacher), datasets=[info.dataset], metrics=list(info.metrics) or None,
         model_name=info.model_name, eval_results=eval_results or None,
     )
-    names = list(dict.fromkeys([*info.metrics, *info.teacher_metrics]))
-    rows = [
-        {"model": f"{'teacher' if info.distilled else 'starting point'} `{public_model_name(info.teacher)}`", "params": _fmt(info.teacher_params),
-         "values": [_fmt(info.teacher_metrics.get(n, "-")) for n in names],
-         "latency": "-" if info.teacher_latency_ms is None else f"{info.teacher_latency_ms:.2f} ms"},
-        {"model": "this student", "params": _fmt(info.student_params),
-         "values": [_fmt(info.metrics.get(n, "-")) for n in names],
-         "latency": "-" if info.student_latency_ms is None else f"{info.student_latency_ms:.2f} ms"},
-    ]
+    names, rows = _result_rows(info)
     speedup = (info.teacher_latency_ms / info.student_latency_ms
                if info.teacher_latency_ms and info.student_latency_ms else None)
     return ModelCard.from_template(

@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils.logging import tqdm
 
 from .teacher_cache import weights_checksum
 
@@ -70,11 +71,13 @@ def sequence_kd_dataset(
         teacher.eval()
         labels = []
         device = next(teacher.parameters()).device
-        for first in range(0, len(dataset), batch_size):
-            rows = dataset[first : first + batch_size]["input_ids"]
-            batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
-            generated = teacher.generate(**batch, num_beams=num_beams, max_length=max_length)
-            labels += [_strip(seq, start, pad, eos) for seq in generated.tolist()]
+        with tqdm(total=len(dataset), desc="Teacher translations (sequence-level KD)", unit="sentence") as bar:
+            for first in range(0, len(dataset), batch_size):
+                rows = dataset[first : first + batch_size]["input_ids"]
+                batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
+                generated = teacher.generate(**batch, num_beams=num_beams, max_length=max_length)
+                labels += [_strip(seq, start, pad, eos) for seq in generated.tolist()]
+                bar.update(len(rows))
         teacher.train(was_training)
         folder.mkdir(parents=True, exist_ok=True)
         meta.unlink(missing_ok=True)

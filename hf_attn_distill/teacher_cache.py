@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.utils.logging import tqdm
 
 __all__ = ["CACHE_INDEX_COLUMN", "TeacherLogitsCache", "weights_checksum"]
 
@@ -66,7 +67,7 @@ class TeacherLogitsCache:
         (self.folder / "meta.json").unlink(missing_ok=True)
         array = None
         filled = np.zeros(num_examples, dtype=bool)
-        for batch in batches:
+        for batch in tqdm(batches, desc="Teacher logits cache", unit="batch"):
             index = batch[CACHE_INDEX_COLUMN].cpu().numpy()
             logits = forward(batch)
             if logits.dim() != 2:

@@ -633,16 +633,19 @@ class DistillTrainer(Trainer):
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
         **card_fields,
-    ) -> None:
+    ) -> CardInfo | None:
         """Write the distillation card (Hub metadata with ``model-index``, teacher vs student, objective, usage,
         citations) as ``README.md`` in ``output_dir``. Takes ``Trainer.create_model_card``'s arguments, so
         ``push_to_hub`` writes it too; ``card_fields`` set :class:`~hf_attn_distill.model_card.CardInfo` fields
-        (``teacher_metrics``, ``eval_split``, latencies, ...). Tags and ``dataset_args`` are not used."""
+        (``teacher_metrics``, ``eval_split``, latencies, ...). Tags and ``dataset_args`` are not used. Returns
+        what the card says (``None`` on other processes than the main one)."""
         if not self.is_world_process_zero():
-            return
+            return None
         given = {"language": [language] if isinstance(language, str) else language, "license": license,
                  "model_name": model_name, "teacher": finetuned_from,
                  "task": tasks[0] if isinstance(tasks, list) else tasks,
                  "dataset": (dataset[0] if isinstance(dataset, list) else dataset)
                  or (dataset_tags[0] if isinstance(dataset_tags, list) else dataset_tags)}
-        write_model_card(self.args.output_dir, self.card_info(**{k: v for k, v in given.items() if v}, **card_fields))
+        info = self.card_info(**{k: v for k, v in given.items() if v}, **card_fields)
+        write_model_card(self.args.output_dir, info)
+        return info

@@ -19,6 +19,7 @@ from hf_attn_distill.model_card import (
     distillation_settings,
     measure_forward_latency_ms,
     public_model_name,
+    summary_table,
     task_of,
     write_model_card,
 )
@@ -209,7 +210,8 @@ def write_card(trainer, model_args: ModelArguments, training_args, teacher, mode
                eval_split: str, sample: dict | None, method: str | None = None, extra_settings: dict | None = None,
                citations: tuple[str, ...] = ("hinton2015", "tinybert", "minilm")) -> Path:
     """The model card of ``output_dir``: teacher vs student metrics measured in this run (``metrics`` as the
-    recipe saved them), CPU latency of one forward pass on ``sample`` (batch 1) for both, objective and settings.
+    recipe saved them), CPU latency of one forward pass on ``sample`` (batch 1) for both, objective and settings;
+    the same results are printed as a closing summary table.
 
     In distill mode it goes through ``DistillTrainer.create_model_card``; otherwise the card describes
     fine-tuning without a teacher, with the starting model in the teacher's row."""
@@ -229,12 +231,14 @@ def write_card(trainer, model_args: ModelArguments, training_args, teacher, mode
         length = sample["input_ids"].shape[-1]
         fields["latency_note"] = f"median of 20 forward passes at batch 1, {length} input tokens; {machine_info()}"
     if model_args.training_mode == "distill":
-        trainer.create_model_card(**fields)
-        return Path(training_args.output_dir) / "README.md"
-    info = CardInfo(task=task_of(model), distilled=False, student_params=count_parameters(model),
-                    teacher_params=count_parameters(teacher), student_layers=describe_layers(model),
-                    **{"method": "fine-tuning without a teacher", **fields})
-    return write_model_card(training_args.output_dir, info)
+        info = trainer.create_model_card(**fields)
+    else:
+        info = CardInfo(task=task_of(model), distilled=False, student_params=count_parameters(model),
+                        teacher_params=count_parameters(teacher), student_layers=describe_layers(model),
+                        **{"method": "fine-tuning without a teacher", **fields})
+        write_model_card(training_args.output_dir, info)
+    print(f"\n{summary_table(info)}\n", flush=True)  # noqa: T201 - the recipe's closing summary
+    return Path(training_args.output_dir) / "README.md"
 
 
 def finish(trainer, tokenizer, training_args, write_card) -> None:

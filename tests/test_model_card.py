@@ -100,3 +100,12 @@ def test_trainer_create_model_card_reports_what_it_trained(tmp_path, sentiment_d
     assert f"| {count_parameters(student) / 1e6:.1f}M | {metrics['eval_accuracy']:.4f} |" in card.text
     assert "| 0.7500 |" in card.text
     assert str(tmp_path) not in card.content and getpass.getuser() not in card.content.replace("knowledge", "")
+
+
+def test_summary_table_lists_teacher_and_student():
+    from hf_attn_distill.model_card import summary_table
+
+    lines = summary_table(_info()).splitlines()
+    assert lines[0].split() == ["model", "parameters", "accuracy", "CPU", "latency", "(batch", "1)"]
+    assert lines[2].split() == ["teacher", "teacher", "22.7M", "0.9000", "7.60", "ms"]
+    assert lines[3].split() == ["this", "student", "17.4M", "0.8512", "4.00", "ms"]
