@@ -107,7 +107,8 @@ def plan_hidden_transfer(student: nn.Module, teacher: nn.Module, args) -> Hidden
         projection = nn.Linear(s_width, t_width)
         nn.init.normal_(projection.weight, std=getattr(s_config, "initializer_range", 0.02))
         nn.init.zeros_(projection.bias)
-        student.add_module(PROJECTION_NAME, projection.to(next(student.parameters()).device))
+        reference = next(student.parameters())
+        student.add_module(PROJECTION_NAME, projection.to(device=reference.device, dtype=reference.dtype))
     elif s_width == t_width:
         projection = None
     return HiddenTransfer(pairs, args.hidden_loss, args.hidden_weight, projection)

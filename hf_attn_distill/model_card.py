@@ -61,8 +61,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (shared tensors counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Number of parameters of the model as exported (shared tensors counted once; the training-only hidden-state
+    projection left out; DeepSpeed ZeRO-3 partitioned parameters counted at full size)."""
+    from .hidden_transfer import PROJECTION_NAME
+
+    unique = {id(p): p for name, p in model.named_parameters() if not name.startswith(PROJECTION_NAME)}
+    return sum(getattr(p, "ds_numel", p.numel()) for p in unique.values())
 
 
 def hub_model_id(name_or_path: str | None) -> str | None:
@@ -121,7 +125,8 @@ class CardInfo:
     teacher_latency_ms: float | None = None
     latency_note: str = ""
     distilled: bool = True
-    license: str = "apache-2.0"
+    license: str | None = None
+    repo_id: str | None = None
     language: list[str] | None = None
     citations: tuple[str, ...] = ("hinton2015", "tinybert", "minilm")
 
@@ -160,7 +165,7 @@ def _result_rows(info: CardInfo) -> tuple[list[str], list[dict]]:
 def summary_table(info: CardInfo) -> str:
     """The card's results as a plain-text table, for the end of a recipe's log."""
     names, rows = _result_rows(info)
-    header = ["model", "parameters", *names, "CPU latency (batch 1)"]
+    header = ["model", "parameters", *names, "latency (batch 1)"]
     body = [[r["model"].replace("`", ""), r["params"], *r["values"], r["latency"]] for r in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *body]]
@@ -193,7 +198,7 @@ def build_model_card(info: CardInfo, template: str | Path | None = None) -> Mode
                if info.teacher_latency_ms and info.student_latency_ms else None)
     return ModelCard.from_template(
         data, template_path=str(path), info=info, task_name=task_name, auto_class=auto_class,
-        usage=usage.format(model=info.model_name), metric_names=names, rows=rows,
+        usage=usage.format(model=info.repo_id or info.model_name), metric_names=names, rows=rows,
         teacher_name=public_model_name(info.teacher), compression=info.teacher_params / max(info.student_params, 1),
         speedup=speedup, settings=[(k, _fmt(v)) for k, v in info.settings.items()],
         citations=[CITATIONS[c] for c in info.citations],
@@ -262,7 +267,7 @@ def distillation_settings(args) -> dict:
     keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map",
             "decoder_layer_map", "decoder_attention_weight", "cross_layer_map", "cross_attention_weight",
             "head_grouping", "hidden_weight", "hidden_loss", "hidden_layer_map", "relation_weight", "relation_kinds",
-            "relation_heads", "relation_teacher_layer", "relation_student_layer", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+            "relation_heads", "relation_teacher_layer", "relation_student_layer", "schedules", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
             "gradient_accumulation_steps", "seed"]
     settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if settings.get("decoder_layer_map") is None:
@@ -274,4 +279,4 @@ def distillation_settings(args) -> dict:
             settings = {k: v for k, v in settings.items() if not k.startswith(prefix)}
     if settings.get("max_steps", -1) > 0:
         settings.pop("num_train_epochs", None)
-    return {k: (str(v) if isinstance(v, (list, tuple)) else v) for k, v in settings.items()}
+    return {k: (str(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in settings.items() if v is not None}

@@ -212,6 +212,16 @@ class DistillTrainer(Trainer):
             raise ValueError("teacher_model is the student itself; pass a separate teacher.")
         self.transfers = check_distillation_pair(model, teacher_model, args)
         self.hidden_transfer = plan_hidden_transfer(model, teacher_model, args)  # before super(): optimizer, DDP
+        if self.hidden_transfer is not None and self.hidden_transfer.projection is not None:
+            # The projection runs on the outputs, outside the DDP-wrapped forward: DDP must not look for unused
+            # parameters (it would mark the projection unused, then fail when its gradient arrives).
+            if args.ddp_find_unused_parameters:
+                raise ValueError(
+                    "ddp_find_unused_parameters=True cannot be combined with the hidden-state projection (hidden_weight "
+                    "> 0 with different widths), which is used outside the student's forward: leave "
+                    "ddp_find_unused_parameters unset (DistillTrainer sets it to False) or set hidden_weight=0."
+                )
+            args.ddp_find_unused_parameters = False
         self.relation_transfer = plan_relation_transfer(model, teacher_model, args)
         # terms besides CE, KD and the attention sites, each with .term, .weight and .count(inputs)
         self._extra_terms = [t for t in (self.hidden_transfer, self.relation_transfer) if t is not None]
@@ -614,6 +624,7 @@ class DistillTrainer(Trainer):
         teacher_name = getattr(self.teacher_model.config, "_name_or_path", "") or type(self.teacher_model).__name__
         defaults = {
             "model_name": self.args.hub_model_id or Path(self.args.output_dir).name, "task": task_of(student),
+            "repo_id": getattr(self, "hub_model_id", None) or self.args.hub_model_id,
             "teacher": teacher_name, "dataset": "custom", "eval_split": "evaluation set",
             "method": distillation_method(self.args), "student_params": count_parameters(student),
             "teacher_params": count_parameters(self.teacher_model), "student_layers": describe_layers(student),
@@ -646,6 +657,12 @@ class DistillTrainer(Trainer):
                  "task": tasks[0] if isinstance(tasks, list) else tasks,
                  "dataset": (dataset[0] if isinstance(dataset, list) else dataset)
                  or (dataset_tags[0] if isinstance(dataset_tags, list) else dataset_tags)}
-        info = self.card_info(**{k: v for k, v in given.items() if v}, **card_fields)
+        try:
+            info = self.card_info(**{k: v for k, v in given.items() if v}, **card_fields)
+        except ValueError as err:  # a task our card does not describe: transformers' generic card
+            logger.warning("Writing transformers' generic model card: %s", err)
+            super().create_model_card(language, license, tags, model_name, finetuned_from, tasks, dataset_tags,
+                                      dataset, dataset_args)
+            return None
         write_model_card(self.args.output_dir, info)
         return info

@@ -26,7 +26,7 @@ from hf_attn_distill.model_card import (
 from hf_attn_distill.profiling import machine_info
 
 __all__ = ["MODES", "ModelArguments", "build_student", "card_settings", "check_tokenizers", "evaluate", "finish",
-           "parse_args", "parse_overrides", "public_model_name", "push_folder_to_hub", "train", "write_card"]
+           "is_sharded", "parse_args", "parse_overrides", "public_model_name", "push_folder_to_hub", "train", "write_card"]
 
 MODES = ("distill", "finetune")
 
@@ -206,6 +206,14 @@ def card_settings(model_args: ModelArguments, training_args, extra: dict | None 
     return settings
 
 
+def is_sharded(trainer) -> bool:
+    """Whether the student or the teacher is sharded across processes (FSDP, DeepSpeed ZeRO-3): their forward
+    then needs every process, so the main process cannot run them alone (latency, teacher evaluation)."""
+    from hf_attn_distill.distributed import teacher_placement
+
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) or teacher_placement(trainer.accelerator) != "replicated"
+
+
 def write_card(trainer, model_args: ModelArguments, training_args, teacher, model, metrics: dict, *, dataset: str,
                eval_split: str, sample: dict | None, method: str | None = None, extra_settings: dict | None = None,
                citations: tuple[str, ...] = ("hinton2015", "tinybert", "minilm")) -> Path:
@@ -218,18 +226,21 @@ def write_card(trainer, model_args: ModelArguments, training_args, teacher, mode
     student_metrics, teacher_metrics = card_metrics(metrics)
     fields = {
         "model_name": training_args.hub_model_id or Path(training_args.output_dir).name,
-        "teacher": model_args.teacher_model_name_or_path, "dataset": dataset, "eval_split": eval_split,
+        "teacher": model_args.teacher_model_name_or_path, "dataset": public_model_name(dataset),
+        "eval_split": eval_split,
         "metrics": student_metrics, "teacher_metrics": teacher_metrics, "citations": citations,
         "settings": card_settings(model_args, training_args, extra_settings),
     }
     if method:
         fields["method"] = method
-    if sample is not None:
+    if sample is not None and not is_sharded(trainer):  # a sharded model's forward needs every process
         fields["student_latency_ms"] = measure_forward_latency_ms(model, sample)
         if teacher is not model:
             fields["teacher_latency_ms"] = measure_forward_latency_ms(teacher, sample)
-        length = sample["input_ids"].shape[-1]
-        fields["latency_note"] = f"median of 20 forward passes at batch 1, {length} input tokens; {machine_info()}"
+        device, dtype = next(model.parameters()).device, next(teacher.parameters()).dtype
+        fields["latency_note"] = (f"median of 20 forward passes at batch 1, {sample['input_ids'].shape[-1]} input "
+                                  f"tokens, on {device.type}, teacher in {str(dtype).removeprefix('torch.')}; "
+                                  f"{machine_info()}")
     if model_args.training_mode == "distill":
         info = trainer.create_model_card(**fields)
     else:

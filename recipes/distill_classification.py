@@ -213,7 +213,7 @@ def main(args: list[str] | None = None) -> dict:
             logger.warning("Split '%s' has no labels; skipping its evaluation.", split)
             continue
         teacher_trainer = None
-        if distill and model_args.evaluate_teacher:
+        if distill and model_args.evaluate_teacher and not common.is_sharded(trainer):
             teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
         metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("accuracy",), tokenized[split]))
     example = raw[data_args.validation_split if data_args.validation_split in raw else "train"][0]

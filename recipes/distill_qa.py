@@ -172,7 +172,7 @@ def main(args: list[str] | None = None) -> dict:
         metrics.update(common.train(trainer, training_args))
     if training_args.do_eval and eval_features is not None:
         teacher_trainer = None
-        if distill and model_args.evaluate_teacher:
+        if distill and model_args.evaluate_teacher and not common.is_sharded(trainer):
             teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
         metrics.update(common.evaluate(trainer, teacher_trainer, "eval", ("exact_match", "f1", "_exact")))
     example = (eval_examples if eval_examples is not None else raw["train"])[0]

@@ -251,7 +251,7 @@ def main(args: list[str] | None = None) -> dict:
     if training_args.do_train:
         metrics.update(common.train(trainer, training_args))
     teacher_trainer = None
-    if distill and model_args.evaluate_teacher:
+    if distill and model_args.evaluate_teacher and not common.is_sharded(trainer):
         teacher_trainer = Seq2SeqTrainer(**{**common_kwargs, "model": trainer.teacher_model})
     for split, prefix, wanted in ((data_args.validation_split, "eval", training_args.do_eval),
                                   (data_args.test_split, "test", training_args.do_predict)):

@@ -118,3 +118,25 @@ def test_hidden_transfer_bad_settings_name_the_fix(tmp_path):
                          report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="hidden_layer_map: .*out of range"):
         DistillTrainer(model=student, teacher_model=teacher, args=args)
+
+
+def test_projection_follows_the_student_dtype(tmp_path, tokenizer):
+    teacher, student = teacher_and_narrow_student()
+    student = student.to(torch.bfloat16)
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, hidden_weight=1.0,
+                         attention_weight=0.0)
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
+    assert getattr(student, PROJECTION_NAME).weight.dtype == torch.bfloat16
+    assert args.ddp_find_unused_parameters is False  # the projection runs outside the DDP-wrapped forward
+    batch = dict(DataCollatorWithPadding(tokenizer)([uneven_dataset()[i] for i in (0, 4)]))
+    loss = trainer.compute_loss(student, batch)
+    loss.backward()
+    assert getattr(student, PROJECTION_NAME).weight.grad is not None
+
+
+def test_find_unused_parameters_with_the_projection_is_refused(tmp_path):
+    teacher, student = teacher_and_narrow_student()
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, hidden_weight=1.0,
+                         attention_weight=0.0, ddp_find_unused_parameters=True)
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters"):
+        DistillTrainer(model=student, teacher_model=teacher, args=args)

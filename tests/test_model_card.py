@@ -26,7 +26,8 @@ def _info(**overrides) -> CardInfo:
         dataset="sst2", eval_split="validation split", method="logit KD", student_params=17_400_000,
         teacher_params=22_700_000, student_layers="3-layer", metrics={"accuracy": 0.85123},
         teacher_metrics={"accuracy": 0.9}, settings={"temperature": 2.0, "layer_map": "uniform"},
-        student_latency_ms=4.0, teacher_latency_ms=7.6, latency_note="batch 1",
+        student_latency_ms=4.0, teacher_latency_ms=7.6, latency_note="batch 1", license="apache-2.0",
+        repo_id="me/tiny-student",
     )
     values.update(overrides)
     return CardInfo(**values)
@@ -48,6 +49,8 @@ def test_card_metadata_parses_back_as_a_model_index(tmp_path):
     assert f"{22.7 / 17.4:.2f}x fewer parameters" in card.text and f"{7.6 / 4.0:.2f}x faster" in card.text
     assert "| temperature | 2.0000 |" in card.text and "@article{hinton2015distilling" in card.text
     assert "/home/someone" not in card.content and "{{" not in card.content
+    assert 'pipeline("text-classification", model="me/tiny-student")' in card.text  # loads from the repo id
+    assert build_model_card(_info(license=None)).data.license is None  # no license asserted unless given
 
 
 def test_hub_teacher_becomes_base_model_and_local_paths_never_appear(tmp_path):
@@ -106,6 +109,20 @@ def test_summary_table_lists_teacher_and_student():
     from hf_attn_distill.model_card import summary_table
 
     lines = summary_table(_info()).splitlines()
-    assert lines[0].split() == ["model", "parameters", "accuracy", "CPU", "latency", "(batch", "1)"]
+    assert lines[0].split() == ["model", "parameters", "accuracy", "latency", "(batch", "1)"]
     assert lines[2].split() == ["teacher", "teacher", "22.7M", "0.9000", "7.60", "ms"]
     assert lines[3].split() == ["this", "student", "17.4M", "0.8512", "4.00", "ms"]
+
+
+def test_a_task_without_a_distillation_card_gets_the_generic_one(tmp_path):
+    from transformers import BertForTokenClassification
+
+    from tests.conftest import tiny_bert_config
+
+    teacher, student = BertForTokenClassification(tiny_bert_config()), BertForTokenClassification(
+        tiny_bert_config(num_hidden_layers=2))
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, attention_weight=0.0)
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
+    assert trainer.create_model_card(model_name="tagger") is None
+    card = (tmp_path / "README.md").read_text()
+    assert "generated_from_trainer" in card and "# tagger" in card  # transformers' generic draft

@@ -74,7 +74,7 @@ def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir, c
     assert result.metric_type == "accuracy" and result.metric_value == round(metrics["eval_accuracy"], 4)
     assert f"| {metrics['teacher_eval_accuracy']:.4f} |" in card.text  # teacher row, measured in this run
     assert card.data.base_model is None and str(tmp_path) not in card.content  # local teacher: no path, no base_model
-    summary = capsys.readouterr().out.split("CPU latency (batch 1)")[-1]  # the closing summary table
+    summary = capsys.readouterr().out.split("latency (batch 1)")[-1]  # the closing summary table
     assert "this student" in summary and f"{metrics['eval_accuracy']:.4f}" in summary
     assert f"{metrics['teacher_eval_accuracy']:.4f}" in summary
     assert json.loads((student_dir / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]

