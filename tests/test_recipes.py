@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard
 from conftest import FIXTURES, tiny_classifier
+from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification
 
 from recipes.distill_classification import main as recipe_main
