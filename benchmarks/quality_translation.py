@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from benchmarks.quality_runs import check_variants, mean_std, run_students  # noqa: E402
+from benchmarks.quality_runs import check_variants, mean_std, run_students, write_results  # noqa: E402
 from hf_attn_distill.profiling import machine_info  # noqa: E402
 from recipes.distill_translation import main as run_recipe  # noqa: E402
 from recipes.sst2_demo import minilm_path  # noqa: E402
@@ -69,6 +69,11 @@ class QualityTranslationArguments:
     seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
     reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
+    merge_results: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Instead of training: combine result JSONs of runs with the same teacher and budget that "
+                  "covered different seeds (e.g. one process per seed), one run per variant and file."},
+    )
 
 
 def common_args(args: QualityTranslationArguments, output_dir: Path, seed: int, train_examples: int) -> list[str]:
@@ -125,9 +130,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(args: QualityTranslationArguments) -> dict:
+    """Combine single-seed result files (same teacher and settings apart from seeds) into ``args.results``."""
+    parts = [json.loads(Path(p).read_text()) for p in args.merge_results]
+    if len({(p["teacher"], p["student"], p["eval_set"]) for p in parts}) != 1:
+        raise SystemExit("The result files come from different teachers, students or eval sets; they cannot be merged.")
+    runs: dict[str, list[dict]] = {}
+    for part in parts:
+        for name, s in part["students"].items():
+            if len(s["runs"]) != 1:
+                raise SystemExit(f"{name} has {len(s['runs'])} runs in one file; merge files of one seed each.")
+            runs.setdefault(name, []).append({"seed": s["seeds"][0], "bleu": s["runs"][0], "chrf": s["chrf_mean"],
+                                              "wall_s": s["wall_s_mean"]})
+    args.seeds = sorted({r["seed"] for items in runs.values() for r in items})
+    teacher = {"bleu": parts[0]["teacher"], "chrf": parts[0]["teacher_chrf"]}
+    result = summarize(teacher, {n: sorted(r, key=lambda x: x["seed"]) for n, r in runs.items()}, args)
+    result["machine"] = parts[0]["machine"]
+    result["merged_from"] = [Path(p).name for p in args.merge_results]
+    write_results(Path(args.results), result, markdown)
+    print(markdown(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(QualityTranslationArguments).parse_args_into_dataclasses(argv)
     check_variants(args.variants, VARIANTS)
+    if args.merge_results:
+        return merge(args)
     work = Path(args.work_dir)
     teacher_dir = work / "teacher"
     if args.reuse_teacher and (teacher_dir / "test_results.json").exists():
