@@ -8,8 +8,9 @@ with 3 encoder and 3 decoder layers taken from the teacher (layers 1, 3, 5 of ea
 
 - ``finetune``: fine-tuning without a teacher;
 - ``kd``: word-level (token) KD + references;
-- ``seq_kd``: sequence-level KD (Kim & Rush 2016): trained on the teacher's translations of the training
-  sources (``sequence_kd_num_beams``; greedy by default, to fit the CPU budget);
+- ``seq_kd``: sequence-level KD (Kim & Rush 2016) combined with ``kd``: the references are replaced by the
+  teacher's translations of the training sources (``sequence_kd_num_beams``; greedy by default, to fit the CPU
+  budget);
 - ``kd_attn``: ``kd`` + attention KL at every site (encoder self, decoder self, cross);
 - ``kd_attn_self``: ``kd`` + encoder and decoder self-attention only (does cross-attention add anything?).
 
