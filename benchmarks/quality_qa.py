@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from benchmarks.quality_runs import check_variants, mean_std, run_students  # noqa: E402
+from benchmarks.quality_runs import check_variants, mean_std, portable_settings, run_students  # noqa: E402
 from hf_attn_distill.profiling import machine_info  # noqa: E402
 from recipes.distill_qa import main as run_recipe  # noqa: E402
 from recipes.sst2_demo import minilm_path  # noqa: E402
@@ -112,7 +112,7 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityQAArgumen
         "eval_examples": args.eval_examples,
         "teacher_steps": args.teacher_steps,
         "student_steps": args.student_steps,
-        "settings": asdict(args),
+        "settings": portable_settings(args, ROOT),
     }
 
 

@@ -1,16 +1,19 @@
 """What the quality benchmarks share: checking variant names, the seed-major loop over student runs, mean/std
-summaries and writing the JSON + markdown results after every run."""
+summaries, writing the JSON + markdown results after every run, and reading result files back to merge runs that
+went to different files (one process per seed, variants added later)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["check_variants", "mean_std", "run_students", "write_results"]
+__all__ = ["check_variants", "mean_std", "portable_settings", "read_runs", "run_students", "write_results"]
 
 
 def check_variants(asked: Iterable[str], known: Iterable[str]) -> None:
@@ -23,6 +26,16 @@ def check_variants(asked: Iterable[str], known: Iterable[str]) -> None:
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def portable_settings(args, root: Path) -> dict:
+    """``asdict(args)`` with paths under ``root``'s parent written relative to ``root``, so committed results hold
+    no machine-specific paths."""
+    settings = dataclasses.asdict(args)
+    for key, value in settings.items():
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(root.parent):
+            settings[key] = os.path.relpath(value, root)
+    return settings
 
 
 def write_results(stem: Path, result: dict, markdown: Callable[[dict], str]) -> None:
@@ -54,3 +67,30 @@ def run_students(variants: list[str], seeds: list[int], work: Path, run_one: Cal
             write_results(stem, result, markdown)
     print(markdown(result))
     return result
+
+
+def read_runs(paths: list[str], metric: str, budget: tuple[str, ...], mean_keys: tuple[str, ...] = ()
+              ) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Result files of the same benchmark setup (teacher, student, eval set and the ``budget`` settings) back as
+    ``(parts, runs)``: ``runs`` maps each variant to one record per seed, ``{"seed", metric, "wall_s",
+    *mean_keys}``, sorted by seed.
+
+    A file keeps only per-variant means of the wall time and of ``mean_keys`` (e.g. ``chrf_mean``); each of its
+    runs gets those means, so means over the merged runs are exact. Exits when the files come from different
+    setups or two files hold the same variant and seed."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    setups = {(p["teacher"], p["student"], p["eval_set"], *(p["settings"][k] for k in budget)) for p in parts}
+    if len(setups) != 1:
+        raise SystemExit(f"The result files come from different teachers, students, eval sets or budgets ({budget}); "
+                         "they cannot be merged.")
+    runs: dict[str, list[dict]] = {}
+    for path, part in zip(paths, parts):
+        for name, s in part["students"].items():
+            have = {r["seed"] for r in runs.get(name, [])}
+            for seed, value in zip(s["seeds"], s["runs"]):
+                if seed in have:
+                    raise SystemExit(f"{name} seed {seed} is in more than one file (again in {path}); merge each run once.")
+                runs.setdefault(name, []).append(
+                    {"seed": seed, metric: value, "wall_s": s["wall_s_mean"], **{k: s[k] for k in mean_keys}}
+                )
+    return parts, {name: sorted(items, key=lambda r: r["seed"]) for name, items in runs.items()}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from benchmarks.quality_runs import check_variants, mean_std, run_students  # noqa: E402
+from benchmarks.quality_runs import check_variants, mean_std, portable_settings, read_runs, run_students, write_results  # noqa: E402
 from hf_attn_distill.profiling import machine_info  # noqa: E402
 from recipes.distill_classification import main as run_recipe  # noqa: E402
 from recipes.sst2_demo import DemoArguments, student_recipe_args, teacher_recipe_args  # noqa: E402
@@ -47,11 +47,22 @@ VARIANTS = {
     "kd_attn_hidden": ["--attention_loss", "kl", "--hidden_weight", "1.0", "--hidden_loss", "mse"],
     "kd_value_relation": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_kinds", "vv"],
     "kd_minilmv2": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_kinds", "qq,kk,vv"],
+    # TinyBERT's task-distillation objective: attention-score MSE + hidden-state MSE (embeddings too) + logit KD
+    "kd_tinybert": ["--attention_loss", "mse_scores", "--hidden_weight", "1.0", "--hidden_loss", "mse"],
     # a narrower student (4 layers x 256 hidden x 4 heads, random init): only relation transfer applies
     "small_kd": ["--attention_weight", "0"],
     "small_minilmv2": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_kinds", "qq,kk,vv"],
+    # MiniLMv2 settings for the narrow student: 16 relation heads (24 / 16 wide), the relation weight decayed to 0
+    # over training (structure first, task last), an upper-middle teacher layer
+    "small_minilmv2_h16": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_heads", "16"],
+    "small_minilmv2_decay": ["--attention_weight", "0", "--relation_weight", "1.0",
+                             "--schedules", "relation_weight=cosine:0.0"],
+    "small_minilmv2_mid": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_teacher_layer", "3"],
 }
 SMALL_STUDENT = "num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024"
+
+# settings that must agree for results to be merged
+BUDGET = ("teacher_steps", "student_steps", "batch_size")
 
 
 @dataclass
@@ -71,6 +82,11 @@ class QualityArguments:
         default=0.2, metadata={"help": "Attention weight of kd_attn_mse (score MSE starts ~5x the KL; 0.2 evens them)."}
     )
     reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
+    merge_results: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Instead of training: combine result JSONs of runs with the same teacher and budget that "
+                  "covered different seeds or variants (e.g. one process per seed); each variant and seed once."},
+    )
 
 
 def summarize(teacher_acc: float, runs: dict[str, list[dict]], args: QualityArguments) -> dict:
@@ -94,8 +110,9 @@ def summarize(teacher_acc: float, runs: dict[str, list[dict]], args: QualityArgu
         "teacher_model": "all-MiniLM-L6-v2 fine-tuned on SST-2 train",
         "students": students,
         "student": "3 layers (init: pretrained all-MiniLM-L6-v2 layers 1,3,5), 384 hidden, 12 heads",
+        "small_student": f"small_* variants: random init, {SMALL_STUDENT.replace(',', ', ')}",
         "machine": machine_info(),
-        "settings": asdict(args),
+        "settings": portable_settings(args, ROOT),
     }
 
 
@@ -116,9 +133,27 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(args: QualityArguments) -> dict:
+    """Combine result files of the same teacher and budget that cover different seeds or variants into
+    ``args.results``."""
+    parts, runs = read_runs(args.merge_results, "accuracy", BUDGET)
+    args.seeds = sorted({r["seed"] for items in runs.values() for r in items})
+    for key in BUDGET:
+        setattr(args, key, parts[0]["settings"][key])
+    args.variants = list(runs)
+    result = summarize(parts[0]["teacher"], runs, args)
+    result["machine"] = parts[0]["machine"]
+    result["merged_from"] = [Path(p).name for p in args.merge_results]
+    write_results(Path(args.results), result, markdown)
+    print(markdown(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(argv)
     check_variants(args.variants, VARIANTS)
+    if args.merge_results:
+        return merge(args)
     work = Path(args.work_dir)
     teacher_dir = work / "teacher"
     demo = DemoArguments(
@@ -137,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra = list(VARIANTS[name])
         if name == "kd_attn_kl":
             extra += ["--attention_weight", str(args.attention_weight_kl)]
-        if name == "kd_attn_mse":
+        if name in ("kd_attn_mse", "kd_tinybert"):
             extra += ["--attention_weight", str(args.attention_weight_mse)]
         # every variant starts from the same student (pretrained MiniLM layers), only the loss differs;
         # small_* variants start from the same random 4 x 256 x 4 student instead

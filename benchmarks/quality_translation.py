@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from benchmarks.quality_runs import check_variants, mean_std, run_students, write_results  # noqa: E402
+from benchmarks.quality_runs import check_variants, mean_std, portable_settings, read_runs, run_students, write_results  # noqa: E402
 from hf_attn_distill.profiling import machine_info  # noqa: E402
 from recipes.distill_translation import main as run_recipe  # noqa: E402
 from recipes.sst2_demo import minilm_path  # noqa: E402
@@ -44,6 +44,9 @@ VARIANTS = {
     "kd_attn": SITES_ALL,
     "kd_attn_self": ["--layer_map", "uniform", "--decoder_layer_map", "uniform"],
 }
+
+# settings that must agree for results to be merged
+BUDGET = ("teacher_steps", "teacher_train_examples", "student_steps", "train_examples", "batch_size")
 
 
 @dataclass
@@ -73,7 +76,7 @@ class QualityTranslationArguments:
     merge_results: list[str] = field(
         default_factory=list,
         metadata={"help": "Instead of training: combine result JSONs of runs with the same teacher and budget that "
-                  "covered different seeds (e.g. one process per seed), one run per variant and file."},
+                  "covered different seeds or variants (e.g. one process per seed); each variant and seed once."},
     )
 
 
@@ -113,7 +116,7 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
                    f"{args.student_steps} steps of {args.batch_size} on the first {args.train_examples} pairs",
         "students": students,
         "machine": machine_info(),
-        "settings": asdict(args),
+        "settings": portable_settings(args, ROOT),
     }
 
 
@@ -132,20 +135,16 @@ def markdown(result: dict) -> str:
 
 
 def merge(args: QualityTranslationArguments) -> dict:
-    """Combine single-seed result files (same teacher and settings apart from seeds) into ``args.results``."""
-    parts = [json.loads(Path(p).read_text()) for p in args.merge_results]
-    if len({(p["teacher"], p["student"], p["eval_set"]) for p in parts}) != 1:
-        raise SystemExit("The result files come from different teachers, students or eval sets; they cannot be merged.")
-    runs: dict[str, list[dict]] = {}
-    for part in parts:
-        for name, s in part["students"].items():
-            if len(s["runs"]) != 1:
-                raise SystemExit(f"{name} has {len(s['runs'])} runs in one file; merge files of one seed each.")
-            runs.setdefault(name, []).append({"seed": s["seeds"][0], "bleu": s["runs"][0], "chrf": s["chrf_mean"],
-                                              "wall_s": s["wall_s_mean"]})
+    """Combine result files of the same teacher and settings that cover different seeds into ``args.results``."""
+    parts, runs = read_runs(args.merge_results, "bleu", BUDGET, ("chrf_mean",))
+    for items in runs.values():
+        for r in items:
+            r["chrf"] = r.pop("chrf_mean")
     args.seeds = sorted({r["seed"] for items in runs.values() for r in items})
+    for key in BUDGET:
+        setattr(args, key, parts[0]["settings"][key])
     teacher = {"bleu": parts[0]["teacher"], "chrf": parts[0]["teacher_chrf"]}
-    result = summarize(teacher, {n: sorted(r, key=lambda x: x["seed"]) for n, r in runs.items()}, args)
+    result = summarize(teacher, runs, args)
     result["machine"] = parts[0]["machine"]
     result["merged_from"] = [Path(p).name for p in args.merge_results]
     write_results(Path(args.results), result, markdown)

@@ -1,0 +1,80 @@
+"""Merging benchmark result files (one process per seed, variants added later) gives the statistics of one run
+over all of them, and refuses files that do not belong together."""
+
+import json
+import statistics
+
+import pytest
+
+from benchmarks import quality_sst2, quality_translation
+from benchmarks.quality_runs import portable_settings
+
+SETTINGS = {"teacher_steps": 1000, "student_steps": 500, "batch_size": 32}
+
+
+def sst2_part(students: dict, **settings) -> dict:
+    return {"teacher": 0.88, "student": "3 layers", "eval_set": "dev", "machine": "m", "settings": {**SETTINGS, **settings},
+            "students": students}
+
+
+def entry(runs, seeds, wall):
+    return {"mean": statistics.fmean(runs), "runs": runs, "seeds": seeds, "wall_s_mean": wall}
+
+
+def write(tmp_path, name, result):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(result))
+    return str(path)
+
+
+def test_sst2_merge_equals_statistics_of_all_runs(tmp_path):
+    a = write(tmp_path, "a", sst2_part({"kd": entry([0.80, 0.82], [1, 2], 100.0), "kd_hidden": entry([0.84], [1], 50.0)}))
+    b = write(tmp_path, "b", sst2_part({"kd": entry([0.86], [3], 400.0), "kd_hidden": entry([0.85, 0.83], [3, 2], 80.0)}))
+    result = quality_sst2.main(["--merge_results", a, b, "--results", str(tmp_path / "merged")])
+    kd, hidden = result["students"]["kd"], result["students"]["kd_hidden"]
+    assert kd["runs"] == [0.80, 0.82, 0.86] and kd["seeds"] == [1, 2, 3]
+    assert kd["mean"] == pytest.approx(0.82666666) and kd["std"] == pytest.approx(statistics.stdev([0.80, 0.82, 0.86]))
+    assert kd["wall_s_mean"] == pytest.approx((100 + 100 + 400) / 3)  # exact mean over the 3 runs
+    assert hidden["seeds"] == [1, 2, 3] and hidden["runs"] == [0.84, 0.83, 0.85]
+    assert hidden["retention"] == pytest.approx(0.84 / 0.88)
+    assert result["merged_from"] == ["a.json", "b.json"] and result["settings"]["student_steps"] == 500
+    written = json.loads((tmp_path / "merged.json").read_text())
+    assert written["students"]["kd"]["runs"] == [0.80, 0.82, 0.86]
+    assert "| kd | 82.67% |" in (tmp_path / "merged.md").read_text()
+
+
+def test_merge_refuses_a_run_twice_and_other_budgets(tmp_path):
+    a = write(tmp_path, "a", sst2_part({"kd": entry([0.80], [1], 1.0)}))
+    again = write(tmp_path, "again", sst2_part({"kd": entry([0.81], [1], 1.0)}))
+    with pytest.raises(SystemExit, match="kd seed 1 is in more than one file"):
+        quality_sst2.main(["--merge_results", a, again, "--results", str(tmp_path / "m")])
+    longer = write(tmp_path, "longer", sst2_part({"kd": entry([0.81], [2], 1.0)}, student_steps=1000))
+    with pytest.raises(SystemExit, match="different teachers, students, eval sets or budgets"):
+        quality_sst2.main(["--merge_results", a, longer, "--results", str(tmp_path / "m")])
+
+
+def test_translation_merge_keeps_chrf_means_exact(tmp_path):
+    settings = {"teacher_steps": 500, "teacher_train_examples": 10, "student_steps": 250, "train_examples": 8,
+                "batch_size": 32}
+    base = {"teacher": 10.0, "teacher_chrf": 30.0, "student": "3+3", "eval_set": "flickr", "machine": "m",
+            "settings": settings}
+
+    def part(runs, seeds, chrf):
+        return {**base, "students": {"kd": {**entry(runs, seeds, 5.0), "chrf_mean": chrf}}}
+
+    a = write(tmp_path, "a", part([11.0, 12.0], [1, 2], 31.0))
+    b = write(tmp_path, "b", part([14.0], [3], 34.0))
+    result = quality_translation.main(["--merge_results", a, b, "--results", str(tmp_path / "merged")])
+    kd = result["students"]["kd"]
+    assert kd["runs"] == [11.0, 12.0, 14.0] and kd["mean"] == pytest.approx(37 / 3)
+    assert kd["chrf_mean"] == pytest.approx((31 + 31 + 34) / 3) and kd["retention"] == pytest.approx(37 / 30)
+
+
+def test_portable_settings_hold_no_machine_paths(tmp_path):
+    root = tmp_path / "repo"
+    args = quality_sst2.QualityArguments(results=str(root / "benchmarks" / "results" / "x"),
+                                         data_dir=str(tmp_path / "shared" / "data" / "sst2"))
+    settings = portable_settings(args, root)
+    assert settings["results"] == "benchmarks/results/x"
+    assert settings["data_dir"] == "../shared/data/sst2"
+    assert settings["work_dir"] == "outputs/quality_sst2" and settings["seeds"] == [1, 2, 3]
