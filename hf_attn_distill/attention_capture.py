@@ -101,7 +101,8 @@ class _InjectLossGrad(torch.autograd.Function):
         if ctx.cell.grad is None:
             raise RuntimeError(
                 "The attention-transfer loss of a checkpointed layer got no gradient before its recomputation. "
-                "Use gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
+                "Use activation_checkpointing_kwargs (gradient_checkpointing_kwargs on older transformers)="
+                "{'use_reentrant': False}, the transformers default."
             )
         return grad_out, ctx.cell.grad, None
 

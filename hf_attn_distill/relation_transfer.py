@@ -21,7 +21,7 @@ from .attention_masks import valid_token_count
 from .losses import relation_kl_loss
 from .model_structure import find_attention_sites
 
-__all__ = ["RELATION_KINDS", "RelationTransfer", "StateTap", "parse_relation_kinds", "plan_relation_transfer"]
+__all__ = ["RELATION_KINDS", "RelationTransfer", "StateTap", "parse_relation_kinds", "plan_relation_transfer", "state_widths"]
 
 RELATION_KINDS = {"qq": 0, "kk": 1, "vv": 2}
 
@@ -90,6 +90,26 @@ class RelationTransfer:
     count = staticmethod(valid_token_count)
 
 
+def state_widths(config) -> dict[str, int | None]:
+    """Widths of the concatenated queries (``"qq"``) and keys / values (``"kk"``, ``"vv"``) that an attention
+    module of ``config`` hands over: heads x head width, with fewer key/value heads under grouped-query attention
+    and ``head_dim`` where the config sets it. ``None`` where the config does not say."""
+    heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if not heads or not width:
+        return dict.fromkeys(RELATION_KINDS)
+    head_dim = getattr(config, "head_dim", None) or width // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return {"qq": heads * head_dim, "kk": kv_heads * head_dim, "vv": kv_heads * head_dim}
+
+
+def checkpointing_settings(args) -> tuple[bool, dict | None]:
+    """``(on, kwargs)`` of activation checkpointing, read from ``activation_checkpointing*`` where transformers has
+    them (their ``gradient_checkpointing*`` aliases only mirror them) and from ``gradient_checkpointing*`` before."""
+    if hasattr(args, "activation_checkpointing"):
+        return bool(args.activation_checkpointing), args.activation_checkpointing_kwargs
+    return bool(args.gradient_checkpointing), args.gradient_checkpointing_kwargs
+
+
 def _layer(index: int, count: int, name: str) -> int:
     resolved = index + count if index < 0 else index
     if not 0 <= resolved < count:
@@ -106,21 +126,25 @@ def plan_relation_transfer(student: nn.Module, teacher: nn.Module, args) -> Rela
     if getattr(student.config, "is_encoder_decoder", False):
         raise ValueError("relation_weight > 0 is implemented for encoder-only models; set relation_weight=0 and use "
                          "attention transfer (layer_map, decoder_layer_map, cross_layer_map) for encoder-decoders.")
-    if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+    checkpointing, kwargs = checkpointing_settings(args)
+    if checkpointing and (kwargs or {}).get("use_reentrant"):
         raise ValueError("Relation transfer reads the student's queries, keys and values with their gradient, which "
-                         "reentrant checkpointing does not keep: use gradient_checkpointing_kwargs="
-                         "{'use_reentrant': False}.")
+                         "reentrant checkpointing does not keep: use activation_checkpointing_kwargs "
+                         "(gradient_checkpointing_kwargs on older transformers)={'use_reentrant': False}.")
     for model in (student, teacher):
         enable_attention_capture(model)
     s_mods, t_mods = find_attention_sites(student)["encoder"], find_attention_sites(teacher)["encoder"]
     s_layer = _layer(args.relation_student_layer, len(s_mods), "relation_student_layer")
     t_layer = _layer(args.relation_teacher_layer, len(t_mods), "relation_teacher_layer")
-    s_width, t_width = (getattr(m.config, "hidden_size", None) for m in (student, teacher))
+    kinds = parse_relation_kinds(args.relation_kinds)
     heads = args.relation_heads or getattr(student.config, "num_attention_heads", None)
-    if not heads or not s_width or not t_width or s_width % heads or t_width % heads:
-        raise ValueError(
-            f"relation_heads={heads} must divide both the student's width ({s_width}) and the teacher's "
-            f"({t_width}); pick a common divisor (e.g. relation_heads=4)."
-        )
-    return RelationTransfer(parse_relation_kinds(args.relation_kinds), heads, args.relation_weight,
+    s_widths, t_widths = state_widths(student.config), state_widths(teacher.config)
+    for kind in kinds:
+        s_width, t_width = s_widths[kind], t_widths[kind]
+        if not heads or not s_width or not t_width or s_width % heads or t_width % heads:
+            raise ValueError(
+                f"relation_heads={heads} must divide the width of the {kind} relation's states in both the student "
+                f"({s_width}) and the teacher ({t_width}); pick a common divisor with relation_heads."
+            )
+    return RelationTransfer(kinds, heads, args.relation_weight,
                             StateTap(s_mods[s_layer]), StateTap(t_mods[t_layer]), s_layer, t_layer)

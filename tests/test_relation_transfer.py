@@ -12,6 +12,7 @@ from transformers import DataCollatorWithPadding
 
 from hf_attn_distill import DistillConfig, DistillTrainer
 from hf_attn_distill.losses import relation_kl_loss, self_relation_log_probs
+from hf_attn_distill.relation_transfer import state_widths
 
 
 def _reference_relation_kl(student, teacher, heads, mask):
@@ -96,15 +97,16 @@ def test_accumulation_equals_one_large_batch(tmp_path, tokenizer):
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path, tokenizer):
     plain = _update(tmp_path, tokenizer, 8, 1, alpha_ce=0.0, alpha_kd=0.0)
-    checkpointed = _update(tmp_path, tokenizer, 8, 1, alpha_ce=0.0, alpha_kd=0.0, gradient_checkpointing=True,
-                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = _update(tmp_path, tokenizer, 8, 1, alpha_ce=0.0, alpha_kd=0.0, activation_checkpointing=True,
+                           activation_checkpointing_kwargs={"use_reentrant": False})
     _assert_same(plain, checkpointed)
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"relation_heads": 3}, "must divide both"),
+    ({"relation_heads": 3}, r"must divide the width of the qq relation's states in both the student \(16\)"),
     ({"relation_teacher_layer": 4}, "relation_teacher_layer=4 is out of range"),
     ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
+    ({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
 ])
 def test_bad_relation_settings_name_the_fix(tmp_path, overrides, match):
     teacher, student = teacher_and_narrow_student()
@@ -117,3 +119,11 @@ def test_bad_relation_settings_name_the_fix(tmp_path, overrides, match):
 def test_bad_relation_kinds_are_refused(tmp_path):
     with pytest.raises(ValueError, match="relation_kinds must be"):
         DistillConfig(output_dir=str(tmp_path), report_to="none", relation_weight=1.0, relation_kinds="qk")
+
+
+def test_state_widths_follow_head_dim_and_grouped_query_attention():
+    from transformers import BertConfig, LlamaConfig
+
+    assert state_widths(BertConfig(hidden_size=384, num_attention_heads=12)) == {"qq": 384, "kk": 384, "vv": 384}
+    gqa = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=48)
+    assert state_widths(gqa) == {"qq": 8 * 48, "kk": 2 * 48, "vv": 2 * 48}
