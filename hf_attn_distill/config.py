@@ -86,12 +86,14 @@ class DistillConfig(TrainingArguments):
             Weight of the self-attention relation term `loss_relation` (MiniLM / MiniLMv2; encoder-only models);
             `0` turns it off. For each kind in `relation_kinds`, `KL(softmax(X_t X_t^T / sqrt(d_r)) ||
             softmax(X_s X_s^T / sqrt(d_r)))` per relation head and valid row, `X` the queries, keys or values of
-            all heads concatenated and split into `relation_heads` heads of width `d_r`. Works when the student
-            has another width and head count than the teacher.
+            all heads concatenated and split into `relation_heads` heads of width `d_r`; the term is the mean over
+            the kinds (MiniLMv2 sums its three, so `relation_weight=3` gives the paper's weighting). Works when the
+            student has another width and head count than the teacher.
         relation_kinds (`str`, *optional*, defaults to `"qq,kk,vv"`):
             Relations transferred: MiniLMv2's `"qq,kk,vv"`, or MiniLM's value relation `"vv"`.
         relation_heads (`int` or `None`, *optional*, defaults to `None`):
-            Relation heads; must divide both models' widths. `None`: the student's attention heads.
+            Relation heads; must divide the query and key/value widths of both models. `None`: the student's
+            attention heads.
         relation_teacher_layer (`int`, *optional*, defaults to `-1`):
             Teacher layer the relations come from (0-based; negative counts from the end). MiniLMv2 takes an
             upper-middle layer of large teachers.
