@@ -58,6 +58,8 @@ VARIANTS = {
     "small_minilmv2_decay": ["--attention_weight", "0", "--relation_weight", "1.0",
                              "--schedules", "relation_weight=cosine:0.0"],
     "small_minilmv2_mid": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_teacher_layer", "3"],
+    # TinyBERT's hidden-state MSE also serves the narrow student, through the learned 256 -> 384 projection
+    "small_kd_hidden": ["--attention_weight", "0", "--hidden_weight", "1.0", "--hidden_loss", "mse"],
 }
 SMALL_STUDENT = "num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024"
 
@@ -135,8 +137,9 @@ def markdown(result: dict) -> str:
 
 def merge(args: QualityArguments) -> dict:
     """Combine result files of the same teacher and budget that cover different seeds or variants into
-    ``args.results``."""
+    ``args.results`` (only the variants in ``args.variants``)."""
     parts, runs = read_runs(args.merge_results, "accuracy", BUDGET)
+    runs = {name: items for name, items in runs.items() if name in args.variants}
     args.seeds = sorted({r["seed"] for items in runs.values() for r in items})
     for key in BUDGET:
         setattr(args, key, parts[0]["settings"][key])

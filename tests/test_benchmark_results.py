@@ -41,6 +41,8 @@ def test_sst2_merge_equals_statistics_of_all_runs(tmp_path):
     written = json.loads((tmp_path / "merged.json").read_text())
     assert written["students"]["kd"]["runs"] == [0.80, 0.82, 0.86]
     assert "| kd | 82.67% |" in (tmp_path / "merged.md").read_text()
+    only_kd = quality_sst2.main(["--merge_results", a, b, "--results", str(tmp_path / "kd"), "--variants", "kd"])
+    assert list(only_kd["students"]) == ["kd"] and only_kd["settings"]["variants"] == ["kd"]
 
 
 def test_merge_refuses_a_run_twice_and_other_budgets(tmp_path):
