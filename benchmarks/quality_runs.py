@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["check_variants", "mean_std", "portable_settings", "read_runs", "run_students", "write_results"]
+__all__ = ["RUN_SELECTION", "check_variants", "mean_std", "portable_settings", "read_runs", "run_students", "write_results"]
 
 
 def check_variants(asked: Iterable[str], known: Iterable[str]) -> None:
@@ -31,11 +31,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def portable_settings(args, root: Path) -> dict:
     """``asdict(args)`` with paths under ``root``'s parent written relative to ``root``, so committed results hold
     no machine-specific paths."""
-    settings = dataclasses.asdict(args)
-    for key, value in settings.items():
+
+    def portable(value):
+        if isinstance(value, list):
+            return [portable(v) for v in value]
         if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(root.parent):
-            settings[key] = os.path.relpath(value, root)
-    return settings
+            return os.path.relpath(value, root)
+        return value
+
+    return {key: portable(value) for key, value in dataclasses.asdict(args).items()}
 
 
 def write_results(stem: Path, result: dict, markdown: Callable[[dict], str]) -> None:
@@ -69,20 +73,34 @@ def run_students(variants: list[str], seeds: list[int], work: Path, run_one: Cal
     return result
 
 
-def read_runs(paths: list[str], metric: str, budget: tuple[str, ...], mean_keys: tuple[str, ...] = ()
-              ) -> tuple[list[dict], dict[str, list[dict]]]:
-    """Result files of the same benchmark setup (teacher, student, eval set and the ``budget`` settings) back as
-    ``(parts, runs)``: ``runs`` maps each variant to one record per seed, ``{"seed", metric, "wall_s",
-    *mean_keys}``, sorted by seed.
+#: Settings that say which runs a result file holds or where files went, not how the runs were made.
+RUN_SELECTION = ("seeds", "variants", "results", "work_dir", "data_dir", "reuse_teacher", "merge_results")
 
-    A file keeps only per-variant means of the wall time and of ``mean_keys`` (e.g. ``chrf_mean``); each of its
-    runs gets those means, so means over the merged runs are exact. Exits when the files come from different
-    setups or two files hold the same variant and seed."""
+
+def read_runs(paths: list[str], metric: str, args, mean_keys: tuple[str, ...] = ()
+              ) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Result files of one benchmark setup back as ``(parts, runs)``; ``runs`` maps each variant to one record
+    per seed, ``{"seed", metric, "wall_s", *mean_keys}``, sorted by seed.
+
+    The files must agree on the teacher, student, eval set, machine and every setting but ``RUN_SELECTION``;
+    those settings are copied into ``args`` so the merged summary describes the runs, not the merge command.
+    Only the variants in ``args.variants`` are kept; ``args.variants`` and ``args.seeds`` become what was read. A
+    file keeps only per-variant means of the wall time and of ``mean_keys`` (e.g. ``chrf_mean``); each of its
+    runs gets those means, so means over the merged runs are exact. Exits when the files disagree or two files
+    hold the same variant and seed."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    setups = {(p["teacher"], p["student"], p["eval_set"], *(p["settings"][k] for k in budget)) for p in parts}
-    if len(setups) != 1:
-        raise SystemExit(f"The result files come from different teachers, students, eval sets or budgets ({budget}); "
+
+    def setup(part: dict) -> str:
+        settings = {k: v for k, v in part["settings"].items() if k not in RUN_SELECTION}
+        return json.dumps([part["teacher"], part["student"], part["eval_set"], part["machine"], settings],
+                          sort_keys=True)
+
+    if len({setup(p) for p in parts}) != 1:
+        raise SystemExit("The result files come from different teachers, students, eval sets, machines or settings; "
                          "they cannot be merged.")
+    for key, value in parts[0]["settings"].items():
+        if key not in RUN_SELECTION:
+            setattr(args, key, value)
     runs: dict[str, list[dict]] = {}
     for path, part in zip(paths, parts):
         for name, s in part["students"].items():
@@ -93,4 +111,7 @@ def read_runs(paths: list[str], metric: str, budget: tuple[str, ...], mean_keys:
                 runs.setdefault(name, []).append(
                     {"seed": seed, metric: value, "wall_s": s["wall_s_mean"], **{k: s[k] for k in mean_keys}}
                 )
-    return parts, {name: sorted(items, key=lambda r: r["seed"]) for name, items in runs.items()}
+    runs = {name: sorted(items, key=lambda r: r["seed"]) for name, items in runs.items() if name in args.variants}
+    args.variants = list(runs)
+    args.seeds = sorted({r["seed"] for items in runs.values() for r in items})
+    return parts, runs

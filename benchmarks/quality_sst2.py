@@ -63,9 +63,6 @@ VARIANTS = {
 }
 SMALL_STUDENT = "num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024"
 
-# settings that must agree for results to be merged
-BUDGET = ("teacher_steps", "student_steps", "batch_size")
-
 
 @dataclass
 class QualityArguments:
@@ -138,12 +135,7 @@ def markdown(result: dict) -> str:
 def merge(args: QualityArguments) -> dict:
     """Combine result files of the same teacher and budget that cover different seeds or variants into
     ``args.results`` (only the variants in ``args.variants``)."""
-    parts, runs = read_runs(args.merge_results, "accuracy", BUDGET)
-    runs = {name: items for name, items in runs.items() if name in args.variants}
-    args.seeds = sorted({r["seed"] for items in runs.values() for r in items})
-    for key in BUDGET:
-        setattr(args, key, parts[0]["settings"][key])
-    args.variants = list(runs)
+    parts, runs = read_runs(args.merge_results, "accuracy", args)
     result = summarize(parts[0]["teacher"], runs, args)
     result["machine"] = parts[0]["machine"]
     result["merged_from"] = [Path(p).name for p in args.merge_results]

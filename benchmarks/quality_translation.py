@@ -45,9 +45,6 @@ VARIANTS = {
     "kd_attn_self": ["--layer_map", "uniform", "--decoder_layer_map", "uniform"],
 }
 
-# settings that must agree for results to be merged
-BUDGET = ("teacher_steps", "teacher_train_examples", "student_steps", "train_examples", "batch_size")
-
 
 @dataclass
 class QualityTranslationArguments:
@@ -135,14 +132,12 @@ def markdown(result: dict) -> str:
 
 
 def merge(args: QualityTranslationArguments) -> dict:
-    """Combine result files of the same teacher and settings that cover different seeds into ``args.results``."""
-    parts, runs = read_runs(args.merge_results, "bleu", BUDGET, ("chrf_mean",))
+    """Combine result files of the same teacher and settings that cover different seeds or variants into
+    ``args.results`` (only the variants in ``args.variants``)."""
+    parts, runs = read_runs(args.merge_results, "bleu", args, ("chrf_mean",))
     for items in runs.values():
         for r in items:
             r["chrf"] = r.pop("chrf_mean")
-    args.seeds = sorted({r["seed"] for items in runs.values() for r in items})
-    for key in BUDGET:
-        setattr(args, key, parts[0]["settings"][key])
     teacher = {"bleu": parts[0]["teacher"], "chrf": parts[0]["teacher_chrf"]}
     result = summarize(teacher, runs, args)
     result["machine"] = parts[0]["machine"]

@@ -28,9 +28,11 @@ class DistillConfig(TrainingArguments):
     distillation objective
 
     ``loss = alpha_ce * CE(student, labels) + alpha_kd * KD(student, teacher)
-    + attention_weight * ATT_enc + decoder_attention_weight * ATT_dec + cross_attention_weight * ATT_cross``
+    + attention_weight * ATT_enc + decoder_attention_weight * ATT_dec + cross_attention_weight * ATT_cross
+    + hidden_weight * HIDDEN + relation_weight * RELATION``
 
-    with one attention term per mapped site (encoder self-attention, decoder self-attention, cross-attention).
+    with one attention term per mapped site (encoder self-attention, decoder self-attention, cross-attention);
+    the hidden-state and relation terms are off (weight 0) by default.
 
     Parameters:
         temperature (`float`, *optional*, defaults to `2.0`):
@@ -75,8 +77,9 @@ class DistillConfig(TrainingArguments):
         hidden_loss (`str`, *optional*, defaults to `"mse"`):
             `"mse"` (TinyBERT): mean squared error over valid tokens and hidden units, the student's states passed
             through one learned `nn.Linear(student width, teacher width)` shared by all pairs when the widths
-            differ. `"cosine"` (DistilBERT): mean over valid tokens of `1 - cos(student, teacher)`, through the
-            same projection when widths differ.
+            differ. `"cosine"` (DistilBERT's loss): mean over valid tokens of `1 - cos(student, teacher)`, through
+            the same projection when widths differ; DistilBERT applies it to the last layer only
+            (`hidden_layer_map="last"`, `hidden_include_embeddings=False`).
         hidden_layer_map (`str` or `None`, *optional*, defaults to `None`):
             Layer map of the hidden-state term, same forms as `layer_map` (indices of layer outputs, 0-based);
             `None` uses `layer_map`.
@@ -119,8 +122,8 @@ class DistillConfig(TrainingArguments):
             `Trainer` evaluation, and `eval_loss` is the student's own task loss.
         teacher_logits_cache (`str` or `None`, *optional*, defaults to `None`):
             Folder for teacher logits computed once per training example and memory-mapped; later steps read them
-            instead of running the teacher. Needs `attention_weight=0` and sequence-level logits. Rebuilt when the
-            teacher or the training data change.
+            instead of running the teacher. Needs the teacher for logits alone (no attention site, `hidden_weight=0`,
+            `relation_weight=0`) and sequence-level logits. Rebuilt when the teacher or the training data change.
         teacher_logits_cache_dtype (`str`, *optional*, defaults to `"float16"`):
             Storage dtype of the cache: `"float16"` (half the size) or `"float32"` (exact).
     """
@@ -301,9 +304,8 @@ class DistillConfig(TrainingArguments):
         if self.teacher_logits_cache and (self.uses_attention or self.hidden_weight > 0 or self.relation_weight > 0):
             raise ValueError(
                 "teacher_logits_cache only replaces the teacher when it is needed for logits alone: set "
-                "attention_weight=0, hidden_weight=0 and relation_weight=0 and leave decoder_layer_map/cross_layer_map unset, or drop "
-                "teacher_logits_cache "
-                "(with attention the teacher runs every step)."
+                "attention_weight=0, hidden_weight=0 and relation_weight=0 and leave decoder_layer_map/cross_layer_map "
+                "unset, or drop teacher_logits_cache (with those terms the teacher runs every step)."
             )
         if self.teacher_logits_cache and self.alpha_kd == 0:
             raise ValueError("teacher_logits_cache is useless with alpha_kd=0: no teacher logits are used.")

@@ -103,12 +103,19 @@ def plan_hidden_transfer(student: nn.Module, teacher: nn.Module, args) -> Hidden
     pairs = ([(0, 0)] if args.hidden_include_embeddings else []) + [(s + 1, t + 1) for s, t in layer_pairs]
     s_width, t_width = _width(s_config), _width(t_config)
     projection = getattr(student, PROJECTION_NAME, None)
+    if projection is not None and s_width == t_width:
+        delattr(student, PROJECTION_NAME)  # left from a wider/narrower teacher: unused now, so not trained or saved
+        projection = None
+    if projection is not None and (projection.in_features, projection.out_features) != (s_width, t_width):
+        raise ValueError(
+            f"The student carries a hidden-state projection {projection.in_features} -> {projection.out_features} "
+            f"from another teacher, but this pair needs {s_width} -> {t_width}: remove it with "
+            f"delattr(student, {PROJECTION_NAME!r}) to train a new one."
+        )
     if s_width != t_width and projection is None:
         projection = nn.Linear(s_width, t_width)
         nn.init.normal_(projection.weight, std=getattr(s_config, "initializer_range", 0.02))
         nn.init.zeros_(projection.bias)
         reference = next(student.parameters())
         student.add_module(PROJECTION_NAME, projection.to(device=reference.device, dtype=reference.dtype))
-    elif s_width == t_width:
-        projection = None
     return HiddenTransfer(pairs, args.hidden_loss, args.hidden_weight, projection)

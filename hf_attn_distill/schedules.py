@@ -33,7 +33,11 @@ def parse_schedules(spec: dict | str | None) -> dict[str, tuple[str, float]]:
         if text.startswith("{"):
             spec = json.loads(text)
         else:
-            spec = dict(item.split("=", 1) for item in text.split(",") if item.strip())
+            items = [item for item in text.split(",") if item.strip()]
+            bad = [item for item in items if "=" not in item]
+            if bad:
+                raise ValueError(f"schedules items are 'name=kind:end' (e.g. 'temperature=linear:1.0'); got {bad[0]!r}.")
+            spec = dict(item.split("=", 1) for item in items)
     out = {}
     for name, value in spec.items():
         name = name.strip()
@@ -49,6 +53,8 @@ def parse_schedules(spec: dict | str | None) -> dict[str, tuple[str, float]]:
             end_value = float(end)
         except ValueError:
             raise ValueError(f"Schedule of {name} needs an end value, e.g. '{kind}:0.5'; got {value!r}.") from None
+        if not math.isfinite(end_value):
+            raise ValueError(f"The {name} schedule must end at a finite value, got {end_value}.")
         if name == "temperature" and not end_value > 0:
             raise ValueError(f"The temperature schedule must end above 0, got {end_value}.")
         if end_value < 0:

@@ -171,7 +171,8 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 class DistillTrainer(Trainer):
     """``transformers.Trainer`` whose loss is ``alpha_ce * CE + alpha_kd * KD`` plus, per attention site,
-    ``attention_weight * ATT_enc + decoder_attention_weight * ATT_dec + cross_attention_weight * ATT_cross``.
+    ``attention_weight * ATT_enc + decoder_attention_weight * ATT_dec + cross_attention_weight * ATT_cross``,
+    plus ``hidden_weight * HIDDEN + relation_weight * RELATION`` when those are on.
 
     The teacher runs in eval mode under ``torch.inference_mode``, is never given to the optimizer and is not
     saved with student checkpoints. Only the layers of the site layer maps (``layer_map``,
@@ -179,8 +180,8 @@ class DistillTrainer(Trainer):
     the fused SDPA kernel. Each loss term is normalised over the
     whole gradient-accumulation window, so ``k`` micro-batches of ``n`` give the update of one batch
     of ``k * n`` (``loss_is_scaled_for_ga = True``). Loss terms are logged as ``loss_ce``, ``loss_kd``,
-    ``loss_attn_enc`` / ``loss_attn_dec`` / ``loss_attn_cross`` (train) and ``eval_loss_*`` (eval), averaged
-    over items in the logging window and across processes.
+    ``loss_attn_enc`` / ``loss_attn_dec`` / ``loss_attn_cross``, ``loss_hidden``, ``loss_relation`` (train)
+    and ``eval_loss_*`` (eval), averaged over items in the logging window and across processes.
 
     Args:
         model: the student (a ``PreTrainedModel``).
@@ -222,6 +223,12 @@ class DistillTrainer(Trainer):
                     "ddp_find_unused_parameters unset (DistillTrainer sets it to False) or set hidden_weight=0."
                 )
             args.ddp_find_unused_parameters = False
+            if args.world_size > 1 and args.alpha_ce == 0 and args.alpha_kd == 0:
+                raise ValueError(
+                    "With alpha_ce=0 and alpha_kd=0 the student's output head gets no gradient, which DDP refuses "
+                    "without ddp_find_unused_parameters (off because of the hidden-state projection): keep alpha_kd "
+                    "or alpha_ce > 0 in multi-process training, or use a student as wide as the teacher."
+                )
         self.relation_transfer = plan_relation_transfer(model, teacher_model, args)
         # terms besides CE, KD and the attention sites, each with .term, .weight and .count(inputs)
         self._extra_terms = [t for t in (self.hidden_transfer, self.relation_transfer) if t is not None]
@@ -502,6 +509,13 @@ class DistillTrainer(Trainer):
             outputs = model(**inputs, **({"output_hidden_states": True} if self.hidden_transfer is not None else {}))
             layer_losses = [transfer.student.collect() for transfer in self.transfers]
             student_states = self.relation_transfer.student.states() if self.relation_transfer is not None else None
+            if keep_recording and student_states is not None and not student_states[0].requires_grad:
+                raise RuntimeError(
+                    f"The student's queries, keys and values at relation_student_layer="
+                    f"{self.relation_transfer.student_layer} carry no gradient (reentrant gradient checkpointing "
+                    "turned on on the model, or that layer frozen), so loss_relation would train nothing: enable "
+                    "checkpointing with use_reentrant=False, or unfreeze the layer."
+                )
         finally:
             if not keep_recording:  # else training_step stops it after backward
                 self._stop_recording()
@@ -599,8 +613,8 @@ class DistillTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ):
-        """Adds ``{prefix}_loss_ce``, ``_loss_kd`` and each site's ``_loss_attn_*`` to the metrics of ``evaluate``
-        and ``predict``."""
+        """Adds ``{prefix}_loss_ce``, ``_loss_kd``, each site's ``_loss_attn_*``, ``_loss_hidden`` and
+        ``_loss_relation`` (those that are on) to the metrics of ``evaluate`` and ``predict``."""
         self._term_sums["eval"].clear()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         for name, value in self._pop_term_means("eval").items():

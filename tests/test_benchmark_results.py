@@ -9,7 +9,7 @@ import pytest
 from benchmarks import quality_sst2, quality_translation
 from benchmarks.quality_runs import portable_settings
 
-SETTINGS = {"teacher_steps": 1000, "student_steps": 500, "batch_size": 32}
+SETTINGS = {"teacher_steps": 1000, "student_steps": 500, "batch_size": 32, "attention_weight_mse": 0.3}
 
 
 def sst2_part(students: dict, **settings) -> dict:
@@ -37,7 +37,9 @@ def test_sst2_merge_equals_statistics_of_all_runs(tmp_path):
     assert kd["wall_s_mean"] == pytest.approx((100 + 100 + 400) / 3)  # exact mean over the 3 runs
     assert hidden["seeds"] == [1, 2, 3] and hidden["runs"] == [0.84, 0.83, 0.85]
     assert hidden["retention"] == pytest.approx(0.84 / 0.88)
-    assert result["merged_from"] == ["a.json", "b.json"] and result["settings"]["student_steps"] == 500
+    assert result["merged_from"] == ["a.json", "b.json"]
+    # the summary describes the runs' settings, not the merge command's defaults (0.2)
+    assert result["settings"]["attention_weight_mse"] == 0.3 and result["settings"]["seeds"] == [1, 2, 3]
     written = json.loads((tmp_path / "merged.json").read_text())
     assert written["students"]["kd"]["runs"] == [0.80, 0.82, 0.86]
     assert "| kd | 82.67% |" in (tmp_path / "merged.md").read_text()
@@ -51,8 +53,10 @@ def test_merge_refuses_a_run_twice_and_other_budgets(tmp_path):
     with pytest.raises(SystemExit, match="kd seed 1 is in more than one file"):
         quality_sst2.main(["--merge_results", a, again, "--results", str(tmp_path / "m")])
     longer = write(tmp_path, "longer", sst2_part({"kd": entry([0.81], [2], 1.0)}, student_steps=1000))
-    with pytest.raises(SystemExit, match="different teachers, students, eval sets or budgets"):
-        quality_sst2.main(["--merge_results", a, longer, "--results", str(tmp_path / "m")])
+    other_mse = write(tmp_path, "other_mse", sst2_part({"kd": entry([0.81], [2], 1.0)}, attention_weight_mse=0.2))
+    for other in (longer, other_mse):
+        with pytest.raises(SystemExit, match="different teachers, students, eval sets, machines or settings"):
+            quality_sst2.main(["--merge_results", a, other, "--results", str(tmp_path / "m")])
 
 
 def test_translation_merge_keeps_chrf_means_exact(tmp_path):
@@ -80,3 +84,5 @@ def test_portable_settings_hold_no_machine_paths(tmp_path):
     assert settings["results"] == "benchmarks/results/x"
     assert settings["data_dir"] == "../shared/data/sst2"
     assert settings["work_dir"] == "outputs/quality_sst2" and settings["seeds"] == [1, 2, 3]
+    args.merge_results = [str(root / "benchmarks" / "results" / "a.json"), "relative.json"]
+    assert portable_settings(args, root)["merge_results"] == ["benchmarks/results/a.json", "relative.json"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import teacher_and_narrow_student
+from conftest import teacher_and_narrow_student, tiny_classifier
 from safetensors.torch import load_file
 from test_trainer_exactness import InOrderTrainer, uneven_dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
@@ -34,7 +34,8 @@ def test_term_equals_recomputation_through_the_projection(tmp_path, tokenizer, l
     teacher, student = teacher_and_narrow_student()
     args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, alpha_ce=0.0, alpha_kd=0.0,
                          attention_weight=0.0, hidden_weight=2.0, hidden_loss=loss, layer_map="0:1,1:3")
-    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=uneven_dataset())
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=uneven_dataset(),
+                             data_collator=DataCollatorWithPadding(tokenizer))
     projection = getattr(student, PROJECTION_NAME)
     assert (projection.in_features, projection.out_features) == (16, 32)
     batch = DataCollatorWithPadding(tokenizer)([uneven_dataset()[i] for i in (0, 4, 5)])
@@ -46,6 +47,10 @@ def test_term_equals_recomputation_through_the_projection(tmp_path, tokenizer, l
     mask = batch["attention_mask"]
     expected = torch.stack([fn(projection(s_states[s]), t_states[t], mask) for s, t in ((0, 0), (1, 2), (2, 4))])
     torch.testing.assert_close(loss_value, 2.0 * expected.mean())
+    # evaluation reports the same term, unweighted, as eval_loss_hidden
+    trainer.args.per_device_eval_batch_size = 3
+    metrics = trainer.evaluate(uneven_dataset().select([0, 4, 5]))
+    assert metrics["eval_loss_hidden"] == pytest.approx(expected.mean().item(), rel=1e-5)
 
 
 def test_projection_trains_is_checkpointed_restored_and_not_exported(tmp_path, tokenizer):
@@ -140,3 +145,27 @@ def test_find_unused_parameters_with_the_projection_is_refused(tmp_path):
                          attention_weight=0.0, ddp_find_unused_parameters=True)
     with pytest.raises(ValueError, match="ddp_find_unused_parameters"):
         DistillTrainer(model=student, teacher_model=teacher, args=args)
+
+
+def test_hidden_only_training_under_ddp_is_refused(tmp_path, monkeypatch):
+    # no CE/KD: the output head gets no gradient, which DDP without find_unused_parameters fails on mid-training
+    monkeypatch.setattr(DistillConfig, "world_size", property(lambda self: 2))
+    teacher, student = teacher_and_narrow_student()
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, hidden_weight=1.0,
+                         attention_weight=0.0, alpha_ce=0.0, alpha_kd=0.0)
+    with pytest.raises(ValueError, match="keep alpha_kd or alpha_ce > 0 in multi-process training"):
+        DistillTrainer(model=student, teacher_model=teacher, args=args)
+
+
+def test_a_projection_from_another_teacher_is_refused_or_dropped(tmp_path):
+    teacher, student = teacher_and_narrow_student()
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, hidden_weight=1.0,
+                         attention_weight=0.0, alpha_kd=0.0)
+    DistillTrainer(model=student, teacher_model=teacher, args=args)  # attaches 16 -> 32
+    wider = tiny_classifier(2, num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=32)
+    with pytest.raises(ValueError, match=r"projection 16 -> 32 from another teacher, but this pair needs 16 -> 48"):
+        DistillTrainer(model=student, teacher_model=wider, args=args)
+    same_width = tiny_classifier(3, num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    trainer = DistillTrainer(model=student, teacher_model=same_width, args=args)
+    assert not hasattr(student, PROJECTION_NAME) and trainer.hidden_transfer.projection is None
+    assert not any(PROJECTION_NAME in name for name, _ in student.named_parameters())

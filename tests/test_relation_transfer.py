@@ -49,7 +49,10 @@ def test_term_equals_recomputation_from_the_projections(tmp_path, tokenizer, kin
     args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, alpha_ce=0.0, alpha_kd=0.0,
                          attention_weight=0.0, relation_weight=3.0, relation_kinds=kinds, relation_heads=2,
                          relation_teacher_layer=2, relation_student_layer=-1)
-    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
+    args.per_device_eval_batch_size = 3
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args,
+                             eval_dataset=uneven_dataset().select([0, 4, 5]),
+                             data_collator=DataCollatorWithPadding(tokenizer))
     batch = dict(DataCollatorWithPadding(tokenizer)([uneven_dataset()[i] for i in (0, 4, 5)]))
     loss = trainer.compute_loss(student, batch)
     with torch.no_grad():
@@ -61,6 +64,8 @@ def test_term_equals_recomputation_from_the_projections(tmp_path, tokenizer, kin
         expected = [_reference_relation_kl(getattr(s_attn, names[k])(s_input), getattr(t_attn, names[k])(t_input), 2,
                                            mask) for k in kinds.split(",")]
     assert loss.item() == pytest.approx(3.0 * sum(expected) / len(expected), rel=1e-4)
+    # evaluation reports the same term, unweighted, as eval_loss_relation
+    assert trainer.evaluate()["eval_loss_relation"] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
 def _update(tmp_path, tokenizer, batch, accumulation, **overrides):
@@ -127,3 +132,16 @@ def test_state_widths_follow_head_dim_and_grouped_query_attention():
     assert state_widths(BertConfig(hidden_size=384, num_attention_heads=12)) == {"qq": 384, "kk": 384, "vv": 384}
     gqa = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=48)
     assert state_widths(gqa) == {"qq": 8 * 48, "kk": 2 * 48, "vv": 2 * 48}
+
+
+def test_relation_states_without_gradient_are_refused(tmp_path, tokenizer):
+    # reentrant checkpointing switched on on the model itself, where DistillConfig cannot see it
+    teacher, student = teacher_and_narrow_student()
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, relation_weight=1.0,
+                         attention_weight=0.0)
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    student.train()
+    batch = dict(DataCollatorWithPadding(tokenizer)([uneven_dataset()[i] for i in (0, 4)]))
+    with pytest.raises(RuntimeError, match="relation_student_layer=1 carry no gradient"):
+        trainer.compute_loss(student, batch)

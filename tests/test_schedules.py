@@ -28,7 +28,8 @@ def test_parse_forms_and_errors():
     assert parse_schedules({"alpha_kd": "constant"})["alpha_kd"][0] == "constant"
     for spec, match in [("layer_map=linear:1", "Cannot schedule"), ("temperature=step:1", "must be one of"),
                         ("temperature=linear", "needs an end value"), ("temperature=linear:0", "end above 0"),
-                        ("alpha_kd=linear:-1", ">= 0")]:
+                        ("alpha_kd=linear:-1", ">= 0"), ("alpha_kd=linear:nan", "finite"),
+                        ("temperature=cosine:inf", "finite"), ("temperature", "items are 'name=kind:end'")]:
         with pytest.raises(ValueError, match=match):
             parse_schedules(spec)
     with pytest.raises(ValueError, match="starts at its configured value 0"):
