@@ -29,8 +29,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def portable_settings(args, root: Path) -> dict:
-    """``asdict(args)`` with paths under ``root``'s parent written relative to ``root``, so committed results hold
-    no machine-specific paths."""
+    """The settings of ``args`` (a dataclass or an ``argparse.Namespace``) with paths under ``root``'s parent
+    written relative to ``root``, so committed results hold no machine-specific paths."""
 
     def portable(value):
         if isinstance(value, list):
@@ -39,7 +39,8 @@ def portable_settings(args, root: Path) -> dict:
             return os.path.relpath(value, root)
         return value
 
-    return {key: portable(value) for key, value in dataclasses.asdict(args).items()}
+    settings = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
+    return {key: portable(value) for key, value in settings.items()}
 
 
 def write_results(stem: Path, result: dict, markdown: Callable[[dict], str]) -> None:

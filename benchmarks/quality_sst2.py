@@ -26,6 +26,7 @@ the defaults take several hours); CUDA is used when present.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ def merge(args: QualityArguments) -> dict:
     parts, runs = read_runs(args.merge_results, "accuracy", args)
     result = summarize(parts[0]["teacher"], runs, args)
     result["machine"] = parts[0]["machine"]
-    result["merged_from"] = [Path(p).name for p in args.merge_results]
+    result["merged_from"] = [os.path.relpath(p, Path(args.results).parent) for p in args.merge_results]
     write_results(Path(args.results), result, markdown)
     print(markdown(result))
     return result

@@ -21,6 +21,7 @@ BLEU and chrF (sacrebleu, lower-cased: the MiniLM vocabulary is uncased) of gree
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -141,7 +142,7 @@ def merge(args: QualityTranslationArguments) -> dict:
     teacher = {"bleu": parts[0]["teacher"], "chrf": parts[0]["teacher_chrf"]}
     result = summarize(teacher, runs, args)
     result["machine"] = parts[0]["machine"]
-    result["merged_from"] = [Path(p).name for p in args.merge_results]
+    result["merged_from"] = [os.path.relpath(p, Path(args.results).parent) for p in args.merge_results]
     write_results(Path(args.results), result, markdown)
     print(markdown(result))
     return result

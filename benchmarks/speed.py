@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.quality_runs import portable_settings  # noqa: E402
 from hf_attn_distill.trainer import LABEL_KEYS  # noqa: E402
 
 MODES = ("L", "P", "D", "N", "T")
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             shown = row.get("error") or f"{row['step_s']:.3f} s/step, peak {row['peak_mb']:.0f} MB"
             print(f"{pair:>18} seq {seq:>4} batch {batch:>3} {mode}: {shown}", flush=True)
-            result = {"machine": machine_info(), "pairs": PAIRS, "settings": vars(args), "rows": rows,
+            result = {"machine": machine_info(), "pairs": PAIRS, "settings": portable_settings(args, ROOT), "rows": rows,
                       "ratios": ratios(rows)}
             stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
             stem.with_suffix(".md").write_text(markdown(result))

@@ -1,6 +1,7 @@
 """Merging benchmark result files (one process per seed, variants added later) gives the statistics of one run
 over all of them, and refuses files that do not belong together."""
 
+import argparse
 import json
 import statistics
 
@@ -86,3 +87,5 @@ def test_portable_settings_hold_no_machine_paths(tmp_path):
     assert settings["work_dir"] == "outputs/quality_sst2" and settings["seeds"] == [1, 2, 3]
     args.merge_results = [str(root / "benchmarks" / "results" / "a.json"), "relative.json"]
     assert portable_settings(args, root)["merge_results"] == ["benchmarks/results/a.json", "relative.json"]
+    namespace = argparse.Namespace(output=str(root / "benchmarks" / "results" / "speed"), steps=5)  # speed.py's args
+    assert portable_settings(namespace, root) == {"output": "benchmarks/results/speed", "steps": 5}
