@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import HfArgumentParser  # noqa: E402
 
+from benchmarks.teacher_training import fingerprint, train_teacher  # noqa: E402
 from benchmarks.quality_runs import check_variants, mean_std, portable_settings, run_students  # noqa: E402
 from hf_attn_distill.profiling import machine_info  # noqa: E402
 from recipes.distill_qa import main as run_recipe  # noqa: E402
@@ -46,19 +47,26 @@ class QualityQAArguments:
     work_dir: str = field(default="outputs/quality_qa", metadata={"help": "Scratch folder for models."})
     results: str = field(default=str(ROOT / "benchmarks" / "results" / "quality_qa"), metadata={"help": "JSON/MD path stem."})
     data_dir: str = field(default=str(ROOT.parent / "shared" / "data" / "squad"), metadata={"help": "SQuAD v1.1 folder."})
-    train_examples: int = field(default=12000, metadata={"help": "First N training questions (teacher and students)."})
-    eval_examples: int = field(default=600, metadata={"help": "First N dev questions scored."})
-    max_seq_length: int = field(default=192, metadata={"help": "Tokens per window."})
-    doc_stride: int = field(default=64, metadata={"help": "Context overlap of consecutive windows."})
-    teacher_steps: int = field(default=600, metadata={"help": "Teacher fine-tuning steps."})
+    train_examples: int = field(default=40000, metadata={"help": "First N training questions (teacher and students)."})
+    eval_examples: int = field(default=2000, metadata={"help": "First N dev questions scored."})
+    max_seq_length: int = field(default=256, metadata={"help": "Tokens per window."})
+    doc_stride: int = field(default=128, metadata={"help": "Context overlap of consecutive windows."})
+    teacher_first_steps: int = field(default=500, metadata={"help": "Steps of the teacher's first round; each "
+                                                                    "further round doubles them."})
+    teacher_max_steps: int = field(default=8000, metadata={"help": "Most steps the teacher gets: the curve stops "
+                                                                   "here if it has not converged."})
+    teacher_warmup_steps: int = field(default=300, metadata={"help": "Teacher warm-up steps (inverse_sqrt after)."})
+    converged_gain: float = field(default=1.0, metadata={"help": "The teacher has converged when its last doubling "
+                                                                 "of steps gained less F1 than this."})
     student_steps: int = field(default=300, metadata={"help": "Steps per student run (same for every variant)."})
     batch_size: int = field(default=16, metadata={"help": "Training batch size (features)."})
-    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Teacher learning rate."})
+    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Teacher peak learning rate."})
     student_learning_rate: float = field(default=1e-4, metadata={"help": "Student learning rate."})
     student_layers: str = field(default="1,3,5", metadata={"help": "Teacher layers that initialise the student."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CPUs with AVX512-BF16, CUDA)."})
+    teacher_only: bool = field(default=False, metadata={"help": "Train (or continue) the teacher, then stop."})
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
-    reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
 
 
 def data_args(args: QualityQAArguments) -> list[str]:
@@ -73,13 +81,40 @@ def data_args(args: QualityQAArguments) -> list[str]:
     ]
 
 
+def run_args(args: QualityQAArguments) -> list[str]:
+    import torch
+
+    bf16 = ["--bf16", "true", "--use_cpu", str(not torch.cuda.is_available())] if args.bf16 else []
+    return ["--per_device_eval_batch_size", "64", "--weight_decay", "0.01", "--logging_steps", "50",
+            "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "true", *bf16]
+
+
 def common_args(args: QualityQAArguments, output_dir: Path, seed: int) -> list[str]:
     return [
-        "--output_dir", str(output_dir), "--per_device_train_batch_size", str(args.batch_size),
-        "--per_device_eval_batch_size", "64", "--warmup_steps", "0.1", "--weight_decay", "0.01",
-        "--logging_steps", "50", "--save_strategy", "no", "--report_to", "none", "--seed", str(seed),
-        "--do_train", "--do_eval", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", str(args.batch_size), "--warmup_steps", "0.1",
+        "--save_strategy", "no", "--seed", str(seed), "--do_train", "--do_eval", *run_args(args),
     ]
+
+
+def teacher_settings(args: QualityQAArguments) -> dict:
+    """What makes one teacher: the keys of its cache folder (with the training file's contents)."""
+    keys = ("train_examples", "eval_examples", "max_seq_length", "doc_stride", "teacher_first_steps",
+            "teacher_warmup_steps", "batch_size", "teacher_learning_rate", "bf16")
+    return {"recipe": "qa-teacher-v1", **{k: getattr(args, k) for k in keys}}
+
+
+def trained_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
+    """The converged (or budget-capped) teacher: its folder and ``{f1, exact_match, teacher_curve, ...}``."""
+    key = fingerprint(teacher_settings(args), [Path(args.data_dir) / "train.json"])
+    teacher_dir, summary = train_teacher(run_recipe, [
+        "--training_mode", "finetune", "--teacher_model_name_or_path", minilm_path(),
+        "--learning_rate", str(args.teacher_learning_rate), "--lr_scheduler_type", "inverse_sqrt",
+        "--warmup_steps", str(args.teacher_warmup_steps), "--per_device_train_batch_size", str(args.batch_size),
+        "--seed", "0", "--do_train", "--do_eval", *data_args(args), *run_args(args),
+    ], work=Path(args.work_dir), key=key, metric="f1", first_steps=args.teacher_first_steps,
+        max_steps=args.teacher_max_steps, save_steps=args.teacher_first_steps // 2, threshold=args.converged_gain)
+    metrics = json.loads((teacher_dir / "eval_results.json").read_text())
+    return teacher_dir, {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"], **summary}
 
 
 def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityQAArguments) -> dict:
@@ -103,14 +138,15 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityQAArgumen
         "eval_set": f"SQuAD v1.1 dev, first {args.eval_examples} questions (shared/data/squad/validation.json)",
         "teacher": teacher["f1"],
         "teacher_em": teacher["exact_match"],
-        "teacher_model": f"all-MiniLM-L6-v2 fine-tuned for QA, {args.teacher_steps} steps on the first "
+        "teacher_model": f"all-MiniLM-L6-v2 fine-tuned for QA, {teacher['teacher_curve'][-1][0]} steps on the first "
         f"{args.train_examples} SQuAD v1.1 training questions",
+        **{k: teacher[k] for k in ("teacher_curve", "teacher_converged", "teacher_curve_note") if k in teacher},
         "student": f"3 layers (init: the fine-tuned teacher's layers {args.student_layers}), 384 hidden, 12 heads",
         "students": students,
         "machine": machine_info(),
         "train_examples": args.train_examples,
         "eval_examples": args.eval_examples,
-        "teacher_steps": args.teacher_steps,
+        "teacher_steps": teacher["teacher_curve"][-1][0],
         "student_steps": args.student_steps,
         "settings": portable_settings(args, ROOT),
     }
@@ -138,17 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(QualityQAArguments).parse_args_into_dataclasses(argv)
     check_variants(args.variants, VARIANTS)
     work = Path(args.work_dir)
-    teacher_dir = work / "teacher"
-    if args.reuse_teacher and (teacher_dir / "eval_results.json").exists():
-        metrics = json.loads((teacher_dir / "eval_results.json").read_text())
-    else:
-        metrics = run_recipe([
-            "--training_mode", "finetune", "--teacher_model_name_or_path", minilm_path(),
-            "--learning_rate", str(args.teacher_learning_rate), "--max_steps", str(args.teacher_steps),
-            *data_args(args), *common_args(args, teacher_dir, 0),
-        ])
-    teacher = {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"]}
-    print(f"teacher F1 {teacher['f1']:.2f} EM {teacher['exact_match']:.2f}", flush=True)
+    teacher_dir, teacher = trained_teacher(args)
+    print(f"teacher F1 {teacher['f1']:.2f} EM {teacher['exact_match']:.2f} ({teacher['teacher_curve_note']})", flush=True)
+    if args.teacher_only:
+        return teacher
 
     def run_one(name: str, seed: int, output_dir: Path) -> dict:
         metrics = run_recipe([

@@ -1,0 +1,117 @@
+"""Teachers trained to a plateau, cached by settings and data, resumable across stops.
+
+A quality benchmark is only as good as its teacher: a teacher still far from trained makes every teacher signal
+pull the students towards a worse model. :func:`train_teacher` trains in rounds whose step counts double
+(``first_steps``, 2x, 4x, ... up to ``max_steps``), evaluates on dev after each round and stops once the last
+doubling gained less than ``threshold`` points. The learning-rate schedule must not depend on the total step
+count (``constant_with_warmup`` or ``inverse_sqrt`` with an absolute ``--warmup_steps``), so a round simply
+continues the previous one from its checkpoint.
+
+Everything survives a stop: the teacher lives in ``work/teacher-<key>`` where ``key`` hashes the settings and
+the training files' contents; each round saves checkpoints every ``save_steps`` and a rerun resumes from the
+last complete one; finished rounds are kept in ``teacher_curve.json`` and not run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+__all__ = ["CURVE_FILE", "fingerprint", "last_checkpoint", "teacher_summary", "train_teacher"]
+
+CURVE_FILE = "teacher_curve.json"
+STEP_INDEPENDENT_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt")
+
+
+def fingerprint(settings: dict, files: Iterable[str | Path]) -> str:
+    """12 hex digits naming ``settings`` (JSON-serialisable) and the contents of ``files``."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in sorted(str(f) for f in files):
+        digest.update(Path(path).name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The ``checkpoint-N`` of ``folder`` with the highest N whose save finished (``trainer_state.json`` readable)."""
+    found = []
+    for path in folder.glob("checkpoint-*"):
+        try:
+            step = int(path.name.split("-")[1])
+            json.loads((path / "trainer_state.json").read_text())
+        except (ValueError, IndexError, OSError, json.JSONDecodeError):
+            continue
+        found.append((step, path))
+    return max(found)[1] if found else None
+
+
+def _curve_state(teacher_dir: Path) -> dict:
+    path = teacher_dir / CURVE_FILE
+    return json.loads(path.read_text()) if path.exists() else {"curve": []}
+
+
+def teacher_summary(state: dict, threshold: float, max_steps: int) -> dict:
+    """``teacher_curve`` / ``teacher_converged`` and a sentence saying what the curve shows."""
+    curve = state["curve"]
+    converged = len(curve) >= 2 and curve[-1][1] - curve[-2][1] < threshold
+    gain = curve[-1][1] - curve[-2][1] if len(curve) >= 2 else None
+    if converged:
+        note = (f"converged: the last doubling ({curve[-2][0]} -> {curve[-1][0]} steps) gained {gain:.2f} "
+                f"(< {threshold})")
+    elif curve and curve[-1][0] * 2 > max_steps:
+        note = (f"NOT converged: the budget ({max_steps} steps) ran out while the last doubling still gained "
+                f"{gain:.2f}" if gain is not None else f"NOT converged: one round only ({curve[-1][0]} steps)")
+    else:
+        note = "in progress: rerun the same command to continue"
+    return {"teacher_curve": curve, "teacher_converged": converged, "teacher_curve_note": note}
+
+
+def train_teacher(run_recipe: Callable[[list[str]], dict], recipe_args: list[str], *, work: Path, key: str,
+                  metric: str, first_steps: int, max_steps: int, save_steps: int, threshold: float = 1.0,
+                  keep_checkpoints: bool = False) -> tuple[Path, dict]:
+    """Train (or continue) the teacher of ``recipe_args`` to a plateau; returns ``(teacher_dir, summary)``.
+
+    ``recipe_args`` are the recipe's flags without ``--output_dir``, ``--max_steps``, the save flags and
+    ``--resume_from_checkpoint``; they must ask for ``--do_eval`` so each round reports ``eval_{metric}``, and
+    for a learning-rate schedule that does not depend on the total step count. When the curve ends the
+    checkpoints are deleted unless ``keep_checkpoints``; the saved model in ``teacher_dir`` is the last round's.
+    """
+    joined = " ".join(recipe_args)
+    if "--lr_scheduler_type" not in recipe_args or not any(s in joined for s in STEP_INDEPENDENT_SCHEDULES):
+        raise ValueError(f"Teacher rounds resume with a larger --max_steps: use --lr_scheduler_type one of "
+                         f"{STEP_INDEPENDENT_SCHEDULES} (with an absolute --warmup_steps).")
+    if save_steps <= 0 or first_steps % save_steps:
+        raise ValueError(f"save_steps={save_steps} must divide first_steps={first_steps}.")
+    teacher_dir = work / f"teacher-{key}"
+    teacher_dir.mkdir(parents=True, exist_ok=True)
+    state = _curve_state(teacher_dir)
+    steps = first_steps
+    while True:
+        done = {s for s, _ in state["curve"]}
+        if steps not in done:
+            checkpoint = last_checkpoint(teacher_dir)
+            resume = ["--resume_from_checkpoint", str(checkpoint)] if checkpoint is not None else []
+            metrics = run_recipe([
+                *recipe_args, "--output_dir", str(teacher_dir), "--max_steps", str(steps),
+                "--save_strategy", "steps", "--save_steps", str(save_steps), "--save_total_limit", "2", *resume,
+            ])
+            state["curve"].append([steps, metrics[f"eval_{metric}"]])
+            state["curve"].sort()
+            (teacher_dir / CURVE_FILE).write_text(json.dumps(state, indent=2))
+            print(f"teacher after {steps} steps: {metric} {metrics[f'eval_{metric}']:.2f}", flush=True)
+        summary = teacher_summary(state, threshold, max_steps)
+        if summary["teacher_converged"] or steps * 2 > max_steps:
+            break
+        steps *= 2
+    last = last_checkpoint(teacher_dir)
+    for path in teacher_dir.glob("checkpoint-*"):  # an unconverged curve keeps its last one, to be continued
+        if not keep_checkpoints and (summary["teacher_converged"] or path != last):
+            shutil.rmtree(path, ignore_errors=True)
+    state.update(summary)
+    (teacher_dir / CURVE_FILE).write_text(json.dumps(state, indent=2))
+    return teacher_dir, summary
