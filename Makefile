@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all bench-quality bench-speed
+.PHONY: install lint demo test test-all bench-quality bench-speed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU wheel first, so nothing below pulls the CUDA build
@@ -16,16 +16,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python recipes/sst2_demo.py
+	$(BIN)/python -m hf_attn_distill.recipes.sst2_demo
 
-test: install
+lint: install
+	$(BIN)/ruff check hf_attn_distill tests benchmarks docs
+	$(BIN)/ruff format --check hf_attn_distill tests benchmarks docs
+
+test: install lint
 	$(BIN)/python -m pytest -m "not very_slow"
 
 test-all: install
 	$(BIN)/python -m pytest
 
 bench-quality: install
-	$(BIN)/python benchmarks/quality_sst2.py
+	$(BIN)/python -m benchmarks.quality_sst2
 
 bench-speed: install
-	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python -m benchmarks.speed

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
+from benchmarks.quality_runs import check_variants, mean_std, portable_settings, run_students
+from benchmarks.teacher_training import fingerprint, train_teacher
+from hf_attn_distill.profiling import machine_info
+from hf_attn_distill.recipes.distill_qa import main as run_recipe
+from hf_attn_distill.recipes.sst2_demo import minilm_path
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from transformers import HfArgumentParser  # noqa: E402
-
-from benchmarks.teacher_training import fingerprint, train_teacher  # noqa: E402
-from benchmarks.quality_runs import check_variants, mean_std, portable_settings, run_students  # noqa: E402
-from hf_attn_distill.profiling import machine_info  # noqa: E402
-from recipes.distill_qa import main as run_recipe  # noqa: E402
-from recipes.sst2_demo import minilm_path  # noqa: E402
 
 VARIANTS = {
     "finetune": ["--training_mode", "finetune"],
@@ -45,19 +43,27 @@ class QualityQAArguments:
     """Budget and output of the QA quality benchmark."""
 
     work_dir: str = field(default="outputs/quality_qa", metadata={"help": "Scratch folder for models."})
-    results: str = field(default=str(ROOT / "benchmarks" / "results" / "quality_qa"), metadata={"help": "JSON/MD path stem."})
-    data_dir: str = field(default=str(ROOT.parent / "shared" / "data" / "squad"), metadata={"help": "SQuAD v1.1 folder."})
+    results: str = field(
+        default=str(ROOT / "benchmarks" / "results" / "quality_qa"), metadata={"help": "JSON/MD path stem."}
+    )
+    data_dir: str = field(
+        default=str(ROOT.parent / "shared" / "data" / "squad"), metadata={"help": "SQuAD v1.1 folder."}
+    )
     train_examples: int = field(default=40000, metadata={"help": "First N training questions (teacher and students)."})
     eval_examples: int = field(default=2000, metadata={"help": "First N dev questions scored."})
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per window."})
     doc_stride: int = field(default=128, metadata={"help": "Context overlap of consecutive windows."})
-    teacher_first_steps: int = field(default=500, metadata={"help": "Steps of the teacher's first round; each "
-                                                                    "further round doubles them."})
-    teacher_max_steps: int = field(default=8000, metadata={"help": "Most steps the teacher gets: the curve stops "
-                                                                   "here if it has not converged."})
+    teacher_first_steps: int = field(
+        default=500, metadata={"help": "Steps of the teacher's first round; each further round doubles them."}
+    )
+    teacher_max_steps: int = field(
+        default=8000, metadata={"help": "Most steps the teacher gets: the curve stops here if it has not converged."}
+    )
     teacher_warmup_steps: int = field(default=300, metadata={"help": "Teacher warm-up steps (inverse_sqrt after)."})
-    converged_gain: float = field(default=1.0, metadata={"help": "The teacher has converged when its last doubling "
-                                                                 "of steps gained less F1 than this."})
+    converged_gain: float = field(
+        default=1.0,
+        metadata={"help": "The teacher has converged when its last doubling of steps gained less F1 than this."},
+    )
     student_steps: int = field(default=300, metadata={"help": "Steps per student run (same for every variant)."})
     batch_size: int = field(default=16, metadata={"help": "Training batch size (features)."})
     teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Teacher peak learning rate."})
@@ -75,9 +81,18 @@ def data_args(args: QualityQAArguments) -> list[str]:
         if not (data / name).exists():
             raise SystemExit(f"{data / name} is missing: point --data_dir at the squad folder of shared/data.")
     return [
-        "--train_file", str(data / "train.json"), "--validation_file", str(data / "validation.json"),
-        "--max_train_samples", str(args.train_examples), "--max_eval_samples", str(args.eval_examples),
-        "--max_seq_length", str(args.max_seq_length), "--doc_stride", str(args.doc_stride),
+        "--train_file",
+        str(data / "train.json"),
+        "--validation_file",
+        str(data / "validation.json"),
+        "--max_train_samples",
+        str(args.train_examples),
+        "--max_eval_samples",
+        str(args.eval_examples),
+        "--max_seq_length",
+        str(args.max_seq_length),
+        "--doc_stride",
+        str(args.doc_stride),
     ]
 
 
@@ -85,34 +100,90 @@ def run_args(args: QualityQAArguments) -> list[str]:
     import torch
 
     bf16 = ["--bf16", "true", "--use_cpu", str(not torch.cuda.is_available())] if args.bf16 else []
-    return ["--per_device_eval_batch_size", "64", "--weight_decay", "0.01", "--logging_steps", "50",
-            "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "true", *bf16]
+    return [
+        "--per_device_eval_batch_size",
+        "64",
+        "--weight_decay",
+        "0.01",
+        "--logging_steps",
+        "50",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "true",
+        *bf16,
+    ]
 
 
 def common_args(args: QualityQAArguments, output_dir: Path, seed: int) -> list[str]:
     return [
-        "--output_dir", str(output_dir), "--per_device_train_batch_size", str(args.batch_size), "--warmup_steps", "0.1",
-        "--save_strategy", "no", "--seed", str(seed), "--do_train", "--do_eval", *run_args(args),
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--warmup_steps",
+        "0.1",
+        "--save_strategy",
+        "no",
+        "--seed",
+        str(seed),
+        "--do_train",
+        "--do_eval",
+        *run_args(args),
     ]
 
 
 def teacher_settings(args: QualityQAArguments) -> dict:
     """What makes one teacher: the keys of its cache folder (with the training file's contents)."""
-    keys = ("train_examples", "eval_examples", "max_seq_length", "doc_stride", "teacher_first_steps",
-            "teacher_warmup_steps", "batch_size", "teacher_learning_rate", "bf16")
+    keys = (
+        "train_examples",
+        "eval_examples",
+        "max_seq_length",
+        "doc_stride",
+        "teacher_first_steps",
+        "teacher_warmup_steps",
+        "batch_size",
+        "teacher_learning_rate",
+        "bf16",
+    )
     return {"recipe": "qa-teacher-v1", **{k: getattr(args, k) for k in keys}}
 
 
 def trained_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
     """The converged (or budget-capped) teacher: its folder and ``{f1, exact_match, teacher_curve, ...}``."""
     key = fingerprint(teacher_settings(args), [Path(args.data_dir) / "train.json"])
-    teacher_dir, summary = train_teacher(run_recipe, [
-        "--training_mode", "finetune", "--teacher_model_name_or_path", minilm_path(),
-        "--learning_rate", str(args.teacher_learning_rate), "--lr_scheduler_type", "inverse_sqrt",
-        "--warmup_steps", str(args.teacher_warmup_steps), "--per_device_train_batch_size", str(args.batch_size),
-        "--seed", "0", "--do_train", "--do_eval", *data_args(args), *run_args(args),
-    ], work=Path(args.work_dir), key=key, metric="f1", first_steps=args.teacher_first_steps,
-        max_steps=args.teacher_max_steps, save_steps=args.teacher_first_steps // 2, threshold=args.converged_gain)
+    teacher_dir, summary = train_teacher(
+        run_recipe,
+        [
+            "--training_mode",
+            "finetune",
+            "--teacher_model_name_or_path",
+            minilm_path(),
+            "--learning_rate",
+            str(args.teacher_learning_rate),
+            "--lr_scheduler_type",
+            "inverse_sqrt",
+            "--warmup_steps",
+            str(args.teacher_warmup_steps),
+            "--per_device_train_batch_size",
+            str(args.batch_size),
+            "--seed",
+            "0",
+            "--do_train",
+            "--do_eval",
+            *data_args(args),
+            *run_args(args),
+        ],
+        work=Path(args.work_dir),
+        key=key,
+        metric="f1",
+        first_steps=args.teacher_first_steps,
+        max_steps=args.teacher_max_steps,
+        save_steps=args.teacher_first_steps // 2,
+        threshold=args.converged_gain,
+    )
     metrics = json.loads((teacher_dir / "eval_results.json").read_text())
     return teacher_dir, {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"], **summary}
 
@@ -175,21 +246,49 @@ def main(argv: list[str] | None = None) -> dict:
     check_variants(args.variants, VARIANTS)
     work = Path(args.work_dir)
     teacher_dir, teacher = trained_teacher(args)
-    print(f"teacher F1 {teacher['f1']:.2f} EM {teacher['exact_match']:.2f} ({teacher['teacher_curve_note']})", flush=True)
+    print(
+        f"teacher F1 {teacher['f1']:.2f} EM {teacher['exact_match']:.2f} ({teacher['teacher_curve_note']})", flush=True
+    )
     if args.teacher_only:
         return teacher
 
     def run_one(name: str, seed: int, output_dir: Path) -> dict:
-        metrics = run_recipe([
-            "--training_mode", "distill", "--teacher_model_name_or_path", str(teacher_dir),
-            "--student_teacher_layers", args.student_layers, "--learning_rate", str(args.student_learning_rate),
-            "--max_steps", str(args.student_steps), "--temperature", "2.0", "--alpha_ce", "0.5", "--alpha_kd", "0.5",
-            "--evaluate_teacher", "false", *data_args(args), *common_args(args, output_dir, seed), *VARIANTS[name],
-        ])
+        metrics = run_recipe(
+            [
+                "--training_mode",
+                "distill",
+                "--teacher_model_name_or_path",
+                str(teacher_dir),
+                "--student_teacher_layers",
+                args.student_layers,
+                "--learning_rate",
+                str(args.student_learning_rate),
+                "--max_steps",
+                str(args.student_steps),
+                "--temperature",
+                "2.0",
+                "--alpha_ce",
+                "0.5",
+                "--alpha_kd",
+                "0.5",
+                "--evaluate_teacher",
+                "false",
+                *data_args(args),
+                *common_args(args, output_dir, seed),
+                *VARIANTS[name],
+            ]
+        )
         return {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"]}
 
-    return run_students(args.variants, args.seeds, work, run_one, lambda runs: summarize(teacher, runs, args),
-                        Path(args.results), markdown)
+    return run_students(
+        args.variants,
+        args.seeds,
+        work,
+        run_one,
+        lambda runs: summarize(teacher, runs, args),
+        Path(args.results),
+        markdown,
+    )
 
 
 if __name__ == "__main__":

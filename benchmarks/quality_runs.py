@@ -13,7 +13,15 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["RUN_SELECTION", "check_variants", "mean_std", "portable_settings", "read_runs", "run_students", "write_results"]
+__all__ = [
+    "RUN_SELECTION",
+    "check_variants",
+    "mean_std",
+    "portable_settings",
+    "read_runs",
+    "run_students",
+    "write_results",
+]
 
 
 def check_variants(asked: Iterable[str], known: Iterable[str]) -> None:
@@ -50,9 +58,15 @@ def write_results(stem: Path, result: dict, markdown: Callable[[dict], str]) -> 
     stem.with_suffix(".md").write_text(markdown(result))
 
 
-def run_students(variants: list[str], seeds: list[int], work: Path, run_one: Callable[[str, int, Path], dict],
-                 summarize: Callable[[dict[str, list[dict]]], dict], stem: Path,
-                 markdown: Callable[[dict], str]) -> dict:
+def run_students(
+    variants: list[str],
+    seeds: list[int],
+    work: Path,
+    run_one: Callable[[str, int, Path], dict],
+    summarize: Callable[[dict[str, list[dict]]], dict],
+    stem: Path,
+    markdown: Callable[[dict], str],
+) -> dict:
     """Run ``run_one(variant, seed, output_dir) -> metrics`` for every seed (outer loop: every variant gets a run
     before any gets its second) and variant; after each run record its wall time, delete its folder and
     rewrite the results. Returns the last summary."""
@@ -78,8 +92,9 @@ def run_students(variants: list[str], seeds: list[int], work: Path, run_one: Cal
 RUN_SELECTION = ("seeds", "variants", "results", "work_dir", "data_dir", "reuse_teacher", "merge_results")
 
 
-def read_runs(paths: list[str], metric: str, args, mean_keys: tuple[str, ...] = ()
-              ) -> tuple[list[dict], dict[str, list[dict]]]:
+def read_runs(
+    paths: list[str], metric: str, args, mean_keys: tuple[str, ...] = ()
+) -> tuple[list[dict], dict[str, list[dict]]]:
     """Result files of one benchmark setup back as ``(parts, runs)``; ``runs`` maps each variant to one record
     per seed, ``{"seed", metric, "wall_s", *mean_keys}``, sorted by seed.
 
@@ -93,12 +108,15 @@ def read_runs(paths: list[str], metric: str, args, mean_keys: tuple[str, ...] = 
 
     def setup(part: dict) -> str:
         settings = {k: v for k, v in part["settings"].items() if k not in RUN_SELECTION}
-        return json.dumps([part["teacher"], part["student"], part["eval_set"], part["machine"], settings],
-                          sort_keys=True)
+        return json.dumps(
+            [part["teacher"], part["student"], part["eval_set"], part["machine"], settings], sort_keys=True
+        )
 
     if len({setup(p) for p in parts}) != 1:
-        raise SystemExit("The result files come from different teachers, students, eval sets, machines or settings; "
-                         "they cannot be merged.")
+        raise SystemExit(
+            "The result files come from different teachers, students, eval sets, machines or settings; "
+            "they cannot be merged."
+        )
     for key, value in parts[0]["settings"].items():
         if key not in RUN_SELECTION:
             setattr(args, key, value)
@@ -108,7 +126,9 @@ def read_runs(paths: list[str], metric: str, args, mean_keys: tuple[str, ...] = 
             have = {r["seed"] for r in runs.get(name, [])}
             for seed, value in zip(s["seeds"], s["runs"]):
                 if seed in have:
-                    raise SystemExit(f"{name} seed {seed} is in more than one file (again in {path}); merge each run once.")
+                    raise SystemExit(
+                        f"{name} seed {seed} is in more than one file (again in {path}); merge each run once."
+                    )
                 runs.setdefault(name, []).append(
                     {"seed": seed, metric: value, "wall_s": s["wall_s_mean"], **{k: s[k] for k in mean_keys}}
                 )

@@ -28,19 +28,17 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
+from benchmarks.quality_runs import check_variants, mean_std, portable_settings, read_runs, run_students, write_results
+from hf_attn_distill.profiling import machine_info
+from hf_attn_distill.recipes.distill_classification import main as run_recipe
+from hf_attn_distill.recipes.sst2_demo import DemoArguments, student_recipe_args, teacher_recipe_args
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from transformers import HfArgumentParser  # noqa: E402
-
-from benchmarks.quality_runs import check_variants, mean_std, portable_settings, read_runs, run_students, write_results  # noqa: E402
-from hf_attn_distill.profiling import machine_info  # noqa: E402
-from recipes.distill_classification import main as run_recipe  # noqa: E402
-from recipes.sst2_demo import DemoArguments, student_recipe_args, teacher_recipe_args  # noqa: E402
 
 VARIANTS = {
     "finetune": ["--training_mode", "finetune"],
@@ -60,8 +58,14 @@ VARIANTS = {
     # MiniLMv2 settings for the narrow student: 16 relation heads (24 / 16 wide), the relation weight decayed to 0
     # over training (structure first, task last), an upper-middle teacher layer
     "small_minilmv2_h16": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_heads", "16"],
-    "small_minilmv2_decay": ["--attention_weight", "0", "--relation_weight", "1.0",
-                             "--schedules", "relation_weight=cosine:0.0"],
+    "small_minilmv2_decay": [
+        "--attention_weight",
+        "0",
+        "--relation_weight",
+        "1.0",
+        "--schedules",
+        "relation_weight=cosine:0.0",
+    ],
     "small_minilmv2_mid": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_teacher_layer", "3"],
     # TinyBERT's hidden-state MSE also serves the narrow student, through the learned 256 -> 384 projection
     "small_kd_hidden": ["--attention_weight", "0", "--hidden_weight", "1.0", "--hidden_loss", "mse"],
@@ -77,7 +81,9 @@ class QualityArguments:
     """Budget and output of the quality benchmark."""
 
     work_dir: str = field(default="outputs/quality_sst2", metadata={"help": "Scratch folder for models."})
-    results: str = field(default=str(ROOT / "benchmarks" / "results" / "quality_sst2"), metadata={"help": "JSON/MD path stem."})
+    results: str = field(
+        default=str(ROOT / "benchmarks" / "results" / "quality_sst2"), metadata={"help": "JSON/MD path stem."}
+    )
     data_dir: str = field(default=DemoArguments.data_dir, metadata={"help": "SST-2 folder."})
     teacher_steps: int = field(default=1000, metadata={"help": "Teacher fine-tuning steps."})
     student_steps: int = field(default=500, metadata={"help": "Steps per student run (same for every variant)."})
@@ -91,8 +97,10 @@ class QualityArguments:
     reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
     merge_results: list[str] = field(
         default_factory=list,
-        metadata={"help": "Instead of training: combine result JSONs of runs with the same teacher and budget that "
-                  "covered different seeds or variants (e.g. one process per seed); each variant and seed once."},
+        metadata={
+            "help": "Instead of training: combine result JSONs of runs with the same teacher and budget that "
+            "covered different seeds or variants (e.g. one process per seed); each variant and seed once."
+        },
     )
 
 
@@ -160,15 +168,17 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir)
     teacher_dir = work / "teacher"
     demo = DemoArguments(
-        output_dir=str(work), data_dir=args.data_dir, teacher_steps=args.teacher_steps,
-        student_steps=args.student_steps, batch_size=args.batch_size,
+        output_dir=str(work),
+        data_dir=args.data_dir,
+        teacher_steps=args.teacher_steps,
+        student_steps=args.student_steps,
+        batch_size=args.batch_size,
     )
     if args.reuse_teacher and (teacher_dir / "all_results.json").exists():
         teacher_acc = json.loads((teacher_dir / "all_results.json").read_text())["test_accuracy"]
     else:
         teacher_acc = run_recipe(teacher_recipe_args(demo, teacher_dir))["test_accuracy"]
     print(f"teacher accuracy {teacher_acc:.4f}")
-
 
     def run_one(name: str, seed: int, output_dir: Path) -> dict:
         demo.seed = seed
@@ -182,11 +192,18 @@ def main(argv: list[str] | None = None) -> dict:
         recipe_args = student_recipe_args(demo, teacher_dir, output_dir) + ["--evaluate_teacher", "false"] + extra
         if name.startswith("small_"):
             start = recipe_args.index("--student_teacher_layers")
-            recipe_args[start:start + 4] = ["--student_config_overrides", SMALL_STUDENT]
+            recipe_args[start : start + 4] = ["--student_config_overrides", SMALL_STUDENT]
         return {"accuracy": run_recipe(recipe_args)["test_accuracy"]}
 
-    return run_students(args.variants, args.seeds, work, run_one, lambda runs: summarize(teacher_acc, runs, args),
-                        Path(args.results), markdown)
+    return run_students(
+        args.variants,
+        args.seeds,
+        work,
+        run_one,
+        lambda runs: summarize(teacher_acc, runs, args),
+        Path(args.results),
+        markdown,
+    )
 
 
 if __name__ == "__main__":

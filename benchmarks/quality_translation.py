@@ -23,20 +23,18 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
+from benchmarks.quality_runs import check_variants, mean_std, portable_settings, read_runs, run_students, write_results
+from benchmarks.teacher_training import fingerprint, train_teacher
+from hf_attn_distill.profiling import machine_info
+from hf_attn_distill.recipes.distill_translation import main as run_recipe
+from hf_attn_distill.recipes.sst2_demo import minilm_path
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from transformers import HfArgumentParser  # noqa: E402
-
-from benchmarks.teacher_training import fingerprint, train_teacher  # noqa: E402
-from benchmarks.quality_runs import check_variants, mean_std, portable_settings, read_runs, run_students, write_results  # noqa: E402
-from hf_attn_distill.profiling import machine_info  # noqa: E402
-from recipes.distill_translation import main as run_recipe  # noqa: E402
-from recipes.sst2_demo import minilm_path  # noqa: E402
 
 SITES_ALL = ["--layer_map", "uniform", "--decoder_layer_map", "uniform", "--cross_layer_map", "uniform"]
 VARIANTS = {
@@ -53,31 +51,43 @@ class QualityTranslationArguments:
     """Budget and output of the translation quality benchmark."""
 
     work_dir: str = field(default="outputs/quality_translation", metadata={"help": "Scratch folder for models."})
-    results: str = field(default=str(ROOT / "benchmarks" / "results" / "quality_translation"),
-                         metadata={"help": "JSON/MD path stem."})
-    data_dir: str = field(default=str(ROOT.parent / "shared" / "data" / "multi30k"), metadata={"help": "Multi30k folder."})
+    results: str = field(
+        default=str(ROOT / "benchmarks" / "results" / "quality_translation"), metadata={"help": "JSON/MD path stem."}
+    )
+    data_dir: str = field(
+        default=str(ROOT.parent / "shared" / "data" / "multi30k"), metadata={"help": "Multi30k folder."}
+    )
     teacher_train_examples: int = field(default=29000, metadata={"help": "First N training pairs of the teacher."})
-    train_examples: int = field(default=29000, metadata={"help": "First N training pairs of every student (and of "
-                                                             "the teacher's translations for seq_kd)."})
+    train_examples: int = field(
+        default=29000,
+        metadata={"help": "First N training pairs of every student (and of the teacher's translations for seq_kd)."},
+    )
     val_examples: int = field(default=1014, metadata={"help": "First N val pairs: the teacher's curve, weight tuning."})
     test_examples: int = field(default=1000, metadata={"help": "First N test_2016_flickr pairs scored."})
-    teacher_first_steps: int = field(default=500, metadata={"help": "Steps of the teacher's first round; each "
-                                                                    "further round doubles them."})
-    teacher_max_steps: int = field(default=16000, metadata={"help": "Most steps the teacher gets: the curve stops "
-                                                                    "here if it has not converged."})
+    teacher_first_steps: int = field(
+        default=500, metadata={"help": "Steps of the teacher's first round; each further round doubles them."}
+    )
+    teacher_max_steps: int = field(
+        default=16000, metadata={"help": "Most steps the teacher gets: the curve stops here if it has not converged."}
+    )
     teacher_warmup_steps: int = field(default=500, metadata={"help": "Teacher warm-up steps (inverse_sqrt after)."})
-    converged_gain: float = field(default=1.0, metadata={"help": "The teacher has converged when its last doubling "
-                                                                 "of steps gained less BLEU than this."})
+    converged_gain: float = field(
+        default=1.0,
+        metadata={"help": "The teacher has converged when its last doubling of steps gained less BLEU than this."},
+    )
     student_steps: int = field(default=250, metadata={"help": "Steps per student run (same for every variant)."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size (sentence pairs)."})
     teacher_learning_rate: float = field(default=1.5e-4, metadata={"help": "Teacher peak learning rate."})
     student_learning_rate: float = field(default=2e-4, metadata={"help": "Student learning rate."})
     encoder_layers: str = field(default="1,3,5", metadata={"help": "Teacher encoder layers kept by the student."})
     decoder_layers: str = field(default="1,3,5", metadata={"help": "Teacher decoder layers kept by the student."})
-    max_source_length: int = field(default=64, metadata={"help": "Source tokens (99.9% of Multi30k's German "
-                                                                 "sentences fit 65 MiniLM tokens; 5% exceed 40)."})
-    max_length: int = field(default=48, metadata={"help": "Target tokens and generation length (every English "
-                                                          "sentence fits)."})
+    max_source_length: int = field(
+        default=64,
+        metadata={"help": "Source tokens (99.9% of Multi30k's German sentences fit 65 MiniLM tokens; 5% exceed 40)."},
+    )
+    max_length: int = field(
+        default=48, metadata={"help": "Target tokens and generation length (every English sentence fits)."}
+    )
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CPUs with AVX512-BF16, CUDA)."})
     sequence_kd_num_beams: int = field(default=4, metadata={"help": "Beams of the teacher's seq_kd translations."})
     seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Student seeds."})
@@ -85,20 +95,47 @@ class QualityTranslationArguments:
     teacher_only: bool = field(default=False, metadata={"help": "Train (or continue) the teacher, then stop."})
     merge_results: list[str] = field(
         default_factory=list,
-        metadata={"help": "Instead of training: combine result JSONs of runs with the same teacher and budget that "
-                  "covered different seeds or variants (e.g. one process per seed); each variant and seed once."},
+        metadata={
+            "help": "Instead of training: combine result JSONs of runs with the same teacher and budget that "
+            "covered different seeds or variants (e.g. one process per seed); each variant and seed once."
+        },
     )
 
 
 def data_args(args: QualityTranslationArguments, train_examples: int) -> list[str]:
     return [
-        "--data_dir", args.data_dir, "--source_lang", "de", "--target_lang", "en", "--evaluate_teacher", "false",
-        "--max_train_samples", str(train_examples), "--max_eval_samples", str(args.val_examples),
-        "--max_predict_samples", str(args.test_examples),
-        "--max_source_length", str(args.max_source_length), "--max_target_length", str(args.max_length),
-        "--per_device_eval_batch_size", "64", "--predict_with_generate", "--generation_max_length", str(args.max_length),
-        "--generation_num_beams", "1", "--report_to", "none", "--dataloader_num_workers", "0",
-        "--disable_tqdm", "true", *(["--bf16", "true", "--use_cpu", str(not _cuda())] if args.bf16 else []),
+        "--data_dir",
+        args.data_dir,
+        "--source_lang",
+        "de",
+        "--target_lang",
+        "en",
+        "--evaluate_teacher",
+        "false",
+        "--max_train_samples",
+        str(train_examples),
+        "--max_eval_samples",
+        str(args.val_examples),
+        "--max_predict_samples",
+        str(args.test_examples),
+        "--max_source_length",
+        str(args.max_source_length),
+        "--max_target_length",
+        str(args.max_length),
+        "--per_device_eval_batch_size",
+        "64",
+        "--predict_with_generate",
+        "--generation_max_length",
+        str(args.max_length),
+        "--generation_num_beams",
+        "1",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "true",
+        *(["--bf16", "true", "--use_cpu", str(not _cuda())] if args.bf16 else []),
     ]
 
 
@@ -110,16 +147,39 @@ def _cuda() -> bool:
 
 def common_args(args: QualityTranslationArguments, output_dir: Path, seed: int, train_examples: int) -> list[str]:
     return [
-        *data_args(args, train_examples), "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", str(args.batch_size), "--warmup_steps", "0.06", "--weight_decay", "0.01",
-        "--logging_steps", "50", "--save_strategy", "no", "--seed", str(seed), "--do_train", "--do_predict",
+        *data_args(args, train_examples),
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--warmup_steps",
+        "0.06",
+        "--weight_decay",
+        "0.01",
+        "--logging_steps",
+        "50",
+        "--save_strategy",
+        "no",
+        "--seed",
+        str(seed),
+        "--do_train",
+        "--do_predict",
     ]
 
 
 def teacher_settings(args: QualityTranslationArguments) -> dict:
     """What makes one teacher: the keys of its cache folder (with the training data's contents)."""
-    keys = ("teacher_train_examples", "val_examples", "teacher_first_steps", "teacher_warmup_steps", "batch_size",
-            "teacher_learning_rate", "max_source_length", "max_length", "bf16")
+    keys = (
+        "teacher_train_examples",
+        "val_examples",
+        "teacher_first_steps",
+        "teacher_warmup_steps",
+        "batch_size",
+        "teacher_learning_rate",
+        "max_source_length",
+        "max_length",
+        "bf16",
+    )
     return {"recipe": "translation-teacher-v1", **{k: getattr(args, k) for k in keys}}
 
 
@@ -127,18 +187,54 @@ def trained_teacher(args: QualityTranslationArguments) -> tuple[Path, dict]:
     """The converged (or budget-capped) teacher: its folder and ``{bleu, chrf, teacher_curve, ...}`` on test."""
     files = [Path(args.data_dir) / f"train.{lang}" for lang in ("de", "en")]
     key = fingerprint(teacher_settings(args), files)
-    teacher_dir, summary = train_teacher(run_recipe, [
-        "--training_mode", "finetune", "--teacher_model_name_or_path", minilm_path(), "--build_encoder_decoder",
-        "--learning_rate", str(args.teacher_learning_rate), "--lr_scheduler_type", "inverse_sqrt",
-        "--warmup_steps", str(args.teacher_warmup_steps), "--weight_decay", "0.01", "--logging_steps", "50",
-        "--per_device_train_batch_size", str(args.batch_size), "--seed", "0", "--do_train", "--do_eval",
-        *data_args(args, args.teacher_train_examples),
-    ], work=Path(args.work_dir), key=key, metric="bleu", first_steps=args.teacher_first_steps,
-        max_steps=args.teacher_max_steps, save_steps=args.teacher_first_steps // 2, threshold=args.converged_gain)
+    teacher_dir, summary = train_teacher(
+        run_recipe,
+        [
+            "--training_mode",
+            "finetune",
+            "--teacher_model_name_or_path",
+            minilm_path(),
+            "--build_encoder_decoder",
+            "--learning_rate",
+            str(args.teacher_learning_rate),
+            "--lr_scheduler_type",
+            "inverse_sqrt",
+            "--warmup_steps",
+            str(args.teacher_warmup_steps),
+            "--weight_decay",
+            "0.01",
+            "--logging_steps",
+            "50",
+            "--per_device_train_batch_size",
+            str(args.batch_size),
+            "--seed",
+            "0",
+            "--do_train",
+            "--do_eval",
+            *data_args(args, args.teacher_train_examples),
+        ],
+        work=Path(args.work_dir),
+        key=key,
+        metric="bleu",
+        first_steps=args.teacher_first_steps,
+        max_steps=args.teacher_max_steps,
+        save_steps=args.teacher_first_steps // 2,
+        threshold=args.converged_gain,
+    )
     test_dir = teacher_dir / "test_eval"
     if not (test_dir / "test_results.json").exists():
-        run_recipe(["--training_mode", "finetune", "--teacher_model_name_or_path", str(teacher_dir),
-                    "--output_dir", str(test_dir), "--do_predict", *data_args(args, args.teacher_train_examples)])
+        run_recipe(
+            [
+                "--training_mode",
+                "finetune",
+                "--teacher_model_name_or_path",
+                str(teacher_dir),
+                "--output_dir",
+                str(test_dir),
+                "--do_predict",
+                *data_args(args, args.teacher_train_examples),
+            ]
+        )
     metrics = json.loads((test_dir / "test_results.json").read_text())
     return teacher_dir, {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"], **summary}
 
@@ -149,8 +245,12 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
         bleus = [r["bleu"] for r in items]
         mean, std = mean_std(bleus)
         students[name] = {
-            "mean": mean, "std": std, "runs": bleus, "chrf_mean": statistics.fmean(r["chrf"] for r in items),
-            "seeds": [r["seed"] for r in items], "retention": mean / teacher["bleu"] if teacher["bleu"] else None,
+            "mean": mean,
+            "std": std,
+            "runs": bleus,
+            "chrf_mean": statistics.fmean(r["chrf"] for r in items),
+            "seeds": [r["seed"] for r in items],
+            "retention": mean / teacher["bleu"] if teacher["bleu"] else None,
             "wall_s_mean": statistics.fmean(r["wall_s"] for r in items),
         }
     return {
@@ -161,11 +261,11 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
         "teacher": teacher["bleu"],
         "teacher_chrf": teacher["chrf"],
         "teacher_model": f"EncoderDecoderModel from all-MiniLM-L6-v2 (6+6 layers), "
-                         f"{teacher['teacher_curve'][-1][0] if teacher.get('teacher_curve') else '?'} steps on "
-                         f"the first {args.teacher_train_examples} training pairs",
+        f"{teacher['teacher_curve'][-1][0] if teacher.get('teacher_curve') else '?'} steps on "
+        f"the first {args.teacher_train_examples} training pairs",
         **{k: teacher[k] for k in ("teacher_curve", "teacher_converged", "teacher_curve_note") if k in teacher},
         "student": f"3+3 layers (encoder {args.encoder_layers}, decoder {args.decoder_layers} of the teacher), "
-                   f"{args.student_steps} steps of {args.batch_size} on the first {args.train_examples} pairs",
+        f"{args.student_steps} steps of {args.batch_size} on the first {args.train_examples} pairs",
         "students": students,
         "machine": machine_info(),
         "settings": portable_settings(args, ROOT),
@@ -173,16 +273,23 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Teacher: BLEU {result['teacher']:.2f}, chrF {result['teacher_chrf']:.2f} ({result['casing']})  ",
-             f"Teacher model: {result['teacher_model']}  ", f"Students: {result['student']}  ",
-             f"Eval set: {result['eval_set']}  ", f"Machine: {result['machine']}", "",
-             "| student variant | BLEU mean | std | BLEU runs | chrF mean | retention | wall time / run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Teacher: BLEU {result['teacher']:.2f}, chrF {result['teacher_chrf']:.2f} ({result['casing']})  ",
+        f"Teacher model: {result['teacher_model']}  ",
+        f"Students: {result['student']}  ",
+        f"Eval set: {result['eval_set']}  ",
+        f"Machine: {result['machine']}",
+        "",
+        "| student variant | BLEU mean | std | BLEU runs | chrF mean | retention | wall time / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in result["students"].items():
         runs = ", ".join(f"{b:.2f}" for b in s["runs"])
         retention = "-" if s["retention"] is None else f"{s['retention'] * 100:.1f}%"
-        lines.append(f"| {name} | {s['mean']:.2f} | {s['std']:.2f} | {runs} | {s['chrf_mean']:.2f} | {retention} | "
-                     f"{s['wall_s_mean']:.0f} s |")
+        lines.append(
+            f"| {name} | {s['mean']:.2f} | {s['std']:.2f} | {runs} | {s['chrf_mean']:.2f} | {retention} | "
+            f"{s['wall_s_mean']:.0f} s |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -209,24 +316,52 @@ def main(argv: list[str] | None = None) -> dict:
         return merge(args)
     work = Path(args.work_dir)
     teacher_dir, teacher = trained_teacher(args)
-    print(f"teacher BLEU {teacher['bleu']:.2f} chrF {teacher['chrf']:.2f} ({teacher['teacher_curve_note']})", flush=True)
+    print(
+        f"teacher BLEU {teacher['bleu']:.2f} chrF {teacher['chrf']:.2f} ({teacher['teacher_curve_note']})", flush=True
+    )
     if args.teacher_only:
         return teacher
 
     def run_one(name: str, seed: int, output_dir: Path) -> dict:
-        metrics = run_recipe([
-            "--training_mode", "distill", "--teacher_model_name_or_path", str(teacher_dir),
-            "--student_teacher_layers", args.encoder_layers, "--student_decoder_layers", args.decoder_layers,
-            "--learning_rate", str(args.student_learning_rate), "--max_steps", str(args.student_steps),
-            "--temperature", "2.0", "--alpha_ce", "0.5", "--alpha_kd", "0.5",
-            "--sequence_kd_cache_dir", str(teacher_dir / "translations"),
-            "--sequence_kd_num_beams", str(args.sequence_kd_num_beams),
-            *common_args(args, output_dir, seed, args.train_examples), *VARIANTS[name],
-        ])
+        metrics = run_recipe(
+            [
+                "--training_mode",
+                "distill",
+                "--teacher_model_name_or_path",
+                str(teacher_dir),
+                "--student_teacher_layers",
+                args.encoder_layers,
+                "--student_decoder_layers",
+                args.decoder_layers,
+                "--learning_rate",
+                str(args.student_learning_rate),
+                "--max_steps",
+                str(args.student_steps),
+                "--temperature",
+                "2.0",
+                "--alpha_ce",
+                "0.5",
+                "--alpha_kd",
+                "0.5",
+                "--sequence_kd_cache_dir",
+                str(teacher_dir / "translations"),
+                "--sequence_kd_num_beams",
+                str(args.sequence_kd_num_beams),
+                *common_args(args, output_dir, seed, args.train_examples),
+                *VARIANTS[name],
+            ]
+        )
         return {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"]}
 
-    return run_students(args.variants, args.seeds, work, run_one, lambda runs: summarize(teacher, runs, args),
-                        Path(args.results), markdown)
+    return run_students(
+        args.variants,
+        args.seeds,
+        work,
+        run_one,
+        lambda runs: summarize(teacher, runs, args),
+        Path(args.results),
+        markdown,
+    )
 
 
 if __name__ == "__main__":

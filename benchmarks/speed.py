@@ -29,12 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.quality_runs import portable_settings  # noqa: E402
-from hf_attn_distill.trainer import LABEL_KEYS  # noqa: E402
+from benchmarks.quality_runs import portable_settings
+from hf_attn_distill.objectives import LABEL_KEYS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODES = ("L", "P", "D", "N", "T")
 PAIRS = {
@@ -145,11 +145,19 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
     if seq2seq:  # both models read the decoder inputs built from the labels, as DistillTrainer feeds them
         batch = {**batch, "decoder_input_ids": student.prepare_decoder_input_ids_from_labels(labels=batch["labels"])}
     if mode == "D":
-        maps = {"layer_map": site_pairs["encoder"], "decoder_layer_map": site_pairs.get("decoder"),
-                "cross_layer_map": site_pairs.get("cross")}
+        maps = {
+            "layer_map": site_pairs["encoder"],
+            "decoder_layer_map": site_pairs.get("decoder"),
+            "cross_layer_map": site_pairs.get("cross"),
+        }
         args = DistillConfig(
-            output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=device.type == "cpu", bf16=bf16,
-            attention_loss="kl", temperature=2.0, disable_tqdm=True,
+            output_dir=tempfile.mkdtemp(),
+            report_to="none",
+            use_cpu=device.type == "cpu",
+            bf16=bf16,
+            attention_loss="kl",
+            temperature=2.0,
+            disable_tqdm=True,
             **{k: [list(p) for p in v] if v is not None else None for k, v in maps.items()},
         )
         trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
@@ -187,8 +195,11 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
 
         set_attention_implementation(teacher, "eager")
         set_attention_implementation(student, "eager")
-        fields = {"encoder": "encoder_attentions" if seq2seq else "attentions", "decoder": "decoder_attentions",
-                  "cross": "cross_attentions"}
+        fields = {
+            "encoder": "encoder_attentions" if seq2seq else "attentions",
+            "decoder": "decoder_attentions",
+            "cross": "cross_attentions",
+        }
 
         def step():
             inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
@@ -215,7 +226,10 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
             return {"logits": outputs.logits, "attention": outputs.attentions, "losses": outputs.loss}
 
         distill_config = DistillationConfig(
-            temperature=2.0, hard_label_weight=0.5, kd_loss_type="ce", kd_loss_weight=0.5,
+            temperature=2.0,
+            hard_label_weight=0.5,
+            kd_loss_type="ce",
+            kd_loss_weight=0.5,
             intermediate_matches=[
                 {"layer_T": t, "layer_S": s, "feature": "attention", "loss": "attention_ce", "weight": 1.0 / len(pairs)}
                 for s, t in pairs
@@ -314,16 +328,24 @@ def run_cache_worker(spec: dict) -> dict:
     teacher, student = build_pair(spec["pair"])
     g = torch.Generator().manual_seed(0)
     n, seq = spec["examples"], spec["seq_len"]
-    data = datasets.Dataset.from_dict({
-        "input_ids": torch.randint(1000, teacher.config.vocab_size, (n, seq), generator=g).tolist(),
-        "attention_mask": [[1] * seq] * n,
-        "labels": torch.randint(0, 2, (n,), generator=g).tolist(),
-    })
+    data = datasets.Dataset.from_dict(
+        {
+            "input_ids": torch.randint(1000, teacher.config.vocab_size, (n, seq), generator=g).tolist(),
+            "attention_mask": [[1] * seq] * n,
+            "labels": torch.randint(0, 2, (n,), generator=g).tolist(),
+        }
+    )
     work = tempfile.mkdtemp()
     args = DistillConfig(
-        output_dir=work, report_to="none", attention_weight=0, num_train_epochs=spec["epochs"],
-        per_device_train_batch_size=spec["batch"], per_device_eval_batch_size=64, save_strategy="no",
-        disable_tqdm=True, teacher_logits_cache=os.path.join(work, "cache") if spec["use_cache"] else None,
+        output_dir=work,
+        report_to="none",
+        attention_weight=0,
+        num_train_epochs=spec["epochs"],
+        per_device_train_batch_size=spec["batch"],
+        per_device_eval_batch_size=64,
+        save_strategy="no",
+        disable_tqdm=True,
+        teacher_logits_cache=os.path.join(work, "cache") if spec["use_cache"] else None,
     )
     start = time.perf_counter()
     trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
@@ -339,8 +361,11 @@ def run_row(spec: dict, timeout: int) -> dict:
     row = {k: spec[k] for k in ("pair", "seq_len", "batch", "mode")}
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, "--_worker", json.dumps(spec)],
-            capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+            [sys.executable, "-m", "benchmarks.speed", "--_worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
         )
     except subprocess.TimeoutExpired:
         return {**row, "error": f"timed out after {timeout} s"}
@@ -348,7 +373,7 @@ def run_row(spec: dict, timeout: int) -> dict:
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {**row, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    return {**row, **json.loads(lines[-1][len("RESULT "):])}
+    return {**row, **json.loads(lines[-1][len("RESULT ") :])}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -371,21 +396,34 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Machine: {result['machine']}", "",
-             "`peak MB`: peak RSS (CPU) or allocated memory (CUDA) during the measured steps; `working MB`: the part "
-             "above what was resident when they started (weights, optimizer state, libraries).", "",
-             "| pair | seq | batch | mode | step (s) | peak MB | working MB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {result['machine']}",
+        "",
+        "`peak MB`: peak RSS (CPU) or allocated memory (CUDA) during the measured steps; `working MB`: the part "
+        "above what was resident when they started (weights, optimizer state, libraries).",
+        "",
+        "| pair | seq | batch | mode | step (s) | peak MB | working MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | error: {r['error'][:120]} | | |")
+            lines.append(
+                f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | error: {r['error'][:120]} | | |"
+            )
         else:
             work = r.get("peak_above_start_mb", r.get("peak_above_weights_mb"))
             shown = "-" if work is None else f"{work:.0f}"
-            lines.append(f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | {r['step_s']:.3f} | {r['peak_mb']:.0f} | {shown} |")
-    lines += ["", "| pair | seq | batch | D/L time | D/N time | D/T time | D/L mem | D/N mem | D/T mem | D/N working mem | D/T working mem |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {r['mode']} | {r['step_s']:.3f} | {r['peak_mb']:.0f} | {shown} |"
+            )
+    lines += [
+        "",
+        "| pair | seq | batch | D/L time | D/N time | D/T time | D/L mem | D/N mem | D/T mem | D/N working mem | D/T working mem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["ratios"]:
-        def f(k):
+
+        def f(k, r=r):
             return f"{r[k]:.2f}" if k in r else "-"
 
         lines.append(
@@ -394,7 +432,11 @@ def markdown(result: dict) -> str:
         )
     cache = result.get("teacher_cache")
     if cache:
-        lines += ["", "| teacher-logit cache | epochs | examples | wall time (s) | of which setup (s) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| teacher-logit cache | epochs | examples | wall time (s) | of which setup (s) |",
+            "|---|---|---|---|---|",
+        ]
         for r in cache:
             shown = r.get("error") or f"{r['wall_s']:.1f} | {r['setup_s']:.1f}"
             lines.append(f"| {'on' if r['use_cache'] else 'off'} | {r['epochs']} | {r['examples']} | {shown} |")
@@ -405,21 +447,37 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--seq_lens", nargs="+", type=int, default=[64, 128, 256, 512])
-    parser.add_argument("--qa_seq_lens", nargs="+", type=int, default=[384],
-                        help="Sequence lengths of the QA pair (the length QA trains on).")
-    parser.add_argument("--seq2seq_seq_lens", nargs="+", type=int, default=[64, 128],
-                        help="Source lengths of the encoder-decoder pair (targets are half as long).")
+    parser.add_argument(
+        "--qa_seq_lens",
+        nargs="+",
+        type=int,
+        default=[384],
+        help="Sequence lengths of the QA pair (the length QA trains on).",
+    )
+    parser.add_argument(
+        "--seq2seq_seq_lens",
+        nargs="+",
+        type=int,
+        default=[64, 128],
+        help="Source lengths of the encoder-decoder pair (targets are half as long).",
+    )
     parser.add_argument("--batch", type=int, default=8, help="Batch size of the sequence-length sweep.")
-    parser.add_argument("--batch_sweep", nargs="*", type=int, default=[4, 16],
-                        help="Extra batch sizes measured at --batch_sweep_seq_len (growth with batch size).")
+    parser.add_argument(
+        "--batch_sweep",
+        nargs="*",
+        type=int,
+        default=[4, 16],
+        help="Extra batch sizes measured at --batch_sweep_seq_len (growth with batch size).",
+    )
     parser.add_argument("--batch_sweep_seq_len", type=int, default=128)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA).")
     parser.add_argument("--timeout", type=int, default=900, help="Seconds per row before it counts as an error.")
-    parser.add_argument("--cache_epochs", type=int, default=3,
-                        help="Epochs of the teacher-logit cache comparison (0 skips it).")
+    parser.add_argument(
+        "--cache_epochs", type=int, default=3, help="Epochs of the teacher-logit cache comparison (0 skips it)."
+    )
     parser.add_argument("--cache_examples", type=int, default=512)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "speed"))
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -446,23 +504,47 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in args.modes:
             if mode == "T" and (pair.endswith("-qa") or pair == "minilm-ed6->3"):
                 continue  # the TextBrewer comparison covers classification
-            spec = {"pair": pair, "seq_len": seq, "batch": batch, "mode": mode, "warmup": args.warmup,
-                    "steps": args.steps, "bf16": args.bf16}
+            spec = {
+                "pair": pair,
+                "seq_len": seq,
+                "batch": batch,
+                "mode": mode,
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "bf16": args.bf16,
+            }
             row = run_row(spec, args.timeout)
             rows.append(row)
             shown = row.get("error") or f"{row['step_s']:.3f} s/step, peak {row['peak_mb']:.0f} MB"
             print(f"{pair:>18} seq {seq:>4} batch {batch:>3} {mode}: {shown}", flush=True)
-            result = {"machine": machine_info(), "pairs": PAIRS, "settings": portable_settings(args, ROOT), "rows": rows,
-                      "ratios": ratios(rows)}
+            result = {
+                "machine": machine_info(),
+                "pairs": PAIRS,
+                "settings": portable_settings(args, ROOT),
+                "rows": rows,
+                "ratios": ratios(rows),
+            }
             stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
             stem.with_suffix(".md").write_text(markdown(result))
     if args.cache_epochs and other_pairs:
         cache_rows = []
         for use_cache in (False, True):
-            spec = {"kind": "cache", "pair": other_pairs[0], "seq_len": 128, "batch": args.batch, "mode": "cache",
-                    "examples": args.cache_examples, "epochs": args.cache_epochs, "use_cache": use_cache}
-            row = {**run_row(spec, args.timeout), "use_cache": use_cache, "epochs": args.cache_epochs,
-                   "examples": args.cache_examples}
+            spec = {
+                "kind": "cache",
+                "pair": other_pairs[0],
+                "seq_len": 128,
+                "batch": args.batch,
+                "mode": "cache",
+                "examples": args.cache_examples,
+                "epochs": args.cache_epochs,
+                "use_cache": use_cache,
+            }
+            row = {
+                **run_row(spec, args.timeout),
+                "use_cache": use_cache,
+                "epochs": args.cache_epochs,
+                "examples": args.cache_examples,
+            }
             cache_rows.append(row)
             shown = row.get("error") or f"{row['wall_s']:.1f} s"
             print(f"teacher-logit cache {'on' if use_cache else 'off'}: {shown}", flush=True)

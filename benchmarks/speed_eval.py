@@ -21,13 +21,12 @@ import csv
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODES = ("plain", "student_only", "teacher_logits", "teacher_attn")
@@ -38,8 +37,13 @@ def build(mode: str, teacher, student, tokenizer, dataset, batch: int):
 
     from hf_attn_distill import DistillConfig, DistillTrainer
 
-    common = dict(output_dir=tempfile.mkdtemp(), per_device_eval_batch_size=batch, report_to="none", use_cpu=None,
-                  disable_tqdm=True)
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        per_device_eval_batch_size=batch,
+        report_to="none",
+        use_cpu=None,
+        disable_tqdm=True,
+    )
     common["use_cpu"] = not __import__("torch").cuda.is_available()
     collator = DataCollatorWithPadding(tokenizer)
     if mode == "plain":
@@ -76,9 +80,15 @@ def main(argv: list[str] | None = None) -> dict:
     student = student_from_teacher_layers(teacher, [1, 3, 5])
     with open(args.data, newline="") as f:
         rows = [{"sentence": r["sentence"], "label": int(r["label"])} for r in csv.DictReader(f, delimiter="\t")]
-    dataset = Dataset.from_list(rows[: args.examples]).map(
-        lambda b: tokenizer(b["sentence"], truncation=True, max_length=128), batched=True, remove_columns=["sentence"]
-    ).rename_column("label", "labels")
+    dataset = (
+        Dataset.from_list(rows[: args.examples])
+        .map(
+            lambda b: tokenizer(b["sentence"], truncation=True, max_length=128),
+            batched=True,
+            remove_columns=["sentence"],
+        )
+        .rename_column("label", "labels")
+    )
 
     results = []
     for batch in args.batches:
@@ -90,28 +100,44 @@ def main(argv: list[str] | None = None) -> dict:
                 start = time.perf_counter()
                 metrics = trainer.evaluate()
                 times.append(time.perf_counter() - start)
-            results.append({"batch": batch, "mode": mode, "eval_s": statistics.median(times), "eval_s_all": times,
-                            "metrics": sorted(k for k in metrics if k.startswith("eval_loss"))})
+            results.append(
+                {
+                    "batch": batch,
+                    "mode": mode,
+                    "eval_s": statistics.median(times),
+                    "eval_s_all": times,
+                    "metrics": sorted(k for k in metrics if k.startswith("eval_loss")),
+                }
+            )
             print(f"batch {batch:3d} {mode:15s} {statistics.median(times):.3f} s", flush=True)
     out = {"machine": machine_info(), "examples": args.examples, "repeats": args.repeats, "rows": results}
     for batch in args.batches:
         by = {r["mode"]: r["eval_s"] for r in results if r["batch"] == batch}
-        out.setdefault("ratios", []).append({
-            "batch": batch,
-            "student_only/plain": by["student_only"] / by["plain"],
-            "teacher_attn/teacher_logits": by["teacher_attn"] / by["teacher_logits"],
-        })
+        out.setdefault("ratios", []).append(
+            {
+                "batch": batch,
+                "student_only/plain": by["student_only"] / by["plain"],
+                "teacher_attn/teacher_logits": by["teacher_attn"] / by["teacher_logits"],
+            }
+        )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output + ".json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = [f"Machine: {out['machine']}", "", f"`trainer.evaluate()` on the first {args.examples} sentences of the "
-             f"SST-2 dev set, median of {args.repeats}.", "",
-             "| batch | plain Trainer (s) | student only (s) | teacher, logits (s) | teacher, logits + attention (s) | "
-             "student only / plain | attention / logits |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {out['machine']}",
+        "",
+        f"`trainer.evaluate()` on the first {args.examples} sentences of the SST-2 dev set, median of {args.repeats}.",
+        "",
+        "| batch | plain Trainer (s) | student only (s) | teacher, logits (s) | teacher, logits + attention (s) | "
+        "student only / plain | attention / logits |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for ratio in out["ratios"]:
         by = {r["mode"]: r["eval_s"] for r in results if r["batch"] == ratio["batch"]}
-        lines.append(f"| {ratio['batch']} | {by['plain']:.3f} | {by['student_only']:.3f} | {by['teacher_logits']:.3f} | "
-                     f"{by['teacher_attn']:.3f} | {ratio['student_only/plain']:.2f} | "
-                     f"{ratio['teacher_attn/teacher_logits']:.2f} |")
+        lines.append(
+            f"| {ratio['batch']} | {by['plain']:.3f} | {by['student_only']:.3f} | {by['teacher_logits']:.3f} | "
+            f"{by['teacher_attn']:.3f} | {ratio['student_only/plain']:.2f} | "
+            f"{ratio['teacher_attn/teacher_logits']:.2f} |"
+        )
     Path(args.output + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out

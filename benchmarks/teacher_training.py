@@ -61,19 +61,33 @@ def teacher_summary(state: dict, threshold: float, max_steps: int) -> dict:
     converged = len(curve) >= 2 and curve[-1][1] - curve[-2][1] < threshold
     gain = curve[-1][1] - curve[-2][1] if len(curve) >= 2 else None
     if converged:
-        note = (f"converged: the last doubling ({curve[-2][0]} -> {curve[-1][0]} steps) gained {gain:.2f} "
-                f"(< {threshold})")
+        note = (
+            f"converged: the last doubling ({curve[-2][0]} -> {curve[-1][0]} steps) gained {gain:.2f} (< {threshold})"
+        )
     elif curve and curve[-1][0] * 2 > max_steps:
-        note = (f"NOT converged: the budget ({max_steps} steps) ran out while the last doubling still gained "
-                f"{gain:.2f}" if gain is not None else f"NOT converged: one round only ({curve[-1][0]} steps)")
+        note = (
+            f"NOT converged: the budget ({max_steps} steps) ran out while the last doubling still gained {gain:.2f}"
+            if gain is not None
+            else f"NOT converged: one round only ({curve[-1][0]} steps)"
+        )
     else:
         note = "in progress: rerun the same command to continue"
     return {"teacher_curve": curve, "teacher_converged": converged, "teacher_curve_note": note}
 
 
-def train_teacher(run_recipe: Callable[[list[str]], dict], recipe_args: list[str], *, work: Path, key: str,
-                  metric: str, first_steps: int, max_steps: int, save_steps: int, threshold: float = 1.0,
-                  keep_checkpoints: bool = False) -> tuple[Path, dict]:
+def train_teacher(
+    run_recipe: Callable[[list[str]], dict],
+    recipe_args: list[str],
+    *,
+    work: Path,
+    key: str,
+    metric: str,
+    first_steps: int,
+    max_steps: int,
+    save_steps: int,
+    threshold: float = 1.0,
+    keep_checkpoints: bool = False,
+) -> tuple[Path, dict]:
     """Train (or continue) the teacher of ``recipe_args`` to a plateau; returns ``(teacher_dir, summary)``.
 
     ``recipe_args`` are the recipe's flags without ``--output_dir``, ``--max_steps``, the save flags and
@@ -83,8 +97,10 @@ def train_teacher(run_recipe: Callable[[list[str]], dict], recipe_args: list[str
     """
     joined = " ".join(recipe_args)
     if "--lr_scheduler_type" not in recipe_args or not any(s in joined for s in STEP_INDEPENDENT_SCHEDULES):
-        raise ValueError(f"Teacher rounds resume with a larger --max_steps: use --lr_scheduler_type one of "
-                         f"{STEP_INDEPENDENT_SCHEDULES} (with an absolute --warmup_steps).")
+        raise ValueError(
+            f"Teacher rounds resume with a larger --max_steps: use --lr_scheduler_type one of "
+            f"{STEP_INDEPENDENT_SCHEDULES} (with an absolute --warmup_steps)."
+        )
     if save_steps <= 0 or first_steps % save_steps:
         raise ValueError(f"save_steps={save_steps} must divide first_steps={first_steps}.")
     teacher_dir = work / f"teacher-{key}"
@@ -96,10 +112,22 @@ def train_teacher(run_recipe: Callable[[list[str]], dict], recipe_args: list[str
         if steps not in done:
             checkpoint = last_checkpoint(teacher_dir)
             resume = ["--resume_from_checkpoint", str(checkpoint)] if checkpoint is not None else []
-            metrics = run_recipe([
-                *recipe_args, "--output_dir", str(teacher_dir), "--max_steps", str(steps),
-                "--save_strategy", "steps", "--save_steps", str(save_steps), "--save_total_limit", "2", *resume,
-            ])
+            metrics = run_recipe(
+                [
+                    *recipe_args,
+                    "--output_dir",
+                    str(teacher_dir),
+                    "--max_steps",
+                    str(steps),
+                    "--save_strategy",
+                    "steps",
+                    "--save_steps",
+                    str(save_steps),
+                    "--save_total_limit",
+                    "2",
+                    *resume,
+                ]
+            )
             state["curve"].append([steps, metrics[f"eval_{metric}"]])
             state["curve"].sort()
             (teacher_dir / CURVE_FILE).write_text(json.dumps(state, indent=2))

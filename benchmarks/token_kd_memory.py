@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+
 
 METHODS = ("reference", "chunked")
 
@@ -61,19 +61,32 @@ def main(argv=None) -> dict:
     rows = []
     for method in METHODS:
         spec = {"method": method, "batch": args.batch, "target_len": args.target_len, "vocab": args.vocab}
-        proc = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True, text=True,
-                              cwd=ROOT, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.token_kd_memory", "--_worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        )
         line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-        rows.append({**spec, **json.loads(line[len("RESULT "):])})
+        rows.append({**spec, **json.loads(line[len("RESULT ") :])})
         print(rows[-1], flush=True)
-    out = {"machine": machine_info(), "rows": rows,
-           "same_loss": abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * abs(rows[0]["loss"])}
+    out = {
+        "machine": machine_info(),
+        "rows": rows,
+        "same_loss": abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * abs(rows[0]["loss"]),
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output + ".json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = [f"Machine: {out['machine']}", "",
-             f"KD forward + backward on [{args.batch}, {args.target_len}, {args.vocab}] float32 logits "
-             f"(one such tensor: {rows[0]['one_logits_tensor_mb']:.0f} MB), 3/4 of the tokens valid.", "",
-             "| method | loss | peak memory above the logits (MB) |", "|---|---|---|"]
+    lines = [
+        f"Machine: {out['machine']}",
+        "",
+        f"KD forward + backward on [{args.batch}, {args.target_len}, {args.vocab}] float32 logits "
+        f"(one such tensor: {rows[0]['one_logits_tensor_mb']:.0f} MB), 3/4 of the tokens valid.",
+        "",
+        "| method | loss | peak memory above the logits (MB) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['method']} | {r['loss']:.6f} | {r['peak_above_logits_mb']:.0f} |" for r in rows]
     Path(args.output + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

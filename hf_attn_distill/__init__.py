@@ -1,6 +1,6 @@
 """Knowledge distillation with attention transfer for Hugging Face Transformers."""
 
-from .attention_capture import ATTN_IMPLEMENTATION, AttentionRecorder, enable_attention_capture
+from .attention_capture import ATTN_IMPLEMENTATION, AttentionRecorder, Capture, enable_attention_capture
 from .attention_masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
 from .config import DistillConfig
 from .distributed import prepare_teacher, require_deepspeed
@@ -16,10 +16,13 @@ from .losses import (
     relation_kl_loss,
 )
 from .model_structure import SITES, find_attention_modules, find_attention_sites, find_encoder_layers
+from .objective import Objective, Step
+from .objectives import OBJECTIVES, build_objectives
+from .pairing import check_distillation_pair, load_teacher
 from .seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
 from .students import student_from_config, student_from_teacher_layers
 from .token_kd import token_kd_loss
-from .trainer import DistillTrainer, check_distillation_pair, load_teacher
+from .trainer import DistillTrainer
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,11 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "SITES",
     "AttentionRecorder",
+    "Capture",
+    "OBJECTIVES",
+    "Objective",
+    "Step",
+    "build_objectives",
     "DistillConfig",
     "DistillSeq2SeqConfig",
     "DistillSeq2SeqTrainer",

@@ -25,6 +25,7 @@ Three things a recorded layer survives:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -41,6 +42,9 @@ __all__ = [
     "POINT_ATTR",
     "UNSUPPORTED_ATTENTION_KWARGS",
     "AttentionRecorder",
+    "Capture",
+    "CaptureMissedError",
+    "StateRecorder",
     "enable_attention_capture",
     "recording_attention_forward",
     "set_attention_implementation",
@@ -52,10 +56,13 @@ POINT_ATTR = "_hf_attn_distill_point"
 # Attention inputs that change the attention pattern in ways the recording path does not reproduce.
 UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "sliding_window")
 _MIN = torch.finfo(torch.float32).min
+logger = logging.getLogger(__name__)
 
 
 class _CapturePoint:
-    """Recording state of one attention module; the object stays attached for the module's lifetime."""
+    """Capture state of one attention module, with two typed slots: the attention slot (``active`` ...
+    ``deferred``: what an :class:`AttentionRecorder` reads or computes) and the state slot (``states``: the
+    ``(query, key, value)`` a :class:`StateRecorder` reads). The object keeps its identity while attached."""
 
     def __init__(self) -> None:
         self.active = False
@@ -64,7 +71,23 @@ class _CapturePoint:
         self.loss = "kl"
         self.target: TransferTarget | None = None
         self.deferred: _GradCell | None = None
-        self.tap: list | None = None  # a StateTap's one-slot list: (query, key, value) of the last call
+        self.states: list | None = None  # a StateRecorder's one-entry list: (query, key, value) of the last call
+
+    def reset(self) -> None:
+        self.active, self.records, self.target, self.deferred, self.states = False, None, None, None, None
+
+
+def point_of(module: nn.Module) -> _CapturePoint:
+    """The capture point attached to ``module``, attached now if it has none."""
+    point = getattr(module, POINT_ATTR, None)
+    if point is None:
+        point = _CapturePoint()
+        setattr(module, POINT_ATTR, point)
+    return point
+
+
+class CaptureMissedError(RuntimeError):
+    """Recorded attention modules were not called through the ``"hf_attn_distill"`` implementation."""
 
 
 class _GradCell:
@@ -138,13 +161,7 @@ class AttentionRecorder:
                 "cannot be recorded per layer. Map each student layer to a distinct teacher layer module."
             )
         self.loss = loss
-        self.points = []
-        for module in self.modules:
-            point = getattr(module, POINT_ATTR, None)
-            if point is None:
-                point = _CapturePoint()
-                setattr(module, POINT_ATTR, point)
-            self.points.append(point)
+        self.points = [point_of(module) for module in self.modules]
         self._records: list | None = None
 
     def start(self, targets: Sequence[TransferTarget] | None = None) -> list:
@@ -168,7 +185,7 @@ class AttentionRecorder:
         missing = [i for i, r in enumerate(records) if r is None]
         if missing:
             self.stop()
-            raise RuntimeError(
+            raise CaptureMissedError(
                 f"Attention modules {missing} of the recorder were not called through the '{ATTN_IMPLEMENTATION}' "
                 "attention implementation during the forward, so nothing was recorded. Either the model computes "
                 "these attentions in its own code rather than through transformers' AttentionInterface, or its "
@@ -206,6 +223,146 @@ class AttentionRecorder:
             self.stop()
 
 
+class StateRecorder:
+    """Hands over the ``(query, key, value)`` one attention module passes to its attention function, while
+    started (what relation transfer reads)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.point = point_of(module)
+
+    def start(self) -> None:
+        self.point.states = [None]
+
+    def states(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query, key and value as ``[B, T, D]`` (heads concatenated) from the call since :meth:`start`."""
+        seen = self.point.states[0] if self.point.states else None
+        if seen is None:
+            raise RuntimeError(
+                f"{type(self.module).__name__} was not called through the '{ATTN_IMPLEMENTATION}' attention "
+                "implementation, so its queries, keys and values cannot be read. Set relation_weight=0 for this model."
+            )
+        return tuple(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1) for x in seen)
+
+    def stop(self) -> None:
+        self.point.states = None
+
+
+class Capture:
+    """Owns everything distillation attaches to the user's models, and takes it off again.
+
+    :meth:`enable` switches a model to the ``"hf_attn_distill"`` attention implementation (remembering what
+    every config of it had); :meth:`attention_recorder` / :meth:`state_recorder` attach capture points to the
+    modules they watch; :meth:`attach_module` adds a submodule (the hidden-state projection); :meth:`freeze`
+    puts the teacher in eval mode without gradients; :meth:`stop` disarms every point (the end of a step); :meth:`release` removes the points
+    and restores each model's attention implementation; :meth:`attach` puts the same points back (a later
+    ``train`` or ``evaluate``), so their identity, which ``torch.compile`` relies on, never changes.
+    """
+
+    def __init__(self) -> None:
+        self._models: list[tuple[PreTrainedModel, list[tuple[PretrainedConfig, object]]]] = []
+        self._points: list[tuple[nn.Module, _CapturePoint]] = []
+        self._submodules: list[tuple[nn.Module, str, nn.Module]] = []
+        self._frozen: list[tuple[nn.Module, dict]] = []
+        self.attached = True
+
+    def freeze(self, model: PreTrainedModel) -> None:
+        """Eval mode and no gradients (for good: the teacher stays frozen), and no attentions or hidden states
+        returned by default until :meth:`release` restores ``model``'s ``output_*`` flags."""
+        if not any(m is model for m, _ in self._frozen):
+            flags = {k: getattr(model.config, k, None) for k in ("output_attentions", "output_hidden_states")}
+            self._frozen.append((model, flags))
+        model.eval().requires_grad_(False)
+        model.config.output_attentions = False
+        model.config.output_hidden_states = False
+
+    def attach_module(self, parent: nn.Module, name: str, module: nn.Module) -> None:
+        """Register ``module`` as ``parent.name`` (e.g. the hidden-state projection) until :meth:`release`."""
+        if getattr(parent, name, None) is not module:
+            parent.add_module(name, module)
+        if not any(p is parent and n == name for p, n, _ in self._submodules):
+            self._submodules.append((parent, name, module))
+
+    def enable(self, model: PreTrainedModel) -> None:
+        """:func:`enable_attention_capture`, remembering the previous implementation of every config of ``model``."""
+        if any(m is model for m, _ in self._models):
+            return
+        configs = [c for c in _configs_of(model)]
+        saved = [(c, getattr(c, "_attn_implementation_internal", None)) for c in configs]
+        enable_attention_capture(model)
+        self._models.append((model, saved))
+
+    def _track(self, modules) -> None:
+        """Remember the points of ``modules`` that this capture attaches (a point already there belongs to
+        whoever attached it, and stays)."""
+        for module in modules:
+            if getattr(module, POINT_ATTR, None) is None and not any(m is module for m, _ in self._points):
+                self._points.append((module, point_of(module)))
+
+    def attention_recorder(self, modules, loss: str = "kl") -> AttentionRecorder:
+        self._track(modules)
+        return AttentionRecorder(modules, loss)
+
+    def state_recorder(self, module: nn.Module) -> StateRecorder:
+        self._track([module])
+        return StateRecorder(module)
+
+    def stop(self) -> None:
+        """Disarm every point: nothing is recorded, no tensor of a step stays referenced."""
+        for _, point in self._points:
+            point.reset()
+
+    def release(self) -> None:
+        """Take everything off the models: points and submodules removed, attention implementations and the frozen
+        models' ``output_*`` flags restored."""
+        if not self.attached:
+            return
+        self.stop()
+        for module, point in self._points:
+            if getattr(module, POINT_ATTR, None) is point:
+                delattr(module, POINT_ATTR)
+        for parent, name, module in self._submodules:
+            if getattr(parent, name, None) is module:
+                delattr(parent, name)
+        for model, flags in self._frozen:
+            for key, value in flags.items():
+                if value is not None:
+                    setattr(model.config, key, value)
+        for _, saved in self._models:
+            for config, previous in saved:
+                config._attn_implementation_internal = previous
+        self.attached = False
+
+    def attach(self) -> None:
+        """Put the points and the attention implementation back after :meth:`release`."""
+        if self.attached:
+            return
+        for module, point in self._points:
+            setattr(module, POINT_ATTR, point)
+        for parent, name, module in self._submodules:
+            parent.add_module(name, module)
+        for model, _ in self._frozen:
+            self.freeze(model)
+        for model, _ in self._models:
+            _register()
+            set_attention_implementation(model, ATTN_IMPLEMENTATION)
+        self.attached = True
+
+
+def _configs_of(model: nn.Module) -> list[PretrainedConfig]:
+    """Every distinct config object reachable from ``model``'s modules (sub-model copies included)."""
+    seen: dict[int, PretrainedConfig] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            seen.setdefault(id(config), config)
+            for key in getattr(config, "sub_configs", {}) or {}:
+                sub = getattr(config, key, None)
+                if isinstance(sub, PretrainedConfig):
+                    seen.setdefault(id(sub), sub)
+    return list(seen.values())
+
+
 def recording_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -233,8 +390,8 @@ def recording_attention_forward(
 
 @torch.compiler.disable
 def _point_attention(point, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-    if point.tap is not None:
-        point.tap[0] = (query, key, value)
+    if point.states is not None:
+        point.states[0] = (query, key, value)
     if not point.active:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
@@ -380,11 +537,15 @@ def enable_attention_capture(model: PreTrainedModel) -> None:
 def verify_capture(model: PreTrainedModel, recorder: AttentionRecorder) -> None:
     """Run ``model`` once on its ``dummy_inputs`` while ``recorder`` records, so a model that does not
     dispatch the recorded attentions through ``AttentionInterface`` fails now, with the modules named,
-    rather than at the first training step. Models without usable dummy inputs are checked at their
-    first recording instead."""
+    rather than at the first training step. An attention input the recording cannot reproduce (soft-capping,
+    sinks, sliding windows) raises its ``NotImplementedError`` now too. Models without usable dummy inputs, or
+    whose forward needs more than them, are checked at their first recording instead (logged)."""
     try:
         inputs = {k: v.to(model.device) for k, v in model.dummy_inputs.items() if torch.is_tensor(v)}
-    except Exception:
+    except (AttributeError, NotImplementedError, TypeError, ValueError) as err:
+        logger.info(
+            "%s has no usable dummy inputs (%s): capture is checked at the first step.", type(model).__name__, err
+        )
         return
     if not inputs or any(p.device.type == "meta" for p in model.parameters()):
         return
@@ -395,11 +556,16 @@ def verify_capture(model: PreTrainedModel, recorder: AttentionRecorder) -> None:
         with torch.no_grad():
             model(**inputs)
         recorder.collect()
+    except CaptureMissedError as err:
+        raise ValueError(f"{type(model).__name__}: {err}") from None
     except RuntimeError as err:
-        if "were not called through" in str(err):
-            raise ValueError(f"{type(model).__name__}: {err}") from None
-    except Exception:
-        pass
+        logger.info(
+            "%s's forward on dummy inputs failed (%s): capture is checked at the first step.", type(model).__name__, err
+        )
+    except (TypeError, ValueError, IndexError) as err:  # dummy inputs that do not suit the model's forward
+        logger.info(
+            "%s's forward on dummy inputs failed (%s): capture is checked at the first step.", type(model).__name__, err
+        )
     finally:
         recorder.stop()
         model.train(was_training)

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ATTENTION_LOSSES", "attention_loss_count", "attention_valid_mask",
-    "valid_token_count", "recorded_quantity"]
+from .config import ATTENTION_LOSSES
 
-ATTENTION_LOSSES = ("kl", "mse_scores", "mse_probs")
-"""Attention-transfer losses: ``"kl"`` (MiniLM, row-wise KL of attention distributions), ``"mse_scores"``
-(TinyBERT, MSE of pre-softmax scores), ``"mse_probs"`` (MSE of attention probabilities)."""
+__all__ = ["ATTENTION_LOSSES", "attention_loss_count", "attention_valid_mask", "valid_token_count", "recorded_quantity"]
 
 
 def recorded_quantity(loss: str) -> str:
@@ -49,7 +46,11 @@ def attention_valid_mask(
     if key_mask is None and query_mask is None and not causal:
         return None
     if device is None:
-        device = (key_mask if key_mask is not None else query_mask).device if (key_mask is not None or query_mask is not None) else "cpu"
+        device = (
+            (key_mask if key_mask is not None else query_mask).device
+            if (key_mask is not None or query_mask is not None)
+            else "cpu"
+        )
     valid = torch.ones(batch, 1, num_queries, num_keys, dtype=torch.bool, device=device)
     if key_mask is not None:
         valid &= key_mask.bool().reshape(batch, 1, 1, num_keys)

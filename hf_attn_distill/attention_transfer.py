@@ -16,23 +16,20 @@ input's padding as target padding.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from .attention_capture import AttentionRecorder, enable_attention_capture, verify_capture
+from .attention_capture import Capture, verify_capture
 from .attention_masks import attention_loss_count, recorded_quantity
-from .config import DistillConfig
+from .config import ATTENTION_SITES, AttentionSite
 from .fused_transfer import TransferTarget
 from .layer_map import resolve_layer_map
 from .losses import group_teacher_heads
 from .model_structure import attention_heads, find_attention_sites
+from .objective import Objective, Step
 
-__all__ = ["SITE_TERMS", "SiteTransfer", "plan_attention_transfer", "target_mask"]
-
-SITE_TERMS = {"encoder": "loss_attn_enc", "decoder": "loss_attn_dec", "cross": "loss_attn_cross"}
-_SITE_FLAGS = {"encoder": "layer_map", "decoder": "decoder_layer_map", "cross": "cross_layer_map"}
+__all__ = ["SiteTransfer", "check_attention_sites", "site_layer_maps", "target_mask"]
 
 
 def target_mask(inputs: Mapping) -> torch.Tensor | None:
@@ -44,34 +41,58 @@ def target_mask(inputs: Mapping) -> torch.Tensor | None:
     return labels.ne(-100) if torch.is_tensor(labels) and labels.dim() == 2 else None
 
 
-@dataclass
-class SiteTransfer:
-    """Attention transfer at one site.
+class SiteTransfer(Objective):
+    """Attention transfer at one site (``loss_attn_enc``, ``loss_attn_dec`` or ``loss_attn_cross``).
+
+    The teacher's mapped modules record their attention; each mapped student module then takes its transfer
+    loss inside its softmax (:mod:`~hf_attn_distill.fused_transfer`) and the term is the mean over the pairs.
 
     Attributes:
-        site: ``"encoder"``, ``"decoder"`` or ``"cross"``.
+        site: ``"encoder"``, ``"decoder"`` or ``"cross"`` (:data:`~hf_attn_distill.config.ATTENTION_SITES`).
+        name, weight_field, map_field: the site's term and config fields.
         pairs: ``(student layer, teacher layer)`` pairs, 0-based within the site.
-        weight: weight of the site's term in the loss.
         loss: the attention loss (``ATTENTION_LOSSES``).
         student_heads: head count of the student's attention at this site.
-        student: recorder of the student's mapped modules (fused losses).
-        teacher: recorder of the teacher's mapped modules.
+        student, teacher: recorders of the mapped modules.
         seq2seq: the models have an encoder and a decoder (target masks come from the decoder inputs).
     """
 
-    site: str
-    pairs: list[tuple[int, int]]
-    weight: float
-    loss: str
-    student_heads: int
-    student: AttentionRecorder
-    teacher: AttentionRecorder
-    seq2seq: bool
+    def __init__(self, site: AttentionSite, pairs, loss: str, student_heads: int, student, teacher, seq2seq: bool):
+        self.site, self.pairs, self.loss_kind, self.student_heads = site.name, list(pairs), loss, student_heads
+        self.student, self.teacher, self.seq2seq = student, teacher, seq2seq
+        self.name, self.weight_field, self.map_field = site.term, site.weight_field, site.map_field
+        self._records: list | None = None
+        self._losses: list | None = None
 
-    @property
-    def term(self) -> str:
-        """Name of the site's loss term in logs (``loss_attn_enc``, ``loss_attn_dec``, ``loss_attn_cross``)."""
-        return SITE_TERMS[self.site]
+    @classmethod
+    def build(cls, student: PreTrainedModel, teacher: PreTrainedModel, args, capture: Capture) -> list[Objective]:
+        """One transfer per site ``args`` maps, checked against both models; attaches capture to the mapped
+        modules and runs both models once on dummy inputs to check they report (:func:`verify_capture`)."""
+        maps = site_layer_maps(student, teacher, args)
+        if not maps:
+            return []
+        capture.enable(student)
+        capture.enable(teacher)
+        s_sites, t_sites = find_attention_sites(student), find_attention_sites(teacher)
+        transfers = []
+        for site, pairs in maps:
+            s_mods = [s_sites[site.name][s] for s, _ in pairs]
+            t_mods = [t_sites[site.name][t] for _, t in pairs]
+            transfers.append(
+                cls(
+                    site,
+                    pairs,
+                    args.attention_loss,
+                    attention_heads(s_mods[0]),
+                    capture.attention_recorder(s_mods, args.attention_loss),
+                    capture.attention_recorder(t_mods, args.attention_loss),
+                    "cross" in s_sites,
+                )
+            )
+        for model, side in ((student, "student"), (teacher, "teacher")):
+            modules = [m for t in transfers for m in getattr(t, side).modules]
+            verify_capture(model, capture.attention_recorder(modules, args.attention_loss))
+        return transfers
 
     def masks(self, inputs: Mapping) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
         """``(key mask [B, K], query mask [B, Q], causal)`` of this site for a batch."""
@@ -96,7 +117,7 @@ class SiteTransfer:
         key, query, causal = self.masks(inputs)
         batch, num_q, num_k = self.lengths(inputs)
         device = next(v for v in inputs.values() if torch.is_tensor(v)).device
-        return attention_loss_count(self.loss, 1, batch, num_q, num_k, key, query, causal, device)
+        return attention_loss_count(self.loss_kind, 1, batch, num_q, num_k, key, query, causal, device)
 
     def targets(self, teacher_records: list[torch.Tensor], inputs: Mapping) -> list[TransferTarget]:
         """One target per mapped student layer: the teacher's record, heads grouped to the student's count."""
@@ -107,74 +128,113 @@ class SiteTransfer:
             query = None
         if self.site != "cross" and query is None and key is not None:
             query = key
-        quantity = recorded_quantity(self.loss)
+        quantity = recorded_quantity(self.loss_kind)
         return [
-            TransferTarget(group_teacher_heads(t, self.student_heads, quantity), self.loss, key, query, causal)
+            TransferTarget(group_teacher_heads(t, self.student_heads, quantity), self.loss_kind, key, query, causal)
             for t in teacher_records
         ]
 
+    # ---- the objective's steps ----
 
-def _site_maps(args: DistillConfig, sites: Mapping[str, list]) -> dict[str, tuple[object, float]]:
-    """``{site: (layer-map spec, weight)}`` of the sites ``args`` maps, checked against the sites ``sites`` has."""
-    maps = {"encoder": (args.layer_map, args.attention_weight),
-            "decoder": (args.decoder_layer_map, args.decoder_attention_weight),
-            "cross": (args.cross_layer_map, args.cross_attention_weight)}
-    decoder_only = "encoder" not in sites and "cross" not in sites and "decoder" in sites
-    if decoder_only and args.decoder_layer_map is None:
-        maps["decoder"], maps["encoder"] = maps["encoder"], (None, 0.0)
-    out = {}
-    for site, (spec, weight) in maps.items():
-        if spec is None or weight == 0:
-            continue
-        if site not in sites:
-            raise ValueError(
-                f"{_SITE_FLAGS[site]} is set, but the models have no {site} attention (sites: {sorted(sites)}). "
-                f"Remove {_SITE_FLAGS[site]} or set its weight to 0."
-            )
-        out[site] = (spec, weight)
-    return out
+    def start_teacher(self, inputs: Mapping) -> None:
+        self.teacher.start()
+
+    def read_teacher(self, step: Step) -> None:
+        self._records = self.teacher.collect()
+        self.teacher.stop()
+
+    def start_student(self, step: Step) -> None:
+        if self._records is None:
+            raise RuntimeError(f"{self.name}: the teacher's attention was not recorded for this batch.")
+        self.student.start(self.targets(self._records, step.inputs))
+        self._records = None
+
+    def read_student(self, step: Step) -> None:
+        self._losses = self.student.collect()
+
+    def loss(self, step: Step) -> torch.Tensor:
+        losses, self._losses = self._losses, None
+        return torch.stack(losses).mean()
+
+    def stop(self) -> None:
+        self.student.stop()
+        self.teacher.stop()
+        self._records = self._losses = None
+
+    @property
+    def term(self) -> str:
+        """The site's term name (``loss_attn_enc``, ...), as :attr:`name`."""
+        return self.name
+
+    def describe(self) -> str:
+        return self.site
 
 
-def plan_attention_transfer(
-    student: PreTrainedModel, teacher: PreTrainedModel, args: DistillConfig
-) -> list[SiteTransfer]:
-    """Resolve and check every mapped site; return the transfers (empty when attention transfer is off).
+def site_layer_maps(student: PreTrainedModel, teacher: PreTrainedModel, args) -> list[tuple[AttentionSite, list]]:
+    """``[(site, pairs)]`` for every site ``args`` transfers, resolved and checked against both models without
+    changing them: both must have the same sites, maps in range, head counts that can be grouped.
 
-    Raises ``ValueError`` naming the fix for layer maps out of range or for a site a model lacks, and for
-    head counts that cannot be grouped.
+    For a model whose only stack is causal (a decoder-only model), ``layer_map`` maps that stack.
     """
-    if not any(w > 0 for w in (args.attention_weight, args.decoder_attention_weight, args.cross_attention_weight)):
+    if not args.uses_attention:
         return []
-    enable_attention_capture(student)
-    enable_attention_capture(teacher)
+    for model in (student, teacher):
+        _check_dispatch(model)
     s_sites, t_sites = find_attention_sites(student), find_attention_sites(teacher)
     if set(s_sites) != set(t_sites):
         raise ValueError(
             f"Student attention sites {sorted(s_sites)} differ from the teacher's {sorted(t_sites)}: distill an "
             "encoder into an encoder and an encoder-decoder into an encoder-decoder."
         )
-    maps = _site_maps(args, s_sites)
-    if not maps:
-        return []
-    transfers = []
-    for site, (spec, weight) in maps.items():
+    encoder, decoder, _ = ATTENTION_SITES
+    decoder_only = set(s_sites) == {"decoder"}
+    out = []
+    for site in ATTENTION_SITES:
+        spec_site = site
+        if decoder_only and site is decoder and args.decoder_layer_map is None:
+            spec_site = encoder  # layer_map / attention_weight map the only (causal) stack
+        elif decoder_only and site is encoder and args.decoder_layer_map is None:
+            continue
+        if not args.site_is_on(spec_site):
+            continue
+        if site.name not in s_sites:
+            raise ValueError(
+                f"{site.map_field} is set, but the models have no {site.name} attention (sites: {sorted(s_sites)}). "
+                f"Remove {site.map_field} or set its weight to 0."
+            )
         try:
-            pairs = resolve_layer_map(spec, len(s_sites[site]), len(t_sites[site]))
+            pairs = resolve_layer_map(
+                getattr(args, spec_site.map_field), len(s_sites[site.name]), len(t_sites[site.name])
+            )
         except ValueError as err:
-            raise ValueError(f"{_SITE_FLAGS[site]} ({site} attention): {err}") from None
-        s_mods = [s_sites[site][s] for s, _ in pairs]
-        t_mods = [t_sites[site][t] for _, t in pairs]
-        s_heads, t_heads = attention_heads(s_mods[0]), attention_heads(t_mods[0])
-        _check_heads(site, s_heads, t_heads, args.head_grouping)
-        transfers.append(SiteTransfer(
-            site=site, pairs=pairs, weight=weight, loss=args.attention_loss, student_heads=s_heads,
-            student=AttentionRecorder(s_mods, args.attention_loss), teacher=AttentionRecorder(t_mods, args.attention_loss),
-            seq2seq="cross" in s_sites,
-        ))
-    for models, side in ((student, "student"), (teacher, "teacher")):
-        recorders = [getattr(t, side) for t in transfers]
-        verify_capture(models, AttentionRecorder([m for r in recorders for m in r.modules], args.attention_loss))
-    return transfers
+            raise ValueError(f"{spec_site.map_field} ({site.name} attention): {err}") from None
+        _check_heads(
+            site.name,
+            attention_heads(s_sites[site.name][pairs[0][0]]),
+            attention_heads(t_sites[site.name][pairs[0][1]]),
+            args.head_grouping,
+        )
+        if spec_site is not site:
+            site = AttentionSite(site.name, spec_site.map_field, spec_site.weight_field, site.term)
+        out.append((site, pairs))
+    return out
+
+
+def _check_dispatch(model: PreTrainedModel) -> None:
+    """Refuse a model (or sub-model) that computes attention in its own code instead of through transformers'
+    ``AttentionInterface`` (transformers' own test, which reads the modeling code; nothing is changed)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and not type(module)._can_set_attn_implementation():
+            raise ValueError(
+                f"{type(module).__name__} does not let transformers choose its attention implementation (it computes "
+                "attention in its own code, not through AttentionInterface), so its attention cannot be captured "
+                "selectively. Set attention_weight=0 to distill logits only."
+            )
+
+
+def check_attention_sites(student: PreTrainedModel, teacher: PreTrainedModel, args) -> None:
+    """Raise ``ValueError`` naming the fix when ``args``'s attention sites do not fit the two models."""
+    site_layer_maps(student, teacher, args)
 
 
 def _check_heads(site: str, s_heads: int, t_heads: int, head_grouping: str) -> None:

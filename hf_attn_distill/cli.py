@@ -5,9 +5,9 @@
     hf-attn-distill translation --help
 
 Everything after the subcommand goes to the recipe's ``main(argv)``: its flags, or one YAML/JSON file of the
-same arguments, optionally followed by flags that override the file's values. The recipes are the scripts of
-the repository's ``recipes/`` folder, installed as ``hf_attn_distill.recipes``; ``python recipes/distill_qa.py``
-and ``accelerate launch recipes/distill_qa.py`` run the same code.
+same arguments, optionally followed by flags that override the file's values. The recipes are the modules of
+``hf_attn_distill.recipes``; ``python -m hf_attn_distill.recipes.distill_qa`` and
+``accelerate launch -m hf_attn_distill.recipes.distill_qa`` run the same code.
 """
 
 from __future__ import annotations
@@ -99,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = build_parser().parse_args(argv[:1]).command
     recipe = importlib.import_module(RECIPES[command])
-    saved, sys.argv = sys.argv, [f"{PROG} {command}", *argv[1:]]  # the recipe's usage line names the subcommand
-    try:
-        recipe.main(recipe_argv(argv[1:]))
-    finally:
-        sys.argv = saved
+    recipe.main(recipe_argv(argv[1:]), prog=f"{PROG} {command}")  # the recipe's usage line names the subcommand
     return 0
 
 

@@ -1,24 +1,204 @@
-"""Training arguments for :class:`~hf_attn_distill.DistillTrainer`."""
+"""Training arguments for :class:`~hf_attn_distill.DistillTrainer`.
+
+This module imports nothing else of the package: it is the leaf every other module reads the objective's
+names from: :data:`ATTENTION_SITES` (each site's map field, weight field and term) and :data:`TERM_WEIGHTS` (every
+term's weight field). ``__post_init__`` checks what the fields' ``choices`` metadata lists, the bounds of
+:data:`LOWER_BOUNDS` and the layer maps of :data:`LAYER_MAP_FIELDS`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
 
 from transformers import TrainingArguments
 
-from .attention_masks import ATTENTION_LOSSES
-from .distributed import require_deepspeed
-from .hidden_transfer import HIDDEN_LOSSES
-from .layer_map import parse_layer_map
-from .relation_transfer import parse_relation_kinds
-from .schedules import parse_schedules
+__all__ = [
+    "ATTENTION_LOSSES",
+    "ATTENTION_SITES",
+    "HIDDEN_LOSS_KINDS",
+    "RELATION_KINDS",
+    "SCHEDULE_KINDS",
+    "TERM_WEIGHTS",
+    "AttentionSite",
+    "DistillConfig",
+    "deepspeed_requested",
+    "parse_layer_map",
+    "parse_relation_kinds",
+    "parse_schedules",
+    "require_deepspeed",
+    "term_weights",
+]
 
-__all__ = ["DistillConfig"]
-
+ATTENTION_LOSSES = ("kl", "mse_scores", "mse_probs")
+"""Attention-transfer losses: ``"kl"`` (MiniLM, row-wise KL of attention distributions), ``"mse_scores"``
+(TinyBERT, MSE of pre-softmax scores), ``"mse_probs"`` (MSE of attention probabilities)."""
+HIDDEN_LOSS_KINDS = ("mse", "cosine")
+RELATION_KINDS = ("qq", "kk", "vv")
+SCHEDULE_KINDS = ("constant", "linear", "cosine")
 HEAD_GROUPINGS = ("mean", "strict")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_DTYPES = ("float16", "float32")
+
+
+class AttentionSite(NamedTuple):
+    """One attention site: its name, the config fields of its layer map and weight, and its logged term."""
+
+    name: str
+    map_field: str
+    weight_field: str
+    term: str
+
+
+ATTENTION_SITES = (
+    AttentionSite("encoder", "layer_map", "attention_weight", "loss_attn_enc"),
+    AttentionSite("decoder", "decoder_layer_map", "decoder_attention_weight", "loss_attn_dec"),
+    AttentionSite("cross", "cross_layer_map", "cross_attention_weight", "loss_attn_cross"),
+)
+"""The attention sites, defined once: encoder self-attention, causal decoder self-attention, cross-attention."""
+
+LayerMapSpec = str | Sequence[Sequence[int]]
+
+
+def parse_layer_map(spec: LayerMapSpec) -> str | tuple[tuple[int, int], ...]:
+    """Normalise a layer-map spec to ``"uniform"``, ``"last"`` or a tuple of ``(student, teacher)`` pairs.
+
+    Accepts the names, a list of pairs, a JSON list (``"[[0, 1], [1, 3]]"``) or the command-line
+    form ``"0:1,1:3,2:5"``.
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text in ("uniform", "last"):
+            return text
+        try:
+            if text.startswith("["):
+                pairs = json.loads(text)
+            else:
+                pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item.strip()]
+        except (ValueError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"Cannot parse layer_map {spec!r}: use 'uniform', 'last', pairs like '0:1,1:3' "
+                "or a JSON list like '[[0, 1], [1, 3]]'."
+            ) from err
+    else:
+        pairs = spec
+    out = []
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
+            raise ValueError(
+                f"Each layer_map entry must be a (student_layer, teacher_layer) pair of ints, got {pair!r}"
+            )
+        out.append((int(pair[0]), int(pair[1])))
+    if not out:
+        raise ValueError("layer_map is empty: give at least one (student_layer, teacher_layer) pair.")
+    students = [s for s, _ in out]
+    if len(set(students)) != len(students):
+        raise ValueError(f"layer_map {out} maps a student layer twice; each student layer may have one teacher layer.")
+    return tuple(out)
+
+
+def parse_relation_kinds(text: str) -> tuple[str, ...]:
+    """``"qq,kk,vv"`` -> ``("qq", "kk", "vv")``, checked."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in RELATION_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"relation_kinds must be a comma-separated subset of {list(RELATION_KINDS)}, got {text!r}.")
+    return kinds
+
+
+TERM_WEIGHTS = {
+    "loss_ce": "alpha_ce",
+    "loss_kd": "alpha_kd",
+    **{s.term: s.weight_field for s in ATTENTION_SITES},
+    "loss_hidden": "hidden_weight",
+    "loss_relation": "relation_weight",
+}
+"""Every loss term and the field of its weight, defined once (what ``schedules`` may move, what must be >= 0)."""
+LAYER_MAP_FIELDS = (*(s.map_field for s in ATTENTION_SITES), "hidden_layer_map")
+LOWER_BOUNDS = {"temperature": (0, False), "relation_heads": (1, True)}
+"""``{field: (bound, inclusive)}`` checked in ``__post_init__``, besides every term weight's ``>= 0``."""
+
+
+def term_weights() -> dict[str, str]:
+    """``{term: weight field}`` of every loss term (:data:`TERM_WEIGHTS`)."""
+    return dict(TERM_WEIGHTS)
+
+
+def schedulable(term_weight_fields: dict[str, str] | None = None) -> tuple[str, ...]:
+    """What ``schedules`` may move: the temperature and every term weight (of :data:`TERM_WEIGHTS`, or of
+    ``term_weight_fields``)."""
+    return ("temperature", *(term_weight_fields or TERM_WEIGHTS).values())
+
+
+def parse_schedules(
+    spec: dict | str | None, term_weight_fields: dict[str, str] | None = None
+) -> dict[str, tuple[str, float]]:
+    """``{name: (kind, end)}`` from a dict, a JSON object or ``"name=kind:end,..."``; checked (the names against
+    :func:`schedulable`)."""
+    if spec is None or spec == "" or spec == {}:
+        return {}
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("{"):
+            spec = json.loads(text)
+        else:
+            items = [item for item in text.split(",") if item.strip()]
+            bad = [item for item in items if "=" not in item]
+            if bad:
+                raise ValueError(
+                    f"schedules items are 'name=kind:end' (e.g. 'temperature=linear:1.0'); got {bad[0]!r}."
+                )
+            spec = dict(item.split("=", 1) for item in items)
+    names = schedulable(term_weight_fields)
+    out = {}
+    for name, value in spec.items():
+        name = name.strip()
+        if name not in names:
+            raise ValueError(f"Cannot schedule {name!r}; schedulable values: {list(names)}.")
+        kind, _, end = str(value).strip().partition(":")
+        if kind not in SCHEDULE_KINDS:
+            raise ValueError(f"Schedule of {name} must be one of {SCHEDULE_KINDS} (as 'kind:end'), got {value!r}.")
+        if kind == "constant":
+            out[name] = ("constant", math.nan)
+            continue
+        try:
+            end_value = float(end)
+        except ValueError:
+            raise ValueError(f"Schedule of {name} needs an end value, e.g. '{kind}:0.5'; got {value!r}.") from None
+        if not math.isfinite(end_value):
+            raise ValueError(f"The {name} schedule must end at a finite value, got {end_value}.")
+        if name == "temperature" and not end_value > 0:
+            raise ValueError(f"The temperature schedule must end above 0, got {end_value}.")
+        if end_value < 0:
+            raise ValueError(f"The {name} schedule must end at a value >= 0, got {end_value}.")
+        out[name] = (kind, end_value)
+    return out
+
+
+def deepspeed_requested(args: Any = None) -> bool:
+    """Whether DeepSpeed is asked for: ``args.deepspeed`` set, or ``accelerate launch`` with a DeepSpeed config
+    (``ACCELERATE_USE_DEEPSPEED=true``)."""
+    if getattr(args, "deepspeed", None):
+        return True
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes", "on")
+
+
+def require_deepspeed(args: Any = None, force: bool = False) -> None:
+    """Raise ``ImportError`` naming ``pip install deepspeed`` when DeepSpeed is asked for (see
+    :func:`deepspeed_requested`, or ``force``) but not installed. Call it before ``TrainingArguments.__post_init__``, which
+    otherwise fails with a bare ``PackageNotFoundError``."""
+    if (force or deepspeed_requested(args)) and importlib.util.find_spec("deepspeed") is None:
+        raise ImportError(
+            "DeepSpeed was requested (the `deepspeed` argument, or `accelerate launch` with a DeepSpeed config) but "
+            "the `deepspeed` package is not installed: `pip install deepspeed`, or drop the DeepSpeed config to train "
+            "with DDP or FSDP."
+        )
 
 
 @dataclass
@@ -128,11 +308,17 @@ class DistillConfig(TrainingArguments):
             Storage dtype of the cache: `"float16"` (half the size) or `"float32"` (exact).
     """
 
+    term_weight_fields: ClassVar[dict[str, str]] = TERM_WEIGHTS
+    """``{term: weight field}`` of the terms this configuration weighs; a subclass that adds a term's weight
+    field extends it (``docs/adding_a_term.md``)."""
+
     temperature: float = field(
-        default=2.0, metadata={"help": "Softmax temperature of the logit KD term (> 0); the term is scaled by T^2."}
+        default=2.0,
+        metadata={"help": "Softmax temperature of the logit KD term (> 0); the term is scaled by T^2."},
     )
     alpha_ce: float = field(
-        default=0.5, metadata={"help": "Weight of the student's hard-label loss (>= 0); 0 allows unlabeled data."}
+        default=0.5,
+        metadata={"help": "Weight of the student's hard-label loss (>= 0); 0 allows unlabeled data."},
     )
     alpha_kd: float = field(default=0.5, metadata={"help": "Weight of the logit KD term (>= 0)."})
     attention_loss: str = field(
@@ -144,17 +330,19 @@ class DistillConfig(TrainingArguments):
         },
     )
     attention_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the encoder self-attention loss (>= 0); 0 leaves the encoder out."}
+        default=1.0,
+        metadata={"help": "Weight of the encoder self-attention loss (>= 0); 0 leaves the encoder out."},
     )
     layer_map: str | None = field(
         default="uniform",
         metadata={
             "help": "Student<-teacher encoder layer map: 'uniform' (TinyBERT), 'last' (MiniLM), pairs "
-            "'student:teacher,...' such as '0:1,1:3,2:5' (0-based), or 'none'."
+            "'student:teacher,...' such as '0:1,1:3,2:5' (0-based), or 'none'.",
         },
     )
     decoder_layer_map: str | None = field(
-        default=None, metadata={"help": "Layer map of the causal decoder self-attention (encoder-decoder models)."}
+        default=None,
+        metadata={"help": "Layer map of the causal decoder self-attention (encoder-decoder models)."},
     )
     cross_layer_map: str | None = field(
         default=None, metadata={"help": "Layer map of the cross-attention (encoder-decoder models)."}
@@ -179,23 +367,26 @@ class DistillConfig(TrainingArguments):
         metadata={
             "help": "Hidden-state loss: 'mse' (TinyBERT, through a learned projection when widths differ) or "
             "'cosine' (DistilBERT).",
-            "choices": list(HIDDEN_LOSSES),
+            "choices": list(HIDDEN_LOSS_KINDS),
         },
     )
     hidden_layer_map: str | None = field(
-        default=None, metadata={"help": "Layer map of the hidden-state term (same forms as layer_map); default: layer_map."}
+        default=None,
+        metadata={"help": "Layer map of the hidden-state term (same forms as layer_map); default: layer_map."},
     )
     hidden_include_embeddings: bool = field(
         default=True, metadata={"help": "Also match the embedding outputs in the hidden-state term."}
     )
     relation_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the MiniLM/MiniLMv2 relation term loss_relation (>= 0); 0 turns it off."}
+        default=0.0,
+        metadata={"help": "Weight of the MiniLM/MiniLMv2 relation term loss_relation (>= 0); 0 turns it off."},
     )
     relation_kinds: str = field(
         default="qq,kk,vv", metadata={"help": "Relations: comma-separated subset of qq, kk, vv ('vv' = MiniLM v1)."}
     )
     relation_heads: int | None = field(
-        default=None, metadata={"help": "Relation heads (must divide both widths); default: the student's heads."}
+        default=None,
+        metadata={"help": "Relation heads (must divide both widths); default: the student's heads."},
     )
     relation_teacher_layer: int = field(
         default=-1, metadata={"help": "Teacher layer of the relations (0-based, negative from the end)."}
@@ -205,8 +396,10 @@ class DistillConfig(TrainingArguments):
     )
     schedules: dict | str | None = field(
         default=None,
-        metadata={"help": "Schedules of the temperature / loss weights, e.g. 'temperature=linear:1.0,"
-                  "attention_weight=cosine:0.0' or a JSON object (kinds: constant, linear, cosine; 'kind:end')."},
+        metadata={
+            "help": "Schedules of the temperature / loss weights, e.g. 'temperature=linear:1.0,"
+            "attention_weight=cosine:0.0' or a JSON object (kinds: constant, linear, cosine; 'kind:end')."
+        },
     )
     teacher_dtype: str = field(
         default="auto",
@@ -241,51 +434,47 @@ class DistillConfig(TrainingArguments):
     def __post_init__(self):
         require_deepspeed(self)  # transformers would fail first, with a bare PackageNotFoundError
         super().__post_init__()
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("alpha_ce", "alpha_kd", "attention_weight", "decoder_attention_weight", "cross_attention_weight",
-                     "hidden_weight", "relation_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("layer_map", "decoder_layer_map", "cross_layer_map", "hidden_layer_map"):
-            spec = getattr(self, name)
-            if spec is None or (isinstance(spec, str) and spec.strip().lower() == "none"):
-                setattr(self, name, None)
-            else:
-                parsed = parse_layer_map(spec)
-                # Keep a JSON-friendly form so the arguments still serialize with checkpoints.
-                setattr(self, name, parsed if isinstance(parsed, str) else [list(p) for p in parsed])
-        if self.layer_map is None:
-            self.attention_weight = 0.0
-        if self.decoder_layer_map is None:
-            self.decoder_attention_weight = 0.0
-        if self.cross_layer_map is None:
-            self.cross_attention_weight = 0.0
-        if (self.alpha_ce == 0 and self.alpha_kd == 0 and not self.uses_attention and self.hidden_weight == 0
-                and self.relation_weight == 0):
-            raise ValueError("alpha_ce, alpha_kd, hidden_weight, relation_weight and every attention weight are 0: "
-                             "nothing to train on.")
-        parse_relation_kinds(self.relation_kinds)
-        parsed_schedules = parse_schedules(self.schedules)
-        for name in parsed_schedules:
-            if getattr(self, name) == 0:
-                raise ValueError(f"schedules: {name} starts at its configured value 0, so its term is off; set {name} "
-                                 "to the schedule's start value.")
-        self.schedules = {n: k if k == "constant" else f"{k}:{e}" for n, (k, e) in parsed_schedules.items()} or None
-        if self.relation_heads is not None and self.relation_heads < 1:
-            raise ValueError(f"relation_heads must be >= 1, got {self.relation_heads}")
-        if self.hidden_loss not in HIDDEN_LOSSES:
-            raise ValueError(f"hidden_loss must be one of {tuple(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
-        if self.hidden_weight > 0 and self.hidden_layer_map is None and self.layer_map is None:
-            raise ValueError("hidden_weight > 0 needs a layer map: set hidden_layer_map (or layer_map) to 'uniform', "
-                             "'last' or pairs such as '0:1,1:3'.")
         if self.attention_loss == "mse":
             raise ValueError(
                 "attention_loss='mse' is ambiguous: use 'mse_scores' (TinyBERT, pre-softmax scores) or 'mse_probs' "
                 "(attention probabilities)."
             )
-        if self.attention_loss not in ATTENTION_LOSSES:
-            raise ValueError(f"attention_loss must be one of {ATTENTION_LOSSES}, got {self.attention_loss!r}")
+        for f in dataclasses.fields(DistillConfig):  # the choices the fields' metadata list
+            value = getattr(self, f.name)
+            if f.name in _OWN_FIELDS and "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {tuple(f.metadata['choices'])}, got {value!r}")
+        bounds = {**LOWER_BOUNDS, **{name: (0, True) for name in self.term_weight_fields.values()}}
+        for name, (bound, inclusive) in bounds.items():
+            value = getattr(self, name)
+            if value is not None and not (value >= bound if inclusive else value > bound):
+                raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {bound}, got {value}")
+        for name in LAYER_MAP_FIELDS:
+            value = getattr(self, name)
+            if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+                setattr(self, name, None)  # "none" on the command line is None
+            else:
+                parsed = parse_layer_map(value)
+                # Keep a JSON-friendly form so the arguments still serialize with checkpoints.
+                setattr(self, name, parsed if isinstance(parsed, str) else [list(p) for p in parsed])
+        if not any(self.term_is_on(term) for term in self.term_weight_fields):
+            raise ValueError(
+                "alpha_ce, alpha_kd, hidden_weight, relation_weight and every attention weight (with its "
+                "layer map) are 0: nothing to train on."
+            )
+        parse_relation_kinds(self.relation_kinds)
+        parsed_schedules = parse_schedules(self.schedules, self.term_weight_fields)
+        for name in parsed_schedules:
+            if getattr(self, name) == 0:
+                raise ValueError(
+                    f"schedules: {name} starts at its configured value 0, so its term is off; set {name} "
+                    "to the schedule's start value."
+                )
+        self.schedules = {n: k if k == "constant" else f"{k}:{e}" for n, (k, e) in parsed_schedules.items()} or None
+        if self.hidden_weight > 0 and self.hidden_layer_map is None and self.layer_map is None:
+            raise ValueError(
+                "hidden_weight > 0 needs a layer map: set hidden_layer_map (or layer_map) to 'uniform', "
+                "'last' or pairs such as '0:1,1:3'."
+            )
         if isinstance(self.teacher_model_init_kwargs, str):
             try:
                 self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
@@ -294,13 +483,9 @@ class DistillConfig(TrainingArguments):
                     f"teacher_model_init_kwargs must be a dict or a JSON object string, got {self.teacher_model_init_kwargs!r}"
                 ) from err
         if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
-            raise ValueError(f"teacher_model_init_kwargs must be a dict, got {type(self.teacher_model_init_kwargs).__name__}")
-        if self.head_grouping not in HEAD_GROUPINGS:
-            raise ValueError(f"head_grouping must be one of {HEAD_GROUPINGS}, got {self.head_grouping!r}")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
-        if self.teacher_logits_cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"teacher_logits_cache_dtype must be one of {CACHE_DTYPES}, got {self.teacher_logits_cache_dtype!r}")
+            raise ValueError(
+                f"teacher_model_init_kwargs must be a dict, got {type(self.teacher_model_init_kwargs).__name__}"
+            )
         if self.teacher_logits_cache and (self.uses_attention or self.hidden_weight > 0 or self.relation_weight > 0):
             raise ValueError(
                 "teacher_logits_cache only replaces the teacher when it is needed for logits alone: set "
@@ -310,7 +495,23 @@ class DistillConfig(TrainingArguments):
         if self.teacher_logits_cache and self.alpha_kd == 0:
             raise ValueError("teacher_logits_cache is useless with alpha_kd=0: no teacher logits are used.")
 
+    def site_is_on(self, site: AttentionSite) -> bool:
+        """Whether ``site`` is transferred: its layer map is set and its weight is above 0."""
+        return getattr(self, site.map_field) is not None and getattr(self, site.weight_field) > 0
+
+    def term_is_on(self, term: str) -> bool:
+        """Whether the loss term ``term`` contributes: its weight is above 0 (and, for a site, its map is set)."""
+        for site in ATTENTION_SITES:
+            if site.term == term:
+                return self.site_is_on(site)
+        return getattr(self, self.term_weight_fields[term]) > 0
+
     @property
     def uses_attention(self) -> bool:
         """Whether any attention site is transferred."""
-        return any(w > 0 for w in (self.attention_weight, self.decoder_attention_weight, self.cross_attention_weight))
+        return any(self.site_is_on(site) for site in ATTENTION_SITES)
+
+
+_OWN_FIELDS = {f.name for f in dataclasses.fields(DistillConfig)} - {
+    f.name for f in dataclasses.fields(TrainingArguments)
+}

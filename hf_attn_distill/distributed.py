@@ -29,12 +29,12 @@ for DeepSpeed without the package raises an ``ImportError`` naming ``pip install
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 from typing import Any
 
 import torch
 from torch import nn
+
+from .config import deepspeed_requested, require_deepspeed
 
 __all__ = [
     "TEACHER_PLACEMENTS",
@@ -49,31 +49,6 @@ TEACHER_PLACEMENTS = ("replicated", "fsdp2_sharded", "deepspeed_zero3")
 """What :func:`teacher_placement` returns: a full copy per device, ``fully_shard`` shards, a ZeRO-3 engine."""
 
 _ZERO3_AUTO_KEYS = ("reduce_bucket_size", "stage3_param_persistence_threshold", "stage3_prefetch_bucket_size")
-
-
-def deepspeed_requested(args: Any = None) -> bool:
-    """Whether DeepSpeed is asked for: ``args.deepspeed`` set, or ``accelerate launch`` with a DeepSpeed config
-    (``ACCELERATE_USE_DEEPSPEED=true``)."""
-    if getattr(args, "deepspeed", None):
-        return True
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes", "on")
-
-
-def require_deepspeed(args: Any = None) -> None:
-    """Raise ``ImportError`` naming ``pip install deepspeed`` when DeepSpeed is asked for (see
-    :func:`deepspeed_requested`) but not installed. Call it before ``TrainingArguments.__post_init__``, which
-    otherwise fails with a bare ``PackageNotFoundError``."""
-    if deepspeed_requested(args):
-        _require_deepspeed_package()
-
-
-def _require_deepspeed_package() -> None:
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ImportError(
-            "DeepSpeed was requested (the `deepspeed` argument, or `accelerate launch` with a DeepSpeed config) but "
-            "the `deepspeed` package is not installed: `pip install deepspeed`, or drop the DeepSpeed config to train "
-            "with DDP or FSDP."
-        )
 
 
 def _distributed_type(accelerator) -> str:
@@ -191,7 +166,7 @@ class _NoGradForward(nn.Module):
 
 
 def _deepspeed_zero3_teacher(teacher: nn.Module, accelerator) -> nn.Module:
-    _require_deepspeed_package()
+    require_deepspeed(force=True)
     import deepspeed
 
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)

@@ -2,47 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from .config import LayerMapSpec, parse_layer_map
 
 __all__ = ["parse_layer_map", "resolve_layer_map"]
-
-LayerMapSpec = str | Sequence[Sequence[int]]
-
-
-def parse_layer_map(spec: LayerMapSpec) -> str | tuple[tuple[int, int], ...]:
-    """Normalise a layer-map spec to ``"uniform"``, ``"last"`` or a tuple of ``(student, teacher)`` pairs.
-
-    Accepts the names, a list of pairs, a JSON list (``"[[0, 1], [1, 3]]"``) or the command-line
-    form ``"0:1,1:3,2:5"``.
-    """
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text in ("uniform", "last"):
-            return text
-        try:
-            if text.startswith("["):
-                pairs = json.loads(text)
-            else:
-                pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item.strip()]
-        except (ValueError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"Cannot parse layer_map {spec!r}: use 'uniform', 'last', pairs like '0:1,1:3' "
-                "or a JSON list like '[[0, 1], [1, 3]]'."
-            ) from err
-    else:
-        pairs = spec
-    out = []
-    for pair in pairs:
-        if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
-            raise ValueError(f"Each layer_map entry must be a (student_layer, teacher_layer) pair of ints, got {pair!r}")
-        out.append((int(pair[0]), int(pair[1])))
-    if not out:
-        raise ValueError("layer_map is empty: give at least one (student_layer, teacher_layer) pair.")
-    students = [s for s, _ in out]
-    if len(set(students)) != len(students):
-        raise ValueError(f"layer_map {out} maps a student layer twice; each student layer may have one teacher layer.")
-    return tuple(out)
 
 
 def resolve_layer_map(spec: LayerMapSpec, num_student_layers: int, num_teacher_layers: int) -> list[tuple[int, int]]:

@@ -255,8 +255,9 @@ def self_relation_log_probs(states: torch.Tensor, num_heads: int, key_mask: torc
     return torch.log_softmax(scores, dim=-1)
 
 
-def relation_kl_loss(student: torch.Tensor, teacher: torch.Tensor, num_heads: int,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+def relation_kl_loss(
+    student: torch.Tensor, teacher: torch.Tensor, num_heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """MiniLMv2 relation-transfer loss: ``KL(teacher relation || student relation)`` per relation head and row.
 
     ``student`` ``[B, T, D_s]`` and ``teacher`` ``[B, T, D_t]`` are the same kind of states (queries, keys or

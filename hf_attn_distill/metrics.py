@@ -167,8 +167,10 @@ class TranslationMetrics:
         hyps = [t.strip() for t in self.tokenizer.batch_decode(predictions, skip_special_tokens=True)]
         if self.references is not None:
             if len(self.references) != len(hyps):
-                raise ValueError(f"{len(hyps)} translations for {len(self.references)} references: set "
-                                 "TranslationMetrics.references to the raw targets of the evaluated split.")
+                raise ValueError(
+                    f"{len(hyps)} translations for {len(self.references)} references: set "
+                    "TranslationMetrics.references to the raw targets of the evaluated split."
+                )
             refs = list(self.references)
         else:
             refs = [t.strip() for t in self.tokenizer.batch_decode(labels, skip_special_tokens=True)]

@@ -17,41 +17,73 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
+from .config import ATTENTION_SITES
+
 __all__ = [
-    "CARD_METRICS", "CITATIONS", "DEFAULT_TEMPLATE", "TASKS", "CardInfo", "build_model_card", "card_metrics",
-    "count_parameters", "describe_layers", "distillation_method", "distillation_settings", "hub_model_id",
-    "measure_forward_latency_ms", "public_model_name", "summary_table", "task_of", "write_model_card",
+    "CARD_METRICS",
+    "CITATIONS",
+    "DEFAULT_TEMPLATE",
+    "TASKS",
+    "CardInfo",
+    "build_model_card",
+    "card_metrics",
+    "count_parameters",
+    "describe_layers",
+    "distillation_method",
+    "distillation_settings",
+    "hub_model_id",
+    "measure_forward_latency_ms",
+    "public_model_name",
+    "summary_table",
+    "task_of",
+    "trainer_card_info",
+    "write_model_card",
 ]
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "distilled_student_card.md"
 
 #: Hub task id -> (task name shown in the model-index, Auto class that loads the student, usage snippet).
 TASKS = {
-    "text-classification": ("Text Classification", "AutoModelForSequenceClassification",
-                            ('classifier = pipeline("text-classification", model="{model}")\n'
-                            'print(classifier("a gripping, beautifully shot film"))')),
-    "question-answering": ("Question Answering", "AutoModelForQuestionAnswering",
-                           ('qa = pipeline("question-answering", model="{model}")\n'
-                           'print(qa(question="Who wrote it?", context="The book was written by Ann Lee in 1990."))')),
-    "translation": ("Translation", "AutoModelForSeq2SeqLM",
-                    ('tokenizer = AutoTokenizer.from_pretrained("{model}")\n'
-                    'model = AutoModelForSeq2SeqLM.from_pretrained("{model}")\n'
-                    'batch = tokenizer(["ein Hund läuft durch den Schnee ."], return_tensors="pt")\n'
-                    'print(tokenizer.batch_decode(model.generate(**batch, max_length=64), skip_special_tokens=True))')),
+    "text-classification": (
+        "Text Classification",
+        "AutoModelForSequenceClassification",
+        (
+            'classifier = pipeline("text-classification", model="{model}")\n'
+            'print(classifier("a gripping, beautifully shot film"))'
+        ),
+    ),
+    "question-answering": (
+        "Question Answering",
+        "AutoModelForQuestionAnswering",
+        (
+            'qa = pipeline("question-answering", model="{model}")\n'
+            'print(qa(question="Who wrote it?", context="The book was written by Ann Lee in 1990."))'
+        ),
+    ),
+    "translation": (
+        "Translation",
+        "AutoModelForSeq2SeqLM",
+        (
+            'tokenizer = AutoTokenizer.from_pretrained("{model}")\n'
+            'model = AutoModelForSeq2SeqLM.from_pretrained("{model}")\n'
+            'batch = tokenizer(["ein Hund läuft durch den Schnee ."], return_tensors="pt")\n'
+            "print(tokenizer.batch_decode(model.generate(**batch, max_length=64), skip_special_tokens=True))"
+        ),
+    ),
 }
 
 CITATIONS = {
     "hinton2015": "@article{hinton2015distilling,\n  title={Distilling the Knowledge in a Neural Network},\n"
-                  "  author={Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},\n  journal={arXiv:1503.02531},\n"
-                  "  year={2015}\n}",
+    "  author={Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},\n  journal={arXiv:1503.02531},\n"
+    "  year={2015}\n}",
     "tinybert": "@inproceedings{jiao2020tinybert,\n  title={TinyBERT: Distilling BERT for Natural Language Understanding},\n"
-                "  author={Jiao, Xiaoqi and Yin, Yichun and Shang, Lifeng and Jiang, Xin and Chen, Xiao and Li, Linlin "
-                "and Wang, Fang and Liu, Qun},\n  booktitle={Findings of EMNLP},\n  year={2020}\n}",
+    "  author={Jiao, Xiaoqi and Yin, Yichun and Shang, Lifeng and Jiang, Xin and Chen, Xiao and Li, Linlin "
+    "and Wang, Fang and Liu, Qun},\n  booktitle={Findings of EMNLP},\n  year={2020}\n}",
     "minilm": "@inproceedings{wang2020minilm,\n  title={MiniLM: Deep Self-Attention Distillation for Task-Agnostic "
-              "Compression of Pre-Trained Transformers},\n  author={Wang, Wenhui and Wei, Furu and Dong, Li and Bao, "
-              "Hangbo and Yang, Nan and Zhou, Ming},\n  booktitle={NeurIPS},\n  year={2020}\n}",
+    "Compression of Pre-Trained Transformers},\n  author={Wang, Wenhui and Wei, Furu and Dong, Li and Bao, "
+    "Hangbo and Yang, Nan and Zhou, Ming},\n  booktitle={NeurIPS},\n  year={2020}\n}",
     "kim2016": "@inproceedings{kim2016sequence,\n  title={Sequence-Level Knowledge Distillation},\n"
-               "  author={Kim, Yoon and Rush, Alexander M.},\n  booktitle={EMNLP},\n  year={2016}\n}",
+    "  author={Kim, Yoon and Rush, Alexander M.},\n  booktitle={EMNLP},\n  year={2016}\n}",
 }
 
 #: Metrics a card reports (``evaluate`` names), in this order.
@@ -152,12 +184,18 @@ def _result_rows(info: CardInfo) -> tuple[list[str], list[dict]]:
     """Metric names, and the teacher (or starting point) and student rows of the results table."""
     names = list(dict.fromkeys([*info.metrics, *info.teacher_metrics]))
     rows = [
-        {"model": f"{'teacher' if info.distilled else 'starting point'} `{public_model_name(info.teacher)}`",
-         "params": _fmt(info.teacher_params), "values": [_fmt(info.teacher_metrics.get(n, "-")) for n in names],
-         "latency": "-" if info.teacher_latency_ms is None else f"{info.teacher_latency_ms:.2f} ms"},
-        {"model": "this student" if info.distilled else "this model", "params": _fmt(info.student_params),
-         "values": [_fmt(info.metrics.get(n, "-")) for n in names],
-         "latency": "-" if info.student_latency_ms is None else f"{info.student_latency_ms:.2f} ms"},
+        {
+            "model": f"{'teacher' if info.distilled else 'starting point'} `{public_model_name(info.teacher)}`",
+            "params": _fmt(info.teacher_params),
+            "values": [_fmt(info.teacher_metrics.get(n, "-")) for n in names],
+            "latency": "-" if info.teacher_latency_ms is None else f"{info.teacher_latency_ms:.2f} ms",
+        },
+        {
+            "model": "this student" if info.distilled else "this model",
+            "params": _fmt(info.student_params),
+            "values": [_fmt(info.metrics.get(n, "-")) for n in names],
+            "latency": "-" if info.student_latency_ms is None else f"{info.student_latency_ms:.2f} ms",
+        },
     ]
     return names, rows
 
@@ -183,24 +221,49 @@ def build_model_card(info: CardInfo, template: str | Path | None = None) -> Mode
         )
     task_name, auto_class, usage = TASKS[info.task]
     eval_results = [
-        EvalResult(task_type=info.task, task_name=task_name, dataset_type=info.dataset, dataset_name=info.dataset,
-                   dataset_split=info.eval_split, metric_type=name, metric_name=name, metric_value=round(float(v), 4))
+        EvalResult(
+            task_type=info.task,
+            task_name=task_name,
+            dataset_type=info.dataset,
+            dataset_name=info.dataset,
+            dataset_split=info.eval_split,
+            metric_type=name,
+            metric_name=name,
+            metric_value=round(float(v), 4),
+        )
         for name, v in info.metrics.items()
     ]
     data = ModelCardData(
-        language=info.language, license=info.license, library_name="transformers", pipeline_tag=info.task,
+        language=info.language,
+        license=info.license,
+        library_name="transformers",
+        pipeline_tag=info.task,
         tags=["hf_attn_distill", "knowledge-distillation", "attention-transfer", info.task],
-        base_model=hub_model_id(info.teacher), datasets=[info.dataset], metrics=list(info.metrics) or None,
-        model_name=info.model_name, eval_results=eval_results or None,
+        base_model=hub_model_id(info.teacher),
+        datasets=[info.dataset],
+        metrics=list(info.metrics) or None,
+        model_name=info.model_name,
+        eval_results=eval_results or None,
     )
     names, rows = _result_rows(info)
-    speedup = (info.teacher_latency_ms / info.student_latency_ms
-               if info.teacher_latency_ms and info.student_latency_ms else None)
+    speedup = (
+        info.teacher_latency_ms / info.student_latency_ms
+        if info.teacher_latency_ms and info.student_latency_ms
+        else None
+    )
     return ModelCard.from_template(
-        data, template_path=str(path), info=info, task_name=task_name, auto_class=auto_class,
-        usage=usage.format(model=info.repo_id or info.model_name), metric_names=names, rows=rows,
-        teacher_name=public_model_name(info.teacher), compression=info.teacher_params / max(info.student_params, 1),
-        speedup=speedup, settings=[(k, _fmt(v)) for k, v in info.settings.items()],
+        data,
+        template_path=str(path),
+        info=info,
+        task_name=task_name,
+        auto_class=auto_class,
+        usage=usage.format(model=info.repo_id or info.model_name),
+        metric_names=names,
+        rows=rows,
+        teacher_name=public_model_name(info.teacher),
+        compression=info.teacher_params / max(info.student_params, 1),
+        speedup=speedup,
+        settings=[(k, _fmt(v)) for k, v in info.settings.items()],
         citations=[CITATIONS[c] for c in info.citations],
     )
 
@@ -248,11 +311,11 @@ def distillation_method(args, sequence_kd: bool = False) -> str:
     parts = ["sequence-level KD"] if sequence_kd else []
     if args.alpha_kd > 0:
         parts.append("logit KD" if args.temperature is not None else "KD")
-    sites = [site for site, weight, layer_map in (
-        ("encoder", args.attention_weight, args.layer_map),
-        ("decoder", args.decoder_attention_weight, args.decoder_layer_map),
-        ("cross", args.cross_attention_weight, args.cross_layer_map),
-    ) if weight > 0 and layer_map not in (None, "none")]
+    sites = [
+        site.name
+        for site in ATTENTION_SITES
+        if getattr(args, site.weight_field) > 0 and getattr(args, site.map_field) not in (None, "none")
+    ]
     if sites:
         parts.append(f"attention transfer ({args.attention_loss}; {', '.join(sites)})")
     if getattr(args, "hidden_weight", 0) > 0:
@@ -264,11 +327,34 @@ def distillation_method(args, sequence_kd: bool = False) -> str:
 
 def distillation_settings(args) -> dict:
     """The settings table of a card: objective and training budget of a :class:`~hf_attn_distill.DistillConfig`."""
-    keys = ["temperature", "alpha_ce", "alpha_kd", "attention_loss", "attention_weight", "layer_map",
-            "decoder_layer_map", "decoder_attention_weight", "cross_layer_map", "cross_attention_weight",
-            "head_grouping", "hidden_weight", "hidden_loss", "hidden_layer_map", "relation_weight", "relation_kinds",
-            "relation_heads", "relation_teacher_layer", "relation_student_layer", "schedules", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "seed"]
+    keys = [
+        "temperature",
+        "alpha_ce",
+        "alpha_kd",
+        "attention_loss",
+        "attention_weight",
+        "layer_map",
+        "decoder_layer_map",
+        "decoder_attention_weight",
+        "cross_layer_map",
+        "cross_attention_weight",
+        "head_grouping",
+        "hidden_weight",
+        "hidden_loss",
+        "hidden_layer_map",
+        "relation_weight",
+        "relation_kinds",
+        "relation_heads",
+        "relation_teacher_layer",
+        "relation_student_layer",
+        "schedules",
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "seed",
+    ]
     settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if settings.get("decoder_layer_map") is None:
         settings = {k: v for k, v in settings.items() if not k.startswith("decoder_")}
@@ -280,3 +366,29 @@ def distillation_settings(args) -> dict:
     if settings.get("max_steps", -1) > 0:
         settings.pop("num_train_epochs", None)
     return {k: (str(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in settings.items() if v is not None}
+
+
+def trainer_card_info(trainer, **fields) -> CardInfo:
+    """What a :class:`~hf_attn_distill.DistillTrainer`'s card says: the student, teacher and objective it holds,
+    the last evaluation's metrics, and ``fields`` overriding any :class:`CardInfo` field."""
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    evals = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
+    metrics, _ = card_metrics(evals[-1] if evals else {}, "eval")
+    teacher = trainer.teacher_model
+    teacher_name = getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__
+    args = trainer.args
+    defaults = {
+        "model_name": args.hub_model_id or Path(args.output_dir).name,
+        "task": task_of(student),
+        "repo_id": getattr(trainer, "hub_model_id", None) or args.hub_model_id,
+        "teacher": teacher_name,
+        "dataset": "custom",
+        "eval_split": "evaluation set",
+        "method": distillation_method(args),
+        "student_params": count_parameters(student),
+        "teacher_params": count_parameters(teacher),
+        "student_layers": describe_layers(student),
+        "metrics": metrics,
+        "settings": distillation_settings(args),
+    }
+    return CardInfo(**{**defaults, **fields})

@@ -11,35 +11,37 @@ from pathlib import Path
 
 import torch
 
-from .attention_capture import AttentionRecorder
+from .attention_capture import Capture
 
 __all__ = ["attention_maps", "log_figures_to_tensorboard", "plot_attention", "plot_loss_curves"]
 
 
-def _pyplot():
+def _figure(**kwargs):
+    """A matplotlib ``Figure`` drawn without pyplot, so the process's backend is left as the user set it."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError("Plots need matplotlib: pip install matplotlib (or hf_attn_distill[plots]).") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 @torch.no_grad()
 def attention_maps(model, modules: Sequence[torch.nn.Module], inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     """Attention probabilities ``[H, Q, K]`` of ``modules`` (pre-dropout) for the first example of ``inputs``.
 
-    ``model`` must have attention capture enabled (it is, once a :class:`~hf_attn_distill.DistillTrainer` holds it).
+    Capture is attached to ``model`` for this one forward and taken off again (what a running
+    :class:`~hf_attn_distill.DistillTrainer` attached stays).
     """
+    capture = Capture()
+    capture.enable(model)
     was_training = model.training
     model.eval()
     try:
-        with AttentionRecorder(modules).record() as records:
+        with capture.attention_recorder(modules).record() as records:
             model(**inputs)
     finally:
         model.train(was_training)
+        capture.release()
     return [r[0].exp().float().cpu() for r in records]
 
 
@@ -59,11 +61,13 @@ def plot_attention(
     cross-attention pass the target tokens as ``query_tokens`` and the source tokens as ``key_tokens``: each
     map is then a source x target alignment grid.
     """
-    plt = _pyplot()
     if not (len(teacher_maps) == len(student_maps) == len(pairs)) or not pairs:
-        raise ValueError("Give one teacher map, one student map and one (student, teacher) layer pair per mapped layer.")
+        raise ValueError(
+            "Give one teacher map, one student map and one (student, teacher) layer pair per mapped layer."
+        )
     heads = student_maps[0].shape[0]
-    fig, axes = plt.subplots(2 * len(pairs), heads, figsize=(2.2 * heads, 4.4 * len(pairs)), squeeze=False)
+    fig = _figure(figsize=(2.2 * heads, 4.4 * len(pairs)))
+    axes = fig.subplots(2 * len(pairs), heads, squeeze=False)
     for row, ((s_layer, t_layer), t_map, s_map) in enumerate(zip(pairs, teacher_maps, student_maps)):
         if t_map.shape != s_map.shape:
             raise ValueError(f"Teacher map {tuple(t_map.shape)} and student map {tuple(s_map.shape)} differ in shape.")
@@ -82,19 +86,18 @@ def plot_attention(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_loss_curves(log_history: Sequence[Mapping], path: str | Path) -> Path:
     """Every loss term logged during training (``loss``, ``loss_ce``, ``loss_kd``, ``loss_attn_*``) and, when
     present, their evaluation values (``eval_loss*``), against the step."""
-    plt = _pyplot()
     train_keys = sorted({k for e in log_history for k in e if k == "loss" or k.startswith("loss_")})
     eval_keys = sorted({k for e in log_history for k in e if k == "eval_loss" or k.startswith("eval_loss_")})
     if not train_keys and not eval_keys:
         raise ValueError("The log history has no loss terms; train with logging_steps so that terms are logged.")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = _figure(figsize=(7, 4))
+    ax = fig.subplots()
     for keys, style in ((train_keys, "-"), (eval_keys, "--")):
         for key in keys:
             points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
@@ -107,7 +110,6 @@ def plot_loss_curves(log_history: Sequence[Mapping], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -120,12 +122,12 @@ def log_figures_to_tensorboard(trainer, paths: Sequence[str | Path]) -> Path | N
     callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
     if callback is None or not paths:
         return None
+    import matplotlib.image
     from torch.utils.tensorboard import SummaryWriter
 
-    plt = _pyplot()
     log_dir = getattr(callback, "logging_dir", None) or str(Path(trainer.args.output_dir) / "runs")
     with SummaryWriter(log_dir=log_dir) as writer:
         for path in paths:
-            image = plt.imread(str(path))[..., :3]  # RGBA PNG -> RGB, floats in [0, 1]
+            image = matplotlib.image.imread(str(path))[..., :3]  # RGBA PNG -> RGB, floats in [0, 1]
             writer.add_image(f"distillation/{Path(path).stem}", image, trainer.state.global_step, dataformats="HWC")
     return Path(log_dir)

@@ -14,7 +14,9 @@ __all__ = ["folder_weights_mb", "machine_info", "measure_latency_ms"]
 
 def folder_weights_mb(folder: str | Path) -> float:
     """Size on disk of the weight files (``*.safetensors``/``*.bin``) in a saved model folder, in MB."""
-    files = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin") and p.name != "training_args.bin"]
+    files = [
+        p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin") and p.name != "training_args.bin"
+    ]
     if not files:
         raise FileNotFoundError(f"No weight files in {folder}.")
     return sum(p.stat().st_size for p in files) / 1e6

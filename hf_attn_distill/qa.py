@@ -3,7 +3,7 @@
 The feature and post-processing logic follows transformers' ``examples/pytorch/question-answering``
 (``run_qa.py`` / ``utils_qa.py``), plus what distillation needs: every feature carries ``kd_mask``, the
 positions an answer can take (context tokens, and the CLS token for SQuAD v2), so the start/end logit KD
-compares teacher and student there only (:data:`~hf_attn_distill.trainer.KD_MASK_COLUMN`).
+compares teacher and student there only (:data:`~hf_attn_distill.objective.KD_MASK_COLUMN`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from transformers import EvalPrediction, PreTrainedTokenizerBase
 
 from .metrics import compute_squad_metrics
+from .objective import KD_MASK_COLUMN
 
 __all__ = [
     "QAMetrics",
@@ -141,7 +142,9 @@ def misplaced_answers(dataset: datasets.Dataset, columns: Mapping[str, str] | No
     columns = {"context": "context", "answers": "answers", "id": "id", **(columns or {})}
     return [
         str(qid)
-        for qid, context, answers in zip(dataset[columns["id"]], dataset[columns["context"]], dataset[columns["answers"]])
+        for qid, context, answers in zip(
+            dataset[columns["id"]], dataset[columns["context"]], dataset[columns["answers"]]
+        )
         if not _answer_is_placed(context, answers)
     ]
 
@@ -159,8 +162,9 @@ def _labels(encoded, i, answers, context, context_index, cls_index, locate):
         start_char = context.find(text) if locate else -1
         if start_char < 0:
             return cls_index, cls_index
-    span = _answer_span(encoded["offset_mapping"][i], encoded.sequence_ids(i), context_index, start_char,
-                        start_char + len(text))
+    span = _answer_span(
+        encoded["offset_mapping"][i], encoded.sequence_ids(i), context_index, start_char, start_char + len(text)
+    )
     return span if span is not None else (cls_index, cls_index)
 
 
@@ -196,13 +200,13 @@ def prepare_train_features(
     encoded, context_index = _encode(examples, tokenizer, max_seq_length, doc_stride, max_query_length, columns)
     sample_mapping = encoded.pop("overflow_to_sample_mapping")
     out = {k: v for k, v in encoded.items() if k != "offset_mapping"}
-    out.update(start_positions=[], end_positions=[], kd_mask=[])
+    out.update(start_positions=[], end_positions=[], **{KD_MASK_COLUMN: []})
     for i, sample in enumerate(sample_mapping):
         cls_index = _cls_index(encoded["input_ids"][i], tokenizer)
         start, end = _labels(encoded, i, all_answers[sample], contexts[sample], context_index, cls_index, False)
         out["start_positions"].append(start)
         out["end_positions"].append(end)
-        out["kd_mask"].append(_kd_mask(encoded.sequence_ids(i), context_index, cls_index, version_2))
+        out[KD_MASK_COLUMN].append(_kd_mask(encoded.sequence_ids(i), context_index, cls_index, version_2))
     return out
 
 
@@ -228,14 +232,14 @@ def prepare_validation_features(
     encoded, context_index = _encode(examples, tokenizer, max_seq_length, doc_stride, max_query_length, columns)
     sample_mapping = encoded.pop("overflow_to_sample_mapping")
     out = {k: v for k, v in encoded.items() if k != "offset_mapping"}
-    out.update(example_id=[], offset_mapping=[], start_positions=[], end_positions=[], kd_mask=[])
+    out.update(example_id=[], offset_mapping=[], start_positions=[], end_positions=[], **{KD_MASK_COLUMN: []})
     for i, sample in enumerate(sample_mapping):
         sequence_ids = encoded.sequence_ids(i)
         cls_index = _cls_index(encoded["input_ids"][i], tokenizer)
         start, end = _labels(encoded, i, all_answers[sample], contexts[sample], context_index, cls_index, True)
         out["start_positions"].append(start)
         out["end_positions"].append(end)
-        out["kd_mask"].append(_kd_mask(sequence_ids, context_index, cls_index, version_2))
+        out[KD_MASK_COLUMN].append(_kd_mask(sequence_ids, context_index, cls_index, version_2))
         out["example_id"].append(str(examples[columns["id"]][sample]))
         out["offset_mapping"].append(
             [o if s == context_index else None for o, s in zip(encoded["offset_mapping"][i], sequence_ids)]
@@ -298,7 +302,9 @@ def postprocess_qa_predictions(
                     score = float(starts[s] + ends[e])
                     if best_score is None or score > best_score:
                         best_score, best_text = score, context[offsets[s][0] : offsets[e][1]]
-        if version_2 and (best_score is None or (null_score is not None and null_score - best_score > null_score_diff_threshold)):
+        if version_2 and (
+            best_score is None or (null_score is not None and null_score - best_score > null_score_diff_threshold)
+        ):
             best_text = ""
         answers[example_id] = best_text
     return answers
@@ -324,8 +330,11 @@ class QAMetrics:
     ):
         self.examples, self.features = examples, features
         self.version_2 = version_2
-        self.options = dict(n_best_size=n_best_size, max_answer_length=max_answer_length,
-                            null_score_diff_threshold=null_score_diff_threshold)
+        self.options = dict(
+            n_best_size=n_best_size,
+            max_answer_length=max_answer_length,
+            null_score_diff_threshold=null_score_diff_threshold,
+        )
         self.columns = {"context": "context", "id": "id", "answers": "answers", **(columns or {})}
         self.last_predictions: dict[str, str] = {}
 

@@ -8,7 +8,7 @@ and teacher may differ in hidden size and head count: only both widths must divi
 ``relation_kinds="vv"`` with ``R`` = the attention heads is MiniLM (v1)'s value relation.
 
 The states come from the same selective path as attention transfer: only the two chosen attention modules
-hand their ``query``/``key``/``value`` to a :class:`StateTap`; every other layer keeps the fused kernel.
+hand their ``query``/``key``/``value`` to a :class:`~hf_attn_distill.attention_capture.StateRecorder`; every other layer keeps the fused kernel.
 """
 
 from __future__ import annotations
@@ -16,78 +16,138 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention_capture import POINT_ATTR, _CapturePoint, enable_attention_capture
+from .attention_capture import StateRecorder
 from .attention_masks import valid_token_count
+from .config import RELATION_KINDS, parse_relation_kinds
 from .losses import relation_kl_loss
 from .model_structure import find_attention_sites
+from .objective import Objective, Step
 
-__all__ = ["RELATION_KINDS", "RelationTransfer", "StateTap", "parse_relation_kinds", "plan_relation_transfer", "state_widths"]
+__all__ = ["RELATION_KINDS", "RelationTransfer", "parse_relation_kinds", "state_widths"]
 
-RELATION_KINDS = {"qq": 0, "kk": 1, "vv": 2}
-
-
-def parse_relation_kinds(text: str) -> tuple[str, ...]:
-    """``"qq,kk,vv"`` -> ``("qq", "kk", "vv")``, checked."""
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in RELATION_KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"relation_kinds must be a comma-separated subset of {list(RELATION_KINDS)}, got {text!r}.")
-    return kinds
+RELATION_INDEX = {kind: index for index, kind in enumerate(RELATION_KINDS)}  # position in (q, k, v)
 
 
-class StateTap:
-    """Hands over the ``(query, key, value)`` of one attention module's call while started."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.point = getattr(module, POINT_ATTR, None)
-        if self.point is None:
-            self.point = _CapturePoint()
-            setattr(module, POINT_ATTR, self.point)
-
-    def start(self) -> None:
-        self.point.tap = [None]
-
-    def states(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Query, key and value as ``[B, T, D]`` (heads concatenated) from the call since :meth:`start`."""
-        seen = self.point.tap[0] if self.point.tap else None
-        if seen is None:
-            raise RuntimeError(
-                f"{type(self.module).__name__} was not called through the 'hf_attn_distill' attention implementation, "
-                "so its queries, keys and values cannot be read. Set relation_weight=0 for this model."
-            )
-        return tuple(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1) for x in seen)
-
-    def stop(self) -> None:
-        self.point.tap = None
-
-
-class RelationTransfer:
-    """Relation transfer between one student and one teacher attention module (encoder self-attention).
+class RelationTransfer(Objective):
+    """``loss_relation``: relation transfer between one student and one teacher attention module (encoder
+    self-attention).
 
     Attributes:
         kinds: relation kinds (``"qq"``, ``"kk"``, ``"vv"``); the term is their mean.
         num_heads: relation heads ``R``.
-        weight: weight of the ``loss_relation`` term.
+        weight: weight of the term.
+        student, teacher: :class:`~hf_attn_distill.attention_capture.StateRecorder` of the two modules.
         student_layer, teacher_layer: the 0-based layers.
     """
 
-    term = "loss_relation"
+    name, weight_field = "loss_relation", "relation_weight"
 
-    def __init__(self, kinds, num_heads: int, weight: float, student: StateTap, teacher: StateTap,
-                 student_layer: int, teacher_layer: int):
+    def __init__(
+        self,
+        kinds,
+        num_heads: int,
+        weight: float,
+        student: StateRecorder,
+        teacher: StateRecorder,
+        student_layer: int,
+        teacher_layer: int,
+    ):
         self.kinds, self.num_heads, self.weight = tuple(kinds), num_heads, weight
         self.student, self.teacher = student, teacher
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self._teacher_states = self._student_states = None
 
-    def loss(self, student_states, teacher_states, mask: torch.Tensor | None) -> torch.Tensor:
-        """Mean over kinds of :func:`~hf_attn_distill.losses.relation_kl_loss` of the tapped states."""
-        losses = [relation_kl_loss(student_states[RELATION_KINDS[k]], teacher_states[RELATION_KINDS[k]],
-                                   self.num_heads, mask) for k in self.kinds]
+    def relation_loss(self, student_states, teacher_states, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean over kinds of :func:`~hf_attn_distill.losses.relation_kl_loss` of the recorded states."""
+        losses = [
+            relation_kl_loss(student_states[RELATION_INDEX[k]], teacher_states[RELATION_INDEX[k]], self.num_heads, mask)
+            for k in self.kinds
+        ]
         return torch.stack(losses).mean()
 
-    #: What the term averages over in a batch: its valid tokens.
-    count = staticmethod(valid_token_count)
+    def start_teacher(self, inputs) -> None:
+        self.teacher.start()
+
+    def read_teacher(self, step: Step) -> None:
+        self._teacher_states = self.teacher.states()
+        self.teacher.stop()
+
+    def start_student(self, step: Step) -> None:
+        self.student.start()
+
+    def read_student(self, step: Step) -> None:
+        states = self.student.states()
+        if step.training and torch.is_grad_enabled() and not states[0].requires_grad:
+            raise RuntimeError(
+                f"The student's queries, keys and values at relation_student_layer={self.student_layer} carry no "
+                "gradient (reentrant gradient checkpointing turned on on the model, or that layer frozen), so "
+                "loss_relation would train nothing: enable checkpointing with use_reentrant=False, or unfreeze the "
+                "layer."
+            )
+        self._student_states = states
+
+    def loss(self, step: Step) -> torch.Tensor:
+        student, teacher = self._student_states, self._teacher_states
+        self._student_states = self._teacher_states = None
+        return self.relation_loss(student, teacher, step.inputs.get("attention_mask"))
+
+    def count(self, inputs) -> torch.Tensor:
+        """What the term averages over in a batch: its valid tokens."""
+        return valid_token_count(inputs)
+
+    def stop(self) -> None:
+        self.student.stop()
+        self.teacher.stop()
+        self._student_states = self._teacher_states = None
+
+    def describe(self) -> str:
+        return f"self-attention relation transfer ({','.join(self.kinds)})"
+
+    @classmethod
+    def build(cls, student: nn.Module, teacher: nn.Module, args, capture) -> list[Objective]:
+        """The relation transfer ``args`` asks for (none when ``relation_weight`` is 0), checked: layers in
+        range, widths divisible into the relation heads, no reentrant gradient checkpointing."""
+        if args.relation_weight == 0:
+            return []
+        if getattr(student.config, "is_encoder_decoder", False):
+            raise ValueError(
+                "relation_weight > 0 is implemented for encoder-only models; set relation_weight=0 and "
+                "use attention transfer (layer_map, decoder_layer_map, cross_layer_map) for "
+                "encoder-decoders."
+            )
+        checkpointing, kwargs = checkpointing_settings(args)
+        if checkpointing and (kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "Relation transfer reads the student's queries, keys and values with their gradient, "
+                "which reentrant checkpointing does not keep: use activation_checkpointing_kwargs "
+                "(gradient_checkpointing_kwargs on older transformers)={'use_reentrant': False}."
+            )
+        s_mods, t_mods = find_attention_sites(student)["encoder"], find_attention_sites(teacher)["encoder"]
+        s_layer = _layer(args.relation_student_layer, len(s_mods), "relation_student_layer")
+        t_layer = _layer(args.relation_teacher_layer, len(t_mods), "relation_teacher_layer")
+        kinds = parse_relation_kinds(args.relation_kinds)
+        heads = args.relation_heads or getattr(student.config, "num_attention_heads", None)
+        s_widths, t_widths = state_widths(student.config), state_widths(teacher.config)
+        for kind in kinds:
+            s_width, t_width = s_widths[kind], t_widths[kind]
+            if not heads or not s_width or not t_width or s_width % heads or t_width % heads:
+                raise ValueError(
+                    f"relation_heads={heads} must divide the width of the {kind} relation's states in both the "
+                    f"student ({s_width}) and the teacher ({t_width}); pick a common divisor with relation_heads."
+                )
+        for model in (student, teacher):
+            capture.enable(model)
+        return [
+            cls(
+                kinds,
+                heads,
+                args.relation_weight,
+                capture.state_recorder(s_mods[s_layer]),
+                capture.state_recorder(t_mods[t_layer]),
+                s_layer,
+                t_layer,
+            )
+        ]
 
 
 def state_widths(config) -> dict[str, int | None]:
@@ -113,38 +173,7 @@ def checkpointing_settings(args) -> tuple[bool, dict | None]:
 def _layer(index: int, count: int, name: str) -> int:
     resolved = index + count if index < 0 else index
     if not 0 <= resolved < count:
-        raise ValueError(f"{name}={index} is out of range for a model with {count} layers (0..{count - 1}, or -1 "
-                         "for the last).")
+        raise ValueError(
+            f"{name}={index} is out of range for a model with {count} layers (0..{count - 1}, or -1 for the last)."
+        )
     return resolved
-
-
-def plan_relation_transfer(student: nn.Module, teacher: nn.Module, args) -> RelationTransfer | None:
-    """The relation transfer ``args`` asks for (``None`` when ``relation_weight`` is 0), checked: layers in
-    range, widths divisible into the relation heads, no reentrant gradient checkpointing."""
-    if args.relation_weight == 0:
-        return None
-    if getattr(student.config, "is_encoder_decoder", False):
-        raise ValueError("relation_weight > 0 is implemented for encoder-only models; set relation_weight=0 and use "
-                         "attention transfer (layer_map, decoder_layer_map, cross_layer_map) for encoder-decoders.")
-    checkpointing, kwargs = checkpointing_settings(args)
-    if checkpointing and (kwargs or {}).get("use_reentrant"):
-        raise ValueError("Relation transfer reads the student's queries, keys and values with their gradient, which "
-                         "reentrant checkpointing does not keep: use activation_checkpointing_kwargs "
-                         "(gradient_checkpointing_kwargs on older transformers)={'use_reentrant': False}.")
-    for model in (student, teacher):
-        enable_attention_capture(model)
-    s_mods, t_mods = find_attention_sites(student)["encoder"], find_attention_sites(teacher)["encoder"]
-    s_layer = _layer(args.relation_student_layer, len(s_mods), "relation_student_layer")
-    t_layer = _layer(args.relation_teacher_layer, len(t_mods), "relation_teacher_layer")
-    kinds = parse_relation_kinds(args.relation_kinds)
-    heads = args.relation_heads or getattr(student.config, "num_attention_heads", None)
-    s_widths, t_widths = state_widths(student.config), state_widths(teacher.config)
-    for kind in kinds:
-        s_width, t_width = s_widths[kind], t_widths[kind]
-        if not heads or not s_width or not t_width or s_width % heads or t_width % heads:
-            raise ValueError(
-                f"relation_heads={heads} must divide the width of the {kind} relation's states in both the student "
-                f"({s_width}) and the teacher ({t_width}); pick a common divisor with relation_heads."
-            )
-    return RelationTransfer(kinds, heads, args.relation_weight,
-                            StateTap(s_mods[s_layer]), StateTap(t_mods[t_layer]), s_layer, t_layer)

@@ -14,53 +14,11 @@ Written ``{"temperature": "linear:1.0", "attention_weight": "cosine:0.0"}`` (a d
 
 from __future__ import annotations
 
-import json
 import math
 
-__all__ = ["SCHEDULABLE", "SCHEDULE_KINDS", "parse_schedules", "scheduled_value"]
+from .config import SCHEDULE_KINDS, parse_schedules, schedulable
 
-SCHEDULE_KINDS = ("constant", "linear", "cosine")
-SCHEDULABLE = ("temperature", "alpha_ce", "alpha_kd", "attention_weight", "decoder_attention_weight",
-               "cross_attention_weight", "hidden_weight", "relation_weight")
-
-
-def parse_schedules(spec: dict | str | None) -> dict[str, tuple[str, float]]:
-    """``{name: (kind, end)}`` from a dict, a JSON object or ``"name=kind:end,..."``; checked."""
-    if spec is None or spec == "" or spec == {}:
-        return {}
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text.startswith("{"):
-            spec = json.loads(text)
-        else:
-            items = [item for item in text.split(",") if item.strip()]
-            bad = [item for item in items if "=" not in item]
-            if bad:
-                raise ValueError(f"schedules items are 'name=kind:end' (e.g. 'temperature=linear:1.0'); got {bad[0]!r}.")
-            spec = dict(item.split("=", 1) for item in items)
-    out = {}
-    for name, value in spec.items():
-        name = name.strip()
-        if name not in SCHEDULABLE:
-            raise ValueError(f"Cannot schedule {name!r}; schedulable values: {list(SCHEDULABLE)}.")
-        kind, _, end = str(value).strip().partition(":")
-        if kind not in SCHEDULE_KINDS:
-            raise ValueError(f"Schedule of {name} must be one of {SCHEDULE_KINDS} (as 'kind:end'), got {value!r}.")
-        if kind == "constant":
-            out[name] = ("constant", math.nan)
-            continue
-        try:
-            end_value = float(end)
-        except ValueError:
-            raise ValueError(f"Schedule of {name} needs an end value, e.g. '{kind}:0.5'; got {value!r}.") from None
-        if not math.isfinite(end_value):
-            raise ValueError(f"The {name} schedule must end at a finite value, got {end_value}.")
-        if name == "temperature" and not end_value > 0:
-            raise ValueError(f"The temperature schedule must end above 0, got {end_value}.")
-        if end_value < 0:
-            raise ValueError(f"The {name} schedule must end at a value >= 0, got {end_value}.")
-        out[name] = (kind, end_value)
-    return out
+__all__ = ["SCHEDULE_KINDS", "parse_schedules", "schedulable", "scheduled_value"]
 
 
 def scheduled_value(kind: str, start: float, end: float, progress: float) -> float:

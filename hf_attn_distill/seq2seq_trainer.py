@@ -50,10 +50,26 @@ class DistillSeq2SeqTrainer(DistillTrainer, Seq2SeqTrainer):
             # Trainer.prediction_step, which calls compute_loss (all terms)
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
         loss = None
-        if "labels" in inputs:
+        if "labels" in inputs:  # the distillation loss, on teacher-forced targets (all terms)
             with torch.no_grad():
                 loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()
-        _, generated, labels = Seq2SeqTrainer.prediction_step(
-            self, model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+        # Generation only: without labels, Seq2SeqTrainer.prediction_step runs no second loss forward.
+        generation_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        labels = inputs.get("labels")
+        decoder_ids = inputs.get("decoder_input_ids")
+        if torch.is_tensor(labels) and torch.is_tensor(decoder_ids) and decoder_ids.shape == labels.shape:
+            # built from the labels: let the model generate freely (as Seq2SeqTrainer does)
+            generation_inputs = {
+                k: v for k, v in generation_inputs.items() if k not in ("decoder_input_ids", "decoder_attention_mask")
+            }
+        _, generated, _ = Seq2SeqTrainer.prediction_step(
+            self, model, generation_inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
         )
+        if torch.is_tensor(labels):
+            labels = self._prepare_inputs({"labels": labels})["labels"]
+            config = self.model.generation_config
+            if labels.shape[-1] < config.max_length:
+                labels = self._pad_tensors_to_max_len(labels, config.max_length)
+            elif config.max_new_tokens is not None and labels.shape[-1] < config.max_new_tokens + 1:
+                labels = self._pad_tensors_to_max_len(labels, config.max_new_tokens + 1)
         return loss, generated, labels

@@ -42,7 +42,9 @@ def student_from_teacher_layers(
             raise ValueError(f"{stack} layers are empty: name at least one teacher layer to keep.")
         bad = [i for i in chosen if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"Teacher {stack} layers {bad} are out of range: the teacher has layers 0..{num_layers - 1}.")
+            raise ValueError(
+                f"Teacher {stack} layers {bad} are out of range: the teacher has layers 0..{num_layers - 1}."
+            )
         if len(set(chosen)) != len(chosen):
             raise ValueError(f"Teacher {stack} layers {chosen} repeat an index; each layer may be kept once.")
     student = type(teacher)(_with_layer_counts(teacher, {s: len(c) for s, c in keep.items()})).to(teacher.dtype)

@@ -9,6 +9,7 @@ dataset (an index column the trainer adds), so shuffling and any batch size are 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from transformers.utils.logging import tqdm
 
-__all__ = ["CACHE_INDEX_COLUMN", "TeacherLogitsCache", "weights_checksum"]
+__all__ = ["CACHE_INDEX_COLUMN", "TeacherLogitsCache", "prepare_logits_cache", "weights_checksum"]
 
 CACHE_INDEX_COLUMN = "teacher_cache_index"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -95,3 +96,45 @@ class TeacherLogitsCache:
             self._array = np.load(self.folder / "logits.npy", mmap_mode="r")
         rows = self._array[index.cpu().numpy()]
         return torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(index.device)
+
+
+def prepare_logits_cache(trainer) -> TeacherLogitsCache:
+    """For a :class:`~hf_attn_distill.DistillTrainer` with ``teacher_logits_cache``: index its training set (an
+    index column is added to ``trainer.train_dataset``), then compute the teacher's logits once on the main process
+    (or reuse a matching cache) while the others wait."""
+    import datasets
+
+    dataset, args, teacher = trainer.train_dataset, trainer.args, trainer.teacher_model
+    if not isinstance(dataset, datasets.Dataset):
+        raise ValueError("teacher_logits_cache needs train_dataset to be a datasets.Dataset (rows are keyed by index).")
+    if "start_positions" in inspect.signature(teacher.forward).parameters:
+        raise ValueError(
+            "teacher_logits_cache stores one sequence-level `logits` vector per example; a question-answering "
+            "teacher returns start/end logits per token. Drop teacher_logits_cache for QA."
+        )
+    key = {
+        "teacher": str(getattr(teacher.config, "_name_or_path", "")),
+        "teacher_weights_checksum": weights_checksum(teacher),
+        "dataset_fingerprint": dataset._fingerprint,
+        "num_examples": len(dataset),
+        "dtype": args.teacher_logits_cache_dtype,
+    }
+    if CACHE_INDEX_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(CACHE_INDEX_COLUMN, list(range(len(dataset))))
+    trainer.train_dataset = dataset
+    cache = TeacherLogitsCache(args.teacher_logits_cache, key)
+    if not cache.is_complete and trainer.is_world_process_zero():
+        loader = torch.utils.data.DataLoader(
+            trainer._remove_unused_columns(dataset, description="teacher cache"),
+            batch_size=args.per_device_eval_batch_size,
+            collate_fn=trainer.data_collator,
+        )
+
+        @torch.inference_mode()
+        def forward(batch):
+            inputs = {k: v.to(args.device) for k, v in batch.items() if k in trainer.teacher_input_names}
+            return teacher(**inputs)["logits"]
+
+        cache.build(loader, forward, len(dataset), args.teacher_logits_cache_dtype)
+    trainer.accelerator.wait_for_everyone()
+    return cache

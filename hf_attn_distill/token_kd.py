@@ -87,6 +87,10 @@ def token_kd_loss(
     vocab = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
-    valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) if mask is None else mask.reshape(-1).bool()
+    valid = (
+        torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
+        if mask is None
+        else mask.reshape(-1).bool()
+    )
     total = _TokenKD.apply(student, teacher, valid, float(temperature))
     return total / valid.sum().clamp_min(1).float()

@@ -42,8 +42,9 @@ def tiny_classifier(seed: int = 0, **overrides) -> BertForSequenceClassification
 def teacher_and_narrow_student():
     """A 4-layer, 32-wide, 4-head teacher and a 2-layer, 16-wide, 2-head student (widths and heads differ)."""
     teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
-    student = tiny_classifier(1, num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                              initializer_range=0.1)
+    student = tiny_classifier(
+        1, num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32, initializer_range=0.1
+    )
     return teacher, student
 
 
@@ -76,9 +77,11 @@ def sentiment_rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def sentiment_dataset(sentiment_rows, tokenizer) -> Dataset:
     ds = Dataset.from_list(sentiment_rows)
-    return ds.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=32), batched=True).remove_columns(
-        ["sentence"]
-    ).rename_column("label", "labels")
+    return (
+        ds.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=32), batched=True)
+        .remove_columns(["sentence"])
+        .rename_column("label", "labels")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +91,17 @@ def trained_teacher(tokenizer, sentiment_dataset, tmp_path_factory):
 
     model = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.1)
     args = TrainingArguments(
-        output_dir=str(tmp_path_factory.mktemp("teacher")), per_device_train_batch_size=8, learning_rate=3e-3,
-        max_steps=60, report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path_factory.mktemp("teacher")),
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        max_steps=60,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
-    Trainer(model=model, args=args, train_dataset=sentiment_dataset,
-            data_collator=DataCollatorWithPadding(tokenizer)).train()
+    Trainer(
+        model=model, args=args, train_dataset=sentiment_dataset, data_collator=DataCollatorWithPadding(tokenizer)
+    ).train()
     return model.eval()

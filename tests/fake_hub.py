@@ -57,8 +57,10 @@ class FakeHub:
                     return self._send(200, {"errors": [], "warnings": []})
                 if "/preupload/" in self.path:
                     files = json.loads(data)["files"]
-                    return self._send(200, {"files": [
-                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                    return self._send(
+                        200,
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                    )
                 if "/commit/" in self.path:
                     if hub.fail_commits:
                         return self._send(500, {"error": "storage is down"})
@@ -66,11 +68,19 @@ class FakeHub:
                     for line in data.decode().splitlines():
                         item = json.loads(line)
                         if item["key"] == "file":
-                            hub.repos.setdefault(repo, {})[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                            hub.repos.setdefault(repo, {})[item["value"]["path"]] = base64.b64decode(
+                                item["value"]["content"]
+                            )
                         elif item["key"] == "deletedFile":
                             hub.repos.get(repo, {}).pop(item["value"]["path"], None)
-                    return self._send(200, {"commitUrl": f"{hub.url}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40,
-                                            "pullRequestUrl": None})
+                    return self._send(
+                        200,
+                        {
+                            "commitUrl": f"{hub.url}/{repo}/commit/{'0' * 40}",
+                            "commitOid": "0" * 40,
+                            "pullRequestUrl": None,
+                        },
+                    )
                 self._send(404, {"error": self.path})
 
             def log_message(self, *args):

@@ -74,7 +74,10 @@ def test_record_scores_kind_gives_raw_pre_softmax_scores(teacher_side, monkeypat
     model.set_attn_implementation("eager")
     eager = model(**inputs, output_attentions=True).attentions[0]
     enable_attention_capture(model)
-    with _mode(teacher_side, monkeypatch), AttentionRecorder([find_attention_modules(model)[0]], "mse_scores").record() as scores:
+    with (
+        _mode(teacher_side, monkeypatch),
+        AttentionRecorder([find_attention_modules(model)[0]], "mse_scores").record() as scores,
+    ):
         logits = model(**inputs).logits
     torch.testing.assert_close(logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
     assert scores[0].shape == (3, 4, 9, 9)
@@ -149,19 +152,27 @@ def test_t5_position_bias_is_honoured(teacher_side, monkeypatch):
     model = T5ForConditionalGeneration(
         T5Config(vocab_size=100, d_model=32, d_kv=8, num_layers=2, num_heads=4, d_ff=64, dropout_rate=0.0)
     ).eval()
-    inputs = {"input_ids": torch.randint(2, 100, (2, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
-              "decoder_input_ids": torch.randint(2, 100, (2, 5))}
+    inputs = {
+        "input_ids": torch.randint(2, 100, (2, 7)),
+        "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
+        "decoder_input_ids": torch.randint(2, 100, (2, 5)),
+    }
     sdpa_logits = model(**inputs).logits
     model.set_attn_implementation("eager")
     eager = model(**inputs, output_attentions=True)
     enable_attention_capture(model)
-    modules = [model.encoder.block[1].layer[0].SelfAttention, model.decoder.block[0].layer[0].SelfAttention,
-               model.decoder.block[1].layer[1].EncDecAttention]
+    modules = [
+        model.encoder.block[1].layer[0].SelfAttention,
+        model.decoder.block[0].layer[0].SelfAttention,
+        model.decoder.block[1].layer[1].EncDecAttention,
+    ]
     with _mode(teacher_side, monkeypatch), AttentionRecorder(modules).record() as records:
         logits = model(**inputs).logits
     torch.testing.assert_close(logits, sdpa_logits, atol=1e-5, rtol=1e-5)
     enc_valid = inputs["attention_mask"].bool()[:, None, :, None].expand_as(eager.encoder_attentions[1])
-    torch.testing.assert_close(records[0].exp()[enc_valid], eager.encoder_attentions[1][enc_valid], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        records[0].exp()[enc_valid], eager.encoder_attentions[1][enc_valid], atol=1e-6, rtol=1e-5
+    )
     torch.testing.assert_close(records[1].exp(), eager.decoder_attentions[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(records[2].exp(), eager.cross_attentions[1], atol=1e-6, rtol=1e-5)
 

@@ -18,13 +18,18 @@ def args(tmp_path, **overrides):
 
 def test_same_label_names_in_another_order_are_remapped(tmp_path, tokenizer, sentiment_dataset):
     teacher = tiny_classifier(0, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
-    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2,
-                              id2label={0: "positive", 1: "negative"}, label2id={"positive": 0, "negative": 1})
+    student = tiny_classifier(
+        1,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        id2label={0: "positive", 1: "negative"},
+        label2id={"positive": 0, "negative": 1},
+    )
     trainer = DistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path, attention_weight=0))
     batch = DataCollatorWithPadding(tokenizer)([sentiment_dataset[i] for i in range(4)])
     with torch.no_grad():
         trainer.compute_loss(student.eval(), dict(batch))
-        got = trainer._pop_term_means("eval")["loss_kd"]
+        got = trainer.accounting.pop_means("eval")["loss_kd"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         want = logit_kd_loss(student(**inputs).logits, teacher(**inputs).logits[:, [1, 0]], 2.0)
     assert got == pytest.approx(want.item(), rel=1e-5)
@@ -32,8 +37,9 @@ def test_same_label_names_in_another_order_are_remapped(tmp_path, tokenizer, sen
 
 def test_different_label_names_raise(tmp_path):
     teacher = tiny_classifier(0, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
-    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2,
-                              id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1})
+    student = tiny_classifier(
+        1, num_hidden_layers=2, num_attention_heads=2, id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1}
+    )
     with pytest.raises(ValueError, match="teacher's id2label"):
         DistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path))
 
@@ -42,19 +48,30 @@ def test_teacher_without_real_weights_raises(tmp_path):
     with torch.device("meta"):
         teacher = tiny_classifier(0)
     with pytest.raises(ValueError, match="meta"):
-        DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2), teacher_model=teacher,
-                       args=args(tmp_path, attention_weight=0))
+        DistillTrainer(
+            model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+            teacher_model=teacher,
+            args=args(tmp_path, attention_weight=0),
+        )
 
 
 def test_resume_from_a_checkpoint_of_another_student_shape(tmp_path, tokenizer, sentiment_dataset):
     common = dict(max_steps=2, save_strategy="steps", save_steps=2, per_device_train_batch_size=4)
-    first = DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
-                           teacher_model=tiny_classifier(0), args=args(tmp_path / "a", **common),
-                           train_dataset=sentiment_dataset, data_collator=DataCollatorWithPadding(tokenizer))
+    first = DistillTrainer(
+        model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+        teacher_model=tiny_classifier(0),
+        args=args(tmp_path / "a", **common),
+        train_dataset=sentiment_dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     first.train()
-    other = DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, hidden_size=64),
-                           teacher_model=tiny_classifier(0, hidden_size=64), args=args(tmp_path / "b", **common),
-                           train_dataset=sentiment_dataset, data_collator=DataCollatorWithPadding(tokenizer))
+    other = DistillTrainer(
+        model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, hidden_size=64),
+        teacher_model=tiny_classifier(0, hidden_size=64),
+        args=args(tmp_path / "b", **common),
+        train_dataset=sentiment_dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     with pytest.raises(ValueError, match="another shape.*resume_from_checkpoint=None"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
 
@@ -62,10 +79,14 @@ def test_resume_from_a_checkpoint_of_another_student_shape(tmp_path, tokenizer, 
 def _recipe(tmp_path, teacher_dir, **extra):
     from test_recipes import _base
 
-    from recipes.distill_classification import main
+    from hf_attn_distill.recipes.distill_classification import main
 
-    return main(_base(tmp_path / "out", **{"--teacher_model_name_or_path": teacher_dir,
-                                           "--student_teacher_layers": "0,1", **extra}))
+    return main(
+        _base(
+            tmp_path / "out",
+            **{"--teacher_model_name_or_path": teacher_dir, "--student_teacher_layers": "0,1", **extra},
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,27 +106,37 @@ def test_empty_training_data(tmp_path, teacher_dir):
     empty = tmp_path / "empty.tsv"
     empty.write_text("sentence\tlabel\n")
     with pytest.raises(ValueError, match="empty"):
-        _recipe(tmp_path, teacher_dir, **{"--train_file": str(empty), "--validation_file": str(empty),
-                                          "--max_seq_length": "32"})
+        _recipe(
+            tmp_path,
+            teacher_dir,
+            **{"--train_file": str(empty), "--validation_file": str(empty), "--max_seq_length": "32"},
+        )
 
 
 def test_labels_out_of_range(tmp_path, teacher_dir):
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\na good film\t1\na bad film\t5\n")
     with pytest.raises(ValueError, match="label 5.*num_labels=2"):
-        _recipe(tmp_path, teacher_dir, **{"--train_file": str(bad), "--validation_file": str(bad),
-                                          "--max_seq_length": "32", "--num_labels": "2"})
+        _recipe(
+            tmp_path,
+            teacher_dir,
+            **{"--train_file": str(bad), "--validation_file": str(bad), "--max_seq_length": "32", "--num_labels": "2"},
+        )
 
 
-@pytest.mark.parametrize("asked, expected", [("bfloat16", torch.bfloat16), ("float32", torch.float32),
-                                             ("auto", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "asked, expected", [("bfloat16", torch.bfloat16), ("float32", torch.float32), ("auto", torch.bfloat16)]
+)
 def test_teacher_gets_the_dtype_and_device_asked_for(tmp_path, tokenizer, sentiment_dataset, asked, expected):
     """A teacher loaded in another dtype than ``teacher_dtype`` asks for is cast (``auto`` keeps it), and it is
     placed on the training device; the KD term is computed from its logits in that dtype, in float32."""
     teacher = tiny_classifier(0).to(torch.bfloat16)
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
-    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path, teacher_dtype=asked,
-                                                                             alpha_ce=0.0, attention_weight=0.0))
+    trainer = DistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args(tmp_path, teacher_dtype=asked, alpha_ce=0.0, attention_weight=0.0),
+    )
     params = list(trainer.teacher_model.parameters())
     assert {p.dtype for p in params} == {expected} and {p.device for p in params} == {trainer.args.device}
     assert not any(p.requires_grad for p in params) and not trainer.teacher_model.training

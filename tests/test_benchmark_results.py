@@ -14,8 +14,14 @@ SETTINGS = {"teacher_steps": 1000, "student_steps": 500, "batch_size": 32, "atte
 
 
 def sst2_part(students: dict, **settings) -> dict:
-    return {"teacher": 0.88, "student": "3 layers", "eval_set": "dev", "machine": "m", "settings": {**SETTINGS, **settings},
-            "students": students}
+    return {
+        "teacher": 0.88,
+        "student": "3 layers",
+        "eval_set": "dev",
+        "machine": "m",
+        "settings": {**SETTINGS, **settings},
+        "students": students,
+    }
 
 
 def entry(runs, seeds, wall):
@@ -29,8 +35,12 @@ def write(tmp_path, name, result):
 
 
 def test_sst2_merge_equals_statistics_of_all_runs(tmp_path):
-    a = write(tmp_path, "a", sst2_part({"kd": entry([0.80, 0.82], [1, 2], 100.0), "kd_hidden": entry([0.84], [1], 50.0)}))
-    b = write(tmp_path, "b", sst2_part({"kd": entry([0.86], [3], 400.0), "kd_hidden": entry([0.85, 0.83], [3, 2], 80.0)}))
+    a = write(
+        tmp_path, "a", sst2_part({"kd": entry([0.80, 0.82], [1, 2], 100.0), "kd_hidden": entry([0.84], [1], 50.0)})
+    )
+    b = write(
+        tmp_path, "b", sst2_part({"kd": entry([0.86], [3], 400.0), "kd_hidden": entry([0.85, 0.83], [3, 2], 80.0)})
+    )
     result = quality_sst2.main(["--merge_results", a, b, "--results", str(tmp_path / "merged")])
     kd, hidden = result["students"]["kd"], result["students"]["kd_hidden"]
     assert kd["runs"] == [0.80, 0.82, 0.86] and kd["seeds"] == [1, 2, 3]
@@ -61,10 +71,21 @@ def test_merge_refuses_a_run_twice_and_other_budgets(tmp_path):
 
 
 def test_translation_merge_keeps_chrf_means_exact(tmp_path):
-    settings = {"teacher_steps": 500, "teacher_train_examples": 10, "student_steps": 250, "train_examples": 8,
-                "batch_size": 32}
-    base = {"teacher": 10.0, "teacher_chrf": 30.0, "student": "3+3", "eval_set": "flickr", "machine": "m",
-            "settings": settings}
+    settings = {
+        "teacher_steps": 500,
+        "teacher_train_examples": 10,
+        "student_steps": 250,
+        "train_examples": 8,
+        "batch_size": 32,
+    }
+    base = {
+        "teacher": 10.0,
+        "teacher_chrf": 30.0,
+        "student": "3+3",
+        "eval_set": "flickr",
+        "machine": "m",
+        "settings": settings,
+    }
 
     def part(runs, seeds, chrf):
         return {**base, "students": {"kd": {**entry(runs, seeds, 5.0), "chrf_mean": chrf}}}
@@ -79,8 +100,9 @@ def test_translation_merge_keeps_chrf_means_exact(tmp_path):
 
 def test_portable_settings_hold_no_machine_paths(tmp_path):
     root = tmp_path / "repo"
-    args = quality_sst2.QualityArguments(results=str(root / "benchmarks" / "results" / "x"),
-                                         data_dir=str(tmp_path / "shared" / "data" / "sst2"))
+    args = quality_sst2.QualityArguments(
+        results=str(root / "benchmarks" / "results" / "x"), data_dir=str(tmp_path / "shared" / "data" / "sst2")
+    )
     settings = portable_settings(args, root)
     assert settings["results"] == "benchmarks/results/x"
     assert settings["data_dir"] == "../shared/data/sst2"

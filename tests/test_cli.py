@@ -29,13 +29,15 @@ def console_script(name: str) -> str:
 
 
 def run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    out = subprocess.run(
+        cmd, check=False, cwd=cwd, capture_output=True, text=True, env={**os.environ, **env}, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 
 
 def test_help_lists_each_subcommand_with_its_recipe_summary(capsys):
-    from recipes import distill_classification, distill_qa, distill_translation
+    from hf_attn_distill.recipes import distill_classification, distill_qa, distill_translation
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -48,8 +50,10 @@ def test_help_lists_each_subcommand_with_its_recipe_summary(capsys):
         assert f"{command} {summary(RECIPES[command])}" in text
 
 
-@pytest.mark.parametrize("command, own_flag", [("classification", "--text_pair_column"), ("qa", "--doc_stride"),
-                                               ("translation", "--student_decoder_layers")])
+@pytest.mark.parametrize(
+    "command, own_flag",
+    [("classification", "--text_pair_column"), ("qa", "--doc_stride"), ("translation", "--student_decoder_layers")],
+)
 def test_subcommand_help_is_the_recipe_parser_help(capsys, command, own_flag):
     argv = list(sys.argv)
     with pytest.raises(SystemExit) as exit_info:
@@ -57,14 +61,21 @@ def test_subcommand_help_is_the_recipe_parser_help(capsys, command, own_flag):
     assert exit_info.value.code == 0 and sys.argv == argv
     out = capsys.readouterr().out
     assert out.startswith(f"usage: hf-attn-distill {command} ")
-    for flag in (own_flag, "--teacher_model_name_or_path", "--student_teacher_layers", "--attention_loss", "--max_steps"):
+    for flag in (
+        own_flag,
+        "--teacher_model_name_or_path",
+        "--student_teacher_layers",
+        "--attention_loss",
+        "--max_steps",
+    ):
         assert flag in out, flag
     others = {"--text_pair_column", "--doc_stride", "--student_decoder_layers"} - {own_flag}
     assert not any(flag in out for flag in others)  # each subcommand reaches its own recipe
 
 
-@pytest.mark.parametrize("argv, message", [(["distill"], "invalid choice: 'distill'"), ([], "required: command"),
-                                           (["--max_steps", "3"], "")])
+@pytest.mark.parametrize(
+    "argv, message", [(["distill"], "invalid choice: 'distill'"), ([], "required: command"), (["--max_steps", "3"], "")]
+)
 def test_unknown_or_missing_subcommand_exits_2_naming_the_choices(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -76,23 +87,36 @@ def test_unknown_or_missing_subcommand_exits_2_naming_the_choices(capsys, argv, 
 
 
 def test_config_file_then_flags_becomes_the_files_flags_then_the_overrides(tmp_path):
-    config = {"teacher_model_name_or_path": "t", "student_teacher_layers": "1,3", "train_file": "a.tsv",
-              "output_dir": "out", "max_steps": 7, "learning_rate": 2.0e-4, "do_train": True, "do_eval": False,
-              "report_to": ["none"], "num_labels": None, "lr_scheduler_kwargs": {"power": 2.0}}
+    config = {
+        "teacher_model_name_or_path": "t",
+        "student_teacher_layers": "1,3",
+        "train_file": "a.tsv",
+        "output_dir": "out",
+        "max_steps": 7,
+        "learning_rate": 2.0e-4,
+        "do_train": True,
+        "do_eval": False,
+        "report_to": ["none"],
+        "num_labels": None,
+        "lr_scheduler_kwargs": {"power": 2.0},
+    }
     (tmp_path / "c.json").write_text(json.dumps(config))
     yaml = pytest.importorskip("yaml")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     flags = config_to_flags(tmp_path / "c.yaml")
     assert flags == config_to_flags(tmp_path / "c.json")
-    assert "--student_teacher_layers=1,3" in flags and "--do_eval=false" in flags and "--num_labels" not in " ".join(flags)
+    assert (
+        "--student_teacher_layers=1,3" in flags and "--do_eval=false" in flags and "--num_labels" not in " ".join(flags)
+    )
     # a lone config file is left to the recipe's own YAML/JSON parsing; flags after it override its values
     assert recipe_argv([str(tmp_path / "c.yaml")]) == [str(tmp_path / "c.yaml")]
     argv = recipe_argv([str(tmp_path / "c.yaml"), "--max_steps", "3", "--output_dir", "other"])
     assert argv == flags + ["--max_steps", "3", "--output_dir", "other"]
-    from recipes.distill_classification import ClassificationModelArguments, DataArguments
+    from hf_attn_distill.recipes.distill_classification import ClassificationModelArguments, DataArguments
 
     model_args, data_args, training_args = HfArgumentParser(
-        (ClassificationModelArguments, DataArguments, DistillConfig)).parse_args_into_dataclasses(argv)
+        (ClassificationModelArguments, DataArguments, DistillConfig)
+    ).parse_args_into_dataclasses(argv)
     assert (training_args.max_steps, training_args.output_dir) == (3, "other")
     assert training_args.learning_rate == 2.0e-4 and training_args.do_train and not training_args.do_eval
     assert training_args.lr_scheduler_kwargs == {"power": 2.0} and model_args.num_labels is None
@@ -107,13 +131,14 @@ class Parsed(Exception):
 def test_shipped_configs_parse_with_their_recipe_and_point_at_real_files(monkeypatch, config):
     """Through the CLI, up to the recipe's argument parsing (nothing trains). Teacher configs leave the MiniLM
     folder to the command line; student configs read the teacher their teacher config writes."""
-    import hf_attn_distill.recipes.common as recipe_common
     import yaml
+
+    import hf_attn_distill.recipes.common as recipe_common
 
     real_parse = recipe_common.parse_args
 
-    def parse_only(types, args):
-        raise Parsed(real_parse(types, args))
+    def parse_only(types, args, prog=None):
+        raise Parsed(real_parse(types, args, prog))
 
     monkeypatch.setattr(recipe_common, "parse_args", parse_only)
     monkeypatch.chdir(ROOT)
@@ -137,11 +162,17 @@ def test_shipped_configs_parse_with_their_recipe_and_point_at_real_files(monkeyp
     if command == "translation":
         assert (data_args.source_lang, data_args.target_lang) == ("de", "en")
         assert model_args.build_encoder_decoder == teacher_config
-        files = [Path(data_args.data_dir) / f"{split}.{lang}" for split in (data_args.train_split, data_args.test_split)
-                 for lang in ("de", "en")]
+        files = [
+            Path(data_args.data_dir) / f"{split}.{lang}"
+            for split in (data_args.train_split, data_args.test_split)
+            for lang in ("de", "en")
+        ]
     else:
-        files = [Path(f) for f in (data_args.train_file, data_args.validation_file, getattr(data_args, "test_file", None))
-                 if f]
+        files = [
+            Path(f)
+            for f in (data_args.train_file, data_args.validation_file, getattr(data_args, "test_file", None))
+            if f
+        ]
     assert files and all(not f.is_absolute() and str(f).startswith("../shared/data/") for f in files)
     if SHARED.exists():
         missing = [str(f) for f in files if not (ROOT / f).is_file()]
@@ -150,7 +181,9 @@ def test_shipped_configs_parse_with_their_recipe_and_point_at_real_files(monkeyp
 
 def test_every_shipped_config_has_a_subcommand():
     assert {c.name.split("_")[0] for c in CONFIGS} == set(TASK_OF_CONFIG)
-    assert {c.name for c in CONFIGS} >= {f"{data}_{role}.yaml" for data in TASK_OF_CONFIG for role in ("teacher", "student")}
+    assert {c.name for c in CONFIGS} >= {
+        f"{data}_{role}.yaml" for data in TASK_OF_CONFIG for role in ("teacher", "student")
+    }
 
 
 def test_console_script_help():
@@ -163,14 +196,36 @@ def test_console_script_tiny_run_from_a_config_with_overrides(tmp_path, tiny_tea
     """A YAML config plus overriding flags, in a fresh process: the flags win, the file supplies the rest."""
     import yaml
 
-    config = {"teacher_model_name_or_path": tiny_teacher_dir, "student_teacher_layers": "0,3", "train_file": str(DATA),
-              "validation_file": str(DATA), "output_dir": str(tmp_path / "from_file"), "max_steps": 1,
-              "max_seq_length": 64, "per_device_train_batch_size": 8, "report_to": "none", "save_strategy": "no",
-              "do_train": True, "do_eval": True, "attention_loss": "mse_probs", "disable_tqdm": True}
+    config = {
+        "teacher_model_name_or_path": tiny_teacher_dir,
+        "student_teacher_layers": "0,3",
+        "train_file": str(DATA),
+        "validation_file": str(DATA),
+        "output_dir": str(tmp_path / "from_file"),
+        "max_steps": 1,
+        "max_seq_length": 64,
+        "per_device_train_batch_size": 8,
+        "report_to": "none",
+        "save_strategy": "no",
+        "do_train": True,
+        "do_eval": True,
+        "attention_loss": "mse_probs",
+        "disable_tqdm": True,
+    }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     out_dir = tmp_path / "student"
-    run([console_script("hf-attn-distill"), "classification", "tiny.yaml", "--max_steps", "3",
-         "--output_dir", str(out_dir)], cwd=tmp_path)
+    run(
+        [
+            console_script("hf-attn-distill"),
+            "classification",
+            "tiny.yaml",
+            "--max_steps",
+            "3",
+            "--output_dir",
+            str(out_dir),
+        ],
+        cwd=tmp_path,
+    )
     assert not (tmp_path / "from_file").exists()
     assert json.loads((out_dir / "trainer_state.json").read_text())["global_step"] == 3
     assert AutoModelForSequenceClassification.from_pretrained(out_dir).config.num_hidden_layers == 2
@@ -180,19 +235,60 @@ def test_console_script_tiny_run_from_a_config_with_overrides(tmp_path, tiny_tea
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["script", "module"])
+@pytest.mark.parametrize("how", ["recipe", "cli"])
 def test_accelerate_launch_runs_the_recipe_unchanged(tmp_path, tiny_teacher_dir, how):
-    """``accelerate launch`` (one CPU process) of the recipe file, or of the CLI module, with plain recipe flags."""
-    target = [str(ROOT / "recipes" / "distill_classification.py")] if how == "script" else [
-        "-m", "hf_attn_distill.cli", "classification"]
+    """``accelerate launch`` (one CPU process) of the recipe module, or of the CLI module, with plain recipe flags."""
+    target = (
+        ["-m", "hf_attn_distill.recipes.distill_classification"]
+        if how == "recipe"
+        else ["-m", "hf_attn_distill.cli", "classification"]
+    )
     out_dir = tmp_path / "student"
-    flags = ["--teacher_model_name_or_path", tiny_teacher_dir, "--student_teacher_layers", "1,3", "--train_file",
-             str(DATA), "--validation_file", str(DATA), "--output_dir", str(out_dir), "--max_steps", "2",
-             "--per_device_train_batch_size", "8", "--max_seq_length", "64", "--report_to", "none",
-             "--save_strategy", "no", "--do_train", "--do_eval", "--disable_tqdm", "true"]
-    run([console_script("accelerate"), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", *target, *flags], cwd=tmp_path,
-        HF_HOME=str(tmp_path / "hf_home"))  # no accelerate default_config.yaml from the user's cache
+    flags = [
+        "--teacher_model_name_or_path",
+        tiny_teacher_dir,
+        "--student_teacher_layers",
+        "1,3",
+        "--train_file",
+        str(DATA),
+        "--validation_file",
+        str(DATA),
+        "--output_dir",
+        str(out_dir),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_seq_length",
+        "64",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--do_train",
+        "--do_eval",
+        "--disable_tqdm",
+        "true",
+    ]
+    run(
+        [
+            console_script("accelerate"),
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *target,
+            *flags,
+        ],
+        cwd=tmp_path,
+        HF_HOME=str(tmp_path / "hf_home"),
+    )  # no accelerate default_config.yaml from the user's cache
     assert json.loads((out_dir / "trainer_state.json").read_text())["global_step"] == 2
     assert AutoModelForSequenceClassification.from_pretrained(out_dir).config.num_hidden_layers == 2
     assert "eval_accuracy" in json.loads((out_dir / "eval_results.json").read_text())

@@ -13,10 +13,17 @@ WORKER = Path(__file__).parent / "workers" / "ddp_train.py"
 
 def run(out: Path, processes: int, batch: int, accumulation: int, loss: str, *extra: str) -> tuple[dict, dict]:
     out.mkdir(parents=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
-        if processes > 1 else [sys.executable]
-    proc = subprocess.run([*launcher, str(WORKER), str(out), str(batch), str(accumulation), loss, *extra],
-                          capture_output=True, text=True, timeout=600)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        if processes > 1
+        else [sys.executable]
+    )
+    proc = subprocess.run(
+        [*launcher, str(WORKER), str(out), str(batch), str(accumulation), loss, *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out / "weights.pt"), json.loads((out / "log.json").read_text())
 
@@ -35,8 +42,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, loss):
     largest = max((single[k] - START[k]).abs().max().item() for k in START)
     assert largest > 1e-5
     for key in START:
-        torch.testing.assert_close(ddp[key] - START[key], single[key] - START[key], atol=1e-3 * largest, rtol=1e-3,
-                                   msg=key)
+        torch.testing.assert_close(
+            ddp[key] - START[key], single[key] - START[key], atol=1e-3 * largest, rtol=1e-3, msg=key
+        )
     for key in ("loss", "loss_ce", "loss_kd", "loss_attn_enc"):
         assert ddp_log["log"][key] == pytest.approx(single_log["log"][key], rel=1e-5), key
 
@@ -53,7 +61,8 @@ def test_two_processes_match_one_with_hidden_states_and_relations(tmp_path):
     assert projection and all((single[k] - start[k]).abs().max() > 1e-4 for k in projection)  # it trained
     largest = max((single[k] - start[k]).abs().max().item() for k in single)
     for key in single:
-        torch.testing.assert_close(ddp[key] - start[key], single[key] - start[key], atol=1e-3 * largest, rtol=1e-3,
-                                   msg=key)
+        torch.testing.assert_close(
+            ddp[key] - start[key], single[key] - start[key], atol=1e-3 * largest, rtol=1e-3, msg=key
+        )
     for key in ("loss", "loss_ce", "loss_kd", "loss_attn_enc", "loss_hidden", "loss_relation"):
         assert ddp_log["log"][key] == pytest.approx(single_log["log"][key], rel=1e-5), key

@@ -17,8 +17,13 @@ WORKER = Path(__file__).parent / "workers" / "kill_train.py"
 
 def start(out: Path, mode: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(WORKER), str(out), mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -37,10 +42,13 @@ def kill_when_stalled(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, resumed_from", [("stall-after-step-5", 4), ("stall-in-save-6", 4)],
-                         ids=["killed-between-steps", "killed-inside-a-save"])
+@pytest.mark.parametrize(
+    "mode, resumed_from",
+    [("stall-after-step-5", 4), ("stall-in-save-6", 4)],
+    ids=["killed-between-steps", "killed-inside-a-save"],
+)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, mode, resumed_from):
-    from hf_attn_distill.trainer import checkpoint_is_complete, last_complete_checkpoint
+    from hf_attn_distill.checkpoints import checkpoint_is_complete, last_complete_checkpoint
 
     full = start(tmp_path / "full", "full")
     finish(full)
@@ -67,8 +75,11 @@ def test_an_incomplete_checkpoint_is_refused_by_name(tmp_path):
     broken = tmp_path / "checkpoint-6"
     broken.mkdir()
     (broken / "trainer_state.json").write_text('{"global_step": 6, "log_hist')  # cut short by a kill
-    trainer = DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
-                             teacher_model=tiny_classifier(0), args=DistillConfig(output_dir=str(tmp_path)))
+    trainer = DistillTrainer(
+        model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+        teacher_model=tiny_classifier(0),
+        args=DistillConfig(output_dir=str(tmp_path)),
+    )
     with pytest.raises(ValueError, match="incomplete.*resume_from_checkpoint=True"):
         trainer.train(resume_from_checkpoint=str(broken))
     with pytest.raises(ValueError, match="No complete checkpoint"):

@@ -31,10 +31,18 @@ DEEPSPEED_INSTALLED = importlib.util.find_spec("deepspeed") is not None
 
 def run(out: Path, processes: int, batch: int, accumulation: int, *extra: str) -> dict:
     out.mkdir(parents=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
-        if processes > 1 else [sys.executable]
-    proc = subprocess.run([*launcher, str(WORKER), str(out), str(batch), str(accumulation), *extra],
-                          check=False, capture_output=True, text=True, timeout=600)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        if processes > 1
+        else [sys.executable]
+    )
+    proc = subprocess.run(
+        [*launcher, str(WORKER), str(out), str(batch), str(accumulation), *extra],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if (out / "error.txt").exists():
         return {"error": (out / "error.txt").read_text()}
@@ -64,8 +72,13 @@ def test_fsdp2_two_processes_match_one_and_shard_the_teacher(tmp_path):
     largest = max((single["weights"][k] - START[k]).abs().max().item() for k in START)
     assert largest > 1e-5
     for key in START:
-        torch.testing.assert_close(fsdp["weights"][key] - START[key], single["weights"][key] - START[key],
-                                   atol=1e-3 * largest, rtol=1e-3, msg=key)
+        torch.testing.assert_close(
+            fsdp["weights"][key] - START[key],
+            single["weights"][key] - START[key],
+            atol=1e-3 * largest,
+            rtol=1e-3,
+            msg=key,
+        )
     for key in ("loss", "loss_ce", "loss_kd", "loss_attn_enc"):  # loss_attn_enc: the sharded teacher's attention
         assert fsdp["log"][key] == pytest.approx(single["log"][key], rel=1e-5), key
 
@@ -88,7 +101,9 @@ class FakeAccelerator:
         self.distributed_type = distributed_type
         self.device = torch.device("cpu")
         fsdp_plugin = SimpleNamespace(fsdp_version=fsdp_version) if fsdp_version else None
-        ds_plugin = SimpleNamespace(zero_stage=zero_stage, deepspeed_config=ds_config) if zero_stage is not None else None
+        ds_plugin = (
+            SimpleNamespace(zero_stage=zero_stage, deepspeed_config=ds_config) if zero_stage is not None else None
+        )
         self.state = SimpleNamespace(fsdp_plugin=fsdp_plugin, deepspeed_plugin=ds_plugin)
         self.prepared = []
 
@@ -99,10 +114,16 @@ class FakeAccelerator:
 
 def zero3_accelerator(stage=3):
     config = {
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "scheduler": {"type": "WarmupLR", "params": {}},
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                              "stage3_param_persistence_threshold": "auto"},
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+        "scheduler": {"type": "WarmupLR", "params": {}},
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+        },
     }
     return FakeAccelerator(DistributedType.DEEPSPEED, zero_stage=stage, ds_config=config)
 
@@ -145,7 +166,9 @@ def test_zero3_teacher_becomes_a_deepspeed_inference_engine(fake_deepspeed):
     hidden = teacher.config.hidden_size
     assert "optimizer" not in engine.config and "scheduler" not in engine.config
     assert engine.config["zero_optimization"] == {
-        "stage": 3, "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage": 3,
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
         "stage3_param_persistence_threshold": 10 * hidden,
     }
     assert engine.config["train_micro_batch_size_per_gpu"] == 2
@@ -202,8 +225,9 @@ def test_fsdp_asked_for_without_fsdp_accelerator_is_refused():
     check_distributed_setup(SimpleNamespace(fsdp=False), accelerator)
 
 
-@pytest.mark.parametrize("accelerator", [FakeAccelerator(DistributedType.FSDP, fsdp_version=2), zero3_accelerator()],
-                         ids=["fsdp2", "zero3"])
+@pytest.mark.parametrize(
+    "accelerator", [FakeAccelerator(DistributedType.FSDP, fsdp_version=2), zero3_accelerator()], ids=["fsdp2", "zero3"]
+)
 def test_teacher_logits_cache_with_a_sharded_teacher_is_refused(accelerator, tmp_path):
     with pytest.raises(ValueError, match="teacher_logits_cache with a sharded teacher"):
         fsdp = accelerator.distributed_type == DistributedType.FSDP

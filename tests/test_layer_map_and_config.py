@@ -62,8 +62,22 @@ def test_config_rejects_bad_values(tmp_path, kwargs, match):
 
 def test_config_from_command_line(tmp_path):
     (args,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--temperature", "4", "--attention_loss", "mse_scores", "--layer_map", "0:1,1:3",
-         "--report_to", "none", "--teacher_model_init_kwargs", '{"dtype": "float32"}', "--eval_with_teacher", "false"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--temperature",
+            "4",
+            "--attention_loss",
+            "mse_scores",
+            "--layer_map",
+            "0:1,1:3",
+            "--report_to",
+            "none",
+            "--teacher_model_init_kwargs",
+            '{"dtype": "float32"}',
+            "--eval_with_teacher",
+            "false",
+        ]
     )
     assert args.temperature == 4.0 and args.attention_loss == "mse_scores"
     assert args.layer_map == [[0, 1], [1, 3]]

@@ -15,6 +15,7 @@ def _log_probs(scores, key_mask=None):
 
 # ---- logit KD ----
 
+
 def test_logit_kd_zero_for_identical():
     logits = torch.randn(5, 3)
     assert logit_kd_loss(logits, logits.clone(), temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
@@ -58,6 +59,7 @@ def test_logit_kd_gradient_reaches_student_only():
 
 
 # ---- attention KL ----
+
 
 def test_attention_kl_zero_for_identical():
     lp = _log_probs(torch.randn(2, 3, 5, 5))
@@ -129,6 +131,7 @@ def test_attention_shape_mismatch_raises():
 
 # ---- head grouping ----
 
+
 def test_group_teacher_heads_log_probs_is_mean_of_probs():
     t = _log_probs(torch.randn(2, 6, 3, 3))
     grouped = group_teacher_heads(t, 2, "log_probs")
@@ -145,6 +148,7 @@ def test_group_teacher_heads_rejects_non_multiple():
 
 
 # ---- the fused autograd functions agree with the plain formulas, values and gradients ----
+
 
 def _reference_kl(log_s, log_t, key_mask, query_mask):
     k = key_mask.bool()[:, None, None, :]

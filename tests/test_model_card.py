@@ -22,11 +22,22 @@ from tests.conftest import tiny_classifier
 
 def _info(**overrides) -> CardInfo:
     values = dict(
-        model_name="me/tiny-student", task="text-classification", teacher="/home/someone/models/teacher",
-        dataset="sst2", eval_split="validation split", method="logit KD", student_params=17_400_000,
-        teacher_params=22_700_000, student_layers="3-layer", metrics={"accuracy": 0.85123},
-        teacher_metrics={"accuracy": 0.9}, settings={"temperature": 2.0, "layer_map": "uniform"},
-        student_latency_ms=4.0, teacher_latency_ms=7.6, latency_note="batch 1", license="apache-2.0",
+        model_name="me/tiny-student",
+        task="text-classification",
+        teacher="/home/someone/models/teacher",
+        dataset="sst2",
+        eval_split="validation split",
+        method="logit KD",
+        student_params=17_400_000,
+        teacher_params=22_700_000,
+        student_layers="3-layer",
+        metrics={"accuracy": 0.85123},
+        teacher_metrics={"accuracy": 0.9},
+        settings={"temperature": 2.0, "layer_map": "uniform"},
+        student_latency_ms=4.0,
+        teacher_latency_ms=7.6,
+        latency_note="batch 1",
+        license="apache-2.0",
         repo_id="me/tiny-student",
     )
     values.update(overrides)
@@ -37,8 +48,11 @@ def test_card_metadata_parses_back_as_a_model_index(tmp_path):
     path = write_model_card(tmp_path, _info())
     card = ModelCard.load(path, ignore_metadata_errors=False)  # raises on a malformed model-index
     (result,) = card.data.eval_results
-    assert (result.task_type, result.dataset_type, result.dataset_split) == ("text-classification", "sst2",
-                                                                             "validation split")
+    assert (result.task_type, result.dataset_type, result.dataset_split) == (
+        "text-classification",
+        "sst2",
+        "validation split",
+    )
     assert (result.metric_type, result.metric_value) == ("accuracy", 0.8512)
     assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
     assert card.data.model_name == "me/tiny-student" and "knowledge-distillation" in card.data.tags
@@ -67,8 +81,14 @@ def test_hub_teacher_becomes_base_model_and_local_paths_never_appear(tmp_path):
 
 
 def test_card_metrics_prefers_test_and_splits_teacher():
-    metrics = {"eval_accuracy": 0.5, "test_accuracy": 0.7, "teacher_test_accuracy": 0.8, "test_loss": 1.0,
-               "test_bleu": 20.0, "teacher_eval_accuracy": 0.6}
+    metrics = {
+        "eval_accuracy": 0.5,
+        "test_accuracy": 0.7,
+        "teacher_test_accuracy": 0.8,
+        "test_loss": 1.0,
+        "test_bleu": 20.0,
+        "teacher_eval_accuracy": 0.6,
+    }
     assert card_metrics(metrics) == ({"accuracy": 0.7, "bleu": 20.0}, {"accuracy": 0.8})
     assert card_metrics(metrics, "eval") == ({"accuracy": 0.5}, {"accuracy": 0.6})
 
@@ -84,12 +104,27 @@ def test_bad_card_info_and_missing_template_raise():
 
 def test_trainer_create_model_card_reports_what_it_trained(tmp_path, sentiment_dataset, tokenizer):
     teacher, student = tiny_classifier(0), tiny_classifier(1, num_hidden_layers=2)
-    args = DistillConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
-                         report_to="none", use_cpu=True, attention_loss="mse_probs", layer_map="0:1,1:3",
-                         temperature=3.0, hub_model_id="me/distilled", disable_tqdm=True)
-    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=sentiment_dataset,
-                             eval_dataset=sentiment_dataset, data_collator=DataCollatorWithPadding(tokenizer),
-                             compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
+    args = DistillConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        report_to="none",
+        use_cpu=True,
+        attention_loss="mse_probs",
+        layer_map="0:1,1:3",
+        temperature=3.0,
+        hub_model_id="me/distilled",
+        disable_tqdm=True,
+    )
+    trainer = DistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=sentiment_dataset,
+        eval_dataset=sentiment_dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+    )
     trainer.train()
     metrics = trainer.evaluate()
     trainer.create_model_card(dataset="sentiment_tiny", teacher_metrics={"accuracy": 0.75})
@@ -119,8 +154,10 @@ def test_a_task_without_a_distillation_card_gets_the_generic_one(tmp_path):
 
     from tests.conftest import tiny_bert_config
 
-    teacher, student = BertForTokenClassification(tiny_bert_config()), BertForTokenClassification(
-        tiny_bert_config(num_hidden_layers=2))
+    teacher, student = (
+        BertForTokenClassification(tiny_bert_config()),
+        BertForTokenClassification(tiny_bert_config(num_hidden_layers=2)),
+    )
     args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, attention_weight=0.0)
     trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
     assert trainer.create_model_card(model_name="tagger") is None

@@ -24,8 +24,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # stand-in Multi30k pairs for machines without shared/data: subject x verb x place
 SUBJECTS = [("ein mann", "a man"), ("eine frau", "a woman"), ("ein hund", "a dog"), ("ein kind", "a child")]
 VERBS = [("läuft", "runs"), ("sitzt", "sits"), ("spielt", "plays"), ("wartet", "waits")]
-PLACES = [("im park", "in the park"), ("auf der straße", "on the street"), ("am strand", "on the beach"),
-          ("im schnee", "in the snow")]
+PLACES = [
+    ("im park", "in the park"),
+    ("auf der straße", "on the street"),
+    ("am strand", "on the beach"),
+    ("im schnee", "in the snow"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +41,19 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     (root / "sst2").mkdir()
     for split in ("train", "dev", "test"):
-        (root / "sst2" / f"{split}.tsv").write_text((FIXTURES / "sentiment_tiny.tsv").read_text(encoding="utf-8"),
-                                                    encoding="utf-8")
+        (root / "sst2" / f"{split}.tsv").write_text(
+            (FIXTURES / "sentiment_tiny.tsv").read_text(encoding="utf-8"), encoding="utf-8"
+        )
     pairs = [(f"{s} {v} {p} .", f"{se} {ve} {pe} .") for s, se in SUBJECTS for v, ve in VERBS for p, pe in PLACES]
     (root / "multi30k").mkdir()
     for split, rows in (("train", pairs), ("val", pairs[:16]), ("test_2016_flickr", pairs[::4])):
         for lang, index in (("de", 0), ("en", 1)):
-            (root / "multi30k" / f"{split}.{lang}").write_text("\n".join(r[index] for r in rows) + "\n",
-                                                             encoding="utf-8")
+            (root / "multi30k" / f"{split}.{lang}").write_text(
+                "\n".join(r[index] for r in rows) + "\n", encoding="utf-8"
+            )
     return root
+
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -81,21 +89,28 @@ def execute(name: str, tmp_path: Path, monkeypatch, data_dir: Path) -> tuple[obj
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ATTN_DISTILL_DATA_DIR", str(data_dir))
-    for var in ("HF_ATTN_DISTILL_OUTPUT_DIR", "HF_ATTN_DISTILL_TEACHER", "HF_ATTN_DISTILL_MT_TEACHER",
-                "HF_ATTN_DISTILL_HUB_MODEL_ID", "HF_ATTN_DISTILL_MT_HUB_MODEL_ID"):
+    for var in (
+        "HF_ATTN_DISTILL_OUTPUT_DIR",
+        "HF_ATTN_DISTILL_TEACHER",
+        "HF_ATTN_DISTILL_MT_TEACHER",
+        "HF_ATTN_DISTILL_HUB_MODEL_ID",
+        "HF_ATTN_DISTILL_MT_HUB_MODEL_ID",
+    ):
         monkeypatch.delenv(var, raising=False)
     work = tmp_path / "work"
     work.mkdir()
     before = sorted(p.name for p in NOTEBOOKS.iterdir())
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
-                            resources={"metadata": {"path": str(work)}}).execute()
+    nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(work)}}
+    ).execute()
     assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before, "the notebook wrote next to itself"
     return nb, work
 
 
 def stream_text(nb) -> str:
-    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                   if o.output_type == "stream")
+    return "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"
+    )
 
 
 def shown_images(nb) -> int:
@@ -147,11 +162,17 @@ def test_classification_notebook(tmp_path, monkeypatch, data_dir):
     assert all(r["latency_ms"] > 0 for r in rows.values())
 
     # the reported accuracy recomputed from the saved student, one unpadded sentence at a time
-    lines = (data_dir / "sst2" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:1 + results["eval_samples"]]
+    lines = (data_dir / "sst2" / "test.tsv").read_text(encoding="utf-8").splitlines()[1 : 1 + results["eval_samples"]]
     sentences, labels = zip(*(line.rsplit("\t", 1) for line in lines))
     with torch.no_grad():
-        predictions = [int(student(**tokenizer(s.strip(), truncation=True, max_length=results["max_length"],
-                                                 return_tensors="pt")).logits.argmax(-1)) for s in sentences]
+        predictions = [
+            int(
+                student(
+                    **tokenizer(s.strip(), truncation=True, max_length=results["max_length"], return_tensors="pt")
+                ).logits.argmax(-1)
+            )
+            for s in sentences
+        ]
     recomputed = accuracy(predictions, [int(label) for label in labels])
     assert abs(recomputed - rows["student"]["accuracy"]) <= 1 / len(lines) + 1e-9
 
@@ -196,14 +217,23 @@ def test_translation_notebook(tmp_path, monkeypatch, data_dir):
     translations = []
     with torch.no_grad():
         for i in range(0, n, gen["batch_size"]):
-            batch = tokenizer(sources[i:i + gen["batch_size"]], max_length=results["max_length"], truncation=True,
-                              padding=True, return_tensors="pt", return_token_type_ids=False)
+            batch = tokenizer(
+                sources[i : i + gen["batch_size"]],
+                max_length=results["max_length"],
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
+                return_token_type_ids=False,
+            )
             ids = student.generate(**batch, max_length=gen["max_length"], num_beams=gen["num_beams"])
             translations += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     assert translations == results["translations"]["student"]
 
     assert {"eval_bleu", "eval_chrf", "eval_loss_attn_enc", "eval_loss_attn_dec", "eval_loss_attn_cross"} <= set(
-        results["validation"])
-    check_loss_terms(results["log_history"], {"loss_ce": 0.5, "loss_kd": 0.5, "loss_attn_enc": 1.0,
-                                              "loss_attn_dec": 1.0, "loss_attn_cross": 1.0})
+        results["validation"]
+    )
+    check_loss_terms(
+        results["log_history"],
+        {"loss_ce": 0.5, "loss_kd": 0.5, "loss_attn_enc": 1.0, "loss_attn_dec": 1.0, "loss_attn_cross": 1.0},
+    )
     check_figures(results["figures"], out, {"attention_cross.png", "loss_curves.png"})

@@ -47,8 +47,9 @@ def test_attention_losses_stay_finite(loss, teacher_kind, mask_kind, causal):
     teacher = t_scores if loss == "mse_scores" else torch.log_softmax(_masked(t_scores, key_mask, causal), -1)
     for dtype in (torch.float32, torch.bfloat16):
         s = (torch.randn(2, 3, 5, 5) * 3).to(dtype).requires_grad_(True)
-        probs, value = softmax_with_transfer_loss(_masked(s.float(), key_mask, causal),
-                                                  TransferTarget(teacher, loss, key_mask, causal=causal))
+        probs, value = softmax_with_transfer_loss(
+            _masked(s.float(), key_mask, causal), TransferTarget(teacher, loss, key_mask, causal=causal)
+        )
         (value + probs.sum()).backward()
         assert torch.isfinite(value) and torch.isfinite(s.grad).all(), (dtype, loss)
         ref_input = torch.log_softmax(_masked(s.detach().float(), key_mask, causal), -1)
@@ -61,12 +62,16 @@ def test_attention_losses_stay_finite(loss, teacher_kind, mask_kind, causal):
         assert value.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize("temperature, teacher_kind", list(itertools.product([0.5, 1.0, 4.0, 20.0],
-                                                                               ["random", "one-hot", "flat"])))
+@pytest.mark.parametrize(
+    "temperature, teacher_kind", list(itertools.product([0.5, 1.0, 4.0, 20.0], ["random", "one-hot", "flat"]))
+)
 def test_logit_kd_stays_finite(temperature, teacher_kind):
     torch.manual_seed(0)
-    t = {"random": torch.randn(4, 6, 7) * 5, "one-hot": torch.full((4, 6, 7), -1e4).index_fill_(-1, torch.tensor([2]), 1e4),
-         "flat": torch.zeros(4, 6, 7)}[teacher_kind]
+    t = {
+        "random": torch.randn(4, 6, 7) * 5,
+        "one-hot": torch.full((4, 6, 7), -1e4).index_fill_(-1, torch.tensor([2]), 1e4),
+        "flat": torch.zeros(4, 6, 7),
+    }[teacher_kind]
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[0] = False  # a fully padded example
     for dtype in (torch.float32, torch.bfloat16):
@@ -84,11 +89,24 @@ def test_bf16_autocast_training_step_is_finite(tmp_path, tokenizer, sentiment_da
 
     from hf_attn_distill import DistillConfig, DistillTrainer
 
-    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=True, max_steps=3,
-                         per_device_train_batch_size=8, logging_steps=1, save_strategy="no", disable_tqdm=True)
-    trainer = DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
-                             teacher_model=tiny_classifier(0), args=args, train_dataset=sentiment_dataset,
-                             data_collator=DataCollatorWithPadding(tokenizer))
+    args = DistillConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        bf16=True,
+        max_steps=3,
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = DistillTrainer(
+        model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+        teacher_model=tiny_classifier(0),
+        args=args,
+        train_dataset=sentiment_dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 3

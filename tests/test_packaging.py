@@ -28,19 +28,36 @@ def wheel_install(tmp_path_factory):
     """The project built as a wheel and installed with ``pip --target``: (wheel, target folder)."""
     tmp_path = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
-         str(ROOT)], check=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        check=True,
     )
     (wheel,) = (tmp_path / "dist").glob("hf_attn_distill-*.whl")
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
+    )
     return wheel, target
 
 
 def isolated_env(target) -> dict:
-    return {"PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-            "OMP_NUM_THREADS": "1"}
+    return {
+        "PYTHONPATH": str(target),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 @pytest.mark.slow
@@ -59,27 +76,34 @@ def test_wheel_install_writes_model_card_and_loads_metric(tmp_path, wheel_instal
         assert "| temperature | 2.0000 |" in card and "base_model: teacher" in card
         print(load_metric("accuracy").compute(predictions=[1, 0], references=[1, 1])["accuracy"])
     """)
-    out = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp_path, env=isolated_env(target),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=tmp_path,
+        env=isolated_env(target),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "0.5"
 
 
 @pytest.mark.slow
 def test_wheel_ships_recipes_inside_the_package_and_the_console_script(tmp_path, wheel_install):
-    """recipes/ is installed as hf_attn_distill.recipes (no top-level `recipes` package to collide with), and the
+    """The recipes are the package hf_attn_distill.recipes (no top-level `recipes` package to collide with), and the
     wheel's ``hf-attn-distill`` script dispatches to those copies, from a folder without the checkout."""
     wheel, target = wheel_install
     names = zipfile.ZipFile(wheel).namelist()
-    recipes = sorted(p.name for p in (ROOT / "recipes").glob("*.py"))
+    recipes = sorted(p.name for p in (ROOT / "hf_attn_distill" / "recipes").glob("*.py"))
     assert sorted(n.split("/")[-1] for n in names if n.startswith("hf_attn_distill/recipes/")) == recipes
     assert not any(n.startswith(("recipes/", "tests/", "benchmarks/")) for n in names)
     package = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "hf_attn_distill").rglob("*.py"))
-    assert package == sorted(n for n in names if n.endswith(".py") and not n.startswith("hf_attn_distill/recipes/"))
+    assert package == sorted(n for n in names if n.endswith(".py"))
     assert not (target / "recipes").exists()
     script = target / "bin" / "hf-attn-distill"
-    out = subprocess.run([str(script), "--help"], check=False, cwd=tmp_path, env=isolated_env(target), capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [str(script), "--help"], check=False, cwd=tmp_path, env=isolated_env(target), capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(f"\n    {command}" in out.stdout for command in ("classification", "qa", "translation"))
     check = textwrap.dedent(f"""
@@ -94,7 +118,13 @@ def test_wheel_ships_recipes_inside_the_package_and_the_console_script(tmp_path,
         assert module.__file__.startswith({str(target)!r}), module.__file__
         assert "recipes" not in sys.modules and module.common.__name__ == "hf_attn_distill.recipes.common"
     """)
-    out = subprocess.run([sys.executable, "-c", check], check=False, cwd=tmp_path, env=isolated_env(target), capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        check=False,
+        cwd=tmp_path,
+        env=isolated_env(target),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage: hf-attn-distill qa ") and "--doc_stride" in out.stdout

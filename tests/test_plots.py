@@ -14,13 +14,26 @@ pytest.importorskip("matplotlib")
 def test_attention_figure_and_loss_curves(tmp_path, tokenizer, sentiment_dataset):
     from PIL import Image
 
-    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=4, logging_steps=1,
-                         per_device_train_batch_size=8, eval_strategy="steps", eval_steps=2, save_strategy="no",
-                         disable_tqdm=True)
-    trainer = DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
-                             teacher_model=tiny_classifier(0), args=args, train_dataset=sentiment_dataset,
-                             eval_dataset=sentiment_dataset.select(range(8)),
-                             data_collator=DataCollatorWithPadding(tokenizer))
+    args = DistillConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        max_steps=4,
+        logging_steps=1,
+        per_device_train_batch_size=8,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = DistillTrainer(
+        model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+        teacher_model=tiny_classifier(0),
+        args=args,
+        train_dataset=sentiment_dataset,
+        eval_dataset=sentiment_dataset.select(range(8)),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     trainer.train()
     transfer = trainer.transfers[0]
     inputs = tokenizer(["a gripping , funny film"], return_tensors="pt")

@@ -57,8 +57,10 @@ def test_squad_metric_loads_through_evaluate_offline():
     metric = load_metric("squad")
     out = metric.compute(
         predictions=[{"id": "1", "prediction_text": "the Broncos"}, {"id": "2", "prediction_text": "1991"}],
-        references=[{"id": "1", "answers": {"text": ["Broncos"], "answer_start": [0]}},
-                    {"id": "2", "answers": {"text": ["1990"], "answer_start": [0]}}],
+        references=[
+            {"id": "1", "answers": {"text": ["Broncos"], "answer_start": [0]}},
+            {"id": "2", "answers": {"text": ["1990"], "answer_start": [0]}},
+        ],
     )
     assert out["exact_match"] == 50.0 and out["f1"] == 50.0
 
@@ -73,21 +75,38 @@ CONTEXT_2 = f"{FILLER}. The capital of the small country is Vaduz, a town on the
 
 def squad_json(path, version_2=False, misplaced=False):
     qas_1 = [
-        {"id": "q1", "question": "Who won Super Bowl 50?",
-         "answers": [{"text": "Denver Broncos", "answer_start": CONTEXT_1.index("Denver Broncos")},
-                     {"text": "the Denver Broncos", "answer_start": CONTEXT_1.index("the Denver Broncos")}]},
-        {"id": "q2", "question": "When was it won?", "answers": [{"text": "2016", "answer_start": CONTEXT_1.index("2016")}]},
+        {
+            "id": "q1",
+            "question": "Who won Super Bowl 50?",
+            "answers": [
+                {"text": "Denver Broncos", "answer_start": CONTEXT_1.index("Denver Broncos")},
+                {"text": "the Denver Broncos", "answer_start": CONTEXT_1.index("the Denver Broncos")},
+            ],
+        },
+        {
+            "id": "q2",
+            "question": "When was it won?",
+            "answers": [{"text": "2016", "answer_start": CONTEXT_1.index("2016")}],
+        },
     ]
     if version_2:
         qas_1.append({"id": "q4", "question": "Who lost Super Bowl 51?", "answers": [], "is_impossible": True})
     if misplaced:
         qas_1.append({"id": "bad", "question": "Where?", "answers": [{"text": "Levi's Stadium", "answer_start": 3}]})
-    qas_2 = [{"id": "q3", "question": "What is the capital?",
-              "answers": [{"text": "Vaduz", "answer_start": CONTEXT_2.index("Vaduz")}]}]
-    data = {"version": "v2.0" if version_2 else "1.1", "data": [
-        {"title": "Super_Bowl", "paragraphs": [{"context": CONTEXT_1, "qas": qas_1}]},
-        {"title": "Country", "paragraphs": [{"context": CONTEXT_2, "qas": qas_2}]},
-    ]}
+    qas_2 = [
+        {
+            "id": "q3",
+            "question": "What is the capital?",
+            "answers": [{"text": "Vaduz", "answer_start": CONTEXT_2.index("Vaduz")}],
+        }
+    ]
+    data = {
+        "version": "v2.0" if version_2 else "1.1",
+        "data": [
+            {"title": "Super_Bowl", "paragraphs": [{"context": CONTEXT_1, "qas": qas_1}]},
+            {"title": "Country", "paragraphs": [{"context": CONTEXT_2, "qas": qas_2}]},
+        ],
+    }
     path.write_text(json.dumps(data))
     return path
 
@@ -104,9 +123,12 @@ def test_load_squad_json_flattens_nested_format(tmp_path):
 
 def _features(tokenizer, ds, version_2=False, train=False):
     prepare = prepare_train_features if train else prepare_validation_features
-    return ds.map(prepare, batched=True, remove_columns=ds.column_names,
-                  fn_kwargs=dict(tokenizer=tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16,
-                                 version_2=version_2))
+    return ds.map(
+        prepare,
+        batched=True,
+        remove_columns=ds.column_names,
+        fn_kwargs=dict(tokenizer=tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16, version_2=version_2),
+    )
 
 
 def test_labels_point_at_the_answer_tokens_in_every_window(tokenizer, tmp_path):
@@ -123,7 +145,9 @@ def test_labels_point_at_the_answer_tokens_in_every_window(tokenizer, tmp_path):
     # the KD mask is exactly the context tokens
     f = features[0]
     context_tokens = [t for t, m in zip(f["input_ids"], f["kd_mask"]) if m]
-    assert tokenizer.decode(context_tokens) == tokenizer.decode(tokenizer(CONTEXT_1, add_special_tokens=False)["input_ids"])
+    assert tokenizer.decode(context_tokens) == tokenizer.decode(
+        tokenizer(CONTEXT_1, add_special_tokens=False)["input_ids"]
+    )
     v2 = _features(tokenizer, load_squad_json(squad_json(tmp_path / "v2.json", version_2=True)), True, train=True)
     assert all(f["kd_mask"][0] == 1 for f in v2)  # v2: CLS (the null answer) is a position an answer can take
 
@@ -185,9 +209,18 @@ def test_kd_mask_excludes_question_and_padding_positions(tokenizer, tmp_path):
 
 def _tiny_qa(seed, layers):
     torch.manual_seed(seed)
-    return BertForQuestionAnswering(BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return BertForQuestionAnswering(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def test_missing_columns_name_the_flag(tmp_path):
@@ -200,20 +233,48 @@ def test_missing_columns_name_the_flag(tmp_path):
 
 @pytest.mark.parametrize("version_2", [False, True], ids=["v1.1", "v2.0"])
 def test_recipe_end_to_end(tmp_path, tokenizer, version_2, caplog):
-    from recipes.distill_qa import main
+    from hf_attn_distill.recipes.distill_qa import main
 
     teacher_dir = tmp_path / "teacher"
     _tiny_qa(0, 4).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
     data = squad_json(tmp_path / "squad.json", version_2=version_2, misplaced=True)
     out = tmp_path / "student"
-    metrics = main([
-        "--teacher_model_name_or_path", str(teacher_dir), "--student_teacher_layers", "1,3",
-        "--train_file", str(data), "--validation_file", str(data), "--output_dir", str(out),
-        "--max_seq_length", "64", "--doc_stride", "16", "--max_query_length", "16", "--do_train", "--do_eval",
-        "--max_steps", "3", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-        "--report_to", "none", "--use_cpu", "--evaluate_teacher", "--logging_steps", "1",
-    ] + (["--version_2_with_negative"] if version_2 else []))
+    metrics = main(
+        [
+            "--teacher_model_name_or_path",
+            str(teacher_dir),
+            "--student_teacher_layers",
+            "1,3",
+            "--train_file",
+            str(data),
+            "--validation_file",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--max_seq_length",
+            "64",
+            "--doc_stride",
+            "16",
+            "--max_query_length",
+            "16",
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--per_device_eval_batch_size",
+            "4",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "--evaluate_teacher",
+            "--logging_steps",
+            "1",
+        ]
+        + (["--version_2_with_negative"] if version_2 else [])
+    )
     for key in ("eval_exact_match", "eval_f1", "eval_loss_kd", "eval_loss_attn_enc", "teacher_eval_f1"):
         assert key in metrics, key
     if version_2:

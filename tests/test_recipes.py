@@ -8,7 +8,7 @@ from conftest import FIXTURES, tiny_classifier
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification
 
-from recipes.distill_classification import main as recipe_main
+from hf_attn_distill.recipes.distill_classification import main as recipe_main
 
 DATA = FIXTURES / "sentiment_tiny.tsv"
 SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -16,9 +16,17 @@ SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 def _base(output_dir, **extra):
     args = {
-        "--train_file": str(DATA), "--validation_file": str(DATA), "--output_dir": str(output_dir),
-        "--max_steps": "4", "--per_device_train_batch_size": "8", "--report_to": "none", "--save_strategy": "no",
-        "--do_train": None, "--do_eval": None, "--disable_tqdm": "true", "--learning_rate": "1e-3",
+        "--train_file": str(DATA),
+        "--validation_file": str(DATA),
+        "--output_dir": str(output_dir),
+        "--max_steps": "4",
+        "--per_device_train_batch_size": "8",
+        "--report_to": "none",
+        "--save_strategy": "no",
+        "--do_train": None,
+        "--do_eval": None,
+        "--disable_tqdm": "true",
+        "--learning_rate": "1e-3",
         "--max_seq_length": "64",
     }
     args.update(extra)
@@ -38,7 +46,9 @@ def recomputed_accuracy(model_dir, rows, text="sentence", pair=None, label="labe
     correct = 0
     with torch.no_grad():
         for row in rows:
-            enc = tokenizer(row[text], row[pair] if pair else None, truncation=True, max_length=128, return_tensors="pt")
+            enc = tokenizer(
+                row[text], row[pair] if pair else None, truncation=True, max_length=128, return_tensors="pt"
+            )
             gold = names.index(row[label]) if names else int(row[label])
             correct += int(model(**enc).logits.argmax(-1).item() == gold)
     return correct / len(rows)
@@ -53,13 +63,23 @@ def tsv_rows(path):
 
 def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir, capsys):
     teacher_dir = tmp_path / "teacher"
-    metrics = recipe_main(_base(teacher_dir, **{"--training_mode": "finetune", "--teacher_model_name_or_path": tiny_teacher_dir}))
+    metrics = recipe_main(
+        _base(teacher_dir, **{"--training_mode": "finetune", "--teacher_model_name_or_path": tiny_teacher_dir})
+    )
     assert metrics["eval_accuracy"] == pytest.approx(recomputed_accuracy(teacher_dir, tsv_rows(DATA)))
     student_dir = tmp_path / "student"
-    metrics = recipe_main(_base(student_dir, **{
-        "--teacher_model_name_or_path": str(teacher_dir), "--student_teacher_layers": "1,3",
-        "--attention_loss": "mse_scores", "--evaluate_teacher": "true", "--logging_steps": "1",
-    }))
+    metrics = recipe_main(
+        _base(
+            student_dir,
+            **{
+                "--teacher_model_name_or_path": str(teacher_dir),
+                "--student_teacher_layers": "1,3",
+                "--attention_loss": "mse_scores",
+                "--evaluate_teacher": "true",
+                "--logging_steps": "1",
+            },
+        )
+    )
     assert metrics["eval_accuracy"] == pytest.approx(recomputed_accuracy(student_dir, tsv_rows(DATA)))
     assert metrics["teacher_eval_accuracy"] == pytest.approx(recomputed_accuracy(teacher_dir, tsv_rows(DATA)))
     assert metrics["eval_loss_kd"] > 0 and metrics["eval_loss_attn_enc"] > 0
@@ -82,9 +102,18 @@ def test_finetune_then_distill_from_teacher_layers(tmp_path, tiny_teacher_dir, c
 
 def test_student_from_config_overrides_and_json_config(tmp_path, tiny_teacher_dir):
     config = {
-        "teacher_model_name_or_path": tiny_teacher_dir, "student_config_overrides": "num_hidden_layers=2,hidden_size=16",
-        "train_file": str(DATA), "validation_file": str(DATA), "output_dir": str(tmp_path / "s"), "max_steps": 2, "max_seq_length": 64,
-        "report_to": "none", "save_strategy": "no", "do_train": True, "do_eval": True, "layer_map": "last",
+        "teacher_model_name_or_path": tiny_teacher_dir,
+        "student_config_overrides": "num_hidden_layers=2,hidden_size=16",
+        "train_file": str(DATA),
+        "validation_file": str(DATA),
+        "output_dir": str(tmp_path / "s"),
+        "max_steps": 2,
+        "max_seq_length": 64,
+        "report_to": "none",
+        "save_strategy": "no",
+        "do_train": True,
+        "do_eval": True,
+        "layer_map": "last",
         "attention_loss": "kl",
     }
     path = tmp_path / "config.json"
@@ -98,9 +127,17 @@ def test_student_from_config_overrides_and_json_config(tmp_path, tiny_teacher_di
 def test_yaml_config(tmp_path, tiny_teacher_dir):
     yaml = pytest.importorskip("yaml")
     config = {
-        "teacher_model_name_or_path": tiny_teacher_dir, "student_teacher_layers": "0,3", "train_file": str(DATA),
-        "validation_file": str(DATA), "output_dir": str(tmp_path / "y"), "max_steps": 2, "max_seq_length": 64, "report_to": "none",
-        "save_strategy": "no", "do_train": True, "attention_weight": 0,
+        "teacher_model_name_or_path": tiny_teacher_dir,
+        "student_teacher_layers": "0,3",
+        "train_file": str(DATA),
+        "validation_file": str(DATA),
+        "output_dir": str(tmp_path / "y"),
+        "max_steps": 2,
+        "max_seq_length": 64,
+        "report_to": "none",
+        "save_strategy": "no",
+        "do_train": True,
+        "attention_weight": 0,
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -136,20 +173,41 @@ def test_student_with_other_tokenizer_is_rejected(tmp_path, tiny_teacher_dir):
     tiny_classifier(3, num_hidden_layers=2).save_pretrained(other)
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(other)
     with pytest.raises(ValueError, match="tokenizers have different vocabularies"):
-        recipe_main(_base(tmp_path / "x", **{"--teacher_model_name_or_path": tiny_teacher_dir,
-                                             "--student_model_name_or_path": str(other)}))
+        recipe_main(
+            _base(
+                tmp_path / "x",
+                **{"--teacher_model_name_or_path": tiny_teacher_dir, "--student_model_name_or_path": str(other)},
+            )
+        )
 
 
 @pytest.mark.slow
 def test_recipe_with_real_minilm_teacher(tmp_path, minilm_path):
     """Real pretrained weights: fine-tune MiniLM briefly, distill 3 of its layers, get a loadable student."""
     teacher_dir = tmp_path / "teacher"
-    recipe_main(_base(teacher_dir, **{"--training_mode": "finetune", "--teacher_model_name_or_path": minilm_path,
-                                      "--learning_rate": "1e-4", "--max_steps": "6"}))
-    metrics = recipe_main(_base(tmp_path / "student", **{
-        "--teacher_model_name_or_path": str(teacher_dir), "--student_teacher_layers": "1,3,5",
-        "--student_layers_from": minilm_path, "--learning_rate": "1e-4", "--max_steps": "6",
-    }))
+    recipe_main(
+        _base(
+            teacher_dir,
+            **{
+                "--training_mode": "finetune",
+                "--teacher_model_name_or_path": minilm_path,
+                "--learning_rate": "1e-4",
+                "--max_steps": "6",
+            },
+        )
+    )
+    metrics = recipe_main(
+        _base(
+            tmp_path / "student",
+            **{
+                "--teacher_model_name_or_path": str(teacher_dir),
+                "--student_teacher_layers": "1,3,5",
+                "--student_layers_from": minilm_path,
+                "--learning_rate": "1e-4",
+                "--max_steps": "6",
+            },
+        )
+    )
     assert all(k in metrics for k in ("eval_accuracy", "eval_loss_ce", "eval_loss_kd", "eval_loss_attn_enc"))
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
     assert student.config.num_hidden_layers == 3 and student.config.hidden_size == 384
@@ -159,10 +217,22 @@ def test_recipe_with_real_minilm_teacher(tmp_path, minilm_path):
 @pytest.mark.very_slow
 @pytest.mark.skipif(not SHARED_SST2.exists(), reason="needs ../shared/data/sst2")
 def test_sst2_demo_runs_end_to_end(tmp_path):
-    from recipes.sst2_demo import main as demo_main
+    from hf_attn_distill.recipes.sst2_demo import main as demo_main
 
-    result = demo_main(["--output_dir", str(tmp_path), "--teacher_steps", "3", "--student_steps", "3",
-                        "--latency_sentences", "10", "--batch_size", "8"])
+    result = demo_main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--teacher_steps",
+            "3",
+            "--student_steps",
+            "3",
+            "--latency_sentences",
+            "10",
+            "--batch_size",
+            "8",
+        ]
+    )
     assert set(result["models"]) and 0 < result["retention"]
     assert (tmp_path / "student" / "README.md").exists()
     assert (tmp_path / "demo_results.md").read_text().count("|") > 10
@@ -175,21 +245,46 @@ def test_sentence_pairs_from_jsonl(tmp_path, tiny_teacher_dir):
     ] * 8
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    metrics = recipe_main([
-        "--teacher_model_name_or_path", tiny_teacher_dir, "--student_teacher_layers", "0,3",
-        "--train_file", str(path), "--validation_file", str(path), "--text_column", "premise",
-        "--text_pair_column", "hypothesis", "--label_column", "gold", "--output_dir", str(tmp_path / "out"),
-        "--max_steps", "2", "--report_to", "none", "--save_strategy", "no", "--do_train", "--do_eval", "--max_seq_length", "64",
-    ])
+    metrics = recipe_main(
+        [
+            "--teacher_model_name_or_path",
+            tiny_teacher_dir,
+            "--student_teacher_layers",
+            "0,3",
+            "--train_file",
+            str(path),
+            "--validation_file",
+            str(path),
+            "--text_column",
+            "premise",
+            "--text_pair_column",
+            "hypothesis",
+            "--label_column",
+            "gold",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--do_train",
+            "--do_eval",
+            "--max_seq_length",
+            "64",
+        ]
+    )
     names = ["contradiction", "entailment"]
     assert metrics["eval_accuracy"] == pytest.approx(
-        recomputed_accuracy(tmp_path / "out", rows, "premise", "hypothesis", "gold", names))
+        recomputed_accuracy(tmp_path / "out", rows, "premise", "hypothesis", "gold", names)
+    )
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert student.config.id2label == {0: "contradiction", 1: "entailment"}  # string labels mapped in sorted order
 
 
 def test_shipped_yaml_config_parses():
-    from recipes.distill_classification import parse_args
+    from hf_attn_distill.recipes.distill_classification import parse_args
 
     root = Path(__file__).resolve().parents[1]
     model_args, data_args, training_args = parse_args([str(root / "recipes" / "configs" / "sst2_student.yaml")])
@@ -202,15 +297,29 @@ def test_tensorboard_gets_every_loss_term_and_the_attention_figures(tmp_path, ti
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    recipe_main(_base(out, **{"--teacher_model_name_or_path": tiny_teacher_dir, "--student_teacher_layers": "1,3",
-                              "--report_to": "tensorboard", "--logging_steps": "1"}))
+    recipe_main(
+        _base(
+            out,
+            **{
+                "--teacher_model_name_or_path": tiny_teacher_dir,
+                "--student_teacher_layers": "1,3",
+                "--report_to": "tensorboard",
+                "--logging_steps": "1",
+            },
+        )
+    )
     (events,) = {p.parent for p in out.glob("runs/**/events.out.tfevents.*")}
     run = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0}).Reload()
     tags = run.Tags()
     assert {"train/loss_ce", "train/loss_kd", "train/loss_attn_enc", "eval/loss_attn_enc"} <= set(tags["scalars"])
     assert [e.value for e in run.Scalars("train/loss_attn_enc")] == pytest.approx(
-        [e["loss_attn_enc"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
-         if "loss_attn_enc" in e], rel=1e-5)
+        [
+            e["loss_attn_enc"]
+            for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+            if "loss_attn_enc" in e
+        ],
+        rel=1e-5,
+    )
     assert {"distillation/attention_encoder", "distillation/loss_curves"} <= set(tags["images"])
     (image,) = run.Images("distillation/attention_encoder")
     assert image.step == 4 and image.width > 100

@@ -46,13 +46,27 @@ def test_relation_kl_by_hand_with_other_widths_and_padding():
 @pytest.mark.parametrize("kinds", ["qq,kk,vv", "vv"])
 def test_term_equals_recomputation_from_the_projections(tmp_path, tokenizer, kinds):
     teacher, student = teacher_and_narrow_student()
-    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, alpha_ce=0.0, alpha_kd=0.0,
-                         attention_weight=0.0, relation_weight=3.0, relation_kinds=kinds, relation_heads=2,
-                         relation_teacher_layer=2, relation_student_layer=-1)
+    args = DistillConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        alpha_ce=0.0,
+        alpha_kd=0.0,
+        attention_weight=0.0,
+        relation_weight=3.0,
+        relation_kinds=kinds,
+        relation_heads=2,
+        relation_teacher_layer=2,
+        relation_student_layer=-1,
+    )
     args.per_device_eval_batch_size = 3
-    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args,
-                             eval_dataset=uneven_dataset().select([0, 4, 5]),
-                             data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = DistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        eval_dataset=uneven_dataset().select([0, 4, 5]),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     batch = dict(DataCollatorWithPadding(tokenizer)([uneven_dataset()[i] for i in (0, 4, 5)]))
     loss = trainer.compute_loss(student, batch)
     with torch.no_grad():
@@ -61,8 +75,10 @@ def test_term_equals_recomputation_from_the_projections(tmp_path, tokenizer, kin
         t_attn, s_attn = teacher.bert.encoder.layer[2].attention.self, student.bert.encoder.layer[1].attention.self
         names = {"qq": "query", "kk": "key", "vv": "value"}
         mask = batch["attention_mask"]
-        expected = [_reference_relation_kl(getattr(s_attn, names[k])(s_input), getattr(t_attn, names[k])(t_input), 2,
-                                           mask) for k in kinds.split(",")]
+        expected = [
+            _reference_relation_kl(getattr(s_attn, names[k])(s_input), getattr(t_attn, names[k])(t_input), 2, mask)
+            for k in kinds.split(",")
+        ]
     assert loss.item() == pytest.approx(3.0 * sum(expected) / len(expected), rel=1e-4)
     # evaluation reports the same term, unweighted, as eval_loss_relation
     assert trainer.evaluate()["eval_loss_relation"] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
@@ -70,14 +86,33 @@ def test_term_equals_recomputation_from_the_projections(tmp_path, tokenizer, kin
 
 def _update(tmp_path, tokenizer, batch, accumulation, **overrides):
     teacher, student = teacher_and_narrow_student()
-    values = dict(output_dir=str(tmp_path / f"{batch}x{accumulation}{sorted(overrides)}"),
-                  per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
-                  logging_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0,
-                  report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, relation_weight=1.0,
-                  relation_heads=2, attention_weight=0.0)
+    values = dict(
+        output_dir=str(tmp_path / f"{batch}x{accumulation}{sorted(overrides)}"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        relation_weight=1.0,
+        relation_heads=2,
+        attention_weight=0.0,
+    )
     values.update(overrides)
-    trainer = InOrderTrainer(model=student, teacher_model=teacher, args=DistillConfig(**values),
-                             train_dataset=uneven_dataset(), data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = InOrderTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=DistillConfig(**values),
+        train_dataset=uneven_dataset(),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     start = {k: v.detach().clone() for k, v in student.state_dict().items()}
     trainer.train()
     log = next(e for e in trainer.state.log_history if "loss" in e)
@@ -102,21 +137,36 @@ def test_accumulation_equals_one_large_batch(tmp_path, tokenizer):
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path, tokenizer):
     plain = _update(tmp_path, tokenizer, 8, 1, alpha_ce=0.0, alpha_kd=0.0)
-    checkpointed = _update(tmp_path, tokenizer, 8, 1, alpha_ce=0.0, alpha_kd=0.0, activation_checkpointing=True,
-                           activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = _update(
+        tmp_path,
+        tokenizer,
+        8,
+        1,
+        alpha_ce=0.0,
+        alpha_kd=0.0,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+    )
     _assert_same(plain, checkpointed)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"relation_heads": 3}, r"must divide the width of the qq relation's states in both the student \(16\)"),
-    ({"relation_teacher_layer": 4}, "relation_teacher_layer=4 is out of range"),
-    ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
-    ({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"relation_heads": 3}, r"must divide the width of the qq relation's states in both the student \(16\)"),
+        ({"relation_teacher_layer": 4}, "relation_teacher_layer=4 is out of range"),
+        ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
+        (
+            {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
+            "use_reentrant",
+        ),
+    ],
+)
 def test_bad_relation_settings_name_the_fix(tmp_path, overrides, match):
     teacher, student = teacher_and_narrow_student()
-    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, relation_weight=1.0,
-                         attention_weight=0.0, **overrides)
+    args = DistillConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, relation_weight=1.0, attention_weight=0.0, **overrides
+    )
     with pytest.raises(ValueError, match=match):
         DistillTrainer(model=student, teacher_model=teacher, args=args)
 
@@ -137,8 +187,9 @@ def test_state_widths_follow_head_dim_and_grouped_query_attention():
 def test_relation_states_without_gradient_are_refused(tmp_path, tokenizer):
     # reentrant checkpointing switched on on the model itself, where DistillConfig cannot see it
     teacher, student = teacher_and_narrow_student()
-    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, relation_weight=1.0,
-                         attention_weight=0.0)
+    args = DistillConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, relation_weight=1.0, attention_weight=0.0
+    )
     trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     student.train()

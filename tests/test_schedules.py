@@ -26,10 +26,16 @@ def test_parse_forms_and_errors():
     assert parse_schedules("temperature=linear:1.0,attention_weight=cosine:0") == expected
     assert parse_schedules('{"temperature": "linear:1", "attention_weight": "cosine:0.0"}') == expected
     assert parse_schedules({"alpha_kd": "constant"})["alpha_kd"][0] == "constant"
-    for spec, match in [("layer_map=linear:1", "Cannot schedule"), ("temperature=step:1", "must be one of"),
-                        ("temperature=linear", "needs an end value"), ("temperature=linear:0", "end above 0"),
-                        ("alpha_kd=linear:-1", ">= 0"), ("alpha_kd=linear:nan", "finite"),
-                        ("temperature=cosine:inf", "finite"), ("temperature", "items are 'name=kind:end'")]:
+    for spec, match in [
+        ("layer_map=linear:1", "Cannot schedule"),
+        ("temperature=step:1", "must be one of"),
+        ("temperature=linear", "needs an end value"),
+        ("temperature=linear:0", "end above 0"),
+        ("alpha_kd=linear:-1", ">= 0"),
+        ("alpha_kd=linear:nan", "finite"),
+        ("temperature=cosine:inf", "finite"),
+        ("temperature", "items are 'name=kind:end'"),
+    ]:
         with pytest.raises(ValueError, match=match):
             parse_schedules(spec)
     with pytest.raises(ValueError, match="starts at its configured value 0"):
@@ -39,12 +45,27 @@ def test_parse_forms_and_errors():
 def test_training_uses_and_logs_the_scheduled_values(tmp_path, tokenizer):
     teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
-    args = DistillConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, logging_steps=1,
-                         report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, temperature=4.0,
-                         attention_weight=1.0, alpha_kd=0.8,
-                         schedules="temperature=linear:1.0,attention_weight=cosine:0.0")
-    trainer = InOrderTrainer(model=student, teacher_model=teacher, args=args, train_dataset=uneven_dataset(),
-                             data_collator=DataCollatorWithPadding(tokenizer))
+    args = DistillConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        temperature=4.0,
+        attention_weight=1.0,
+        alpha_kd=0.8,
+        schedules="temperature=linear:1.0,attention_weight=cosine:0.0",
+    )
+    trainer = InOrderTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=uneven_dataset(),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss_kd" in e]
     assert len(logs) == 4
@@ -62,8 +83,16 @@ def test_kd_term_uses_the_scheduled_temperature(tmp_path, tokenizer):
     from hf_attn_distill import DistillTrainer, logit_kd_loss
 
     teacher, student = tiny_classifier(0), tiny_classifier(1, num_hidden_layers=2)
-    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, alpha_ce=0.0, alpha_kd=1.0,
-                         attention_weight=0.0, temperature=4.0, schedules="temperature=linear:1.0")
+    args = DistillConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        alpha_ce=0.0,
+        alpha_kd=1.0,
+        attention_weight=0.0,
+        temperature=4.0,
+        schedules="temperature=linear:1.0",
+    )
     trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
     trainer.state.global_step, trainer.state.max_steps = 2, 4  # halfway: T = 2.5
     batch = dict(DataCollatorWithPadding(tokenizer)([uneven_dataset()[i] for i in range(4)]))

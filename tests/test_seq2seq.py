@@ -35,36 +35,89 @@ VOCAB = 100
 
 def bart(layers, heads, seed):
     torch.manual_seed(seed)
-    return BartForConditionalGeneration(BartConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
-        decoder_attention_heads=heads, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=PAD, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None))
+    return BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            pad_token_id=PAD,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
+        )
+    )
 
 
 def marian(layers, heads, seed):
     torch.manual_seed(seed)
-    return MarianMTModel(MarianConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
-        decoder_attention_heads=heads, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=PAD, eos_token_id=2,
-        decoder_start_token_id=PAD, forced_eos_token_id=None))
+    return MarianMTModel(
+        MarianConfig(
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            pad_token_id=PAD,
+            eos_token_id=2,
+            decoder_start_token_id=PAD,
+            forced_eos_token_id=None,
+        )
+    )
 
 
 def t5(layers, heads, seed):
     torch.manual_seed(seed)
-    return T5ForConditionalGeneration(T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, num_layers=layers, num_decoder_layers=layers, num_heads=heads, d_ff=64,
-        dropout_rate=0.0, pad_token_id=PAD, eos_token_id=2, decoder_start_token_id=PAD))
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            num_layers=layers,
+            num_decoder_layers=layers,
+            num_heads=heads,
+            d_ff=64,
+            dropout_rate=0.0,
+            pad_token_id=PAD,
+            eos_token_id=2,
+            decoder_start_token_id=PAD,
+        )
+    )
 
 
 def bert2bert(layers, heads, seed):
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, pad_token_id=PAD)
-    model = EncoderDecoderModel(encoder=BertModel(BertConfig(**common)),
-                                decoder=BertLMHeadModel(BertConfig(**common, is_decoder=True, add_cross_attention=True)))
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=PAD,
+    )
+    model = EncoderDecoderModel(
+        encoder=BertModel(BertConfig(**common)),
+        decoder=BertLMHeadModel(BertConfig(**common, is_decoder=True, add_cross_attention=True)),
+    )
     model.config.decoder_start_token_id = 2
     model.config.pad_token_id = PAD
     return model
@@ -77,8 +130,12 @@ def rows():
     g = torch.Generator().manual_seed(0)
     out = []
     for n_src, n_tgt in [(7, 5), (4, 3), (6, 2), (3, 5)]:
-        out.append({"input_ids": torch.randint(3, VOCAB, (n_src,), generator=g).tolist(),
-                    "labels": torch.randint(3, VOCAB, (n_tgt,), generator=g).tolist()})
+        out.append(
+            {
+                "input_ids": torch.randint(3, VOCAB, (n_src,), generator=g).tolist(),
+                "labels": torch.randint(3, VOCAB, (n_tgt,), generator=g).tolist(),
+            }
+        )
     return out
 
 
@@ -87,7 +144,9 @@ def collate(features):
     tgt = max(len(f["labels"]) for f in features)
     return {
         "input_ids": torch.tensor([f["input_ids"] + [PAD] * (src - len(f["input_ids"])) for f in features]),
-        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (src - len(f["input_ids"])) for f in features]),
+        "attention_mask": torch.tensor(
+            [[1] * len(f["input_ids"]) + [0] * (src - len(f["input_ids"])) for f in features]
+        ),
         "labels": torch.tensor([f["labels"] + [-100] * (tgt - len(f["labels"])) for f in features]),
     }
 
@@ -108,8 +167,11 @@ def site_valid(site, batch):
 def test_every_site_captured_equal_to_eager_and_output_equal_to_sdpa(family, inference):
     model = FAMILIES[family](2, 4, 0).eval()
     batch = collate(rows())
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+    }
     sdpa_logits = model(**inputs).logits
     set_attention_implementation(model, "eager")
     eager = eager_attentions(model, inputs)
@@ -126,40 +188,61 @@ def test_every_site_captured_equal_to_eager_and_output_equal_to_sdpa(family, inf
         for recorder in recorders.values():
             recorder.stop()
     tgt_valid = batch["labels"].ne(-100)[:, :, None]
-    torch.testing.assert_close(logits[tgt_valid.expand_as(logits)], sdpa_logits[tgt_valid.expand_as(logits)],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits[tgt_valid.expand_as(logits)], sdpa_logits[tgt_valid.expand_as(logits)], atol=1e-5, rtol=1e-5
+    )
     for site, layers in records.items():
         for layer, record in enumerate(layers):
             valid = site_valid(site, batch).expand_as(record)
-            torch.testing.assert_close(record.exp()[valid], eager[site][layer][valid], atol=1e-6, rtol=1e-5,
-                                       msg=f"{site} layer {layer}")
+            torch.testing.assert_close(
+                record.exp()[valid], eager[site][layer][valid], atol=1e-6, rtol=1e-5, msg=f"{site} layer {layer}"
+            )
 
 
 def make_trainer(family, tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=1e-2, max_steps=3,
-                  per_device_train_batch_size=4, logging_steps=1, save_strategy="no", disable_tqdm=True,
-                  layer_map="uniform", decoder_layer_map="uniform", cross_layer_map="last",
-                  decoder_attention_weight=0.5, cross_attention_weight=2.0)
+    values = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-2,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        layer_map="uniform",
+        decoder_layer_map="uniform",
+        cross_layer_map="last",
+        decoder_attention_weight=0.5,
+        cross_attention_weight=2.0,
+    )
     values.update(overrides)
     teacher, student = FAMILIES[family](4, 4, 0), FAMILIES[family](2, 2, 1)
-    return DistillTrainer(model=student, teacher_model=teacher, args=DistillConfig(**values), train_dataset=rows(),
-                          data_collator=collate)
+    return DistillTrainer(
+        model=student, teacher_model=teacher, args=DistillConfig(**values), train_dataset=rows(), data_collator=collate
+    )
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_distill_trainer_every_site_equals_reference_losses(family, tmp_path):
     trainer = make_trainer(family, tmp_path)
     assert [(t.site, t.pairs) for t in trainer.transfers] == [
-        ("encoder", [(0, 1), (1, 3)]), ("decoder", [(0, 1), (1, 3)]), ("cross", [(1, 3)])]
+        ("encoder", [(0, 1), (1, 3)]),
+        ("decoder", [(0, 1), (1, 3)]),
+        ("cross", [(1, 3)]),
+    ]
     student, teacher = trainer.model, trainer.teacher_model
     batch = collate(rows())
     with torch.no_grad():
         loss = trainer.compute_loss(student.eval(), dict(batch))
-    got = trainer._pop_term_means("eval")
+    got = trainer.accounting.pop_means("eval")
 
     decoder_input_ids = student.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "decoder_input_ids": decoder_input_ids}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "decoder_input_ids": decoder_input_ids,
+    }
     src, tgt = batch["attention_mask"], batch["labels"].ne(-100)
     masks = {"encoder": (src, src, False), "decoder": (tgt, tgt, True), "cross": (src, tgt, False)}
     for transfer in trainer.transfers:
@@ -168,16 +251,23 @@ def test_distill_trainer_every_site_equals_reference_losses(family, tmp_path):
             t_out = teacher(**inputs)
             s_out = student(**inputs)
         key, query, causal = masks[transfer.site]
-        want = [attention_kl_loss(s, group_teacher_heads(t, 2, "log_probs"), key, query, causal)
-                for s, t in zip(s_att, t_att)]
+        want = [
+            attention_kl_loss(s, group_teacher_heads(t, 2, "log_probs"), key, query, causal)
+            for s, t in zip(s_att, t_att)
+        ]
         # float32 sums of near-cancelling terms: values ~1e-4 agree to ~1e-9 absolute
         assert got[transfer.term] == pytest.approx(torch.stack(want).mean().item(), rel=1e-4, abs=1e-8), transfer.site
         assert got[transfer.term] > 0
     # token-level KD: the teacher decoded the same target prefix as the student
     kd = logit_kd_loss(s_out.logits, t_out.logits, 2.0, tgt)
     assert got["loss_kd"] == pytest.approx(kd.item(), rel=1e-4)
-    expected = 0.5 * got["loss_ce"] + 0.5 * got["loss_kd"] + got["loss_attn_enc"] + 0.5 * got["loss_attn_dec"] \
+    expected = (
+        0.5 * got["loss_ce"]
+        + 0.5 * got["loss_kd"]
+        + got["loss_attn_enc"]
+        + 0.5 * got["loss_attn_dec"]
         + 2.0 * got["loss_attn_cross"]
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
     before = copy.deepcopy(student.state_dict())
@@ -194,22 +284,35 @@ def test_logit_only_teacher_reads_the_decoder_inputs_built_from_labels(tmp_path)
     batch = collate(rows())
     with torch.no_grad():
         trainer.compute_loss(trainer.model.eval(), dict(batch))
-    got = trainer._pop_term_means("eval")
+    got = trainer.accounting.pop_means("eval")
     decoder_input_ids = trainer.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "decoder_input_ids": decoder_input_ids}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "decoder_input_ids": decoder_input_ids,
+    }
     with torch.no_grad():
-        want = logit_kd_loss(trainer.model(**inputs).logits, trainer.teacher_model(**inputs).logits, 2.0,
-                             batch["labels"].ne(-100))
+        want = logit_kd_loss(
+            trainer.model(**inputs).logits, trainer.teacher_model(**inputs).logits, 2.0, batch["labels"].ne(-100)
+        )
     assert got["loss_kd"] == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_accumulation_is_exact_for_every_site(tmp_path):
     def one_update(batch, accumulation):
-        trainer = make_trainer("bart", tmp_path / f"{batch}x{accumulation}", max_steps=1, optim="sgd",
-                               learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0,
-                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                               alpha_ce=0.0, alpha_kd=0.0)
+        trainer = make_trainer(
+            "bart",
+            tmp_path / f"{batch}x{accumulation}",
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            max_grad_norm=0,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            alpha_ce=0.0,
+            alpha_kd=0.0,
+        )
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
         start = copy.deepcopy(trainer.model.state_dict())
         trainer.train()
@@ -244,8 +347,11 @@ def test_site_map_for_a_site_the_model_lacks(tmp_path, flag):
     args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{flag: "uniform"})
     site = "cross" if flag == "cross_layer_map" else "decoder"
     with pytest.raises(ValueError, match=f"{flag} is set, but the models have no {site} attention"):
-        DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
-                       teacher_model=tiny_classifier(0), args=args)
+        DistillTrainer(
+            model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+            teacher_model=tiny_classifier(0),
+            args=args,
+        )
 
 
 def test_different_decoder_start_tokens_are_refused(tmp_path):
@@ -259,12 +365,15 @@ def test_a_model_that_never_calls_the_recording_implementation_is_caught_at_cons
     """verify_capture runs the model once on its dummy inputs: mapped modules that do not report raise."""
     from conftest import tiny_classifier
 
-    import hf_attn_distill.attention_transfer as attention_transfer
+    import hf_attn_distill.attention_capture as attention_capture
 
-    monkeypatch.setattr(attention_transfer, "enable_attention_capture", lambda model: None)  # stays on sdpa
+    monkeypatch.setattr(attention_capture, "enable_attention_capture", lambda model: None)  # stays on sdpa
     with pytest.raises(ValueError, match=r"Attention modules \[0, 1\] .*not called through"):
-        DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
-                       teacher_model=tiny_classifier(0), args=DistillConfig(output_dir=str(tmp_path)))
+        DistillTrainer(
+            model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+            teacher_model=tiny_classifier(0),
+            args=DistillConfig(output_dir=str(tmp_path)),
+        )
 
 
 def test_generation_based_evaluation_keeps_the_loss_terms(tmp_path):
@@ -277,13 +386,26 @@ def test_generation_based_evaluation_keeps_the_loss_terms(tmp_path):
         return {"n": float(len(eval_pred.predictions))}
 
     args = DistillSeq2SeqConfig(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=4,
-        predict_with_generate=True, generation_max_length=6, generation_num_beams=1,
-        layer_map="uniform", decoder_layer_map="uniform", cross_layer_map="uniform",
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        per_device_eval_batch_size=4,
+        predict_with_generate=True,
+        generation_max_length=6,
+        generation_num_beams=1,
+        layer_map="uniform",
+        decoder_layer_map="uniform",
+        cross_layer_map="uniform",
     )
     teacher, student = bart(4, 4, 0), bart(2, 2, 1)
-    trainer = DistillSeq2SeqTrainer(model=student, teacher_model=teacher, args=args, eval_dataset=rows(),
-                                    data_collator=collate, compute_metrics=compute_metrics)
+    trainer = DistillSeq2SeqTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        eval_dataset=rows(),
+        data_collator=collate,
+        compute_metrics=compute_metrics,
+    )
     metrics = trainer.evaluate()
     generated = torch.as_tensor(seen["predictions"])
     for key in ("eval_loss", "eval_loss_kd", "eval_loss_attn_enc", "eval_loss_attn_dec", "eval_loss_attn_cross"):
@@ -295,8 +417,9 @@ def test_generation_based_evaluation_keeps_the_loss_terms(tmp_path):
         assert metrics[key] == pytest.approx(plain[key], rel=1e-5), key
     # predictions are the student's own generations
     batch = collate(rows())
-    want = student.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_length=6,
-                            num_beams=1)
+    want = student.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_length=6, num_beams=1
+    )
     got = generated[:, : want.shape[1]]
     assert torch.equal(got, want)
     with pytest.raises(TypeError, match="DistillSeq2SeqConfig"):
@@ -310,8 +433,11 @@ def test_student_from_teacher_layers_for_encoder_decoders(family, tmp_path):
 
     teacher = FAMILIES[family](4, 4, 0).eval()
     batch = collate(rows())
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "decoder_input_ids": teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"])}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "decoder_input_ids": teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+    }
     same = student_from_teacher_layers(teacher, [0, 1, 2, 3], decoder_layers=[0, 1, 2, 3]).eval()
     torch.testing.assert_close(same(**inputs).logits, teacher(**inputs).logits)
     student = student_from_teacher_layers(teacher, [1, 3], decoder_layers=[0, 2, 3])
@@ -344,8 +470,9 @@ def test_sequence_kd_labels_are_the_teachers_translations_cached_until_the_teach
 
     from hf_attn_distill.sequence_kd import sequence_kd_dataset
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": PAD, "<unk>": 0}, "<unk>")),
-                                  pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": PAD, "<unk>": 0}, "<unk>")), pad_token="<pad>"
+    )
     teacher = bart(2, 4, 0).eval()
     data = Dataset.from_list(rows())
     calls = []

@@ -12,8 +12,9 @@ def test_student_from_teacher_layers_copies_embeddings_head_and_chosen_layers():
     t, s = teacher.state_dict(), student.state_dict()
     assert torch.equal(s["bert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.weight"])
     assert torch.equal(s["classifier.weight"], t["classifier.weight"])
-    assert torch.equal(s["bert.encoder.layer.0.attention.self.query.weight"],
-                       t["bert.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(
+        s["bert.encoder.layer.0.attention.self.query.weight"], t["bert.encoder.layer.1.attention.self.query.weight"]
+    )
     assert torch.equal(s["bert.encoder.layer.1.output.dense.weight"], t["bert.encoder.layer.3.output.dense.weight"])
 
 

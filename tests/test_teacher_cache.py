@@ -26,8 +26,12 @@ def test_cached_logits_give_the_same_training_without_teacher_forwards(tmp_path,
     assert len(calls) == 10  # without a cache the teacher runs every step
     calls.clear()
 
-    args = make_args(tmp_path / "cached", teacher_logits_cache=str(tmp_path / "cache"),
-                     teacher_logits_cache_dtype="float32", **common)
+    args = make_args(
+        tmp_path / "cached",
+        teacher_logits_cache=str(tmp_path / "cache"),
+        teacher_logits_cache_dtype="float32",
+        **common,
+    )
     cached = make_trainer(args, tokenizer, sentiment_dataset, teacher=teacher)
     built_calls = len(calls)
     assert built_calls == int(np.ceil(len(sentiment_dataset) / args.per_device_eval_batch_size))
@@ -90,10 +94,21 @@ def test_cache_refuses_question_answering_teachers(tmp_path):
 
     from hf_attn_distill import DistillConfig, DistillTrainer
 
-    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    config = BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
     rows = Dataset.from_list([{"input_ids": [1, 2, 3], "start_positions": 1, "end_positions": 2}] * 4)
-    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, attention_weight=0,
-                         teacher_logits_cache=str(tmp_path / "cache"))
+    args = DistillConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        attention_weight=0,
+        teacher_logits_cache=str(tmp_path / "cache"),
+    )
     with pytest.raises(ValueError, match="Drop teacher_logits_cache for QA"):
-        DistillTrainer(model=BertForQuestionAnswering(config), teacher_model=BertForQuestionAnswering(config), args=args,
-                       train_dataset=rows)
+        DistillTrainer(
+            model=BertForQuestionAnswering(config),
+            teacher_model=BertForQuestionAnswering(config),
+            args=args,
+            train_dataset=rows,
+        )

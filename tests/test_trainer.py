@@ -30,7 +30,11 @@ def make_args(tmp_path, **overrides):
 def make_trainer(args, tokenizer, dataset, teacher=None, student=None, **kwargs):
     teacher = teacher if teacher is not None else tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
     teacher = copy.deepcopy(teacher)
-    student = student if student is not None else tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
+    student = (
+        student
+        if student is not None
+        else tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
+    )
     return DistillTrainer(
         model=student,
         teacher_model=teacher,
@@ -49,9 +53,12 @@ def _series(history, key):
 
 @pytest.mark.parametrize(
     "attention",
-    [dict(attention_loss="kl"), dict(attention_loss="mse_scores"),
-     # probability MSE is ~1e-3 in size: with CE and KD at full weight it is not what the student learns
-     dict(attention_loss="mse_probs", alpha_ce=0.0, alpha_kd=0.0)],
+    [
+        dict(attention_loss="kl"),
+        dict(attention_loss="mse_scores"),
+        # probability MSE is ~1e-3 in size: with CE and KD at full weight it is not what the student learns
+        dict(attention_loss="mse_probs", alpha_ce=0.0, alpha_kd=0.0),
+    ],
     ids=["kl", "mse_scores", "mse_probs-alone"],
 )
 def test_every_loss_term_decreases(tmp_path, tokenizer, sentiment_dataset, trained_teacher, attention):
@@ -73,8 +80,9 @@ def test_every_loss_term_decreases(tmp_path, tokenizer, sentiment_dataset, train
 
 @pytest.mark.parametrize("loss", ["kl", "mse_scores", "mse_probs"])
 def test_logged_loss_is_weighted_sum_of_logged_terms(tmp_path, tokenizer, sentiment_dataset, loss):
-    args = make_args(tmp_path, max_steps=3, logging_steps=1, attention_loss=loss, alpha_ce=0.3, alpha_kd=0.6,
-                     attention_weight=2.0)
+    args = make_args(
+        tmp_path, max_steps=3, logging_steps=1, attention_loss=loss, alpha_ce=0.3, alpha_kd=0.6, attention_weight=2.0
+    )
     trainer = make_trainer(args, tokenizer, sentiment_dataset)
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss_ce" in e]
@@ -175,15 +183,20 @@ def test_head_grouping_trains_student_with_fewer_heads(tmp_path, tokenizer, sent
     batch = trainer.data_collator([sentiment_dataset[i] for i in range(6)])
     with torch.no_grad():
         trainer.compute_loss(trainer.model.eval(), dict(batch))
-    got = trainer._pop_term_means("eval")["loss_attn_enc"]
+    got = trainer.accounting.pop_means("eval")["loss_attn_enc"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    t_rec, s_rec = AttentionRecorder(trainer.transfers[0].teacher.modules), AttentionRecorder(trainer.transfers[0].student.modules)
+    t_rec, s_rec = (
+        AttentionRecorder(trainer.transfers[0].teacher.modules),
+        AttentionRecorder(trainer.transfers[0].student.modules),
+    )
     with torch.no_grad(), t_rec.record() as t_att, s_rec.record() as s_att:
         trainer.teacher_model(**inputs)
         trainer.model(**inputs)
     assert t_att[0].shape[1] == 8 and s_att[0].shape[1] == 2
-    want = [attention_kl_loss(s, group_teacher_heads(t, 2, "log_probs"), batch["attention_mask"])
-            for s, t in zip(s_att, t_att)]
+    want = [
+        attention_kl_loss(s, group_teacher_heads(t, 2, "log_probs"), batch["attention_mask"])
+        for s, t in zip(s_att, t_att)
+    ]
     assert got == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
     trainer.train()
     values = _series(trainer.state.log_history, "loss_attn_enc")
@@ -212,8 +225,9 @@ def test_logit_only_distillation_skips_attention(tmp_path, tokenizer, sentiment_
         ({}, {}, dict(layer_map="5:1"), "out of range"),
     ],
 )
-def test_bad_pairs_raise_at_construction(tmp_path, tokenizer, sentiment_dataset, teacher_kwargs, student_kwargs,
-                                         args_kwargs, match):
+def test_bad_pairs_raise_at_construction(
+    tmp_path, tokenizer, sentiment_dataset, teacher_kwargs, student_kwargs, args_kwargs, match
+):
     teacher = tiny_classifier(0, num_hidden_layers=4, **teacher_kwargs)
     student = tiny_classifier(1, num_hidden_layers=2, **{"num_attention_heads": 2, **student_kwargs})
     with pytest.raises(ValueError, match=match):
@@ -234,14 +248,18 @@ def test_wrong_args_type_and_missing_teacher(tmp_path, tokenizer, sentiment_data
 
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
     with pytest.raises(TypeError, match="DistillConfig"):
-        DistillTrainer(model=student, teacher_model=tiny_classifier(0),
-                       args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+        DistillTrainer(
+            model=student,
+            teacher_model=tiny_classifier(0),
+            args=TrainingArguments(output_dir=str(tmp_path), report_to="none"),
+        )
     with pytest.raises(ValueError, match="teacher_model is required"):
         DistillTrainer(model=student, args=make_args(tmp_path))
 
 
 @pytest.mark.parametrize(
-    "attention", [dict(attention_loss="kl"), dict(attention_loss="mse_scores"), dict(attention_loss="mse_probs")],
+    "attention",
+    [dict(attention_loss="kl"), dict(attention_loss="mse_scores"), dict(attention_loss="mse_probs")],
     ids=["kl", "mse_scores", "mse_probs"],
 )
 def test_trainer_attention_term_equals_standalone_losses(tmp_path, tokenizer, sentiment_dataset, attention):
@@ -255,7 +273,7 @@ def test_trainer_attention_term_equals_standalone_losses(tmp_path, tokenizer, se
     student = trainer.model.eval()
     with torch.no_grad():
         trainer.compute_loss(student, dict(batch))
-    got = trainer._pop_term_means("eval")["loss_attn_enc"]
+    got = trainer.accounting.pop_means("eval")["loss_attn_enc"]
 
     loss = trainer.args.attention_loss
     kind = "scores" if loss == "mse_scores" else "log_probs"
@@ -285,8 +303,13 @@ def test_teacher_loaded_from_folder_with_init_kwargs(tmp_path, tokenizer, sentim
     teacher.save_pretrained(tmp_path / "teacher")
     args = make_args(tmp_path / "out", max_steps=1, teacher_model_init_kwargs={"dtype": "bfloat16"})
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
-    trainer = DistillTrainer(model=student, teacher_model=str(tmp_path / "teacher"), args=args,
-                             train_dataset=sentiment_dataset, data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = DistillTrainer(
+        model=student,
+        teacher_model=str(tmp_path / "teacher"),
+        args=args,
+        train_dataset=sentiment_dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     assert trainer.teacher_model.dtype == torch.bfloat16 and not trainer.teacher_model.training
     loaded = trainer.teacher_model.float().state_dict()
     for key, value in teacher.state_dict().items():
@@ -303,9 +326,14 @@ def test_eval_with_teacher_false_is_a_plain_student_evaluation(tmp_path, tokeniz
     trainer.teacher_model.register_forward_hook(lambda *a: calls.append(1))
     metrics = trainer.evaluate()
     assert calls == []  # the teacher never ran
-    plain = Trainer(model=trainer.model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), report_to="none",
-                    use_cpu=True, per_device_eval_batch_size=8), eval_dataset=sentiment_dataset,
-                    data_collator=DataCollatorWithPadding(tokenizer))
+    plain = Trainer(
+        model=trainer.model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "plain"), report_to="none", use_cpu=True, per_device_eval_batch_size=8
+        ),
+        eval_dataset=sentiment_dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     assert metrics["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
     assert metrics["eval_loss_ce"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
     assert "eval_loss_kd" not in metrics and "eval_loss_attn_enc" not in metrics

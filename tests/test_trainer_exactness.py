@@ -1,6 +1,5 @@
 """The distillation update is the same however the batch is split, checkpointed or compiled."""
 
-
 import pytest
 import torch
 from conftest import tiny_classifier
@@ -33,16 +32,29 @@ def uneven_dataset() -> Dataset:
 def one_update(tmp_path, tokenizer, batch, accumulation, trainer_cls=InOrderTrainer, **overrides):
     """Student weights and first log after one SGD step over the 8 rows."""
     values = dict(
-        output_dir=str(tmp_path / f"b{batch}ga{accumulation}"), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation, max_steps=1, logging_steps=1, optim="sgd", learning_rate=0.5,
-        lr_scheduler_type="constant", max_grad_norm=0, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+        output_dir=str(tmp_path / f"b{batch}ga{accumulation}"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
         disable_tqdm=True,
     )
     values.update(overrides)
     teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
     trainer = trainer_cls(
-        model=student, teacher_model=teacher, args=DistillConfig(**values), train_dataset=uneven_dataset(),
+        model=student,
+        teacher_model=teacher,
+        args=DistillConfig(**values),
+        train_dataset=uneven_dataset(),
         data_collator=DataCollatorWithPadding(tokenizer),
     )
     trainer.train()
@@ -84,15 +96,28 @@ def test_accumulation_equals_one_large_batch(tmp_path, tokenizer, loss, terms):
 def test_gradient_checkpointing_gives_the_same_update(tmp_path, tokenizer, loss, reentrant):
     plain = one_update(tmp_path / "plain", tokenizer, 4, 2, attention_loss=loss, **ATTENTION_ONLY)
     checkpointed = one_update(
-        tmp_path / "ckpt", tokenizer, 4, 2, attention_loss=loss, gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": reentrant}, **ATTENTION_ONLY,
+        tmp_path / "ckpt",
+        tokenizer,
+        4,
+        2,
+        attention_loss=loss,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+        **ATTENTION_ONLY,
     )
     assert_same_update(plain, checkpointed)
     # with every term on as well
     assert_same_update(
         one_update(tmp_path / "plain-all", tokenizer, 8, 1, attention_loss=loss),
-        one_update(tmp_path / "ckpt-all", tokenizer, 8, 1, attention_loss=loss, gradient_checkpointing=True,
-                   gradient_checkpointing_kwargs={"use_reentrant": reentrant}),
+        one_update(
+            tmp_path / "ckpt-all",
+            tokenizer,
+            8,
+            1,
+            attention_loss=loss,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+        ),
     )
 
 
@@ -103,8 +128,10 @@ def test_compute_loss_outside_train_is_the_batch_mean(tmp_path, tokenizer):
     trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
     batch = DataCollatorWithPadding(tokenizer)(uneven_dataset().to_list())
     loss = trainer.compute_loss(student.train(), dict(batch))
-    terms = trainer._pop_term_means("train")
-    assert loss.item() == pytest.approx(0.5 * terms["loss_ce"] + 0.5 * terms["loss_kd"] + terms["loss_attn_enc"], rel=1e-5)
+    terms = trainer.accounting.pop_means("train")
+    assert loss.item() == pytest.approx(
+        0.5 * terms["loss_ce"] + 0.5 * terms["loss_kd"] + terms["loss_attn_enc"], rel=1e-5
+    )
     loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad and p.dim() > 1)
 

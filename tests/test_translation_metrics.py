@@ -36,9 +36,12 @@ def test_translation_metrics_against_raw_references(tokenizer):
     ids = np.array(tokenizer([r.lower() for r in refs], padding=True)["input_ids"])
     labels = np.full_like(ids, -100)
     lowered = TranslationMetrics(tokenizer, references=refs)(EvalPrediction(predictions=ids, label_ids=labels))
-    assert lowered["bleu"] == pytest.approx(compute_translation_metrics(
-        tokenizer.batch_decode(ids, skip_special_tokens=True), refs)["bleu"])
-    cased = TranslationMetrics(tokenizer, lowercase=False, references=refs)(EvalPrediction(predictions=ids, label_ids=labels))
+    assert lowered["bleu"] == pytest.approx(
+        compute_translation_metrics(tokenizer.batch_decode(ids, skip_special_tokens=True), refs)["bleu"]
+    )
+    cased = TranslationMetrics(tokenizer, lowercase=False, references=refs)(
+        EvalPrediction(predictions=ids, label_ids=labels)
+    )
     assert cased["bleu"] < lowered["bleu"]
     with pytest.raises(ValueError, match="references"):
         TranslationMetrics(tokenizer, references=refs[:1])(EvalPrediction(predictions=ids, label_ids=labels))

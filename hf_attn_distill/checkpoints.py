@@ -1,0 +1,85 @@
+"""Checkpoints of a distillation run: which ones are complete, and whether one fits the student."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+__all__ = ["TRAINER_STATE_NAME", "check_checkpoint_fits", "checkpoint_is_complete", "last_complete_checkpoint"]
+
+logger = logging.getLogger(__name__)
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def checkpoint_is_complete(folder: str | os.PathLike) -> bool:
+    """A checkpoint is complete once its ``trainer_state.json``, written last by ``Trainer``, parses."""
+    try:
+        json.loads((Path(folder) / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose save finished; a save killed midway is skipped."""
+    folders = [
+        p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+    ]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if checkpoint_is_complete(folder):
+            return str(folder)
+        logger.warning("Skipping %s: its save did not finish (no readable %s).", folder, TRAINER_STATE_NAME)
+    return None
+
+
+def _checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """Parameter shapes stored in a checkpoint's safetensors files, or ``None`` when it holds none."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        if not (folder / name).exists():
+            return None
+        with safe_open(str(folder / name), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def check_checkpoint_fits(folder: str | os.PathLike, model: nn.Module) -> None:
+    """Raise ``ValueError`` when the checkpoint in ``folder`` holds a model of another shape than ``model``
+    (parameters missing, extra or of other sizes); checkpoints without safetensors weights are not checked."""
+    stored = _checkpoint_shapes(Path(folder))
+    if stored is None:
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(k for k in expected if k not in stored and not _tied(model, k))
+    extra = sorted(k for k in stored if k not in expected)
+    resized = sorted(k for k in stored if k in expected and stored[k] != expected[k])
+    if missing or extra or resized:
+        detail = "; ".join(
+            f"{what}: {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", extra), ("other shape", resized))
+            if keys
+        )
+        raise ValueError(
+            f"Checkpoint {folder} holds a student of another shape than this trainer's ({type(model).__name__}, "
+            f"{sum(p.numel() for p in model.parameters())} parameters; {detail}): resume with the same student "
+            "configuration, or start a new run (resume_from_checkpoint=None)."
+        )
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` is a tied weight that safetensors checkpoints store once under another name."""
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    names = tied.keys() if isinstance(tied, dict) else tied
+    return any(key == name or key.endswith(name) for name in names)

@@ -1,0 +1,121 @@
+"""The loss terms of :class:`~hf_attn_distill.DistillTrainer`, registered in one place.
+
+:data:`OBJECTIVES` lists every term class in the order terms are computed and logged; :func:`build_objectives`
+asks each for the objects a (student, teacher, config) needs. A new term is one :class:`Objective` subclass with
+a ``build`` classmethod, added to :data:`OBJECTIVES` (see ``docs/adding_a_term.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .attention_capture import Capture
+from .attention_transfer import SiteTransfer
+from .hidden_transfer import HiddenTransfer
+from .losses import logit_kd_loss
+from .objective import Objective, Step, label_items
+from .pairing import teacher_label_order
+from .relation_transfer import RelationTransfer
+from .token_kd import token_kd_loss
+
+__all__ = ["LABEL_KEYS", "LOGIT_KEYS", "OBJECTIVES", "HardLabelLoss", "LogitKD", "build_objectives"]
+
+LABEL_KEYS = ("labels", "start_positions", "end_positions")
+LOGIT_KEYS = ("logits", "start_logits", "end_logits")
+
+
+class HardLabelLoss(Objective):
+    """``loss_ce``: the student's own task loss (what it returns given labels)."""
+
+    name, weight_field, needs_teacher = "loss_ce", "alpha_ce", False
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    @classmethod
+    def build(cls, student, teacher, args, capture: Capture) -> list[Objective]:
+        return [cls(args.alpha_ce)]  # logged even at weight 0, when the batch has labels
+
+    def loss(self, step: Step) -> torch.Tensor | None:
+        loss = step.outputs.get("loss")
+        if loss is None and self.weight > 0:
+            raise ValueError(
+                "alpha_ce > 0 but the student returned no loss: the batch has no labels "
+                f"({', '.join(LABEL_KEYS)}). Add a label column or set alpha_ce=0 for unlabeled transfer data."
+            )
+        return None if loss is None else loss.float()
+
+    def count(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        return label_items(inputs)
+
+
+class LogitKD(Objective):
+    """``loss_kd``: KL of temperature-softened logits, times T² (Hinton et al.); start/end logits of QA heads over
+    the context positions (``kd_mask``), token-level logits in chunks (:func:`~hf_attn_distill.token_kd_loss`)."""
+
+    name, weight_field = "loss_kd", "alpha_kd"
+
+    def __init__(self, label_order: list[int] | None):
+        self.label_order = label_order
+
+    @classmethod
+    def build(cls, student, teacher, args, capture: Capture) -> list[Objective]:
+        return [cls(teacher_label_order(student, teacher))] if args.alpha_kd > 0 else []
+
+    def loss(self, step: Step) -> torch.Tensor:
+        outputs, teacher_outputs, inputs = step.outputs, step.teacher_outputs, step.inputs
+        temperature = step.value("temperature")
+        keys = [k for k in LOGIT_KEYS if outputs.get(k) is not None and teacher_outputs.get(k) is not None]
+        if not keys:
+            raise ValueError(
+                f"Neither model returned logits ({', '.join(LOGIT_KEYS)}) to distill; use a model with a task head "
+                "or set alpha_kd=0."
+            )
+        terms = []
+        for key in keys:
+            student_logits, teacher_logits = outputs[key], teacher_outputs[key]
+            if key != "logits":  # start/end logits: a distribution over token positions
+                positions = step.kd_mask if step.kd_mask is not None else inputs.get("attention_mask")
+                terms.append(logit_kd_loss(student_logits, teacher_logits, temperature, class_mask=positions))
+                continue
+            if student_logits.dim() == 3 and student_logits.shape[-1] > 1:
+                # token-level outputs (token classification, decoder logits): ignore -100 labels, else padding;
+                # computed in chunks of tokens, without float32 copies of [B, T, V]
+                labels, attn = inputs.get("labels"), inputs.get("attention_mask")
+                mask = None
+                if torch.is_tensor(labels) and labels.shape == student_logits.shape[:2]:
+                    mask = labels.ne(-100)
+                elif torch.is_tensor(attn) and attn.shape == student_logits.shape[:2]:
+                    mask = attn.bool()
+                terms.append(token_kd_loss(student_logits, teacher_logits, temperature, mask))
+                continue
+            if self.label_order is not None:  # same label names, other order
+                teacher_logits = teacher_logits[..., self.label_order]
+            terms.append(logit_kd_loss(student_logits, teacher_logits, temperature))
+        return torch.stack(terms).mean()
+
+    def count(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        return label_items(inputs)
+
+    def describe(self) -> str:
+        return "logit KD"
+
+
+OBJECTIVES: tuple[type, ...] = (HardLabelLoss, LogitKD, SiteTransfer, HiddenTransfer, RelationTransfer)
+"""Every term class, in the order terms are computed and logged. Each has
+``build(student, teacher, args, capture) -> list[Objective]``."""
+
+
+def build_objectives(
+    student, teacher, args, capture: Capture, classes: tuple[type, ...] = OBJECTIVES
+) -> list[Objective]:
+    """The objectives of ``classes`` that ``args`` asks for, checked against both models; what they attach to the
+    models goes through ``capture``."""
+    objectives = [objective for cls in classes for objective in cls.build(student, teacher, args, capture)]
+    names = [o.name for o in objectives]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Two objectives share a name: {names}.")
+    return objectives

@@ -1,0 +1,106 @@
+"""Loading the teacher and checking that a student can learn from it, without changing either model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import transformers
+from transformers import AutoConfig, PreTrainedModel
+
+from .attention_transfer import check_attention_sites
+
+__all__ = ["check_distillation_pair", "load_teacher", "teacher_label_order"]
+
+
+def load_teacher(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedModel:
+    """Load a teacher from the Hub or a folder with the class its config names.
+
+    ``init_kwargs`` go to ``from_pretrained`` (``dtype``, ``revision``, ...); ``trust_remote_code`` is off
+    unless it says otherwise. A name that is neither an existing folder nor a valid Hub id raises naming both.
+    """
+    if not Path(name_or_path).expanduser().is_dir():
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(name_or_path)
+        except HFValidationError:
+            raise FileNotFoundError(
+                f"teacher_model={name_or_path!r}: there is no folder at {Path(name_or_path).expanduser()}, and it is "
+                "not a Hub id ('name' or 'org/name'). Pass an existing folder, a Hub id or a loaded model."
+            ) from None
+    kwargs = {"trust_remote_code": False, **(init_kwargs or {})}
+    config_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "revision", "token") if k in kwargs}
+    config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise ValueError(
+            f"Cannot tell which model class to load for teacher {name_or_path!r} (config.architectures="
+            f"{architectures}); load it yourself and pass the model as teacher_model."
+        )
+    return model_class.from_pretrained(name_or_path, **kwargs)
+
+
+def teacher_label_order(student: PreTrainedModel, teacher: PreTrainedModel) -> list[int] | None:
+    """Teacher logit columns in the student's label order, or ``None`` when both order labels alike.
+
+    Models name their labels in ``config.id2label``. Default names (``LABEL_0``...) or identical maps need no
+    reordering; the same names in another order are remapped; different names raise.
+    """
+    s_map, t_map = getattr(student.config, "id2label", None), getattr(teacher.config, "id2label", None)
+    if not s_map or not t_map or len(s_map) != len(t_map):
+        return None
+    s_names = [s_map[i] for i in sorted(s_map)]
+    t_names = [t_map[i] for i in sorted(t_map)]
+    if s_names == t_names:
+        return None
+    if sorted(s_names) != sorted(t_names):
+        raise ValueError(
+            f"Student labels {s_names} and teacher labels {t_names} differ: KD would teach the student the wrong "
+            "classes. Create the student with the teacher's id2label/label2id (or relabel the data)."
+        )
+    return [t_names.index(name) for name in s_names]
+
+
+def _config_value(config, name: str):
+    """``config.name``, or the decoder sub-config's for ``EncoderDecoderConfig``."""
+    value = getattr(config, name, None)
+    if value is None and getattr(config, "decoder", None) is not None:
+        value = getattr(config.decoder, name, None)
+    return value
+
+
+def check_distillation_pair(student: PreTrainedModel, teacher: PreTrainedModel, args) -> None:
+    """Check that ``student`` can learn from ``teacher`` under ``args`` (a :class:`~hf_attn_distill.DistillConfig`),
+    reading configs and module structure only: neither model is changed or run.
+
+    Raises ``ValueError`` naming the fix for vocab or label-count mismatches, different label names or decoder
+    start tokens, layer maps out of range or for a site the models lack, and head counts that cannot be grouped.
+    """
+    s_cfg, t_cfg = student.config, teacher.config
+    s_vocab, t_vocab = _config_value(s_cfg, "vocab_size"), _config_value(t_cfg, "vocab_size")
+    if s_vocab != t_vocab:
+        raise ValueError(
+            f"Student vocab_size {s_vocab} != teacher vocab_size {t_vocab}: both models must "
+            "read the same token ids. Build the student from the teacher (student_from_config / "
+            "student_from_teacher_layers) or use a student trained with the teacher's tokenizer."
+        )
+    if args.alpha_kd > 0 and getattr(s_cfg, "num_labels", None) != getattr(t_cfg, "num_labels", None):
+        raise ValueError(
+            f"Student has num_labels={s_cfg.num_labels}, teacher num_labels={t_cfg.num_labels}: logit KD needs the "
+            "same label set. Create the student with the teacher's num_labels/id2label."
+        )
+    if args.alpha_kd > 0:
+        teacher_label_order(student, teacher)  # raises when the label names differ
+    s_start, t_start = _config_value(s_cfg, "decoder_start_token_id"), _config_value(t_cfg, "decoder_start_token_id")
+    if s_start != t_start:
+        raise ValueError(
+            f"Student decoder_start_token_id {s_start} != teacher's {t_start}: both decoders must read the same target "
+            "prefix. Set the student's config.decoder_start_token_id to the teacher's."
+        )
+    if any(p.device.type == "meta" for p in teacher.parameters()):
+        raise ValueError(
+            "The teacher has parameters on the 'meta' device (not loaded). Load it with real weights, e.g. "
+            "from_pretrained(..., device_map=None), before passing it as teacher_model."
+        )
+    check_attention_sites(student, teacher, args)
