@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from benchmarks.quality_runs import check_variants, mean_std, portable_settings, run_students
+from benchmarks.quality_runs import RUN_SELECTION, check_variants, mean_std, portable_settings, run_students
 from benchmarks.teacher_training import fingerprint, train_teacher
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_qa import main as run_recipe
@@ -35,6 +35,17 @@ VARIANTS = {
     "finetune": ["--training_mode", "finetune"],
     "kd": ["--attention_weight", "0"],
     "kd_attn": ["--attention_loss", "kl", "--attention_weight", "1.0"],
+    # TinyBERT-style: attention-score MSE (weight 0.2, as on SST-2) + hidden-state MSE, on top of kd
+    "kd_attn_hidden": [
+        "--attention_loss",
+        "mse_scores",
+        "--attention_weight",
+        "0.2",
+        "--hidden_weight",
+        "1.0",
+        "--hidden_loss",
+        "mse",
+    ],
 }
 
 
@@ -133,6 +144,11 @@ def common_args(args: QualityQAArguments, output_dir: Path, seed: int) -> list[s
         "--do_eval",
         *run_args(args),
     ]
+
+
+def student_settings(args) -> dict:
+    """What makes student runs comparable, besides the teacher: every setting but which runs and where."""
+    return {k: v for k, v in portable_settings(args, ROOT).items() if k not in RUN_SELECTION}
 
 
 def teacher_settings(args: QualityQAArguments) -> dict:
@@ -288,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
         lambda runs: summarize(teacher, runs, args),
         Path(args.results),
         markdown,
+        done_dir=teacher_dir / "students",
+        key=fingerprint({"teacher": teacher_dir.name, **student_settings(args)}, []),
     )
 
 

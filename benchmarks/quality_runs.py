@@ -66,19 +66,37 @@ def run_students(
     summarize: Callable[[dict[str, list[dict]]], dict],
     stem: Path,
     markdown: Callable[[dict], str],
+    done_dir: Path | None = None,
+    key: str = "",
 ) -> dict:
     """Run ``run_one(variant, seed, output_dir) -> metrics`` for every seed (outer loop: every variant gets a run
     before any gets its second) and variant; after each run record its wall time, delete its folder and
-    rewrite the results. Returns the last summary."""
+    rewrite the results. Returns the last summary.
+
+    With ``done_dir``, each finished run is kept there as ``{variant}_seed{seed}.json`` together with ``key`` (what
+    makes the runs comparable: teacher, settings); a rerun of the same command reuses the runs whose key matches
+    instead of training them again, so a benchmark longer than one sitting is finished by running it again."""
     runs: dict[str, list[dict]] = {}
     result = summarize(runs)
     for seed in seeds:
         for name in variants:
+            record = done_dir / f"{name}_seed{seed}.json" if done_dir is not None else None
+            if record is not None and record.exists() and json.loads(record.read_text()).get("key") == key:
+                kept = json.loads(record.read_text())
+                runs.setdefault(name, []).append(kept["run"])
+                print(f"{name} seed {seed}: kept from an earlier sitting", flush=True)
+                result = summarize(runs)
+                write_results(stem, result, markdown)
+                continue
             output_dir = work / f"{name}_seed{seed}"
             start = time.perf_counter()
             metrics = run_one(name, seed, output_dir)
             wall = time.perf_counter() - start
-            runs.setdefault(name, []).append({**metrics, "seed": seed, "wall_s": wall})
+            run = {**metrics, "seed": seed, "wall_s": wall}
+            runs.setdefault(name, []).append(run)
+            if record is not None:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(json.dumps({"key": key, "run": run}))
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             print(f"{name} seed {seed}: {shown} ({wall:.0f} s)", flush=True)
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -89,7 +107,16 @@ def run_students(
 
 
 #: Settings that say which runs a result file holds or where files went, not how the runs were made.
-RUN_SELECTION = ("seeds", "variants", "results", "work_dir", "data_dir", "reuse_teacher", "merge_results")
+RUN_SELECTION = (
+    "seeds",
+    "variants",
+    "results",
+    "work_dir",
+    "data_dir",
+    "reuse_teacher",
+    "merge_results",
+    "teacher_only",
+)
 
 
 def read_runs(

@@ -33,7 +33,15 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from benchmarks.quality_runs import check_variants, mean_std, portable_settings, read_runs, run_students, write_results
+from benchmarks.quality_runs import (
+    RUN_SELECTION,
+    check_variants,
+    mean_std,
+    portable_settings,
+    read_runs,
+    run_students,
+    write_results,
+)
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_classification import main as run_recipe
 from hf_attn_distill.recipes.sst2_demo import DemoArguments, student_recipe_args, teacher_recipe_args
@@ -203,6 +211,14 @@ def main(argv: list[str] | None = None) -> dict:
         lambda runs: summarize(teacher_acc, runs, args),
         Path(args.results),
         markdown,
+        done_dir=work / "students",
+        key=json.dumps(
+            {
+                "teacher": teacher_acc,
+                **{k: v for k, v in portable_settings(args, ROOT).items() if k not in RUN_SELECTION},
+            },
+            sort_keys=True,
+        ),
     )
 
 

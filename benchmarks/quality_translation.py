@@ -28,7 +28,15 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from benchmarks.quality_runs import check_variants, mean_std, portable_settings, read_runs, run_students, write_results
+from benchmarks.quality_runs import (
+    RUN_SELECTION,
+    check_variants,
+    mean_std,
+    portable_settings,
+    read_runs,
+    run_students,
+    write_results,
+)
 from benchmarks.teacher_training import fingerprint, train_teacher
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_translation import main as run_recipe
@@ -43,6 +51,7 @@ VARIANTS = {
     "seq_kd": ["--layer_map", "none", "--sequence_kd"],
     "kd_attn": SITES_ALL,
     "kd_attn_self": ["--layer_map", "uniform", "--decoder_layer_map", "uniform"],
+    "seq_kd_attn": ["--sequence_kd", *SITES_ALL],  # sequence-level KD + attention transfer at every site
 }
 
 
@@ -165,6 +174,11 @@ def common_args(args: QualityTranslationArguments, output_dir: Path, seed: int, 
         "--do_train",
         "--do_predict",
     ]
+
+
+def student_settings(args) -> dict:
+    """What makes student runs comparable, besides the teacher: every setting but which runs and where."""
+    return {k: v for k, v in portable_settings(args, ROOT).items() if k not in RUN_SELECTION}
 
 
 def teacher_settings(args: QualityTranslationArguments) -> dict:
@@ -361,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
         lambda runs: summarize(teacher, runs, args),
         Path(args.results),
         markdown,
+        done_dir=teacher_dir / "students",
+        key=fingerprint({"teacher": teacher_dir.name, **student_settings(args)}, []),
     )
 
 

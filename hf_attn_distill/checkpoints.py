@@ -10,7 +10,13 @@ from pathlib import Path
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-__all__ = ["TRAINER_STATE_NAME", "check_checkpoint_fits", "checkpoint_is_complete", "last_complete_checkpoint"]
+__all__ = [
+    "TRAINER_STATE_NAME",
+    "check_checkpoint_fits",
+    "checkpoint_is_complete",
+    "last_complete_checkpoint",
+    "resolve_resume",
+]
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -35,6 +41,25 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             return str(folder)
         logger.warning("Skipping %s: its save did not finish (no readable %s).", folder, TRAINER_STATE_NAME)
     return None
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """What ``resume_from_checkpoint`` means: ``True`` (or ``"true"``, as the command line passes it) is the last
+    *complete* checkpoint of ``output_dir``; ``"false"``/``None`` is a fresh start; a folder must be complete.
+    Raises ``ValueError`` naming the fix otherwise."""
+    if isinstance(value, str) and value.lower() in ("true", "false") and not Path(value).is_dir():
+        value = value.lower() == "true" or None
+    if value is True:
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise ValueError(f"No complete checkpoint in {output_dir} to resume from.")
+        return found
+    if isinstance(value, str) and not checkpoint_is_complete(value):
+        raise ValueError(
+            f"Checkpoint {value} is incomplete (its save was interrupted: no readable trainer_state.json); resume "
+            "from an earlier checkpoint, or with resume_from_checkpoint=True to pick the last complete one."
+        )
+    return value or None
 
 
 def _checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:

@@ -7,6 +7,7 @@ a Hub id becomes ``base_model``.
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "task_of",
     "trainer_card_info",
     "write_model_card",
+    "write_trainer_card",
 ]
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "distilled_student_card.md"
@@ -156,6 +158,9 @@ class CardInfo:
     student_latency_ms: float | None = None
     teacher_latency_ms: float | None = None
     latency_note: str = ""
+    dataset_id: str | None = None
+    """The Hub id of the training data, when it came from the Hub: only then does the card's ``datasets:``
+    metadata name it (a local folder's name is not a Hub id)."""
     distilled: bool = True
     license: str | None = None
     repo_id: str | None = None
@@ -224,7 +229,7 @@ def build_model_card(info: CardInfo, template: str | Path | None = None) -> Mode
         EvalResult(
             task_type=info.task,
             task_name=task_name,
-            dataset_type=info.dataset,
+            dataset_type=info.dataset_id or info.dataset,
             dataset_name=info.dataset,
             dataset_split=info.eval_split,
             metric_type=name,
@@ -240,7 +245,7 @@ def build_model_card(info: CardInfo, template: str | Path | None = None) -> Mode
         pipeline_tag=info.task,
         tags=["hf_attn_distill", "knowledge-distillation", "attention-transfer", info.task],
         base_model=hub_model_id(info.teacher),
-        datasets=[info.dataset],
+        datasets=[info.dataset_id] if info.dataset_id else None,
         metrics=list(info.metrics) or None,
         model_name=info.model_name,
         eval_results=eval_results or None,
@@ -392,3 +397,33 @@ def trainer_card_info(trainer, **fields) -> CardInfo:
         "settings": distillation_settings(args),
     }
     return CardInfo(**{**defaults, **fields})
+
+
+def write_trainer_card(trainer, given: dict, card_fields: dict, generic_card) -> CardInfo | None:
+    """The card of a :class:`~hf_attn_distill.DistillTrainer` (:func:`trainer_card_info`) written to its
+    ``output_dir``; ``given`` holds ``Trainer.create_model_card``'s arguments (``language``, ``license``,
+    ``model_name``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``), ``card_fields`` any
+    :class:`CardInfo` field. For a task this card does not describe, ``generic_card()`` (transformers' card) is
+    called instead and ``None`` returned."""
+
+    def first(value):
+        return value[0] if isinstance(value, list) else value
+
+    language = given.get("language")
+    fields = {
+        "language": [language] if isinstance(language, str) else language,
+        "license": given.get("license"),
+        "model_name": given.get("model_name"),
+        "teacher": given.get("finetuned_from"),
+        "task": first(given.get("tasks")),
+        "dataset": first(given.get("dataset")) or first(given.get("dataset_tags")),
+        "dataset_id": first(given.get("dataset_tags")),  # Hub dataset tags, as transformers' card reads them
+    }
+    try:
+        info = trainer_card_info(trainer, **{k: v for k, v in fields.items() if v}, **card_fields)
+    except ValueError as err:
+        logging.getLogger(__name__).warning("Writing transformers' generic model card: %s", err)
+        generic_card()
+        return None
+    write_model_card(trainer.args.output_dir, info)
+    return info

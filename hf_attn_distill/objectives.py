@@ -32,12 +32,37 @@ class HardLabelLoss(Objective):
 
     name, weight_field, needs_teacher = "loss_ce", "alpha_ce", False
 
-    def __init__(self, weight: float):
+    def __init__(self, weight: float, num_labels: int | None = None):
         self.weight = weight
+        self.num_labels = num_labels  # class labels are checked against it (single-label classification)
 
     @classmethod
     def build(cls, student, teacher, args, capture: Capture) -> list[Objective]:
-        return [cls(args.alpha_ce)]  # logged even at weight 0, when the batch has labels
+        config = student.config
+        classes = (
+            config.num_labels
+            if getattr(config, "problem_type", None) in (None, "single_label_classification")
+            else None
+        )
+        if getattr(config, "is_encoder_decoder", False) or not type(student).__name__.endswith(
+            "ForSequenceClassification"
+        ):
+            classes = None
+        return [cls(args.alpha_ce, classes)]  # logged even at weight 0, when the batch has labels
+
+    def start_student(self, step: Step) -> None:
+        labels = step.inputs.get("labels")
+        if self.num_labels is None or self.num_labels < 2 or not torch.is_tensor(labels) or labels.dim() != 1:
+            return
+        if labels.is_floating_point():
+            return
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.num_labels:
+            bad = high if high >= self.num_labels else low
+            raise ValueError(
+                f"A batch has label {bad}, but the student has num_labels={self.num_labels} (labels "
+                f"0..{self.num_labels - 1}): relabel the data, or build both models with the right num_labels."
+            )
 
     def loss(self, step: Step) -> torch.Tensor | None:
         loss = step.outputs.get("loss")

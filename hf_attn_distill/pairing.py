@@ -8,8 +8,9 @@ import transformers
 from transformers import AutoConfig, PreTrainedModel
 
 from .attention_transfer import check_attention_sites
+from .config import DistillConfig
 
-__all__ = ["check_distillation_pair", "load_teacher", "teacher_label_order"]
+__all__ = ["check_distillation_pair", "load_teacher", "resolve_teacher", "teacher_label_order"]
 
 
 def load_teacher(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedModel:
@@ -39,6 +40,22 @@ def load_teacher(name_or_path: str, init_kwargs: dict | None = None) -> PreTrain
             f"{architectures}); load it yourself and pass the model as teacher_model."
         )
     return model_class.from_pretrained(name_or_path, **kwargs)
+
+
+def resolve_teacher(model, teacher_model, args) -> PreTrainedModel:
+    """The teacher ``DistillTrainer(model=..., teacher_model=..., args=...)`` means, loaded when given as a Hub id
+    or folder; raises naming the fix for arguments of the wrong kind."""
+    if not isinstance(args, DistillConfig):
+        raise TypeError(f"args must be a DistillConfig, got {type(args).__name__}: DistillConfig(**args.to_dict()).")
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError("model must be the student, a transformers PreTrainedModel (model_init is not supported).")
+    if teacher_model is None:
+        raise ValueError("teacher_model is required: a PreTrainedModel, a Hub id or a folder.")
+    if isinstance(teacher_model, str):
+        teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
+    if teacher_model is model:
+        raise ValueError("teacher_model is the student itself; pass a separate teacher.")
+    return teacher_model
 
 
 def teacher_label_order(student: PreTrainedModel, teacher: PreTrainedModel) -> list[int] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,29 +14,19 @@ from transformers import PreTrainedModel, Trainer
 from .accounting import TermAccounting
 from .attention_capture import Capture
 from .attention_transfer import SiteTransfer
-from .checkpoints import check_checkpoint_fits, checkpoint_is_complete, last_complete_checkpoint
+from .batches import check_lengths, position_limits, strip_outputs, with_decoder_inputs
+from .checkpoints import check_checkpoint_fits, resolve_resume
 from .config import DistillConfig, parse_schedules
 from .distributed import prepare_teacher
 from .hidden_transfer import PROJECTION_NAME
-from .model_card import CardInfo, trainer_card_info, write_model_card
+from .model_card import CardInfo, write_trainer_card
 from .objective import KD_MASK_COLUMN, Step
 from .objectives import LABEL_KEYS, OBJECTIVES, build_objectives
-from .pairing import check_distillation_pair, load_teacher
+from .pairing import check_distillation_pair, resolve_teacher
 from .schedules import scheduled_value
 from .teacher_cache import CACHE_INDEX_COLUMN, prepare_logits_cache
 
 __all__ = ["DistillTrainer"]
-
-# Model outputs that must never reach `predictions` (large, and not predictions).
-STRIPPED_OUTPUT_KEYS = (
-    "attentions",
-    "hidden_states",
-    "encoder_attentions",
-    "encoder_hidden_states",
-    "decoder_attentions",
-    "decoder_hidden_states",
-    "cross_attentions",
-)
 
 
 class DistillTrainer(Trainer):
@@ -75,18 +64,7 @@ class DistillTrainer(Trainer):
     ):
         if args is None:
             args = DistillConfig(output_dir="tmp_trainer")
-        if not isinstance(args, DistillConfig):
-            raise TypeError(
-                f"args must be a DistillConfig, got {type(args).__name__}: DistillConfig(**args.to_dict())."
-            )
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError("model must be the student, a transformers PreTrainedModel (model_init is not supported).")
-        if teacher_model is None:
-            raise ValueError("teacher_model is required: a PreTrainedModel, a Hub id or a folder.")
-        if isinstance(teacher_model, str):
-            teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
-        if teacher_model is model:
-            raise ValueError("teacher_model is the student itself; pass a separate teacher.")
+        teacher_model = resolve_teacher(model, teacher_model, args)
         check_distillation_pair(model, teacher_model, args)
         if args.teacher_dtype != "auto":
             teacher_model = teacher_model.to(getattr(torch, args.teacher_dtype))
@@ -103,8 +81,10 @@ class DistillTrainer(Trainer):
         self.teacher_input_names = {
             n for n, p in forward_params.items() if p.kind is not p.VAR_KEYWORD and n not in LABEL_KEYS
         }
-        self._seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._position_limits = position_limits(model, teacher_model)
         super().__init__(model=model, args=args, **kwargs)
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
+            raise ValueError("train_dataset is empty: there is nothing to train on. Pass a dataset with examples.")
         self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args)  # see distributed.py
         self.accounting = TermAccounting(
             self.objectives, args.world_size, lambda t: self.accelerator.gather(t[None]).sum(0)
@@ -147,6 +127,7 @@ class DistillTrainer(Trainer):
         window counts (:class:`~hf_attn_distill.accounting.TermAccounting`).
         """
         inputs = self._with_decoder_inputs(inputs)
+        check_lengths(inputs, self._position_limits)
         cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
         step = Step(inputs, self.current_value, kd_mask=inputs.pop(KD_MASK_COLUMN, None), training=model.training)
         if not model.training and not self.args.eval_with_teacher:
@@ -177,7 +158,7 @@ class DistillTrainer(Trainer):
             for name, value in terms.items()
         )
         self.accounting.add("train" if model.training else "eval", terms, items)
-        return (loss, self._strip(step.outputs)) if return_outputs else loss
+        return (loss, strip_outputs(step.outputs)) if return_outputs else loss
 
     def _teacher_forward(self, step: Step, cache_index):
         if self.teacher_logits_cache is not None and cache_index is not None:
@@ -208,15 +189,7 @@ class DistillTrainer(Trainer):
         if loss is not None:
             items = self.accounting.items(inputs)
             self.accounting.add("eval", {"loss_ce": loss.float()}, items)
-        return (loss, self._strip(outputs)) if return_outputs else loss
-
-    @staticmethod
-    def _strip(outputs):
-        """Drop attentions and hidden states so they never reach ``predictions``."""
-        stripped = [k for k in STRIPPED_OUTPUT_KEYS if outputs.get(k) is not None]
-        if stripped:
-            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in stripped})
-        return outputs
+        return (loss, strip_outputs(outputs)) if return_outputs else loss
 
     def _stop(self) -> None:
         for objective in self.objectives:
@@ -224,19 +197,7 @@ class DistillTrainer(Trainer):
         self.capture.stop()
 
     def _with_decoder_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """For encoder-decoder models, decoder inputs built once from the labels, so that teacher and student
-        read the same target prefix."""
-        inputs = dict(inputs)
-        labels = inputs.get("labels")
-        if self._seq2seq and torch.is_tensor(labels) and inputs.get("decoder_input_ids") is None:
-            model = self.accelerator.unwrap_model(self.model)
-            if not hasattr(model, "prepare_decoder_input_ids_from_labels"):
-                raise ValueError(
-                    f"{type(model).__name__} cannot build decoder inputs from labels; add decoder_input_ids to the batch "
-                    "(e.g. with DataCollatorForSeq2Seq(tokenizer, model=model))."
-                )
-            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
-        return inputs
+        return with_decoder_inputs(self.accelerator.unwrap_model(self.model), inputs)
 
     # ---- the Trainer loop ----
 
@@ -256,22 +217,7 @@ class DistillTrainer(Trainer):
         """``Trainer.train``; ``resume_from_checkpoint=True`` (or the string ``"true"``, as the command line
         gives it) resumes from the last *complete* checkpoint of ``output_dir``. When it ends, what the trainer
         attached to the models is taken off."""
-        if (
-            isinstance(resume_from_checkpoint, str)
-            and resume_from_checkpoint.lower() in ("true", "false")
-            and not Path(resume_from_checkpoint).is_dir()
-        ):
-            resume_from_checkpoint = resume_from_checkpoint.lower() == "true" or None
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
-        elif isinstance(resume_from_checkpoint, str) and not checkpoint_is_complete(resume_from_checkpoint):
-            raise ValueError(
-                f"Checkpoint {resume_from_checkpoint} is incomplete (its save was interrupted: no readable "
-                "trainer_state.json); resume from an earlier checkpoint, or with resume_from_checkpoint=True to pick "
-                "the last complete one."
-            )
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         self.capture.attach()
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -343,41 +289,36 @@ class DistillTrainer(Trainer):
 
     def create_model_card(
         self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
         **card_fields,
     ) -> CardInfo | None:
-        """Write the distillation card (Hub metadata with ``model-index``, teacher vs student, objective, usage,
-        citations) as ``README.md`` in ``output_dir``. Takes ``Trainer.create_model_card``'s arguments, so
-        ``push_to_hub`` writes it too; ``card_fields`` set :class:`~hf_attn_distill.model_card.CardInfo` fields.
-        Tags and ``dataset_args`` are not used. Returns what the card says (``None`` off the main process)."""
+        """Write the distillation card (:func:`~hf_attn_distill.model_card.write_trainer_card`) as ``README.md`` in
+        ``output_dir``. Takes ``Trainer.create_model_card``'s arguments, so ``push_to_hub`` writes it too;
+        ``card_fields`` set :class:`~hf_attn_distill.model_card.CardInfo` fields. Returns what the card says
+        (``None`` off the main process, or where transformers' generic card was written instead)."""
         if not self.is_world_process_zero():
             return None
-        first = lambda value: value[0] if isinstance(value, list) else value  # noqa: E731
-        given = {
-            "language": [language] if isinstance(language, str) else language,
-            "license": license,
-            "model_name": model_name,
-            "teacher": finetuned_from,
-            "task": first(tasks),
-            "dataset": first(dataset) or first(dataset_tags),
-        }
-        try:
-            info = trainer_card_info(self, **{k: v for k, v in given.items() if v}, **card_fields)
-        except ValueError as err:  # a task our card does not describe: transformers' generic card
-            import logging
+        given = dict(
+            language=language,
+            license=license,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+        )
 
-            logging.getLogger(__name__).warning("Writing transformers' generic model card: %s", err)
-            super().create_model_card(
+        def generic_card():  # a task our card does not describe
+            super(DistillTrainer, self).create_model_card(
                 language, license, tags, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args
             )
-            return None
-        write_model_card(self.args.output_dir, info)
-        return info
+
+        return write_trainer_card(self, given, card_fields, generic_card)

@@ -144,3 +144,49 @@ def test_teacher_gets_the_dtype_and_device_asked_for(tmp_path, tokenizer, sentim
     with torch.no_grad():
         reference = logit_kd_loss(student.eval()(**batch).logits, trainer.teacher_model(**batch).logits.float(), 2.0)
         assert trainer.compute_loss(student, batch).item() == pytest.approx(0.5 * reference.item(), rel=1e-5)
+
+
+def test_labels_out_of_range_are_refused_through_the_trainer(tmp_path, tokenizer, sentiment_dataset):
+    bad = sentiment_dataset.map(lambda row, i: {"labels": 5 if i == 3 else row["labels"]}, with_indices=True)
+    trainer = DistillTrainer(
+        model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+        teacher_model=tiny_classifier(0),
+        args=args(tmp_path, max_steps=2, per_device_train_batch_size=8),
+        train_dataset=bad,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    with pytest.raises(ValueError, match=r"label 5, but the student has num_labels=2 \(labels 0..1\): relabel"):
+        trainer.train()
+
+
+def test_inputs_longer_than_the_position_embeddings_are_refused(tmp_path, tokenizer):
+    teacher = tiny_classifier(0, max_position_embeddings=32)
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)  # 64 positions
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path))
+    batch = tokenizer(["a " * 38], return_tensors="pt")
+    assert batch["input_ids"].shape[1] == 40
+    with pytest.raises(
+        ValueError,
+        match="input_ids of 40 tokens, but BertForSequenceClassification has only 32 "
+        "positions: truncate the inputs to at most 32 tokens",
+    ):
+        trainer.compute_loss(student, {**batch, "labels": torch.tensor([1])})
+
+
+def test_an_empty_training_set_is_refused(tmp_path, sentiment_dataset):
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        DistillTrainer(
+            model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+            teacher_model=tiny_classifier(0),
+            args=args(tmp_path, max_steps=2),
+            train_dataset=sentiment_dataset.select([]),
+        )
+
+
+def test_a_teacher_path_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"there is no folder at .*nowhere/teacher, and it is not a Hub id"):
+        DistillTrainer(
+            model=tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2),
+            teacher_model=str(tmp_path / "nowhere" / "teacher"),
+            args=args(tmp_path),
+        )

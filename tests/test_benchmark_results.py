@@ -111,3 +111,36 @@ def test_portable_settings_hold_no_machine_paths(tmp_path):
     assert portable_settings(args, root)["merge_results"] == ["benchmarks/results/a.json", "relative.json"]
     namespace = argparse.Namespace(output=str(root / "benchmarks" / "results" / "speed"), steps=5)  # speed.py's args
     assert portable_settings(namespace, root) == {"output": "benchmarks/results/speed", "steps": 5}
+
+
+def test_finished_runs_are_kept_and_a_rerun_continues(tmp_path):
+    """A benchmark longer than one sitting is finished by running the same command again: finished (variant,
+    seed) runs are reused when their key matches, and trained again when it does not."""
+    from benchmarks.quality_runs import run_students
+
+    calls = []
+
+    def run_one(name, seed, output_dir):
+        calls.append((name, seed))
+        return {"accuracy": 0.5 + seed / 10}
+
+    def summarize(runs):
+        return {"students": {n: [r["accuracy"] for r in items] for n, items in runs.items()}}
+
+    def go(key, seeds):
+        return run_students(
+            ["kd"],
+            seeds,
+            tmp_path,
+            run_one,
+            summarize,
+            tmp_path / "res",
+            lambda r: "",
+            done_dir=tmp_path / "done",
+            key=key,
+        )
+
+    go("teacher-a", [1])
+    assert go("teacher-a", [1, 2])["students"] == {"kd": [0.6, 0.7]} and calls == [("kd", 1), ("kd", 2)]
+    go("teacher-b", [1])  # another teacher or settings: trained again
+    assert calls[-1] == ("kd", 1) and len(calls) == 3

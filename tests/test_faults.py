@@ -84,3 +84,20 @@ def test_an_incomplete_checkpoint_is_refused_by_name(tmp_path):
         trainer.train(resume_from_checkpoint=str(broken))
     with pytest.raises(ValueError, match="No complete checkpoint"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_resume_from_the_command_line_strings(tmp_path):
+    """``--resume_from_checkpoint true`` (a string) means the last complete checkpoint, as run_glue.py users
+    expect; ``false`` a fresh start; a folder named ``true`` stays a folder."""
+    from hf_attn_distill.checkpoints import resolve_resume
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}" if complete else "{")
+    assert resolve_resume("true", tmp_path) == resolve_resume("True", tmp_path) == str(tmp_path / "checkpoint-4")
+    assert resolve_resume("false", tmp_path) is None and resolve_resume(None, tmp_path) is None
+    with pytest.raises(ValueError, match="checkpoint-6 is incomplete"):
+        resolve_resume(str(tmp_path / "checkpoint-6"), tmp_path)
+    with pytest.raises(ValueError, match="No complete checkpoint"):
+        resolve_resume("true", tmp_path / "empty")

@@ -163,3 +163,32 @@ def test_a_task_without_a_distillation_card_gets_the_generic_one(tmp_path):
     assert trainer.create_model_card(model_name="tagger") is None
     card = (tmp_path / "README.md").read_text()
     assert "generated_from_trainer" in card and "# tagger" in card  # transformers' generic draft
+
+
+def test_cards_name_local_data_by_file_and_hub_data_by_id():
+    """A local folder's name is not a Hub id: only Hub data goes into `datasets:`; the metrics name the file they
+    were measured on (another data set's validation file is not 'the validation split of' the training data)."""
+    from hf_attn_distill.recipes.common import describe_data
+
+    local = describe_data(None, "/home/me/squad/train.json", "/home/me/covid_qa/dev.json", "validation")
+    assert local == {
+        "dataset": "local data (train.json for training)",
+        "dataset_id": None,
+        "eval_split": "local file dev.json",
+    }
+    hub = describe_data("glue", None, None, "validation", "sst2")
+    assert hub == {"dataset": "glue (sst2)", "dataset_id": "glue", "eval_split": "validation split of glue (sst2)"}
+    common = dict(
+        model_name="s",
+        task="question-answering",
+        teacher="t",
+        method="KD",
+        student_params=1,
+        teacher_params=2,
+        student_layers="3-layer",
+        metrics={"f1": 80.0},
+    )
+    card = build_model_card(CardInfo(**common, **local))
+    assert "datasets" not in card.data.to_dict() and "/home/me" not in str(card)
+    assert card.data.eval_results[0].dataset_split == "local file dev.json"
+    assert build_model_card(CardInfo(**common, **hub)).data.datasets == ["glue"]

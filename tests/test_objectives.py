@@ -205,3 +205,26 @@ def test_a_weight_added_from_outside_is_checked_and_can_be_scheduled(tmp_path):
     assert scheduled.schedules == {"logit_mse_weight": "linear:0.0"}
     with pytest.raises(ValueError, match="Cannot schedule 'logit_mse_weight'"):
         DistillConfig(output_dir=str(tmp_path), schedules="logit_mse_weight=linear:0.0")
+
+
+def test_pairing_checks_change_nothing(tmp_path):
+    """check_distillation_pair reads configs and module structure only: no forward, no attention switch."""
+    from hf_attn_distill import check_distillation_pair
+
+    teacher = tiny_classifier(0, num_hidden_layers=4)
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
+    teacher.train()
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (teacher, student)]
+    before = [
+        (m.training, m.config._attn_implementation, {k: v.clone() for k, v in m.state_dict().items()})
+        for m in (teacher, student)
+    ]
+    check_distillation_pair(student, teacher, DistillConfig(output_dir=str(tmp_path), hidden_weight=1.0))
+    for hook in hooks:
+        hook.remove()
+    assert not calls
+    for model, (training, implementation, state) in zip((teacher, student), before):
+        assert model.training == training and model.config._attn_implementation == implementation
+        assert not any(hasattr(m, POINT_ATTR) for m in model.modules())
+        assert model.state_dict().keys() == state.keys()

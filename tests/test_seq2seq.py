@@ -408,6 +408,8 @@ def test_generation_based_evaluation_keeps_the_loss_terms(tmp_path):
     )
     metrics = trainer.evaluate()
     generated = torch.as_tensor(seen["predictions"])
+    # labels padded to the generation length, as Seq2SeqTrainer pads them
+    assert torch.as_tensor(seen["labels"]).shape[1] == generated.shape[1]
     for key in ("eval_loss", "eval_loss_kd", "eval_loss_attn_enc", "eval_loss_attn_dec", "eval_loss_attn_cross"):
         assert key in metrics and metrics[key] > 0, key
     # the same terms as teacher-forced evaluation without generation
@@ -422,6 +424,26 @@ def test_generation_based_evaluation_keeps_the_loss_terms(tmp_path):
     )
     got = generated[:, : want.shape[1]]
     assert torch.equal(got, want)
+    # one teacher-forced student forward per evaluation batch (the loss's); generation's steps carry no labels
+    args.predict_with_generate = True
+    forced = []
+    hook = student.register_forward_pre_hook(
+        lambda module, a, kw: (
+            forced.append(1)
+            if kw.get("labels") is not None
+            or kw.get("decoder_input_ids") is not None
+            and kw.get("past_key_values") is None
+            and kw["decoder_input_ids"].shape[1] > 1
+            else None
+        ),
+        with_kwargs=True,
+    )
+    try:
+        trainer.evaluate()
+    finally:
+        hook.remove()
+    batches = -(-len(rows()) // args.per_device_eval_batch_size)
+    assert len(forced) == batches
     with pytest.raises(TypeError, match="DistillSeq2SeqConfig"):
         DistillSeq2SeqTrainer(model=student, teacher_model=teacher, args=DistillConfig(output_dir=str(tmp_path)))
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, HfArgumentParser
 
-from hf_attn_distill import DistillTrainer, student_from_config, student_from_teacher_layers
-from hf_attn_distill.checkpoints import last_complete_checkpoint
+from hf_attn_distill import student_from_config, student_from_teacher_layers
+from hf_attn_distill.checkpoints import last_complete_checkpoint, resolve_resume
 from hf_attn_distill.model_card import (
     CardInfo,
     card_metrics,
@@ -28,6 +28,7 @@ from hf_attn_distill.model_card import (
 from hf_attn_distill.profiling import machine_info
 
 __all__ = [
+    "describe_data",
     "MODES",
     "ModelArguments",
     "build_student",
@@ -202,11 +203,7 @@ def train(trainer, training_args) -> dict:
     With ``push_to_hub`` the Trainer pushes during training as ``hub_strategy`` says; the final upload is
     :func:`push_folder_to_hub`'s, once the card is written, so the model is saved here without pushing.
     """
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "false") and not Path(resume).is_dir():
-        resume = resume.lower() == "true" or None  # --resume_from_checkpoint true: the last checkpoint
-    if resume is True and not isinstance(trainer, DistillTrainer):  # a plain Trainer takes the newest
-        resume = last_complete_checkpoint(training_args.output_dir) or True
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is None and last_complete_checkpoint(training_args.output_dir) is not None:
         logging.getLogger(__name__).warning(
             "%s already holds checkpoints; training starts from scratch and overwrites them. Pass "
@@ -231,6 +228,27 @@ def evaluate(trainer, teacher_trainer, prefix: str, teacher_keys: tuple[str, ...
     trainer.log_metrics(prefix, metrics)
     trainer.save_metrics(prefix, metrics)
     return metrics
+
+
+def describe_data(
+    dataset_name: str | None,
+    train_file: str | None,
+    eval_file: str | None,
+    eval_split: str,
+    config_name: str | None = None,
+) -> dict:
+    """What a card says about the data: ``dataset`` (prose), ``dataset_id`` (the Hub id, only for Hub data) and
+    ``eval_split`` (what the metrics were measured on), naming local files by their file name only."""
+    if dataset_name:
+        name = f"{dataset_name} ({config_name})" if config_name else dataset_name
+        return {"dataset": name, "dataset_id": dataset_name, "eval_split": f"{eval_split} split of {name}"}
+    train = Path(train_file).name if train_file else None
+    evaluated = Path(eval_file).name if eval_file else None
+    return {
+        "dataset": f"local data ({train} for training)" if train else "local data",
+        "dataset_id": None,
+        "eval_split": f"local file {evaluated}" if evaluated else f"{eval_split} data",
+    }
 
 
 def card_settings(model_args: ModelArguments, training_args, extra: dict | None = None) -> dict:
@@ -266,6 +284,7 @@ def write_card(
     *,
     dataset: str,
     eval_split: str,
+    dataset_id: str | None = None,
     sample: dict | None,
     method: str | None = None,
     extra_settings: dict | None = None,
@@ -281,7 +300,8 @@ def write_card(
     fields = {
         "model_name": training_args.hub_model_id or Path(training_args.output_dir).name,
         "teacher": model_args.teacher_model_name_or_path,
-        "dataset": public_model_name(dataset),
+        "dataset": dataset,
+        "dataset_id": dataset_id,
         "eval_split": eval_split,
         "metrics": student_metrics,
         "teacher_metrics": teacher_metrics,

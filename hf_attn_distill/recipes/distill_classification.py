@@ -262,9 +262,13 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
         model,
         metrics,
         sample=sample,
-        dataset=data_args.dataset_name or Path(data_args.train_file or data_args.validation_file).parent.name,
-        eval_split=("test split" if test else "validation split")
-        + (f" ({Path(eval_file).name})" if eval_file and not data_args.dataset_name else ""),
+        **common.describe_data(
+            data_args.dataset_name,
+            data_args.train_file,
+            eval_file,
+            "test" if test else "validation",
+            data_args.dataset_config_name,
+        ),
     )
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import datasets
 import transformers
@@ -232,7 +231,15 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
 
 
 def write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample) -> None:
-    source = data_args.dataset_name or Path(data_args.train_file or data_args.validation_file).parent.name
+    data = common.describe_data(
+        data_args.dataset_name,
+        data_args.train_file,
+        data_args.validation_file,
+        "validation",
+        data_args.dataset_config_name,
+    )
+    if data_args.version_2_with_negative:
+        data["eval_split"] += " (SQuAD v2 format)"
     extra = {k: getattr(data_args, k) for k in ("max_seq_length", "doc_stride", "version_2_with_negative")}
     common.write_card(
         trainer,
@@ -242,8 +249,7 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
         model,
         metrics,
         sample=sample,
-        dataset=source,
-        eval_split=f"validation split of {source}" + (" (SQuAD v2)" if data_args.version_2_with_negative else ""),
+        **data,
         extra_settings=extra,
     )
 

@@ -318,8 +318,20 @@ def references(raw, tokenized, split: str, data: TranslationDataArguments) -> li
 
 
 def write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample) -> None:
-    source = data_args.dataset_name or Path(data_args.data_dir).name
     test = any(k.startswith("test_") for k in metrics)
+    split = data_args.test_split if test else data_args.validation_split
+    pair = f"{data_args.source_lang}-{data_args.target_lang}"
+    if data_args.dataset_name:
+        data = common.describe_data(
+            data_args.dataset_name, None, None, "test" if test else "validation", data_args.dataset_config_name
+        )
+    else:  # aligned text files: name the folder and the files, never the path
+        folder = Path(data_args.data_dir).name
+        data = {
+            "dataset": f"local parallel text {pair} ({folder}/{data_args.train_split}.*)",
+            "dataset_id": None,
+            "eval_split": f"local files {folder}/{split}.{data_args.source_lang}/.{data_args.target_lang}",
+        }
     method = None
     if model_args.training_mode == "distill" and model_args.sequence_kd:
         method = distillation_method(training_args, sequence_kd=True)
@@ -337,10 +349,11 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
         model,
         metrics,
         sample=sample,
-        dataset=source,
+        dataset=data["dataset"],
+        dataset_id=data["dataset_id"],
         method=method,
-        eval_split=f"{'test' if test else 'validation'} split of {source}, "
-        f"{'lower-cased' if data_args.lowercase_metrics else 'cased'} sacrebleu BLEU/chrF",
+        eval_split=f"{data['eval_split']}, {'lower-cased' if data_args.lowercase_metrics else 'cased'} sacrebleu "
+        "BLEU/chrF",
         extra_settings=extra,
         citations=("hinton2015", "kim2016", "tinybert", "minilm"),
     )

@@ -1,0 +1,100 @@
+"""Teachers trained in doubling rounds to a plateau: the curve, convergence, resuming after a stop, caching by
+settings and data (a stand-in recipe that writes checkpoints and reports a dev metric per round)."""
+
+import json
+
+import pytest
+
+from benchmarks.teacher_training import fingerprint, last_checkpoint, teacher_summary, train_teacher
+
+ARGS = ["--lr_scheduler_type", "inverse_sqrt", "--warmup_steps", "2", "--do_eval"]
+
+
+class FakeRecipe:
+    """Trains ``--max_steps`` (writing ``checkpoint-N`` every ``--save_steps``) and reports ``eval_bleu`` from
+    ``curve``; ``crash_at`` simulates a stop after that checkpoint was written."""
+
+    def __init__(self, curve, crash_at=None):
+        self.curve, self.crash_at, self.calls = curve, crash_at, []
+
+    def __call__(self, argv):
+        opts = {a: b for a, b in zip(argv, [*argv[1:], ""]) if a.startswith("--") and not b.startswith("--")}
+        out, steps, save = opts["--output_dir"], int(opts["--max_steps"]), int(opts["--save_steps"])
+        start = int(opts["--resume_from_checkpoint"].rsplit("-", 1)[1]) if "--resume_from_checkpoint" in opts else 0
+        self.calls.append((start, steps))
+        from pathlib import Path
+
+        for step in range(start + save, steps + 1, save):
+            folder = Path(out) / f"checkpoint-{step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+            if self.crash_at == step:
+                self.crash_at = None
+                raise KeyboardInterrupt("stopped")
+        return {"eval_bleu": self.curve[steps]}
+
+
+def test_rounds_double_until_the_last_doubling_gains_less_than_the_threshold(tmp_path):
+    recipe = FakeRecipe({4: 10.0, 8: 20.0, 16: 24.0, 32: 24.6, 64: 30.0})
+    folder, summary = train_teacher(
+        recipe, ARGS, work=tmp_path, key="k", metric="bleu", first_steps=4, max_steps=64, save_steps=2
+    )
+    assert summary["teacher_curve"] == [[4, 10.0], [8, 20.0], [16, 24.0], [32, 24.6]]
+    assert summary["teacher_converged"] and "gained 0.60" in summary["teacher_curve_note"]
+    assert recipe.calls == [(0, 4), (4, 8), (8, 16), (16, 32)]  # each round resumes where the last one ended
+    assert folder == tmp_path / "teacher-k" and last_checkpoint(folder) is None  # converged: checkpoints dropped
+
+
+def test_a_stopped_run_resumes_from_its_last_checkpoint_and_keeps_finished_rounds(tmp_path):
+    curve = {4: 10.0, 8: 20.0, 16: 30.0}
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(
+            FakeRecipe(curve, crash_at=6),
+            ARGS,
+            work=tmp_path,
+            key="k",
+            metric="bleu",
+            first_steps=4,
+            max_steps=16,
+            save_steps=2,
+        )
+    again = FakeRecipe(curve)
+    _, summary = train_teacher(
+        again, ARGS, work=tmp_path, key="k", metric="bleu", first_steps=4, max_steps=16, save_steps=2
+    )
+    assert again.calls == [(6, 8), (8, 16)]  # round 4 kept, round 8 resumed from checkpoint-6
+    assert not summary["teacher_converged"]
+    assert summary["teacher_curve_note"].startswith("NOT converged: the budget (16 steps) ran out")
+    assert last_checkpoint(tmp_path / "teacher-k").name == "checkpoint-16"  # kept, so a larger budget continues
+    more = FakeRecipe({**curve, 32: 30.5})
+    _, summary = train_teacher(
+        more, ARGS, work=tmp_path, key="k", metric="bleu", first_steps=4, max_steps=32, save_steps=2
+    )
+    assert more.calls == [(16, 32)] and summary["teacher_converged"]
+
+
+def test_a_schedule_that_depends_on_the_total_steps_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="inverse_sqrt"):
+        train_teacher(
+            FakeRecipe({}),
+            ["--lr_scheduler_type", "linear"],
+            work=tmp_path,
+            key="k",
+            metric="bleu",
+            first_steps=4,
+            max_steps=8,
+            save_steps=2,
+        )
+
+
+def test_the_cache_key_follows_settings_and_data(tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text("a\nb\n")
+    key = fingerprint({"lr": 1e-4}, [data])
+    assert key == fingerprint({"lr": 1e-4}, [data]) and key != fingerprint({"lr": 2e-4}, [data])
+    data.write_text("a\nc\n")
+    assert fingerprint({"lr": 1e-4}, [data]) != key
+
+
+def test_summary_of_a_single_round():
+    assert teacher_summary({"curve": [[4, 1.0]]}, 1.0, 4)["teacher_curve_note"].startswith("NOT converged: one round")
