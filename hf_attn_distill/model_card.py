@@ -185,12 +185,18 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _teacher_row_name(info: CardInfo) -> str:
+    """``teacher `name` `` (or ``starting point `name` ``), without repeating a name that is the role itself."""
+    role, name = ("teacher" if info.distilled else "starting point"), public_model_name(info.teacher)
+    return role if name.lower() == role else f"{role} `{name}`"
+
+
 def _result_rows(info: CardInfo) -> tuple[list[str], list[dict]]:
     """Metric names, and the teacher (or starting point) and student rows of the results table."""
     names = list(dict.fromkeys([*info.metrics, *info.teacher_metrics]))
     rows = [
         {
-            "model": f"{'teacher' if info.distilled else 'starting point'} `{public_model_name(info.teacher)}`",
+            "model": _teacher_row_name(info),
             "params": _fmt(info.teacher_params),
             "values": [_fmt(info.teacher_metrics.get(n, "-")) for n in names],
             "latency": "-" if info.teacher_latency_ms is None else f"{info.teacher_latency_ms:.2f} ms",

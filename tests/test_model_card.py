@@ -15,6 +15,7 @@ from hf_attn_distill.model_card import (
     count_parameters,
     hub_model_id,
     public_model_name,
+    summary_table,
     write_model_card,
 )
 from tests.conftest import tiny_classifier
@@ -58,7 +59,7 @@ def test_card_metadata_parses_back_as_a_model_index(tmp_path):
     assert card.data.model_name == "me/tiny-student" and "knowledge-distillation" in card.data.tags
     assert card.data.base_model is None  # the teacher is a local folder, not a Hub id
     # teacher vs student table, compression and speed-up computed from the numbers given
-    assert "| teacher `teacher` | 22.7M | 0.9000 | 7.60 ms |" in card.text
+    assert "| teacher | 22.7M | 0.9000 | 7.60 ms |" in card.text  # a folder named "teacher" is not named twice
     assert "| this student | 17.4M | 0.8512 | 4.00 ms |" in card.text
     assert f"{22.7 / 17.4:.2f}x fewer parameters" in card.text and f"{7.6 / 4.0:.2f}x faster" in card.text
     assert "| temperature | 2.0000 |" in card.text and "@article{hinton2015distilling" in card.text
@@ -145,7 +146,7 @@ def test_summary_table_lists_teacher_and_student():
 
     lines = summary_table(_info()).splitlines()
     assert lines[0].split() == ["model", "parameters", "accuracy", "latency", "(batch", "1)"]
-    assert lines[2].split() == ["teacher", "teacher", "22.7M", "0.9000", "7.60", "ms"]
+    assert lines[2].split() == ["teacher", "22.7M", "0.9000", "7.60", "ms"]
     assert lines[3].split() == ["this", "student", "17.4M", "0.8512", "4.00", "ms"]
 
 
@@ -192,3 +193,22 @@ def test_cards_name_local_data_by_file_and_hub_data_by_id():
     assert "datasets" not in card.data.to_dict() and "/home/me" not in str(card)
     assert card.data.eval_results[0].dataset_split == "local file dev.json"
     assert build_model_card(CardInfo(**common, **hub)).data.datasets == ["glue"]
+
+
+def test_a_teacher_folder_named_teacher_is_not_named_twice():
+    info = CardInfo(
+        model_name="s",
+        task="text-classification",
+        teacher="/somewhere/teacher",
+        dataset="d",
+        eval_split="dev",
+        method="KD",
+        student_params=1,
+        teacher_params=2,
+        student_layers="3-layer",
+        metrics={"accuracy": 0.8},
+        teacher_metrics={"accuracy": 0.9},
+    )
+    table = summary_table(info)
+    assert "teacher teacher" not in table and table.splitlines()[2].startswith("teacher ")
+    assert "teacher `minilm`" in build_model_card(CardInfo(**{**vars(info), "teacher": "/abs/out/minilm"})).text

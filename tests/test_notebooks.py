@@ -51,6 +51,42 @@ def data_dir(tmp_path_factory) -> Path:
             (root / "multi30k" / f"{split}.{lang}").write_text(
                 "\n".join(r[index] for r in rows) + "\n", encoding="utf-8"
             )
+    contexts = [
+        f"{se.capitalize()} {ve} {pe} while {o} watches."
+        for se, _ in [(e, d) for d, e in SUBJECTS]
+        for ve in ("runs", "sits")
+        for pe in ("in the park", "on the beach")
+        for o in ("a bird", "a cat")
+    ]
+    squad = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "stand-in",
+                "paragraphs": [
+                    {
+                        "context": c,
+                        "qas": [
+                            {
+                                "id": f"q{i}",
+                                "question": "Who watches?",
+                                "answers": [
+                                    {
+                                        "text": c.split(" while ")[1][: -len(" watches.")],
+                                        "answer_start": c.index(" while ") + len(" while "),
+                                    }
+                                ],
+                            }
+                        ],
+                    }
+                    for i, c in enumerate(contexts * 4)
+                ],
+            }
+        ],
+    }
+    (root / "squad").mkdir()
+    for split in ("train", "validation"):
+        (root / "squad" / f"{split}.json").write_text(json.dumps(squad), encoding="utf-8")
     return root
 
 
@@ -62,7 +98,7 @@ def _read(name: str):
     return nbformat.read(NOTEBOOKS / name, as_version=4)
 
 
-@pytest.mark.parametrize("name", ["distill_classification.ipynb", "distill_translation.ipynb"])
+@pytest.mark.parametrize("name", ["distill_classification.ipynb", "distill_translation.ipynb", "distill_qa.ipynb"])
 def test_notebook_is_committed_clean(name):
     """Stored without outputs, and the first code cell reads the tiny-mode switch."""
     nb = _read(name)
@@ -95,6 +131,8 @@ def execute(name: str, tmp_path: Path, monkeypatch, data_dir: Path) -> tuple[obj
         "HF_ATTN_DISTILL_MT_TEACHER",
         "HF_ATTN_DISTILL_HUB_MODEL_ID",
         "HF_ATTN_DISTILL_MT_HUB_MODEL_ID",
+        "HF_ATTN_DISTILL_QA_TEACHER",
+        "HF_ATTN_DISTILL_QA_HUB_MODEL_ID",
     ):
         monkeypatch.delenv(var, raising=False)
     work = tmp_path / "work"
@@ -237,3 +275,52 @@ def test_translation_notebook(tmp_path, monkeypatch, data_dir):
         {"loss_ce": 0.5, "loss_kd": 0.5, "loss_attn_enc": 1.0, "loss_attn_dec": 1.0, "loss_attn_cross": 1.0},
     )
     check_figures(results["figures"], out, {"attention_cross.png", "loss_curves.png"})
+
+
+@pytest.mark.slow
+def test_qa_notebook(tmp_path, monkeypatch, data_dir):
+    from transformers import (
+        AutoModelForQuestionAnswering,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    from hf_attn_distill.metrics import compute_squad_metrics
+    from hf_attn_distill.qa import QAMetrics, load_squad_json, prepare_validation_features
+
+    nb, work = execute("distill_qa.ipynb", tmp_path, monkeypatch, data_dir)
+    out = work / "outputs" / "notebook_qa"
+    results = json.loads((out / "results.json").read_text())
+    assert results["tiny"] is True and "not pushing" in stream_text(nb)
+    student = AutoModelForQuestionAnswering.from_pretrained(out / "student").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "student")
+    assert student.config.num_hidden_layers == len(results["student_layers"]) == 3
+    rows = results["models"]
+    assert rows["teacher"]["layers"] == 6 and rows["student"]["parameters"] == student.num_parameters()
+    assert 0 < rows["student"]["size_mb"] < rows["teacher"]["size_mb"] and all(
+        r["latency_ms"] > 0 for r in rows.values()
+    )
+    check_loss_terms(results["log_history"], {"loss_ce": 0.5, "loss_kd": 0.5, "loss_attn_enc": 1.0})
+
+    # the reported F1/EM are the official SQuAD scores of the reported answers ...
+    questions = load_squad_json(data_dir / "squad" / "validation.json").select(range(results["eval_questions"]))
+    references = {q["id"]: list(q["answers"]["text"]) for q in questions}
+    scores = compute_squad_metrics(results["predictions"], references)
+    assert scores["f1"] == pytest.approx(rows["student"]["f1"]) and scores["exact_match"] == pytest.approx(
+        rows["student"]["exact_match"]
+    )
+    # ... and those answers are what the saved student gives, recomputed from its folder
+    options = {"tokenizer": tokenizer, "max_seq_length": results["max_length"], "doc_stride": results["stride"]}
+    features = questions.map(
+        prepare_validation_features, batched=True, remove_columns=questions.column_names, fn_kwargs=options
+    )
+    metrics = QAMetrics(questions, features)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "eval"), report_to="none", use_cpu=True, per_device_eval_batch_size=64
+    )
+    Trainer(model=student, args=args, data_collator=default_data_collator, compute_metrics=metrics).evaluate(
+        features.remove_columns(["example_id", "offset_mapping"])
+    )
+    assert metrics.last_predictions == results["predictions"]

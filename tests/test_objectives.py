@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from conftest import tiny_classifier
-from test_trainer_exactness import InOrderTrainer, uneven_dataset
+from test_trainer_exactness import InOrderTrainer, exact_trainer, uneven_dataset
 from transformers import DataCollatorWithPadding
 
 from hf_attn_distill import OBJECTIVES, DistillConfig, DistillTrainer, Objective
@@ -46,32 +46,8 @@ class MyTrainer(InOrderTrainer):
 
 
 def my_trainer(tmp_path, tokenizer, batch=8, accumulation=1, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / f"{batch}x{accumulation}"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        logging_steps=1,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=0,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        logit_mse_weight=0.7,
-    )
-    values.update(overrides)
-    teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
-    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
-    return MyTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=MyConfig(**values),
-        train_dataset=uneven_dataset(),
-        data_collator=DataCollatorWithPadding(tokenizer),
+    return exact_trainer(
+        tmp_path, tokenizer, batch, accumulation, MyTrainer, MyConfig, **{"logit_mse_weight": 0.7, **overrides}
     )
 
 

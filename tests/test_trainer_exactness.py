@@ -29,8 +29,10 @@ def uneven_dataset() -> Dataset:
     return Dataset.from_list(rows)
 
 
-def one_update(tmp_path, tokenizer, batch, accumulation, trainer_cls=InOrderTrainer, **overrides):
-    """Student weights and first log after one SGD step over the 8 rows."""
+def exact_trainer(
+    tmp_path, tokenizer, batch, accumulation, trainer_cls=InOrderTrainer, config_cls=DistillConfig, **overrides
+):
+    """A trainer for one plain SGD step over the 8 rows, in order, split into ``batch`` x ``accumulation``."""
     values = dict(
         output_dir=str(tmp_path / f"b{batch}ga{accumulation}"),
         per_device_train_batch_size=batch,
@@ -50,13 +52,18 @@ def one_update(tmp_path, tokenizer, batch, accumulation, trainer_cls=InOrderTrai
     values.update(overrides)
     teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
-    trainer = trainer_cls(
+    return trainer_cls(
         model=student,
         teacher_model=teacher,
-        args=DistillConfig(**values),
+        args=config_cls(**values),
         train_dataset=uneven_dataset(),
         data_collator=DataCollatorWithPadding(tokenizer),
     )
+
+
+def one_update(tmp_path, tokenizer, batch, accumulation, trainer_cls=InOrderTrainer, **overrides):
+    """Student weights and first log after one SGD step over the 8 rows."""
+    trainer = exact_trainer(tmp_path, tokenizer, batch, accumulation, trainer_cls, **overrides)
     trainer.train()
     log = next(e for e in trainer.state.log_history if "loss" in e)
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, log
