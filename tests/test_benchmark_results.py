@@ -144,3 +144,38 @@ def test_finished_runs_are_kept_and_a_rerun_continues(tmp_path):
     assert go("teacher-a", [1, 2])["students"] == {"kd": [0.6, 0.7]} and calls == [("kd", 1), ("kd", 2)]
     go("teacher-b", [1])  # another teacher or settings: trained again
     assert calls[-1] == ("kd", 1) and len(calls) == 3
+
+
+def test_step_time_rows_are_valid_recipe_commands(monkeypatch, tmp_path):
+    """Every row of benchmarks/step_time.py is a command its recipe parses, with the precision, threads, lengths
+    and cache the row's name says; the per-step time is the difference of two runs."""
+    from benchmarks import step_time
+    from hf_attn_distill import DistillConfig, DistillSeq2SeqConfig
+    from hf_attn_distill.recipes import common, distill_qa, distill_translation
+    from hf_attn_distill.recipes.distill_classification import parse_args
+
+    monkeypatch.setattr(step_time, "_mt_teacher_dir", lambda work: "mt-teacher")
+    monkeypatch.setattr(step_time, "_qa_teacher_dir", lambda work: "qa-teacher")
+    monkeypatch.setattr(step_time, "_minilm", lambda: "minilm")
+    types = {
+        "hf_attn_distill.recipes.distill_translation": (
+            distill_translation.TranslationModelArguments,
+            distill_translation.TranslationDataArguments,
+            DistillSeq2SeqConfig,
+        ),
+        "hf_attn_distill.recipes.distill_qa": (common.ModelArguments, distill_qa.QADataArguments, DistillConfig),
+    }
+    for row in step_time.ROWS:
+        module, argv = step_time.recipe_argv(row, tmp_path, str(tmp_path / "out"), 7)
+        if module in types:
+            model, data, training = common.parse_args(types[module], argv)
+        else:
+            model, data, training = parse_args(argv)
+        assert training.max_steps == 7 and training.bf16 == ("bf16" in row), row
+        assert (model.training_mode == "finetune") == ("_teacher_" in row), row
+        if row.startswith("mt_"):
+            assert data.max_source_length == (40 if row.endswith("len40") else 64)
+            assert (training.train_sampling_strategy == "group_by_length") == row.endswith("group")
+        assert (training.teacher_logits_cache is not None) == row.endswith("cache"), row
+        assert step_time.threads_of(row) == (2 if "_2t" in row else 1)
+    assert step_time.per_step({"train_runtime": 10.0}, {"train_runtime": 30.0}, 5, 25) == 1.0
