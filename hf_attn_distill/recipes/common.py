@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from hf_attn_distill.model_card import (
 from hf_attn_distill.profiling import machine_info
 
 __all__ = [
+    "Evaluation",
+    "run",
     "describe_data",
     "MODES",
     "ModelArguments",
@@ -216,6 +219,53 @@ def train(trainer, training_args) -> dict:
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     return dict(result.metrics)
+
+
+@dataclass
+class Evaluation:
+    """One evaluation at the end of a recipe: metric prefix (``"eval"``, ``"test"``), the dataset (``None``: the
+    trainer's ``eval_dataset``), and what to do before it (e.g. point ``compute_metrics`` at its references)."""
+
+    prefix: str
+    dataset: object | None = None
+    before: Callable[[], None] | None = None
+
+
+def run(
+    trainer,
+    trainer_kwargs: dict,
+    model_args: ModelArguments,
+    training_args,
+    tokenizer,
+    evaluations: list[Evaluation],
+    teacher_keys: tuple[str, ...],
+    sample: Callable[[], dict | None],
+    card: Callable[[dict, dict | None], None],
+    teacher_trainer_class=None,
+) -> dict:
+    """The common end of every recipe's ``main()``: train (resuming if asked), evaluate the student and, in
+    distill mode, the teacher on the same data (``teacher_trainer_class``, default ``Trainer``, built from
+    ``trainer_kwargs``), write the figures, then on the main process save the tokenizer, write the card
+    (``card(metrics, sample)``, which also prints the one closing summary table) and push if asked. Returns the
+    metrics."""
+    from transformers import Trainer
+
+    metrics: dict = {}
+    if training_args.do_train:
+        metrics.update(train(trainer, training_args))
+    teacher_trainer = None
+    distill = model_args.training_mode == "distill"
+    if evaluations and distill and model_args.evaluate_teacher and not is_sharded(trainer):
+        teacher_trainer = (teacher_trainer_class or Trainer)(**{**trainer_kwargs, "model": trainer.teacher_model})
+    for evaluation in evaluations:
+        if evaluation.before is not None:
+            evaluation.before()
+        metrics.update(evaluate(trainer, teacher_trainer, evaluation.prefix, teacher_keys, evaluation.dataset))
+    example = sample()
+    if training_args.do_train and trainer.is_world_process_zero() and example is not None:
+        write_figures(trainer, tokenizer, example, training_args.output_dir)
+    finish(trainer, tokenizer, training_args, lambda: card(metrics, example))
+    return metrics
 
 
 def evaluate(trainer, teacher_trainer, prefix: str, teacher_keys: tuple[str, ...], dataset=None) -> dict:

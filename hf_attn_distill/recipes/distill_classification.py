@@ -218,37 +218,42 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     )
     trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else Trainer(**common_kwargs)
 
-    metrics: dict = {}
-    if training_args.do_train:
-        metrics.update(common.train(trainer, training_args))
-    splits = [
+    evaluations = []
+    for split, prefix, wanted in (
         (data_args.validation_split, "eval", training_args.do_eval),
         (data_args.test_split, "test", training_args.do_predict),
-    ]
-    for split, prefix, wanted in splits:
+    ):
         if not wanted or split not in tokenized:
             continue
         if "labels" not in tokenized[split].column_names:
             logger.warning("Split '%s' has no labels; skipping its evaluation.", split)
             continue
-        teacher_trainer = None
-        if distill and model_args.evaluate_teacher and not common.is_sharded(trainer):
-            teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
-        metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("accuracy",), tokenized[split]))
-    example = raw[data_args.validation_split if data_args.validation_split in raw else "train"][0]
-    pair = example[data_args.text_pair_column] if data_args.text_pair_column else None
-    sample = tokenizer(
-        example[data_args.text_column], pair, truncation=True, max_length=data_args.max_seq_length, return_tensors="pt"
-    )
-    if training_args.do_train and trainer.is_world_process_zero():
-        common.write_figures(trainer, tokenizer, sample, training_args.output_dir)
-    common.finish(
+        evaluations.append(common.Evaluation(prefix, tokenized[split]))
+
+    def sample():
+        example = raw[data_args.validation_split if data_args.validation_split in raw else "train"][0]
+        pair = example[data_args.text_pair_column] if data_args.text_pair_column else None
+        return tokenizer(
+            example[data_args.text_column],
+            pair,
+            truncation=True,
+            max_length=data_args.max_seq_length,
+            return_tensors="pt",
+        )
+
+    return common.run(
         trainer,
-        tokenizer,
+        common_kwargs,
+        model_args,
         training_args,
-        lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample),
+        tokenizer,
+        evaluations,
+        ("accuracy",),
+        sample,
+        lambda metrics, example: write_card(
+            trainer, model_args, data_args, training_args, teacher, model, metrics, example
+        ),
     )
-    return metrics
 
 
 def write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample) -> None:

@@ -202,32 +202,33 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     )
     trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else Trainer(**common_kwargs)
 
-    metrics: dict = {}
-    if training_args.do_train:
-        metrics.update(common.train(trainer, training_args))
-    if training_args.do_eval and eval_features is not None:
-        teacher_trainer = None
-        if distill and model_args.evaluate_teacher and not common.is_sharded(trainer):
-            teacher_trainer = Trainer(**{**common_kwargs, "model": trainer.teacher_model})
-        metrics.update(common.evaluate(trainer, teacher_trainer, "eval", ("exact_match", "f1", "_exact")))
-    example = (eval_examples if eval_examples is not None else raw["train"])[0]
-    cols = data_args.columns
-    sample = tokenizer(
-        example[cols["question"]],
-        example[cols["context"]],
-        truncation="only_second",
-        max_length=data_args.max_seq_length,
-        return_tensors="pt",
-    )
-    if training_args.do_train and trainer.is_world_process_zero():
-        common.write_figures(trainer, tokenizer, sample, training_args.output_dir)
-    common.finish(
+    evaluations = [common.Evaluation("eval")] if training_args.do_eval and eval_features is not None else []
+
+    def sample():
+        example = (eval_examples if eval_examples is not None else raw["train"])[0]
+        cols = data_args.columns
+        sample = tokenizer(
+            example[cols["question"]],
+            example[cols["context"]],
+            truncation="only_second",
+            max_length=data_args.max_seq_length,
+            return_tensors="pt",
+        )
+        return sample
+
+    return common.run(
         trainer,
-        tokenizer,
+        common_kwargs,
+        model_args,
         training_args,
-        lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample),
+        tokenizer,
+        evaluations,
+        ("exact_match", "f1", "_exact"),
+        sample,
+        lambda metrics, example: write_card(
+            trainer, model_args, data_args, training_args, teacher, model, metrics, example
+        ),
     )
-    return metrics
 
 
 def write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample) -> None:

@@ -274,40 +274,48 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         DistillSeq2SeqTrainer(teacher_model=teacher, **common_kwargs) if distill else Seq2SeqTrainer(**common_kwargs)
     )
 
-    metrics: dict = {}
-    if training_args.do_train:
-        metrics.update(common.train(trainer, training_args))
-    teacher_trainer = None
-    if distill and model_args.evaluate_teacher and not common.is_sharded(trainer):
-        teacher_trainer = Seq2SeqTrainer(**{**common_kwargs, "model": trainer.teacher_model})
-    for split, prefix, wanted in (
-        (data_args.validation_split, "eval", training_args.do_eval),
-        (data_args.test_split, "test", training_args.do_predict),
-    ):
-        if wanted and split in tokenized:
-            if common_kwargs["compute_metrics"] is not None:  # score against the raw reference sentences
+    def scored_against(split):  # generation metrics score against the split's raw reference sentences
+        def before():
+            if common_kwargs["compute_metrics"] is not None:
                 common_kwargs["compute_metrics"].references = references(raw, tokenized, split, data_args)
-            metrics.update(common.evaluate(trainer, teacher_trainer, prefix, ("bleu", "chrf"), tokenized[split]))
-    split = data_args.validation_split if data_args.validation_split in tokenized else data_args.train_split
-    row = tokenized[split][0] if split in tokenized and len(tokenized[split]) else None
-    sample = None
-    if row is not None:
-        sample = {
+
+        return before
+
+    evaluations = [
+        common.Evaluation(prefix, tokenized[split], scored_against(split))
+        for split, prefix, wanted in (
+            (data_args.validation_split, "eval", training_args.do_eval),
+            (data_args.test_split, "test", training_args.do_predict),
+        )
+        if wanted and split in tokenized
+    ]
+
+    def sample():
+        split = data_args.validation_split if data_args.validation_split in tokenized else data_args.train_split
+        row = tokenized[split][0] if split in tokenized and len(tokenized[split]) else None
+        if row is None:
+            return None
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        return {
             "input_ids": torch.tensor([row["input_ids"]]),
             "attention_mask": torch.tensor([row["attention_mask"]]),
-            "decoder_input_ids": trainer.accelerator.unwrap_model(trainer.model).prepare_decoder_input_ids_from_labels(
-                labels=torch.tensor([row["labels"]])
-            ),
+            "decoder_input_ids": student.prepare_decoder_input_ids_from_labels(labels=torch.tensor([row["labels"]])),
         }
-    if training_args.do_train and trainer.is_world_process_zero() and sample is not None:
-        common.write_figures(trainer, tokenizer, sample, training_args.output_dir)
-    common.finish(
+
+    return common.run(
         trainer,
-        tokenizer,
+        common_kwargs,
+        model_args,
         training_args,
-        lambda: write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample),
+        tokenizer,
+        evaluations,
+        ("bleu", "chrf"),
+        sample,
+        lambda metrics, example: write_card(
+            trainer, model_args, data_args, training_args, teacher, model, metrics, example
+        ),
+        teacher_trainer_class=Seq2SeqTrainer,
     )
-    return metrics
 
 
 def references(raw, tokenized, split: str, data: TranslationDataArguments) -> list[str] | None:
