@@ -199,6 +199,19 @@ def trained_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
         max_steps=args.teacher_max_steps,
         save_steps=args.teacher_first_steps // 2,
         threshold=args.converged_gain,
+        evaluate_checkpoint=lambda folder: run_recipe(
+            [
+                "--training_mode",
+                "finetune",
+                "--teacher_model_name_or_path",
+                str(folder),
+                "--output_dir",
+                str(folder / "eval"),
+                "--do_eval",
+                *data_args(args),
+                *run_args(args),
+            ]
+        ),
     )
     metrics = json.loads((teacher_dir / "eval_results.json").read_text())
     return teacher_dir, {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"], **summary}

@@ -234,6 +234,18 @@ def trained_teacher(args: QualityTranslationArguments) -> tuple[Path, dict]:
         max_steps=args.teacher_max_steps,
         save_steps=args.teacher_first_steps // 2,
         threshold=args.converged_gain,
+        evaluate_checkpoint=lambda folder: run_recipe(
+            [
+                "--training_mode",
+                "finetune",
+                "--teacher_model_name_or_path",
+                str(folder),
+                "--output_dir",
+                str(folder / "eval"),
+                "--do_eval",
+                *data_args(args, args.teacher_train_examples),
+            ]
+        ),
     )
     test_dir = teacher_dir / "test_eval"
     if not (test_dir / "test_results.json").exists():

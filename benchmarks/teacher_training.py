@@ -75,6 +75,17 @@ def teacher_summary(state: dict, threshold: float, max_steps: int) -> dict:
     return {"teacher_curve": curve, "teacher_converged": converged, "teacher_curve_note": note}
 
 
+def _install(checkpoint: Path, teacher_dir: Path) -> None:
+    """Make ``teacher_dir``'s saved model the one of ``checkpoint`` (a run stopped before saving its model)."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json"):
+        if (checkpoint / name).exists():
+            shutil.copy2(checkpoint / name, teacher_dir / name)
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
 def train_teacher(
     run_recipe: Callable[[list[str]], dict],
     recipe_args: list[str],
@@ -85,13 +96,15 @@ def train_teacher(
     first_steps: int,
     max_steps: int,
     save_steps: int,
+    evaluate_checkpoint: Callable[[Path], dict],
     threshold: float = 1.0,
     keep_checkpoints: bool = False,
 ) -> tuple[Path, dict]:
     """Train (or continue) the teacher of ``recipe_args`` to a plateau; returns ``(teacher_dir, summary)``.
 
-    ``recipe_args`` are the recipe's flags without ``--output_dir``, ``--max_steps``, the save flags and
-    ``--resume_from_checkpoint``; they must ask for ``--do_eval`` so each round reports ``eval_{metric}``, and
+    ``evaluate_checkpoint(folder) -> metrics`` evaluates a checkpoint without training (for a run stopped after a
+    round's training but before its evaluation). ``recipe_args`` are the recipe's flags without ``--output_dir``,
+    ``--max_steps``, the save flags and ``--resume_from_checkpoint``; they must ask for ``--do_eval`` so each round reports ``eval_{metric}``, and
     for a learning-rate schedule that does not depend on the total step count. When the curve ends the
     checkpoints are deleted unless ``keep_checkpoints``; the saved model in ``teacher_dir`` is the last round's.
     """
@@ -111,23 +124,29 @@ def train_teacher(
         done = {s for s, _ in state["curve"]}
         if steps not in done:
             checkpoint = last_checkpoint(teacher_dir)
-            resume = ["--resume_from_checkpoint", str(checkpoint)] if checkpoint is not None else []
-            metrics = run_recipe(
-                [
-                    *recipe_args,
-                    "--output_dir",
-                    str(teacher_dir),
-                    "--max_steps",
-                    str(steps),
-                    "--save_strategy",
-                    "steps",
-                    "--save_steps",
-                    str(save_steps),
-                    "--save_total_limit",
-                    "2",
-                    *resume,
-                ]
-            )
+            if checkpoint is not None and _step_of(checkpoint) >= steps:
+                # stopped after this round's training, before its evaluation: evaluate that checkpoint (resuming a
+                # Trainer at exactly max_steps would train one step more)
+                metrics = evaluate_checkpoint(checkpoint)
+                _install(checkpoint, teacher_dir)
+            else:
+                resume = ["--resume_from_checkpoint", str(checkpoint)] if checkpoint is not None else []
+                metrics = run_recipe(
+                    [
+                        *recipe_args,
+                        "--output_dir",
+                        str(teacher_dir),
+                        "--max_steps",
+                        str(steps),
+                        "--save_strategy",
+                        "steps",
+                        "--save_steps",
+                        str(save_steps),
+                        "--save_total_limit",
+                        "2",
+                        *resume,
+                    ]
+                )
             state["curve"].append([steps, metrics[f"eval_{metric}"]])
             state["curve"].sort()
             (teacher_dir / CURVE_FILE).write_text(json.dumps(state, indent=2))

@@ -34,10 +34,22 @@ class FakeRecipe:
         return {"eval_bleu": self.curve[steps]}
 
 
+def EVAL(folder):  # noqa: N802 - a stand-in evaluation of a checkpoint: never expected in these runs
+    raise AssertionError(f"unexpected evaluation of {folder}")
+
+
 def test_rounds_double_until_the_last_doubling_gains_less_than_the_threshold(tmp_path):
     recipe = FakeRecipe({4: 10.0, 8: 20.0, 16: 24.0, 32: 24.6, 64: 30.0})
     folder, summary = train_teacher(
-        recipe, ARGS, work=tmp_path, key="k", metric="bleu", first_steps=4, max_steps=64, save_steps=2
+        recipe,
+        ARGS,
+        work=tmp_path,
+        key="k",
+        metric="bleu",
+        first_steps=4,
+        max_steps=64,
+        save_steps=2,
+        evaluate_checkpoint=EVAL,
     )
     assert summary["teacher_curve"] == [[4, 10.0], [8, 20.0], [16, 24.0], [32, 24.6]]
     assert summary["teacher_converged"] and "gained 0.60" in summary["teacher_curve_note"]
@@ -57,10 +69,19 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint_and_keeps_finished_round
             first_steps=4,
             max_steps=16,
             save_steps=2,
+            evaluate_checkpoint=EVAL,
         )
     again = FakeRecipe(curve)
     _, summary = train_teacher(
-        again, ARGS, work=tmp_path, key="k", metric="bleu", first_steps=4, max_steps=16, save_steps=2
+        again,
+        ARGS,
+        work=tmp_path,
+        key="k",
+        metric="bleu",
+        first_steps=4,
+        max_steps=16,
+        save_steps=2,
+        evaluate_checkpoint=EVAL,
     )
     assert again.calls == [(6, 8), (8, 16)]  # round 4 kept, round 8 resumed from checkpoint-6
     assert not summary["teacher_converged"]
@@ -68,7 +89,15 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint_and_keeps_finished_round
     assert last_checkpoint(tmp_path / "teacher-k").name == "checkpoint-16"  # kept, so a larger budget continues
     more = FakeRecipe({**curve, 32: 30.5})
     _, summary = train_teacher(
-        more, ARGS, work=tmp_path, key="k", metric="bleu", first_steps=4, max_steps=32, save_steps=2
+        more,
+        ARGS,
+        work=tmp_path,
+        key="k",
+        metric="bleu",
+        first_steps=4,
+        max_steps=32,
+        save_steps=2,
+        evaluate_checkpoint=EVAL,
     )
     assert more.calls == [(16, 32)] and summary["teacher_converged"]
 
@@ -84,6 +113,7 @@ def test_a_schedule_that_depends_on_the_total_steps_is_refused(tmp_path):
             first_steps=4,
             max_steps=8,
             save_steps=2,
+            evaluate_checkpoint=EVAL,
         )
 
 
@@ -98,3 +128,28 @@ def test_the_cache_key_follows_settings_and_data(tmp_path):
 
 def test_summary_of_a_single_round():
     assert teacher_summary({"curve": [[4, 1.0]]}, 1.0, 4)["teacher_curve_note"].startswith("NOT converged: one round")
+
+
+def test_a_run_stopped_between_training_and_evaluation_evaluates_the_checkpoint(tmp_path):
+    """Resuming a Trainer at exactly max_steps would train one step more: the round's checkpoint is evaluated
+    instead, and becomes the teacher's saved model."""
+    curve = {4: 10.0, 8: 20.0}
+    folder = tmp_path / "teacher-k"
+    (folder / "checkpoint-4").mkdir(parents=True)
+    (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (folder / "checkpoint-4" / "model.safetensors").write_text("weights of step 4")
+    evaluated = []
+    recipe = FakeRecipe(curve)
+    _, summary = train_teacher(
+        recipe,
+        ARGS,
+        work=tmp_path,
+        key="k",
+        metric="bleu",
+        first_steps=4,
+        max_steps=8,
+        save_steps=2,
+        evaluate_checkpoint=lambda f: evaluated.append(f.name) or {"eval_bleu": 9.5},
+    )
+    assert evaluated == ["checkpoint-4"] and recipe.calls == [(4, 8)]
+    assert summary["teacher_curve"] == [[4, 9.5], [8, 20.0]]
