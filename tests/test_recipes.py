@@ -216,7 +216,7 @@ def test_recipe_with_real_minilm_teacher(tmp_path, minilm_path):
 @pytest.mark.slow
 @pytest.mark.very_slow
 @pytest.mark.skipif(not SHARED_SST2.exists(), reason="needs ../shared/data/sst2")
-def test_sst2_demo_runs_end_to_end(tmp_path):
+def test_sst2_demo_runs_end_to_end(tmp_path, capsys):
     from hf_attn_distill.recipes.sst2_demo import main as demo_main
 
     result = demo_main(
@@ -236,6 +236,9 @@ def test_sst2_demo_runs_end_to_end(tmp_path):
     assert set(result["models"]) and 0 < result["retention"]
     assert (tmp_path / "student" / "README.md").exists()
     assert (tmp_path / "demo_results.md").read_text().count("|") > 10
+    # one results table, with one latency measurement: the recipes' own closing tables are not printed
+    out = capsys.readouterr().out
+    assert "latency (batch 1)" not in out and out.count("CPU latency / sentence") == 1
 
 
 def test_sentence_pairs_from_jsonl(tmp_path, tiny_teacher_dir):

@@ -85,6 +85,10 @@ class ModelArguments:
             "help": "Random-init student from the teacher's config with overrides: 'num_hidden_layers=4,hidden_size=312'."
         },
     )
+    print_summary: bool = field(
+        default=True,
+        metadata={"help": "Print the closing teacher-vs-student table (the model card's results) at the end."},
+    )
     evaluate_teacher: bool = field(
         default=True,
         metadata={
@@ -382,7 +386,8 @@ def write_card(
             **{"method": "fine-tuning without a teacher", **fields},
         )
         write_model_card(training_args.output_dir, info)
-    print(f"\n{summary_table(info)}\n", flush=True)  # noqa: T201 - the recipe's closing summary
+    if model_args.print_summary:
+        print(f"\n{summary_table(info)}\n", flush=True)  # noqa: T201 - the recipe's closing summary
     return Path(training_args.output_dir) / "README.md"
 
 

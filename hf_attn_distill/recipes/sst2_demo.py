@@ -88,6 +88,8 @@ def budget_args(demo: DemoArguments, steps: int) -> list[str]:
 
 def common_args(demo: DemoArguments, output_dir: Path) -> list[str]:
     return [
+        "--print_summary",
+        "false",  # the demo prints one table, with one latency measurement
         "--output_dir",
         str(output_dir),
         "--per_device_train_batch_size",
