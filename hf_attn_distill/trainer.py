@@ -124,8 +124,12 @@ class DistillTrainer(Trainer):
         """Run teacher and student on ``inputs`` and combine the objectives' terms (see the class docstring).
 
         ``num_items_in_batch`` is accepted for the ``Trainer`` contract; normalisation uses each term's own
-        window counts (:class:`~hf_attn_distill.accounting.TermAccounting`).
+        window counts (:class:`~hf_attn_distill.accounting.TermAccounting`). Called on its own after ``train()``
+        has taken capture off the models, it attaches capture for the call.
         """
+        if not self.capture.attached:
+            with self.attached():
+                return self.compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = self._with_decoder_inputs(inputs)
         check_lengths(inputs, self._position_limits)
         cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)

@@ -170,6 +170,12 @@ def test_training_leaves_the_models_as_they_were_except_the_student_weights(tmp_
     metrics = trainer.evaluate(uneven_dataset())
     assert metrics["eval_loss_hidden"] > 0 and metrics["eval_loss_relation"] > 0
     assert not hasattr(student, PROJECTION_NAME) and student.config._attn_implementation == "sdpa"
+    # so does compute_loss called on its own, with the same value as during evaluation
+    batch = trainer.data_collator([uneven_dataset()[i] for i in range(8)])
+    with torch.no_grad():
+        trainer.compute_loss(student.eval(), dict(batch))
+    assert trainer.accounting.pop_means("eval")["loss_hidden"] > 0
+    assert not hasattr(student, PROJECTION_NAME) and student.config._attn_implementation == "sdpa"
 
 
 def test_a_weight_added_from_outside_is_checked_and_can_be_scheduled(tmp_path):
