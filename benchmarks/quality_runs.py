@@ -67,21 +67,23 @@ def run_students(
     stem: Path,
     markdown: Callable[[dict], str],
     done_dir: Path | None = None,
-    key: str = "",
+    key: str | Callable[[str], str] = "",
 ) -> dict:
     """Run ``run_one(variant, seed, output_dir) -> metrics`` for every seed (outer loop: every variant gets a run
     before any gets its second) and variant; after each run record its wall time, delete its folder and
     rewrite the results. Returns the last summary.
 
     With ``done_dir``, each finished run is kept there as ``{variant}_seed{seed}.json`` together with ``key`` (what
-    makes the runs comparable: teacher, settings); a rerun of the same command reuses the runs whose key matches
-    instead of training them again, so a benchmark longer than one sitting is finished by running it again."""
+    makes the runs comparable: teacher, settings; a function of the variant where variants depend on different
+    settings); a rerun of the same command reuses the runs whose key matches instead of training them again, so a
+    benchmark longer than one sitting is finished by running it again."""
+    key_of = key if callable(key) else (lambda name: key)
     runs: dict[str, list[dict]] = {}
     result = summarize(runs)
     for seed in seeds:
         for name in variants:
             record = done_dir / f"{name}_seed{seed}.json" if done_dir is not None else None
-            if record is not None and record.exists() and json.loads(record.read_text()).get("key") == key:
+            if record is not None and record.exists() and json.loads(record.read_text()).get("key") == key_of(name):
                 kept = json.loads(record.read_text())
                 runs.setdefault(name, []).append(kept["run"])
                 print(f"{name} seed {seed}: kept from an earlier sitting", flush=True)
@@ -96,7 +98,7 @@ def run_students(
             runs.setdefault(name, []).append(run)
             if record is not None:
                 record.parent.mkdir(parents=True, exist_ok=True)
-                record.write_text(json.dumps({"key": key, "run": run}))
+                record.write_text(json.dumps({"key": key_of(name), "run": run}))
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             print(f"{name} seed {seed}: {shown} ({wall:.0f} s)", flush=True)
             shutil.rmtree(output_dir, ignore_errors=True)

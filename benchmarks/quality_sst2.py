@@ -14,6 +14,9 @@ One fine-tuned teacher (all-MiniLM-L6-v2), then student variants with the same i
 - ``kd_tinybert``: TinyBERT's task distillation, KD + attention-score MSE + hidden-state MSE;
 - ``small_kd`` / ``small_minilmv2``: a narrower random-init student (4 layers x 256 hidden x 4 heads), where
   attention transfer cannot apply (12 teacher heads, 384 wide): logit KD alone, or + MiniLMv2 relations;
+- ``small_general_kd``: the same narrow student, first general-distilled (task-agnostic, MiniLMv2 relations)
+  from the pretrained all-MiniLM-L6-v2 on unlabeled text we have (SST-2 train sentences, SQuAD train contexts,
+  Multi30k train English; never the evaluation sentences), then trained as ``small_kd``;
 - not run by default: ``small_kd_hidden`` (the narrow student with hidden-state MSE through the projection) and
   ``small_minilmv2_h16`` / ``_decay`` / ``_mid`` (other MiniLMv2 settings for it).
 
@@ -25,12 +28,16 @@ the defaults take several hours); CUDA is used when present.
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import HfArgumentParser
 
 from benchmarks.quality_runs import (
@@ -42,9 +49,11 @@ from benchmarks.quality_runs import (
     run_students,
     write_results,
 )
+from hf_attn_distill.checkpoints import last_complete_checkpoint
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_classification import main as run_recipe
-from hf_attn_distill.recipes.sst2_demo import DemoArguments, student_recipe_args, teacher_recipe_args
+from hf_attn_distill.recipes.distill_general import main as run_general
+from hf_attn_distill.recipes.sst2_demo import DemoArguments, minilm_path, student_recipe_args, teacher_recipe_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +86,10 @@ VARIANTS = {
     "small_minilmv2_mid": ["--attention_weight", "0", "--relation_weight", "1.0", "--relation_teacher_layer", "3"],
     # TinyBERT's hidden-state MSE also serves the narrow student, through the learned 256 -> 384 projection
     "small_kd_hidden": ["--attention_weight", "0", "--hidden_weight", "1.0", "--hidden_loss", "mse"],
+    # small_kd's objective, starting from the general-distilled narrow student
+    "small_general_kd": ["--attention_weight", "0"],
 }
+GENERAL_VARIANTS = ("small_general_kd",)  # start from the general-distilled student (general_* settings)
 # the explorations of the narrow student (one seed each in the committed results) run only when named
 EXPLORATIONS = ("small_kd_hidden", "small_minilmv2_h16", "small_minilmv2_decay", "small_minilmv2_mid")
 DEFAULT_VARIANTS = [name for name in VARIANTS if name not in EXPLORATIONS]
@@ -103,6 +115,13 @@ class QualityArguments:
         default=0.2, metadata={"help": "Attention weight of kd_attn_mse (score MSE starts ~5x the KL; 0.2 evens them)."}
     )
     reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
+    general_steps: int = field(default=4000, metadata={"help": "Steps of general distillation (small_general_*)."})
+    general_batch_size: int = field(default=32, metadata={"help": "Batch of general distillation (128-token blocks)."})
+    general_learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate of general distillation."})
+    general_max_seq_length: int = field(default=128, metadata={"help": "Tokens per packed general-distillation block."})
+    general_relation_heads: int = field(
+        default=16, metadata={"help": "Relation heads of general distillation (MiniLMv2 uses more than the model's)."}
+    )
     merge_results: list[str] = field(
         default_factory=list,
         metadata={
@@ -112,7 +131,108 @@ class QualityArguments:
     )
 
 
-def summarize(teacher_acc: float, runs: dict[str, list[dict]], args: QualityArguments) -> dict:
+GENERAL_FIELDS = (
+    "general_steps",
+    "general_batch_size",
+    "general_learning_rate",
+    "general_max_seq_length",
+    "general_relation_heads",
+)
+
+
+def general_corpus(data_root: Path, out: Path) -> Path:
+    """One document per line: SST-2 train sentences, SQuAD train contexts (each once), Multi30k train English.
+    Written under ``out`` (the work folder), never into the repository."""
+    path = out / "corpus.txt"
+    if path.exists():
+        return path
+    with open(data_root / "sst2" / "train.tsv", newline="") as f:
+        lines = [r["sentence"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    squad = json.loads((data_root / "squad" / "train.json").read_text())
+    contexts = [p["context"] for article in squad["data"] for p in article["paragraphs"]]
+    lines += list(dict.fromkeys(contexts))
+    lines += (data_root / "multi30k" / "train.en").read_text().splitlines()
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(" ".join(line.split()) for line in lines if line.strip()) + "\n")
+    return path
+
+
+def general_student(args: QualityArguments, work: Path) -> tuple[Path, dict]:
+    """The general-distilled narrow student (trained once, resumed across sittings) and what it cost."""
+    settings = {k: getattr(args, k) for k in GENERAL_FIELDS}
+    folder = work / ("general-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12])
+    cost_file = folder / "general_cost.json"
+    cost = json.loads(cost_file.read_text()) if cost_file.exists() else {"wall_s": 0.0}
+    if not (folder / "all_results.json").exists():
+        corpus = general_corpus(Path(args.data_dir).resolve().parent, work)
+        started = time.perf_counter()
+        run_general(
+            [
+                "--teacher_model_name_or_path",
+                minilm_path(),
+                "--student_config_overrides",
+                SMALL_STUDENT,
+                "--train_file",
+                str(corpus),
+                "--max_seq_length",
+                str(args.general_max_seq_length),
+                "--relation_weight",
+                "1.0",
+                "--relation_kinds",
+                "qq,kk,vv",
+                "--relation_heads",
+                str(args.general_relation_heads),
+                "--max_steps",
+                str(args.general_steps),
+                "--per_device_train_batch_size",
+                str(args.general_batch_size),
+                "--learning_rate",
+                str(args.general_learning_rate),
+                "--warmup_steps",
+                str(max(1, args.general_steps // 20)),
+                "--weight_decay",
+                "0.01",
+                "--bf16",
+                str(not torch.cuda.is_available()).lower(),
+                "--use_cpu",
+                str(not torch.cuda.is_available()).lower(),
+                "--logging_steps",
+                "50",
+                "--save_steps",
+                "250",
+                "--save_total_limit",
+                "2",
+                "--seed",
+                "0",
+                "--report_to",
+                "none",
+                "--disable_tqdm",
+                "true",
+                "--output_dir",
+                str(folder),
+                "--resume_from_checkpoint",
+                "true" if last_complete_checkpoint(folder) is not None else "false",
+                "--do_train",
+                "--print_summary",
+                "false",
+            ]
+        )
+        cost["wall_s"] += time.perf_counter() - started
+        cost_file.write_text(json.dumps(cost))
+    blocks = json.loads((folder / "trainer_state.json").read_text())
+    cost.update(
+        steps=args.general_steps,
+        batch=args.general_batch_size,
+        tokens_per_block=args.general_max_seq_length,
+        text="SST-2 train sentences, SQuAD v1.1 train contexts, Multi30k train English (shared/data)",
+        objective="MiniLMv2 q/k/v relations, last layers, "
+        f"{args.general_relation_heads} relation heads; teacher all-MiniLM-L6-v2 (pretrained, not fine-tuned)",
+        final_train_loss=blocks["log_history"][-1].get("train_loss"),
+    )
+    return folder, cost
+
+
+def summarize(teacher_acc: float, runs: dict[str, list[dict]], args: QualityArguments, general=None) -> dict:
     students = {}
     for name, items in runs.items():
         accs = [r["accuracy"] for r in items]
@@ -136,6 +256,7 @@ def summarize(teacher_acc: float, runs: dict[str, list[dict]], args: QualityArgu
         "small_student": f"small_* variants: random init, {SMALL_STUDENT.replace(',', ', ')}",
         "machine": machine_info(),
         "settings": portable_settings(args, ROOT),
+        **({"general_distillation": general} if general else {}),
     }
 
 
@@ -153,6 +274,15 @@ def markdown(result: dict) -> str:
             f"| {name} | {s['mean'] * 100:.2f}% | {s['std'] * 100:.2f} | {runs} | {s['retention'] * 100:.1f}% | "
             f"{s['wall_s_mean']:.0f} s |"
         )
+    general = result.get("general_distillation")
+    if general:
+        lines += [
+            "",
+            f"small_general_* students were first general-distilled once: {general['steps']} steps of "
+            f"{general['batch']} blocks x {general['tokens_per_block']} tokens ({general['objective']}; text: "
+            f"{general['text']}), {general['wall_s'] / 60:.0f} min on this machine, not counted in the wall time "
+            "per run above.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -198,27 +328,35 @@ def main(argv: list[str] | None = None) -> dict:
         # every variant starts from the same student (pretrained MiniLM layers), only the loss differs;
         # small_* variants start from the same random 4 x 256 x 4 student instead
         recipe_args = student_recipe_args(demo, teacher_dir, output_dir) + ["--evaluate_teacher", "false"] + extra
-        if name.startswith("small_"):
+        if name in GENERAL_VARIANTS:
+            start = recipe_args.index("--student_teacher_layers")
+            recipe_args[start : start + 4] = ["--student_model_name_or_path", str(general_dir)]
+        elif name.startswith("small_"):
             start = recipe_args.index("--student_teacher_layers")
             recipe_args[start : start + 4] = ["--student_config_overrides", SMALL_STUDENT]
         return {"accuracy": run_recipe(recipe_args)["test_accuracy"]}
+
+    general_dir, general = None, None
+    if any(name in GENERAL_VARIANTS for name in args.variants):
+        general_dir, general = general_student(args, work)
+
+    def key(name: str) -> str:
+        settings = portable_settings(args, ROOT)
+        own = {k: v for k, v in settings.items() if k not in RUN_SELECTION and k not in GENERAL_FIELDS}
+        if name in GENERAL_VARIANTS:
+            own.update({k: settings[k] for k in GENERAL_FIELDS})
+        return json.dumps({"teacher": teacher_acc, **own}, sort_keys=True)
 
     return run_students(
         args.variants,
         args.seeds,
         work,
         run_one,
-        lambda runs: summarize(teacher_acc, runs, args),
+        lambda runs: summarize(teacher_acc, runs, args, general),
         Path(args.results),
         markdown,
         done_dir=work / "students",
-        key=json.dumps(
-            {
-                "teacher": teacher_acc,
-                **{k: v for k, v in portable_settings(args, ROOT).items() if k not in RUN_SELECTION},
-            },
-            sort_keys=True,
-        ),
+        key=key,
     )
 
 

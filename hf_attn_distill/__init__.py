@@ -15,7 +15,7 @@ from .losses import (
     logit_kd_loss,
     relation_kl_loss,
 )
-from .model_structure import SITES, find_attention_modules, find_attention_sites, find_encoder_layers
+from .model_structure import SITES, AttentionLayer, find_attention_modules, find_attention_sites, find_encoder_layers
 from .objective import Objective, Step
 from .objectives import OBJECTIVES, build_objectives
 from .pairing import check_distillation_pair, load_teacher
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ATTENTION_LOSSES",
     "ATTN_IMPLEMENTATION",
+    "AttentionLayer",
     "SITES",
     "AttentionRecorder",
     "Capture",

@@ -18,8 +18,11 @@ Three things a recorded layer survives:
 - **torch.compile**: a module's recording state lives in a per-module object that never changes
   identity, and the recording branch is excluded from compilation (``torch.compiler.disable``), so
   unrecorded layers compile and recorded ones run eagerly without recompilations;
-- **extra attention inputs**: T5's ``position_bias`` is added to the scores as ``"sdpa"`` adds it;
-  logit soft-capping, attention sinks and sliding windows are refused with an error, never dropped.
+- **extra attention inputs**: T5's ``position_bias`` is added to the scores as ``"sdpa"`` adds it; a
+  ``sliding_window`` (ModernBERT's local layers, Qwen2) is honoured through the mask it comes with, exactly as
+  ``"sdpa"`` honours it; logit soft-capping and attention sinks are refused with an error, never dropped;
+- **models that compute attention in their own code** (DeBERTa-v2/v3): the probabilities are read, with their
+  gradient, where they enter the attention dropout (:class:`~hf_attn_distill.AttentionLayer.probabilities`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention_masks import ATTENTION_LOSSES, recorded_quantity
 from .fused_transfer import TransferTarget, attention_blocks, softmax_with_transfer_loss
+from .losses import attention_kl_loss, attention_mse_loss
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -46,6 +50,7 @@ __all__ = [
     "CaptureMissedError",
     "StateRecorder",
     "enable_attention_capture",
+    "probability_rows",
     "recording_attention_forward",
     "set_attention_implementation",
     "verify_capture",
@@ -54,27 +59,54 @@ __all__ = [
 ATTN_IMPLEMENTATION = "hf_attn_distill"
 POINT_ATTR = "_hf_attn_distill_point"
 # Attention inputs that change the attention pattern in ways the recording path does not reproduce.
-UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "sliding_window")
+UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks")
 _MIN = torch.finfo(torch.float32).min
 logger = logging.getLogger(__name__)
 
 
-class _CapturePoint:
-    """Capture state of one attention module, with two typed slots: the attention slot (``active`` ...
-    ``deferred``: what an :class:`AttentionRecorder` reads or computes) and the state slot (``states``: the
-    ``(query, key, value)`` a :class:`StateRecorder` reads). The object keeps its identity while attached."""
+class _Slot:
+    """What one recorded layer (a module, or one call of a shared module) fills: ``records[index]``, with the
+    attention loss ``loss``, towards ``target`` (``None``: record the attention itself)."""
+
+    __slots__ = ("deferred", "index", "loss", "records", "target")
 
     def __init__(self) -> None:
-        self.active = False
         self.records: list | None = None
         self.index = 0
         self.loss = "kl"
         self.target: TransferTarget | None = None
         self.deferred: _GradCell | None = None
-        self.states: list | None = None  # a StateRecorder's one-entry list: (query, key, value) of the last call
+
+
+class _CapturePoint:
+    """Capture state of one attention module, with two typed slots: the attention slots (``slots``: keyed by
+    the module's call number in a forward, ``None`` for every call; what an :class:`AttentionRecorder` reads or
+    computes) and the state slot (``states``: the ``(query, key, value)`` of call ``state_call`` that a
+    :class:`StateRecorder` reads). ``probe`` collects call descriptions for site discovery. The object keeps its
+    identity while attached."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int | None, _Slot] = {}
+        self.calls = 0
+        self.states: list | None = None
+        self.state_call: int | None = None
+        self.probe: list | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.slots)
+
+    def take(self) -> tuple[int, _Slot | None]:
+        """Count one call; return its number (since the last start) and the slot recording it, if any."""
+        call = self.calls
+        self.calls += 1
+        slot = self.slots.get(None)
+        return call, (slot if slot is not None else self.slots.get(call))
 
     def reset(self) -> None:
-        self.active, self.records, self.target, self.deferred, self.states = False, None, None, None, None
+        self.slots.clear()
+        self.calls = 0
+        self.states, self.state_call = None, None
 
 
 def point_of(module: nn.Module) -> _CapturePoint:
@@ -130,54 +162,86 @@ class _InjectLossGrad(torch.autograd.Function):
         return grad_out, ctx.cell.grad, None
 
 
+def _layer_parts(layer) -> tuple[nn.Module, int | None, nn.Module | None]:
+    """``(module, call, probabilities module)`` of a module or an :class:`~hf_attn_distill.AttentionLayer`."""
+    return getattr(layer, "module", layer), getattr(layer, "call", None), getattr(layer, "probabilities", None)
+
+
 class AttentionRecorder:
-    """Records attention of chosen modules during forward passes.
+    """Records attention of chosen layers during forward passes.
 
     Args:
-        modules: attention modules to watch, in the order their records are returned. Each must be called
-            once per forward (a module shared by several layers cannot be recorded per layer).
+        modules: the layers to watch, in the order their records are returned: attention modules, or
+            :class:`~hf_attn_distill.AttentionLayer` objects from :func:`~hf_attn_distill.find_attention_sites`
+            (which also name one call of a module shared across depth, as in ALBERT, and the probabilities of
+            attention computed in the model's own code, as in DeBERTa).
         loss: the attention loss the records are for (``ATTENTION_LOSSES``); it decides what is recorded:
             log-probabilities (``log_softmax`` of masked scores) or, for ``"mse_scores"``, raw pre-softmax
             ``q k^T * scaling (+ position bias)`` before masking.
 
     ``with recorder.record() as records: model(**inputs)``: afterwards ``records`` holds one ``[B, H, Q, K]``
-    float32 tensor per module (with gradient, when the forward had one). With ``record(targets=[...])``
-    (one :class:`~hf_attn_distill.fused_transfer.TransferTarget` per module, typically the teacher's records
-    of the same batch) each module instead computes its transfer loss inside its softmax and ``records``
-    holds one scalar loss per module: no ``[B, H, Q, K]`` tensor outlives the layer.
+    float32 tensor per layer (with gradient, when the forward had one). With ``record(targets=[...])``
+    (one :class:`~hf_attn_distill.fused_transfer.TransferTarget` per layer, typically the teacher's records
+    of the same batch) each layer instead computes its transfer loss inside its softmax and ``records``
+    holds one scalar loss per layer: no ``[B, H, Q, K]`` tensor outlives the layer.
 
     With gradient checkpointing the layers run again during backward, so recording must stay active
     until backward ends: use ``records = recorder.start(targets)``, the forward, ``recorder.collect()``,
     ``loss.backward()``, then ``recorder.stop()`` (what :class:`~hf_attn_distill.DistillTrainer` does).
+    A shared module's calls are counted from :meth:`start`, so layers of shared modules cannot be recorded under
+    gradient checkpointing (the recomputation calls the module again).
     """
 
-    def __init__(self, modules: Sequence[nn.Module], loss: str = "kl"):
+    def __init__(self, modules: Sequence, loss: str = "kl"):
         if loss not in ATTENTION_LOSSES:
             raise ValueError(f"loss must be one of {ATTENTION_LOSSES}, got {loss!r}")
-        self.modules = list(modules)
-        if len({id(m) for m in self.modules}) != len(self.modules):
+        self.layers = list(modules)
+        parts = [_layer_parts(layer) for layer in self.layers]
+        self.modules = [module for module, _, _ in parts]
+        self.calls = [call for _, call, _ in parts]
+        self.probabilities = [probs for _, _, probs in parts]
+        keys = [(id(module), call) for module, call, _ in parts]
+        shared = {id(m) for m, c, _ in parts if c is not None} & {id(m) for m, c, _ in parts if c is None}
+        if len(set(keys)) != len(keys) or shared:
             raise ValueError(
-                "The same attention module appears twice: a module shared by several layers (as in ALBERT) "
-                "cannot be recorded per layer. Map each student layer to a distinct teacher layer module."
+                "The same attention layer appears twice: a module called at several depths (as in ALBERT) is "
+                "recorded per call; pass the AttentionLayer objects of find_attention_sites, one per depth."
+            )
+        if loss == "mse_scores" and any(p is not None for p in self.probabilities):
+            module = next(m for m, _, p in parts if p is not None)
+            raise ValueError(
+                f"{type(module).__name__} computes attention in its own code: its probabilities can be read, its "
+                "pre-softmax scores cannot. Use attention_loss='kl' or 'mse_probs'."
             )
         self.loss = loss
         self.points = [point_of(module) for module in self.modules]
+        self.slots = [_Slot() for _ in self.modules]
         self._records: list | None = None
+        self._hooks: list = []
 
     def start(self, targets: Sequence[TransferTarget] | None = None) -> list:
-        """Activate recording; returns the list the modules fill (one entry per module)."""
+        """Activate recording; returns the list the layers fill (one entry per layer)."""
         if targets is not None and len(targets) != len(self.modules):
             raise ValueError(f"Got {len(targets)} transfer targets for {len(self.modules)} recorded modules.")
         records: list = [None] * len(self.modules)
-        for index, point in enumerate(self.points):
-            point.active, point.records, point.index, point.loss = True, records, index, self.loss
-            point.target = targets[index] if targets is not None else None
-            point.deferred = None
+        self._remove_hooks()
+        for index, (point, slot, call, probs) in enumerate(
+            zip(self.points, self.slots, self.calls, self.probabilities)
+        ):
+            slot.records, slot.index, slot.loss = records, index, self.loss
+            slot.target = targets[index] if targets is not None else None
+            slot.deferred = None
+            point.slots[call] = slot
+            point.calls = 0
+            if probs is not None and not any(h[0] is probs for h in self._hooks):
+                self._hooks.append(
+                    (probs, probs.register_forward_pre_hook(_probability_hook(point, self.modules[index])))
+                )
         self._records = records
         return records
 
     def collect(self) -> list:
-        """Check every module recorded, and connect losses computed without autograd to the graph.
+        """Check every layer recorded, and connect losses computed without autograd to the graph.
 
         Call once after the forward, with autograd enabled if a backward follows.
         """
@@ -186,7 +250,7 @@ class AttentionRecorder:
         if missing:
             self.stop()
             raise CaptureMissedError(
-                f"Attention modules {missing} of the recorder were not called through the '{ATTN_IMPLEMENTATION}' "
+                f"Attention layers {missing} of the recorder were not called through the '{ATTN_IMPLEMENTATION}' "
                 "attention implementation during the forward, so nothing was recorded. Either the model computes "
                 "these attentions in its own code rather than through transformers' AttentionInterface, or its "
                 "attention implementation was changed after enable_attention_capture(). Set attention_weight=0 "
@@ -194,18 +258,26 @@ class AttentionRecorder:
             )
         if torch.is_grad_enabled():
             anchor = None
-            for index, point in enumerate(self.points):
-                if point.deferred is not None and not records[index].requires_grad:
+            for index, slot in enumerate(self.slots):
+                if slot.deferred is not None and not records[index].requires_grad:
                     if anchor is None:
                         anchor = torch.zeros((), requires_grad=True)
-                    records[index] = _DeferredLoss.apply(anchor, records[index], point.deferred)
+                    records[index] = _DeferredLoss.apply(anchor, records[index], slot.deferred)
         return records
 
     def stop(self) -> None:
         """Deactivate recording and drop references to records and targets."""
-        for point in self.points:
-            point.active, point.records, point.target, point.deferred = False, None, None, None
+        for point, slot, call in zip(self.points, self.slots, self.calls):
+            if point.slots.get(call) is slot:
+                del point.slots[call]
+            slot.records, slot.target, slot.deferred = None, None, None
+        self._remove_hooks()
         self._records = None
+
+    def _remove_hooks(self) -> None:
+        for _, handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     @contextlib.contextmanager
     def record(
@@ -224,15 +296,22 @@ class AttentionRecorder:
 
 
 class StateRecorder:
-    """Hands over the ``(query, key, value)`` one attention module passes to its attention function, while
-    started (what relation transfer reads)."""
+    """Hands over the ``(query, key, value)`` one attention layer passes to its attention function, while
+    started (what relation transfer reads). ``layer``: an attention module or an
+    :class:`~hf_attn_distill.AttentionLayer` (one call of a shared module)."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.point = point_of(module)
+    def __init__(self, layer):
+        self.module, self.call, probabilities = _layer_parts(layer)
+        if probabilities is not None:
+            raise ValueError(
+                f"{type(self.module).__name__} computes attention in its own code, so its queries, keys and values "
+                "are not handed to an attention function that could read them. Set relation_weight=0 for this model."
+            )
+        self.point = point_of(self.module)
 
     def start(self) -> None:
-        self.point.states = [None]
+        self.point.states, self.point.state_call = [None], self.call
+        self.point.calls = 0
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query, key and value as ``[B, T, D]`` (heads concatenated) from the call since :meth:`start`."""
@@ -245,7 +324,7 @@ class StateRecorder:
         return tuple(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1) for x in seen)
 
     def stop(self) -> None:
-        self.point.states = None
+        self.point.states, self.point.state_call = None, None
 
 
 class Capture:
@@ -264,6 +343,7 @@ class Capture:
         self._points: list[tuple[nn.Module, _CapturePoint]] = []
         self._submodules: list[tuple[nn.Module, str, nn.Module]] = []
         self._frozen: list[tuple[nn.Module, dict]] = []
+        self._recorders: list[AttentionRecorder] = []
         self.attached = True
 
     def freeze(self, model: PreTrainedModel) -> None:
@@ -292,23 +372,31 @@ class Capture:
         enable_attention_capture(model)
         self._models.append((model, saved))
 
-    def _track(self, modules) -> None:
-        """Remember the points of ``modules`` that this capture attaches (a point already there belongs to
-        whoever attached it, and stays)."""
-        for module in modules:
+    def _track(self, layers) -> None:
+        """Remember the points of ``layers``' modules that this capture attaches (a point already there belongs
+        to whoever attached it, and stays)."""
+        for layer in layers:
+            module = _layer_parts(layer)[0]
             if getattr(module, POINT_ATTR, None) is None and not any(m is module for m, _ in self._points):
                 self._points.append((module, point_of(module)))
 
-    def attention_recorder(self, modules, loss: str = "kl") -> AttentionRecorder:
-        self._track(modules)
-        return AttentionRecorder(modules, loss)
+    def attention_recorder(self, layers, loss: str = "kl") -> AttentionRecorder:
+        """An :class:`AttentionRecorder` of ``layers`` (modules or :class:`~hf_attn_distill.AttentionLayer`)."""
+        self._track(layers)
+        recorder = AttentionRecorder(layers, loss)
+        self._recorders.append(recorder)
+        return recorder
 
-    def state_recorder(self, module: nn.Module) -> StateRecorder:
-        self._track([module])
-        return StateRecorder(module)
+    def state_recorder(self, layer) -> StateRecorder:
+        """A :class:`StateRecorder` of ``layer`` (a module or an :class:`~hf_attn_distill.AttentionLayer`)."""
+        self._track([layer])
+        return StateRecorder(layer)
 
     def stop(self) -> None:
-        """Disarm every point: nothing is recorded, no tensor of a step stays referenced."""
+        """Disarm every point and recorder: nothing is recorded, no tensor of a step stays referenced, no hook
+        stays on a module."""
+        for recorder in self._recorders:
+            recorder.stop()
         for _, point in self._points:
             point.reset()
 
@@ -390,13 +478,16 @@ def recording_attention_forward(
 
 @torch.compiler.disable
 def _point_attention(point, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-    if point.states is not None:
+    call, slot = point.take()
+    if point.probe is not None:
+        point.probe.append(_describe_call(module, query, key, attention_mask, is_causal, kwargs))
+    if point.states is not None and point.state_call in (None, call):
         point.states[0] = (query, key, value)
-    if not point.active:
+    if slot is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    refused = [name for name in UNSUPPORTED_ATTENTION_KWARGS if kwargs.get(name) is not None]
+    refused = _refused(kwargs)
     if refused:
         raise NotImplementedError(
             f"{type(module).__name__} passes {refused} to its attention function; recorded layers do not reproduce "
@@ -404,7 +495,7 @@ def _point_attention(point, module, query, key, value, attention_mask, dropout, 
             "layers without them, or set attention_weight=0 to distill logits only."
         )
     bias = kwargs.get("position_bias")
-    groups = getattr(module, "num_key_value_groups", 1)
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: repeat key/value heads as the model does
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if scaling is None:
@@ -418,11 +509,16 @@ def _point_attention(point, module, query, key, value, attention_mask, dropout, 
         q_len, k_len = query.shape[-2], key.shape[-2]
         if causal and q_len > 1:
             blocked = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
-    records, index, target = point.records, point.index, point.target
-    kind = recorded_quantity(point.loss)
+    # Queries with every key blocked (padding inside a sliding window): "sdpa" outputs zeros there, so do we.
+    dead = blocked.all(-1, keepdim=True) if blocked is not None else None
+    dead = dead if dead is not None and bool(dead.any()) else None
+    records, index, target = slot.records, slot.index, slot.target
+    kind = recorded_quantity(slot.loss)
     if target is None and not torch.is_grad_enabled():
         # Teacher side (no autograd): work in cache-sized blocks; only the record is a full-size tensor.
         out, records[index] = _blockwise_attention(query * scaling, key, value, bias, blocked, attention_mask, kind)
+        if dead is not None:
+            out.masked_fill_(dead, 0.0)
         return out.transpose(1, 2).contiguous(), None
     # Scale the (smaller) query rather than the [B, H, Q, K] scores; compute the softmax in float32.
     scores = torch.matmul(query * scaling, key.transpose(-1, -2)).float()
@@ -443,15 +539,98 @@ def _point_attention(point, module, query, key, value, attention_mask, dropout, 
         probs = probs.to(value.dtype)
         if module.training and not torch.is_grad_enabled():
             # First pass of reentrant checkpointing: the loss gets its gradient when the layer is recomputed.
-            point.deferred = _GradCell()
-        elif point.deferred is not None and torch.is_grad_enabled():
+            slot.deferred = _GradCell()
+        elif slot.deferred is not None and torch.is_grad_enabled():
             # The recomputation: route the loss's gradient (already known) into this graph.
-            probs = _InjectLossGrad.apply(probs, loss, point.deferred)
-        if point.deferred is None or not torch.is_grad_enabled():
+            probs = _InjectLossGrad.apply(probs, loss, slot.deferred)
+        if slot.deferred is None or not torch.is_grad_enabled():
             records[index] = loss
+    if dead is not None:
+        probs = probs.masked_fill(dead, 0.0)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, None
+
+
+def _refused(kwargs) -> list[str]:
+    return [name for name in UNSUPPORTED_ATTENTION_KWARGS if kwargs.get(name) is not None]
+
+
+def _future(num_q: int, num_k: int, device) -> torch.Tensor:
+    """``[Q, K]``: key ``k`` is in query ``q``'s future (queries aligned to the last keys)."""
+    return torch.ones(num_q, num_k, dtype=torch.bool, device=device).triu(num_k - num_q + 1)
+
+
+def _describe_call(module, query, key, attention_mask, is_causal, kwargs) -> dict:
+    """What site discovery learns from one attention call (:mod:`~hf_attn_distill.model_structure`)."""
+    num_q, num_k = query.shape[-2], key.shape[-2]
+    future = _future(num_q, num_k, query.device)
+    if not bool(future.any()):
+        causal = False
+    elif attention_mask is None:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    else:
+        blocked = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask <= _MIN / 2
+        causal = bool(blocked.expand(*blocked.shape[:-2], num_q, num_k)[..., future].all())
+    return dict(
+        module=module,
+        queries=num_q,
+        keys=num_k,
+        heads=query.shape[1],
+        kv_heads=key.shape[1],
+        causal=causal,
+        refused=tuple(_refused(kwargs)),
+        probabilities=None,
+    )
+
+
+def probability_rows(x: torch.Tensor) -> tuple[int, bool] | None:
+    """``(heads, causal)`` when ``x`` looks like attention probabilities ``[B, H, Q, K]`` (non-negative rows
+    summing to 1), else ``None``: how discovery finds attention computed in a model's own code."""
+    if x.dim() != 4 or not x.is_floating_point() or x.shape[-2] < 2 or x.shape[-1] < 2:
+        return None
+    x = x.detach().float()
+    if bool((x < 0).any()) or not torch.allclose(x.sum(-1), torch.ones(()), atol=1e-3):
+        return None
+    future = _future(x.shape[-2], x.shape[-1], x.device)
+    return x.shape[1], bool(future.any()) and bool((x[..., future] == 0).all())
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _probability_hook(point: _CapturePoint, module: nn.Module):
+    """Forward pre-hook for the dropout a model's own attention code passes its probabilities through: records
+    them (as log-probabilities) or takes the layer's transfer loss there, before dropout, with the gradient
+    reaching the model's scores."""
+
+    def hook(dropout, args):
+        _, slot = point.take()
+        if slot is None:
+            return None
+        probs = args[0].float()
+        # clamp: masked keys have probability 0; the clamp's gradient is 0 there, so no NaN reaches the scores
+        log_probs = probs.clamp_min(_TINY).log()
+        target = slot.target
+        if target is None:
+            slot.records[slot.index] = log_probs
+            return None
+        if module.training and not torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"{type(module).__name__} computes attention in its own code; its transfer loss cannot be "
+                "recomputed under reentrant checkpointing. Use activation_checkpointing_kwargs "
+                "(gradient_checkpointing_kwargs on older transformers)={'use_reentrant': False}."
+            )
+        teacher = target.teacher.detach().float()
+        masks = (target.key_mask, target.query_mask, target.causal)
+        if target.loss == "kl":
+            loss = attention_kl_loss(log_probs, teacher, *masks)
+        else:  # "mse_probs" ("mse_scores" is refused when the recorder is built)
+            loss = attention_mse_loss(probs, teacher.exp(), *masks)
+        slot.records[slot.index] = loss
+        return None
+
+    return hook
 
 
 def _blockwise_attention(query, key, value, bias, blocked, attention_mask, kind):

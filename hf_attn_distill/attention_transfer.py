@@ -20,13 +20,13 @@ from collections.abc import Mapping
 import torch
 from transformers import PreTrainedModel
 
-from .attention_capture import Capture, verify_capture
+from .attention_capture import Capture
 from .attention_masks import attention_loss_count, recorded_quantity
 from .config import ATTENTION_SITES, AttentionSite
 from .fused_transfer import TransferTarget
 from .layer_map import resolve_layer_map
 from .losses import group_teacher_heads
-from .model_structure import attention_heads, find_attention_sites
+from .model_structure import AttentionLayer, find_attention_sites
 from .objective import Objective, Step
 
 __all__ = ["SiteTransfer", "check_attention_sites", "site_layer_maps", "target_mask"]
@@ -67,31 +67,31 @@ class SiteTransfer(Objective):
     @classmethod
     def build(cls, student: PreTrainedModel, teacher: PreTrainedModel, args, capture: Capture) -> list[Objective]:
         """One transfer per site ``args`` maps, checked against both models; attaches capture to the mapped
-        modules and runs both models once on dummy inputs to check they report (:func:`verify_capture`)."""
+        layers (the ``"hf_attn_distill"`` implementation for models that dispatch through ``AttentionInterface``)."""
         maps = site_layer_maps(student, teacher, args)
         if not maps:
             return []
-        capture.enable(student)
-        capture.enable(teacher)
         s_sites, t_sites = find_attention_sites(student), find_attention_sites(teacher)
         transfers = []
         for site, pairs in maps:
-            s_mods = [s_sites[site.name][s] for s, _ in pairs]
-            t_mods = [t_sites[site.name][t] for _, t in pairs]
+            s_layers = [s_sites[site.name][s] for s, _ in pairs]
+            t_layers = [t_sites[site.name][t] for _, t in pairs]
+            _check_layers(s_layers, "student", args)
+            _check_layers(t_layers, "teacher", args)
             transfers.append(
                 cls(
                     site,
                     pairs,
                     args.attention_loss,
-                    attention_heads(s_mods[0]),
-                    capture.attention_recorder(s_mods, args.attention_loss),
-                    capture.attention_recorder(t_mods, args.attention_loss),
+                    s_layers[0].heads,
+                    capture.attention_recorder(s_layers, args.attention_loss),
+                    capture.attention_recorder(t_layers, args.attention_loss),
                     "cross" in s_sites,
                 )
             )
-        for model, side in ((student, "student"), (teacher, "teacher")):
-            modules = [m for t in transfers for m in getattr(t, side).modules]
-            verify_capture(model, capture.attention_recorder(modules, args.attention_loss))
+        for model, sites in ((student, s_sites), (teacher, t_sites)):
+            if any(layer.probabilities is None for layers in sites.values() for layer in layers):
+                capture.enable(model)
         return transfers
 
     def masks(self, inputs: Mapping) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
@@ -178,8 +178,6 @@ def site_layer_maps(student: PreTrainedModel, teacher: PreTrainedModel, args) ->
     """
     if not args.uses_attention:
         return []
-    for model in (student, teacher):
-        _check_dispatch(model)
     s_sites, t_sites = find_attention_sites(student), find_attention_sites(teacher)
     if set(s_sites) != set(t_sites):
         raise ValueError(
@@ -209,10 +207,7 @@ def site_layer_maps(student: PreTrainedModel, teacher: PreTrainedModel, args) ->
         except ValueError as err:
             raise ValueError(f"{spec_site.map_field} ({site.name} attention): {err}") from None
         _check_heads(
-            site.name,
-            attention_heads(s_sites[site.name][pairs[0][0]]),
-            attention_heads(t_sites[site.name][pairs[0][1]]),
-            args.head_grouping,
+            site.name, s_sites[site.name][pairs[0][0]].heads, t_sites[site.name][pairs[0][1]].heads, args.head_grouping
         )
         if spec_site is not site:
             site = AttentionSite(site.name, spec_site.map_field, spec_site.weight_field, site.term)
@@ -220,15 +215,26 @@ def site_layer_maps(student: PreTrainedModel, teacher: PreTrainedModel, args) ->
     return out
 
 
-def _check_dispatch(model: PreTrainedModel) -> None:
-    """Refuse a model (or sub-model) that computes attention in its own code instead of through transformers'
-    ``AttentionInterface`` (transformers' own test, which reads the modeling code; nothing is changed)."""
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and not type(module)._can_set_attn_implementation():
+def _check_layers(layers: list[AttentionLayer], side: str, args) -> None:
+    """Refuse mapped layers the recording path cannot reproduce, before training starts."""
+    for layer in layers:
+        if layer.refused:
+            raise NotImplementedError(
+                f"The {side}'s {type(layer.module).__name__} passes {list(layer.refused)} to its attention "
+                "function; recorded layers do not reproduce them, and dropping them would make the recorded "
+                "attention and the model's output wrong. Map only layers without them, or set attention_weight=0 "
+                "to distill logits only."
+            )
+        if layer.probabilities is not None and args.attention_loss == "mse_scores":
             raise ValueError(
-                f"{type(module).__name__} does not let transformers choose its attention implementation (it computes "
-                "attention in its own code, not through AttentionInterface), so its attention cannot be captured "
-                "selectively. Set attention_weight=0 to distill logits only."
+                f"The {side}'s {type(layer.module).__name__} computes attention in its own code: its probabilities "
+                "can be read, its pre-softmax scores cannot. Use attention_loss='kl' or 'mse_probs'."
+            )
+        if layer.call is not None and args.gradient_checkpointing:
+            raise ValueError(
+                f"The {side} calls one {type(layer.module).__name__} at every depth (shared layers, as in ALBERT); "
+                "gradient checkpointing calls it again during backward, so a depth's attention cannot be told "
+                "apart. Set gradient_checkpointing=False for this pair."
             )
 
 

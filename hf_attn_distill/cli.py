@@ -31,6 +31,7 @@ RECIPES = {
     "classification": "hf_attn_distill.recipes.distill_classification",
     "qa": "hf_attn_distill.recipes.distill_qa",
     "translation": "hf_attn_distill.recipes.distill_translation",
+    "general": "hf_attn_distill.recipes.distill_general",
 }
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")

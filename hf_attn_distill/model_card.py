@@ -62,6 +62,15 @@ TASKS = {
             'print(qa(question="Who wrote it?", context="The book was written by Ann Lee in 1990."))'
         ),
     ),
+    "feature-extraction": (
+        "Feature Extraction",
+        "AutoModel",
+        (
+            'extractor = pipeline("feature-extraction", model="{model}")\n'
+            'features = extractor("a gripping, beautifully shot film")  # [1, tokens, hidden]\n'
+            "# a general-purpose student: fine-tune it, e.g. with the classification recipe"
+        ),
+    ),
     "translation": (
         "Translation",
         "AutoModelForSeq2SeqLM",
@@ -84,6 +93,9 @@ CITATIONS = {
     "minilm": "@inproceedings{wang2020minilm,\n  title={MiniLM: Deep Self-Attention Distillation for Task-Agnostic "
     "Compression of Pre-Trained Transformers},\n  author={Wang, Wenhui and Wei, Furu and Dong, Li and Bao, "
     "Hangbo and Yang, Nan and Zhou, Ming},\n  booktitle={NeurIPS},\n  year={2020}\n}",
+    "minilmv2": "@inproceedings{wang2021minilmv2,\n  title={MiniLMv2: Multi-Head Self-Attention Relation "
+    "Distillation for Compressing Pretrained Transformers},\n  author={Wang, Wenhui and Bao, Hangbo and Huang, "
+    "Shaohan and Dong, Li and Wei, Furu},\n  booktitle={Findings of ACL},\n  year={2021}\n}",
     "kim2016": "@inproceedings{kim2016sequence,\n  title={Sequence-Level Knowledge Distillation},\n"
     "  author={Kim, Yoon and Rush, Alexander M.},\n  booktitle={EMNLP},\n  year={2016}\n}",
 }
@@ -306,15 +318,18 @@ def task_of(model: nn.Module) -> str:
         return "question-answering"
     if getattr(model.config, "is_encoder_decoder", False):
         return "translation"
+    if getattr(model, "base_model", None) is model:  # no task head: a general-purpose (task-agnostic) student
+        return "feature-extraction"
     raise ValueError(f"No model card task for {name}; pass task= one of {list(TASKS)}.")
 
 
 def describe_layers(model: nn.Module) -> str:
-    """``"3-layer"`` or, for an encoder-decoder, ``"3+3-layer"``."""
-    from .model_structure import find_layer_stacks
+    """``"3-layer"`` or, for an encoder-decoder, ``"3+3-layer"``: the depth of each self-attention site (a layer
+    shared across depth, as in ALBERT, counts once per depth)."""
+    from .model_structure import find_attention_sites
 
-    stacks = find_layer_stacks(model)
-    return "+".join(str(len(layers)) for _, layers in stacks.values()) + "-layer"
+    sites = find_attention_sites(model)
+    return "+".join(str(len(layers)) for site, layers in sites.items() if site != "cross") + "-layer"
 
 
 def distillation_method(args, sequence_kd: bool = False) -> str:

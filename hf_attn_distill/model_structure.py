@@ -1,141 +1,254 @@
-"""Where a model's transformer layers and attention modules live, grouped by attention *site*.
+"""Where a model's attention is, learnt from the attention calls themselves.
 
-A site is one kind of attention: ``"encoder"`` (encoder self-attention, or the only stack of an
-encoder model), ``"decoder"`` (causal decoder self-attention) and ``"cross"`` (decoder-to-encoder
-attention). Discovery reads the module tree, not per-family names:
+:func:`find_attention_sites` runs the model once (eval mode, no gradients, a 7-token probe input; 5 target
+tokens for an encoder-decoder) and watches every call of the attention function. For models that dispatch
+through transformers' ``AttentionInterface`` a call is one call of the ``"hf_attn_distill"`` implementation;
+for models that compute attention in their own code (DeBERTa-v2/v3) it is a dropout module fed attention
+probabilities (4-D, non-negative rows that sum to 1). Each call tells which module made it, the query and key
+lengths, how many query and key/value heads it passes, whether it is causal (from the mask it gets) and which
+attention inputs the recording path cannot reproduce. No projection names, head attributes or layer classes are
+read, so fused-QKV (GPT-2, ModernBERT) and grouped-query (Llama, Qwen2) models need no special case.
 
-- an *attention module* is one that directly owns query and key projections (``q_proj``/``k_proj``,
-  ``query``/``key``, ``q``/``k``, ``q_lin``/``k_lin``): the module that calls the attention function;
-- a *layer list* is an outermost ``nn.ModuleList`` whose every element holds an attention module;
-- in each layer the first attention module is self-attention, causal ones (``is_causal``) making the
-  decoder site, and a second one is cross-attention.
-
-BERT-family encoders, BART, Marian, T5 and ``EncoderDecoderModel`` (BERT2BERT) all read this way.
+Calls sort into *sites*: in an encoder-decoder, source-length queries over source keys are ``"encoder"``,
+target over target ``"decoder"`` and target over source ``"cross"``; otherwise causal calls are ``"decoder"``
+(a decoder-only LM) and the rest ``"encoder"``. Within a site, call order is depth, so a module called at every
+depth (ALBERT's shared layer) is one :class:`AttentionLayer` per call.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
+from transformers import PreTrainedModel
+
+from .attention_capture import POINT_ATTR, Capture, point_of, probability_rows
 
 __all__ = [
     "SITES",
-    "attention_heads",
+    "AttentionLayer",
     "find_attention_modules",
     "find_attention_sites",
     "find_encoder_layers",
     "find_layer_stacks",
+    "probe_inputs",
 ]
 
 SITES = ("encoder", "decoder", "cross")
-_QUERY_NAMES = ("q_proj", "query", "q", "q_lin")
-_KEY_NAMES = ("k_proj", "key", "k", "k_lin")
-_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
+PROBE_SOURCE_LENGTH, PROBE_TARGET_LENGTH = 7, 5
 
 
-def _is_attention(module: nn.Module) -> bool:
-    children = dict(module.named_children())
-    return any(n in children for n in _QUERY_NAMES) and any(n in children for n in _KEY_NAMES)
+@dataclass(frozen=True, eq=False)
+class AttentionLayer:
+    """One depth of one attention site.
+
+    Attributes:
+        module: the module that calls the attention function (or owns the probabilities' dropout).
+        call: which of ``module``'s calls in one forward this depth is; ``None`` when the module is called once.
+        heads: query heads the attention function receives.
+        kv_heads: key/value heads it receives (fewer under grouped-query attention).
+        causal: the call's mask hides every future key.
+        probabilities: for attention computed in the model's own code, the dropout module its probabilities
+            pass through (capture reads them there); ``None`` for ``AttentionInterface`` calls.
+        refused: attention inputs of the call that the recording path does not reproduce (``softcap``, sinks).
+    """
+
+    module: nn.Module
+    call: int | None
+    heads: int
+    kv_heads: int
+    causal: bool
+    probabilities: nn.Module | None = None
+    refused: tuple[str, ...] = ()
 
 
-def _attention_in(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if _is_attention(m)]
+def _vocab_sizes(config) -> tuple[int, int]:
+    def size(c):
+        value = getattr(c, "vocab_size", None)
+        if not isinstance(value, int):
+            text = c.get_text_config() if hasattr(c, "get_text_config") else None
+            value = getattr(text, "vocab_size", None)
+        return value
+
+    encoder = size(getattr(config, "encoder", None) or config) or size(config)
+    decoder = size(getattr(config, "decoder", None) or config) or encoder
+    if not encoder:
+        raise ValueError(f"{type(config).__name__} has no vocab_size: cannot build token inputs to find attention.")
+    return encoder, decoder
 
 
-def _layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Outermost module lists whose every element holds at least one attention module, in model order."""
-    found: list[tuple[str, nn.ModuleList]] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if any(name.startswith(outer + ".") for outer, _ in found):
-            continue
-        if all(_attention_in(layer) for layer in module):
-            found.append((name, module))
-    return found
-
-
-def _shared_layers_error(model: nn.Module, num_layers: int, found: int) -> ValueError:
-    return ValueError(
-        f"{type(model).__name__} runs {num_layers} layers but has {found} layer module(s): it shares one layer module "
-        "across depth (as ALBERT does), so a layer's attention cannot be recorded on its own. Set attention_weight=0 "
-        "to distill logits only."
-    )
-
-
-def _stacks(model: nn.Module) -> dict[str, tuple[str, nn.ModuleList, list[nn.Module], list[nn.Module] | None]]:
-    """``{"encoder"|"decoder": (name, layer list, self-attention modules, cross-attention modules or None)}``."""
-    stacks = {}
-    for name, layers in _layer_lists(model):
-        kinds = []
-        for index, layer in enumerate(layers):
-            modules = _attention_in(layer)
-            if len(modules) > 2:
-                raise ValueError(
-                    f"Layer {index} of {name} in {type(model).__name__} has {len(modules)} attention modules; expected "
-                    "self-attention and at most one cross-attention."
-                )
-            self_site = "decoder" if getattr(modules[0], "is_causal", False) else "encoder"
-            kinds.append((self_site, modules[0], modules[1] if len(modules) == 2 else None))
-        self_sites = {k for k, _, _ in kinds}
-        if len(self_sites) != 1:
-            raise ValueError(f"The layers of {name} in {type(model).__name__} mix causal and bidirectional attention.")
-        site = self_sites.pop()
-        if site in stacks:
-            raise ValueError(f"{type(model).__name__} has two {site} layer stacks; cannot tell which one is meant.")
-        crosses = [c for _, _, c in kinds]
-        if any(c is not None for c in crosses) and any(c is None for c in crosses):
-            raise ValueError(f"Only some layers of {name} in {type(model).__name__} have cross-attention.")
-        stacks[site] = (name, layers, [m for _, m, _ in kinds], crosses if crosses[0] is not None else None)
-    if not stacks:
+def probe_inputs(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The input :func:`find_attention_sites` runs: ``PROBE_SOURCE_LENGTH`` tokens, no padding, and for an
+    encoder-decoder ``PROBE_TARGET_LENGTH`` decoder tokens (different lengths tell self- from cross-attention)."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
         raise ValueError(
-            f"Found no transformer layers with attention modules in {type(model).__name__}. Set attention_weight=0 to "
-            "distill logits only, or pass the attention modules explicitly to AttentionRecorder."
+            f"{type(model).__name__} takes {model.main_input_name!r}, not token ids: attention transfer is for text "
+            "models. Set attention_weight=0."
         )
-    config = getattr(model, "config", None)
-    expected = getattr(config, "num_hidden_layers", None) if not getattr(config, "is_encoder_decoder", False) else None
-    if len(stacks) == 1:
-        layers = next(iter(stacks.values()))[1]
-        if isinstance(expected, int) and expected != len(layers):
-            raise _shared_layers_error(model, expected, len(layers))
-    return stacks
+    source_vocab, target_vocab = _vocab_sizes(model.config)
+    device = next(model.parameters()).device
+
+    def ids(length: int, vocab: int) -> torch.Tensor:
+        low = min(4, vocab - 1)  # keep clear of the usual special ids
+        return ((torch.arange(length) * 7919 + 11) % (vocab - low) + low).unsqueeze(0).to(device)
+
+    inputs = {
+        "input_ids": ids(PROBE_SOURCE_LENGTH, source_vocab),
+        "attention_mask": torch.ones(1, PROBE_SOURCE_LENGTH, dtype=torch.long, device=device),
+    }
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids(PROBE_TARGET_LENGTH, target_vocab)
+    return inputs
 
 
-def find_layer_stacks(model: nn.Module) -> dict[str, tuple[str, nn.ModuleList]]:
-    """``{"encoder": (qualified name, layers), "decoder": ...}`` of the stacks ``model`` has."""
-    return {stack: (name, layers) for stack, (name, layers, _, _) in _stacks(model).items()}
+def _uses_interface(model: nn.Module) -> bool:
+    return all(type(m)._can_set_attn_implementation() for m in model.modules() if isinstance(m, PreTrainedModel))
 
 
-def find_attention_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """Attention modules of each site present in ``model``, in layer order (see the module docstring)."""
-    sites: dict[str, list[nn.Module]] = {}
-    for stack, (_, _, self_modules, cross_modules) in _stacks(model).items():
-        sites[stack] = self_modules
-        if cross_modules is not None:
-            sites["cross"] = cross_modules
+def _probe_calls(model: PreTrainedModel) -> list[dict]:
+    """Every attention call of one forward on :func:`probe_inputs`, in call order; ``model`` is left as it was."""
+    calls: list[dict] = []
+    inputs = probe_inputs(model)
+    capture, added, hooks = Capture(), [], []
+    interface = _uses_interface(model)
+    try:
+        if interface:
+            capture.enable(model)
+            for module in model.modules():
+                if getattr(module, POINT_ATTR, None) is None:
+                    added.append(module)
+                point_of(module).probe = calls
+        else:
+            parents = {id(child): module for module in model.modules() for child in module.children()}
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    hooks.append(module.register_forward_pre_hook(_dropout_probe(calls, parents[id(module)], module)))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            model.train(was_training)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        for module in model.modules():
+            point = getattr(module, POINT_ATTR, None)
+            if point is not None:
+                point.probe = None
+        for module in added:
+            if getattr(module, POINT_ATTR, None) is not None:
+                delattr(module, POINT_ATTR)
+        capture.release()
+    return calls
+
+
+def _dropout_probe(calls: list, parent: nn.Module, dropout: nn.Module):
+    def hook(module, args):
+        rows = probability_rows(args[0]) if args and torch.is_tensor(args[0]) else None
+        if rows is not None:
+            heads, causal = rows
+            calls.append(
+                dict(
+                    module=parent,
+                    queries=args[0].shape[-2],
+                    keys=args[0].shape[-1],
+                    heads=heads,
+                    kv_heads=heads,
+                    causal=causal,
+                    refused=(),
+                    probabilities=dropout,
+                )
+            )
+
+    return hook
+
+
+def find_attention_sites(model: PreTrainedModel) -> dict[str, list[AttentionLayer]]:
+    """``{site: [AttentionLayer per depth]}`` for the sites ``model`` has, learnt from one probe forward (see the
+    module docstring); ``model`` is left as it was."""
+    calls = _probe_calls(model)
+    name = type(model).__name__
+    if not calls:
+        raise ValueError(
+            f"{name} made no attention call that could be seen: it neither dispatches through transformers' "
+            "AttentionInterface nor passes attention probabilities through a dropout module. Set attention_weight=0 "
+            "(and relation_weight=0) to distill logits and hidden states only."
+        )
+    counts: dict[int, int] = {}
+    for call in calls:
+        counts[id(call["module"])] = counts.get(id(call["module"]), 0) + 1
+    seen: dict[int, int] = {}
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    sites: dict[str, list[AttentionLayer]] = {}
+    for call in calls:
+        module = call["module"]
+        index = seen.get(id(module), 0)
+        seen[id(module)] = index + 1
+        site = _site_of(call, encoder_decoder, name)
+        layer = AttentionLayer(
+            module,
+            index if counts[id(module)] > 1 else None,
+            call["heads"],
+            call["kv_heads"],
+            call["causal"],
+            call["probabilities"],
+            call["refused"],
+        )
+        sites.setdefault(site, []).append(layer)
     return sites
 
 
-def find_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention module of each layer of the encoder (or of the only stack of a decoder-only model)."""
+def _site_of(call: dict, encoder_decoder: bool, name: str) -> str:
+    queries, keys, causal = call["queries"], call["keys"], call["causal"]
+    if not encoder_decoder:
+        return "decoder" if causal else "encoder"
+    source, target = PROBE_SOURCE_LENGTH, PROBE_TARGET_LENGTH
+    if (queries, keys) == (source, source) and not causal:
+        return "encoder"
+    if (queries, keys) == (target, target) and causal:
+        return "decoder"
+    if (queries, keys) == (target, source) and not causal:
+        return "cross"
+    raise ValueError(
+        f"{name} made an attention call with {queries} queries over {keys} keys (causal={causal}) on a "
+        f"{source}-token source and {target}-token target: not encoder self-, causal decoder self- or cross-"
+        "attention, so it cannot be mapped. Set attention_weight=0."
+    )
+
+
+def find_attention_modules(model: PreTrainedModel) -> list[AttentionLayer]:
+    """Layers of the encoder site (or of the only stack of a decoder-only model), in depth order."""
     sites = find_attention_sites(model)
     return sites.get("encoder", sites.get("decoder"))
 
 
-def find_encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layer_stacks(model: PreTrainedModel) -> dict[str, tuple[str, nn.ModuleList]]:
+    """``{"encoder": (qualified name, layers), "decoder": ...}``: for each self-attention site, the outermost
+    ``nn.ModuleList`` whose every element holds one of the site's attention modules."""
+    stacks = {}
+    for site, layers in find_attention_sites(model).items():
+        if site == "cross":
+            continue
+        modules = {id(layer.module) for layer in layers}
+        for name, candidate in model.named_modules():
+            if (
+                isinstance(candidate, nn.ModuleList)
+                and len(candidate) > 0
+                and all(any(id(m) in modules for m in element.modules()) for element in candidate)
+            ):
+                stacks[site] = (name, candidate)
+                break
+        else:
+            raise ValueError(f"The {site} attention modules of {type(model).__name__} are not in one layer list.")
+    return stacks
+
+
+def find_encoder_layers(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     """Return ``(qualified name, module list)`` of the transformer layers of an encoder-only model."""
     stacks = find_layer_stacks(model)
     if len(stacks) != 1:
         raise ValueError(f"{type(model).__name__} has an encoder and a decoder; use find_layer_stacks.")
     return next(iter(stacks.values()))
-
-
-def attention_heads(module: nn.Module) -> int:
-    """Number of attention heads of an attention module."""
-    for attr in _HEAD_ATTRS:
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(
-        f"Cannot tell how many heads {type(module).__name__} has (none of {_HEAD_ATTRS}); set attention_weight=0 to "
-        "distill logits only."
-    )

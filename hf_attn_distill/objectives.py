@@ -25,16 +25,19 @@ __all__ = ["LABEL_KEYS", "LOGIT_KEYS", "OBJECTIVES", "HardLabelLoss", "LogitKD",
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 LOGIT_KEYS = ("logits", "start_logits", "end_logits")
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # model classes whose loss shifts the labels by one
 
 
 class HardLabelLoss(Objective):
-    """``loss_ce``: the student's own task loss (what it returns given labels)."""
+    """``loss_ce``: the student's own task loss (what it returns given labels). A causal LM predicts token
+    ``t + 1`` at position ``t``, so its loss averages over the labels after the first of each row (``shifted``)."""
 
     name, weight_field, needs_teacher = "loss_ce", "alpha_ce", False
 
-    def __init__(self, weight: float, num_labels: int | None = None):
+    def __init__(self, weight: float, num_labels: int | None = None, shifted: bool = False):
         self.weight = weight
         self.num_labels = num_labels  # class labels are checked against it (single-label classification)
+        self.shifted = shifted
 
     @classmethod
     def build(cls, student, teacher, args, capture: Capture) -> list[Objective]:
@@ -48,7 +51,10 @@ class HardLabelLoss(Objective):
             "ForSequenceClassification"
         ):
             classes = None
-        return [cls(args.alpha_ce, classes)]  # logged even at weight 0, when the batch has labels
+        shifted = not getattr(config, "is_encoder_decoder", False) and type(student).__name__.endswith(
+            CAUSAL_LM_SUFFIXES
+        )
+        return [cls(args.alpha_ce, classes, shifted)]  # logged even at weight 0, when the batch has labels
 
     def start_student(self, step: Step) -> None:
         labels = step.inputs.get("labels")
@@ -74,6 +80,9 @@ class HardLabelLoss(Objective):
         return None if loss is None else loss.float()
 
     def count(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        labels = inputs.get("labels")
+        if self.shifted and torch.is_tensor(labels) and labels.dim() == 2:
+            return labels[:, 1:].ne(-100).sum()
         return label_items(inputs)
 
 

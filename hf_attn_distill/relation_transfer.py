@@ -135,19 +135,10 @@ class RelationTransfer(Objective):
                     f"relation_heads={heads} must divide the width of the {kind} relation's states in both the "
                     f"student ({s_width}) and the teacher ({t_width}); pick a common divisor with relation_heads."
                 )
+        recorders = capture.state_recorder(s_mods[s_layer]), capture.state_recorder(t_mods[t_layer])
         for model in (student, teacher):
             capture.enable(model)
-        return [
-            cls(
-                kinds,
-                heads,
-                args.relation_weight,
-                capture.state_recorder(s_mods[s_layer]),
-                capture.state_recorder(t_mods[t_layer]),
-                s_layer,
-                t_layer,
-            )
-        ]
+        return [cls(kinds, heads, args.relation_weight, *recorders, s_layer, t_layer)]
 
 
 def state_widths(config) -> dict[str, int | None]:

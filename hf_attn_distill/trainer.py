@@ -244,6 +244,16 @@ class DistillTrainer(Trainer):
             if not was_attached:
                 self.capture.release()
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """As ``Trainer``'s; on unlabeled data for a model without labels (task-agnostic distillation), the loss is
+        the transfer terms, so ``evaluate()`` reports them instead of nothing."""
+        if self.label_names or any(k in inputs for k in LABEL_KEYS):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def evaluation_loop(
         self,
         dataloader,

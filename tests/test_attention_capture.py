@@ -48,7 +48,7 @@ def test_selective_capture_equals_eager_and_output_equals_sdpa(teacher_side, mon
         torch.testing.assert_close(probs[valid], eager.attentions[layer][valid], atol=1e-6, rtol=1e-5)
     # outside a recording nothing is kept and outputs are still sdpa's
     torch.testing.assert_close(model(**inputs).logits, sdpa_logits, atol=1e-5, rtol=1e-5)
-    assert all(not p.active and p.records is None for p in recorder.points)
+    assert all(not p.active for p in recorder.points) and all(s.records is None for s in recorder.slots)
 
 
 def test_capture_is_pre_dropout_in_training_mode():
@@ -177,14 +177,14 @@ def test_t5_position_bias_is_honoured(teacher_side, monkeypatch):
     torch.testing.assert_close(records[2].exp(), eager.cross_attentions[1], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["softcap", "s_aux", "sliding_window"])
+@pytest.mark.parametrize("name", ["softcap", "s_aux", "sinks"])
 def test_unsupported_attention_kwargs_are_refused_not_dropped(name):
     from hf_attn_distill.attention_capture import recording_attention_forward
 
     model = tiny_classifier(0, num_hidden_layers=1).eval()
-    module = find_attention_modules(model)[0]
+    module = find_attention_modules(model)[0].module
     q = k = v = torch.randn(1, 4, 3, 8)
-    value = {"softcap": 30.0, "s_aux": torch.zeros(4), "sliding_window": 2}[name]
+    value = {"softcap": 30.0, "s_aux": torch.zeros(4), "sinks": torch.zeros(4)}[name]
     recorder = AttentionRecorder([module])
     recorder.start()
     try:

@@ -4,6 +4,7 @@ over all of them, and refuses files that do not belong together."""
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +180,31 @@ def test_step_time_rows_are_valid_recipe_commands(monkeypatch, tmp_path):
         assert (training.teacher_logits_cache is not None) == row.endswith("cache"), row
         assert step_time.threads_of(row) == (2 if "_2t" in row else 1)
     assert step_time.per_step({"train_runtime": 10.0}, {"train_runtime": 30.0}, 5, 25) == 1.0
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "squad" / "train.json").exists(), reason="needs ../shared/data")
+def test_general_student_is_trained_once_on_training_text_only(tmp_path, minilm_path):
+    """small_general_*: the general-distillation stage on a tiny budget; a second call reuses the student."""
+    from transformers import BertModel
+
+    args = quality_sst2.QualityArguments(
+        work_dir=str(tmp_path),
+        data_dir=str(SHARED / "sst2"),
+        general_steps=2,
+        general_batch_size=2,
+        general_max_seq_length=16,
+        general_relation_heads=4,
+    )
+    folder, cost = quality_sst2.general_student(args, tmp_path)
+    student = BertModel.from_pretrained(folder)
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (4, 256)
+    assert cost["steps"] == 2 and cost["wall_s"] > 0
+    again_folder, again = quality_sst2.general_student(args, tmp_path)
+    assert again_folder == folder and again["wall_s"] == cost["wall_s"]  # not trained again
+    corpus = set((tmp_path / "corpus.txt").read_text().splitlines())
+    with open(SHARED / "sst2" / "test.tsv") as f:
+        evaluation = {line.split("\t")[0] for line in list(f)[1:]}
+    assert len(corpus) > 50_000 and not corpus & evaluation

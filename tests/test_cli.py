@@ -37,22 +37,28 @@ def run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
 
 
 def test_help_lists_each_subcommand_with_its_recipe_summary(capsys):
-    from hf_attn_distill.recipes import distill_classification, distill_qa, distill_translation
+    from hf_attn_distill.recipes import distill_classification, distill_general, distill_qa, distill_translation
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
     assert text.startswith("usage: hf-attn-distill")
-    assert list(RECIPES) == ["classification", "qa", "translation"]
-    for command, recipe in zip(RECIPES, (distill_classification, distill_qa, distill_translation)):
+    assert list(RECIPES) == ["classification", "qa", "translation", "general"]
+    recipes = (distill_classification, distill_qa, distill_translation, distill_general)
+    for command, recipe in zip(RECIPES, recipes):
         assert summary(RECIPES[command]) == recipe.__doc__.splitlines()[0]
         assert f"{command} {summary(RECIPES[command])}" in text
 
 
 @pytest.mark.parametrize(
     "command, own_flag",
-    [("classification", "--text_pair_column"), ("qa", "--doc_stride"), ("translation", "--student_decoder_layers")],
+    [
+        ("classification", "--text_pair_column"),
+        ("qa", "--doc_stride"),
+        ("translation", "--student_decoder_layers"),
+        ("general", "--pack"),
+    ],
 )
 def test_subcommand_help_is_the_recipe_parser_help(capsys, command, own_flag):
     argv = list(sys.argv)
@@ -69,7 +75,7 @@ def test_subcommand_help_is_the_recipe_parser_help(capsys, command, own_flag):
         "--max_steps",
     ):
         assert flag in out, flag
-    others = {"--text_pair_column", "--doc_stride", "--student_decoder_layers"} - {own_flag}
+    others = {"--text_pair_column", "--doc_stride", "--student_decoder_layers", "--pack"} - {own_flag}
     assert not any(flag in out for flag in others)  # each subcommand reaches its own recipe
 
 

@@ -190,14 +190,15 @@ def test_a_weight_added_from_outside_is_checked_and_can_be_scheduled(tmp_path):
 
 
 def test_pairing_checks_change_nothing(tmp_path):
-    """check_distillation_pair reads configs and module structure only: no forward, no attention switch."""
+    """check_distillation_pair learns each model's attention sites from one probe forward without gradients, and
+    leaves both as they were: training mode, attention implementation, weights, nothing attached."""
     from hf_attn_distill import check_distillation_pair
 
     teacher = tiny_classifier(0, num_hidden_layers=4)
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
     teacher.train()
     calls = []
-    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (teacher, student)]
+    hooks = [m.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled())) for m in (teacher, student)]
     before = [
         (m.training, m.config._attn_implementation, {k: v.clone() for k, v in m.state_dict().items()})
         for m in (teacher, student)
@@ -205,7 +206,7 @@ def test_pairing_checks_change_nothing(tmp_path):
     check_distillation_pair(student, teacher, DistillConfig(output_dir=str(tmp_path), hidden_weight=1.0))
     for hook in hooks:
         hook.remove()
-    assert not calls
+    assert calls == [False, False]
     for model, (training, implementation, state) in zip((teacher, student), before):
         assert model.training == training and model.config._attn_implementation == implementation
         assert not any(hasattr(m, POINT_ATTR) for m in model.modules())

@@ -1,0 +1,210 @@
+"""Decoder-only causal LMs (GPT-2, Llama and Qwen2 with grouped-query attention) through DistillTrainer.
+
+Tiny random configs: capture equals eager and the output equals sdpa; the trainer's causal attention term and
+token-level KD equal the reference losses; an update split into micro-batches with padding equals one batch.
+"""
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils.data import SequentialSampler
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from hf_attn_distill import (
+    AttentionRecorder,
+    DistillConfig,
+    DistillTrainer,
+    attention_kl_loss,
+    enable_attention_capture,
+    find_attention_sites,
+    group_teacher_heads,
+    logit_kd_loss,
+)
+
+VOCAB = 500
+
+
+def gpt2(layers, heads, seed):
+    """Fused ``c_attn`` projection, no head attribute the old discovery could read."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    config.attn_pdrop = 0.0
+    return GPT2LMHeadModel(config)
+
+
+def llama(layers, heads, seed):
+    """Grouped-query attention: half as many key/value heads as query heads, rotary embeddings."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            max_position_embeddings=64,
+        )
+    )
+
+
+def qwen2(layers, heads, seed):
+    """Grouped-query attention, and a 4-token sliding window on layers 2 and up."""
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            max_position_embeddings=64,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=2,
+        )
+    )
+
+
+FAMILIES = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2}
+LENGTHS = [9, 6, 3, 8, 9, 4, 7, 5]
+
+
+def rows(lengths=LENGTHS):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(5, VOCAB, (n,), generator=g).tolist()} for n in lengths]
+
+
+def collate(features):
+    """Right padding; labels are the inputs with -100 on padding (the model shifts them)."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), width, dtype=torch.long)
+    mask = torch.zeros(len(features), width, dtype=torch.long)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def causal_valid(mask):
+    q = mask.bool()
+    return (q[:, None, :, None] & q[:, None, None, :]) & torch.ones(mask.shape[1], mask.shape[1]).tril().bool()
+
+
+@pytest.mark.parametrize("teacher_side", [False, True], ids=["autograd", "inference"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_capture_equals_eager_and_output_equals_sdpa(family, teacher_side):
+    model = FAMILIES[family](4, 4, 0).eval()
+    batch = collate(rows()[:3])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    sdpa_logits = model(**inputs).logits
+    model.set_attn_implementation("eager")
+    eager = model(**inputs, output_attentions=True).attentions
+    enable_attention_capture(model)
+    sites = find_attention_sites(model)
+    assert list(sites) == ["decoder"] and len(sites["decoder"]) == 4
+    layer = sites["decoder"][0]
+    assert layer.causal and (layer.heads, layer.kv_heads) == ((4, 4) if family == "gpt2" else (4, 2))
+    recorder = AttentionRecorder([sites["decoder"][i] for i in (1, 3)])
+    mode = torch.inference_mode() if teacher_side else torch.enable_grad()
+    with mode, recorder.record() as records:
+        logits = model(**inputs).logits
+    valid = causal_valid(inputs["attention_mask"]).expand_as(eager[1])
+    torch.testing.assert_close(logits[inputs["attention_mask"].bool()], sdpa_logits[inputs["attention_mask"].bool()])
+    for record, index in zip(records, (1, 3)):
+        torch.testing.assert_close(record.exp()[valid], eager[index][valid], atol=1e-6, rtol=1e-5)
+
+
+class InOrderTrainer(DistillTrainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def trainer_for(family, tmp_path, batch=8, accumulation=1, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / f"{family}-b{batch}ga{accumulation}"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        temperature=2.0,
+    )
+    values.update(overrides)
+    return InOrderTrainer(
+        model=FAMILIES[family](2, 2, 1),
+        teacher_model=FAMILIES[family](4, 4, 0),
+        args=DistillConfig(**values),
+        train_dataset=Dataset.from_list(rows()),
+        data_collator=collate,
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_trainer_terms_equal_the_reference_losses(family, tmp_path):
+    trainer = trainer_for(family, tmp_path)
+    student, teacher = trainer.model, trainer.teacher_model
+    (transfer,) = trainer.transfers
+    assert transfer.site == "decoder" and transfer.pairs == [(0, 1), (1, 3)]  # "uniform" over 4 -> 2 layers
+    batch = collate(rows()[:4])
+    with torch.no_grad():
+        trainer.compute_loss(student.eval(), dict(batch))
+    got = trainer.accounting.pop_means("eval")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    s_rec, t_rec = AttentionRecorder(transfer.student.layers), AttentionRecorder(transfer.teacher.layers)
+    with torch.no_grad(), t_rec.record() as t_att, s_rec.record() as s_att:
+        t_logits = teacher(**inputs).logits
+        s_logits = student(**inputs).logits
+    mask = inputs["attention_mask"]
+    want = torch.stack(
+        [attention_kl_loss(s, group_teacher_heads(t, 2, "log_probs"), mask, causal=True) for s, t in zip(s_att, t_att)]
+    ).mean()
+    assert got["loss_attn_dec"] == pytest.approx(want.item(), rel=1e-5)
+    valid = batch["labels"].ne(-100)
+    assert got["loss_kd"] == pytest.approx(logit_kd_loss(s_logits[valid], t_logits[valid], 2.0).item(), rel=1e-5)
+    assert got["loss_ce"] == pytest.approx(student(**batch).loss.item(), rel=1e-5)
+
+
+def _update(trainer):
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    return {k: v - start[k] for k, v in trainer.model.state_dict().items()}, log
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_accumulation_with_padding_equals_one_batch(family, tmp_path):
+    big_delta, big_log = _update(trainer_for(family, tmp_path, 8, 1))
+    small_delta, small_log = _update(trainer_for(family, tmp_path, 2, 4))
+    largest = max(d.abs().max().item() for d in big_delta.values())
+    assert largest > 1e-5
+    for key, delta in big_delta.items():
+        torch.testing.assert_close(small_delta[key], delta, atol=1e-3 * largest, rtol=1e-3, msg=key)
+    for term in ("loss", "loss_ce", "loss_kd", "loss_attn_dec"):
+        assert small_log[term] == pytest.approx(big_log[term], rel=1e-5), term
