@@ -28,6 +28,7 @@ from hf_attn_distill import (
     DistillConfig,
     DistillTrainer,
     attention_kl_loss,
+    attention_mse_loss,
     enable_attention_capture,
     find_attention_modules,
     group_teacher_heads,
@@ -285,3 +286,32 @@ def test_modernbert_question_answering_head(tmp_path):
     ]
     assert got["loss_kd"] == pytest.approx(torch.stack(want_kd).mean().item(), rel=1e-5)
     assert got["loss_ce"] == pytest.approx(student(**b).loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse_probs"])
+def test_deberta_teacher_with_a_bert_student(tmp_path, loss):
+    """The term equals the reference loss on DeBERTa's own attentions (eval mode) and the student's eager ones."""
+    torch.manual_seed(0)  # peaked teacher attention, so the KL is far from 0
+    config = DebertaV2Config(num_hidden_layers=4, num_attention_heads=4, initializer_range=0.3, **COMMON)
+    teacher, student = DebertaV2ForSequenceClassification(config).eval(), SUPPORTED["bert"](2, 2, 1)
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, attention_loss=loss)
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
+    b = batch()
+    with torch.no_grad():
+        trainer.compute_loss(student.eval(), dict(b))
+    got = trainer.accounting.pop_means("eval")["loss_attn_enc"]
+    trainer.capture.release()
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    student.set_attn_implementation("eager")
+    with torch.no_grad():
+        t_att = teacher(**inputs, output_attentions=True).attentions
+        s_att = student(**inputs, output_attentions=True).attentions
+    mask = b["attention_mask"]
+    want = []
+    for s, t in zip(s_att, (t_att[1], t_att[3])):  # "uniform" maps student layers 0, 1 to teacher layers 1, 3
+        t = group_teacher_heads(t.clamp_min(torch.finfo(torch.float32).tiny).log(), 2, "log_probs")
+        if loss == "kl":
+            want.append(attention_kl_loss(s.clamp_min(torch.finfo(torch.float32).tiny).log(), t, mask))
+        else:
+            want.append(attention_mse_loss(s, t.exp(), mask))
+    assert got > 1e-3 and got == pytest.approx(torch.stack(want).mean().item(), rel=1e-4)
