@@ -115,7 +115,7 @@ class QualityArguments:
         default=0.2, metadata={"help": "Attention weight of kd_attn_mse (score MSE starts ~5x the KL; 0.2 evens them)."}
     )
     reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
-    general_steps: int = field(default=4000, metadata={"help": "Steps of general distillation (small_general_*)."})
+    general_steps: int = field(default=1200, metadata={"help": "Steps of general distillation (small_general_*)."})
     general_batch_size: int = field(default=32, metadata={"help": "Batch of general distillation (128-token blocks)."})
     general_learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate of general distillation."})
     general_max_seq_length: int = field(default=128, metadata={"help": "Tokens per packed general-distillation block."})
