@@ -581,6 +581,7 @@ def _describe_call(module, query, key, attention_mask, is_causal, kwargs) -> dic
         causal=causal,
         refused=tuple(_refused(kwargs)),
         probabilities=None,
+        sliding_window=kwargs.get("sliding_window"),
     )
 
 

@@ -209,6 +209,7 @@ def site_layer_maps(student: PreTrainedModel, teacher: PreTrainedModel, args) ->
         _check_heads(
             site.name, s_sites[site.name][pairs[0][0]].heads, t_sites[site.name][pairs[0][1]].heads, args.head_grouping
         )
+        _check_windows(site.name, spec_site.map_field, pairs, s_sites[site.name], t_sites[site.name])
         if spec_site is not site:
             site = AttentionSite(site.name, spec_site.map_field, spec_site.weight_field, site.term)
         out.append((site, pairs))
@@ -241,6 +242,32 @@ def _check_layers(layers: list[AttentionLayer], side: str, args) -> None:
 def check_attention_sites(student: PreTrainedModel, teacher: PreTrainedModel, args) -> None:
     """Raise ``ValueError`` naming the fix when ``args``'s attention sites do not fit the two models."""
     site_layer_maps(student, teacher, args)
+
+
+def _reach(layer: AttentionLayer) -> float:
+    return float("inf") if layer.sliding_window is None else layer.sliding_window
+
+
+def _check_windows(site: str, map_field: str, pairs, s_layers, t_layers) -> None:
+    """Refuse a student layer whose sliding window is narrower than its teacher layer's: the teacher would put
+    attention where the student cannot look, and the loss would compare masked entries."""
+    bad = [(s, t) for s, t in pairs if _reach(s_layers[s]) < _reach(t_layers[t])]
+    if not bad:
+        return
+    s, t = bad[0]
+
+    def nearest(i: int, j: int) -> int | None:  # the teacher layer nearest to j that student layer i can follow
+        fits = [k for k, layer in enumerate(t_layers) if _reach(layer) <= _reach(s_layers[i])]
+        return min(fits, key=lambda k: abs(k - j)) if fits else None
+
+    suggestion = ",".join(f"{i}:{nearest(i, j)}" for i, j in pairs if nearest(i, j) is not None)
+    raise ValueError(
+        f"{map_field} ({site} attention) maps student layer {s} (sliding window {s_layers[s].sliding_window}) to "
+        f"teacher layer {t} (sliding window {t_layers[t].sliding_window}): the teacher attends where the student "
+        "cannot. Map "
+        f"sliding-window student layers to teacher layers with the same or a narrower window, e.g. "
+        f"{map_field}={suggestion!r}."
+    )
 
 
 def _check_heads(site: str, s_heads: int, t_heads: int, head_grouping: str) -> None:

@@ -52,6 +52,7 @@ class AttentionLayer:
         probabilities: for attention computed in the model's own code, the dropout module its probabilities
             pass through (capture reads them there); ``None`` for ``AttentionInterface`` calls.
         refused: attention inputs of the call that the recording path does not reproduce (``softcap``, sinks).
+        sliding_window: the ``sliding_window`` the call passes (local layers of ModernBERT, Qwen2), else ``None``.
     """
 
     module: nn.Module
@@ -61,6 +62,7 @@ class AttentionLayer:
     causal: bool
     probabilities: nn.Module | None = None
     refused: tuple[str, ...] = ()
+    sliding_window: int | None = None
 
 
 def _vocab_sizes(config) -> tuple[int, int]:
@@ -160,6 +162,7 @@ def _dropout_probe(calls: list, parent: nn.Module, dropout: nn.Module):
                     causal=causal,
                     refused=(),
                     probabilities=dropout,
+                    sliding_window=None,
                 )
             )
 
@@ -196,6 +199,7 @@ def find_attention_sites(model: PreTrainedModel) -> dict[str, list[AttentionLaye
             call["causal"],
             call["probabilities"],
             call["refused"],
+            call["sliding_window"],
         )
         sites.setdefault(site, []).append(layer)
     return sites

@@ -167,10 +167,15 @@ def test_modernbert_local_layers_keep_their_window():
     assert bool((global_.exp()[..., distance > 2] > 1e-6).all())
 
 
+# ModernBERT: student layer 1 has a sliding window, so it maps to a sliding-window teacher layer (1 or 2)
+LAYER_MAPS = {"modernbert": "0:0,1:2"}
+
+
 @pytest.mark.parametrize("family", list(SUPPORTED))
 def test_distill_trainer_end_to_end(family, tmp_path):
     teacher, student = SUPPORTED[family](4, 4, 0), SUPPORTED[family](2, 2, 1)
     args = DistillConfig(
+        layer_map=LAYER_MAPS.get(family, "uniform"),
         output_dir=str(tmp_path),
         report_to="none",
         use_cpu=True,
@@ -250,6 +255,15 @@ def test_albert_shared_layer_is_recorded_per_depth_and_refuses_checkpointing(tmp
     assert len({id(layer.module) for layer in layers}) == 1 and [layer.call for layer in layers] == [0, 1, 2, 3]
     args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, gradient_checkpointing=True)
     with pytest.raises(ValueError, match="every depth.*gradient_checkpointing=False"):
+        DistillTrainer(model=student, teacher_model=teacher, args=args)
+
+
+def test_modernbert_windowed_student_layer_needs_a_windowed_teacher_layer(tmp_path):
+    """The default uniform map sends the student's sliding-window layer 1 to the teacher's global layer 3."""
+    teacher, student = modernbert(4, 4, 0), modernbert(2, 2, 1)
+    assert [layer.sliding_window for layer in find_attention_modules(teacher)] == [None, 3, 3, None]
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=r"student layer 1 \(sliding window 3\) to teacher layer 3.*'0:1,1:2'"):
         DistillTrainer(model=student, teacher_model=teacher, args=args)
 
 
