@@ -39,7 +39,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention_masks import ATTENTION_LOSSES, recorded_quantity
 from .fused_transfer import TransferTarget, attention_blocks, softmax_with_transfer_loss
-from .losses import attention_kl_loss, attention_mse_loss
+from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads
+from .streamed_transfer import AttentionMask, AttentionRows, streamed_transfer
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -68,9 +69,10 @@ class _Slot:
     """What one recorded layer (a module, or one call of a shared module) fills: ``records[index]``, with the
     attention loss ``loss``, towards ``target`` (``None``: record the attention itself)."""
 
-    __slots__ = ("deferred", "index", "loss", "records", "target")
+    __slots__ = ("deferred", "index", "loss", "records", "rows", "target")
 
     def __init__(self) -> None:
+        self.rows = False  # without autograd and target: record AttentionRows (what recomputes the attention)
         self.records: list | None = None
         self.index = 0
         self.loss = "kl"
@@ -192,7 +194,7 @@ class AttentionRecorder:
     gradient checkpointing (the recomputation calls the module again).
     """
 
-    def __init__(self, modules: Sequence, loss: str = "kl"):
+    def __init__(self, modules: Sequence, loss: str = "kl", rows: bool = False):
         if loss not in ATTENTION_LOSSES:
             raise ValueError(f"loss must be one of {ATTENTION_LOSSES}, got {loss!r}")
         self.layers = list(modules)
@@ -213,7 +215,7 @@ class AttentionRecorder:
                 f"{type(module).__name__} computes attention in its own code: its probabilities can be read, its "
                 "pre-softmax scores cannot. Use attention_loss='kl' or 'mse_probs'."
             )
-        self.loss = loss
+        self.loss, self.rows = loss, rows
         self.points = [point_of(module) for module in self.modules]
         self.slots = [_Slot() for _ in self.modules]
         self._records: list | None = None
@@ -228,7 +230,7 @@ class AttentionRecorder:
         for index, (point, slot, call, probs) in enumerate(
             zip(self.points, self.slots, self.calls, self.probabilities)
         ):
-            slot.records, slot.index, slot.loss = records, index, self.loss
+            slot.records, slot.index, slot.loss, slot.rows = records, index, self.loss, self.rows and probs is None
             slot.target = targets[index] if targets is not None else None
             slot.deferred = None
             point.slots[call] = slot
@@ -380,10 +382,10 @@ class Capture:
             if getattr(module, POINT_ATTR, None) is None and not any(m is module for m, _ in self._points):
                 self._points.append((module, point_of(module)))
 
-    def attention_recorder(self, layers, loss: str = "kl") -> AttentionRecorder:
+    def attention_recorder(self, layers, loss: str = "kl", rows: bool = False) -> AttentionRecorder:
         """An :class:`AttentionRecorder` of ``layers`` (modules or :class:`~hf_attn_distill.AttentionLayer`)."""
         self._track(layers)
-        recorder = AttentionRecorder(layers, loss)
+        recorder = AttentionRecorder(layers, loss, rows)
         self._recorders.append(recorder)
         return recorder
 
@@ -495,24 +497,39 @@ def _point_attention(point, module, query, key, value, attention_mask, dropout, 
             "layers without them, or set attention_weight=0 to distill logits only."
         )
     bias = kwargs.get("position_bias")
+    records, index, target = slot.records, slot.index, slot.target
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and q_len > 1
+    if target is None and slot.rows and not torch.is_grad_enabled():
+        # Teacher side, streaming: keep what recomputes the rows (O(B H L d)); the output is "sdpa"'s, exactly as
+        # for unrecorded layers.
+        records[index] = AttentionRows(query * scaling, key, bias, _mask_of(attention_mask, causal, compact=True))
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: repeat key/value heads as the model does
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
+    if target is not None and isinstance(target.teacher, AttentionRows):
+        # Student side, streaming: output and transfer loss over blocks of query rows.
+        out, loss = streamed_transfer(
+            query * scaling, key, value, bias, _mask_of(attention_mask, causal, compact=False), target, dropout
+        )
+        records[index] = _connect_loss(slot, module, loss)
+        if slot.deferred is not None and torch.is_grad_enabled():
+            out = _InjectLossGrad.apply(out, loss, slot.deferred)
+        return out.transpose(1, 2).contiguous(), None
     blocked = None
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         blocked = ~attention_mask
         attention_mask = None
-    elif attention_mask is None:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-        q_len, k_len = query.shape[-2], key.shape[-2]
-        if causal and q_len > 1:
-            blocked = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+    elif attention_mask is None and causal:
+        blocked = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
     # Queries with every key blocked (padding inside a sliding window): "sdpa" outputs zeros there, so do we.
     dead = blocked.all(-1, keepdim=True) if blocked is not None else None
     dead = dead if dead is not None and bool(dead.any()) else None
-    records, index, target = slot.records, slot.index, slot.target
     kind = recorded_quantity(slot.loss)
     if target is None and not torch.is_grad_enabled():
         # Teacher side (no autograd): work in cache-sized blocks; only the record is a full-size tensor.
@@ -537,19 +554,36 @@ def _point_attention(point, module, query, key, value, attention_mask, dropout, 
     else:
         probs, loss = softmax_with_transfer_loss(masked, target)
         probs = probs.to(value.dtype)
-        if module.training and not torch.is_grad_enabled():
-            # First pass of reentrant checkpointing: the loss gets its gradient when the layer is recomputed.
-            slot.deferred = _GradCell()
-        elif slot.deferred is not None and torch.is_grad_enabled():
-            # The recomputation: route the loss's gradient (already known) into this graph.
+        records[index] = _connect_loss(slot, module, loss)
+        if slot.deferred is not None and torch.is_grad_enabled():
             probs = _InjectLossGrad.apply(probs, loss, slot.deferred)
-        if slot.deferred is None or not torch.is_grad_enabled():
-            records[index] = loss
     if dead is not None:
         probs = probs.masked_fill(dead, 0.0)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, None
+
+
+def _connect_loss(slot: _Slot, module: nn.Module, loss: torch.Tensor):
+    """What a student layer records for its loss, with reentrant checkpointing in mind: the first pass (no
+    autograd) records the value and arms a cell for the loss's gradient; the recomputation routes that gradient
+    into its graph (the caller wraps the layer output with :class:`_InjectLossGrad`) and keeps the first record."""
+    if module.training and not torch.is_grad_enabled():
+        slot.deferred = _GradCell()
+        return loss
+    if slot.deferred is not None and torch.is_grad_enabled():
+        return slot.records[slot.index]
+    return loss
+
+
+def _mask_of(attention_mask: torch.Tensor | None, causal: bool, compact: bool) -> AttentionMask:
+    """The :class:`~hf_attn_distill.streamed_transfer.AttentionMask` of a call (``compact``: a padding mask as its
+    ``[B, K]`` key padding, so nothing of size Q x K is kept)."""
+    if attention_mask is None:
+        return AttentionMask(causal=causal)
+    if attention_mask.dtype != torch.bool:
+        return AttentionMask(additive=attention_mask)
+    return AttentionMask.compact(~attention_mask, False) if compact else AttentionMask(blocked=~attention_mask)
 
 
 def _refused(kwargs) -> list[str]:
@@ -568,7 +602,7 @@ def _describe_call(module, query, key, attention_mask, is_causal, kwargs) -> dic
     if not bool(future.any()):
         causal = False
     elif attention_mask is None:
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     else:
         blocked = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask <= _MIN / 2
         causal = bool(blocked.expand(*blocked.shape[:-2], num_q, num_k)[..., future].all())
@@ -622,7 +656,11 @@ def _probability_hook(point: _CapturePoint, module: nn.Module):
                 "recomputed under reentrant checkpointing. Use activation_checkpointing_kwargs "
                 "(gradient_checkpointing_kwargs on older transformers)={'use_reentrant': False}."
             )
-        teacher = target.teacher.detach().float()
+        teacher = target.teacher
+        if isinstance(teacher, AttentionRows):
+            quantity = recorded_quantity(target.loss)
+            teacher = group_teacher_heads(teacher.materialize(quantity), probs.shape[1], quantity)
+        teacher = teacher.detach().float()
         masks = (target.key_mask, target.query_mask, target.causal)
         if target.loss == "kl":
             loss = attention_kl_loss(log_probs, teacher, *masks)

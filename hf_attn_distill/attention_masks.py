@@ -77,11 +77,24 @@ def attention_loss_count(
     ``"kl"`` averages over (head, query) rows that have at least one valid key; the MSE kinds over valid
     (head, query, key) entries. Masks as in :func:`attention_valid_mask`.
     """
-    valid = attention_valid_mask(batch, num_queries, num_keys, key_mask, query_mask, causal, device)
-    if valid is None:
+    if query_mask is None and key_mask is not None and num_queries == num_keys:
+        query_mask = key_mask
+    if key_mask is None and query_mask is None and not causal:
         per_head = batch * num_queries * (1 if loss == "kl" else num_keys)
         return torch.tensor(float(per_head * num_heads), device=device)
-    per_head = valid.any(-1).sum() if loss == "kl" else valid.sum()
+    if device is None:
+        device = next((m.device for m in (key_mask, query_mask) if m is not None), "cpu")
+    # O(B (Q + K)), never a [B, Q, K] mask: valid keys per query row from a running count over keys
+    keys = key_mask.bool() if key_mask is not None else torch.ones(batch, num_keys, dtype=torch.bool, device=device)
+    if causal:
+        seen = torch.cumsum(keys.long(), dim=-1)  # valid keys among 0..k
+        last = torch.arange(num_queries, device=device) + (num_keys - num_queries)  # last key each query may see
+        per_row = torch.where(last >= 0, seen[:, last.clamp(0, num_keys - 1)], 0)
+    else:
+        per_row = keys.long().sum(-1, keepdim=True).expand(batch, num_queries)
+    if query_mask is not None:
+        per_row = per_row * query_mask.bool()
+    per_head = (per_row > 0).sum() if loss == "kl" else per_row.sum()
     return per_head.float() * num_heads
 
 

@@ -28,6 +28,7 @@ from .layer_map import resolve_layer_map
 from .losses import group_teacher_heads
 from .model_structure import AttentionLayer, find_attention_sites
 from .objective import Objective, Step
+from .streamed_transfer import AttentionRows
 
 __all__ = ["SiteTransfer", "check_attention_sites", "site_layer_maps", "target_mask"]
 
@@ -44,8 +45,11 @@ def target_mask(inputs: Mapping) -> torch.Tensor | None:
 class SiteTransfer(Objective):
     """Attention transfer at one site (``loss_attn_enc``, ``loss_attn_dec`` or ``loss_attn_cross``).
 
-    The teacher's mapped modules record their attention; each mapped student module then takes its transfer
-    loss inside its softmax (:mod:`~hf_attn_distill.fused_transfer`) and the term is the mean over the pairs.
+    The teacher's mapped layers keep what recomputes their attention rows (queries, keys, mask:
+    :class:`~hf_attn_distill.streamed_transfer.AttentionRows`); each mapped student layer then computes its output
+    and transfer loss block by block over query rows (:mod:`~hf_attn_distill.streamed_transfer`), and the term is
+    the mean over the pairs. A teacher whose attention is read as probabilities (DeBERTa) records them in full, and
+    its students take the loss inside their softmax (:mod:`~hf_attn_distill.fused_transfer`).
 
     Attributes:
         site: ``"encoder"``, ``"decoder"`` or ``"cross"`` (:data:`~hf_attn_distill.config.ATTENTION_SITES`).
@@ -85,7 +89,8 @@ class SiteTransfer(Objective):
                     args.attention_loss,
                     s_layers[0].heads,
                     capture.attention_recorder(s_layers, args.attention_loss),
-                    capture.attention_recorder(t_layers, args.attention_loss),
+                    # the teacher keeps what recomputes its rows (queries, keys, mask), not the rows
+                    capture.attention_recorder(t_layers, args.attention_loss, rows=True),
                     "cross" in s_sites,
                 )
             )
@@ -130,7 +135,13 @@ class SiteTransfer(Objective):
             query = key
         quantity = recorded_quantity(self.loss_kind)
         return [
-            TransferTarget(group_teacher_heads(t, self.student_heads, quantity), self.loss_kind, key, query, causal)
+            TransferTarget(
+                t if isinstance(t, AttentionRows) else group_teacher_heads(t, self.student_heads, quantity),
+                self.loss_kind,
+                key,
+                query,
+                causal,
+            )
             for t in teacher_records
         ]
 

@@ -41,7 +41,9 @@ class TransferTarget:
 
     Attributes:
         teacher: ``[B, H, Q, K]`` teacher log-probabilities (``"kl"``, ``"mse_probs"``) or pre-softmax
-            scores (``"mse_scores"``), heads already grouped to the student's count.
+            scores (``"mse_scores"``), heads already grouped to the student's count; or the
+            :class:`~hf_attn_distill.streamed_transfer.AttentionRows` that recompute them block by block (heads
+            grouped there).
         loss: one of ``ATTENTION_LOSSES``.
         key_mask: ``[B, K]`` valid keys, or ``None``.
         query_mask: ``[B, Q]`` valid queries; ``None`` means ``key_mask`` for self-attention.

@@ -234,3 +234,24 @@ def test_attention_loss_count_per_kind():
     queries = torch.tensor([[1, 1, 0], [1, 0, 0]])  # cross-attention: 3 target queries over 4 source keys
     assert attention_loss_count("mse_scores", 1, 2, 3, 4, mask, queries).item() == 2 * 3 + 1 * 2
     assert attention_loss_count("kl", 3, 2, 4, 4).item() == 3 * 8
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse_scores"])
+@pytest.mark.parametrize("num_q, num_k", [(6, 6), (4, 7), (7, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_loss_count_equals_the_valid_mask_it_never_builds(loss, num_q, num_k, causal):
+    """attention_loss_count counts from the [B, K] / [B, Q] masks; the same as counting the [B, 1, Q, K] mask."""
+    from hf_attn_distill.attention_masks import attention_loss_count, attention_valid_mask
+
+    g = torch.Generator().manual_seed(num_q * 10 + num_k)
+    key = torch.rand(3, num_k, generator=g) > 0.3
+    query = torch.rand(3, num_q, generator=g) > 0.3
+    key[0, :] = False  # an example with no valid key at all
+    for k, q in ((key, query), (key, None), (None, query), (None, None)):
+        if q is None and k is not None and num_q != num_k:
+            continue
+        valid = attention_valid_mask(3, num_q, num_k, k, q, causal)
+        if valid is None:
+            valid = torch.ones(3, 1, num_q, num_k, dtype=torch.bool)
+        want = (valid.any(-1).sum() if loss == "kl" else valid.sum()) * 5
+        assert attention_loss_count(loss, 5, 3, num_q, num_k, k, q, causal).item() == want.item()

@@ -1,0 +1,216 @@
+"""Streaming attention transfer equals the fused path and the reference losses, values and gradients."""
+
+import pytest
+import torch
+from conftest import tiny_classifier
+
+import hf_attn_distill.streamed_transfer as streamed
+from hf_attn_distill import (
+    AttentionRecorder,
+    attention_kl_loss,
+    attention_mse_loss,
+    enable_attention_capture,
+    find_attention_modules,
+    group_teacher_heads,
+)
+from hf_attn_distill.fused_transfer import TransferTarget
+from hf_attn_distill.streamed_transfer import AttentionMask, AttentionRows, streamed_transfer
+
+LOSSES = ["kl", "mse_scores", "mse_probs"]
+_MIN = torch.finfo(torch.float32).min
+
+
+def _case(site, teacher_kv_heads=4, bias=False, seed=0):
+    """Student (2 heads) and teacher (4 query heads) inputs of one layer, with padding; ``site`` picks the mask."""
+    g = torch.Generator().manual_seed(seed)
+    batch, num_q = 3, 7
+    num_k = 9 if site == "cross" else num_q
+    q = torch.randn(batch, 2, num_q, 8, generator=g) * 0.8
+    k = torch.randn(batch, 2, num_k, 8, generator=g) * 0.8
+    v = torch.randn(batch, 2, num_k, 8, generator=g)
+    t_q = torch.randn(batch, 4, num_q, 6, generator=g)
+    t_k = torch.randn(batch, teacher_kv_heads, num_k, 6, generator=g)
+    key_valid = torch.ones(batch, num_k, dtype=torch.bool)
+    key_valid[1, num_k - 3 :] = False
+    key_valid[2, 2:] = False
+    query_valid = torch.ones(batch, num_q, dtype=torch.bool)
+    query_valid[1, 5:] = False
+    causal = site == "decoder"
+    blocked = ~key_valid[:, None, None, :].expand(batch, 1, num_q, num_k)
+    if causal:
+        blocked = blocked | torch.ones(num_q, num_k, dtype=torch.bool).triu(1)
+    s_bias = torch.randn(1, 2, num_q, num_k, generator=g, requires_grad=True) if bias else None
+    t_bias = torch.randn(1, 4, num_q, num_k, generator=g) if bias else None
+    target_query = query_valid if site != "encoder" else None
+    return dict(
+        q=q.requires_grad_(),
+        k=k.requires_grad_(),
+        v=v.requires_grad_(),
+        t_q=t_q,
+        t_k=t_k,
+        blocked=blocked,
+        causal=causal,
+        key_valid=key_valid,
+        query_valid=target_query,
+        s_bias=s_bias,
+        t_bias=t_bias,
+    )
+
+
+def _teacher_full(c, quantity):
+    """The teacher's [B, 4, Q, K] record computed directly."""
+    keys = c["t_k"].repeat_interleave(4 // c["t_k"].shape[1], dim=1)
+    scores = c["t_q"] @ keys.transpose(-1, -2)
+    if c["t_bias"] is not None:
+        scores = scores + c["t_bias"]
+    if quantity == "scores":
+        return scores
+    return torch.log_softmax(scores.masked_fill(c["blocked"], _MIN), -1)
+
+
+def _reference(c, loss):
+    """Output and loss by the plain formulas, with autograd."""
+    scores = c["q"] @ c["k"].transpose(-1, -2)
+    if c["s_bias"] is not None:
+        scores = scores + c["s_bias"]
+    masked = scores.masked_fill(c["blocked"], _MIN)
+    log_p = torch.log_softmax(masked, -1)
+    out = log_p.exp() @ c["v"]
+    quantity = "scores" if loss == "mse_scores" else "log_probs"
+    teacher = group_teacher_heads(_teacher_full(c, quantity), 2, quantity)
+    masks = (c["key_valid"], c["query_valid"], c["causal"])
+    if loss == "kl":
+        value = attention_kl_loss(log_p, teacher, *masks)
+    elif loss == "mse_scores":
+        value = attention_mse_loss(masked, teacher, *masks)
+    else:
+        value = attention_mse_loss(log_p.exp(), teacher.exp(), *masks)
+    return out, value
+
+
+def _streamed(c, loss, compact=True):
+    rows = AttentionRows(c["t_q"], c["t_k"], c["t_bias"], AttentionMask.compact(c["blocked"], False))
+    if not compact:
+        rows = AttentionRows(c["t_q"], c["t_k"], c["t_bias"], AttentionMask(blocked=c["blocked"]))
+    target = TransferTarget(rows, loss, c["key_valid"], c["query_valid"], c["causal"])
+    return streamed_transfer(c["q"], c["k"], c["v"], c["s_bias"], AttentionMask(blocked=c["blocked"]), target)
+
+
+def _grads(c, out, value, weight=0.7):
+    names = [n for n in ("q", "k", "v", "s_bias") if c[n] is not None]
+    g = torch.Generator().manual_seed(5)
+    probe = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * probe).sum() + weight * value, [c[n] for n in names])
+    return dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("budget", [None, 2 * 2 * 9], ids=["one-block", "row-blocks"])
+@pytest.mark.parametrize("site", ["encoder", "decoder", "cross"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_values_and_gradients_equal_the_reference(loss, site, budget, monkeypatch):
+    if budget is not None:
+        monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", budget)  # blocks of a few query rows
+    c = _case(site)
+    want_out, want_loss = _reference(c, loss)
+    want = _grads(c, want_out, want_loss)
+    got_out, got_loss = _streamed(c, loss)
+    got = _grads(c, got_out, got_loss)
+    assert want_loss.item() > 1e-3
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_grouped_query_teacher_and_trainable_bias(loss, monkeypatch):
+    """Teacher with 2 key/value heads for 4 query heads, T5-style position bias on both (the student's learnt)."""
+    monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", 2 * 2 * 7 * 3)
+    c = _case("decoder", teacher_kv_heads=2, bias=True)
+    want_out, want_loss = _reference(c, loss)
+    want = _grads(c, want_out, want_loss)
+    got_out, got_loss = _streamed(c, loss, compact=False)
+    got = _grads(c, got_out, got_loss)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_padding_masks_are_stored_as_key_padding():
+    c = _case("decoder")
+    compact = AttentionMask.compact(c["blocked"], False)
+    assert compact.blocked is None and compact.causal and torch.equal(compact.key_valid, c["key_valid"])
+    window = c["blocked"] | (torch.arange(7)[:, None] - torch.arange(7)[None, :]).abs().gt(2)
+    assert AttentionMask.compact(window, False).blocked is window  # a sliding window is kept as it is
+
+
+def test_fully_masked_rows_output_zeros_as_sdpa_does():
+    c = _case("encoder")
+    c["blocked"] = c["blocked"].clone()
+    c["blocked"][0, :, 3, :] = True
+    out, _ = _streamed(c, "kl", compact=False)
+    assert torch.count_nonzero(out[0, :, 3]) == 0
+
+
+def test_dropout_is_redrawn_identically_in_backward():
+    """With dropout, output and gradients are those of the plain formulas with the same dropout mask (the loss
+    is taken before dropout)."""
+    c = _case("encoder")
+    torch.manual_seed(1)  # a call draws its dropout seed from the default generator
+    got_out, got_loss = streamed.streamed_transfer(
+        c["q"],
+        c["k"],
+        c["v"],
+        None,
+        AttentionMask(blocked=c["blocked"]),
+        TransferTarget(
+            AttentionRows(c["t_q"], c["t_k"], None, AttentionMask(blocked=c["blocked"])), "kl", c["key_valid"]
+        ),
+        0.5,
+    )
+    got = _grads(c, got_out, got_loss)
+    torch.manual_seed(1)
+    keep = streamed._Dropout(0.5, "cpu").keep((3, 2, 7, 7), 0)  # one block: the whole layer
+    assert 0.3 < keep.float().mean() < 0.7
+    log_p = torch.log_softmax((c["q"] @ c["k"].transpose(-1, -2)).masked_fill(c["blocked"], _MIN), -1)
+    want_out = (log_p.exp() * keep / 0.5) @ c["v"]
+    teacher = group_teacher_heads(_teacher_full(c, "log_probs"), 2, "log_probs")
+    want_loss = attention_kl_loss(log_p, teacher, c["key_valid"])
+    want = _grads(c, want_out, want_loss)
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_teacher_keeps_no_query_by_key_tensor(tmp_path):
+    """What the trainer's teacher recorder stores between the teacher's forward and the student's layer: queries
+    and keys and a [B, K] key padding, nothing of Q x K elements."""
+    from hf_attn_distill import DistillConfig, DistillTrainer
+
+    teacher = tiny_classifier(0, num_hidden_layers=4)
+    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=DistillConfig(output_dir=str(tmp_path)))
+    (transfer,) = trainer.transfers
+    ids = torch.randint(1000, 2000, (3, 24))
+    mask = torch.ones(3, 24, dtype=torch.long)
+    mask[1, 20:] = 0
+    records = transfer.teacher.start()
+    with torch.inference_mode():
+        teacher(input_ids=ids, attention_mask=mask)
+    records = transfer.teacher.collect()
+    transfer.teacher.stop()
+    for index, record in enumerate(records):
+        assert isinstance(record, AttentionRows)
+        assert record.query.shape == record.key.shape == (3, 4, 24, 8)  # [B, H, L, d]
+        assert record.mask.key_valid.shape == (3, 24)
+        assert record.bias is None and record.mask.blocked is None and record.mask.additive is None
+        # and they recompute exactly what the explicit recording gives
+        layer = transfer.teacher.layers[index]
+        enable_attention_capture(teacher)
+        with torch.inference_mode(), AttentionRecorder([layer]).record() as full:
+            teacher(input_ids=ids, attention_mask=mask)
+        valid = mask.bool()[:, None, None, :].expand_as(full[0])
+        torch.testing.assert_close(record.materialize("log_probs")[valid], full[0][valid], atol=1e-6, rtol=1e-5)
+    assert find_attention_modules(teacher)  # still discoverable
