@@ -5,8 +5,9 @@ queries and the keys as the attention function received them, the additive bias 
 rows themselves, and compute their output with ``"sdpa"`` as unrecorded layers do. A mapped student layer then
 runs :class:`StreamedTransfer`: over blocks of query rows it computes its scores, softmax and output ``P V``,
 recomputes the teacher's rows of the block (heads grouped to the student's), and adds the block's transfer loss;
-it keeps for backward only its inputs, its output and one log-sum-exp per row, and backward recomputes each
-block's probabilities (as flash attention does), adding the loss gradient:
+it keeps for backward only its inputs and one log-sum-exp per row, and backward recomputes each block's
+probabilities (as flash attention does), adding the loss gradient (a layer that fits in one block keeps that
+block instead: at short lengths recomputing would cost more than the memory it saves):
 
 - ``"kl"`` (MiniLM): ``dS += w (p_s sum_k p~_t - p~_t)``;
 - ``"mse_probs"``: ``dP += 2w (p_s - p_t)`` before the softmax backward;
@@ -213,10 +214,14 @@ class StreamedTransfer(torch.autograd.Function):
         out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=query.device)
         total = torch.zeros((), dtype=torch.float32, device=query.device)
         lses = []
-        for index, rows in enumerate(row_blocks(batch, heads, num_q, num_k)):
+        blocks = row_blocks(batch, heads, num_q, num_k)
+        ctx.kept = None
+        for index, rows in enumerate(blocks):
             scores, lse, log_probs, probs = _student_block(query, key, bias, mask, rows, num_q)
             lses.append(lse)
             t = teacher.block(rows, quantity, heads)
+            if len(blocks) == 1:  # the whole layer fits the block budget: keep it, backward need not recompute
+                ctx.kept = (scores, probs, t)
             valid = _valid_rows(target, rows, num_q, num_k, query.device)
             if loss == "kl":
                 p_t = _zero_invalid_(t.exp(), valid)
@@ -250,14 +255,18 @@ class StreamedTransfer(torch.autograd.Function):
         )
         key_f, value_f = key.float(), value.float()
         for index, rows in enumerate(row_blocks(batch, heads, num_q, num_k)):
-            scores = torch.matmul(query[:, :, rows], key.transpose(-1, -2)).float()
-            if bias is not None:
-                scores += _rows_of(bias, rows).float()
-            mask.apply_(scores, rows, num_q)
-            probs = (scores - lse[:, :, rows]).exp_()
-            dead = scores.amax(-1, keepdim=True) <= _MIN / 2
-            if bool(dead.any()):
-                probs.masked_fill_(dead, 0.0)
+            if ctx.kept is not None:
+                scores, probs, t = ctx.kept
+            else:
+                scores = torch.matmul(query[:, :, rows], key.transpose(-1, -2)).float()
+                if bias is not None:
+                    scores += _rows_of(bias, rows).float()
+                mask.apply_(scores, rows, num_q)
+                probs = (scores - lse[:, :, rows]).exp_()
+                dead = scores.amax(-1, keepdim=True) <= _MIN / 2
+                if bool(dead.any()):
+                    probs.masked_fill_(dead, 0.0)
+                t = teacher.block(rows, quantity, heads)
             grad_o = grad_out[:, :, rows].float()
             keep = dropout.keep(probs.shape, index)
             dropped = probs if keep is None else probs * keep / (1.0 - dropout.p)
@@ -265,7 +274,6 @@ class StreamedTransfer(torch.autograd.Function):
             grad_p = torch.matmul(grad_o, value_f.transpose(-1, -2))
             if keep is not None:
                 grad_p = grad_p * keep / (1.0 - dropout.p)
-            t = teacher.block(rows, quantity, heads)
             valid = _valid_rows(target, rows, num_q, num_k, query.device)
             if loss == "mse_probs":
                 grad_p += _zero_invalid_(probs - t.exp(), valid).mul_(2.0 * w)

@@ -35,8 +35,9 @@ class DistillTrainer(Trainer):
     and the hidden-state and relation terms when their weights are above 0.
 
     The teacher runs in eval mode under ``torch.inference_mode``, is never given to the optimizer and is not
-    saved with student checkpoints. Only the mapped layers materialize attention (in both models); every other
-    layer keeps the fused SDPA kernel. Each term is normalised over the whole gradient-accumulation window
+    saved with student checkpoints. Every teacher layer and every unmapped student layer runs the fused SDPA
+    kernel; mapped student layers compute attention and its loss block by block over query rows
+    (:mod:`~hf_attn_distill.streamed_transfer`). Each term is normalised over the whole gradient-accumulation window
     (:mod:`~hf_attn_distill.accounting`), so ``k`` micro-batches of ``n`` give the update of one batch of
     ``k * n``. Terms are logged by name (``loss_ce``, ``loss_kd``, ``loss_attn_enc`` ..., ``eval_loss_*``),
     averaged over their items in the logging window and across processes. What the trainer attaches to the

@@ -153,9 +153,12 @@ def test_fully_masked_rows_output_zeros_as_sdpa_does():
     assert torch.count_nonzero(out[0, :, 3]) == 0
 
 
-def test_dropout_is_redrawn_identically_in_backward():
+@pytest.mark.parametrize("budget", [None, 2 * 2 * 7 * 2], ids=["one-block", "row-blocks"])
+def test_dropout_is_redrawn_identically_in_backward(budget, monkeypatch):
     """With dropout, output and gradients are those of the plain formulas with the same dropout mask (the loss
-    is taken before dropout)."""
+    is taken before dropout), also when backward recomputes the blocks."""
+    if budget is not None:
+        monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", budget)
     c = _case("encoder")
     torch.manual_seed(1)  # a call draws its dropout seed from the default generator
     got_out, got_loss = streamed.streamed_transfer(
@@ -171,7 +174,9 @@ def test_dropout_is_redrawn_identically_in_backward():
     )
     got = _grads(c, got_out, got_loss)
     torch.manual_seed(1)
-    keep = streamed._Dropout(0.5, "cpu").keep((3, 2, 7, 7), 0)  # one block: the whole layer
+    dropout = streamed._Dropout(0.5, "cpu")
+    blocks = streamed.row_blocks(3, 2, 7, 7)
+    keep = torch.cat([dropout.keep((3, 2, b.stop - b.start, 7), i) for i, b in enumerate(blocks)], dim=2)
     assert 0.3 < keep.float().mean() < 0.7
     log_p = torch.log_softmax((c["q"] @ c["k"].transpose(-1, -2)).masked_fill(c["blocked"], _MIN), -1)
     want_out = (log_p.exp() * keep / 0.5) @ c["v"]
