@@ -208,3 +208,23 @@ def test_general_student_is_trained_once_on_training_text_only(tmp_path, minilm_
     with open(SHARED / "sst2" / "test.tsv") as f:
         evaluation = {line.split("\t")[0] for line in list(f)[1:]}
     assert len(corpus) > 50_000 and not corpus & evaluation
+
+
+def test_speed_long_pair_runs_every_mode_and_reports_memory_above_the_limit():
+    """The long-position pair of benchmarks/speed.py on a short batch: each mode runs in this process, and the
+    summary gives D's and N's working memory above L."""
+    from benchmarks import speed
+
+    rows = []
+    for mode in ("L", "D", "N"):
+        spec = {"pair": "long6->3", "seq_len": 32, "batch": 1, "mode": mode, "warmup": 0, "steps": 1, "bf16": False}
+        rows.append({"pair": "long6->3", "seq_len": 32, "batch": 1, "mode": mode, **speed.run_worker(spec)})
+    assert all(r["step_s"] > 0 and r["peak_mb"] > 0 for r in rows)
+    (summary,) = speed.ratios(rows)
+    by_mode = {r["mode"]: r for r in rows}
+    if "peak_above_start_mb" in by_mode["L"]:
+        want = by_mode["D"]["peak_above_start_mb"] - by_mode["L"]["peak_above_start_mb"]
+        assert summary["D-L_work_mb"] == pytest.approx(want)
+    assert "D/N_time" in summary and "| D working MB above L |" in speed.markdown(
+        {"machine": "m", "rows": rows, "ratios": [summary]}
+    )
