@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from .objective import Objective
+from .objectives import LABEL_KEYS
 
-__all__ = ["TermAccounting"]
+__all__ = ["TermAccounting", "TermLoggingMixin"]
 
 
 class TermAccounting:
@@ -98,3 +99,45 @@ class TermAccounting:
 
     def reset(self, mode: str) -> None:
         self._sums[mode] = None
+
+
+class TermLoggingMixin:
+    """``Trainer`` overrides of :class:`~hf_attn_distill.DistillTrainer` that report each term: training logs get
+    the terms averaged over their window (and the scheduled values), ``evaluate``/``predict`` get
+    ``{prefix}_loss_*``, and unlabeled evaluation data (task-agnostic distillation) is scored by its transfer
+    terms."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the terms averaged over its window, and the scheduled values
+            logs.update(self.accounting.pop_means("train", self.args.device))
+            logs.update(self._scheduled_in_window)  # the values the logged window was trained with
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """As ``Trainer``'s; on unlabeled data for a model without labels (task-agnostic distillation), the loss is
+        the transfer terms, so ``evaluate()`` reports them instead of nothing."""
+        if self.label_names or any(k in inputs for k in LABEL_KEYS):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluation_loop(
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
+        """Adds ``{prefix}_loss_ce``, ``_loss_kd``, each site's ``_loss_attn_*``, ``_loss_hidden`` and
+        ``_loss_relation`` (those that are on) to the metrics of ``evaluate`` and ``predict``."""
+        self.accounting.reset("eval")
+        with self.attached():
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+        for name, value in self.accounting.pop_means("eval", self.args.device).items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = value
+        return output

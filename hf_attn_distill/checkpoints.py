@@ -10,8 +10,11 @@ from pathlib import Path
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .hidden_transfer import PROJECTION_NAME
+
 __all__ = [
     "TRAINER_STATE_NAME",
+    "CheckpointMixin",
     "check_checkpoint_fits",
     "checkpoint_is_complete",
     "last_complete_checkpoint",
@@ -108,3 +111,31 @@ def _tied(model: nn.Module, key: str) -> bool:
     tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
     names = tied.keys() if isinstance(tied, dict) else tied
     return any(key == name or key.endswith(name) for name in names)
+
+
+class CheckpointMixin:
+    """``Trainer`` overrides of :class:`~hf_attn_distill.DistillTrainer` for checkpoints and export: a resumed
+    checkpoint must fit the student (:func:`check_checkpoint_fits`); checkpoints keep the hidden-state projection
+    (for resume), the exported student does not."""
+
+    _saving_checkpoint = False
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        check_checkpoint_fits(resume_from_checkpoint, self.accelerator.unwrap_model(model or self.model))
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        self._saving_checkpoint = True  # checkpoints keep the hidden-state projection, for resume
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Save the student as a plain ``from_pretrained`` model: the hidden-state projection, if attached, stays
+        out of the export (only checkpoints keep it)."""
+        student = self.accelerator.unwrap_model(self.model)
+        if getattr(student, PROJECTION_NAME, None) is not None and not self._saving_checkpoint:
+            state_dict = student.state_dict() if state_dict is None else state_dict
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{PROJECTION_NAME}.")}
+        super()._save(output_dir, state_dict)

@@ -448,3 +448,43 @@ def write_trainer_card(trainer, given: dict, card_fields: dict, generic_card) ->
         return None
     write_model_card(trainer.args.output_dir, info)
     return info
+
+
+class ModelCardMixin:
+    """``Trainer.create_model_card`` of :class:`~hf_attn_distill.DistillTrainer`: the distillation card."""
+
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+        **card_fields,
+    ) -> CardInfo | None:
+        """Write the distillation card (:func:`~hf_attn_distill.model_card.write_trainer_card`) as ``README.md`` in
+        ``output_dir``. Takes ``Trainer.create_model_card``'s arguments, so ``push_to_hub`` writes it too;
+        ``card_fields`` set :class:`~hf_attn_distill.model_card.CardInfo` fields. Returns what the card says
+        (``None`` off the main process, or where transformers' generic card was written instead)."""
+        if not self.is_world_process_zero():
+            return None
+        given = dict(
+            language=language,
+            license=license,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+        )
+
+        def generic_card():  # a task our card does not describe
+            super(ModelCardMixin, self).create_model_card(
+                language, license, tags, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args
+            )
+
+        return write_trainer_card(self, given, card_fields, generic_card)

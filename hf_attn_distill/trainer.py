@@ -11,15 +11,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 
-from .accounting import TermAccounting
+from .accounting import TermAccounting, TermLoggingMixin
 from .attention_capture import Capture
 from .attention_transfer import SiteTransfer
 from .batches import check_lengths, position_limits, strip_outputs, with_decoder_inputs
-from .checkpoints import check_checkpoint_fits, resolve_resume
+from .checkpoints import CheckpointMixin, resolve_resume
 from .config import DistillConfig, parse_schedules
 from .distributed import prepare_teacher
-from .hidden_transfer import PROJECTION_NAME
-from .model_card import CardInfo, write_trainer_card
+from .model_card import ModelCardMixin
 from .objective import KD_MASK_COLUMN, Step
 from .objectives import LABEL_KEYS, OBJECTIVES, build_objectives
 from .pairing import check_distillation_pair, resolve_teacher
@@ -29,7 +28,7 @@ from .teacher_cache import CACHE_INDEX_COLUMN, prepare_logits_cache
 __all__ = ["DistillTrainer"]
 
 
-class DistillTrainer(Trainer):
+class DistillTrainer(TermLoggingMixin, CheckpointMixin, ModelCardMixin, Trainer):
     """``transformers.Trainer`` whose loss is the weighted sum of the objectives ``args`` asks for
     (:mod:`~hf_attn_distill.objectives`): ``alpha_ce * CE + alpha_kd * KD``, one attention term per mapped site,
     and the hidden-state and relation terms when their weights are above 0.
@@ -92,7 +91,6 @@ class DistillTrainer(Trainer):
         )
         self._schedules = parse_schedules(args.schedules, args.term_weight_fields)
         self._scheduled_in_window: dict[str, float] = {}
-        self._saving_checkpoint = False
         self.teacher_logits_cache = prepare_logits_cache(self) if args.teacher_logits_cache else None
 
     @property
@@ -244,96 +242,3 @@ class DistillTrainer(Trainer):
             self._stop()
             if not was_attached:
                 self.capture.release()
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """As ``Trainer``'s; on unlabeled data for a model without labels (task-agnostic distillation), the loss is
-        the transfer terms, so ``evaluate()`` reports them instead of nothing."""
-        if self.label_names or any(k in inputs for k in LABEL_KEYS):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def evaluation_loop(
-        self,
-        dataloader,
-        description: str,
-        prediction_loss_only: bool | None = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-    ):
-        """Adds ``{prefix}_loss_ce``, ``_loss_kd``, each site's ``_loss_attn_*``, ``_loss_hidden`` and
-        ``_loss_relation`` (those that are on) to the metrics of ``evaluate`` and ``predict``."""
-        self.accounting.reset("eval")
-        with self.attached():
-            output = super().evaluation_loop(
-                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-            )
-        for name, value in self.accounting.pop_means("eval", self.args.device).items():
-            output.metrics[f"{metric_key_prefix}_{name}"] = value
-        return output
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the terms averaged over its window, and the scheduled values
-            logs.update(self.accounting.pop_means("train", self.args.device))
-            logs.update(self._scheduled_in_window)  # the values the logged window was trained with
-        super().log(logs, start_time)
-
-    # ---- checkpoints and export ----
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        check_checkpoint_fits(resume_from_checkpoint, self.accelerator.unwrap_model(model or self.model))
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _save_checkpoint(self, model: nn.Module, trial) -> None:
-        self._saving_checkpoint = True  # checkpoints keep the hidden-state projection, for resume
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._saving_checkpoint = False
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Save the student as a plain ``from_pretrained`` model: the hidden-state projection, if attached, stays
-        out of the export (only checkpoints keep it)."""
-        student = self.accelerator.unwrap_model(self.model)
-        if getattr(student, PROJECTION_NAME, None) is not None and not self._saving_checkpoint:
-            state_dict = student.state_dict() if state_dict is None else state_dict
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{PROJECTION_NAME}.")}
-        super()._save(output_dir, state_dict)
-
-    def create_model_card(
-        self,
-        language=None,
-        license=None,
-        tags=None,
-        model_name=None,
-        finetuned_from=None,
-        tasks=None,
-        dataset_tags=None,
-        dataset=None,
-        dataset_args=None,
-        **card_fields,
-    ) -> CardInfo | None:
-        """Write the distillation card (:func:`~hf_attn_distill.model_card.write_trainer_card`) as ``README.md`` in
-        ``output_dir``. Takes ``Trainer.create_model_card``'s arguments, so ``push_to_hub`` writes it too;
-        ``card_fields`` set :class:`~hf_attn_distill.model_card.CardInfo` fields. Returns what the card says
-        (``None`` off the main process, or where transformers' generic card was written instead)."""
-        if not self.is_world_process_zero():
-            return None
-        given = dict(
-            language=language,
-            license=license,
-            model_name=model_name,
-            finetuned_from=finetuned_from,
-            tasks=tasks,
-            dataset_tags=dataset_tags,
-            dataset=dataset,
-        )
-
-        def generic_card():  # a task our card does not describe
-            super(DistillTrainer, self).create_model_card(
-                language, license, tags, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args
-            )
-
-        return write_trainer_card(self, given, card_fields, generic_card)
