@@ -122,7 +122,7 @@ RUN_SELECTION = (
 
 
 def read_runs(
-    paths: list[str], metric: str, args, mean_keys: tuple[str, ...] = ()
+    paths: list[str], metric: str, args, mean_keys: tuple[str, ...] = (), own_settings: tuple[str, ...] = ()
 ) -> tuple[list[dict], dict[str, list[dict]]]:
     """Result files of one benchmark setup back as ``(parts, runs)``; ``runs`` maps each variant to one record
     per seed, ``{"seed", metric, "wall_s", *mean_keys}``, sorted by seed.
@@ -131,12 +131,14 @@ def read_runs(
     those settings are copied into ``args`` so the merged summary describes the runs, not the merge command.
     Only the variants in ``args.variants`` are kept; ``args.variants`` and ``args.seeds`` become what was read. A
     file keeps only per-variant means of the wall time and of ``mean_keys`` (e.g. ``chrf_mean``); each of its
-    runs gets those means, so means over the merged runs are exact. Exits when the files disagree or two files
-    hold the same variant and seed."""
+    runs gets those means, so means over the merged runs are exact. ``own_settings`` are settings that only some
+    variants depend on (the general-distillation budget of ``small_general_*``): they are not compared, and are
+    taken from the files that have them. Exits when the files disagree or two files hold the same variant and
+    seed."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
 
     def setup(part: dict) -> str:
-        settings = {k: v for k, v in part["settings"].items() if k not in RUN_SELECTION}
+        settings = {k: v for k, v in part["settings"].items() if k not in RUN_SELECTION + own_settings}
         return json.dumps(
             [part["teacher"], part["student"], part["eval_set"], part["machine"], settings], sort_keys=True
         )
@@ -146,9 +148,10 @@ def read_runs(
             "The result files come from different teachers, students, eval sets, machines or settings; "
             "they cannot be merged."
         )
-    for key, value in parts[0]["settings"].items():
-        if key not in RUN_SELECTION:
-            setattr(args, key, value)
+    for part in reversed(parts):  # the first file wins; settings only later files have are taken from them
+        for key, value in part["settings"].items():
+            if key not in RUN_SELECTION:
+                setattr(args, key, value)
     runs: dict[str, list[dict]] = {}
     for path, part in zip(paths, parts):
         for name, s in part["students"].items():

@@ -289,8 +289,10 @@ def markdown(result: dict) -> str:
 def merge(args: QualityArguments) -> dict:
     """Combine result files of the same teacher and budget that cover different seeds or variants into
     ``args.results`` (only the variants in ``args.variants``)."""
-    parts, runs = read_runs(args.merge_results, "accuracy", args)
-    result = summarize(parts[0]["teacher"], runs, args)
+    parts, runs = read_runs(args.merge_results, "accuracy", args, own_settings=GENERAL_FIELDS)
+    general = next((p["general_distillation"] for p in parts if "general_distillation" in p), None)
+    general = general if any(name in GENERAL_VARIANTS for name in runs) else None
+    result = summarize(parts[0]["teacher"], runs, args, general)
     result["machine"] = parts[0]["machine"]
     result["merged_from"] = [os.path.relpath(p, Path(args.results).parent) for p in args.merge_results]
     write_results(Path(args.results), result, markdown)

@@ -71,6 +71,25 @@ def test_merge_refuses_a_run_twice_and_other_budgets(tmp_path):
             quality_sst2.main(["--merge_results", a, other, "--results", str(tmp_path / "m")])
 
 
+def test_sst2_merge_adds_the_general_student_with_its_own_budget(tmp_path):
+    general = {"steps": 1200, "batch": 32, "tokens_per_block": 128, "wall_s": 4800.0, "objective": "o", "text": "t"}
+    a = write(tmp_path, "a", sst2_part({"small_kd": entry([0.79, 0.80], [1, 2], 300.0)}))
+    b = write(
+        tmp_path,
+        "b",
+        {
+            **sst2_part({"small_general_kd": entry([0.82, 0.81], [1, 2], 310.0)}, general_steps=1200),
+            "general_distillation": general,
+        },
+    )
+    result = quality_sst2.main(["--merge_results", a, b, "--results", str(tmp_path / "merged")])
+    assert list(result["students"]) == ["small_kd", "small_general_kd"]
+    assert result["general_distillation"] == general and result["settings"]["general_steps"] == 1200
+    assert "general-distilled once: 1200 steps" in (tmp_path / "merged.md").read_text()
+    without = quality_sst2.main(["--merge_results", a, b, "--results", str(tmp_path / "kd"), "--variants", "small_kd"])
+    assert "general_distillation" not in without
+
+
 def test_translation_merge_keeps_chrf_means_exact(tmp_path):
     settings = {
         "teacher_steps": 500,
