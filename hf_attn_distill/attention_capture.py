@@ -54,7 +54,6 @@ __all__ = [
     "probability_rows",
     "recording_attention_forward",
     "set_attention_implementation",
-    "verify_capture",
 ]
 
 ATTN_IMPLEMENTATION = "hf_attn_distill"
@@ -750,40 +749,3 @@ def enable_attention_capture(model: PreTrainedModel) -> None:
             "attention in its own code, not through AttentionInterface), so its attention cannot be captured "
             "selectively. Set attention_weight=0 to distill logits only."
         )
-
-
-def verify_capture(model: PreTrainedModel, recorder: AttentionRecorder) -> None:
-    """Run ``model`` once on its ``dummy_inputs`` while ``recorder`` records, so a model that does not
-    dispatch the recorded attentions through ``AttentionInterface`` fails now, with the modules named,
-    rather than at the first training step. An attention input the recording cannot reproduce (soft-capping,
-    sinks, sliding windows) raises its ``NotImplementedError`` now too. Models without usable dummy inputs, or
-    whose forward needs more than them, are checked at their first recording instead (logged)."""
-    try:
-        inputs = {k: v.to(model.device) for k, v in model.dummy_inputs.items() if torch.is_tensor(v)}
-    except (AttributeError, NotImplementedError, TypeError, ValueError) as err:
-        logger.info(
-            "%s has no usable dummy inputs (%s): capture is checked at the first step.", type(model).__name__, err
-        )
-        return
-    if not inputs or any(p.device.type == "meta" for p in model.parameters()):
-        return
-    was_training = model.training
-    model.eval()
-    recorder.start()
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        recorder.collect()
-    except CaptureMissedError as err:
-        raise ValueError(f"{type(model).__name__}: {err}") from None
-    except RuntimeError as err:
-        logger.info(
-            "%s's forward on dummy inputs failed (%s): capture is checked at the first step.", type(model).__name__, err
-        )
-    except (TypeError, ValueError, IndexError) as err:  # dummy inputs that do not suit the model's forward
-        logger.info(
-            "%s's forward on dummy inputs failed (%s): capture is checked at the first step.", type(model).__name__, err
-        )
-    finally:
-        recorder.stop()
-        model.train(was_training)
