@@ -28,7 +28,6 @@ Three things a recorded layer survives:
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -61,7 +60,6 @@ POINT_ATTR = "_hf_attn_distill_point"
 # Attention inputs that change the attention pattern in ways the recording path does not reproduce.
 UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks")
 _MIN = torch.finfo(torch.float32).min
-logger = logging.getLogger(__name__)
 
 
 class _Slot:
