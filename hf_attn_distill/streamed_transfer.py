@@ -69,22 +69,48 @@ class AttentionMask:
     additive: torch.Tensor | None = None
     key_valid: torch.Tensor | None = None
     causal: bool = False
+    window: int | None = None  # keys farther than this from the query are masked (sliding-window layers)
 
     @classmethod
     def compact(cls, blocked: torch.Tensor | None, causal: bool) -> AttentionMask:
-        """The mask of a call; a boolean padding (+ causal) mask is replaced by its ``[B, K]`` key padding."""
+        """The mask of a call; a boolean padding mask, causal or not, with or without a sliding window, is replaced
+        by its ``[B, K]`` key padding (and the window), so nothing of size Q x K is kept."""
         if blocked is None:
             return cls(causal=causal)
-        if blocked.dim() == 4 and blocked.shape[1] == 1:
-            num_q, num_k = blocked.shape[-2:]
-            key_valid = ~blocked[:, 0, -1, :]  # the last query may look at every key
-            for is_causal in (False, True):
-                rebuilt = ~key_valid[:, None, None, :]
-                if is_causal:
-                    rebuilt = rebuilt | _future(slice(0, num_q), num_q, num_k, blocked.device)
-                if torch.equal(rebuilt.expand_as(blocked), blocked):
-                    return cls(key_valid=key_valid, causal=is_causal)
+        if blocked.dim() != 4 or blocked.shape[1] != 1:
+            return cls(blocked=blocked)
+        num_q, num_k = blocked.shape[-2:]
+        candidates = [cls(key_valid=~blocked[:, 0, -1, :], causal=c) for c in (False, True)]  # the last query sees all
+        if num_q == num_k:  # sliding windows: every real key sees itself, and the widest visible distance is the window
+            key_valid = ~blocked[:, 0].diagonal(dim1=-2, dim2=-1)
+            distance = torch.arange(num_q, device=blocked.device)[:, None] - torch.arange(num_k, device=blocked.device)
+            seen = ~blocked[:, 0] & key_valid[:, None, :] & key_valid[:, :, None]
+            if bool(seen.any()):
+                window = int(distance.abs().expand_as(seen)[seen].max())
+                candidates += [cls(key_valid=key_valid, causal=c, window=window) for c in (False, True)]
+        for candidate in candidates:
+            if torch.equal(candidate.dense(num_q, num_k).expand_as(blocked), blocked):
+                return candidate
         return cls(blocked=blocked)
+
+    def dense(self, num_q: int, num_k: int) -> torch.Tensor:
+        """The compact mask as a ``[B|1, 1, Q, K]`` boolean tensor (for checking the compaction)."""
+        device = self.key_valid.device if self.key_valid is not None else "cpu"
+        rows = slice(0, num_q)
+        blocked = torch.zeros(1, 1, num_q, num_k, dtype=torch.bool, device=device)
+        if self.key_valid is not None:
+            blocked = blocked | ~self.key_valid[:, None, None, :]
+        return blocked | self._positions(rows, num_q, num_k, device)
+
+    def _positions(self, rows: slice, num_q: int, num_k: int, device) -> torch.Tensor:
+        """``[r, K]`` entries masked by position (causality, window)."""
+        masked = torch.zeros(rows.stop - rows.start, num_k, dtype=torch.bool, device=device)
+        if self.causal:
+            masked |= _future(rows, num_q, num_k, device)
+        if self.window is not None:
+            q = torch.arange(rows.start, rows.stop, device=device)[:, None] + (num_k - num_q)
+            masked |= (q - torch.arange(num_k, device=device)[None, :]).abs() > self.window
+        return masked
 
     def apply_(self, scores: torch.Tensor, rows: slice, num_q: int) -> torch.Tensor:
         """Mask the ``[B, H, r, K]`` scores of query rows ``rows`` in place."""
@@ -95,8 +121,8 @@ class AttentionMask:
         else:
             if self.key_valid is not None:
                 scores.masked_fill_(~self.key_valid[:, None, None, :], _MIN)
-            if self.causal:
-                scores.masked_fill_(_future(rows, num_q, scores.shape[-1], scores.device), _MIN)
+            if self.causal or self.window is not None:
+                scores.masked_fill_(self._positions(rows, num_q, scores.shape[-1], scores.device), _MIN)
         return scores
 
 

@@ -141,8 +141,20 @@ def test_padding_masks_are_stored_as_key_padding():
     c = _case("decoder")
     compact = AttentionMask.compact(c["blocked"], False)
     assert compact.blocked is None and compact.causal and torch.equal(compact.key_valid, c["key_valid"])
-    window = c["blocked"] | (torch.arange(7)[:, None] - torch.arange(7)[None, :]).abs().gt(2)
-    assert AttentionMask.compact(window, False).blocked is window  # a sliding window is kept as it is
+    for causal in (False, True):  # sliding windows, bidirectional (ModernBERT) and causal (Qwen2), with padding
+        base = c["blocked"] if causal else ~c["key_valid"][:, None, None, :].expand(3, 1, 7, 7)
+        window = base | (torch.arange(7)[:, None] - torch.arange(7)[None, :]).abs().gt(2)
+        compact = AttentionMask.compact(window, False)
+        assert (compact.blocked, compact.window, compact.causal) == (None, 2, causal)
+        assert torch.equal(compact.dense(7, 7).expand_as(window), window)
+        scores = torch.randn(3, 2, 7, 7)
+        torch.testing.assert_close(
+            AttentionMask(blocked=window).apply_(scores[:, :, 2:5].clone(), slice(2, 5), 7),
+            compact.apply_(scores[:, :, 2:5].clone(), slice(2, 5), 7),
+        )
+    odd = c["blocked"].clone()
+    odd[0, 0, 3, 1] = True  # no padding, causal or window pattern: kept as it is
+    assert AttentionMask.compact(odd, False).blocked is odd
 
 
 def test_fully_masked_rows_output_zeros_as_sdpa_does():
@@ -219,3 +231,27 @@ def test_the_teacher_keeps_no_query_by_key_tensor(tmp_path):
         valid = mask.bool()[:, None, None, :].expand_as(full[0])
         torch.testing.assert_close(record.materialize("log_probs")[valid], full[0][valid], atol=1e-6, rtol=1e-5)
     assert find_attention_modules(teacher)  # still discoverable
+
+
+def test_a_sliding_window_teacher_keeps_its_window_not_its_mask(tmp_path):
+    """ModernBERT's local layers: the record keeps the key padding and the window; it recomputes the eager rows."""
+    from test_model_families import batch, modernbert
+
+    from hf_attn_distill import DistillConfig, DistillTrainer
+
+    teacher, student = modernbert(4, 4, 0), modernbert(2, 2, 1)
+    args = DistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, layer_map="0:0,1:2")
+    (transfer,) = DistillTrainer(model=student, teacher_model=teacher, args=args).transfers
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    transfer.teacher.start()
+    with torch.inference_mode():
+        teacher(**inputs)
+    global_, local = transfer.teacher.collect()
+    transfer.teacher.stop()
+    assert global_.mask.window is None and local.mask.window == 2
+    assert local.mask.blocked is None and local.mask.key_valid.shape == (3, 9)
+    teacher.set_attn_implementation("eager")
+    eager = teacher(**inputs, output_attentions=True).attentions[2]
+    valid = inputs["attention_mask"].bool()
+    valid = (valid[:, None, :, None] & valid[:, None, None, :]).expand_as(eager)
+    torch.testing.assert_close(local.materialize("log_probs").exp()[valid], eager[valid], atol=1e-6, rtol=1e-5)
