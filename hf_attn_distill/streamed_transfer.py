@@ -273,9 +273,7 @@ class StreamedTransfer(torch.autograd.Function):
         num_k = key.shape[-2]
         quantity = "scores" if loss == "mse_scores" else "log_probs"
         w = grad_loss / count
-        grad_q = torch.zeros_like(query, dtype=torch.float32)
-        grad_k = torch.zeros_like(key, dtype=torch.float32)
-        grad_v = torch.zeros_like(value, dtype=torch.float32)
+        grad_q, grad_k, grad_v = [], None, None  # grad_q: one piece per block of rows
         grad_bias = (
             torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[3] else None
         )
@@ -296,24 +294,28 @@ class StreamedTransfer(torch.autograd.Function):
             grad_o = grad_out[:, :, rows].float()
             keep = dropout.keep(probs.shape, index)
             dropped = probs if keep is None else probs * keep / (1.0 - dropout.p)
-            grad_v += torch.matmul(dropped.transpose(-1, -2), grad_o)
+            block_v = torch.matmul(dropped.transpose(-1, -2), grad_o)
+            grad_v = block_v if grad_v is None else grad_v.add_(block_v)
             grad_p = torch.matmul(grad_o, value_f.transpose(-1, -2))
             if keep is not None:
                 grad_p = grad_p * keep / (1.0 - dropout.p)
             valid = _valid_rows(target, rows, num_q, num_k, query.device)
             if loss == "mse_probs":
                 grad_p += _zero_invalid_(probs - t.exp(), valid).mul_(2.0 * w)
-            grad_s = probs * (grad_p - (probs * grad_p).sum(-1, keepdim=True))
+            # softmax backward, in place: g <- p * (g - sum_k p g)
+            grad_s = grad_p.sub_((probs * grad_p).sum(-1, keepdim=True)).mul_(probs)
             if loss == "kl":
                 p_t = _zero_invalid_(t.exp(), valid)
-                grad_s += (probs * p_t.sum(-1, keepdim=True) - p_t) * w
+                grad_s.addcmul_(probs, p_t.sum(-1, keepdim=True) * w).sub_(p_t.mul_(w))
             elif loss == "mse_scores":
                 grad_s += _zero_invalid_(scores - t, valid).mul_(2.0 * w)
-            grad_q[:, :, rows] = torch.matmul(grad_s, key_f)
-            grad_k += torch.matmul(grad_s.transpose(-1, -2), query[:, :, rows].float())
+            grad_q.append(torch.matmul(grad_s, key_f))
+            block_k = torch.matmul(grad_s.transpose(-1, -2), query[:, :, rows].float())
+            grad_k = block_k if grad_k is None else grad_k.add_(block_k)
             if grad_bias is not None:
                 grad_bias[..., rows, :] += _sum_to(grad_s, grad_bias[..., rows, :].shape)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        grad_q = torch.cat(grad_q, dim=2) if len(grad_q) > 1 else grad_q[0]
         return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_bias, *([None] * 6)
 
 
