@@ -247,3 +247,40 @@ def test_speed_long_pair_runs_every_mode_and_reports_memory_above_the_limit():
     assert "D/N_time" in summary and "| D working MB above L |" in speed.markdown(
         {"machine": "m", "rows": rows, "ratios": [summary]}
     )
+
+
+def test_gpu_plan_flags_are_the_benchmarks_own_and_full_scale_needs_cuda(tmp_path, monkeypatch):
+    """benchmarks/run_gpu.py: every planned flag parses with its benchmark's parser; full scale refuses a CPU."""
+    import torch
+    from transformers import HfArgumentParser
+
+    from benchmarks import quality_qa, run_gpu
+
+    parsers = {
+        "sst2": quality_sst2.QualityArguments,
+        "qa": quality_qa.QualityQAArguments,
+        "translation": quality_translation.QualityTranslationArguments,
+    }
+    for scale in run_gpu.PLANS:
+        for task, argv in run_gpu.plan(scale, tmp_path / "work", tmp_path / "results"):
+            (parsed,) = HfArgumentParser(parsers[task]).parse_args_into_dataclasses(argv)
+            assert parsed.seeds == [1] and parsed.results == str(tmp_path / "results" / f"quality_{task}")
+    full = dict(run_gpu.plan("full", tmp_path, tmp_path))
+    (qa,) = HfArgumentParser(quality_qa.QualityQAArguments).parse_args_into_dataclasses(full["qa"])
+    assert (qa.train_examples, qa.eval_examples) == (87599, 10570)  # all of SQuAD v1.1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU.*--scale tiny"):
+        run_gpu.main(["--work_dir", str(tmp_path)])
+
+
+@pytest.mark.very_slow
+@pytest.mark.skipif(not (SHARED / "squad" / "train.json").exists(), reason="needs ../shared/data")
+def test_gpu_plan_runs_end_to_end_at_tiny_scale(tmp_path):
+    """The whole GPU plan at tiny scale on CPU (about 3 minutes on 2 cores): every part trains and writes results."""
+    from benchmarks import run_gpu
+
+    summary = run_gpu.main(["--scale", "tiny", "--work_dir", str(tmp_path / "w"), "--results_dir", str(tmp_path / "r")])
+    assert set(summary["wall_s"]) == set(run_gpu.TASKS)
+    for task in run_gpu.TASKS:
+        result = json.loads((tmp_path / "r" / f"quality_{task}.json").read_text())
+        assert list(result["students"]) == ["kd"] and result["students"]["kd"]["seeds"] == [1]
