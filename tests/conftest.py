@@ -39,6 +39,28 @@ def tiny_classifier(seed: int = 0, **overrides) -> BertForSequenceClassification
     return BertForSequenceClassification(tiny_bert_config(**overrides))
 
 
+def one_sgd_step(output_dir, batch: int, accumulation: int, **overrides) -> dict:
+    """``DistillConfig`` arguments of one plain SGD step over the whole dataset, split into ``batch`` x
+    ``accumulation`` micro-batches (what the accumulation-equivalence tests compare)."""
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return {**values, **overrides}
+
+
 def teacher_and_narrow_student():
     """A 4-layer, 32-wide, 4-head teacher and a 2-layer, 16-wide, 2-head student (widths and heads differ)."""
     teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)

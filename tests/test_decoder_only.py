@@ -6,6 +6,7 @@ token-level KD equal the reference losses; an update split into micro-batches wi
 
 import pytest
 import torch
+from conftest import one_sgd_step
 from datasets import Dataset
 from torch.utils.data import SequentialSampler
 from transformers import (
@@ -139,23 +140,7 @@ class InOrderTrainer(DistillTrainer):
 
 
 def trainer_for(family, tmp_path, batch=8, accumulation=1, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / f"{family}-b{batch}ga{accumulation}"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        logging_steps=1,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=0,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        temperature=2.0,
-    )
+    values = one_sgd_step(tmp_path / f"{family}-b{batch}ga{accumulation}", batch, accumulation, temperature=2.0)
     values.update(overrides)
     return InOrderTrainer(
         model=FAMILIES[family](2, 2, 1),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import teacher_and_narrow_student, tiny_classifier
+from conftest import one_sgd_step, teacher_and_narrow_student, tiny_classifier
 from safetensors.torch import load_file
 from test_trainer_exactness import InOrderTrainer, uneven_dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
@@ -133,20 +133,7 @@ def test_accumulation_equals_one_large_batch(tmp_path, tokenizer, loss):
     def update(batch, accumulation):
         teacher, student = teacher_and_narrow_student()
         args = DistillConfig(
-            output_dir=str(tmp_path / f"{batch}x{accumulation}"),
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            logging_steps=1,
-            optim="sgd",
-            learning_rate=0.5,
-            lr_scheduler_type="constant",
-            max_grad_norm=0,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
+            **one_sgd_step(tmp_path / f"{batch}x{accumulation}", batch, accumulation),
             hidden_weight=1.0,
             hidden_loss=loss,
             layer_map="uniform",

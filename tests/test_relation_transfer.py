@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import teacher_and_narrow_student
+from conftest import one_sgd_step, teacher_and_narrow_student
 from test_trainer_exactness import InOrderTrainer, uneven_dataset
 from transformers import DataCollatorWithPadding
 
@@ -87,20 +87,7 @@ def test_term_equals_recomputation_from_the_projections(tmp_path, tokenizer, kin
 def _update(tmp_path, tokenizer, batch, accumulation, **overrides):
     teacher, student = teacher_and_narrow_student()
     values = dict(
-        output_dir=str(tmp_path / f"{batch}x{accumulation}{sorted(overrides)}"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        logging_steps=1,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=0,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
+        **one_sgd_step(tmp_path / f"{batch}x{accumulation}{sorted(overrides)}", batch, accumulation),
         relation_weight=1.0,
         relation_heads=2,
         attention_weight=0.0,

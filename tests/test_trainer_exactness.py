@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_classifier
+from conftest import one_sgd_step, tiny_classifier
 from datasets import Dataset
 from torch.utils.data import SequentialSampler
 from transformers import DataCollatorWithPadding
@@ -33,23 +33,7 @@ def exact_trainer(
     tmp_path, tokenizer, batch, accumulation, trainer_cls=InOrderTrainer, config_cls=DistillConfig, **overrides
 ):
     """A trainer for one plain SGD step over the 8 rows, in order, split into ``batch`` x ``accumulation``."""
-    values = dict(
-        output_dir=str(tmp_path / f"b{batch}ga{accumulation}"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        logging_steps=1,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=0,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
+    values = one_sgd_step(tmp_path / f"b{batch}ga{accumulation}", batch, accumulation, **overrides)
     teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
     student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
     return trainer_cls(
