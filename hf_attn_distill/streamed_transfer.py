@@ -7,7 +7,8 @@ runs :class:`StreamedTransfer`: over blocks of query rows it computes its scores
 recomputes the teacher's rows of the block (heads grouped to the student's), and adds the block's transfer loss;
 it keeps for backward only its inputs and one log-sum-exp per row, and backward recomputes each block's
 probabilities (as flash attention does), adding the loss gradient (a layer that fits in one block keeps that
-block instead: at short lengths recomputing would cost more than the memory it saves):
+block's probabilities, dropout mask and teacher term instead: at short lengths recomputing would cost more than
+the memory it saves):
 
 - ``"kl"`` (MiniLM): ``dS += w (p_s sum_k p~_t - p~_t)``;
 - ``"mse_probs"``: ``dP += 2w (p_s - p_t)`` before the softmax backward;
@@ -22,7 +23,7 @@ drawn per block from a generator seeded once per call, and drawn again identical
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -70,6 +71,7 @@ class AttentionMask:
     key_valid: torch.Tensor | None = None
     causal: bool = False
     window: int | None = None  # keys farther than this from the query are masked (sliding-window layers)
+    _dead: tuple | None = field(default=None, init=False, repr=False)  # (rows, any) once known from the mask alone
 
     @classmethod
     def compact(cls, blocked: torch.Tensor | None, causal: bool) -> AttentionMask:
@@ -125,6 +127,24 @@ class AttentionMask:
                 scores.masked_fill_(self._positions(rows, num_q, scores.shape[-1], scores.device), _MIN)
         return scores
 
+    def dead_rows(self, scores: torch.Tensor, rows: slice) -> torch.Tensor | None:
+        """Query rows of the masked block ``scores`` with every key masked (broadcastable to ``[B, H, r, 1]``), or
+        ``None`` when there are none; read once from the mask itself when it tells (boolean or plain padding),
+        else from the block."""
+        if self._dead is None:
+            if self.blocked is not None:
+                dead = self.blocked.all(-1, keepdim=True)
+            elif self.additive is None and self.key_valid is None:
+                dead = None  # causality and windows alone leave every query its own key (queries end-aligned)
+            elif self.additive is None and not self.causal and self.window is None:
+                dead = ~self.key_valid.any(-1)[:, None, None, None]
+            else:  # causality or a window combined with padding or an additive mask: look at the scores
+                dead = scores.amax(-1, keepdim=True) <= _MIN / 2
+                return dead if bool(dead.any()) else None
+            self._dead = (dead, dead is not None and bool(dead.any()))
+        dead, any_dead = self._dead
+        return _rows_of(dead, rows) if any_dead else None
+
 
 def _rows_of(mask: torch.Tensor, rows: slice) -> torch.Tensor:
     return mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., rows, :]
@@ -176,21 +196,35 @@ class AttentionRows:
         return torch.cat([self.block(rows, quantity, self.shape[1]) for rows in blocks], dim=2)
 
 
-def _valid_rows(target, rows: slice, num_q: int, num_k: int, device) -> torch.Tensor | None:
-    """``[B, 1, r, K]`` valid entries of rows ``rows`` for the loss, or ``None`` when all are valid."""
-    key, query, causal = target.key_mask, target.query_mask, target.causal
-    if query is None and key is not None and num_q == num_k:
-        query = key
-    if key is None and query is None and not causal:
-        return None
-    valid = torch.ones(1, 1, rows.stop - rows.start, num_k, dtype=torch.bool, device=device)
-    if key is not None:
-        valid = valid & key.bool()[:, None, None, :]
-    if query is not None:
-        valid = valid & query.bool()[:, None, rows, None]
-    if causal:
-        valid = valid & ~_future(rows, num_q, num_k, device)
-    return valid
+@dataclass(eq=False)
+class _ValidEntries:
+    """The (query, key) entries a layer's loss compares, one block of query rows at a time: ``key``/``query``
+    ``[B, K]``/``[B, Q]`` booleans, ``None`` when every one is valid."""
+
+    key: torch.Tensor | None
+    query: torch.Tensor | None
+    causal: bool
+
+    @classmethod
+    def of(cls, target, num_q: int, num_k: int) -> _ValidEntries:
+        key, query = target.key_mask, target.query_mask
+        if query is None and key is not None and num_q == num_k:
+            query = key
+        key, query = (None if m is None or bool(m.all()) else m.bool() for m in (key, query))
+        return cls(key, query, target.causal)
+
+    def rows(self, rows: slice, num_q: int, num_k: int, device) -> torch.Tensor | None:
+        """``[B|1, 1, r, K]`` valid entries of rows ``rows``, or ``None`` when all are valid."""
+        if self.key is None and self.query is None and not self.causal:
+            return None
+        valid = torch.ones(1, 1, rows.stop - rows.start, num_k, dtype=torch.bool, device=device)
+        if self.key is not None:
+            valid = valid & self.key[:, None, None, :]
+        if self.query is not None:
+            valid = valid & self.query[:, None, rows, None]
+        if self.causal:
+            valid = valid & ~_future(rows, num_q, num_k, device)
+        return valid
 
 
 def _zero_invalid_(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -206,26 +240,42 @@ class _Dropout:
         self.device = device
 
     def keep(self, shape, index: int) -> torch.Tensor | None:
+        """Block ``index``'s kept entries (boolean), ``None`` without dropout."""
         if self.p == 0:
             return None
         generator = torch.Generator(device=self.device).manual_seed(self.seed + index)
         return torch.rand(shape, generator=generator, device=self.device) >= self.p
 
+    def apply(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """``x`` with the dropped entries zeroed and the kept ones scaled by ``1 / (1 - p)`` (a new tensor)."""
+        return x if keep is None else x.mul(keep).div_(1.0 - self.p)
 
-def _student_block(query, key, bias, mask: AttentionMask, rows: slice, num_q: int):
-    """Masked float32 scores, log-sum-exp, log-probabilities and probabilities of the student's rows ``rows``
-    (fully masked rows get probability 0, as ``"sdpa"`` gives them output 0)."""
+
+def _student_block(query, key, bias, mask: AttentionMask, rows: slice, lse: torch.Tensor | None = None):
+    """Masked float32 scores and probabilities of the student's rows ``rows``, and their log-probabilities (or,
+    given their log-sum-exps ``lse``, in backward, ``None``); fully masked rows get probability 0, as ``"sdpa"``
+    gives them output 0."""
     scores = torch.matmul(query[:, :, rows], key.transpose(-1, -2)).float()
     if bias is not None:
         scores += _rows_of(bias, rows).float()
-    mask.apply_(scores, rows, num_q)
-    log_probs = torch.log_softmax(scores, dim=-1)  # as the reference losses compute it, for the same values
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = log_probs.exp()
-    dead = scores.amax(-1, keepdim=True) <= _MIN / 2
-    if bool(dead.any()):
+    mask.apply_(scores, rows, query.shape[2])
+    if lse is None:
+        log_probs = torch.log_softmax(scores, dim=-1)  # as the reference losses compute it, for the same values
+        probs = log_probs.exp()
+    else:
+        log_probs, probs = None, (scores - lse[:, :, rows]).exp_()
+    dead = mask.dead_rows(scores, rows)
+    if dead is not None:
         probs.masked_fill_(dead, 0.0)
-    return scores, lse, log_probs, probs
+    return scores, log_probs, probs
+
+
+def _transfer_term(loss: str, scores, probs, t, valid) -> torch.Tensor:
+    """What the block's loss is built from and its gradient needs: the teacher's probabilities (``"kl"``) or the
+    difference to the teacher (MSE kinds), zero on invalid entries."""
+    if loss == "kl":
+        return _zero_invalid_(t.exp(), valid)
+    return _zero_invalid_(scores - t if loss == "mse_scores" else probs - t.exp(), valid)
 
 
 class StreamedTransfer(torch.autograd.Function):
@@ -233,42 +283,43 @@ class StreamedTransfer(torch.autograd.Function):
     docstring. ``query`` is already scaled; ``key`` and ``value`` have the query's head count."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, mask, teacher, loss, target, dropout, count):
+    def forward(ctx, query, key, value, bias, mask, teacher, loss, valid, dropout, count):
         batch, heads, num_q, _ = query.shape
         num_k = key.shape[-2]
         quantity = "scores" if loss == "mse_scores" else "log_probs"
-        out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=query.device)
-        total = torch.zeros((), dtype=torch.float32, device=query.device)
-        lses = []
         blocks = row_blocks(batch, heads, num_q, num_k)
-        ctx.kept = None
+        single = len(blocks) == 1  # the whole layer fits the block budget: keep it, backward need not recompute
+        out = (
+            None if single else torch.empty(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=query.device)
+        )
+        total = torch.zeros((), dtype=torch.float32, device=query.device)
+        lses, ctx.kept = [], None
         for index, rows in enumerate(blocks):
-            scores, lse, log_probs, probs = _student_block(query, key, bias, mask, rows, num_q)
-            lses.append(lse)
+            scores, log_probs, probs = _student_block(query, key, bias, mask, rows)
             t = teacher.block(rows, quantity, heads)
-            if len(blocks) == 1:  # the whole layer fits the block budget: keep it, backward need not recompute
-                ctx.kept = (scores, probs, t)
-            valid = _valid_rows(target, rows, num_q, num_k, query.device)
+            term = _transfer_term(loss, scores, probs, t, valid.rows(rows, num_q, num_k, query.device))
             if loss == "kl":
-                p_t = _zero_invalid_(t.exp(), valid)
-                total += p_t.mul_(t - log_probs).nan_to_num_(nan=0.0).sum()
+                total += (t - log_probs).mul_(term).nan_to_num_(nan=0.0).sum()
             else:
-                diff = scores - t if loss == "mse_scores" else probs - t.exp()
-                diff = _zero_invalid_(diff, valid).reshape(-1)
-                total += torch.dot(diff, diff)
+                total += torch.dot(term.reshape(-1), term.reshape(-1))
             keep = dropout.keep(probs.shape, index)
-            if keep is not None:
-                probs = probs * keep / (1.0 - dropout.p)
-            out[:, :, rows] = torch.matmul(probs.to(value.dtype), value)
-        ctx.save_for_backward(query, key, value, bias, torch.cat(lses, dim=2), count)
-        ctx.mask, ctx.teacher, ctx.loss, ctx.target, ctx.dropout = mask, teacher, loss, target, dropout
+            dropped = dropout.apply(probs, keep)
+            block_out = torch.matmul(dropped.to(value.dtype), value)
+            if single:
+                out, ctx.kept = block_out, (probs, dropped, keep, term)
+            else:
+                out[:, :, rows] = block_out
+                lses.append(torch.logsumexp(scores, dim=-1, keepdim=True))
+        lse = torch.cat(lses, dim=2) if lses else None
+        ctx.save_for_backward(query, key, value, bias, lse, count)
+        ctx.mask, ctx.teacher, ctx.loss, ctx.valid, ctx.dropout = mask, teacher, loss, valid, dropout
         return out, total / count
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_loss):
         query, key, value, bias, lse, count = ctx.saved_tensors
-        mask, teacher, loss, target, dropout = ctx.mask, ctx.teacher, ctx.loss, ctx.target, ctx.dropout
+        mask, teacher, loss, valid, dropout = ctx.mask, ctx.teacher, ctx.loss, ctx.valid, ctx.dropout
         batch, heads, num_q, _ = query.shape
         num_k = key.shape[-2]
         quantity = "scores" if loss == "mse_scores" else "log_probs"
@@ -280,35 +331,27 @@ class StreamedTransfer(torch.autograd.Function):
         key_f, value_f = key.float(), value.float()
         for index, rows in enumerate(row_blocks(batch, heads, num_q, num_k)):
             if ctx.kept is not None:
-                scores, probs, t = ctx.kept
+                probs, dropped, keep, term = ctx.kept
             else:
-                scores = torch.matmul(query[:, :, rows], key.transpose(-1, -2)).float()
-                if bias is not None:
-                    scores += _rows_of(bias, rows).float()
-                mask.apply_(scores, rows, num_q)
-                probs = (scores - lse[:, :, rows]).exp_()
-                dead = scores.amax(-1, keepdim=True) <= _MIN / 2
-                if bool(dead.any()):
-                    probs.masked_fill_(dead, 0.0)
+                scores, _, probs = _student_block(query, key, bias, mask, rows, lse)
                 t = teacher.block(rows, quantity, heads)
+                term = _transfer_term(loss, scores, probs, t, valid.rows(rows, num_q, num_k, query.device))
+                keep = dropout.keep(probs.shape, index)
+                dropped = dropout.apply(probs, keep)
             grad_o = grad_out[:, :, rows].float()
-            keep = dropout.keep(probs.shape, index)
-            dropped = probs if keep is None else probs * keep / (1.0 - dropout.p)
             block_v = torch.matmul(dropped.transpose(-1, -2), grad_o)
             grad_v = block_v if grad_v is None else grad_v.add_(block_v)
             grad_p = torch.matmul(grad_o, value_f.transpose(-1, -2))
             if keep is not None:
-                grad_p = grad_p * keep / (1.0 - dropout.p)
-            valid = _valid_rows(target, rows, num_q, num_k, query.device)
+                grad_p.mul_(keep).div_(1.0 - dropout.p)
             if loss == "mse_probs":
-                grad_p += _zero_invalid_(probs - t.exp(), valid).mul_(2.0 * w)
+                grad_p += term * (2.0 * w)
             # softmax backward, in place: g <- p * (g - sum_k p g)
             grad_s = grad_p.sub_((probs * grad_p).sum(-1, keepdim=True)).mul_(probs)
-            if loss == "kl":
-                p_t = _zero_invalid_(t.exp(), valid)
-                grad_s.addcmul_(probs, p_t.sum(-1, keepdim=True) * w).sub_(p_t.mul_(w))
+            if loss == "kl":  # dS += w (p_s sum_k p~_t - p~_t)
+                grad_s.addcmul_(probs, term.sum(-1, keepdim=True) * w).sub_(term * w)
             elif loss == "mse_scores":
-                grad_s += _zero_invalid_(scores - t, valid).mul_(2.0 * w)
+                grad_s += term * (2.0 * w)
             grad_q.append(torch.matmul(grad_s, key_f))
             block_k = torch.matmul(grad_s.transpose(-1, -2), query[:, :, rows].float())
             grad_k = block_k if grad_k is None else grad_k.add_(block_k)
@@ -341,5 +384,14 @@ def streamed_transfer(query, key, value, bias, mask: AttentionMask, target, drop
     args = (batch, num_q, num_k, target.key_mask, target.query_mask, target.causal, query.device)
     count = attention_loss_count(target.loss, heads, *args).clamp_min(1.0)
     return StreamedTransfer.apply(
-        query, key, value, bias, mask, target.teacher, target.loss, target, _Dropout(dropout, query.device), count
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        target.teacher,
+        target.loss,
+        _ValidEntries.of(target, num_q, num_k),
+        _Dropout(dropout, query.device),
+        count,
     )

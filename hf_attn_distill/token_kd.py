@@ -3,15 +3,14 @@
 For a translation model the decoder logits are ``[B, T, V]`` with ``V`` in the tens of thousands. The
 reference formula (:func:`~hf_attn_distill.logit_kd_loss`) makes float32 copies of both logits and keeps
 several ``[B, T, V]`` temporaries for backward. :func:`token_kd_loss` computes the same value a few
-hundred tokens at a time, keeps nothing for backward but references to the two logit tensors it was
-given, and writes the gradient ``T * (softmax(s/T) - softmax(t/T))`` chunk by chunk into the one
+hundred tokens at a time, keeps for backward only references to the two logit tensors it was given and
+one log-sum-exp per token of each, and writes the gradient ``T * (softmax(s/T) - softmax(t/T))`` chunk by chunk into the one
 ``[B, T, V]`` gradient it must return (in the logits' dtype).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["TOKEN_CHUNK_ELEMENTS", "token_kd_loss"]
@@ -25,38 +24,73 @@ def _row_chunks(rows: int, vocab: int) -> list[slice]:
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
+def _scaled(x: torch.Tensor, inv_temperature: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x / T`` in float32: into ``out``, else a new tensor (``x`` itself when nothing changes: not for writing)."""
+    if out is not None:
+        return torch.mul(x, inv_temperature, out=out)
+    return x if inv_temperature == 1.0 and x.dtype == torch.float32 else x.float() * inv_temperature
+
+
 class _TokenKD(torch.autograd.Function):
-    """Sum over valid rows of ``T^2 * KL(softmax(t/T) || softmax(s/T))``, chunk by chunk."""
+    """Sum over valid rows of ``T^2 * KL(softmax(t/T) || softmax(s/T))``, chunk by chunk.
+
+    Forward keeps one log-sum-exp per row of each model; backward rebuilds both softmaxes from them and writes
+    ``T (p_s - p_t)`` straight into the gradient. Chunks are computed whole and their invalid rows dropped (zero
+    gradient), so no row is gathered or scattered."""
 
     @staticmethod
     def forward(ctx, student, teacher, valid, temperature):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for sl in _row_chunks(student.shape[0], student.shape[1]):
+        inv = 1.0 / temperature
+        rows_count = student.shape[0]
+        lse_s = torch.zeros(rows_count, 1, dtype=torch.float32, device=student.device)
+        lse_t = torch.zeros_like(lse_s)
+        chunks = []
+        for sl in _row_chunks(rows_count, student.shape[1]):
             rows = valid[sl]
-            if not bool(rows.any()):
+            every = bool(rows.all())
+            if not every and not bool(rows.any()):
+                chunks.append((sl, False))
                 continue
-            log_s = F.log_softmax(student[sl][rows].float() / temperature, dim=-1)
-            log_t = F.log_softmax(teacher[sl][rows].float() / temperature, dim=-1)
-            total += (log_t.exp() * (log_t - log_s)).sum()
-        ctx.save_for_backward(student, valid)
+            scaled_s = _scaled(student[sl], inv)
+            log_s = torch.log_softmax(scaled_s, dim=-1)
+            lse_s[sl] = scaled_s[:, :1] - log_s[:, :1]
+            del scaled_s
+            scaled_t = _scaled(teacher[sl], inv)
+            log_t = torch.log_softmax(scaled_t, dim=-1)
+            lse_t[sl] = scaled_t[:, :1] - log_t[:, :1]
+            del scaled_t
+            kl = log_t.exp().mul_(log_t.sub_(log_s)).sum(-1)  # per row
+            total += kl.sum() if every else torch.where(rows, kl, 0.0).sum()
+            chunks.append((sl, True if every else rows))
+        ctx.save_for_backward(student, lse_s, lse_t)
         # The teacher may be an inference-mode tensor (save_for_backward refuses those); it has no history.
-        ctx.teacher, ctx.temperature = teacher, temperature
+        ctx.teacher, ctx.temperature, ctx.chunks = teacher, temperature, chunks
         return total * temperature**2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        student, valid = ctx.saved_tensors
+        student, lse_s, lse_t = ctx.saved_tensors
         teacher, temperature = ctx.teacher, ctx.temperature
-        grad = torch.zeros_like(student)
+        inv = 1.0 / temperature
+        grad = torch.empty_like(student)
         scale = grad_output * temperature  # d(T^2 KL)/ds = T (p_s - p_t)
-        for sl in _row_chunks(student.shape[0], student.shape[1]):
-            rows = valid[sl]
-            if not bool(rows.any()):
+        in_place = grad.dtype == torch.float32
+        for sl, rows in ctx.chunks:  # rows: True (all valid), False (none) or the chunk's valid rows
+            if rows is False:
+                grad[sl].zero_()
                 continue
-            p_s = F.softmax(student[sl][rows].float() / temperature, dim=-1)
-            p_t = F.softmax(teacher[sl][rows].float() / temperature, dim=-1)
-            grad[sl][rows] = ((p_s - p_t) * scale).to(grad.dtype)
+            p_s = _scaled(student[sl], inv, out=grad[sl] if in_place else None)
+            if not in_place and p_s is student[sl]:
+                p_s = p_s.clone()
+            p_s.sub_(lse_s[sl]).exp_()
+            p_t = _scaled(teacher[sl], inv).sub_(lse_t[sl]).exp_()
+            p_s.sub_(p_t).mul_(scale)
+            if rows is not True:
+                p_s.masked_fill_(~rows[:, None], 0.0)
+            if not in_place:
+                grad[sl] = p_s.to(grad.dtype)
         return grad, None, None, None
 
 

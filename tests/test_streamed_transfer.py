@@ -165,6 +165,30 @@ def test_fully_masked_rows_output_zeros_as_sdpa_does():
     assert torch.count_nonzero(out[0, :, 3]) == 0
 
 
+@pytest.mark.parametrize("site", ["encoder", "decoder"])
+@pytest.mark.parametrize("budget", [None, 2 * 2 * 7 * 2], ids=["one-block", "row-blocks"])
+def test_every_mask_form_gives_the_same_output_and_zero_dead_rows(site, budget, monkeypatch):
+    """A padding (and causal) mask given as its boolean tensor or in compact form: the same output and gradients,
+    and zero output for query rows that see no key (an example that is all padding), as "sdpa" gives."""
+    if budget is not None:
+        monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", budget)
+    c = _case(site)
+    c["key_valid"][0] = False  # example 0: every key is padding
+    c["blocked"] = c["blocked"].clone()
+    c["blocked"][0] = True
+    rows = AttentionRows(c["t_q"], c["t_k"], None, AttentionMask(blocked=c["blocked"]))
+    target = TransferTarget(rows, "kl", c["key_valid"], c["query_valid"], c["causal"])
+    results = []
+    for mask in (AttentionMask(blocked=c["blocked"]), AttentionMask(key_valid=c["key_valid"], causal=c["causal"])):
+        out, loss = streamed_transfer(c["q"], c["k"], c["v"], None, mask, target)
+        results.append((out, _grads(c, out, loss)))
+    (want_out, want), (got_out, got) = results
+    assert torch.count_nonzero(want_out[0]) == 0
+    torch.testing.assert_close(got_out, want_out, atol=0, rtol=0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=0, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("budget", [None, 2 * 2 * 7 * 2], ids=["one-block", "row-blocks"])
 def test_dropout_is_redrawn_identically_in_backward(budget, monkeypatch):
     """With dropout, output and gradients are those of the plain formulas with the same dropout mask (the loss
