@@ -415,10 +415,41 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def summary_table(result: dict) -> str:
+    """The table the READMEs show: per (pair, length, batch), each mode's step time, D's ratios and the working
+    memory (peak RSS above the start of the measured steps) of L, D and N."""
+    lines = [
+        "| pair | seq | batch | L (s) | D (s) | N (s) | T (s) | D/L | D/N | D/T | working MB L / D / N / T |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for item in result["ratios"]:
+        key = (item["pair"], item["seq_len"], item["batch"])
+        by_mode = {r["mode"]: r for r in result["rows"] if (r["pair"], r["seq_len"], r["batch"]) == key}
+
+        def step(mode, by_mode=by_mode):
+            row = by_mode.get(mode)
+            return "-" if row is None else ("error" if "error" in row else f"{row['step_s']:.3f}")
+
+        def work(mode, by_mode=by_mode):
+            row = by_mode.get(mode)
+            return "-" if row is None or "peak_above_start_mb" not in row else f"{row['peak_above_start_mb']:.0f}"
+
+        def ratio(name, item=item):
+            return f"{item[name]:.2f}" if name in item else "-"
+
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {step('L')} | {step('D')} | {step('N')} | {step('T')} | "
+            f"{ratio('D/L_time')} | {ratio('D/N_time')} | {ratio('D/T_time')} | "
+            f"{' / '.join(work(m) for m in 'LDNT')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Machine: {result['machine']}",
         "",
+        summary_table(result),
         "`peak MB`: peak RSS (CPU) or allocated memory (CUDA) during the measured steps; `working MB`: the part "
         "above what was resident when they started (weights, optimizer state, libraries).",
         "",
