@@ -284,3 +284,15 @@ def test_gpu_plan_runs_end_to_end_at_tiny_scale(tmp_path):
     for task in run_gpu.TASKS:
         result = json.loads((tmp_path / "r" / f"quality_{task}.json").read_text())
         assert list(result["students"]) == ["kd"] and result["students"]["kd"]["seeds"] == [1]
+
+
+@pytest.mark.parametrize("name", ["speed", "speed_long"])
+def test_the_readmes_speed_tables_are_the_committed_runs(name):
+    """The speed tables of README.md and benchmarks/README.md are summary_table() of the committed result files,
+    so a table cannot drift from the run it claims to show."""
+    from benchmarks import speed
+
+    root = Path(__file__).resolve().parent.parent
+    table = speed.summary_table(json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text()))
+    for readme in ("README.md", "benchmarks/README.md"):
+        assert table in (root / readme).read_text(), f"{readme} does not show benchmarks/results/{name}.json"
