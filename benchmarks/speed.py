@@ -415,6 +415,11 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _cell(mapping: dict, key: str, spec: str = ".2f") -> str:
+    """``mapping[key]`` formatted for a table cell, ``-`` when absent."""
+    return format(mapping[key], spec) if key in mapping else "-"
+
+
 def summary_table(result: dict) -> str:
     """The table the READMEs show: per (pair, length, batch), each mode's step time, D's ratios and the working
     memory (peak RSS above the start of the measured steps) of L, D and N."""
@@ -430,17 +435,10 @@ def summary_table(result: dict) -> str:
             row = by_mode.get(mode)
             return "-" if row is None else ("error" if "error" in row else f"{row['step_s']:.3f}")
 
-        def work(mode, by_mode=by_mode):
-            row = by_mode.get(mode)
-            return "-" if row is None or "peak_above_start_mb" not in row else f"{row['peak_above_start_mb']:.0f}"
-
-        def ratio(name, item=item):
-            return f"{item[name]:.2f}" if name in item else "-"
-
+        work = " / ".join(_cell(by_mode.get(m, {}), "peak_above_start_mb", ".0f") for m in "LDNT")
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {step('L')} | {step('D')} | {step('N')} | {step('T')} | "
-            f"{ratio('D/L_time')} | {ratio('D/N_time')} | {ratio('D/T_time')} | "
-            f"{' / '.join(work(m) for m in 'LDNT')} |"
+            f"{_cell(item, 'D/L_time')} | {_cell(item, 'D/N_time')} | {_cell(item, 'D/T_time')} | {work} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -476,10 +474,10 @@ def markdown(result: dict) -> str:
     for r in result["ratios"]:
 
         def f(k, r=r):
-            return f"{r[k]:.2f}" if k in r else "-"
+            return _cell(r, k)
 
         def mb(k, r=r):
-            return f"{r[k]:.0f}" if k in r else "-"
+            return _cell(r, k, ".0f")
 
         lines.append(
             f"| {r['pair']} | {r['seq_len']} | {r['batch']} | {f('D/L_time')} | {f('D/N_time')} | {f('D/T_time')} | "
