@@ -23,8 +23,17 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from benchmarks.quality_runs import RUN_SELECTION, check_variants, mean_std, portable_settings, run_students
+from benchmarks.quality_runs import (
+    RUN_SELECTION,
+    check_variants,
+    mean_std,
+    portable_settings,
+    readme_table,
+    run_students,
+    teacher_curve_line,
+)
 from benchmarks.teacher_training import fingerprint, train_teacher
+from hf_attn_distill.hardware import native_bf16
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_qa import main as run_recipe
 from hf_attn_distill.recipes.sst2_demo import minilm_path
@@ -57,6 +66,10 @@ class QualityQAArguments:
     results: str = field(
         default=str(ROOT / "benchmarks" / "results" / "quality_qa"), metadata={"help": "JSON/MD path stem."}
     )
+    model_card_dir: str = field(
+        default=str(ROOT / "model_cards" / "squad"),
+        metadata={"help": "Where the best student's model card goes, as its recipe wrote it ('' for nowhere)."},
+    )
     data_dir: str = field(
         default=str(ROOT.parent / "shared" / "data" / "squad"), metadata={"help": "SQuAD v1.1 folder."}
     )
@@ -80,10 +93,20 @@ class QualityQAArguments:
     teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Teacher peak learning rate."})
     student_learning_rate: float = field(default=1e-4, metadata={"help": "Student learning rate."})
     student_layers: str = field(default="1,3,5", metadata={"help": "Teacher layers that initialise the student."})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CPUs with AVX512-BF16, CUDA)."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 autocast; default: on where the hardware runs it natively (CUDA with bf16, CPUs with "
+            "AVX512-BF16 or AMX), off elsewhere (emulated bf16 is many times slower than float32)."
+        },
+    )
     teacher_only: bool = field(default=False, metadata={"help": "Train (or continue) the teacher, then stop."})
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = native_bf16()
 
 
 def data_args(args: QualityQAArguments) -> list[str]:
@@ -256,6 +279,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"Teacher: F1 {result['teacher']:.2f}, EM {result['teacher_em']:.2f}  ",
         f"Eval set: {result['eval_set']}  ",
+        f"{teacher_curve_line(result)}  ",
         f"Machine: {result['machine']}",
         "",
         "| student variant | F1 mean | std | F1 runs | EM mean | retention (F1) | wall time / run |",
@@ -267,6 +291,7 @@ def markdown(result: dict) -> str:
             f"| {name} | {s['mean']:.2f} | {s['std']:.2f} | {runs} | {s['em_mean']:.2f} | {s['retention'] * 100:.1f}% "
             f"| {s['wall_s_mean']:.0f} s |"
         )
+    lines += ["", "Against the teacher and the baselines:", "", readme_table(result).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
         markdown,
         done_dir=teacher_dir / "students",
         key=fingerprint({"teacher": teacher_dir.name, **student_settings(args)}, []),
+        card_dir=Path(args.model_card_dir) if args.model_card_dir else None,
     )
 
 

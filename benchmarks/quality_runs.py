@@ -14,11 +14,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = [
+    "CARD_NAME",
     "RUN_SELECTION",
+    "best_run",
     "check_variants",
     "mean_std",
     "portable_settings",
     "read_runs",
+    "readme_table",
+    "teacher_curve_line",
     "run_students",
     "write_results",
 ]
@@ -68,6 +72,7 @@ def run_students(
     markdown: Callable[[dict], str],
     done_dir: Path | None = None,
     key: str | Callable[[str], str] = "",
+    card_dir: Path | None = None,
 ) -> dict:
     """Run ``run_one(variant, seed, output_dir) -> metrics`` for every seed (outer loop: every variant gets a run
     before any gets its second) and variant; after each run record its wall time, delete its folder and
@@ -76,19 +81,35 @@ def run_students(
     With ``done_dir``, each finished run is kept there as ``{variant}_seed{seed}.json`` together with ``key`` (what
     makes the runs comparable: teacher, settings; a function of the variant where variants depend on different
     settings); a rerun of the same command reuses the runs whose key matches instead of training them again, so a
-    benchmark longer than one sitting is finished by running it again."""
+    benchmark longer than one sitting is finished by running it again.
+
+    With ``card_dir``, the model card each run's recipe wrote (``README.md`` of its output folder) is kept with
+    its record, and ``card_dir/README.md`` is, after every run, the card of the best run (:func:`best_run`) of the
+    results so far, exactly as its recipe wrote it; ``result["card"]`` says which run that is."""
     key_of = key if callable(key) else (lambda name: key)
     runs: dict[str, list[dict]] = {}
+    cards: dict[tuple[str, int], str] = {}
     result = summarize(runs)
+
+    def publish() -> None:
+        best = best_run(result, set(cards)) if card_dir is not None else None
+        if best is not None:
+            card_dir.mkdir(parents=True, exist_ok=True)
+            (card_dir / CARD_NAME).write_text(cards[best])
+            result["card"] = {"variant": best[0], "seed": best[1]}
+        write_results(stem, result, markdown)
+
     for seed in seeds:
         for name in variants:
             record = done_dir / f"{name}_seed{seed}.json" if done_dir is not None else None
             if record is not None and record.exists() and json.loads(record.read_text()).get("key") == key_of(name):
                 kept = json.loads(record.read_text())
                 runs.setdefault(name, []).append(kept["run"])
+                if kept.get("card") is not None:
+                    cards[name, seed] = kept["card"]
                 print(f"{name} seed {seed}: kept from an earlier sitting", flush=True)
                 result = summarize(runs)
-                write_results(stem, result, markdown)
+                publish()
                 continue
             output_dir = work / f"{name}_seed{seed}"
             start = time.perf_counter()
@@ -96,16 +117,34 @@ def run_students(
             wall = time.perf_counter() - start
             run = {**metrics, "seed": seed, "wall_s": wall}
             runs.setdefault(name, []).append(run)
+            card = output_dir / CARD_NAME
+            if card_dir is not None and card.exists():
+                cards[name, seed] = card.read_text()
             if record is not None:
                 record.parent.mkdir(parents=True, exist_ok=True)
-                record.write_text(json.dumps({"key": key_of(name), "run": run}))
+                record.write_text(json.dumps({"key": key_of(name), "run": run, "card": cards.get((name, seed))}))
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             print(f"{name} seed {seed}: {shown} ({wall:.0f} s)", flush=True)
             shutil.rmtree(output_dir, ignore_errors=True)
             result = summarize(runs)
-            write_results(stem, result, markdown)
+            publish()
     print(markdown(result))
     return result
+
+
+#: The file a recipe writes its model card to, in the student's folder (and in a ``card_dir``).
+CARD_NAME = "README.md"
+
+
+def best_run(result: dict, among: set[tuple[str, int]] | None = None) -> tuple[str, int] | None:
+    """``(variant, seed)`` of the best student: the variant with the highest mean and, of its runs (only those in
+    ``among``, the runs with a kept card, when given), the one with the highest value (the first seed on a tie).
+    ``None`` when there are no students, or none of the best variant's runs is in ``among``."""
+    if not result["students"]:
+        return None
+    name, s = max(result["students"].items(), key=lambda item: item[1]["mean"])
+    runs = [(value, -seed) for seed, value in zip(s["seeds"], s["runs"]) if among is None or (name, seed) in among]
+    return (name, -max(runs)[1]) if runs else None
 
 
 #: Settings that say which runs a result file holds or where files went, not how the runs were made.
@@ -113,6 +152,7 @@ RUN_SELECTION = (
     "seeds",
     "variants",
     "results",
+    "model_card_dir",
     "work_dir",
     "data_dir",
     "reuse_teacher",
@@ -168,3 +208,69 @@ def read_runs(
     args.variants = list(runs)
     args.seeds = sorted({r["seed"] for items in runs.values() for r in items})
     return parts, runs
+
+
+def readme_table(
+    result: dict,
+    scale: float = 1.0,
+    unit: str = "",
+    labels: dict[str, str] | None = None,
+    compared: Callable[[str], bool] = lambda name: True,
+) -> str:
+    """The README's table of a quality result: the teacher, then every student with its mean, std, seeds,
+    retention and gain (points) over ``finetune`` and over ``kd``, the best mean in bold. Values are multiplied by
+    ``scale`` (100 for accuracies kept as fractions) and shown with ``unit``; ``labels`` names the variants, in
+    the order of the rows (variants it does not name follow);
+    variants for which ``compared(name)`` is false (another student architecture) get no gains. A student at or
+    above its teacher is flagged: the teacher is then too weak for that row to say anything."""
+    labels = labels or {}
+    students = result["students"]
+    teacher = result["teacher"] * scale
+    best = max(students, key=lambda n: students[n]["mean"]) if students else None
+
+    def value(v: float) -> str:
+        return f"{v:.2f}{unit}"
+
+    def gain(name: str, base: str) -> str:
+        if not compared(name) or base not in students or not compared(base):
+            return ""
+        return "-" if name == base else f"{(students[name]['mean'] - students[base]['mean']) * scale:+.2f}"
+
+    lines = [
+        "| student variant | " + result["metric"] + " | std | seeds | retention | vs `finetune` | vs `kd` |",
+        "|---|---|---|---|---|---|---|",
+        f"| teacher | {value(teacher)} | | | | | |",
+    ]
+    flagged = []
+    order = [n for n in labels if n in students] + [n for n in students if n not in labels]
+    for name in order:
+        s = students[name]
+        mean = s["mean"] * scale
+        shown, retention = value(mean), f"{mean / teacher * 100:.2f}%" if teacher else "-"
+        if name == best:
+            shown, retention = f"**{shown}**", f"**{retention}**"
+        label = labels.get(name, f"`{name}`")
+        if mean >= teacher:
+            flagged.append(name)
+            label += " (at or above the teacher!)"
+        seeds = ", ".join(str(seed) for seed in s["seeds"])
+        lines.append(
+            f"| {label} | {shown} | {s['std'] * scale:.2f} | {seeds} | {retention} | {gain(name, 'finetune')} "
+            f"| {gain(name, 'kd')} |"
+        )
+    if flagged:
+        lines += [
+            "",
+            f"Flagged: {', '.join(f'`{n}`' for n in flagged)} at or above the teacher, so the teacher is too weak "
+            "for these rows to show what its signal does.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def teacher_curve_line(result: dict) -> str:
+    """One line for a result's markdown: the teacher's dev curve (``step: metric``) and whether it converged."""
+    curve = result.get("teacher_curve")
+    if not curve:
+        return "Teacher curve: none recorded (a fixed-step teacher)"
+    points = ", ".join(f"{step}: {value:.2f}" for step, value in curve)
+    return f"Teacher curve (dev, steps: {result['metric']}): {points}; {result.get('teacher_curve_note', '')}"

@@ -46,6 +46,7 @@ from benchmarks.quality_runs import (
     mean_std,
     portable_settings,
     read_runs,
+    readme_table,
     run_students,
     write_results,
 )
@@ -103,6 +104,10 @@ class QualityArguments:
     work_dir: str = field(default="outputs/quality_sst2", metadata={"help": "Scratch folder for models."})
     results: str = field(
         default=str(ROOT / "benchmarks" / "results" / "quality_sst2"), metadata={"help": "JSON/MD path stem."}
+    )
+    model_card_dir: str = field(
+        default=str(ROOT / "model_cards" / "sst2"),
+        metadata={"help": "Where the best student's model card goes, as its recipe wrote it ('' for nowhere)."},
     )
     data_dir: str = field(default=DemoArguments.data_dir, metadata={"help": "SST-2 folder."})
     teacher_steps: int = field(default=1000, metadata={"help": "Teacher fine-tuning steps."})
@@ -260,6 +265,29 @@ def summarize(teacher_acc: float, runs: dict[str, list[dict]], args: QualityArgu
     }
 
 
+#: How the README names each variant, in the README's order.
+LABELS = {
+    "finetune": "`finetune` (no teacher)",
+    "kd": "`kd` (logit KD)",
+    "kd_attn_kl": "`kd_attn_kl` (+ MiniLM attention KL)",
+    "kd_attn_mse": "`kd_attn_mse` (+ TinyBERT attention-score MSE, weight 0.2)",
+    "kd_hidden": "`kd_hidden` (+ hidden-state MSE)",
+    "kd_attn_hidden": "`kd_attn_hidden` (+ attention KL + hidden-state MSE)",
+    "kd_tinybert": "`kd_tinybert` (+ attention-score MSE + hidden-state MSE)",
+    "kd_value_relation": "`kd_value_relation` (+ MiniLM value relation)",
+    "kd_minilmv2": "`kd_minilmv2` (+ MiniLMv2 Q/K/V relations)",
+    "small_kd": "`small_kd`",
+    "small_minilmv2": "`small_minilmv2`",
+    "small_general_kd": "`small_general_kd` (general-distilled first, then `small_kd`)",
+}
+
+
+def readme(result: dict) -> str:
+    """The README's SST-2 table of ``result`` (``small_*`` rows are another student: no gains over the 3-layer
+    ``finetune``/``kd``)."""
+    return readme_table(result, 100, "%", LABELS, compared=lambda name: not name.startswith("small_"))
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Teacher accuracy: {result['teacher'] * 100:.2f}%  ",
@@ -359,6 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
         markdown,
         done_dir=work / "students",
         key=key,
+        card_dir=Path(args.model_card_dir) if args.model_card_dir else None,
     )
 
 

@@ -34,10 +34,13 @@ from benchmarks.quality_runs import (
     mean_std,
     portable_settings,
     read_runs,
+    readme_table,
     run_students,
+    teacher_curve_line,
     write_results,
 )
 from benchmarks.teacher_training import fingerprint, train_teacher
+from hf_attn_distill.hardware import native_bf16
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_translation import main as run_recipe
 from hf_attn_distill.recipes.sst2_demo import minilm_path
@@ -62,6 +65,10 @@ class QualityTranslationArguments:
     work_dir: str = field(default="outputs/quality_translation", metadata={"help": "Scratch folder for models."})
     results: str = field(
         default=str(ROOT / "benchmarks" / "results" / "quality_translation"), metadata={"help": "JSON/MD path stem."}
+    )
+    model_card_dir: str = field(
+        default=str(ROOT / "model_cards" / "multi30k-de-en"),
+        metadata={"help": "Where the best student's model card goes, as its recipe wrote it ('' for nowhere)."},
     )
     data_dir: str = field(
         default=str(ROOT.parent / "shared" / "data" / "multi30k"), metadata={"help": "Multi30k folder."}
@@ -97,10 +104,17 @@ class QualityTranslationArguments:
     max_length: int = field(
         default=48, metadata={"help": "Target tokens and generation length (every English sentence fits)."}
     )
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CPUs with AVX512-BF16, CUDA)."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 autocast; default: on where the hardware runs it natively (CUDA with bf16, CPUs with "
+            "AVX512-BF16 or AMX), off elsewhere (emulated bf16 is many times slower than float32)."
+        },
+    )
     sequence_kd_num_beams: int = field(default=4, metadata={"help": "Beams of the teacher's seq_kd translations."})
     seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
+
     teacher_only: bool = field(default=False, metadata={"help": "Train (or continue) the teacher, then stop."})
     merge_results: list[str] = field(
         default_factory=list,
@@ -109,6 +123,10 @@ class QualityTranslationArguments:
             "covered different seeds or variants (e.g. one process per seed); each variant and seed once."
         },
     )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = native_bf16()
 
 
 def data_args(args: QualityTranslationArguments, train_examples: int) -> list[str]:
@@ -304,6 +322,7 @@ def markdown(result: dict) -> str:
         f"Teacher model: {result['teacher_model']}  ",
         f"Students: {result['student']}  ",
         f"Eval set: {result['eval_set']}  ",
+        f"{teacher_curve_line(result)}  ",
         f"Machine: {result['machine']}",
         "",
         "| student variant | BLEU mean | std | BLEU runs | chrF mean | retention | wall time / run |",
@@ -316,6 +335,7 @@ def markdown(result: dict) -> str:
             f"| {name} | {s['mean']:.2f} | {s['std']:.2f} | {runs} | {s['chrf_mean']:.2f} | {retention} | "
             f"{s['wall_s_mean']:.0f} s |"
         )
+    lines += ["", "Against the teacher and the baselines:", "", readme_table(result).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -389,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         markdown,
         done_dir=teacher_dir / "students",
         key=fingerprint({"teacher": teacher_dir.name, **student_settings(args)}, []),
+        card_dir=Path(args.model_card_dir) if args.model_card_dir else None,
     )
 
 

@@ -44,7 +44,7 @@ def _minilm() -> str:
     return minilm_path()
 
 
-def _common(out: str, steps: int, batch: int, bf16: bool) -> list[str]:
+def _common(out: str, steps: int, batch: int, bf16: bool, evaluate: bool = True) -> list[str]:
     import torch
 
     precision = ["--bf16", "true", "--use_cpu", str(not torch.cuda.is_available())] if bf16 else []
@@ -66,7 +66,7 @@ def _common(out: str, steps: int, batch: int, bf16: bool) -> list[str]:
         "--seed",
         "0",
         "--do_train",
-        "--do_eval",
+        *(["--do_eval"] if evaluate else []),
         "--disable_tqdm",
         "true",
         "--dataloader_num_workers",
@@ -132,8 +132,8 @@ def _qa_teacher_dir(work: Path) -> str:
     return str(folder)
 
 
-def recipe_argv(row: str, work: Path, out: str, steps: int) -> tuple[str, list[str]]:
-    """``(recipe module, argv)`` of one row's run of ``steps`` steps."""
+def recipe_argv(row: str, work: Path, out: str, steps: int, evaluate: bool = True) -> tuple[str, list[str]]:
+    """``(recipe module, argv)`` of one row's run of ``steps`` steps (and one evaluation, if ``evaluate``)."""
     bf16 = "bf16" in row
     if row.startswith("mt_"):
         source_len = "40" if row.endswith("len40") else "64"
@@ -185,7 +185,7 @@ def recipe_argv(row: str, work: Path, out: str, steps: int) -> tuple[str, list[s
                 "--cross_layer_map",
                 "uniform",
             ]
-        return "hf_attn_distill.recipes.distill_translation", [*model, *data, *_common(out, steps, 32, bf16)]
+        return "hf_attn_distill.recipes.distill_translation", [*model, *data, *_common(out, steps, 32, bf16, evaluate)]
     if row.startswith("qa_"):
         data = [
             "--train_file",
@@ -207,7 +207,7 @@ def recipe_argv(row: str, work: Path, out: str, steps: int) -> tuple[str, list[s
             model = ["--training_mode", "finetune", "--teacher_model_name_or_path", _minilm()]
         else:
             model = ["--teacher_model_name_or_path", _qa_teacher_dir(work), "--student_teacher_layers", "1,3,5"]
-        return "hf_attn_distill.recipes.distill_qa", [*model, *data, *_common(out, steps, 16, bf16)]
+        return "hf_attn_distill.recipes.distill_qa", [*model, *data, *_common(out, steps, 16, bf16, evaluate)]
     sst2 = DATA / "sst2"
     cache = ["--teacher_logits_cache", str(work / "sst2_logits")] if row.endswith("cache") else []
     return "hf_attn_distill.recipes.distill_classification", [
@@ -228,7 +228,7 @@ def recipe_argv(row: str, work: Path, out: str, steps: int) -> tuple[str, list[s
         "--evaluate_teacher",
         "false",
         *cache,
-        *_common(out, steps, 32, False),
+        *_common(out, steps, 32, False, evaluate),
     ]
 
 
@@ -261,10 +261,10 @@ def per_step(short: dict, long: dict, short_steps: int, long_steps: int) -> floa
     return (long["train_runtime"] - short["train_runtime"]) / (long_steps - short_steps)
 
 
-def _launch(row: str, work: Path, steps: int) -> subprocess.Popen:
+def _launch(row: str, work: Path, steps: int, evaluate: bool) -> subprocess.Popen:
     out = tempfile.mkdtemp(dir=work)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_of(row)), "MKL_NUM_THREADS": str(threads_of(row))}
-    spec = json.dumps({"row": row, "work": str(work), "out": out, "steps": steps})
+    spec = json.dumps({"row": row, "work": str(work), "out": out, "steps": steps, "evaluate": evaluate})
     return subprocess.Popen(
         [sys.executable, "-m", "benchmarks.step_time", "--_worker", spec],
         cwd=ROOT,
@@ -287,7 +287,9 @@ def measure(row: str, work: Path, short: int, long: int) -> dict:
     copies = 2 if row.endswith("_x2") else 1
     runs = {}
     for steps in (short, long):
-        procs = [_launch(row, work, steps) for _ in range(copies)]  # x2: both at once, as two background runs
+        # x2: both at once, as two background runs; only the longer run evaluates (the shorter one's evaluation
+        # would cost as much and tell nothing more)
+        procs = [_launch(row, work, steps, evaluate=steps == long) for _ in range(copies)]
         runs[steps] = [_result(p) for p in procs]
     step_s = sum(per_step(a, b, short, long) for a, b in zip(runs[short], runs[long])) / copies
     eval_s = sum(r["eval_runtime"] for r in runs[long]) / copies
@@ -305,15 +307,82 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(f"| {r['row']} | {r['threads']} | {r['processes']} | {r['step_s']:.3f} | {r['eval_s']:.1f} |")
+    plans = budget(result)
+    if plans:
+        lines += [
+            "",
+            "What the quality benchmarks' defaults cost on this machine, from the rows above: two 1-thread runs at "
+            "once (the `_x2` step time; student steps and evaluations slowed by the same factor), hours of the "
+            "whole 2-core machine; data preparation, model loading and sequence-KD translations not counted.",
+            "",
+            "| benchmark | teacher steps (cap) | teacher h | its wall h (one run) | student runs x steps | students h "
+            "| total h |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for b in plans:
+            lines.append(
+                f"| {b['benchmark']} | {b['teacher_steps']:,} | {b['teacher_h']:.1f} | {2 * b['teacher_h']:.1f} | "
+                f"{b['student_runs']} x "
+                f"{b['student_steps']:,} | {b['students_h']:.1f} | {b['teacher_h'] + b['students_h']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def budget(result: dict) -> list[dict]:
+    """Hours of the whole 2-core machine that each quality benchmark's defaults take, from the measured rows: the
+    teacher to its step cap (every doubling round evaluated on dev), then every (variant, seed) student run and
+    its evaluation; two 1-thread processes run at once, so each is slowed by the ``_x2`` factor and two
+    progress at a time. Tasks whose rows are missing are left out."""
+    from benchmarks.quality_qa import QualityQAArguments
+    from benchmarks.quality_translation import QualityTranslationArguments
+
+    rows = {r["row"]: r for r in result["rows"]}
+    plans = []
+    for task, args, name in (
+        ("mt", QualityTranslationArguments(), "quality_translation"),
+        ("qa", QualityQAArguments(), "quality_qa"),
+    ):
+        need = [f"{task}_teacher_bf16_1t", f"{task}_teacher_bf16_1t_x2", f"{task}_student_bf16"]
+        if not all(n in rows for n in need):
+            continue
+        alone, shared, student = (rows[n] for n in need)
+        slowdown = shared["step_s"] / alone["step_s"]
+        rounds, steps = 1, args.teacher_first_steps
+        while steps * 2 <= args.teacher_max_steps:
+            rounds, steps = rounds + 1, steps * 2
+        teacher_s = steps * shared["step_s"] + rounds * alone["eval_s"] * slowdown
+        runs = len(args.variants) * len(args.seeds)
+        students_s = runs * (args.student_steps * student["step_s"] + student["eval_s"]) * slowdown
+        plans.append(
+            {
+                "benchmark": name,
+                "teacher_steps": steps,
+                "teacher_h": teacher_s / 2 / 3600,
+                "student_runs": runs,
+                "student_steps": args.student_steps,
+                "students_h": students_s / 2 / 3600,
+            }
+        )
+    return plans
+
+
+def updatable(path: Path, fresh: dict) -> dict:
+    """The result file at ``path``, to have rows replaced: it must come from the same machine and steps as
+    ``fresh`` (a new, empty result), else rows measured differently would share one table."""
+    if not path.exists():
+        raise SystemExit(f"--update: there is no {path} to update; measure without --update first.")
+    old = json.loads(path.read_text())
+    if [old[k] for k in ("machine", "short", "long")] != [fresh[k] for k in ("machine", "short", "long")]:
+        raise SystemExit(f"--update: {path} was measured on another machine or with other steps; measure anew.")
+    return old
 
 
 def _worker(spec: dict) -> None:
     import importlib
 
-    module, argv = recipe_argv(spec["row"], Path(spec["work"]), spec["out"], spec["steps"])
+    module, argv = recipe_argv(spec["row"], Path(spec["work"]), spec["out"], spec["steps"], spec["evaluate"])
     metrics = importlib.import_module(module).main(argv)
-    print("RESULT " + json.dumps({"train_runtime": metrics["train_runtime"], "eval_runtime": metrics["eval_runtime"]}))
+    print("RESULT " + json.dumps({k: metrics.get(k) for k in ("train_runtime", "eval_runtime")}))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -323,6 +392,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--long", type=int, default=25, help="Steps of the second run of a row.")
     parser.add_argument("--work_dir", default="outputs/step_time")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "step_time"))
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="Measure only --rows and put them into the existing result file (same machine, steps), replacing "
+        "rows of the same name: to remeasure a row another process disturbed.",
+    )
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
@@ -333,9 +408,14 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine_info(), "short": args.short, "long": args.long, "rows": []}
+    if args.update:
+        result = updatable(Path(args.results).with_suffix(".json"), result)
     for row in args.rows:
-        result["rows"].append(measure(row, work, args.short, args.long))
-        print(f"{row}: {result['rows'][-1]['step_s']:.3f} s/step", flush=True)
+        measured = measure(row, work, args.short, args.long)
+        result["rows"] = sorted(
+            [r for r in result["rows"] if r["row"] != row] + [measured], key=lambda r: ROWS.index(r["row"])
+        )
+        print(f"{row}: {measured['step_s']:.3f} s/step", flush=True)
         write_results(Path(args.results), result, markdown)
     print(markdown(result))
     return result

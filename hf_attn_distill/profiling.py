@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from .hardware import cpu_name
+
 __all__ = ["folder_weights_mb", "machine_info", "measure_latency_ms"]
 
 
@@ -48,11 +50,5 @@ def machine_info() -> str:
     if torch.cuda.is_available():
         device = f"CUDA {torch.cuda.get_device_name(0)}"
     else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        device = f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        device = f"CPU {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return f"{device}; torch {torch.__version__}; transformers {transformers.__version__}; Python {platform.python_version()}"

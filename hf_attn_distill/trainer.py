@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.utils import logging
 
 from .accounting import TermAccounting, TermLoggingMixin
 from .attention_capture import Capture
@@ -18,6 +19,7 @@ from .batches import check_lengths, position_limits, strip_outputs, with_decoder
 from .checkpoints import CheckpointMixin, resolve_resume
 from .config import DistillConfig, parse_schedules
 from .distributed import prepare_teacher
+from .hardware import emulated_bf16_warning
 from .model_card import ModelCardMixin
 from .objective import KD_MASK_COLUMN, Step
 from .objectives import LABEL_KEYS, OBJECTIVES, build_objectives
@@ -26,6 +28,8 @@ from .schedules import scheduled_value
 from .teacher_cache import CACHE_INDEX_COLUMN, prepare_logits_cache
 
 __all__ = ["DistillTrainer"]
+
+logger = logging.get_logger(__name__)
 
 
 class DistillTrainer(TermLoggingMixin, CheckpointMixin, ModelCardMixin, Trainer):
@@ -86,6 +90,9 @@ class DistillTrainer(TermLoggingMixin, CheckpointMixin, ModelCardMixin, Trainer)
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
             raise ValueError("train_dataset is empty: there is nothing to train on. Pass a dataset with examples.")
         self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args)  # see distributed.py
+        warning = emulated_bf16_warning(args, self.accelerator.device)
+        if warning:
+            logger.warning(warning)
         self.accounting = TermAccounting(
             self.objectives, args.world_size, lambda t: self.accelerator.gather(t[None]).sum(0)
         )

@@ -296,3 +296,134 @@ def test_the_readmes_speed_tables_are_the_committed_runs(name):
     table = speed.summary_table(json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text()))
     for readme in ("README.md", "benchmarks/README.md"):
         assert table in (root / readme).read_text(), f"{readme} does not show benchmarks/results/{name}.json"
+
+
+def test_the_best_students_card_is_published_as_its_recipe_wrote_it(tmp_path):
+    """``card_dir/README.md`` is, byte for byte, the card the best run's recipe wrote (best variant by mean, then
+    its best seed), also when that run was kept from an earlier sitting; ``result["card"]`` names the run."""
+    from benchmarks.quality_runs import best_run, mean_std, run_students
+
+    scores = {("kd", 1): 0.70, ("kd", 2): 0.74, ("kd_attn", 1): 0.80, ("kd_attn", 2): 0.76}
+
+    def run_one(name, seed, output_dir):
+        output_dir.mkdir(parents=True)
+        (output_dir / "README.md").write_text(f"---\nmodel: {name}\n---\ncard of {name} seed {seed}\n")
+        return {"accuracy": scores[name, seed]}
+
+    def summarize(runs):
+        students = {}
+        for name, items in runs.items():
+            values = [r["accuracy"] for r in items]
+            students[name] = {"mean": mean_std(values)[0], "runs": values, "seeds": [r["seed"] for r in items]}
+        return {"students": students}
+
+    def go(seeds):
+        return run_students(
+            ["kd", "kd_attn"],
+            seeds,
+            tmp_path / "work",
+            run_one,
+            summarize,
+            tmp_path / "res",
+            lambda r: "",
+            done_dir=tmp_path / "done",
+            key="k",
+            card_dir=tmp_path / "cards",
+        )
+
+    assert go([1])["card"] == {"variant": "kd_attn", "seed": 1}
+    assert (tmp_path / "cards" / "README.md").read_text() == "---\nmodel: kd_attn\n---\ncard of kd_attn seed 1\n"
+    (tmp_path / "cards" / "README.md").unlink()
+    result = go([1, 2])  # seed 1 kept from the first sitting, its card with it; kd_attn seed 1 is still the best
+    assert result["card"] == {"variant": "kd_attn", "seed": 1}
+    assert json.loads((tmp_path / "res.json").read_text())["card"] == {"variant": "kd_attn", "seed": 1}
+    assert (tmp_path / "cards" / "README.md").read_text().endswith("card of kd_attn seed 1\n")
+    # best variant by mean (kd_attn 0.78 > kd 0.72), then its best seed; the first seed wins a tie
+    students = result["students"]
+    assert best_run(result) == ("kd_attn", 1)
+    assert best_run(result, among={("kd_attn", 2), ("kd", 2)}) == ("kd_attn", 2)
+    assert best_run(result, among={("kd", 2)}) is None  # no card of the best variant: nothing published
+    students["kd_attn"]["runs"] = [0.78, 0.78]
+    assert best_run(result) == ("kd_attn", 1)
+    assert best_run({"students": {}}) is None
+
+
+def test_step_time_budget_is_steps_times_step_time_plus_evaluations():
+    """The hours step_time.py reports for the translation benchmark's defaults, by hand: 6 doubling rounds
+    (500 ... 16,000 steps) at the two-at-once step time, 6 dev evaluations slowed by the same factor, and 6
+    variants x 2 seeds of 250 student steps + one evaluation each; two processes share the machine."""
+    from benchmarks import step_time
+
+    def row(name, step_s, eval_s, processes=1):
+        return {"row": name, "threads": 1, "processes": processes, "step_s": step_s, "eval_s": eval_s}
+
+    result = {
+        "machine": "m",
+        "short": 5,
+        "long": 25,
+        "rows": [
+            row("mt_teacher_bf16_1t", 2.0, 60.0),
+            row("mt_teacher_bf16_1t_x2", 3.0, 90.0, processes=2),
+            row("mt_student_bf16", 1.0, 30.0),
+            row("qa_teacher_bf16_1t", 1.0, 10.0),  # no qa_*_x2 row: QA left out
+        ],
+    }
+    (plan,) = step_time.budget(result)
+    assert plan["benchmark"] == "quality_translation" and plan["teacher_steps"] == 16000
+    assert plan["teacher_h"] == pytest.approx((16000 * 3.0 + 6 * 60.0 * 1.5) / 2 / 3600)
+    assert plan["student_runs"] == 12 and plan["student_steps"] == 250
+    assert plan["students_h"] == pytest.approx(12 * (250 * 1.0 + 30.0) * 1.5 / 2 / 3600)
+    assert "| quality_translation | 16,000 | 6.7 | 13.5 | 12 x 250 | 0.7 | 7.4 |" in step_time.markdown(result)
+
+
+def test_step_time_update_replaces_rows_only_in_a_result_of_the_same_machine(tmp_path):
+    from benchmarks import step_time
+
+    fresh = {"machine": "m", "short": 5, "long": 25, "rows": []}
+    with pytest.raises(SystemExit, match="measure without --update first"):
+        step_time.updatable(tmp_path / "st.json", fresh)
+    (tmp_path / "st.json").write_text(json.dumps({**fresh, "machine": "other", "rows": [{"row": "sst2_kd"}]}))
+    with pytest.raises(SystemExit, match="another machine or with other steps"):
+        step_time.updatable(tmp_path / "st.json", fresh)
+    (tmp_path / "st.json").write_text(json.dumps({**fresh, "rows": [{"row": "sst2_kd"}]}))
+    assert step_time.updatable(tmp_path / "st.json", fresh)["rows"] == [{"row": "sst2_kd"}]
+
+
+def test_the_readmes_sst2_table_is_the_committed_run():
+    root = Path(__file__).resolve().parent.parent
+    table = quality_sst2.readme(json.loads((root / "benchmarks" / "results" / "quality_sst2.json").read_text()))
+    assert table in (root / "README.md").read_text(), "README.md does not show benchmarks/results/quality_sst2.json"
+
+
+def test_readme_table_gains_retention_and_the_flag_by_hand():
+    from benchmarks.quality_runs import readme_table
+
+    def student(mean, std, seeds=(1, 2)):
+        return {"mean": mean, "std": std, "seeds": list(seeds)}
+
+    result = {
+        "metric": "BLEU",
+        "teacher": 30.0,
+        "students": {
+            "kd_attn": student(31.5, 0.25),
+            "kd": student(27.0, 0.5),
+            "finetune": student(24.0, 1.0),
+            "small": student(20.0, 0.0, (1,)),
+        },
+    }
+    table = readme_table(
+        result, labels={"finetune": "`finetune` (no teacher)", "kd": "`kd`"}, compared=lambda n: n != "small"
+    )
+    assert table.splitlines()[2:] == [
+        "| teacher | 30.00 | | | | | |",
+        "| `finetune` (no teacher) | 24.00 | 1.00 | 1, 2 | 80.00% | - | -3.00 |",
+        "| `kd` | 27.00 | 0.50 | 1, 2 | 90.00% | +3.00 | - |",
+        "| `kd_attn` (at or above the teacher!) | **31.50** | 0.25 | 1, 2 | **105.00%** | +7.50 | +4.50 |",
+        "| `small` | 20.00 | 0.00 | 1 | 66.67% |  |  |",
+        "",
+        "Flagged: `kd_attn` at or above the teacher, so the teacher is too weak for these rows to show what its "
+        "signal does.",
+    ]
+    # accuracies kept as fractions: scaled to points
+    scaled = readme_table({"metric": "accuracy", "teacher": 0.9, "students": {"kd": student(0.81, 0.01)}}, 100, "%")
+    assert "| `kd` | **81.00%** | 1.00 | 1, 2 | **90.00%** |  | - |" in scaled

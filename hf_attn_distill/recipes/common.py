@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_attn_distill import student_from_config, student_from_teacher_layers
 from hf_attn_distill.checkpoints import last_complete_checkpoint, resolve_resume
+from hf_attn_distill.hardware import emulated_bf16_warning
 from hf_attn_distill.model_card import (
     CardInfo,
     card_metrics,
@@ -27,6 +28,9 @@ from hf_attn_distill.model_card import (
     write_model_card,
 )
 from hf_attn_distill.profiling import machine_info
+from hf_attn_distill.trainer import DistillTrainer
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Evaluation",
@@ -255,6 +259,9 @@ def run(
     from transformers import Trainer
 
     metrics: dict = {}
+    warning = emulated_bf16_warning(training_args, trainer.args.device)
+    if warning and not isinstance(trainer, DistillTrainer):  # DistillTrainer gives it when built
+        logger.warning(warning)
     if training_args.do_train:
         metrics.update(train(trainer, training_args))
     teacher_trainer = None

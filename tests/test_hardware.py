@@ -1,0 +1,51 @@
+"""bf16 autocast only where the hardware runs it natively: detection, the warning, and the benchmarks' default."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import one_sgd_step, tiny_classifier
+
+from hf_attn_distill import DistillConfig, DistillTrainer, hardware
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [({"avx2", "avx512f"}, False), ({"avx2", "avx512_bf16"}, True), ({"amx_bf16"}, True), (set(), False)],
+)
+def test_native_bf16_on_cpu_follows_the_bf16_instruction_flags(monkeypatch, flags, native):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    assert hardware.native_bf16("cpu") is native
+    assert hardware.cpu_name().endswith(", bf16)") is native
+
+
+def test_the_warning_names_the_fix_only_for_bf16_on_a_cpu_without_bf16(monkeypatch):
+    args = DistillConfig(output_dir="unused", bf16=True, use_cpu=True, report_to="none")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
+    warning = hardware.emulated_bf16_warning(args, torch.device("cpu"))
+    assert "many times slower than float32" in warning and "Drop --bf16" in warning
+    assert hardware.emulated_bf16_warning(DistillConfig(output_dir="u", use_cpu=True), torch.device("cpu")) is None
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512_bf16"})
+    assert hardware.emulated_bf16_warning(args, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("flags", [{"avx2"}, {"amx_bf16"}])
+def test_distill_trainer_warns_when_bf16_is_emulated(monkeypatch, tmp_path, caplog, flags):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    args = DistillConfig(**one_sgd_step(tmp_path, 2, 1, bf16=True))
+    with caplog.at_level(logging.WARNING):
+        DistillTrainer(model=tiny_classifier(1, num_hidden_layers=2), teacher_model=tiny_classifier(0), args=args)
+    assert any("without bf16 instructions" in r.getMessage() for r in caplog.records) is ("avx2" in flags)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_quality_benchmarks_default_to_bf16_only_where_it_is_native(monkeypatch, native):
+    from benchmarks import quality_qa, quality_translation
+
+    monkeypatch.setattr(quality_qa, "native_bf16", lambda: native)
+    monkeypatch.setattr(quality_translation, "native_bf16", lambda: native)
+    assert quality_qa.QualityQAArguments().bf16 is native
+    assert quality_translation.QualityTranslationArguments().bf16 is native
+    assert quality_translation.QualityTranslationArguments(bf16=not native).bf16 is (not native)  # asked: kept
