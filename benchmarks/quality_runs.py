@@ -23,6 +23,7 @@ __all__ = [
     "read_runs",
     "readme_table",
     "teacher_curve_line",
+    "term_curves",
     "run_students",
     "write_results",
 ]
@@ -123,7 +124,7 @@ def run_students(
             if record is not None:
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(json.dumps({"key": key_of(name), "run": run, "card": cards.get((name, seed))}))
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
             print(f"{name} seed {seed}: {shown} ({wall:.0f} s)", flush=True)
             shutil.rmtree(output_dir, ignore_errors=True)
             result = summarize(runs)
@@ -274,3 +275,18 @@ def teacher_curve_line(result: dict) -> str:
         return "Teacher curve: none recorded (a fixed-step teacher)"
     points = ", ".join(f"{step}: {value:.2f}" for step, value in curve)
     return f"Teacher curve (dev, steps: {result['metric']}): {points}; {result.get('teacher_curve_note', '')}"
+
+
+def term_curves(output_dir: Path, prefix: str = "loss_") -> dict[str, list[list[float]]]:
+    """What a run logged under names starting with ``prefix``, each as ``[[step, value], ...]``, read from its
+    ``trainer_state.json``: by default the per-term training losses (``loss_ce``, ``loss_kd``, ``loss_attn_enc``,
+    ...); ``"eval_bleu"`` gives a learning curve. Empty when the run saved no state."""
+    path = Path(output_dir) / "trainer_state.json"
+    if not path.exists():
+        return {}
+    curves: dict[str, list[list[float]]] = {}
+    for entry in json.loads(path.read_text())["log_history"]:
+        for key, value in entry.items():
+            if key.startswith(prefix) and isinstance(value, (int, float)):
+                curves.setdefault(key, []).append([entry["step"], value])
+    return curves

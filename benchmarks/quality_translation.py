@@ -37,6 +37,7 @@ from benchmarks.quality_runs import (
     readme_table,
     run_students,
     teacher_curve_line,
+    term_curves,
     write_results,
 )
 from benchmarks.teacher_training import fingerprint, train_teacher
@@ -92,6 +93,13 @@ class QualityTranslationArguments:
         metadata={"help": "The teacher has converged when its last doubling of steps gained less BLEU than this."},
     )
     student_steps: int = field(default=250, metadata={"help": "Steps per student run (same for every variant)."})
+    learning_curve_variants: list[str] = field(
+        default_factory=lambda: ["finetune", "kd_attn"],
+        metadata={"help": "Variants whose students are also evaluated on val during training (a learning curve)."},
+    )
+    learning_curve_points: int = field(
+        default=4, metadata={"help": "Evaluations on val during a learning-curve run (every student_steps / N)."}
+    )
     batch_size: int = field(default=32, metadata={"help": "Training batch size (sentence pairs)."})
     teacher_learning_rate: float = field(default=1.5e-4, metadata={"help": "Teacher peak learning rate."})
     student_learning_rate: float = field(default=2e-4, metadata={"help": "Student learning rate."})
@@ -192,6 +200,12 @@ def common_args(args: QualityTranslationArguments, output_dir: Path, seed: int, 
         "--do_train",
         "--do_predict",
     ]
+
+
+def learning_curve_args(args: QualityTranslationArguments) -> list[str]:
+    """Recipe flags that evaluate a student on val ``learning_curve_points`` times during its training."""
+    every = max(1, args.student_steps // max(1, args.learning_curve_points))
+    return ["--do_eval", "--eval_strategy", "steps", "--eval_steps", str(every)]
 
 
 def student_settings(args) -> dict:
@@ -296,6 +310,10 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
             "seeds": [r["seed"] for r in items],
             "retention": mean / teacher["bleu"] if teacher["bleu"] else None,
             "wall_s_mean": statistics.fmean(r["wall_s"] for r in items),
+            # per seed: each logged term's training loss, [[step, value], ...] (not kept by --merge_results)
+            "term_curves": [r["term_curves"] for r in items if "term_curves" in r],
+            # per seed: val BLEU during training, [[step, BLEU], ...] (learning_curve_variants only)
+            "learning_curves": [r["learning_curve"] for r in items if "learning_curve" in r],
         }
     return {
         "metric": "bleu",
@@ -314,6 +332,40 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
         "machine": machine_info(),
         "settings": portable_settings(args, ROOT),
     }
+
+
+def learning_curve_lines(result: dict) -> list[str]:
+    """One line per variant with learning curves: val BLEU at each evaluated step, averaged over its seeds."""
+    lines = []
+    for name, s in result["students"].items():
+        by_step: dict[int, list[float]] = {}
+        for curve in s.get("learning_curves", []):
+            for step, bleu in curve:
+                by_step.setdefault(step, []).append(bleu)
+        if by_step:
+            points = ", ".join(f"{step}: {statistics.fmean(v):.2f}" for step, v in sorted(by_step.items()))
+            lines.append(f"- {name}: {points}")
+    return lines
+
+
+def attention_site_lines(result: dict) -> list[str]:
+    """One line per variant with attention terms: each site's logged training loss, first -> last value, averaged
+    over the seeds that logged it (how far transfer got at each site: encoder, decoder self, cross)."""
+    lines = []
+    for name, s in result["students"].items():
+        per_site: dict[str, list[tuple[float, float]]] = {}
+        for curves in s.get("term_curves", []):
+            for term, points in curves.items():
+                if term.startswith("loss_attn") and points:
+                    per_site.setdefault(term, []).append((points[0][1], points[-1][1]))
+        if per_site:
+            shown = "; ".join(
+                f"{term.removeprefix('loss_attn_')} {statistics.fmean(a for a, _ in v):.4g} -> "
+                f"{statistics.fmean(b for _, b in v):.4g}"
+                for term, v in sorted(per_site.items())
+            )
+            lines.append(f"- {name}: {shown}")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -336,6 +388,14 @@ def markdown(result: dict) -> str:
             f"{s['wall_s_mean']:.0f} s |"
         )
     lines += ["", "Against the teacher and the baselines:", "", readme_table(result).rstrip("\n")]
+    curves = learning_curve_lines(result)
+    if curves:
+        lines += ["", "Student learning curves (val BLEU during training, mean over seeds, step: BLEU):", ""]
+        lines += curves
+    sites = attention_site_lines(result)
+    if sites:
+        lines += ["", "Attention loss per site during training (first -> last logged value, mean over seeds):", ""]
+        lines += sites
     return "\n".join(lines) + "\n"
 
 
@@ -358,6 +418,7 @@ def merge(args: QualityTranslationArguments) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(QualityTranslationArguments).parse_args_into_dataclasses(argv)
     check_variants(args.variants, VARIANTS)
+    check_variants(args.learning_curve_variants, VARIANTS)
     if args.merge_results:
         return merge(args)
     work = Path(args.work_dir)
@@ -395,9 +456,13 @@ def main(argv: list[str] | None = None) -> dict:
                 str(args.sequence_kd_num_beams),
                 *common_args(args, output_dir, seed, args.train_examples),
                 *VARIANTS[name],
+                *(learning_curve_args(args) if name in args.learning_curve_variants else []),
             ]
         )
-        return {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"]}
+        run = {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"], "term_curves": term_curves(output_dir)}
+        if name in args.learning_curve_variants:
+            run["learning_curve"] = term_curves(output_dir, "eval_bleu").get("eval_bleu", [])
+        return run
 
     return run_students(
         args.variants,

@@ -8,8 +8,8 @@ steps is the time of one step, without data preparation, model loading or the fi
 
 - ``{mt,qa}_teacher_{fp32,bf16}_{1,2}t``: the teacher's fine-tuning step, float32 or bf16 autocast, 1 or 2 torch
   threads; ``*_x2`` runs two such 1-thread processes at once (what two background runs on 2 cores get each);
-- ``mt_teacher_bf16_1t_group``: with ``train_sampling_strategy="group_by_length"`` (batches of similar lengths,
-  less padding);
+- ``mt_teacher_{fp32,bf16}_1t_group``: with ``train_sampling_strategy="group_by_length"`` (batches of similar
+  lengths, less padding);
 - ``mt_teacher_bf16_1t_len40``: sources cut at 40 tokens instead of 64 (5% of Multi30k's German sentences are
   longer than 40 MiniLM tokens, so this also changes what the model sees);
 - ``{mt,qa}_student_{fp32,bf16}``: a student step with KD + attention KL at every mapped site (1 thread);
@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.quality_runs import write_results
+from hf_attn_distill.hardware import native_bf16
 from hf_attn_distill.profiling import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +235,9 @@ def recipe_argv(row: str, work: Path, out: str, steps: int, evaluate: bool = Tru
 
 ROWS = (
     "mt_teacher_fp32_1t",
+    "mt_teacher_fp32_2t",
+    "mt_teacher_fp32_1t_x2",
+    "mt_teacher_fp32_1t_group",
     "mt_teacher_bf16_1t",
     "mt_teacher_bf16_2t",
     "mt_teacher_bf16_1t_x2",
@@ -242,6 +246,8 @@ ROWS = (
     "mt_student_fp32",
     "mt_student_bf16",
     "qa_teacher_fp32_1t",
+    "qa_teacher_fp32_2t",
+    "qa_teacher_fp32_1t_x2",
     "qa_teacher_bf16_1t",
     "qa_teacher_bf16_2t",
     "qa_teacher_bf16_1t_x2",
@@ -250,6 +256,11 @@ ROWS = (
     "sst2_kd",
     "sst2_kd_cache",
 )
+
+
+def default_rows() -> list[str]:
+    """Every row, but the bf16 ones only where bf16 is native (emulated, they take many times longer)."""
+    return [row for row in ROWS if "bf16" not in row or native_bf16()]
 
 
 def threads_of(row: str) -> int:
@@ -329,7 +340,8 @@ def markdown(result: dict) -> str:
 
 
 def budget(result: dict) -> list[dict]:
-    """Hours of the whole 2-core machine that each quality benchmark's defaults take, from the measured rows: the
+    """Hours of the whole 2-core machine that each quality benchmark's defaults take, from the measured rows (of the
+    faster precision, where both were measured): the
     teacher to its step cap (every doubling round evaluated on dev), then every (variant, seed) student run and
     its evaluation; two 1-thread processes run at once, so each is slowed by the ``_x2`` factor and two
     progress at a time. Tasks whose rows are missing are left out."""
@@ -342,10 +354,15 @@ def budget(result: dict) -> list[dict]:
         ("mt", QualityTranslationArguments(), "quality_translation"),
         ("qa", QualityQAArguments(), "quality_qa"),
     ):
-        need = [f"{task}_teacher_bf16_1t", f"{task}_teacher_bf16_1t_x2", f"{task}_student_bf16"]
-        if not all(n in rows for n in need):
+        measured = [
+            [rows[n] for n in (f"{task}_teacher_{p}_1t", f"{task}_teacher_{p}_1t_x2", f"{task}_student_{p}")]
+            for p in ("fp32", "bf16")
+            if all(n in rows for n in (f"{task}_teacher_{p}_1t", f"{task}_teacher_{p}_1t_x2", f"{task}_student_{p}"))
+        ]
+        if not measured:
             continue
-        alone, shared, student = (rows[n] for n in need)
+        # the faster precision where both were measured (bf16 where native, float32 where it is emulated)
+        alone, shared, student = min(measured, key=lambda m: m[1]["step_s"])
         slowdown = shared["step_s"] / alone["step_s"]
         rounds, steps = 1, args.teacher_first_steps
         while steps * 2 <= args.teacher_max_steps:
@@ -387,7 +404,14 @@ def _worker(spec: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        choices=list(ROWS),
+        help="Rows to measure (default: every row, but the bf16 ones only where bf16 is native: emulated, they "
+        "take many times longer and only show what bf16_check.py shows in seconds).",
+    )
     parser.add_argument("--short", type=int, default=5, help="Steps of the first run of a row.")
     parser.add_argument("--long", type=int, default=25, help="Steps of the second run of a row.")
     parser.add_argument("--work_dir", default="outputs/step_time")
@@ -403,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args._worker:
         _worker(json.loads(args._worker))
         return {}
+    if args.rows is None:
+        args.rows = default_rows()
     if args.long <= args.short:
         raise SystemExit("--long must be larger than --short.")
     work = Path(args.work_dir).resolve()

@@ -8,9 +8,8 @@ import torch
 
 __all__ = ["BF16_CPU_FLAGS", "cpu_flags", "cpu_name", "emulated_bf16_warning", "native_bf16"]
 
-#: ``/proc/cpuinfo`` flags of CPUs with bf16 matrix instructions (AVX512-BF16, AMX). Without them oneDNN emulates
-#: bf16 matmuls, which on a 2-core AVX2 EPYC ran 7-13x slower than float32 (a 384 x 1536 linear, forward and
-#: backward, 1 thread).
+#: ``/proc/cpuinfo`` flags of CPUs with bf16 matrix instructions (AVX512-BF16, AMX). Without them bf16 matmuls are
+#: emulated, many times slower than float32 (``benchmarks/bf16_check.py`` measures it on the machine at hand).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

@@ -199,6 +199,10 @@ def test_step_time_rows_are_valid_recipe_commands(monkeypatch, tmp_path):
         assert (training.teacher_logits_cache is not None) == row.endswith("cache"), row
         assert step_time.threads_of(row) == (2 if "_2t" in row else 1)
     assert step_time.per_step({"train_runtime": 10.0}, {"train_runtime": 30.0}, 5, 25) == 1.0
+    monkeypatch.setattr(step_time, "native_bf16", lambda: False)
+    assert step_time.default_rows() == [row for row in step_time.ROWS if "fp32" in row or row.startswith("sst2")]
+    monkeypatch.setattr(step_time, "native_bf16", lambda: True)
+    assert step_time.default_rows() == list(step_time.ROWS)
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -374,6 +378,15 @@ def test_step_time_budget_is_steps_times_step_time_plus_evaluations():
     assert plan["student_runs"] == 12 and plan["student_steps"] == 250
     assert plan["students_h"] == pytest.approx(12 * (250 * 1.0 + 30.0) * 1.5 / 2 / 3600)
     assert "| quality_translation | 16,000 | 6.7 | 13.5 | 12 x 250 | 0.7 | 7.4 |" in step_time.markdown(result)
+    # float32 measured too and faster two-at-once (bf16 emulated): the plan uses the float32 rows
+    result["rows"] += [
+        row("mt_teacher_fp32_1t", 1.0, 20.0),
+        row("mt_teacher_fp32_1t_x2", 1.5, 30.0, processes=2),
+        row("mt_student_fp32", 0.5, 10.0),
+    ]
+    (plan,) = step_time.budget(result)
+    assert plan["teacher_h"] == pytest.approx((16000 * 1.5 + 6 * 20.0 * 1.5) / 2 / 3600)
+    assert plan["students_h"] == pytest.approx(12 * (250 * 0.5 + 10.0) * 1.5 / 2 / 3600)
 
 
 def test_step_time_update_replaces_rows_only_in_a_result_of_the_same_machine(tmp_path):
@@ -427,3 +440,39 @@ def test_readme_table_gains_retention_and_the_flag_by_hand():
     # accuracies kept as fractions: scaled to points
     scaled = readme_table({"metric": "accuracy", "teacher": 0.9, "students": {"kd": student(0.81, 0.01)}}, 100, "%")
     assert "| `kd` | **81.00%** | 1.00 | 1, 2 | **90.00%** |  | - |" in scaled
+
+
+def test_per_site_attention_curves_come_from_the_training_log(tmp_path):
+    from benchmarks.quality_runs import term_curves
+
+    log = [
+        {"step": 50, "loss": 3.0, "loss_kd": 2.0, "loss_attn_enc": 0.4, "loss_attn_cross": 0.9, "learning_rate": 1e-4},
+        {"step": 100, "loss": 2.0, "loss_kd": 1.5, "loss_attn_enc": 0.2, "loss_attn_cross": 0.7},
+        {"step": 100, "train_loss": 2.5, "train_runtime": 9.0},
+    ]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    curves = term_curves(tmp_path)
+    assert curves == {
+        "loss_kd": [[50, 2.0], [100, 1.5]],
+        "loss_attn_enc": [[50, 0.4], [100, 0.2]],
+        "loss_attn_cross": [[50, 0.9], [100, 0.7]],
+    }
+    assert term_curves(tmp_path / "missing") == {}
+    other_seed = {"loss_attn_enc": [[50, 0.6], [100, 0.4]], "loss_attn_cross": [[50, 1.1], [100, 0.5]]}
+    result = {
+        "students": {
+            "kd": {"term_curves": [{"loss_kd": [[50, 1.0]]}]},
+            "kd_attn": {"term_curves": [curves, other_seed]},
+        }
+    }
+    assert quality_translation.attention_site_lines(result) == ["- kd_attn: cross 1 -> 0.6; enc 0.5 -> 0.3"]
+    learning = {"students": {"finetune": {"learning_curves": [[[50, 10.0], [100, 14.0]], [[50, 12.0], [100, 15.0]]]}}}
+    assert quality_translation.learning_curve_lines(learning) == ["- finetune: 50: 11.00, 100: 14.50"]
+    args = quality_translation.QualityTranslationArguments(student_steps=250, learning_curve_points=4)
+    assert quality_translation.learning_curve_args(args) == [
+        "--do_eval",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "62",
+    ]

@@ -49,3 +49,20 @@ def test_the_quality_benchmarks_default_to_bf16_only_where_it_is_native(monkeypa
     assert quality_qa.QualityQAArguments().bf16 is native
     assert quality_translation.QualityTranslationArguments().bf16 is native
     assert quality_translation.QualityTranslationArguments(bf16=not native).bf16 is (not native)  # asked: kept
+
+
+def test_bf16_check_times_both_precisions_and_reports_their_ratio():
+    from benchmarks import bf16_check
+
+    result = bf16_check.main(["--tokens", "8", "--threads", "1", "--repeats", "1", "--results", ""])
+    assert [(r["threads"], r["tokens"], r["pass"]) for r in result["rows"]] == [
+        (1, 8, "forward"),
+        (1, 8, "forward + backward"),
+    ]
+    assert result["native_bf16"] is hardware.native_bf16("cpu")
+    fake = {
+        "machine": "CPU x; torch",
+        "native_bf16": False,
+        "rows": [{"threads": 2, "tokens": 512, "pass": "forward", "fp32_ms": 2.0, "bf16_ms": 13.0}],
+    }
+    assert "| 2 | 512 | forward | 2.00 | 13.00 | 6.50 |" in bf16_check.markdown(fake)
