@@ -476,3 +476,48 @@ def test_per_site_attention_curves_come_from_the_training_log(tmp_path):
         "--eval_steps",
         "62",
     ]
+
+
+def test_the_readmes_claims_table_is_the_committed_results():
+    from benchmarks import claims
+
+    root = Path(__file__).resolve().parent.parent
+    assert claims.table(claims.committed_results()) in (root / "README.md").read_text()
+
+
+def test_claims_compare_the_best_distilled_row_with_finetune_and_judge_the_teacher():
+    from benchmarks import claims
+
+    def students(**means):
+        return {n: {"mean": m} for n, m in means.items()}
+
+    sst2 = {
+        "metric": "accuracy",
+        "teacher": 0.9,
+        "students": students(finetune=0.80, kd=0.82, kd_attn=0.85, small_kd=0.95),
+    }
+    mt = {
+        "metric": "bleu",
+        "teacher": 30.0,
+        "teacher_curve": [[500, 20.0], [1000, 29.5]],
+        "teacher_converged": False,
+        "teacher_curve_note": "NOT converged: +9.50",
+        "students": students(finetune=20.0, kd=23.0),
+    }
+    rows = claims.claim_rows({"SST-2": sst2, "Multi30k de-en": mt})
+    assert [(r["task"], r["best"], r["met"]) for r in rows] == [
+        ("SST-2", "kd_attn", True),
+        ("Multi30k de-en", "kd", True),
+    ]
+    assert rows[0]["gain_points"] == pytest.approx(5.0) and rows[0]["gain_percent"] == pytest.approx(6.25)
+    assert (
+        rows[0]["meaningful"] == "students at or above it (small_kd): says nothing"
+    )  # small_* not compared, but flagged
+    assert (
+        rows[1]["gain_percent"] == pytest.approx(15.0)
+        and rows[1]["meaningful"] == "not converged (NOT converged: +9.50)"
+    )
+    mt["teacher_converged"] = True
+    assert claims.claim_rows({"Multi30k de-en": mt})[0]["meaningful"] == "converged, above every student"
+    mt["students"]["kd"]["mean"] = 20.5  # +2.5%: the +10% BLEU claim is not met
+    assert claims.claim_rows({"Multi30k de-en": mt})[0]["met"] is False
