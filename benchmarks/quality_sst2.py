@@ -119,7 +119,9 @@ class QualityArguments:
     attention_weight_mse: float = field(
         default=0.2, metadata={"help": "Attention weight of kd_attn_mse (score MSE starts ~5x the KL; 0.2 evens them)."}
     )
-    reuse_teacher: bool = field(default=True, metadata={"help": "Reuse work_dir/teacher if it exists."})
+    reuse_teacher: bool = field(
+        default=True, metadata={"help": "Reuse work_dir/teacher if it exists and its test accuracy was recorded."}
+    )
     general_steps: int = field(default=1200, metadata={"help": "Steps of general distillation (small_general_*)."})
     general_batch_size: int = field(default=32, metadata={"help": "Batch of general distillation (128-token blocks)."})
     general_learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate of general distillation."})
@@ -342,9 +344,12 @@ def main(argv: list[str] | None = None) -> dict:
         student_steps=args.student_steps,
         batch_size=args.batch_size,
     )
+    teacher_acc = None
     if args.reuse_teacher and (teacher_dir / "all_results.json").exists():
-        teacher_acc = json.loads((teacher_dir / "all_results.json").read_text())["test_accuracy"]
-    else:
+        # the recipe writes all_results.json after training and again after the test evaluation: a teacher stopped
+        # in between has no accuracy yet and is trained again
+        teacher_acc = json.loads((teacher_dir / "all_results.json").read_text()).get("test_accuracy")
+    if teacher_acc is None:
         teacher_acc = run_recipe(teacher_recipe_args(demo, teacher_dir))["test_accuracy"]
     print(f"teacher accuracy {teacher_acc:.4f}")
 

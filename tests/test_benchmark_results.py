@@ -3,6 +3,7 @@ over all of them, and refuses files that do not belong together."""
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -521,3 +522,23 @@ def test_claims_compare_the_best_distilled_row_with_finetune_and_judge_the_teach
     assert claims.claim_rows({"Multi30k de-en": mt})[0]["meaningful"] == "converged, above every student"
     mt["students"]["kd"]["mean"] = 20.5  # +2.5%: the +10% BLEU claim is not met
     assert claims.claim_rows({"Multi30k de-en": mt})[0]["met"] is False
+
+
+def test_published_model_cards_are_the_benchmark_runs_they_name():
+    """model_cards/<task>/README.md is the card of the run its result file names (``card``: variant and seed): it
+    parses as Hub metadata, reports that run's metric, and holds no local path."""
+    from huggingface_hub import ModelCard
+
+    root = Path(__file__).resolve().parent.parent
+    index = json.loads((root / "model_cards" / "cards.json").read_text())
+    assert index, "model_cards/cards.json lists no card"
+    for folder, source in index.items():
+        result = json.loads((root / source).read_text())
+        variant, seed = result["card"]["variant"], result["card"]["seed"]
+        student = result["students"][variant]
+        value = student["runs"][student["seeds"].index(seed)]
+        card = ModelCard.load(root / "model_cards" / folder / "README.md", ignore_metadata_errors=False)
+        metric = {r.metric_type: r.metric_value for r in card.data.eval_results}[result["metric"]]
+        assert metric == pytest.approx(round(value, 4)), folder
+        assert not any(marker in card.content for marker in ("/work/", "/home/", "/tmp/", "/root/")), folder
+        assert not re.search(r"hf_[A-Za-z0-9]{30,}", card.content), folder  # no Hub token
