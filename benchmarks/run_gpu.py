@@ -114,6 +114,9 @@ def plan(scale: str, work_dir: Path, results_dir: Path, tasks=TASKS) -> list[tup
             str(work_dir / task),
             "--results",
             str(results_dir / f"quality_{task}"),
+            # the best student's card goes beside these results, not over the CPU runs' model_cards/
+            "--model_card_dir",
+            str(results_dir / "cards" / task),
         ]
         if scale == "tiny":
             argv += ["--variants", *TINY_VARIANTS[task]]

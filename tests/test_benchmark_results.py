@@ -289,6 +289,7 @@ def test_gpu_plan_runs_end_to_end_at_tiny_scale(tmp_path):
     for task in run_gpu.TASKS:
         result = json.loads((tmp_path / "r" / f"quality_{task}.json").read_text())
         assert list(result["students"]) == ["kd"] and result["students"]["kd"]["seeds"] == [1]
+        assert (tmp_path / "r" / "cards" / task / "README.md").exists()  # its cards stay beside its results
 
 
 @pytest.mark.parametrize("name", ["speed", "speed_long"])
@@ -542,3 +543,11 @@ def test_published_model_cards_are_the_benchmark_runs_they_name():
         assert metric == pytest.approx(round(value, 4)), folder
         assert not any(marker in card.content for marker in ("/work/", "/home/", "/tmp/", "/root/")), folder
         assert not re.search(r"hf_[A-Za-z0-9]{30,}", card.content), folder  # no Hub token
+
+
+def test_the_step_time_table_in_benchmarks_readme_is_the_committed_run():
+    from benchmarks import step_time
+
+    root = Path(__file__).resolve().parent.parent
+    table = step_time.markdown(json.loads((root / "benchmarks" / "results" / "step_time.json").read_text()))
+    assert table in (root / "benchmarks" / "README.md").read_text()
