@@ -33,7 +33,7 @@ from benchmarks.quality_runs import (
     teacher_curve_line,
 )
 from benchmarks.teacher_training import fingerprint, train_teacher
-from hf_attn_distill.hardware import native_bf16
+from hf_attn_distill.hardware import bf16_pays
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_qa import main as run_recipe
 from hf_attn_distill.recipes.sst2_demo import minilm_path
@@ -96,8 +96,8 @@ class QualityQAArguments:
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "bf16 autocast; default: on where the hardware runs it natively (CUDA with bf16, CPUs with "
-            "AVX512-BF16 or AMX), off elsewhere (emulated bf16 is many times slower than float32)."
+            "help": "bf16 autocast; default: where it pays (hf_attn_distill.hardware.bf16_pays: CUDA with bf16; a "
+            "CPU with AVX512-BF16 or AMX where a one-second probe measures bf16 faster than float32), else float32."
         },
     )
     teacher_only: bool = field(default=False, metadata={"help": "Train (or continue) the teacher, then stop."})
@@ -106,7 +106,7 @@ class QualityQAArguments:
 
     def __post_init__(self):
         if self.bf16 is None:
-            self.bf16 = native_bf16()
+            self.bf16 = bf16_pays()
 
 
 def data_args(args: QualityQAArguments) -> list[str]:

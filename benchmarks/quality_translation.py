@@ -41,7 +41,7 @@ from benchmarks.quality_runs import (
     write_results,
 )
 from benchmarks.teacher_training import fingerprint, train_teacher
-from hf_attn_distill.hardware import native_bf16
+from hf_attn_distill.hardware import bf16_pays
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_translation import main as run_recipe
 from hf_attn_distill.recipes.sst2_demo import minilm_path
@@ -115,8 +115,15 @@ class QualityTranslationArguments:
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "bf16 autocast; default: on where the hardware runs it natively (CUDA with bf16, CPUs with "
-            "AVX512-BF16 or AMX), off elsewhere (emulated bf16 is many times slower than float32)."
+            "help": "bf16 autocast; default: where it pays (hf_attn_distill.hardware.bf16_pays: CUDA with bf16; a "
+            "CPU with AVX512-BF16 or AMX where a one-second probe measures bf16 faster than float32), else float32."
+        },
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch sentences of similar length (train_sampling_strategy='group_by_length'), teacher and "
+            "students: less padding, fewer FLOPs per step (benchmarks/step_time.py measures how much)."
         },
     )
     sequence_kd_num_beams: int = field(default=4, metadata={"help": "Beams of the teacher's seq_kd translations."})
@@ -134,7 +141,7 @@ class QualityTranslationArguments:
 
     def __post_init__(self):
         if self.bf16 is None:
-            self.bf16 = native_bf16()
+            self.bf16 = bf16_pays()
 
 
 def data_args(args: QualityTranslationArguments, train_examples: int) -> list[str]:
@@ -171,6 +178,7 @@ def data_args(args: QualityTranslationArguments, train_examples: int) -> list[st
         "--disable_tqdm",
         "true",
         *(["--bf16", "true", "--use_cpu", str(not _cuda())] if args.bf16 else []),
+        *(["--train_sampling_strategy", "group_by_length"] if args.group_by_length else []),
     ]
 
 
@@ -226,6 +234,8 @@ def teacher_settings(args: QualityTranslationArguments) -> dict:
         "max_length",
         "bf16",
     )
+    # group_by_length only when on, so that the keys of teachers trained before it existed stay the same
+    keys += ("group_by_length",) if args.group_by_length else ()
     return {"recipe": "translation-teacher-v1", **{k: getattr(args, k) for k in keys}}
 
 

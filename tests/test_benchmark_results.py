@@ -551,3 +551,27 @@ def test_the_step_time_table_in_benchmarks_readme_is_the_committed_run():
     root = Path(__file__).resolve().parent.parent
     table = step_time.markdown(json.loads((root / "benchmarks" / "results" / "step_time.json").read_text()))
     assert table in (root / "benchmarks" / "README.md").read_text()
+
+
+def test_translation_group_by_length_reaches_teacher_and_students_and_keys_a_new_teacher():
+    """--group_by_length batches every training run of the benchmark by length, as the recipe parses it, and keys
+    a teacher of its own; off, the teacher's key is what it was before the flag existed."""
+    from hf_attn_distill import DistillSeq2SeqConfig
+    from hf_attn_distill.recipes import common, distill_translation
+
+    types = (
+        distill_translation.TranslationModelArguments,
+        distill_translation.TranslationDataArguments,
+        DistillSeq2SeqConfig,
+    )
+    off = quality_translation.QualityTranslationArguments(bf16=False)
+    on = quality_translation.QualityTranslationArguments(bf16=False, group_by_length=True)
+    assert "group_by_length" not in quality_translation.teacher_settings(off)
+    assert quality_translation.teacher_settings(on) == {
+        **quality_translation.teacher_settings(off),
+        "group_by_length": True,
+    }
+    for args, strategy in ((off, "random"), (on, "group_by_length")):
+        argv = ["--teacher_model_name_or_path", "t", *quality_translation.common_args(args, Path("o"), 1, 8)]
+        training = common.parse_args(types, argv)[-1]
+        assert training.train_sampling_strategy == strategy

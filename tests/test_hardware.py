@@ -40,12 +40,50 @@ def test_distill_trainer_warns_when_bf16_is_emulated(monkeypatch, tmp_path, capl
     assert any("without bf16 instructions" in r.getMessage() for r in caplog.records) is ("avx2" in flags)
 
 
+@pytest.mark.parametrize(
+    ("flags", "speedup", "pays"),
+    [({"avx2"}, 3.0, False), ({"avx512_bf16"}, 0.6, False), ({"avx512_bf16"}, 1.05, False), ({"amx_bf16"}, 1.7, True)],
+)
+def test_bf16_pays_on_a_cpu_only_with_bf16_instructions_and_a_measured_speedup(monkeypatch, flags, speedup, pays):
+    probed = []
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: probed.append(1) or speedup)
+    hardware._cpu_bf16_pays.cache_clear()
+    try:
+        assert hardware.bf16_pays("cpu") is pays and hardware.bf16_pays("cpu") is pays
+        assert len(probed) == (0 if flags == {"avx2"} else 1)  # never probed where emulated; once per process
+    finally:
+        hardware._cpu_bf16_pays.cache_clear()
+
+
+def test_cpu_bf16_speedup_is_the_ratio_of_the_two_timings(monkeypatch):
+    """The probe divides float32 time by bf16 time: a fake clock that makes every bf16 call take 4 ticks and
+    every float32 call 2 gives 0.5 (bf16 twice as slow)."""
+    calls = []
+    real_autocast = torch.autocast
+
+    def autocast(*args, enabled=True, **kwargs):
+        calls.append(enabled)
+        return real_autocast(*args, enabled=enabled, **kwargs)
+
+    clock = {"t": 0.0}
+
+    def perf_counter():
+        clock["t"] += 4.0 if calls and calls[-1] else 2.0
+        return clock["t"]
+
+    monkeypatch.setattr(hardware.torch, "autocast", autocast)
+    monkeypatch.setattr(hardware, "perf_counter", perf_counter)
+    assert hardware.cpu_bf16_speedup(tokens=8, repeats=3) == pytest.approx(0.5)
+    assert calls == [False] * 4 + [True] * 4
+
+
 @pytest.mark.parametrize("native", [False, True])
-def test_the_quality_benchmarks_default_to_bf16_only_where_it_is_native(monkeypatch, native):
+def test_the_quality_benchmarks_default_to_bf16_only_where_it_pays(monkeypatch, native):
     from benchmarks import quality_qa, quality_translation
 
-    monkeypatch.setattr(quality_qa, "native_bf16", lambda: native)
-    monkeypatch.setattr(quality_translation, "native_bf16", lambda: native)
+    monkeypatch.setattr(quality_qa, "bf16_pays", lambda: native)
+    monkeypatch.setattr(quality_translation, "bf16_pays", lambda: native)
     assert quality_qa.QualityQAArguments().bf16 is native
     assert quality_translation.QualityTranslationArguments().bf16 is native
     assert quality_translation.QualityTranslationArguments(bf16=not native).bf16 is (not native)  # asked: kept
