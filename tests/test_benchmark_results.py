@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from transformers import HfArgumentParser
 
 from benchmarks import quality_sst2, quality_translation
 from benchmarks.quality_runs import portable_settings
@@ -575,3 +576,27 @@ def test_translation_group_by_length_reaches_teacher_and_students_and_keys_a_new
         argv = ["--teacher_model_name_or_path", "t", *quality_translation.common_args(args, Path("o"), 1, 8)]
         training = common.parse_args(types, argv)[-1]
         assert training.train_sampling_strategy == strategy
+
+
+def test_group_by_length_check_trains_the_benchmarks_teacher_both_ways_and_tabulates_the_curves():
+    from benchmarks import group_by_length_check as check
+
+    args = check.GroupCheckArguments(work_dir="w", teacher_max_steps=1000, extra="--batch_size 8")
+    for mode, grouped in (("random", False), ("group_by_length", True)):
+        (parsed,) = HfArgumentParser(quality_translation.QualityTranslationArguments).parse_args_into_dataclasses(
+            check.teacher_argv(args, mode)
+        )
+        assert (parsed.teacher_only, parsed.teacher_max_steps, parsed.bf16) == (True, 1000, False)
+        assert (parsed.group_by_length, parsed.work_dir, parsed.batch_size) == (grouped, f"w/{mode}", 8)
+    result = {
+        "machine": "CPU x",
+        "teacher": "t",
+        "runs": {
+            "random": {"bleu": 30.0, "chrf": 50.0, "teacher_curve": [[500, 10.0], [1000, 20.5]]},
+            "group_by_length": {"bleu": 29.5, "chrf": 49.0, "teacher_curve": [[500, 11.0]]},
+        },
+    }
+    table = check.markdown(result)
+    assert "| batches | val BLEU @ 500 | val BLEU @ 1,000 | test BLEU | test chrF |" in table
+    assert "| random | 10.00 | 20.50 | 30.00 | 50.00 |" in table
+    assert "| group_by_length | 11.00 |  | 29.50 | 49.00 |" in table

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Does ``group_by_length`` batching cost the translation teacher quality?
+
+``group_by_length`` (``train_sampling_strategy``) batches Multi30k sentences of similar length, so a batch
+carries less padding and a teacher step takes fewer FLOPs (``step_time.py`` row ``mt_teacher_fp32_1t_group``).
+Before the translation benchmark may use it, its teacher must learn as well per step. This trains the benchmark's
+own teacher twice, with the same seed, data and schedule, once with random batches and once grouped by length:
+two 1-thread processes at once (what two background runs on 2 cores get), each through
+``quality_translation --teacher_only`` (cached and resumable: a rerun continues). Then it reads both teachers'
+val BLEU after every doubling round and their BLEU / chrF on ``test_2016_flickr``. Writes
+``benchmarks/results/group_by_length_check.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from benchmarks.quality_runs import write_results
+from benchmarks.quality_translation import QualityTranslationArguments, trained_teacher
+from hf_attn_distill.profiling import machine_info
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = {"random": False, "group_by_length": True}
+
+
+@dataclass
+class GroupCheckArguments:
+    """Budget and output of the check (every other setting is the translation benchmark's default)."""
+
+    work_dir: str = field(default="outputs/group_by_length_check", metadata={"help": "One teacher folder per mode."})
+    results: str = field(
+        default=str(ROOT / "benchmarks" / "results" / "group_by_length_check"), metadata={"help": "JSON/MD stem."}
+    )
+    teacher_max_steps: int = field(default=2000, metadata={"help": "Steps of each teacher (rounds 500, 1000, ...)."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for both teachers."})
+    extra: str = field(
+        default="",
+        metadata={"help": "More quality_translation flags for both teachers, one string (e.g. a tiny budget)."},
+    )
+
+
+def teacher_argv(args: GroupCheckArguments, mode: str) -> list[str]:
+    """The ``quality_translation`` command line of one mode's teacher."""
+    return [
+        "--teacher_only",
+        "true",
+        "--teacher_max_steps",
+        str(args.teacher_max_steps),
+        "--bf16",
+        str(args.bf16),
+        "--group_by_length",
+        str(MODES[mode]),
+        "--work_dir",
+        str(Path(args.work_dir) / mode),
+        "--model_card_dir",
+        "",
+        *shlex.split(args.extra),
+    ]
+
+
+def markdown(result: dict) -> str:
+    steps = sorted({s for run in result["runs"].values() for s, _ in run["teacher_curve"]})
+    curves = {mode: dict(run["teacher_curve"]) for mode, run in result["runs"].items()}
+    lines = [
+        f"Machine: {result['machine']}  ",
+        f"Teacher: {result['teacher']}",
+        "",
+        "| batches | " + " | ".join(f"val BLEU @ {s:,}" for s in steps) + " | test BLEU | test chrF |",
+        "|---|" + "---|" * (len(steps) + 2),
+    ]
+    for mode, run in result["runs"].items():
+        cells = [f"{curves[mode][s]:.2f}" if s in curves[mode] else "" for s in steps]
+        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {run['bleu']:.2f} | {run['chrf']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(GroupCheckArguments).parse_args_into_dataclasses(argv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = {
+        mode: subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.quality_translation", *teacher_argv(args, mode)], cwd=ROOT, env=env
+        )
+        for mode in MODES
+    }
+    failed = [mode for mode, proc in procs.items() if proc.wait() != 0]
+    if failed:
+        raise RuntimeError(f"group_by_length_check: the {', '.join(failed)} teacher failed; rerun to continue it.")
+    runs = {}
+    for mode in MODES:
+        (teacher_args,) = HfArgumentParser(QualityTranslationArguments).parse_args_into_dataclasses(
+            teacher_argv(args, mode)
+        )
+        _, summary = trained_teacher(teacher_args)  # cached by the run above: reads its curve and test scores
+        runs[mode] = {k: summary[k] for k in ("bleu", "chrf", "teacher_curve", "teacher_converged")}
+    result = {
+        "machine": machine_info(),
+        "teacher": f"quality_translation's teacher, {args.teacher_max_steps} steps at most, "
+        f"{'bf16 autocast' if args.bf16 else 'float32'}, one torch thread each, two at once"
+        + (f"; also {args.extra}" if args.extra else ""),
+        "runs": runs,
+    }
+    if args.results:
+        write_results(Path(args.results), result, markdown)
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
