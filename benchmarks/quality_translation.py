@@ -12,7 +12,16 @@ with 3 encoder and 3 decoder layers taken from the teacher (layers 1, 3, 5 of ea
   teacher's translations of the training sources (``sequence_kd_num_beams``; greedy by default, to fit the CPU
   budget);
 - ``kd_attn``: ``kd`` + attention KL at every site (encoder self, decoder self, cross);
-- ``kd_attn_self``: ``kd`` + encoder and decoder self-attention only (does cross-attention add anything?).
+- ``kd_attn_self``: ``kd`` + encoder and decoder self-attention only (does cross-attention add anything?);
+- ``seq_kd_attn``: ``seq_kd`` + attention KL at every site;
+- ``kd_attn_cross_last``: ``kd_attn`` with cross-attention transferred at the last decoder layer only (where
+  cross-attention is closest to a word alignment), self-attention at every mapped layer;
+- ``kd_attn_cross_decay``: ``kd_attn`` with the cross-attention weight decaying linearly to 0 over training (the
+  teacher's alignment as a guide early, the student's own later).
+
+Before the test runs, one attention weight (every attention term of every attention variant) is chosen on
+``val``: ``kd_attn`` with each weight of ``attention_weight_grid`` (first seed), best val BLEU wins; the test set
+is never seen while tuning.
 
 BLEU and chrF (sacrebleu, lower-cased: the MiniLM vocabulary is uncased) of greedy translations of
 ``test_2016_flickr``. Writes ``benchmarks/results/quality_translation.json`` and ``.md`` after every run.
@@ -22,7 +31,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +67,13 @@ VARIANTS = {
     "kd_attn": SITES_ALL,
     "kd_attn_self": ["--layer_map", "uniform", "--decoder_layer_map", "uniform"],
     "seq_kd_attn": ["--sequence_kd", *SITES_ALL],  # sequence-level KD + attention transfer at every site
+    "kd_attn_cross_last": ["--layer_map", "uniform", "--decoder_layer_map", "uniform", "--cross_layer_map", "last"],
+    "kd_attn_cross_decay": [*SITES_ALL, "--schedules", "cross_attention_weight=linear:0.0"],
 }
+#: Variants with an attention term: their attention weight is the one tuned on val.
+ATTENTION_VARIANTS = ("kd_attn", "kd_attn_self", "seq_kd_attn", "kd_attn_cross_last", "kd_attn_cross_decay")
+#: The variant the attention weight is tuned with.
+TUNED_VARIANT = "kd_attn"
 
 
 @dataclass
@@ -126,6 +143,13 @@ class QualityTranslationArguments:
             "students: less padding, fewer FLOPs per step (benchmarks/step_time.py measures how much)."
         },
     )
+    attention_weight_grid: list[float] = field(
+        default_factory=lambda: [0.3, 1.0, 3.0],
+        metadata={
+            "help": "Attention weights tried on val before the test runs (kd_attn, first seed, student_steps each); "
+            "the best val BLEU sets every attention term's weight in every attention variant. Empty: 1.0, untuned."
+        },
+    )
     sequence_kd_num_beams: int = field(default=4, metadata={"help": "Beams of the teacher's seq_kd translations."})
     seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
@@ -188,7 +212,10 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def common_args(args: QualityTranslationArguments, output_dir: Path, seed: int, train_examples: int) -> list[str]:
+def common_args(
+    args: QualityTranslationArguments, output_dir: Path, seed: int, train_examples: int, predict: bool = True
+) -> list[str]:
+    """Flags of one student (or teacher) training run; ``predict``: score it on the test set at the end."""
     return [
         *data_args(args, train_examples),
         "--output_dir",
@@ -206,8 +233,33 @@ def common_args(args: QualityTranslationArguments, output_dir: Path, seed: int, 
         "--seed",
         str(seed),
         "--do_train",
-        "--do_predict",
+        *(["--do_predict"] if predict else []),
     ]
+
+
+def attention_weight_args(weight: float) -> list[str]:
+    """Recipe flags giving every attention term (encoder, decoder self, cross) the weight ``weight``."""
+    return [item for site in ("", "decoder_", "cross_") for item in (f"--{site}attention_weight", str(weight))]
+
+
+def tuned_attention_weight(
+    args: QualityTranslationArguments, record: Path, tune_one: Callable[[float], float]
+) -> tuple[float, dict]:
+    """The attention weight of ``args.attention_weight_grid`` whose ``tune_one(weight) -> val BLEU`` is highest
+    (ties: the first), and ``{"variant", "seed", "val_bleu": {weight: BLEU}}``. Each weight's score is kept in the
+    JSON file ``record`` as soon as it is measured, so a rerun tunes only the weights it has not scored. No grid, or
+    no attention variant to run: 1.0, untuned."""
+    if not args.attention_weight_grid or not set(args.variants) & set(ATTENTION_VARIANTS):
+        return 1.0, {}
+    scores = json.loads(record.read_text()) if record.exists() else {}
+    for weight in args.attention_weight_grid:
+        if str(weight) not in scores:
+            scores[str(weight)] = tune_one(weight)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(scores, indent=2))
+    best = max(args.attention_weight_grid, key=lambda w: scores[str(w)])
+    tried = {str(w): scores[str(w)] for w in args.attention_weight_grid}
+    return best, {"variant": TUNED_VARIANT, "seed": args.seeds[0], "val_bleu": tried}
 
 
 def learning_curve_args(args: QualityTranslationArguments) -> list[str]:
@@ -378,6 +430,18 @@ def attention_site_lines(result: dict) -> list[str]:
     return lines
 
 
+def attention_weight_line(result: dict) -> str:
+    """How the attention variants' weight was chosen: on val, by weight, or not at all."""
+    tuning = result.get("attention_weight_tuning")
+    if not tuning:
+        return f"Attention weight: {result.get('attention_weight', 1.0)} (not tuned)"
+    tried = ", ".join(f"{w}: {b:.2f}" for w, b in tuning["val_bleu"].items())
+    return (
+        f"Attention weight: {result['attention_weight']} for every attention term, chosen on val "
+        f"({tuning['variant']}, seed {tuning['seed']}; val BLEU by weight: {tried})"
+    )
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Teacher: BLEU {result['teacher']:.2f}, chrF {result['teacher_chrf']:.2f} ({result['casing']})  ",
@@ -385,6 +449,7 @@ def markdown(result: dict) -> str:
         f"Students: {result['student']}  ",
         f"Eval set: {result['eval_set']}  ",
         f"{teacher_curve_line(result)}  ",
+        f"{attention_weight_line(result)}  ",
         f"Machine: {result['machine']}",
         "",
         "| student variant | BLEU mean | std | BLEU runs | chrF mean | retention | wall time / run |",
@@ -439,51 +504,72 @@ def main(argv: list[str] | None = None) -> dict:
     if args.teacher_only:
         return teacher
 
+    def student_argv(name: str, seed: int, output_dir: Path, weight: float, predict: bool = True) -> list[str]:
+        return [
+            "--training_mode",
+            "distill",
+            "--teacher_model_name_or_path",
+            str(teacher_dir),
+            "--student_teacher_layers",
+            args.encoder_layers,
+            "--student_decoder_layers",
+            args.decoder_layers,
+            "--learning_rate",
+            str(args.student_learning_rate),
+            "--max_steps",
+            str(args.student_steps),
+            "--temperature",
+            "2.0",
+            "--alpha_ce",
+            "0.5",
+            "--alpha_kd",
+            "0.5",
+            "--sequence_kd_cache_dir",
+            str(teacher_dir / "translations"),
+            "--sequence_kd_num_beams",
+            str(args.sequence_kd_num_beams),
+            *common_args(args, output_dir, seed, args.train_examples, predict=predict),
+            *VARIANTS[name],
+            *(attention_weight_args(weight) if name in ATTENTION_VARIANTS else []),
+        ]
+
+    def tune_one(weight: float) -> float:
+        output_dir = work / f"tune_{TUNED_VARIANT}_w{weight}"
+        metrics = run_recipe([*student_argv(TUNED_VARIANT, args.seeds[0], output_dir, weight, False), "--do_eval"])
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return metrics["eval_bleu"]
+
+    settings_key = {"teacher": teacher_dir.name, **student_settings(args)}
+    tuning_key = fingerprint({k: v for k, v in settings_key.items() if k != "attention_weight_grid"}, [])
+    weight, tuning = tuned_attention_weight(args, teacher_dir / "tuning" / f"{tuning_key}.json", tune_one)
+    if tuning:
+        print(f"attention weight {weight} (val BLEU by weight: {tuning['val_bleu']})", flush=True)
+
     def run_one(name: str, seed: int, output_dir: Path) -> dict:
-        metrics = run_recipe(
-            [
-                "--training_mode",
-                "distill",
-                "--teacher_model_name_or_path",
-                str(teacher_dir),
-                "--student_teacher_layers",
-                args.encoder_layers,
-                "--student_decoder_layers",
-                args.decoder_layers,
-                "--learning_rate",
-                str(args.student_learning_rate),
-                "--max_steps",
-                str(args.student_steps),
-                "--temperature",
-                "2.0",
-                "--alpha_ce",
-                "0.5",
-                "--alpha_kd",
-                "0.5",
-                "--sequence_kd_cache_dir",
-                str(teacher_dir / "translations"),
-                "--sequence_kd_num_beams",
-                str(args.sequence_kd_num_beams),
-                *common_args(args, output_dir, seed, args.train_examples),
-                *VARIANTS[name],
-                *(learning_curve_args(args) if name in args.learning_curve_variants else []),
-            ]
-        )
+        argv = student_argv(name, seed, output_dir, weight)
+        metrics = run_recipe([*argv, *(learning_curve_args(args) if name in args.learning_curve_variants else [])])
         run = {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"], "term_curves": term_curves(output_dir)}
         if name in args.learning_curve_variants:
             run["learning_curve"] = term_curves(output_dir, "eval_bleu").get("eval_bleu", [])
         return run
+
+    def key(name: str) -> str:  # attention runs depend on the tuned weight too
+        return fingerprint({**settings_key, **({"attention_weight": weight} if name in ATTENTION_VARIANTS else {})}, [])
 
     return run_students(
         args.variants,
         args.seeds,
         work,
         run_one,
-        lambda runs: summarize(teacher, runs, args),
+        lambda runs: {
+            **summarize(teacher, runs, args),
+            "attention_weight": weight,
+            **({"attention_weight_tuning": tuning} if tuning else {}),
+        },
         Path(args.results),
         markdown,
         done_dir=teacher_dir / "students",
-        key=fingerprint({"teacher": teacher_dir.name, **student_settings(args)}, []),
+        key=key,
         card_dir=Path(args.model_card_dir) if args.model_card_dir else None,
     )
 

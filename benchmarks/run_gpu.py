@@ -51,8 +51,17 @@ PLANS = {
             "2000",
             "--teacher_max_steps",
             "8000",
+            # the six rows of #18 (not the two cross-attention variants) after the three val runs that tune the
+            # attention weight: 9 runs of 1,400 steps, the student steps the plan had before tuning (6 x 2,000)
+            "--variants",
+            "finetune",
+            "kd",
+            "seq_kd",
+            "kd_attn",
+            "kd_attn_self",
+            "seq_kd_attn",
             "--student_steps",
-            "2000",
+            "1400",
             "--batch_size",
             "128",
             "--teacher_learning_rate",

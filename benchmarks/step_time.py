@@ -339,11 +339,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tuning_runs(args) -> int:
+    """Student runs a benchmark spends choosing its attention weight on val before the test runs."""
+    from benchmarks.quality_translation import ATTENTION_VARIANTS
+
+    grid = getattr(args, "attention_weight_grid", [])
+    return len(grid) if grid and set(args.variants) & set(ATTENTION_VARIANTS) else 0
+
+
 def budget(result: dict) -> list[dict]:
     """Hours of the whole 2-core machine that each quality benchmark's defaults take, from the measured rows (of the
     faster precision, where both were measured): the
     teacher to its step cap (every doubling round evaluated on dev), then every (variant, seed) student run and
-    its evaluation; two 1-thread processes run at once, so each is slowed by the ``_x2`` factor and two
+    its evaluation (with the runs that tune the attention weight on val); two 1-thread processes run at once, so each is slowed by the ``_x2`` factor and two
     progress at a time. Tasks whose rows are missing are left out."""
     from benchmarks.quality_qa import QualityQAArguments
     from benchmarks.quality_translation import QualityTranslationArguments
@@ -368,7 +376,7 @@ def budget(result: dict) -> list[dict]:
         while steps * 2 <= args.teacher_max_steps:
             rounds, steps = rounds + 1, steps * 2
         teacher_s = steps * shared["step_s"] + rounds * alone["eval_s"] * slowdown
-        runs = len(args.variants) * len(args.seeds)
+        runs = len(args.variants) * len(args.seeds) + tuning_runs(args)
         students_s = runs * (args.student_steps * student["step_s"] + student["eval_s"]) * slowdown
         plans.append(
             {

@@ -357,8 +357,9 @@ def test_the_best_students_card_is_published_as_its_recipe_wrote_it(tmp_path):
 
 def test_step_time_budget_is_steps_times_step_time_plus_evaluations():
     """The hours step_time.py reports for the translation benchmark's defaults, by hand: 6 doubling rounds
-    (500 ... 16,000 steps) at the two-at-once step time, 6 dev evaluations slowed by the same factor, and 6
-    variants x 2 seeds of 250 student steps + one evaluation each; two processes share the machine."""
+    (500 ... 16,000 steps) at the two-at-once step time, 6 dev evaluations slowed by the same factor, and 8
+    variants x 2 seeds + 3 attention-weight tuning runs of 250 student steps + one evaluation each; two processes
+    share the machine."""
     from benchmarks import step_time
 
     def row(name, step_s, eval_s, processes=1):
@@ -378,9 +379,9 @@ def test_step_time_budget_is_steps_times_step_time_plus_evaluations():
     (plan,) = step_time.budget(result)
     assert plan["benchmark"] == "quality_translation" and plan["teacher_steps"] == 16000
     assert plan["teacher_h"] == pytest.approx((16000 * 3.0 + 6 * 60.0 * 1.5) / 2 / 3600)
-    assert plan["student_runs"] == 12 and plan["student_steps"] == 250
-    assert plan["students_h"] == pytest.approx(12 * (250 * 1.0 + 30.0) * 1.5 / 2 / 3600)
-    assert "| quality_translation | 16,000 | 6.7 | 13.5 | 12 x 250 | 0.7 | 7.4 |" in step_time.markdown(result)
+    assert plan["student_runs"] == 8 * 2 + 3 and plan["student_steps"] == 250
+    assert plan["students_h"] == pytest.approx(19 * (250 * 1.0 + 30.0) * 1.5 / 2 / 3600)
+    assert "| quality_translation | 16,000 | 6.7 | 13.5 | 19 x 250 | 1.1 | 7.8 |" in step_time.markdown(result)
     # float32 measured too and faster two-at-once (bf16 emulated): the plan uses the float32 rows
     result["rows"] += [
         row("mt_teacher_fp32_1t", 1.0, 20.0),
@@ -389,7 +390,7 @@ def test_step_time_budget_is_steps_times_step_time_plus_evaluations():
     ]
     (plan,) = step_time.budget(result)
     assert plan["teacher_h"] == pytest.approx((16000 * 1.5 + 6 * 20.0 * 1.5) / 2 / 3600)
-    assert plan["students_h"] == pytest.approx(12 * (250 * 0.5 + 10.0) * 1.5 / 2 / 3600)
+    assert plan["students_h"] == pytest.approx(19 * (250 * 0.5 + 10.0) * 1.5 / 2 / 3600)
 
 
 def test_step_time_update_replaces_rows_only_in_a_result_of_the_same_machine(tmp_path):
@@ -546,11 +547,18 @@ def test_published_model_cards_are_the_benchmark_runs_they_name():
         assert not re.search(r"hf_[A-Za-z0-9]{30,}", card.content), folder  # no Hub token
 
 
-def test_the_step_time_table_in_benchmarks_readme_is_the_committed_run():
-    from benchmarks import step_time
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("step_time", "step_time"), ("step_time", "step_time_avx512bf16"), ("bf16_check", "bf16_check")],
+)
+def test_the_timing_tables_in_benchmarks_readme_are_the_committed_runs(module, name):
+    """Each machine's step_time table and the bf16_check table are their script's markdown() of the committed
+    result file."""
+    import importlib
 
     root = Path(__file__).resolve().parent.parent
-    table = step_time.markdown(json.loads((root / "benchmarks" / "results" / "step_time.json").read_text()))
+    result = json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text())
+    table = importlib.import_module(f"benchmarks.{module}").markdown(result)
     assert table in (root / "benchmarks" / "README.md").read_text()
 
 
@@ -573,7 +581,8 @@ def test_translation_group_by_length_reaches_teacher_and_students_and_keys_a_new
         "group_by_length": True,
     }
     for args, strategy in ((off, "random"), (on, "group_by_length")):
-        argv = ["--teacher_model_name_or_path", "t", *quality_translation.common_args(args, Path("o"), 1, 8)]
+        argv = ["--teacher_model_name_or_path", "t", "--training_mode", "finetune"]
+        argv += quality_translation.common_args(args, Path("o"), 1, 8)
         training = common.parse_args(types, argv)[-1]
         assert training.train_sampling_strategy == strategy
 
@@ -600,3 +609,58 @@ def test_group_by_length_check_trains_the_benchmarks_teacher_both_ways_and_tabul
     assert "| batches | val BLEU @ 500 | val BLEU @ 1,000 | test BLEU | test chrF |" in table
     assert "| random | 10.00 | 20.50 | 30.00 | 50.00 |" in table
     assert "| group_by_length | 11.00 |  | 29.50 | 49.00 |" in table
+
+
+def test_translation_tunes_the_attention_weight_on_val_only_and_runs_every_attention_variant_with_it(
+    tmp_path, monkeypatch
+):
+    """With a fake recipe that parses every command as the real one does (config checks included): the tuning
+    runs train kd_attn with each weight of the grid (every attention site at that weight), are scored on val and
+    never on the test set; the best val BLEU (1.0 here) then reaches every attention variant's test run and no
+    other; a rerun reuses the scores and the finished runs."""
+    from hf_attn_distill import DistillSeq2SeqConfig
+    from hf_attn_distill.recipes import common, distill_translation
+
+    types = (
+        distill_translation.TranslationModelArguments,
+        distill_translation.TranslationDataArguments,
+        DistillSeq2SeqConfig,
+    )
+    teacher_dir = tmp_path / "teacher"
+    teacher_dir.mkdir()
+    teacher = {"bleu": 40.0, "chrf": 60.0, "teacher_curve": [[500, 30.0]], "teacher_curve_note": "capped"}
+    monkeypatch.setattr(quality_translation, "trained_teacher", lambda args: (teacher_dir, teacher))
+    calls = {}
+
+    def fake_recipe(argv):
+        _, _, training = common.parse_args(types, argv)
+        calls[Path(training.output_dir).name] = (argv, training)
+        if "--do_predict" in argv:
+            return {"test_bleu": 30.0, "test_chrf": 50.0}
+        return {"eval_bleu": {0.3: 20.0, 1.0: 21.0, 3.0: 22.0}[training.attention_weight]}
+
+    monkeypatch.setattr(quality_translation, "run_recipe", fake_recipe)
+    argv = ["--work_dir", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--model_card_dir", ""]
+    result = quality_translation.main([*argv, "--bf16", "false", "--seeds", "7"])
+    for weight in (0.3, 1.0, 3.0):
+        call, training = calls[f"tune_kd_attn_w{weight}"]
+        assert "--do_predict" not in call and "--do_eval" in call and training.seed == 7
+        assert training.cross_layer_map == "uniform"  # kd_attn: every site
+        assert [training.attention_weight, training.decoder_attention_weight, training.cross_attention_weight] == [
+            weight
+        ] * 3
+    assert result["attention_weight"] == 3.0
+    assert result["attention_weight_tuning"]["val_bleu"] == {"0.3": 20.0, "1.0": 21.0, "3.0": 22.0}
+    tested = {name.removesuffix("_seed7"): training for name, (_, training) in calls.items() if "seed7" in name}
+    assert set(tested) == set(quality_translation.VARIANTS)
+    for name, training in tested.items():
+        weights = [training.attention_weight, training.decoder_attention_weight, training.cross_attention_weight]
+        assert weights == [3.0 if name in quality_translation.ATTENTION_VARIANTS else 1.0] * 3  # tuned; default
+    assert tested["kd_attn_cross_last"].cross_layer_map == "last"
+    assert tested["kd_attn_cross_last"].decoder_layer_map == "uniform"
+    assert tested["kd_attn_cross_decay"].schedules == {"cross_attention_weight": "linear:0.0"}
+    assert tested["kd_attn_self"].cross_layer_map is None
+    assert "val BLEU by weight: 0.3: 20.00, 1.0: 21.00, 3.0: 22.00" in (tmp_path / "r.md").read_text()
+    calls.clear()
+    assert quality_translation.main([*argv, "--bf16", "false", "--seeds", "7"])["attention_weight"] == 3.0
+    assert calls == {}  # scores and runs reused
