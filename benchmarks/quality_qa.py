@@ -16,7 +16,6 @@ The defaults fit about an hour on 2 CPU cores; CUDA is used when present.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from benchmarks.quality_runs import (
     run_students,
     teacher_curve_line,
 )
-from benchmarks.teacher_training import fingerprint, train_teacher
+from benchmarks.teacher_training import fingerprint, last_round_metrics, train_teacher
 from hf_attn_distill.hardware import bf16_pays
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_qa import main as run_recipe
@@ -236,7 +235,7 @@ def trained_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
             ]
         ),
     )
-    metrics = json.loads((teacher_dir / "eval_results.json").read_text())
+    _, metrics = last_round_metrics(teacher_dir)
     return teacher_dir, {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"], **summary}
 
 

@@ -51,7 +51,7 @@ from benchmarks.quality_runs import (
     term_curves,
     write_results,
 )
-from benchmarks.teacher_training import fingerprint, train_teacher
+from benchmarks.teacher_training import fingerprint, last_round_metrics, train_teacher
 from hf_attn_distill.hardware import bf16_pays
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_translation import main as run_recipe
@@ -342,7 +342,8 @@ def trained_teacher(args: QualityTranslationArguments) -> tuple[Path, dict]:
             ]
         ),
     )
-    test_dir = teacher_dir / "test_eval"
+    steps, _ = last_round_metrics(teacher_dir)
+    test_dir = teacher_dir / f"test_eval-{steps}"  # a teacher continued later is scored again
     if not (test_dir / "test_results.json").exists():
         run_recipe(
             [

@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["CURVE_FILE", "fingerprint", "last_checkpoint", "teacher_summary", "train_teacher"]
+__all__ = ["CURVE_FILE", "fingerprint", "last_checkpoint", "last_round_metrics", "teacher_summary", "train_teacher"]
 
 CURVE_FILE = "teacher_curve.json"
 STEP_INDEPENDENT_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt")
@@ -73,6 +73,20 @@ def teacher_summary(state: dict, threshold: float, max_steps: int) -> dict:
     else:
         note = "in progress: rerun the same command to continue"
     return {"teacher_curve": curve, "teacher_converged": converged, "teacher_curve_note": note}
+
+
+def last_round_metrics(teacher_dir: Path) -> tuple[int, dict]:
+    """``(steps, eval metrics)`` of the teacher's last round: what the saved model scores on dev."""
+    state = _curve_state(teacher_dir)
+    if not state["curve"]:
+        raise FileNotFoundError(f"{teacher_dir / CURVE_FILE} holds no round: train the teacher first.")
+    steps = state["curve"][-1][0]
+    if str(steps) not in state.get("metrics", {}):
+        raise KeyError(
+            f"{teacher_dir / CURVE_FILE} has no metrics for its last round ({steps} steps; recorded by an older "
+            "version): remove that round from 'curve' and rerun to evaluate it again."
+        )
+    return steps, state["metrics"][str(steps)]
 
 
 def _install(checkpoint: Path, teacher_dir: Path) -> None:
@@ -149,6 +163,9 @@ def train_teacher(
                 )
             state["curve"].append([steps, metrics[f"eval_{metric}"]])
             state["curve"].sort()
+            state.setdefault("metrics", {})[str(steps)] = {
+                k: v for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))
+            }
             (teacher_dir / CURVE_FILE).write_text(json.dumps(state, indent=2))
             print(f"teacher after {steps} steps: {metric} {metrics[f'eval_{metric}']:.2f}", flush=True)
         summary = teacher_summary(state, threshold, max_steps)

@@ -4,6 +4,7 @@ from .attention_capture import ATTN_IMPLEMENTATION, AttentionRecorder, Capture, 
 from .attention_masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
 from .config import DistillConfig
 from .distributed import prepare_teacher, require_deepspeed
+from .eval_order import InOrderEvaluationMixin, InOrderSeq2SeqTrainer, InOrderTrainer
 from .fused_transfer import TransferTarget, softmax_with_transfer_loss
 from .layer_map import parse_layer_map, resolve_layer_map
 from .losses import (
@@ -41,6 +42,9 @@ __all__ = [
     "DistillSeq2SeqConfig",
     "DistillSeq2SeqTrainer",
     "DistillTrainer",
+    "InOrderEvaluationMixin",
+    "InOrderSeq2SeqTrainer",
+    "InOrderTrainer",
     "TransferTarget",
     "attention_kl_loss",
     "attention_loss_count",

@@ -19,6 +19,7 @@ from .batches import check_lengths, position_limits, strip_outputs, with_decoder
 from .checkpoints import CheckpointMixin, resolve_resume
 from .config import DistillConfig, parse_schedules
 from .distributed import prepare_teacher
+from .eval_order import InOrderEvaluationMixin
 from .hardware import emulated_bf16_warning
 from .model_card import ModelCardMixin
 from .objective import KD_MASK_COLUMN, Step
@@ -32,7 +33,7 @@ __all__ = ["DistillTrainer"]
 logger = logging.get_logger(__name__)
 
 
-class DistillTrainer(TermLoggingMixin, CheckpointMixin, ModelCardMixin, Trainer):
+class DistillTrainer(TermLoggingMixin, CheckpointMixin, ModelCardMixin, InOrderEvaluationMixin, Trainer):
     """``transformers.Trainer`` whose loss is the weighted sum of the objectives ``args`` asks for
     (:mod:`~hf_attn_distill.objectives`): ``alpha_ce * CE + alpha_kd * KD``, one attention term per mapped site,
     and the hidden-state and relation terms when their weights are above 0.
@@ -45,7 +46,9 @@ class DistillTrainer(TermLoggingMixin, CheckpointMixin, ModelCardMixin, Trainer)
     ``k * n``. Terms are logged by name (``loss_ce``, ``loss_kd``, ``loss_attn_enc`` ..., ``eval_loss_*``),
     averaged over their items in the logging window and across processes. What the trainer attaches to the
     models (capture points, attention implementation, the hidden-state projection, the teacher's frozen state)
-    is taken off when ``train`` ends (:class:`~hf_attn_distill.attention_capture.Capture`).
+    is taken off when ``train`` ends (:class:`~hf_attn_distill.attention_capture.Capture`). Evaluation and
+    prediction visit the dataset in its order, also when training groups batches by length
+    (:mod:`~hf_attn_distill.eval_order`).
 
     Args:
         model: the student (a ``PreTrainedModel``).

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.teacher_training import fingerprint, last_checkpoint, teacher_summary, train_teacher
+from benchmarks.teacher_training import fingerprint, last_checkpoint, last_round_metrics, teacher_summary, train_teacher
 
 ARGS = ["--lr_scheduler_type", "inverse_sqrt", "--warmup_steps", "2", "--do_eval"]
 
@@ -153,3 +153,18 @@ def test_a_run_stopped_between_training_and_evaluation_evaluates_the_checkpoint(
     )
     assert evaluated == ["checkpoint-4"] and recipe.calls == [(4, 8)]
     assert summary["teacher_curve"] == [[4, 9.5], [8, 20.0]]
+
+
+def test_a_continued_teacher_reports_the_metrics_of_its_last_round(tmp_path):
+    """A teacher continued in a later sitting (a larger max_steps) is scored by its new last round, also when
+    that round was evaluated from a checkpoint (a stale eval_results.json in the teacher folder is not read)."""
+    recipe = FakeRecipe({4: 10.0, 8: 20.0, 16: 30.0})
+    common = dict(work=tmp_path, key="k", metric="bleu", first_steps=4, save_steps=2, evaluate_checkpoint=EVAL)
+    folder, _ = train_teacher(recipe, ARGS, max_steps=4, **common)
+    assert last_round_metrics(folder) == (4, {"eval_bleu": 10.0})
+    (folder / "eval_results.json").write_text(json.dumps({"eval_bleu": 10.0}))
+    train_teacher(recipe, ARGS, max_steps=16, **common)
+    assert last_round_metrics(folder) == (16, {"eval_bleu": 30.0})
+    (folder / "teacher_curve.json").write_text(json.dumps({"curve": [[4, 10.0]]}))  # written by an older version
+    with pytest.raises(KeyError, match="remove that round"):
+        last_round_metrics(folder)

@@ -215,3 +215,60 @@ def test_sequence_level_kd_trains_on_cached_teacher_translations(tmp_path, data_
     assert cached[0] == (first[: first.index(sep) + 1] if sep in first else first)
     assert len(cached) == len(DE)
     assert "sequence_kd" in (out / "README.md").read_text()
+
+
+def _check_scores_pair_in_order(metrics, prefix, folder, tokenizer, distinct=True):
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+    generated = model.generate(**tokenizer(DE, return_tensors="pt", padding=True), max_length=8, num_beams=1)
+    hyps = [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    if distinct:  # different translations, so that pairing them with the wrong references changes the score
+        assert len(set(hyps)) > 1, prefix
+    expected = compute_translation_metrics(hyps, EN)
+    assert metrics[f"{prefix}_chrf"] == pytest.approx(expected["chrf"], abs=1e-6), prefix
+    assert metrics[f"{prefix}_bleu"] == pytest.approx(expected["bleu"], abs=1e-6), prefix
+
+
+def test_scores_pair_each_translation_with_its_reference_under_group_by_length(tmp_path, data_dir, encoder_dir):
+    """Length-grouped training must not reorder evaluation (transformers' Trainer does): BLEU and chrF pair
+    translation i with reference i, for a fine-tuned model, a student and its teacher scored in the same run."""
+    grouped = [
+        "--data_dir",
+        str(data_dir),
+        "--do_train",
+        "--do_predict",
+        "--train_sampling_strategy",
+        "group_by_length",
+    ]
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    teacher_metrics = main(
+        [
+            "--training_mode",
+            "finetune",
+            "--teacher_model_name_or_path",
+            str(encoder_dir),
+            "--build_encoder_decoder",
+            "--output_dir",
+            str(teacher_dir),
+            *grouped,
+            *COMMON,
+        ]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    _check_scores_pair_in_order(teacher_metrics, "test", teacher_dir, tokenizer)
+    metrics = main(
+        [
+            "--teacher_model_name_or_path",
+            str(teacher_dir),
+            "--student_teacher_layers",
+            "1,3",
+            "--student_decoder_layers",
+            "0,3",
+            "--evaluate_teacher",
+            "--output_dir",
+            str(student_dir),
+            *grouped,
+            *COMMON,
+        ]
+    )
+    _check_scores_pair_in_order(metrics, "teacher_test", teacher_dir, tokenizer)
+    _check_scores_pair_in_order(metrics, "test", student_dir, tokenizer, distinct=False)

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_attn_distill import student_from_config, student_from_teacher_layers
 from hf_attn_distill.checkpoints import last_complete_checkpoint, resolve_resume
+from hf_attn_distill.eval_order import InOrderTrainer
 from hf_attn_distill.hardware import emulated_bf16_warning
 from hf_attn_distill.model_card import (
     CardInfo,
@@ -252,12 +253,10 @@ def run(
     teacher_trainer_class=None,
 ) -> dict:
     """The common end of every recipe's ``main()``: train (resuming if asked), evaluate the student and, in
-    distill mode, the teacher on the same data (``teacher_trainer_class``, default ``Trainer``, built from
+    distill mode, the teacher on the same data (``teacher_trainer_class``, default :class:`~hf_attn_distill.InOrderTrainer`, built from
     ``trainer_kwargs``), write the figures, then on the main process save the tokenizer, write the card
     (``card(metrics, sample)``, which also prints the one closing summary table) and push if asked. Returns the
     metrics."""
-    from transformers import Trainer
-
     metrics: dict = {}
     warning = emulated_bf16_warning(training_args, trainer.args.device)
     if warning and not isinstance(trainer, DistillTrainer):  # DistillTrainer gives it when built
@@ -267,7 +266,9 @@ def run(
     teacher_trainer = None
     distill = model_args.training_mode == "distill"
     if evaluations and distill and model_args.evaluate_teacher and not is_sharded(trainer):
-        teacher_trainer = (teacher_trainer_class or Trainer)(**{**trainer_kwargs, "model": trainer.teacher_model})
+        teacher_trainer = (teacher_trainer_class or InOrderTrainer)(
+            **{**trainer_kwargs, "model": trainer.teacher_model}
+        )
     for evaluation in evaluations:
         if evaluation.before is not None:
             evaluation.before()

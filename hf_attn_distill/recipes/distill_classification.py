@@ -33,11 +33,10 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
     set_seed,
 )
 
-from hf_attn_distill import DistillConfig, DistillTrainer
+from hf_attn_distill import DistillConfig, DistillTrainer, InOrderTrainer
 from hf_attn_distill.metrics import compute_classification_metrics
 
 from . import common
@@ -216,7 +215,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         ),
         compute_metrics=compute_classification_metrics,
     )
-    trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else Trainer(**common_kwargs)
+    trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else InOrderTrainer(**common_kwargs)
 
     evaluations = []
     for split, prefix, wanted in (

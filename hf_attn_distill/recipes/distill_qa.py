@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import datasets
 import transformers
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, default_data_collator, set_seed
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, default_data_collator, set_seed
 
-from hf_attn_distill import DistillConfig, DistillTrainer
+from hf_attn_distill import DistillConfig, DistillTrainer, InOrderTrainer
 from hf_attn_distill.qa import (
     QAMetrics,
     check_qa_columns,
@@ -200,7 +200,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         data_collator=default_data_collator,
         compute_metrics=compute_metrics,
     )
-    trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else Trainer(**common_kwargs)
+    trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else InOrderTrainer(**common_kwargs)
 
     evaluations = [common.Evaluation("eval")] if training_args.do_eval and eval_features is not None else []
 

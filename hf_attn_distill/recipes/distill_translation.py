@@ -35,13 +35,13 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     EncoderDecoderModel,
-    Seq2SeqTrainer,
     set_seed,
 )
 
 from hf_attn_distill import (
     DistillSeq2SeqConfig,
     DistillSeq2SeqTrainer,
+    InOrderSeq2SeqTrainer,
     student_from_config,
     student_from_teacher_layers,
 )
@@ -271,7 +271,9 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         ),
     )
     trainer = (
-        DistillSeq2SeqTrainer(teacher_model=teacher, **common_kwargs) if distill else Seq2SeqTrainer(**common_kwargs)
+        DistillSeq2SeqTrainer(teacher_model=teacher, **common_kwargs)
+        if distill
+        else InOrderSeq2SeqTrainer(**common_kwargs)
     )
 
     def scored_against(split):  # generation metrics score against the split's raw reference sentences
@@ -314,7 +316,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         lambda metrics, example: write_card(
             trainer, model_args, data_args, training_args, teacher, model, metrics, example
         ),
-        teacher_trainer_class=Seq2SeqTrainer,
+        teacher_trainer_class=InOrderSeq2SeqTrainer,
     )
 
 
