@@ -13,6 +13,7 @@ val BLEU after every doubling round and their BLEU / chrF on ``test_2016_flickr`
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -40,6 +41,13 @@ class GroupCheckArguments:
     )
     teacher_max_steps: int = field(default=2000, metadata={"help": "Steps of each teacher (rounds 500, 1000, ...)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for both teachers."})
+    modes: list[str] = field(
+        default_factory=lambda: list(MODES),
+        metadata={
+            "help": "Modes to train now (random, group_by_length); the other mode's row is kept from the result "
+            "file already there, marked as an earlier run."
+        },
+    )
     extra: str = field(
         default="",
         metadata={"help": "More quality_translation flags for both teachers, one string (e.g. a tiny budget)."},
@@ -77,24 +85,38 @@ def markdown(result: dict) -> str:
     ]
     for mode, run in result["runs"].items():
         cells = [f"{curves[mode][s]:.2f}" if s in curves[mode] else "" for s in steps]
-        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {run['bleu']:.2f} | {run['chrf']:.2f} |")
+        name = f"{mode} (earlier run)" if run.get("earlier_run") else mode
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['bleu']:.2f} | {run['chrf']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(GroupCheckArguments).parse_args_into_dataclasses(argv)
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown or not args.modes:
+        raise ValueError(f"--modes {' '.join(args.modes)}: choose among {', '.join(MODES)}.")
+    previous = Path(f"{args.results}.json") if args.results else None
+    kept = {}
+    if set(args.modes) != set(MODES):
+        if previous is None or not previous.exists():
+            raise FileNotFoundError(f"--modes {' '.join(args.modes)} keeps the other rows of {previous}: not found.")
+        kept = {
+            mode: {**run, "earlier_run": True}
+            for mode, run in json.loads(previous.read_text())["runs"].items()
+            if mode not in args.modes
+        }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = {
         mode: subprocess.Popen(
             [sys.executable, "-m", "benchmarks.quality_translation", *teacher_argv(args, mode)], cwd=ROOT, env=env
         )
-        for mode in MODES
+        for mode in args.modes
     }
     failed = [mode for mode, proc in procs.items() if proc.wait() != 0]
     if failed:
         raise RuntimeError(f"group_by_length_check: the {', '.join(failed)} teacher failed; rerun to continue it.")
     runs = {}
-    for mode in MODES:
+    for mode in args.modes:
         (teacher_args,) = HfArgumentParser(QualityTranslationArguments).parse_args_into_dataclasses(
             teacher_argv(args, mode)
         )
@@ -105,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher": f"quality_translation's teacher, {args.teacher_max_steps} steps at most, "
         f"{'bf16 autocast' if args.bf16 else 'float32'}, one torch thread each, two at once"
         + (f"; also {args.extra}" if args.extra else ""),
-        "runs": runs,
+        "runs": {mode: runs[mode] if mode in runs else kept[mode] for mode in MODES if mode in runs or mode in kept},
     }
     if args.results:
         write_results(Path(args.results), result, markdown)
