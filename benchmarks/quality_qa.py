@@ -114,6 +114,8 @@ def data_args(args: QualityQAArguments) -> list[str]:
         if not (data / name).exists():
             raise SystemExit(f"{data / name} is missing: point --data_dir at the squad folder of shared/data.")
     return [
+        "--card_dataset_id",  # the shared squad folder holds SQuAD v1.1 train and dev
+        "rajpurkar/squad",
         "--train_file",
         str(data / "train.json"),
         "--validation_file",

@@ -664,3 +664,19 @@ def test_translation_tunes_the_attention_weight_on_val_only_and_runs_every_atten
     calls.clear()
     assert quality_translation.main([*argv, "--bf16", "false", "--seeds", "7"])["attention_weight"] == 3.0
     assert calls == {}  # scores and runs reused
+
+
+def test_qa_benchmark_cards_name_squad_on_the_hub_and_parse_as_the_recipe_does():
+    """The QA benchmark's data flags parse with the QA recipe's own arguments, and its cards name the Hub
+    dataset that shared/data/squad holds."""
+    from benchmarks import quality_qa
+    from hf_attn_distill import DistillConfig
+    from hf_attn_distill.recipes import common, distill_qa
+
+    args = quality_qa.QualityQAArguments(bf16=False)
+    argv = ["--teacher_model_name_or_path", "t", "--training_mode", "finetune", *quality_qa.data_args(args)]
+    model_args, data_args, _ = common.parse_args(
+        (common.ModelArguments, distill_qa.QADataArguments, DistillConfig), [*argv, "--output_dir", "o"]
+    )
+    assert model_args.card_dataset_id == "rajpurkar/squad"
+    assert data_args.max_seq_length == 256 and data_args.doc_stride == 128

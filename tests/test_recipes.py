@@ -154,6 +154,8 @@ def test_yaml_config(tmp_path, tiny_teacher_dir):
         ({"--label_column": "y"}, "--label_column"),
         ({"--student_teacher_layers": "0,9"}, "out of range"),
         ({"--student_teacher_layers": None}, "needs a student"),
+        ({"--card_teacher_id": "/home/me/teacher"}, "--card_teacher_id '/home/me/teacher' is not a Hub id"),
+        ({"--card_dataset_id": "../data"}, "--card_dataset_id '../data' is not a Hub id"),
     ],
 )
 def test_bad_arguments_name_the_fix(tmp_path, tiny_teacher_dir, extra, match):
@@ -234,7 +236,10 @@ def test_sst2_demo_runs_end_to_end(tmp_path, capsys):
         ]
     )
     assert set(result["models"]) and 0 < result["retention"]
-    assert (tmp_path / "student" / "README.md").exists()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "student" / "README.md")
+    assert card.data.datasets == ["nyu-mll/glue"] and card.data.eval_results[0].dataset_type == "nyu-mll/glue"
     assert (tmp_path / "demo_results.md").read_text().count("|") > 10
     # one results table, with one latency measurement: the recipes' own closing tables are not printed
     out = capsys.readouterr().out
@@ -326,3 +331,22 @@ def test_tensorboard_gets_every_loss_term_and_the_attention_figures(tmp_path, ti
     assert {"distillation/attention_encoder", "distillation/loss_curves"} <= set(tags["images"])
     (image,) = run.Images("distillation/attention_encoder")
     assert image.step == 4 and image.width > 100
+
+
+def test_card_names_the_hub_teacher_and_dataset_that_local_copies_came_from(tmp_path, tiny_teacher_dir):
+    """--card_teacher_id / --card_dataset_id: a student trained from local copies is published with the Hub ids
+    of its teacher (base_model) and data (datasets), still without a local path."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "student"
+    extra = {"--card_teacher_id": "someone/tiny-teacher", "--card_dataset_id": "nyu-mll/glue"}
+    args = {"--teacher_model_name_or_path": tiny_teacher_dir, "--student_teacher_layers": "0,1", **extra}
+    recipe_main(_base(out, **args))
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "someone/tiny-teacher" and card.data.datasets == ["nyu-mll/glue"]
+    result = card.data.eval_results[0]
+    assert (result.dataset_type, result.dataset_name) == (
+        "nyu-mll/glue",
+        "local files of nyu-mll/glue (sentiment_tiny.tsv for training)",
+    )
+    assert "`someone/tiny-teacher`" in card.text and str(tmp_path) not in str(card)

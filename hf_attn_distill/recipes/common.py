@@ -22,6 +22,7 @@ from hf_attn_distill.model_card import (
     count_parameters,
     describe_layers,
     distillation_settings,
+    hub_model_id,
     measure_forward_latency_ms,
     public_model_name,
     summary_table,
@@ -94,6 +95,20 @@ class ModelArguments:
         default=True,
         metadata={"help": "Print the closing teacher-vs-student table (the model card's results) at the end."},
     )
+    card_teacher_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher's Hub id, when --teacher_model_name_or_path is a local copy of it: the model card "
+            "names the teacher by it and links it as base_model (a local folder is named by its folder name only)."
+        },
+    )
+    card_dataset_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "The Hub id of the dataset that the local data files hold (a copy or a re-split of it, e.g. "
+            "'nyu-mll/glue'): the model card names it in its datasets metadata and results (else 'local data')."
+        },
+    )
     evaluate_teacher: bool = field(
         default=True,
         metadata={
@@ -117,6 +132,10 @@ class ModelArguments:
                 "Distillation needs a student: --student_model_name_or_path, --student_teacher_layers '1,3,5' or "
                 "--student_config_overrides 'num_hidden_layers=4'. Use --training_mode finetune to train a teacher."
             )
+        for name in ("card_teacher_id", "card_dataset_id"):
+            value = getattr(self, name)
+            if value is not None and hub_model_id(value) is None:
+                raise ValueError(f"--{name} {value!r} is not a Hub id ('name' or 'org/name'); give the Hub id.")
         if self.student_layers_from and not self.student_teacher_layers:
             raise ValueError("--student_layers_from only applies with --student_teacher_layers.")
 
@@ -298,17 +317,25 @@ def describe_data(
     eval_file: str | None,
     eval_split: str,
     config_name: str | None = None,
+    source_id: str | None = None,
 ) -> dict:
     """What a card says about the data: ``dataset`` (prose), ``dataset_id`` (the Hub id, only for Hub data) and
-    ``eval_split`` (what the metrics were measured on), naming local files by their file name only."""
+    ``eval_split`` (what the metrics were measured on), naming local files by their file name only.
+    ``source_id`` (``--card_dataset_id``) is the Hub dataset that local files were taken from."""
+    if dataset_name and source_id:
+        raise ValueError(
+            f"--card_dataset_id {source_id} names the source of local data files; with --dataset_name "
+            f"{dataset_name} the card names the Hub dataset itself: drop --card_dataset_id."
+        )
     if dataset_name:
         name = f"{dataset_name} ({config_name})" if config_name else dataset_name
         return {"dataset": name, "dataset_id": dataset_name, "eval_split": f"{eval_split} split of {name}"}
     train = Path(train_file).name if train_file else None
     evaluated = Path(eval_file).name if eval_file else None
+    local = f"local files of {source_id}" if source_id else "local data"
     return {
-        "dataset": f"local data ({train} for training)" if train else "local data",
-        "dataset_id": None,
+        "dataset": f"{local} ({train} for training)" if train else local,
+        "dataset_id": source_id,
         "eval_split": f"local file {evaluated}" if evaluated else f"{eval_split} data",
     }
 
@@ -361,7 +388,7 @@ def write_card(
     student_metrics, teacher_metrics = card_metrics(metrics)
     fields = {
         "model_name": training_args.hub_model_id or Path(training_args.output_dir).name,
-        "teacher": model_args.teacher_model_name_or_path,
+        "teacher": model_args.card_teacher_id or model_args.teacher_model_name_or_path,
         "dataset": dataset,
         "dataset_id": dataset_id,
         "eval_split": eval_split,

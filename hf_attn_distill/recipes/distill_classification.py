@@ -272,6 +272,7 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
             eval_file,
             "test" if test else "validation",
             data_args.dataset_config_name,
+            model_args.card_dataset_id,
         ),
     )
 

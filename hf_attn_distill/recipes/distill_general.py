@@ -244,6 +244,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
                 data_args.validation_file,
                 "validation",
                 data_args.dataset_config_name,
+                model_args.card_dataset_id,
             ),
         ),
     )

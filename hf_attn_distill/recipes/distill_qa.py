@@ -238,6 +238,7 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
         data_args.validation_file,
         "validation",
         data_args.dataset_config_name,
+        model_args.card_dataset_id,
     )
     if data_args.version_2_with_negative:
         data["eval_split"] += " (SQuAD v2 format)"

@@ -333,13 +333,19 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
     pair = f"{data_args.source_lang}-{data_args.target_lang}"
     if data_args.dataset_name:
         data = common.describe_data(
-            data_args.dataset_name, None, None, "test" if test else "validation", data_args.dataset_config_name
+            data_args.dataset_name,
+            None,
+            None,
+            "test" if test else "validation",
+            data_args.dataset_config_name,
+            model_args.card_dataset_id,
         )
     else:  # aligned text files: name the folder and the files, never the path
         folder = Path(data_args.data_dir).name
+        source = f" of {model_args.card_dataset_id}" if model_args.card_dataset_id else ""
         data = {
-            "dataset": f"local parallel text {pair} ({folder}/{data_args.train_split}.*)",
-            "dataset_id": None,
+            "dataset": f"local parallel text {pair}{source} ({folder}/{data_args.train_split}.*)",
+            "dataset_id": model_args.card_dataset_id,
             "eval_split": f"local files {folder}/{split}.{data_args.source_lang}/.{data_args.target_lang}",
         }
     method = None

@@ -77,6 +77,8 @@ def data_args(demo: DemoArguments) -> list[str]:
         str(data / "test.tsv"),
         "--max_seq_length",
         str(demo.max_seq_length),
+        "--card_dataset_id",  # the shared SST-2 folder is GLUE's SST-2 (train re-split; GLUE dev as test)
+        "nyu-mll/glue",
     ]
 
 
