@@ -8,7 +8,8 @@ own teacher twice, with the same seed, data and schedule, once with random batch
 two 1-thread processes at once (what two background runs on 2 cores get), each through
 ``quality_translation --teacher_only`` (cached and resumable: a rerun continues). Then it reads both teachers'
 val BLEU after every doubling round and their BLEU / chrF on ``test_2016_flickr``. Writes
-``benchmarks/results/group_by_length_check.json`` and ``.md``.
+``benchmarks/results/group_by_length_check.json`` and ``.md``. (Its first run found evaluation, not training,
+broken: ``Trainer`` evaluated in length-grouped order; see :mod:`hf_attn_distill.eval_order`.)
 """
 
 from __future__ import annotations

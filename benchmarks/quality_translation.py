@@ -137,11 +137,11 @@ class QualityTranslationArguments:
         },
     )
     group_by_length: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Batch sentences of similar length (train_sampling_strategy='group_by_length'), teacher and "
-            "students: 1.46x faster steps, but the teacher reached 1.1 val BLEU after 1,000 steps against 24.1 "
-            "with random batches (benchmarks/group_by_length_check.py); off by default."
+            "students; evaluation stays in dataset order. 1.46x faster teacher steps at the same val BLEU (23.96 vs "
+            "24.06 after 1,000 steps; benchmarks/group_by_length_check.py)."
         },
     )
     attention_weight_grid: list[float] = field(

@@ -332,7 +332,7 @@ def markdown(result: dict) -> str:
         ]
         for b in plans:
             lines.append(
-                f"| {b['benchmark']} | {b['teacher_steps']:,} | {b['teacher_h']:.1f} | {2 * b['teacher_h']:.1f} | "
+                f"| {b['benchmark']} | {b['teacher_steps']:,}{' grouped by length' if b.get('teacher_grouped') else ''} | {b['teacher_h']:.1f} | {2 * b['teacher_h']:.1f} | "
                 f"{b['student_runs']} x "
                 f"{b['student_steps']:,} | {b['students_h']:.1f} | {b['teacher_h'] + b['students_h']:.1f} |"
             )
@@ -375,13 +375,18 @@ def budget(result: dict) -> list[dict]:
         rounds, steps = 1, args.teacher_first_steps
         while steps * 2 <= args.teacher_max_steps:
             rounds, steps = rounds + 1, steps * 2
-        teacher_s = steps * shared["step_s"] + rounds * alone["eval_s"] * slowdown
+        step_s = shared["step_s"]
+        grouped = rows.get(alone["row"] + "_group")
+        if getattr(args, "group_by_length", False) and grouped:  # grouped teacher steps; students not measured so
+            step_s = grouped["step_s"] * slowdown  # (their ungrouped step time is an upper bound)
+        teacher_s = steps * step_s + rounds * alone["eval_s"] * slowdown
         runs = len(args.variants) * len(args.seeds) + tuning_runs(args)
         students_s = runs * (args.student_steps * student["step_s"] + student["eval_s"]) * slowdown
         plans.append(
             {
                 "benchmark": name,
                 "teacher_steps": steps,
+                "teacher_grouped": bool(getattr(args, "group_by_length", False) and grouped),
                 "teacher_h": teacher_s / 2 / 3600,
                 "student_runs": runs,
                 "student_steps": args.student_steps,

@@ -549,7 +549,12 @@ def test_published_model_cards_are_the_benchmark_runs_they_name():
 
 @pytest.mark.parametrize(
     ("module", "name"),
-    [("step_time", "step_time"), ("step_time", "step_time_avx512bf16"), ("bf16_check", "bf16_check")],
+    [
+        ("step_time", "step_time"),
+        ("step_time", "step_time_avx512bf16"),
+        ("bf16_check", "bf16_check"),
+        ("group_by_length_check", "group_by_length_check"),
+    ],
 )
 def test_the_timing_tables_in_benchmarks_readme_are_the_committed_runs(module, name):
     """Each machine's step_time table and the bf16_check table are their script's markdown() of the committed
@@ -564,7 +569,7 @@ def test_the_timing_tables_in_benchmarks_readme_are_the_committed_runs(module, n
 
 def test_translation_group_by_length_reaches_teacher_and_students_and_keys_a_new_teacher():
     """--group_by_length batches every training run of the benchmark by length, as the recipe parses it, and keys
-    a teacher of its own; off, the teacher's key is what it was before the flag existed."""
+    a teacher of its own; off, the teacher's key is what it was before the flag existed. It is on by default."""
     from hf_attn_distill import DistillSeq2SeqConfig
     from hf_attn_distill.recipes import common, distill_translation
 
@@ -573,8 +578,9 @@ def test_translation_group_by_length_reaches_teacher_and_students_and_keys_a_new
         distill_translation.TranslationDataArguments,
         DistillSeq2SeqConfig,
     )
-    off = quality_translation.QualityTranslationArguments(bf16=False)
+    off = quality_translation.QualityTranslationArguments(bf16=False, group_by_length=False)
     on = quality_translation.QualityTranslationArguments(bf16=False, group_by_length=True)
+    assert quality_translation.QualityTranslationArguments(bf16=False) == on
     assert "group_by_length" not in quality_translation.teacher_settings(off)
     assert quality_translation.teacher_settings(on) == {
         **quality_translation.teacher_settings(off),
