@@ -99,6 +99,14 @@ class QualityQAArguments:
             "CPU with AVX512-BF16 or AMX where a one-second probe measures bf16 faster than float32), else float32."
         },
     )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Pad each batch to its longest window (--pad_to_max_length false) and batch windows of similar "
+            "length (train_sampling_strategy='group_by_length'), teacher and students; evaluation stays in dataset "
+            "order. SQuAD windows average 159 of 256 tokens: grouped batches carry 37% fewer tokens."
+        },
+    )
     teacher_only: bool = field(default=False, metadata={"help": "Train (or continue) the teacher, then stop."})
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
@@ -149,6 +157,11 @@ def run_args(args: QualityQAArguments) -> list[str]:
         "--disable_tqdm",
         "true",
         *bf16,
+        *(
+            ["--pad_to_max_length", "false", "--train_sampling_strategy", "group_by_length"]
+            if args.group_by_length
+            else []
+        ),
     ]
 
 
@@ -188,6 +201,8 @@ def teacher_settings(args: QualityQAArguments) -> dict:
         "teacher_learning_rate",
         "bf16",
     )
+    # group_by_length only when on, so that the keys of teachers trained before it existed stay the same
+    keys += ("group_by_length",) if args.group_by_length else ()
     return {"recipe": "qa-teacher-v1", **{k: getattr(args, k) for k in keys}}
 
 

@@ -8,8 +8,10 @@ steps is the time of one step, without data preparation, model loading or the fi
 
 - ``{mt,qa}_teacher_{fp32,bf16}_{1,2}t``: the teacher's fine-tuning step, float32 or bf16 autocast, 1 or 2 torch
   threads; ``*_x2`` runs two such 1-thread processes at once (what two background runs on 2 cores get each);
-- ``mt_teacher_{fp32,bf16}_1t_group``: with ``train_sampling_strategy="group_by_length"`` (batches of similar
-  lengths, less padding);
+- ``mt_teacher_{fp32,bf16}_1t_group``, ``qa_teacher_fp32_1t_group``: with
+  ``train_sampling_strategy="group_by_length"`` (batches of similar lengths, less padding; QA windows padded per
+  batch, ``--pad_to_max_length false``). The first steps of a grouped epoch take the longest batches of its first
+  group of 50, so ``--short``/``--long`` below 50 overstate the grouped step time;
 - ``mt_teacher_bf16_1t_len40``: sources cut at 40 tokens instead of 64 (5% of Multi30k's German sentences are
   longer than 40 MiniLM tokens, so this also changes what the model sees);
 - ``{mt,qa}_student_{fp32,bf16}``: a student step with KD + attention KL at every mapped site (1 thread);
@@ -204,6 +206,8 @@ def recipe_argv(row: str, work: Path, out: str, steps: int, evaluate: bool = Tru
             "--evaluate_teacher",
             "false",
         ]
+        if row.endswith("group"):
+            data += ["--pad_to_max_length", "false", "--train_sampling_strategy", "group_by_length"]
         if "_teacher_" in row:
             model = ["--training_mode", "finetune", "--teacher_model_name_or_path", _minilm()]
         else:
@@ -248,6 +252,7 @@ ROWS = (
     "qa_teacher_fp32_1t",
     "qa_teacher_fp32_2t",
     "qa_teacher_fp32_1t_x2",
+    "qa_teacher_fp32_1t_group",
     "qa_teacher_bf16_1t",
     "qa_teacher_bf16_2t",
     "qa_teacher_bf16_1t_x2",

@@ -12,16 +12,19 @@ import collections
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from transformers import EvalPrediction, PreTrainedTokenizerBase
 
 from .metrics import compute_squad_metrics
 from .objective import KD_MASK_COLUMN
 
 __all__ = [
+    "QACollator",
     "QAMetrics",
     "QA_COLUMNS",
     "check_qa_columns",
@@ -94,7 +97,7 @@ def _truncate_questions(questions: list[str], tokenizer: PreTrainedTokenizerBase
     return out
 
 
-def _encode(examples, tokenizer, max_seq_length, doc_stride, max_query_length, columns):
+def _encode(examples, tokenizer, max_seq_length, doc_stride, max_query_length, columns, pad_to_max_length):
     question_col, context_col = columns["question"], columns["context"]
     pad_on_right = tokenizer.padding_side == "right"
     questions = _truncate_questions(examples[question_col], tokenizer, max_query_length)
@@ -107,7 +110,7 @@ def _encode(examples, tokenizer, max_seq_length, doc_stride, max_query_length, c
         stride=doc_stride,
         return_overflowing_tokens=True,
         return_offsets_mapping=True,
-        padding="max_length",
+        padding="max_length" if pad_to_max_length else False,
     )
     return encoded, 1 if pad_on_right else 0
 
@@ -180,11 +183,13 @@ def prepare_train_features(
     max_query_length: int = 64,
     version_2: bool = False,
     columns: Mapping[str, str] | None = None,
+    pad_to_max_length: bool = True,
 ) -> dict[str, list]:
     """Tokenize a batch of examples into training features (``datasets.map(batched=True)``).
 
     Long contexts become several windows of ``max_seq_length`` tokens whose contexts overlap by
-    ``doc_stride`` tokens. Each feature gets ``start_positions``/``end_positions`` (the answer's tokens,
+    ``doc_stride`` tokens, each padded to ``max_seq_length`` (or, without ``pad_to_max_length``, left as long
+    as it is, for :class:`QACollator` to pad per batch). Each feature gets ``start_positions``/``end_positions`` (the answer's tokens,
     or the CLS token when this window does not contain the answer or the question has none) and
     ``kd_mask``. An example whose ``answer_start`` does not point at its answer text raises: drop such
     examples first (:func:`misplaced_answers`), a wrong label is never produced.
@@ -197,7 +202,9 @@ def prepare_train_features(
             f"{len(bad)} training examples have an answer_start that does not point at their answer text "
             f"(e.g. {bad[:3]}). Fix them or drop them first (hf_attn_distill.qa.misplaced_answers)."
         )
-    encoded, context_index = _encode(examples, tokenizer, max_seq_length, doc_stride, max_query_length, columns)
+    encoded, context_index = _encode(
+        examples, tokenizer, max_seq_length, doc_stride, max_query_length, columns, pad_to_max_length
+    )
     sample_mapping = encoded.pop("overflow_to_sample_mapping")
     out = {k: v for k, v in encoded.items() if k != "offset_mapping"}
     out.update(start_positions=[], end_positions=[], **{KD_MASK_COLUMN: []})
@@ -218,6 +225,7 @@ def prepare_validation_features(
     max_query_length: int = 64,
     version_2: bool = False,
     columns: Mapping[str, str] | None = None,
+    pad_to_max_length: bool = True,
 ) -> dict[str, list]:
     """Tokenize a batch of examples into evaluation features.
 
@@ -229,7 +237,9 @@ def prepare_validation_features(
     """
     columns = {"question": "question", "context": "context", "answers": "answers", "id": "id", **(columns or {})}
     contexts, all_answers = examples[columns["context"]], examples[columns["answers"]]
-    encoded, context_index = _encode(examples, tokenizer, max_seq_length, doc_stride, max_query_length, columns)
+    encoded, context_index = _encode(
+        examples, tokenizer, max_seq_length, doc_stride, max_query_length, columns, pad_to_max_length
+    )
     sample_mapping = encoded.pop("overflow_to_sample_mapping")
     out = {k: v for k, v in encoded.items() if k != "offset_mapping"}
     out.update(example_id=[], offset_mapping=[], start_positions=[], end_positions=[], **{KD_MASK_COLUMN: []})
@@ -245,6 +255,43 @@ def prepare_validation_features(
             [o if s == context_index else None for o, s in zip(encoded["offset_mapping"][i], sequence_ids)]
         )
     return out
+
+
+@dataclass
+class QACollator:
+    """Pads a batch of QA features (from ``pad_to_max_length=False``) to its longest window, on the right.
+
+    Model inputs are padded by the tokenizer (``input_ids`` with its pad token, ``attention_mask`` and
+    ``token_type_ids`` with 0), :data:`~hf_attn_distill.objective.KD_MASK_COLUMN` with 0, so a padded position
+    is neither attended to nor distilled. Fixed-length features pass through unchanged, as with
+    ``default_data_collator``. With ``train_sampling_strategy="group_by_length"``, batches hold windows of
+    similar length and carry little padding.
+
+    Args:
+        tokenizer: the tokenizer that made the features (padding side right).
+        pad_to_multiple_of: round the padded length up to a multiple of this (e.g. 8 for GPU tensor cores).
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[Mapping]) -> dict[str, torch.Tensor]:
+        if self.tokenizer.padding_side != "right":
+            raise ValueError("QACollator pads on the right: set tokenizer.padding_side = 'right'.")
+        kd_masks = [f.get(KD_MASK_COLUMN) for f in features]
+        rest = [{k: v for k, v in f.items() if k != KD_MASK_COLUMN} for f in features]
+        batch = dict(
+            self.tokenizer.pad(rest, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
+        )
+        if any(m is not None for m in kd_masks):
+            if any(m is None for m in kd_masks):
+                raise ValueError(f"Some features of this batch have a {KD_MASK_COLUMN!r} column and some do not.")
+            length = batch["input_ids"].shape[1]
+            mask = torch.zeros(len(features), length, dtype=torch.long)
+            for row, m in enumerate(kd_masks):
+                mask[row, : len(m)] = torch.as_tensor(m, dtype=torch.long)
+            batch[KD_MASK_COLUMN] = mask
+        return batch
 
 
 def postprocess_qa_predictions(

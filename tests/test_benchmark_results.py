@@ -198,6 +198,9 @@ def test_step_time_rows_are_valid_recipe_commands(monkeypatch, tmp_path):
         if row.startswith("mt_"):
             assert data.max_source_length == (40 if row.endswith("len40") else 64)
             assert (training.train_sampling_strategy == "group_by_length") == row.endswith("group")
+        if row.startswith("qa_"):
+            assert (training.train_sampling_strategy == "group_by_length") == row.endswith("group")
+            assert data.pad_to_max_length == (not row.endswith("group")), row  # recipe refuses grouping padded
         assert (training.teacher_logits_cache is not None) == row.endswith("cache"), row
         assert step_time.threads_of(row) == (2 if "_2t" in row else 1)
     assert step_time.per_step({"train_runtime": 10.0}, {"train_runtime": 30.0}, 5, 25) == 1.0
@@ -686,3 +689,24 @@ def test_qa_benchmark_cards_name_squad_on_the_hub_and_parse_as_the_recipe_does()
     )
     assert model_args.card_dataset_id == "rajpurkar/squad"
     assert data_args.max_seq_length == 256 and data_args.doc_stride == 128
+
+
+def test_qa_group_by_length_pads_per_batch_groups_teacher_and_students_and_keys_a_new_teacher():
+    """--group_by_length (default on) pads QA windows per batch and batches them by length in every training run,
+    as the QA recipe parses it, and keys a teacher of its own; off, the teacher's key is what it was before."""
+    from benchmarks import quality_qa
+    from hf_attn_distill import DistillConfig
+    from hf_attn_distill.recipes import common, distill_qa
+
+    types = (common.ModelArguments, distill_qa.QADataArguments, DistillConfig)
+    off = quality_qa.QualityQAArguments(bf16=False, group_by_length=False)
+    on = quality_qa.QualityQAArguments(bf16=False, group_by_length=True)
+    assert quality_qa.QualityQAArguments(bf16=False) == on
+    assert "group_by_length" not in quality_qa.teacher_settings(off)
+    assert quality_qa.teacher_settings(on) == {**quality_qa.teacher_settings(off), "group_by_length": True}
+    for args, grouped in ((off, False), (on, True)):
+        argv = ["--teacher_model_name_or_path", "t", "--training_mode", "finetune", *quality_qa.data_args(args)]
+        argv += quality_qa.common_args(args, Path("o"), 1)
+        _, data, training = common.parse_args(types, argv)
+        assert training.train_sampling_strategy == ("group_by_length" if grouped else "random")
+        assert data.pad_to_max_length is not grouped

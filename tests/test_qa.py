@@ -10,6 +10,7 @@ from transformers import BertConfig, BertForQuestionAnswering
 from hf_attn_distill import logit_kd_loss
 from hf_attn_distill.metrics import compute_squad_metrics, load_metric, normalize_answer, squad_exact_match, squad_f1
 from hf_attn_distill.qa import (
+    QACollator,
     load_squad_json,
     misplaced_answers,
     postprocess_qa_predictions,
@@ -121,13 +122,14 @@ def test_load_squad_json_flattens_nested_format(tmp_path):
         load_squad_json(tmp_path / "bad.json")
 
 
-def _features(tokenizer, ds, version_2=False, train=False):
+def _features(tokenizer, ds, version_2=False, train=False, pad_to_max_length=True):
     prepare = prepare_train_features if train else prepare_validation_features
+    options = dict(tokenizer=tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16, version_2=version_2)
     return ds.map(
         prepare,
         batched=True,
         remove_columns=ds.column_names,
-        fn_kwargs=dict(tokenizer=tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16, version_2=version_2),
+        fn_kwargs=dict(options, pad_to_max_length=pad_to_max_length),
     )
 
 
@@ -157,6 +159,26 @@ def test_misplaced_answers_are_refused_for_training(tokenizer, tmp_path):
     assert misplaced_answers(ds) == ["bad"]
     with pytest.raises(ValueError, match="misplaced_answers"):
         _features(tokenizer, ds, train=True)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "validation"])
+def test_collator_pads_a_batch_to_its_longest_window_exactly_as_max_length_padding(tokenizer, tmp_path, train):
+    ds = load_squad_json(squad_json(tmp_path / "d.json", version_2=True))
+    fixed = _features(tokenizer, ds, True, train=train)
+    ragged = _features(tokenizer, ds, True, train=train, pad_to_max_length=False)
+    lengths = [len(f["input_ids"]) for f in ragged]
+    assert len(ragged) == len(fixed) and min(lengths) < max(lengths) <= 64  # windows of several lengths, unpadded
+    columns = ["input_ids", "attention_mask", "token_type_ids", "kd_mask", "start_positions", "end_positions"]
+    for rows in ([0, 1], list(range(len(ragged)))):
+        batch = QACollator(tokenizer)([{c: ragged[i][c] for c in columns} for i in rows])
+        longest = max(lengths[i] for i in rows)
+        for column in columns:
+            want = torch.tensor([fixed[i][column] for i in rows])
+            want = want[:, :longest] if want.dim() == 2 else want
+            assert torch.equal(batch[column], want), column
+    batch = QACollator(tokenizer, pad_to_multiple_of=8)([{c: ragged[0][c] for c in columns}])
+    assert batch["input_ids"].shape[1] % 8 == 0 and batch["kd_mask"].shape == batch["input_ids"].shape
+    assert batch["kd_mask"][0, lengths[0] :].sum() == 0 and batch["attention_mask"][0, lengths[0] :].sum() == 0
 
 
 @pytest.mark.parametrize("version_2", [False, True])
@@ -287,3 +309,84 @@ def test_recipe_end_to_end(tmp_path, tokenizer, version_2, caplog):
     assert "AutoModelForQuestionAnswering" in card and str(tmp_path) not in card
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert (out / "attention_encoder.png").exists() and (out / "loss_curves.png").exists()
+
+
+def _recipe_argv(teacher_dir, data, out, *extra):
+    return [
+        "--teacher_model_name_or_path",
+        str(teacher_dir),
+        "--student_teacher_layers",
+        "1,3",
+        "--train_file",
+        str(data),
+        "--validation_file",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_seq_length",
+        "64",
+        "--doc_stride",
+        "16",
+        "--max_query_length",
+        "16",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "2",
+        "--per_device_eval_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--evaluate_teacher",
+        "--logging_steps",
+        "1",
+        "--hidden_weight",
+        "1.0",
+        *extra,
+    ]
+
+
+def test_recipe_with_per_batch_padding_distills_and_scores_as_max_length_padding(tmp_path, tokenizer):
+    """Padding each batch to its longest window (``--pad_to_max_length false``) leaves every distillation term
+    and the scores unchanged; only the hard-label CE moves, because transformers' QA heads softmax over every
+    position, padding included (as in ``run_qa.py``), so it is switched off here (``--alpha_ce 0``)."""
+    from hf_attn_distill.recipes.distill_qa import main
+
+    teacher_dir = tmp_path / "teacher"
+    _tiny_qa(0, 4).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    data = squad_json(tmp_path / "squad.json", version_2=True)
+    kd_only = ("--alpha_ce", "0", "--version_2_with_negative")
+    fixed = main(_recipe_argv(teacher_dir, data, tmp_path / "fixed", *kd_only))
+    ragged = main(_recipe_argv(teacher_dir, data, tmp_path / "ragged", "--pad_to_max_length", "false", *kd_only))
+    compared = [k for k in fixed if k.startswith(("eval_", "teacher_eval_", "train_loss")) and "loss_ce" not in k]
+    compared = [k for k in compared if not k.endswith(("runtime", "per_second"))]
+    assert {"eval_f1", "eval_HasAns_f1", "eval_loss_kd", "eval_loss_attn_enc", "eval_loss_hidden"} <= set(compared)
+    for key in compared:
+        assert ragged[key] == pytest.approx(fixed[key], rel=1e-4, abs=1e-6), key
+    # grouped batches (other batches, so another student) leave the teacher's scores, made in dataset order
+    grouped = main(
+        _recipe_argv(
+            teacher_dir,
+            data,
+            tmp_path / "grouped",
+            "--pad_to_max_length",
+            "false",
+            "--train_sampling_strategy",
+            "group_by_length",
+            *kd_only,
+        )
+    )
+    for key in (k for k in compared if k.startswith("teacher_eval_")):
+        assert grouped[key] == pytest.approx(fixed[key], rel=1e-4, abs=1e-6), key
+
+
+def test_group_by_length_over_max_length_windows_names_the_fix(tmp_path, tokenizer):
+    from hf_attn_distill.recipes.distill_qa import main
+
+    data = squad_json(tmp_path / "squad.json")
+    with pytest.raises(ValueError, match="--pad_to_max_length false"):
+        main(_recipe_argv(tmp_path, data, tmp_path / "out", "--train_sampling_strategy", "group_by_length"))
