@@ -177,6 +177,8 @@ def common_args(args: QualityQAArguments, output_dir: Path, seed: int) -> list[s
         "no",
         "--seed",
         str(seed),
+        "--eval_with_teacher",  # the scores are the student's alone: the teacher's eval losses would cost ~3x
+        "false",
         "--do_train",
         "--do_eval",
         *run_args(args),

@@ -233,6 +233,8 @@ def common_args(
         "no",
         "--seed",
         str(seed),
+        "--eval_with_teacher",  # the scores are the student's alone: the teacher's eval losses would cost ~3x
+        "false",
         "--do_train",
         *(["--do_predict"] if predict else []),
     ]

@@ -14,7 +14,8 @@ steps is the time of one step, without data preparation, model loading or the fi
   group of 50, so ``--short``/``--long`` below 50 overstate the grouped step time;
 - ``mt_teacher_bf16_1t_len40``: sources cut at 40 tokens instead of 64 (5% of Multi30k's German sentences are
   longer than 40 MiniLM tokens, so this also changes what the model sees);
-- ``{mt,qa}_student_{fp32,bf16}``: a student step with KD + attention KL at every mapped site (1 thread);
+- ``{mt,qa}_student_{fp32,bf16}``: a student step with KD + attention KL at every mapped site (1 thread), its
+  evaluation without the teacher (``eval_with_teacher=False``, as the benchmarks score students);
 - ``sst2_kd_cache``: a logit-KD student step reading the teacher-logit cache instead of running the teacher,
   next to ``sst2_kd`` without it.
 
@@ -187,6 +188,8 @@ def recipe_argv(row: str, work: Path, out: str, steps: int, evaluate: bool = Tru
                 "uniform",
                 "--cross_layer_map",
                 "uniform",
+                "--eval_with_teacher",  # as the benchmark's students: scored alone
+                "false",
             ]
         return "hf_attn_distill.recipes.distill_translation", [*model, *data, *_common(out, steps, 32, bf16, evaluate)]
     if row.startswith("qa_"):
@@ -212,6 +215,7 @@ def recipe_argv(row: str, work: Path, out: str, steps: int, evaluate: bool = Tru
             model = ["--training_mode", "finetune", "--teacher_model_name_or_path", _minilm()]
         else:
             model = ["--teacher_model_name_or_path", _qa_teacher_dir(work), "--student_teacher_layers", "1,3,5"]
+            model += ["--eval_with_teacher", "false"]  # as the benchmark's students: scored alone
         return "hf_attn_distill.recipes.distill_qa", [*model, *data, *_common(out, steps, 16, bf16, evaluate)]
     sst2 = DATA / "sst2"
     cache = ["--teacher_logits_cache", str(work / "sst2_logits")] if row.endswith("cache") else []

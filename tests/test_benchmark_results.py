@@ -195,6 +195,8 @@ def test_step_time_rows_are_valid_recipe_commands(monkeypatch, tmp_path):
             model, data, training = parse_args(argv)
         assert training.max_steps == 7 and training.bf16 == ("bf16" in row), row
         assert (model.training_mode == "finetune") == ("_teacher_" in row), row
+        if row.startswith(("mt_student", "qa_student")):
+            assert training.eval_with_teacher is False, row  # scored alone, as the benchmarks' students
         if row.startswith("mt_"):
             assert data.max_source_length == (40 if row.endswith("len40") else 64)
             assert (training.train_sampling_strategy == "group_by_length") == row.endswith("group")
@@ -594,6 +596,7 @@ def test_translation_group_by_length_reaches_teacher_and_students_and_keys_a_new
         argv += quality_translation.common_args(args, Path("o"), 1, 8)
         training = common.parse_args(types, argv)[-1]
         assert training.train_sampling_strategy == strategy
+        assert training.eval_with_teacher is False  # students are scored alone: the teacher's eval losses cost ~3x
 
 
 def test_group_by_length_check_trains_the_benchmarks_teacher_both_ways_and_tabulates_the_curves():
@@ -710,3 +713,4 @@ def test_qa_group_by_length_pads_per_batch_groups_teacher_and_students_and_keys_
         _, data, training = common.parse_args(types, argv)
         assert training.train_sampling_strategy == ("group_by_length" if grouped else "random")
         assert data.pad_to_max_length is not grouped
+        assert training.eval_with_teacher is False  # students are scored alone
