@@ -124,7 +124,9 @@ class QualityTranslationArguments:
     decoder_layers: str = field(default="1,3,5", metadata={"help": "Teacher decoder layers kept by the student."})
     max_source_length: int = field(
         default=64,
-        metadata={"help": "Source tokens (99.9% of Multi30k's German sentences fit 65 MiniLM tokens; 5% exceed 40)."},
+        metadata={
+            "help": "Source tokens (all but 0.1 percent of Multi30k's German sentences fit 65 MiniLM tokens; 5 percent exceed 40)."
+        },
     )
     max_length: int = field(
         default=48, metadata={"help": "Target tokens and generation length (every English sentence fits)."}

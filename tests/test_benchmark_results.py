@@ -714,3 +714,22 @@ def test_qa_group_by_length_pads_per_batch_groups_teacher_and_students_and_keys_
         assert training.train_sampling_strategy == ("group_by_length" if grouped else "random")
         assert data.pad_to_max_length is not grouped
         assert training.eval_with_teacher is False  # students are scored alone
+
+
+@pytest.mark.parametrize(
+    "module, dataclass_name",
+    [
+        ("quality_qa", "QualityQAArguments"),
+        ("quality_translation", "QualityTranslationArguments"),
+        ("quality_sst2", "QualityArguments"),
+        ("group_by_length_check", "GroupCheckArguments"),
+    ],
+)
+def test_benchmark_help_prints(module, dataclass_name):
+    """``--help`` formats every field's help (argparse %-formats help strings: a bare "%" breaks it)."""
+    import importlib
+
+    cls = getattr(importlib.import_module(f"benchmarks.{module}"), dataclass_name)
+    text = HfArgumentParser(cls).format_help()
+    for name in cls.__dataclass_fields__:
+        assert f"--{name}" in text, name

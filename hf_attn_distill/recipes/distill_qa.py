@@ -73,7 +73,7 @@ class QADataArguments:
         default=True,
         metadata={
             "help": "Pad every window to max_seq_length. False pads each batch to its longest window instead "
-            "(QACollator); with --train_sampling_strategy group_by_length, SQuAD batches then carry ~37% fewer "
+            "(QACollator); with --train_sampling_strategy group_by_length, SQuAD batches then carry about a third fewer "
             "tokens at max_seq_length 256."
         },
     )
