@@ -253,65 +253,7 @@ def test_missing_columns_name_the_flag(tmp_path):
         check_qa_columns(ds, "train", {"--question_column_name": "question", "--context_column_name": "context"})
 
 
-@pytest.mark.parametrize("version_2", [False, True], ids=["v1.1", "v2.0"])
-def test_recipe_end_to_end(tmp_path, tokenizer, version_2, caplog):
-    from hf_attn_distill.recipes.distill_qa import main
-
-    teacher_dir = tmp_path / "teacher"
-    _tiny_qa(0, 4).save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    data = squad_json(tmp_path / "squad.json", version_2=version_2, misplaced=True)
-    out = tmp_path / "student"
-    metrics = main(
-        [
-            "--teacher_model_name_or_path",
-            str(teacher_dir),
-            "--student_teacher_layers",
-            "1,3",
-            "--train_file",
-            str(data),
-            "--validation_file",
-            str(data),
-            "--output_dir",
-            str(out),
-            "--max_seq_length",
-            "64",
-            "--doc_stride",
-            "16",
-            "--max_query_length",
-            "16",
-            "--do_train",
-            "--do_eval",
-            "--max_steps",
-            "3",
-            "--per_device_train_batch_size",
-            "4",
-            "--per_device_eval_batch_size",
-            "4",
-            "--report_to",
-            "none",
-            "--use_cpu",
-            "--evaluate_teacher",
-            "--logging_steps",
-            "1",
-        ]
-        + (["--version_2_with_negative"] if version_2 else [])
-    )
-    for key in ("eval_exact_match", "eval_f1", "eval_loss_kd", "eval_loss_attn_enc", "teacher_eval_f1"):
-        assert key in metrics, key
-    if version_2:
-        assert "eval_HasAns_f1" in metrics and "eval_NoAns_exact" in metrics
-    # the example with a misplaced answer_start was dropped from training, counted and logged
-    assert any("Dropped 1 of" in r.getMessage() and "bad" in r.getMessage() for r in caplog.records)
-    saved = json.loads((out / "eval_results.json").read_text())
-    assert saved["eval_f1"] == metrics["eval_f1"]
-    card = (out / "README.md").read_text()
-    assert "AutoModelForQuestionAnswering" in card and str(tmp_path) not in card
-    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
-    assert (out / "attention_encoder.png").exists() and (out / "loss_curves.png").exists()
-
-
-def _recipe_argv(teacher_dir, data, out, *extra):
+def _recipe_argv(teacher_dir, data, out, *extra, batch=4):
     return [
         "--teacher_model_name_or_path",
         str(teacher_dir),
@@ -334,19 +276,41 @@ def _recipe_argv(teacher_dir, data, out, *extra):
         "--max_steps",
         "3",
         "--per_device_train_batch_size",
-        "2",
+        str(batch),
         "--per_device_eval_batch_size",
-        "2",
+        str(batch),
         "--report_to",
         "none",
         "--use_cpu",
         "--evaluate_teacher",
         "--logging_steps",
         "1",
-        "--hidden_weight",
-        "1.0",
         *extra,
     ]
+
+
+@pytest.mark.parametrize("version_2", [False, True], ids=["v1.1", "v2.0"])
+def test_recipe_end_to_end(tmp_path, tokenizer, version_2, caplog):
+    from hf_attn_distill.recipes.distill_qa import main
+
+    teacher_dir = tmp_path / "teacher"
+    _tiny_qa(0, 4).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    data = squad_json(tmp_path / "squad.json", version_2=version_2, misplaced=True)
+    out = tmp_path / "student"
+    metrics = main(_recipe_argv(teacher_dir, data, out, *(["--version_2_with_negative"] if version_2 else [])))
+    for key in ("eval_exact_match", "eval_f1", "eval_loss_kd", "eval_loss_attn_enc", "teacher_eval_f1"):
+        assert key in metrics, key
+    if version_2:
+        assert "eval_HasAns_f1" in metrics and "eval_NoAns_exact" in metrics
+    # the example with a misplaced answer_start was dropped from training, counted and logged
+    assert any("Dropped 1 of" in r.getMessage() and "bad" in r.getMessage() for r in caplog.records)
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["eval_f1"] == metrics["eval_f1"]
+    card = (out / "README.md").read_text()
+    assert "AutoModelForQuestionAnswering" in card and str(tmp_path) not in card
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert (out / "attention_encoder.png").exists() and (out / "loss_curves.png").exists()
 
 
 def test_recipe_with_per_batch_padding_distills_and_scores_as_max_length_padding(tmp_path, tokenizer):
@@ -359,9 +323,11 @@ def test_recipe_with_per_batch_padding_distills_and_scores_as_max_length_padding
     _tiny_qa(0, 4).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
     data = squad_json(tmp_path / "squad.json", version_2=True)
-    kd_only = ("--alpha_ce", "0", "--version_2_with_negative")
-    fixed = main(_recipe_argv(teacher_dir, data, tmp_path / "fixed", *kd_only))
-    ragged = main(_recipe_argv(teacher_dir, data, tmp_path / "ragged", "--pad_to_max_length", "false", *kd_only))
+    kd_only = ("--alpha_ce", "0", "--version_2_with_negative", "--hidden_weight", "1.0")
+    fixed = main(_recipe_argv(teacher_dir, data, tmp_path / "fixed", *kd_only, batch=2))
+    ragged = main(
+        _recipe_argv(teacher_dir, data, tmp_path / "ragged", "--pad_to_max_length", "false", *kd_only, batch=2)
+    )
     compared = [k for k in fixed if k.startswith(("eval_", "teacher_eval_", "train_loss")) and "loss_ce" not in k]
     compared = [k for k in compared if not k.endswith(("runtime", "per_second"))]
     assert {"eval_f1", "eval_HasAns_f1", "eval_loss_kd", "eval_loss_attn_enc", "eval_loss_hidden"} <= set(compared)
@@ -378,6 +344,7 @@ def test_recipe_with_per_batch_padding_distills_and_scores_as_max_length_padding
             "--train_sampling_strategy",
             "group_by_length",
             *kd_only,
+            batch=2,
         )
     )
     for key in (k for k in compared if k.startswith("teacher_eval_")):
