@@ -323,14 +323,21 @@ def test_recipe_with_per_batch_padding_distills_and_scores_as_max_length_padding
     _tiny_qa(0, 4).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
     data = squad_json(tmp_path / "squad.json", version_2=True)
-    kd_only = ("--alpha_ce", "0", "--version_2_with_negative", "--hidden_weight", "1.0")
+    kd_only = ("--alpha_ce", "0", "--version_2_with_negative", "--hidden_weight", "1.0", "--relation_weight", "1.0")
     fixed = main(_recipe_argv(teacher_dir, data, tmp_path / "fixed", *kd_only, batch=2))
     ragged = main(
         _recipe_argv(teacher_dir, data, tmp_path / "ragged", "--pad_to_max_length", "false", *kd_only, batch=2)
     )
     compared = [k for k in fixed if k.startswith(("eval_", "teacher_eval_", "train_loss")) and "loss_ce" not in k]
     compared = [k for k in compared if not k.endswith(("runtime", "per_second"))]
-    assert {"eval_f1", "eval_HasAns_f1", "eval_loss_kd", "eval_loss_attn_enc", "eval_loss_hidden"} <= set(compared)
+    assert {
+        "eval_f1",
+        "eval_HasAns_f1",
+        "eval_loss_kd",
+        "eval_loss_attn_enc",
+        "eval_loss_hidden",
+        "eval_loss_relation",
+    } <= set(compared)
     for key in compared:
         assert ragged[key] == pytest.approx(fixed[key], rel=1e-4, abs=1e-6), key
     # grouped batches (other batches, so another student) leave the teacher's scores, made in dataset order
