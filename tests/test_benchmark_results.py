@@ -733,3 +733,18 @@ def test_benchmark_help_prints(module, dataclass_name):
     text = HfArgumentParser(cls).format_help()
     for name in cls.__dataclass_fields__:
         assert f"--{name}" in text, name
+
+
+def test_readme_teacher_progress_is_the_committed_record():
+    """The teacher curves the README cites are those of benchmarks/results/runs/teacher_progress_xeon.json."""
+    root = Path(__file__).resolve().parent.parent
+    record = json.loads((root / "benchmarks" / "results" / "runs" / "teacher_progress_xeon.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    for name, unit in (("quality_translation", "BLEU"), ("quality_qa", "F1")):
+        curve = record["teachers"][name]["curve"]
+        first = f"{curve[0][1]:.1f} {unit} after {curve[0][0]:,} steps"
+        assert first in readme, first
+        for step, value in curve[1:]:
+            assert f"{value:.1f} after {step:,}" in readme, (name, step)
+        gain = f"rising by {curve[-1][1] - curve[-2][1]:.1f}"
+        assert gain in readme, gain
