@@ -2,7 +2,7 @@
 """All three quality benchmarks at full scale on one CUDA GPU, in one command.
 
     python -m benchmarks.run_gpu                                   # full scale: needs CUDA
-    python -m benchmarks.run_gpu --scale tiny --work_dir /tmp/gpu  # the same plan on CPU, a few steps each
+    python -m benchmarks.run_gpu --scale tiny --work_dir outputs/gpu_tiny  # the same plan on CPU, a few steps each
 
 Full scale uses the whole training sets (SST-2 train, SQuAD v1.1 train, all 29k Multi30k pairs), the whole
 evaluation sets, bf16 autocast and larger batches, one seed per row; results go to ``benchmarks/results/gpu/``
