@@ -9,14 +9,20 @@ fine-tuned teacher, QA head included), data, steps and seeds:
 - ``kd``: start/end logit KD over the context positions (+ hard labels);
 - ``kd_attn``: ``kd`` + MiniLM attention KL on every mapped layer.
 
-EM and F1 (percent) on the first ``eval_examples`` questions of the SQuAD v1.1 dev set, scored against
-all reference answers. Writes ``benchmarks/results/quality_qa.json`` and ``.md``, updated after every run.
-The defaults take about 8 machine-hours on 2 CPU cores (`step_time.py`), so a rerun continues where the last one
-stopped; CUDA is used when present.
+The teacher is the trained one that ships in ``../shared/teachers/squad-minilm-l6`` (``--teacher_dir``; its
+recorded settings must be this run's), or, with ``--teacher_dir ''``, one trained here in doubling rounds to a
+plateau. EM and F1 (percent) on all ``test_examples`` questions of the SQuAD v1.1 dev set (default: all 10,570),
+scored against every reference answer, and a learning curve per run on the first ``eval_examples`` of them.
+Each finished (variant, seed) run is kept in ``runs_dir`` (committed), so a rerun of the same command continues
+where the last one stopped and the table is merged from every kept run; CUDA is used when present. Writes
+``benchmarks/results/quality_qa.json`` and ``.md``, updated after every run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +32,31 @@ from transformers import HfArgumentParser
 from benchmarks.quality_runs import (
     RUN_SELECTION,
     check_variants,
+    learning_curve_lines,
+    machines,
     mean_std,
     portable_settings,
     readme_table,
     run_students,
     teacher_curve_line,
+    term_curves,
 )
-from benchmarks.teacher_training import fingerprint, last_round_metrics, train_teacher
+from benchmarks.teacher_training import (
+    SHIPPED_TEACHERS,
+    fingerprint,
+    last_round_metrics,
+    shipped_teacher,
+    train_teacher,
+)
 from hf_attn_distill.hardware import bf16_pays
-from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_qa import main as run_recipe
 from hf_attn_distill.recipes.sst2_demo import minilm_path
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_TEACHER = SHIPPED_TEACHERS / "squad-minilm-l6"
+#: Teacher settings that decide what the students see (windows and training questions): a shipped teacher must
+#: have been trained with this run's.
+STUDENT_FACING = ("train_examples", "max_seq_length", "doc_stride")
 
 VARIANTS = {
     "finetune": ["--training_mode", "finetune"],
@@ -73,8 +91,28 @@ class QualityQAArguments:
     data_dir: str = field(
         default=str(ROOT.parent / "shared" / "data" / "squad"), metadata={"help": "SQuAD v1.1 folder."}
     )
+    teacher_dir: str = field(
+        default=str(SHIPPED_TEACHER) if (SHIPPED_TEACHER / "config.json").exists() else "",
+        metadata={
+            "help": "A trained teacher taken as it is (a model folder with provenance.json and teacher_curve.json); "
+            "default: the one shipped in ../shared/teachers when present. '' trains one here to a plateau."
+        },
+    )
+    runs_dir: str = field(
+        default=str(ROOT / "benchmarks" / "results" / "runs" / "quality_qa"),
+        metadata={"help": "Where each finished (variant, seed) run and the teacher's test scores are kept."},
+    )
     train_examples: int = field(default=40000, metadata={"help": "First N training questions (teacher and students)."})
-    eval_examples: int = field(default=2000, metadata={"help": "First N dev questions scored."})
+    eval_examples: int = field(
+        default=2000,
+        metadata={"help": "First N dev questions of the teacher's curve and the students' learning curves."},
+    )
+    test_examples: int | None = field(
+        default=None, metadata={"help": "First N dev questions of the final scores (default: all 10,570)."}
+    )
+    learning_curve_points: int = field(
+        default=4, metadata={"help": "Evaluations on the first eval_examples questions during each student run."}
+    )
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per window."})
     doc_stride: int = field(default=128, metadata={"help": "Context overlap of consecutive windows."})
     teacher_first_steps: int = field(
@@ -129,10 +167,13 @@ def data_args(args: QualityQAArguments) -> list[str]:
         str(data / "train.json"),
         "--validation_file",
         str(data / "validation.json"),
+        "--test_file",  # the final scores: the same dev set, all of it (or test_examples)
+        str(data / "validation.json"),
         "--max_train_samples",
         str(args.train_examples),
         "--max_eval_samples",
         str(args.eval_examples),
+        *(["--max_predict_samples", str(args.test_examples)] if args.test_examples else []),
         "--max_seq_length",
         str(args.max_seq_length),
         "--doc_stride",
@@ -181,9 +222,17 @@ def common_args(args: QualityQAArguments, output_dir: Path, seed: int) -> list[s
         "--eval_with_teacher",  # the scores are the student's alone: the teacher's eval losses would cost ~3x
         "false",
         "--do_train",
-        "--do_eval",
+        *learning_curve_args(args),
+        "--do_predict",
         *run_args(args),
     ]
+
+
+def learning_curve_args(args: QualityQAArguments) -> list[str]:
+    """Recipe flags that evaluate a student on the first ``eval_examples`` questions ``learning_curve_points``
+    times during its training (the last at its final step)."""
+    every = max(1, args.student_steps // max(1, args.learning_curve_points))
+    return ["--eval_strategy", "steps", "--eval_steps", str(every)]
 
 
 def student_settings(args) -> dict:
@@ -209,8 +258,76 @@ def teacher_settings(args: QualityQAArguments) -> dict:
     return {"recipe": "qa-teacher-v1", **{k: getattr(args, k) for k in keys}}
 
 
+def shipped(args: QualityQAArguments) -> dict:
+    """The teacher of ``--teacher_dir`` checked against this run's settings (a clear exit when they disagree), with
+    its recorded curve: ``{cache_key, provenance, teacher_curve, teacher_converged, teacher_curve_note}``."""
+    return shipped_teacher(
+        Path(args.teacher_dir),
+        lambda provenance, settings: teacher_key(args, provenance, settings),
+        {k: getattr(args, k) for k in STUDENT_FACING},
+        {k: getattr(QualityQAArguments, k) for k in STUDENT_FACING},
+        args.converged_gain,
+    )
+
+
+def teacher_key(args: QualityQAArguments, provenance: dict, settings: dict) -> str:
+    """The cache key of the teacher a shipped teacher's ``provenance`` describes, with ``settings`` (the
+    :data:`STUDENT_FACING` ones) and this run's data; its curve was measured on the default ``eval_examples``."""
+    training = provenance["training"]
+    recorded = dataclasses.replace(
+        args,
+        teacher_learning_rate=training["learning_rate"],
+        batch_size=training["per_device_train_batch_size"],
+        teacher_warmup_steps=int(training["warmup_steps"]),
+        bf16=training["bf16_autocast"],
+        group_by_length=training.get("train_sampling_strategy") == "group_by_length",
+        teacher_first_steps=provenance["rounds"][0][0],
+        eval_examples=QualityQAArguments.eval_examples,
+        **settings,
+    )
+    return "teacher-" + fingerprint(teacher_settings(recorded), [Path(args.data_dir) / "train.json"])
+
+
+def given_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
+    """The trained teacher of ``--teacher_dir`` as it is: ``{f1, exact_match}`` on the final dev questions, computed
+    here from its weights once (kept in ``runs_dir``), with its recorded curve."""
+    folder = Path(args.teacher_dir)
+    teacher = shipped(args)
+    return folder, {**teacher_scores(args, folder, teacher["cache_key"]), **teacher}
+
+
+def teacher_scores(args: QualityQAArguments, folder: Path, name: str) -> dict:
+    """``{f1, exact_match}`` of the teacher in ``folder`` (called ``name``) on the final dev questions, computed once
+    and kept in ``runs_dir`` (a rerun, or a later sitting, reads them back)."""
+    scored = {"teacher": name, "test_examples": args.test_examples, "bf16": args.bf16}
+    record = Path(args.runs_dir) / "teacher_test.json"
+    kept = json.loads(record.read_text()) if record.exists() else {}
+    if kept.get("key") != scored:
+        output_dir = Path(args.work_dir) / "teacher_test"
+        metrics = run_recipe(
+            [
+                "--training_mode",
+                "finetune",
+                "--teacher_model_name_or_path",
+                str(folder),
+                "--output_dir",
+                str(output_dir),
+                "--do_predict",
+                *data_args(args),
+                *run_args(args),
+            ]
+        )
+        shutil.rmtree(output_dir, ignore_errors=True)
+        kept = {"key": scored, "f1": metrics["test_f1"], "exact_match": metrics["test_exact_match"]}
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(kept, indent=2))
+    return {"f1": kept["f1"], "exact_match": kept["exact_match"]}
+
+
 def trained_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
     """The converged (or budget-capped) teacher: its folder and ``{f1, exact_match, teacher_curve, ...}``."""
+    if args.teacher_dir:
+        return given_teacher(args)
     key = fingerprint(teacher_settings(args), [Path(args.data_dir) / "train.json"])
     teacher_dir, summary = train_teacher(
         run_recipe,
@@ -255,8 +372,8 @@ def trained_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
             ]
         ),
     )
-    _, metrics = last_round_metrics(teacher_dir)
-    return teacher_dir, {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"], **summary}
+    last_round_metrics(teacher_dir)  # a finished round, or a clear error
+    return teacher_dir, {**teacher_scores(args, teacher_dir, teacher_dir.name), **summary}
 
 
 def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityQAArguments) -> dict:
@@ -273,19 +390,24 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityQAArgumen
             "seeds": [r["seed"] for r in items],
             "retention": statistics.fmean(f1s) / teacher["f1"],
             "wall_s_mean": statistics.fmean(r["wall_s"] for r in items),
+            # per seed: F1 on the first eval_examples dev questions during training, [[step, F1], ...]
+            "learning_curves": [r["learning_curve"] for r in items if r.get("learning_curve")],
         }
+    scored = f"first {args.test_examples}" if args.test_examples else "all"
     return {
         "metric": "f1",
         "unit": "percent",
-        "eval_set": f"SQuAD v1.1 dev, first {args.eval_examples} questions (shared/data/squad/validation.json)",
+        "eval_set": f"SQuAD v1.1 dev, {scored} questions (shared/data/squad/validation.json); learning curves on "
+        f"the first {args.eval_examples}",
         "teacher": teacher["f1"],
         "teacher_em": teacher["exact_match"],
         "teacher_model": f"all-MiniLM-L6-v2 fine-tuned for QA, {teacher['teacher_curve'][-1][0]} steps on the first "
-        f"{args.train_examples} SQuAD v1.1 training questions",
+        f"{args.train_examples} SQuAD v1.1 training questions"
+        + (f" (shipped: {teacher['cache_key']})" if "cache_key" in teacher else ""),
         **{k: teacher[k] for k in ("teacher_curve", "teacher_converged", "teacher_curve_note") if k in teacher},
         "student": f"3 layers (init: the fine-tuned teacher's layers {args.student_layers}), 384 hidden, 12 heads",
         "students": students,
-        "machine": machine_info(),
+        "machine": machines(runs),
         "train_examples": args.train_examples,
         "eval_examples": args.eval_examples,
         "teacher_steps": teacher["teacher_curve"][-1][0],
@@ -311,6 +433,10 @@ def markdown(result: dict) -> str:
             f"| {s['wall_s_mean']:.0f} s |"
         )
     lines += ["", "Against the teacher and the baselines:", "", readme_table(result).rstrip("\n")]
+    curves = learning_curve_lines(result)
+    if curves:
+        lines += ["", f"Student learning curves (F1 on {result['eval_examples']} dev questions, mean over seeds):", ""]
+        lines += curves
     return "\n".join(lines) + "\n"
 
 
@@ -351,7 +477,8 @@ def main(argv: list[str] | None = None) -> dict:
                 *VARIANTS[name],
             ]
         )
-        return {"f1": metrics["eval_f1"], "exact_match": metrics["eval_exact_match"]}
+        curve = term_curves(output_dir, "eval_f1").get("eval_f1", [])
+        return {"f1": metrics["test_f1"], "exact_match": metrics["test_exact_match"], "learning_curve": curve}
 
     return run_students(
         args.variants,
@@ -361,8 +488,8 @@ def main(argv: list[str] | None = None) -> dict:
         lambda runs: summarize(teacher, runs, args),
         Path(args.results),
         markdown,
-        done_dir=teacher_dir / "students",
-        key=fingerprint({"teacher": teacher_dir.name, **student_settings(args)}, []),
+        done_dir=Path(args.runs_dir),
+        key=fingerprint({"teacher": teacher.get("cache_key", teacher_dir.name), **student_settings(args)}, []),
         card_dir=Path(args.model_card_dir) if args.model_card_dir else None,
     )
 

@@ -13,11 +13,15 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from hf_attn_distill.profiling import machine_info
+
 __all__ = [
     "CARD_NAME",
     "RUN_SELECTION",
     "best_run",
     "check_variants",
+    "learning_curve_lines",
+    "machines",
     "mean_std",
     "portable_settings",
     "read_runs",
@@ -27,6 +31,24 @@ __all__ = [
     "run_students",
     "write_results",
 ]
+
+
+def project_commit() -> str | None:
+    """The commit of this checkout (``+dirty`` with uncommitted changes to tracked files), ``None`` outside git:
+    recorded with each run, so a result says which code made it."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def check_variants(asked: Iterable[str], known: Iterable[str]) -> None:
@@ -76,13 +98,15 @@ def run_students(
     card_dir: Path | None = None,
 ) -> dict:
     """Run ``run_one(variant, seed, output_dir) -> metrics`` for every seed (outer loop: every variant gets a run
-    before any gets its second) and variant; after each run record its wall time, delete its folder and
-    rewrite the results. Returns the last summary.
+    before any gets its second) and variant; after each run record its wall time, machine and commit, delete its
+    folder and rewrite the results. Returns the last summary.
 
     With ``done_dir``, each finished run is kept there as ``{variant}_seed{seed}.json`` together with ``key`` (what
     makes the runs comparable: teacher, settings; a function of the variant where variants depend on different
     settings); a rerun of the same command reuses the runs whose key matches instead of training them again, so a
-    benchmark longer than one sitting is finished by running it again.
+    benchmark longer than one sitting is finished by running it again. The summary holds every kept run of the
+    asked variants whose key matches, also of seeds this command does not ask for (a later ``--seeds 3`` adds to
+    the table of ``--seeds 1 2``).
 
     With ``card_dir``, the model card each run's recipe wrote (``README.md`` of its output folder) is kept with
     its record, and ``card_dir/README.md`` is, after every run, the card of the best run (:func:`best_run`) of the
@@ -90,7 +114,16 @@ def run_students(
     key_of = key if callable(key) else (lambda name: key)
     runs: dict[str, list[dict]] = {}
     cards: dict[tuple[str, int], str] = {}
-    result = summarize(runs)
+    commit = project_commit()  # the code this process runs, recorded with each of its runs
+    if done_dir is not None:  # every kept run of these variants, whatever seeds this command asks for
+        for name in variants:
+            for record in sorted(done_dir.glob(f"{name}_seed*.json")):
+                kept = json.loads(record.read_text())
+                if record.stem.removeprefix(f"{name}_seed").isdigit() and kept.get("key") == key_of(name):
+                    runs.setdefault(name, []).append(kept["run"])
+                    if kept.get("card") is not None:
+                        cards[name, kept["run"]["seed"]] = kept["card"]
+    result = summarize(_by_seed(runs))
 
     def publish() -> None:
         best = best_run(result, set(cards)) if card_dir is not None else None
@@ -102,35 +135,35 @@ def run_students(
 
     for seed in seeds:
         for name in variants:
-            record = done_dir / f"{name}_seed{seed}.json" if done_dir is not None else None
-            if record is not None and record.exists() and json.loads(record.read_text()).get("key") == key_of(name):
-                kept = json.loads(record.read_text())
-                runs.setdefault(name, []).append(kept["run"])
-                if kept.get("card") is not None:
-                    cards[name, seed] = kept["card"]
+            if any(run["seed"] == seed for run in runs.get(name, [])):
                 print(f"{name} seed {seed}: kept from an earlier sitting", flush=True)
-                result = summarize(runs)
-                publish()
                 continue
             output_dir = work / f"{name}_seed{seed}"
             start = time.perf_counter()
             metrics = run_one(name, seed, output_dir)
             wall = time.perf_counter() - start
-            run = {**metrics, "seed": seed, "wall_s": wall}
+            run = {**metrics, "seed": seed, "wall_s": wall, "machine": machine_info(), "commit": commit}
             runs.setdefault(name, []).append(run)
             card = output_dir / CARD_NAME
             if card_dir is not None and card.exists():
                 cards[name, seed] = card.read_text()
-            if record is not None:
-                record.parent.mkdir(parents=True, exist_ok=True)
-                record.write_text(json.dumps({"key": key_of(name), "run": run, "card": cards.get((name, seed))}))
+            if done_dir is not None:
+                done_dir.mkdir(parents=True, exist_ok=True)
+                (done_dir / f"{name}_seed{seed}.json").write_text(
+                    json.dumps({"key": key_of(name), "run": run, "card": cards.get((name, seed))}, indent=1)
+                )
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
             print(f"{name} seed {seed}: {shown} ({wall:.0f} s)", flush=True)
             shutil.rmtree(output_dir, ignore_errors=True)
-            result = summarize(runs)
+            result = summarize(_by_seed(runs))
             publish()
+    publish()
     print(markdown(result))
     return result
+
+
+def _by_seed(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    return {name: sorted(items, key=lambda run: run["seed"]) for name, items in runs.items()}
 
 
 #: The file a recipe writes its model card to, in the student's folder (and in a ``card_dir``).
@@ -159,6 +192,8 @@ RUN_SELECTION = (
     "reuse_teacher",
     "merge_results",
     "teacher_only",
+    "teacher_dir",
+    "runs_dir",
 )
 
 
@@ -266,6 +301,28 @@ def readme_table(
             "for these rows to show what its signal does.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def learning_curve_lines(result: dict) -> list[str]:
+    """One line per variant with learning curves (``learning_curves``: ``[[step, value], ...]`` per seed): the value
+    at each evaluated step, averaged over the seeds."""
+    lines = []
+    for name, s in result["students"].items():
+        by_step: dict[int, list[float]] = {}
+        for curve in s.get("learning_curves", []):
+            for step, bleu in curve:
+                by_step.setdefault(step, []).append(bleu)
+        if by_step:
+            points = ", ".join(f"{step}: {statistics.fmean(v):.2f}" for step, v in sorted(by_step.items()))
+            lines.append(f"- {name}: {points}")
+    return lines
+
+
+def machines(runs: dict[str, list[dict]]) -> str:
+    """The machines the runs were made on (each run records its own), one per line part; this machine when none
+    is recorded yet."""
+    found = sorted({r["machine"] for items in runs.values() for r in items if r.get("machine")})
+    return "; ".join(found) if found else machine_info()
 
 
 def teacher_curve_line(result: dict) -> str:

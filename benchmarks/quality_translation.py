@@ -29,6 +29,7 @@ BLEU and chrF (sacrebleu, lower-cased: the MiniLM vocabulary is uncased) of gree
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -42,6 +43,8 @@ from transformers import HfArgumentParser
 from benchmarks.quality_runs import (
     RUN_SELECTION,
     check_variants,
+    learning_curve_lines,
+    machines,
     mean_std,
     portable_settings,
     read_runs,
@@ -51,13 +54,22 @@ from benchmarks.quality_runs import (
     term_curves,
     write_results,
 )
-from benchmarks.teacher_training import fingerprint, last_round_metrics, train_teacher
+from benchmarks.teacher_training import (
+    SHIPPED_TEACHERS,
+    fingerprint,
+    last_round_metrics,
+    shipped_teacher,
+    train_teacher,
+)
 from hf_attn_distill.hardware import bf16_pays
-from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_translation import main as run_recipe
 from hf_attn_distill.recipes.sst2_demo import minilm_path
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_TEACHER = SHIPPED_TEACHERS / "multi30k-de-en-minilm"
+#: Teacher settings that decide what the students see and learn from (token lengths, the teacher's data): a shipped
+#: teacher must have been trained with this run's.
+STUDENT_FACING = ("teacher_train_examples", "max_source_length", "max_length")
 
 SITES_ALL = ["--layer_map", "uniform", "--decoder_layer_map", "uniform", "--cross_layer_map", "uniform"]
 VARIANTS = {
@@ -85,11 +97,25 @@ class QualityTranslationArguments:
         default=str(ROOT / "benchmarks" / "results" / "quality_translation"), metadata={"help": "JSON/MD path stem."}
     )
     model_card_dir: str = field(
-        default=str(ROOT / "model_cards" / "multi30k-de-en"),
+        default=str(ROOT / "model_cards" / "multi30k"),
         metadata={"help": "Where the best student's model card goes, as its recipe wrote it ('' for nowhere)."},
     )
     data_dir: str = field(
         default=str(ROOT.parent / "shared" / "data" / "multi30k"), metadata={"help": "Multi30k folder."}
+    )
+    teacher_dir: str = field(
+        default=str(SHIPPED_TEACHER) if (SHIPPED_TEACHER / "config.json").exists() else "",
+        metadata={
+            "help": "A trained teacher taken as it is (a model folder with provenance.json and teacher_curve.json); "
+            "default: the one shipped in ../shared/teachers when present. '' trains one here to a plateau."
+        },
+    )
+    runs_dir: str = field(
+        default=str(ROOT / "benchmarks" / "results" / "runs" / "quality_translation"),
+        metadata={
+            "help": "Where each finished (variant, seed) run, the attention-weight tuning scores, the teacher's test "
+            "scores and its seq_kd translations (compressed) are kept."
+        },
     )
     teacher_train_examples: int = field(default=29000, metadata={"help": "First N training pairs of the teacher."})
     train_examples: int = field(
@@ -111,7 +137,7 @@ class QualityTranslationArguments:
     )
     student_steps: int = field(default=250, metadata={"help": "Steps per student run (same for every variant)."})
     learning_curve_variants: list[str] = field(
-        default_factory=lambda: ["finetune", "kd_attn"],
+        default_factory=lambda: ["finetune", "kd", "kd_attn"],
         metadata={"help": "Variants whose students are also evaluated on val during training (a learning curve)."},
     )
     learning_curve_points: int = field(
@@ -153,7 +179,13 @@ class QualityTranslationArguments:
             "the best val BLEU sets every attention term's weight in every attention variant. Empty: 1.0, untuned."
         },
     )
-    sequence_kd_num_beams: int = field(default=4, metadata={"help": "Beams of the teacher's seq_kd translations."})
+    sequence_kd_num_beams: int = field(
+        default=1,
+        metadata={
+            "help": "Beams of the teacher's seq_kd translations of the training sources (greedy by default: 29,000 "
+            "beam-4 translations take hours on 2 CPU cores; they are generated once and kept in runs_dir)."
+        },
+    )
     seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
 
@@ -296,8 +328,71 @@ def teacher_settings(args: QualityTranslationArguments) -> dict:
     return {"recipe": "translation-teacher-v1", **{k: getattr(args, k) for k in keys}}
 
 
+def shipped(args: QualityTranslationArguments) -> dict:
+    """The teacher of ``--teacher_dir`` checked against this run's settings (a clear exit when they disagree), with
+    its recorded curve: ``{cache_key, provenance, teacher_curve, teacher_converged, teacher_curve_note}``."""
+    return shipped_teacher(
+        Path(args.teacher_dir),
+        lambda provenance, settings: teacher_key(args, provenance, settings),
+        {k: getattr(args, k) for k in STUDENT_FACING},
+        {k: getattr(QualityTranslationArguments, k) for k in STUDENT_FACING},
+        args.converged_gain,
+    )
+
+
+def teacher_key(args: QualityTranslationArguments, provenance: dict, settings: dict) -> str:
+    """The cache key of the teacher a shipped teacher's ``provenance`` describes, with ``settings`` (the
+    :data:`STUDENT_FACING` ones) and this run's data; its curve was measured on the default ``val_examples``."""
+    training = provenance["training"]
+    recorded = dataclasses.replace(
+        args,
+        teacher_learning_rate=training["learning_rate"],
+        batch_size=training["per_device_train_batch_size"],
+        teacher_warmup_steps=int(training["warmup_steps"]),
+        bf16=training["bf16_autocast"],
+        group_by_length=training.get("train_sampling_strategy") == "group_by_length",
+        teacher_first_steps=provenance["rounds"][0][0],
+        val_examples=QualityTranslationArguments.val_examples,
+        **settings,
+    )
+    files = [Path(args.data_dir) / f"train.{lang}" for lang in ("de", "en")]
+    return "teacher-" + fingerprint(teacher_settings(recorded), files)
+
+
+def teacher_scores(args: QualityTranslationArguments, folder: Path, name: str) -> dict:
+    """``{bleu, chrf}`` of the teacher in ``folder`` (called ``name``) on the test pairs, greedy as the students,
+    computed once and kept in ``runs_dir`` (a rerun, or a later sitting, reads them back)."""
+    scored = {"teacher": name, "test_examples": args.test_examples, "max_length": args.max_length, "bf16": args.bf16}
+    record = Path(args.runs_dir) / "teacher_test.json"
+    kept = json.loads(record.read_text()) if record.exists() else {}
+    if kept.get("key") != scored:
+        output_dir = Path(args.work_dir) / "teacher_test"
+        metrics = run_recipe(
+            [
+                "--training_mode",
+                "finetune",
+                "--teacher_model_name_or_path",
+                str(folder),
+                "--output_dir",
+                str(output_dir),
+                "--do_predict",
+                *data_args(args, args.teacher_train_examples),
+            ]
+        )
+        shutil.rmtree(output_dir, ignore_errors=True)
+        kept = {"key": scored, "bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"]}
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(kept, indent=2))
+    return {"bleu": kept["bleu"], "chrf": kept["chrf"]}
+
+
 def trained_teacher(args: QualityTranslationArguments) -> tuple[Path, dict]:
-    """The converged (or budget-capped) teacher: its folder and ``{bleu, chrf, teacher_curve, ...}`` on test."""
+    """The teacher and ``{bleu, chrf, teacher_curve, ...}`` (test scores): the trained one of ``--teacher_dir`` as it
+    is, or, without one, a teacher trained here to a plateau (or its step budget)."""
+    if args.teacher_dir:
+        folder = Path(args.teacher_dir)
+        teacher = shipped(args)
+        return folder, {**teacher_scores(args, folder, teacher["cache_key"]), **teacher}
     files = [Path(args.data_dir) / f"train.{lang}" for lang in ("de", "en")]
     key = fingerprint(teacher_settings(args), files)
     teacher_dir, summary = train_teacher(
@@ -346,23 +441,8 @@ def trained_teacher(args: QualityTranslationArguments) -> tuple[Path, dict]:
             ]
         ),
     )
-    steps, _ = last_round_metrics(teacher_dir)
-    test_dir = teacher_dir / f"test_eval-{steps}"  # a teacher continued later is scored again
-    if not (test_dir / "test_results.json").exists():
-        run_recipe(
-            [
-                "--training_mode",
-                "finetune",
-                "--teacher_model_name_or_path",
-                str(teacher_dir),
-                "--output_dir",
-                str(test_dir),
-                "--do_predict",
-                *data_args(args, args.teacher_train_examples),
-            ]
-        )
-    metrics = json.loads((test_dir / "test_results.json").read_text())
-    return teacher_dir, {"bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"], **summary}
+    steps, _ = last_round_metrics(teacher_dir)  # a teacher continued later is scored again
+    return teacher_dir, {**teacher_scores(args, teacher_dir, f"{teacher_dir.name}-{steps}"), **summary}
 
 
 def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslationArguments) -> dict:
@@ -392,28 +472,15 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
         "teacher_chrf": teacher["chrf"],
         "teacher_model": f"EncoderDecoderModel from all-MiniLM-L6-v2 (6+6 layers), "
         f"{teacher['teacher_curve'][-1][0] if teacher.get('teacher_curve') else '?'} steps on "
-        f"the first {args.teacher_train_examples} training pairs",
+        f"the first {args.teacher_train_examples} training pairs"
+        + (f" (shipped: {teacher['cache_key']})" if "cache_key" in teacher else ""),
         **{k: teacher[k] for k in ("teacher_curve", "teacher_converged", "teacher_curve_note") if k in teacher},
         "student": f"3+3 layers (encoder {args.encoder_layers}, decoder {args.decoder_layers} of the teacher), "
         f"{args.student_steps} steps of {args.batch_size} on the first {args.train_examples} pairs",
         "students": students,
-        "machine": machine_info(),
+        "machine": machines(runs),
         "settings": portable_settings(args, ROOT),
     }
-
-
-def learning_curve_lines(result: dict) -> list[str]:
-    """One line per variant with learning curves: val BLEU at each evaluated step, averaged over its seeds."""
-    lines = []
-    for name, s in result["students"].items():
-        by_step: dict[int, list[float]] = {}
-        for curve in s.get("learning_curves", []):
-            for step, bleu in curve:
-                by_step.setdefault(step, []).append(bleu)
-        if by_step:
-            points = ", ".join(f"{step}: {statistics.fmean(v):.2f}" for step, v in sorted(by_step.items()))
-            lines.append(f"- {name}: {points}")
-    return lines
 
 
 def attention_site_lines(result: dict) -> list[str]:
@@ -531,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--alpha_kd",
             "0.5",
             "--sequence_kd_cache_dir",
-            str(teacher_dir / "translations"),
+            str(Path(args.runs_dir) / "seq_kd_translations"),
             "--sequence_kd_num_beams",
             str(args.sequence_kd_num_beams),
             *common_args(args, output_dir, seed, args.train_examples, predict=predict),
@@ -545,9 +612,9 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(output_dir, ignore_errors=True)
         return metrics["eval_bleu"]
 
-    settings_key = {"teacher": teacher_dir.name, **student_settings(args)}
+    settings_key = {"teacher": teacher.get("cache_key", teacher_dir.name), **student_settings(args)}
     tuning_key = fingerprint({k: v for k, v in settings_key.items() if k != "attention_weight_grid"}, [])
-    weight, tuning = tuned_attention_weight(args, teacher_dir / "tuning" / f"{tuning_key}.json", tune_one)
+    weight, tuning = tuned_attention_weight(args, Path(args.runs_dir) / "tuning" / f"{tuning_key}.json", tune_one)
     if tuning:
         print(f"attention weight {weight} (val BLEU by weight: {tuning['val_bleu']})", flush=True)
 
@@ -574,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         Path(args.results),
         markdown,
-        done_dir=teacher_dir / "students",
+        done_dir=Path(args.runs_dir),
         key=key,
         card_dir=Path(args.model_card_dir) if args.model_card_dir else None,
     )

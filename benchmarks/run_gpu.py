@@ -113,11 +113,19 @@ PLANS = {
 TINY_VARIANTS = {"sst2": ["kd"], "qa": ["kd"], "translation": ["kd"]}
 
 
-def plan(scale: str, work_dir: Path, results_dir: Path, tasks=TASKS) -> list[tuple[str, list[str]]]:
-    """``[(task, argv of its benchmark's main)]`` for ``scale``."""
+def plan(
+    scale: str, work_dir: Path, results_dir: Path, tasks=TASKS, teacher_dirs: dict[str, str] | None = None
+) -> list[tuple[str, list[str]]]:
+    """``[(task, argv of its benchmark's main)]`` for ``scale``. The QA and translation teachers are trained at
+    that scale unless ``teacher_dirs`` names a trained one for the task (``--teacher_dir`` of its benchmark); the
+    finished runs are kept under ``results_dir/runs``, apart from the CPU runs."""
     out = []
     for task in tasks:
+        own = []
+        if task in ("qa", "translation"):
+            own = ["--teacher_dir", (teacher_dirs or {}).get(task, ""), "--runs_dir", str(results_dir / "runs" / task)]
         argv = [
+            *own,
             *PLANS[scale][task],
             "--work_dir",
             str(work_dir / task),
@@ -146,6 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--work_dir", default="outputs/gpu")
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "gpu"))
+    parser.add_argument(
+        "--qa_teacher_dir", default="", help="A trained QA teacher to take as it is (default: train one at this scale)."
+    )
+    parser.add_argument(
+        "--translation_teacher_dir",
+        default="",
+        help="A trained translation teacher to take as it is (default: train one at this scale).",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -154,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
-    for task, task_argv in plan(args.scale, Path(args.work_dir), results_dir, args.tasks):
+    teachers = {"qa": args.qa_teacher_dir, "translation": args.translation_teacher_dir}
+    for task, task_argv in plan(args.scale, Path(args.work_dir), results_dir, args.tasks, teachers):
         started = time.perf_counter()
         benchmark(task)(task_argv)
         timings[task] = time.perf_counter() - started

@@ -20,7 +20,17 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["CURVE_FILE", "fingerprint", "last_checkpoint", "last_round_metrics", "teacher_summary", "train_teacher"]
+__all__ = [
+    "CURVE_FILE",
+    "PROVENANCE_FILE",
+    "SHIPPED_TEACHERS",
+    "fingerprint",
+    "last_checkpoint",
+    "last_round_metrics",
+    "shipped_teacher",
+    "teacher_summary",
+    "train_teacher",
+]
 
 CURVE_FILE = "teacher_curve.json"
 STEP_INDEPENDENT_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt")
@@ -179,3 +189,52 @@ def train_teacher(
     state.update(summary)
     (teacher_dir / CURVE_FILE).write_text(json.dumps(state, indent=2))
     return teacher_dir, summary
+
+
+PROVENANCE_FILE = "provenance.json"
+#: Where trained teachers ship, beside the data (``../shared/teachers`` from the project root).
+SHIPPED_TEACHERS = Path(__file__).resolve().parent.parent.parent / "shared" / "teachers"
+
+
+def shipped_teacher(
+    folder: str | Path,
+    key_with: Callable[[dict, dict], str],
+    asked: dict,
+    defaults: dict,
+    threshold: float,
+) -> dict:
+    """A teacher trained elsewhere and shipped as a model folder with ``provenance.json`` (the benchmark's cache key
+    of its teacher settings and data) and ``teacher_curve.json`` (its dev curve), taken as it is.
+
+    ``key_with(training, settings)`` is the benchmark's teacher cache key (``teacher-<hash>``) with the teacher's
+    recorded training settings (``provenance["training"]``, ``provenance["rounds"]``) and the settings that matter
+    to the students (tokenizer lengths, stride, training examples) given by ``settings``. The teacher is refused
+    unless ``key_with(training, asked)`` is its recorded key: when ``defaults`` give that key, the error names the
+    settings that differ; otherwise the data it was trained on differs. Returns the teacher's ``cache_key``,
+    ``provenance`` and :func:`teacher_summary` of its curve (the budget being the steps it was trained for)."""
+    folder = Path(folder)
+    for name in (PROVENANCE_FILE, CURVE_FILE, "config.json"):
+        if not (folder / name).exists():
+            raise SystemExit(
+                f"--teacher_dir {folder} is not a shipped teacher: {name} is missing (a model folder with "
+                f"{PROVENANCE_FILE} and {CURVE_FILE}, as in ../shared/teachers). Pass --teacher_dir '' to train one."
+            )
+    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    recorded = provenance["cache_key"]
+    if key_with(provenance, asked) != recorded:
+        if key_with(provenance, defaults) == recorded:
+            differ = ", ".join(f"{k}={defaults[k]} (this run: {asked[k]})" for k in asked if asked[k] != defaults[k])
+            raise SystemExit(
+                f"The teacher in {folder} was trained with {differ}; the students would see other inputs than their "
+                "teacher did. Run with the teacher's settings, or pass --teacher_dir '' to train a teacher of your own."
+            )
+        raise SystemExit(
+            f"The teacher in {folder} was trained on other data or settings than this run's ({recorded} recorded in "
+            f"its {PROVENANCE_FILE}, {key_with(provenance, asked)} here): check --data_dir, or pass --teacher_dir '' "
+            "to train a teacher of your own."
+        )
+    state = json.loads((folder / CURVE_FILE).read_text())
+    if not state.get("curve"):
+        raise SystemExit(f"{folder / CURVE_FILE} holds no curve: the teacher's training is not recorded.")
+    summary = teacher_summary(state, threshold, state["curve"][-1][0])
+    return {"cache_key": recorded, "provenance": provenance, **summary}

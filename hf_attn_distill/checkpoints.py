@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from torch import nn
@@ -15,6 +19,9 @@ from .hidden_transfer import PROJECTION_NAME
 __all__ = [
     "TRAINER_STATE_NAME",
     "CheckpointMixin",
+    "DiskFullError",
+    "SaveGuardMixin",
+    "disk_space_guard",
     "check_checkpoint_fits",
     "checkpoint_is_complete",
     "last_complete_checkpoint",
@@ -139,3 +146,92 @@ class CheckpointMixin:
             state_dict = student.state_dict() if state_dict is None else state_dict
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{PROJECTION_NAME}.")}
         super()._save(output_dir, state_dict)
+
+
+class DiskFullError(OSError):
+    """A checkpoint or model save that ran out of disk space (``errno.ENOSPC``); the message names the folder, the
+    free space left, the size the save needed and what to do."""
+
+
+#: What savers say when the disk fills: the OS error, torch's zip writer (``torch.save``), safetensors' writer.
+_OUT_OF_SPACE = ("no space left", "unexpected pos", "file write failed", "os error 28", "code: 28")
+
+
+def _out_of_space(err: BaseException) -> bool:
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err).lower() for text in _OUT_OF_SPACE):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _free_bytes(folder: Path) -> int:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+@contextlib.contextmanager
+def disk_space_guard(folder: str | os.PathLike, needed_bytes: Callable[[], int], checkpoint: bool) -> Iterator[None]:
+    """Re-raise a save into ``folder`` that ran out of disk space as :class:`DiskFullError` (torch says only
+    ``[enforce fail at inline_container.cc] unexpected pos``), naming the folder, the free space of its filesystem,
+    ``needed_bytes()`` (what the save writes) and the fixes. A ``checkpoint`` folder left half-written is renamed
+    ``<folder>-partial``, which resuming never picks; other errors pass through unchanged."""
+    folder = Path(folder)
+    try:
+        yield
+    except Exception as err:
+        if not _out_of_space(err):
+            raise
+        partial = ""
+        if checkpoint and folder.exists() and not checkpoint_is_complete(folder):
+            target = folder.with_name(f"{folder.name}-partial")
+            shutil.rmtree(target, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                folder.rename(target)
+                partial = f" The half-written checkpoint is now {target} (resuming skips it; delete it to free space)."
+        what = "checkpoint" if checkpoint else "model"
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"The disk filled while saving the {what} to {folder}: {_mb(_free_bytes(folder))} free on its "
+            f"filesystem, the save needed about {_mb(needed_bytes())}.{partial} Free space there, keep fewer "
+            "checkpoints (save_total_limit), or use another output_dir; then resume with "
+            "resume_from_checkpoint=True (the last complete checkpoint). "
+            f"[{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}]",
+        ) from err
+
+
+def _tensor_bytes(tensors) -> int:
+    import torch
+
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class SaveGuardMixin:
+    """A ``Trainer`` mixin: checkpoint and model saves that run out of disk space raise :class:`DiskFullError`
+    (:func:`disk_space_guard`) instead of torch's internal error."""
+
+    def _save_bytes(self, checkpoint: bool) -> int:
+        model = self.accelerator.unwrap_model(self.model)
+        needed = _tensor_bytes(model.state_dict().values())
+        optimizer = getattr(self, "optimizer", None)
+        if checkpoint and optimizer is not None:
+            needed += sum(_tensor_bytes(state.values()) for state in optimizer.state_dict()["state"].values())
+        return needed
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with disk_space_guard(folder, lambda: self._save_bytes(checkpoint=True), checkpoint=True):
+            super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        with disk_space_guard(folder, lambda: self._save_bytes(checkpoint=False), checkpoint=False):
+            super().save_model(output_dir, _internal_call)

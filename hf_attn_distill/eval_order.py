@@ -16,6 +16,8 @@ from torch.utils.data import SequentialSampler
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import has_length
 
+from .checkpoints import SaveGuardMixin
+
 __all__ = ["InOrderEvaluationMixin", "InOrderSeq2SeqTrainer", "InOrderTrainer"]
 
 
@@ -34,9 +36,10 @@ class InOrderEvaluationMixin:
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
-class InOrderTrainer(InOrderEvaluationMixin, Trainer):
-    """``transformers.Trainer`` that evaluates in dataset order (the recipes' ``finetune`` mode and teacher scores)."""
+class InOrderTrainer(SaveGuardMixin, InOrderEvaluationMixin, Trainer):
+    """``transformers.Trainer`` that evaluates in dataset order (the recipes' ``finetune`` mode and teacher scores)
+    and says so when a save fills the disk."""
 
 
-class InOrderSeq2SeqTrainer(InOrderEvaluationMixin, Seq2SeqTrainer):
-    """``transformers.Seq2SeqTrainer`` that evaluates in dataset order."""
+class InOrderSeq2SeqTrainer(SaveGuardMixin, InOrderEvaluationMixin, Seq2SeqTrainer):
+    """``transformers.Seq2SeqTrainer`` that evaluates in dataset order and says so when a save fills the disk."""

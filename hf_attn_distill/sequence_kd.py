@@ -1,13 +1,16 @@
 """Sequence-level knowledge distillation (Kim & Rush, 2016): train the student on the teacher's translations.
 
-The teacher translates every training source once (beam search); the student is then trained on those
-outputs instead of (or, with word-level KD and attention transfer, as well as with) the references. The
-translations are cached on disk and reused only while the teacher weights, the training data and the
-generation settings are the same.
+The teacher translates every training source once (beam search, or greedy with one beam); the student is then
+trained on those outputs instead of (or, with word-level KD and attention transfer, as well as with) the
+references. The translations are cached on disk (gzip-compressed token ids, with the settings that made them in
+``meta.json``) and reused only while the teacher weights, the tokenized sources and the generation settings are
+the same, on any machine.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,6 +38,14 @@ def _strip(tokens: list[int], start: int | None, pad: int | None, eos: int | Non
     return out
 
 
+def _sources_checksum(sources) -> str:
+    """SHA-256 of the token ids of every source, in order: the same on every machine for the same data."""
+    digest = hashlib.sha256()
+    for ids in sources:
+        digest.update(json.dumps(list(ids), separators=(",", ":")).encode() + b"\n")
+    return digest.hexdigest()
+
+
 @torch.inference_mode()
 def sequence_kd_dataset(
     teacher: PreTrainedModel,
@@ -47,7 +58,7 @@ def sequence_kd_dataset(
 ) -> datasets.Dataset:
     """``dataset`` (with ``input_ids``) with ``labels`` replaced by the teacher's translations of its sources.
 
-    Translations come from ``cache_dir`` when its key (teacher weights checksum, dataset fingerprint and size,
+    Translations come from ``cache_dir`` when its key (teacher weights checksum, a checksum of the tokenized sources,
     generation settings) matches; otherwise they are generated (teacher in eval mode, beam search) and cached.
     """
     if "input_ids" not in dataset.column_names:
@@ -55,15 +66,15 @@ def sequence_kd_dataset(
     key = {
         "teacher": type(teacher).__name__,
         "teacher_weights_checksum": weights_checksum(teacher),
-        "dataset_fingerprint": dataset._fingerprint,
+        "sources_sha256": _sources_checksum(dataset["input_ids"]),
         "num_examples": len(dataset),
         "num_beams": num_beams,
         "max_length": max_length,
     }
     folder = Path(cache_dir)
-    meta, data = folder / "meta.json", folder / "translations.json"
+    meta, data = folder / "meta.json", folder / "translations.json.gz"
     if meta.exists() and data.exists() and json.loads(meta.read_text()) == key:
-        labels = json.loads(data.read_text())
+        labels = json.loads(gzip.decompress(data.read_bytes()))
     else:
         config = teacher.generation_config
         start, pad, eos = config.decoder_start_token_id, config.pad_token_id, config.eos_token_id
@@ -81,8 +92,8 @@ def sequence_kd_dataset(
         teacher.train(was_training)
         folder.mkdir(parents=True, exist_ok=True)
         meta.unlink(missing_ok=True)
-        data.write_text(json.dumps(labels))
-        meta.write_text(json.dumps(key))
+        data.write_bytes(gzip.compress(json.dumps(labels, separators=(",", ":")).encode(), mtime=0))
+        meta.write_text(json.dumps(key, indent=1))
     if "labels" in dataset.column_names:
         dataset = dataset.remove_columns("labels")
     return dataset.add_column("labels", labels)

@@ -16,7 +16,7 @@ from .accounting import TermAccounting, TermLoggingMixin
 from .attention_capture import Capture
 from .attention_transfer import SiteTransfer
 from .batches import check_lengths, position_limits, strip_outputs, with_decoder_inputs
-from .checkpoints import CheckpointMixin, resolve_resume
+from .checkpoints import CheckpointMixin, SaveGuardMixin, resolve_resume
 from .config import DistillConfig, parse_schedules
 from .distributed import prepare_teacher
 from .eval_order import InOrderEvaluationMixin
@@ -33,7 +33,9 @@ __all__ = ["DistillTrainer"]
 logger = logging.get_logger(__name__)
 
 
-class DistillTrainer(TermLoggingMixin, CheckpointMixin, ModelCardMixin, InOrderEvaluationMixin, Trainer):
+class DistillTrainer(
+    TermLoggingMixin, SaveGuardMixin, CheckpointMixin, ModelCardMixin, InOrderEvaluationMixin, Trainer
+):
     """``transformers.Trainer`` whose loss is the weighted sum of the objectives ``args`` asks for
     (:mod:`~hf_attn_distill.objectives`): ``alpha_ce * CE + alpha_kd * KD``, one attention term per mapped site,
     and the hidden-state and relation terms when their weights are above 0.

@@ -279,6 +279,11 @@ def test_gpu_plan_flags_are_the_benchmarks_own_and_full_scale_needs_cuda(tmp_pat
     full = dict(run_gpu.plan("full", tmp_path, tmp_path))
     (qa,) = HfArgumentParser(quality_qa.QualityQAArguments).parse_args_into_dataclasses(full["qa"])
     assert (qa.train_examples, qa.eval_examples) == (87599, 10570)  # all of SQuAD v1.1
+    assert qa.teacher_dir == "" and qa.runs_dir == str(tmp_path / "runs" / "qa")  # its own teacher, its own runs
+    shipped = dict(run_gpu.plan("full", tmp_path, tmp_path, teacher_dirs={"qa": "t"}))
+    assert (
+        HfArgumentParser(quality_qa.QualityQAArguments).parse_args_into_dataclasses(shipped["qa"])[0].teacher_dir == "t"
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU.*--scale tiny"):
         run_gpu.main(["--work_dir", str(tmp_path)])
@@ -653,6 +658,7 @@ def test_translation_tunes_the_attention_weight_on_val_only_and_runs_every_atten
 
     monkeypatch.setattr(quality_translation, "run_recipe", fake_recipe)
     argv = ["--work_dir", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--model_card_dir", ""]
+    argv += ["--runs_dir", str(tmp_path / "runs")]
     result = quality_translation.main([*argv, "--bf16", "false", "--seeds", "7"])
     for weight in (0.3, 1.0, 3.0):
         call, training = calls[f"tune_kd_attn_w{weight}"]
@@ -771,3 +777,49 @@ def test_the_sst2_attention_rows_rerun_with_todays_code_is_what_the_readmes_say(
         )
         assert row in bench, row
         assert f"`{name}` {diff:+.2f}" in readme, name
+
+
+SHARED_TEACHERS = Path(__file__).resolve().parent.parent.parent / "shared" / "teachers"
+
+
+@pytest.mark.skipif(not (SHARED_TEACHERS / "README.md").exists(), reason="../shared/teachers is not laid out here")
+def test_the_shipped_teachers_are_the_defaults_taken_as_they_are_and_refused_for_other_settings(tmp_path):
+    """Both quality benchmarks default to their teacher in ../shared/teachers; its recorded cache key is the one
+    this code computes for the benchmark's default settings and data (so any machine, bf16 or not, accepts it), its
+    curve and converged flag come from its teacher_curve.json, and a setting that changes what the students see,
+    or other training data, is refused with a message that names the setting."""
+    from benchmarks import quality_qa, quality_translation
+
+    cases = (
+        (quality_qa, quality_qa.QualityQAArguments, "squad-minilm-l6", "max_seq_length", 384),
+        (
+            quality_translation,
+            quality_translation.QualityTranslationArguments,
+            "multi30k-de-en-minilm",
+            "max_length",
+            64,
+        ),
+    )
+    for module, arguments, name, setting, other in cases:
+        folder = SHARED_TEACHERS / name
+        for bf16 in (False, True):
+            args = arguments(bf16=bf16)
+            assert Path(args.teacher_dir) == folder
+            teacher = module.shipped(args)
+            recorded = json.loads((folder / "teacher_curve.json").read_text())
+            provenance = json.loads((folder / "provenance.json").read_text())
+            assert teacher["cache_key"] == provenance["cache_key"] and teacher["teacher_curve"] == recorded["curve"]
+            gain = recorded["curve"][-1][1] - recorded["curve"][-2][1]
+            assert teacher["teacher_converged"] is (gain < 1.0) is False
+            assert f"still gained {gain:.2f}" in teacher["teacher_curve_note"]
+        default = getattr(arguments, setting)
+        with pytest.raises(SystemExit, match=rf"trained with {setting}={default} \(this run: {other}\)"):
+            module.shipped(arguments(bf16=False, **{setting: other}))
+    data = tmp_path / "multi30k"
+    data.mkdir()
+    for lang in ("de", "en"):
+        (data / f"train.{lang}").write_text("ein satz\n" if lang == "de" else "a sentence\n")
+    with pytest.raises(SystemExit, match="trained on other data or settings"):
+        quality_translation.shipped(quality_translation.QualityTranslationArguments(bf16=False, data_dir=str(data)))
+    with pytest.raises(SystemExit, match="not a shipped teacher: provenance.json is missing"):
+        quality_qa.shipped(quality_qa.QualityQAArguments(bf16=False, teacher_dir=str(tmp_path)))

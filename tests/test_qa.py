@@ -364,3 +364,53 @@ def test_group_by_length_over_max_length_windows_names_the_fix(tmp_path, tokeniz
     data = squad_json(tmp_path / "squad.json")
     with pytest.raises(ValueError, match="--pad_to_max_length false"):
         main(_recipe_argv(tmp_path, data, tmp_path / "out", "--train_sampling_strategy", "group_by_length"))
+
+
+def test_do_predict_scores_all_of_the_test_file_while_evaluations_during_training_use_the_first_questions(
+    tmp_path, tokenizer
+):
+    """``--test_file`` + ``--do_predict`` score every question of the test file (here the validation file itself)
+    once at the end, exactly as an evaluation of the saved student on all of them; the evaluations during training
+    (a learning curve) see only ``--max_eval_samples`` questions; the card reports the test scores and how many
+    questions they cover."""
+    from hf_attn_distill.recipes.distill_qa import main
+
+    teacher_dir = tmp_path / "teacher"
+    _tiny_qa(0, 4).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    data = squad_json(tmp_path / "squad.json")
+    out = tmp_path / "student"
+    curve = ["--max_eval_samples", "1", "--eval_strategy", "steps", "--eval_steps", "1"]
+    metrics = main(_recipe_argv(teacher_dir, data, out, "--test_file", str(data), "--do_predict", *curve))
+    logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_f1" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3]
+    again = main(["--training_mode", "finetune", *again_argv(out, data, tmp_path / "rescored")])
+    assert metrics["test_f1"] == again["eval_f1"] and metrics["test_exact_match"] == again["eval_exact_match"]
+    first = main(["--training_mode", "finetune", *again_argv(out, data, tmp_path / "first"), "--max_eval_samples", "1"])
+    assert logged[-1]["eval_f1"] == first["eval_f1"]  # the last curve point: the first question only
+    card = (out / "README.md").read_text()
+    assert "local file squad.json, 3 questions" in card and f"{metrics['test_f1']:.2f}" in card
+
+
+def again_argv(model_dir, data, out):
+    """Flags that evaluate the model in ``model_dir`` on ``data`` without training."""
+    return [
+        "--teacher_model_name_or_path",
+        str(model_dir),
+        "--validation_file",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_seq_length",
+        "64",
+        "--doc_stride",
+        "16",
+        "--max_query_length",
+        "16",
+        "--do_eval",
+        "--per_device_eval_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--use_cpu",
+    ]

@@ -519,6 +519,10 @@ def test_sequence_kd_labels_are_the_teachers_translations_cached_until_the_teach
     other = Dataset.from_list(rows()[::-1])
     sequence_kd_dataset(teacher, tok, other, tmp_path / "cache", num_beams=1, max_length=6, batch_size=3)
     assert len(calls) == 8  # other training data: rebuilt
+    same = Dataset.from_list(rows()[::-1]).map(lambda row: row, desc="another fingerprint, the same sources")
+    assert same._fingerprint != other._fingerprint
+    sequence_kd_dataset(teacher, tok, same, tmp_path / "cache", num_beams=1, max_length=6, batch_size=3)
+    assert len(calls) == 8  # the same sources, tokenized anew (another machine, another sitting): read back
     with torch.no_grad():
         weight = next(teacher.parameters())
         weight.copy_(weight.flip(0))  # same parameter sum, other weights: rebuilt

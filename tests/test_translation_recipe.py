@@ -205,9 +205,10 @@ def test_sequence_level_kd_trains_on_cached_teacher_translations(tmp_path, data_
         *COMMON,
     ]
     main(args)
+    import gzip
     import json
 
-    cached = json.loads((out / "teacher_translations" / "translations.json").read_text())
+    cached = json.loads(gzip.decompress((out / "teacher_translations" / "translations.json.gz").read_bytes()))
     teacher = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     first = teacher.generate(**tokenizer(DE[:1], return_tensors="pt"), num_beams=2, max_length=8)[0].tolist()[1:]
@@ -272,3 +273,24 @@ def test_scores_pair_each_translation_with_its_reference_under_group_by_length(t
     )
     _check_scores_pair_in_order(metrics, "teacher_test", teacher_dir, tokenizer)
     _check_scores_pair_in_order(metrics, "test", student_dir, tokenizer, distinct=False)
+
+
+def test_translations_are_generated_as_long_as_the_targets_not_transformers_default_20_tokens(tmp_path, encoder_dir):
+    """Without --generation_max_length, generation stops at --max_target_length (as run_translation.py), not at
+    transformers' generic max_length of 20 tokens that cut long translations at 21; the generation settings used
+    are in the results and the card."""
+    folder = tmp_path / "long"
+    folder.mkdir()
+    long_en = [" and ".join([sentence.rstrip(".")] * 4) + "." for sentence in EN]  # 30+ tokens each
+    for split in ("train", "val", "test_2016_flickr"):
+        (folder / f"{split}.de").write_text("\n".join(DE) + "\n")
+        (folder / f"{split}.en").write_text("\n".join(long_en) + "\n")
+    common = [flag for flag in COMMON if flag not in ("--generation_max_length", "8")]
+    out = tmp_path / "model"
+    argv = ["--training_mode", "finetune", "--teacher_model_name_or_path", str(encoder_dir), "--build_encoder_decoder"]
+    argv += ["--data_dir", str(folder), "--output_dir", str(out), "--max_target_length", "40", "--do_predict"]
+    metrics = main([*argv, *common])
+    assert metrics["test_generation_max_length"] == 40 and metrics["test_generation_num_beams"] == 1
+    assert metrics["test_gen_len"] > 21  # the untrained decoder never stops early: only the length limit cuts it
+    card = (out / "README.md").read_text()
+    assert "generation_max_length" in card and "| 40 |" in card

@@ -252,11 +252,13 @@ def train(trainer, training_args) -> dict:
 @dataclass
 class Evaluation:
     """One evaluation at the end of a recipe: metric prefix (``"eval"``, ``"test"``), the dataset (``None``: the
-    trainer's ``eval_dataset``), and what to do before it (e.g. point ``compute_metrics`` at its references)."""
+    trainer's ``eval_dataset``), what to do before it (e.g. point ``compute_metrics`` at its references), and
+    settings to record with its metrics (e.g. the generation length of generated translations)."""
 
     prefix: str
     dataset: object | None = None
     before: Callable[[], None] | None = None
+    settings: dict | None = None
 
 
 def run(
@@ -291,7 +293,9 @@ def run(
     for evaluation in evaluations:
         if evaluation.before is not None:
             evaluation.before()
-        metrics.update(evaluate(trainer, teacher_trainer, evaluation.prefix, teacher_keys, evaluation.dataset))
+        metrics.update(
+            evaluate(trainer, teacher_trainer, evaluation.prefix, teacher_keys, evaluation.dataset, evaluation.settings)
+        )
     example = sample()
     if training_args.do_train and trainer.is_world_process_zero() and example is not None:
         write_figures(trainer, tokenizer, example, training_args.output_dir)
@@ -299,10 +303,12 @@ def run(
     return metrics
 
 
-def evaluate(trainer, teacher_trainer, prefix: str, teacher_keys: tuple[str, ...], dataset=None) -> dict:
+def evaluate(
+    trainer, teacher_trainer, prefix: str, teacher_keys: tuple[str, ...], dataset=None, settings: dict | None = None
+) -> dict:
     """Evaluate the trained model (and, given ``teacher_trainer``, the teacher on the same data: its metrics
-    ending in ``teacher_keys`` are added as ``teacher_{prefix}_...``); log and save them."""
-    metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+    ending in ``teacher_keys`` are added as ``teacher_{prefix}_...``); log and save them with ``settings``."""
+    metrics = {**trainer.evaluate(dataset, metric_key_prefix=prefix), **(settings or {})}
     if teacher_trainer is not None:
         teacher_metrics = teacher_trainer.evaluate(dataset, metric_key_prefix=prefix)
         metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items() if k.endswith(teacher_keys)})

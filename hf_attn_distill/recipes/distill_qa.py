@@ -60,6 +60,14 @@ class QADataArguments:
         default=None, metadata={"help": "Local SQuAD-format JSON (or JSON lines) for training."}
     )
     validation_file: str | None = field(default=None, metadata={"help": "Local SQuAD-format JSON for evaluation."})
+    test_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local SQuAD-format JSON scored once at the end with --do_predict (test_* metrics). It may be the "
+            "validation file itself: evaluations during training then use the first --max_eval_samples questions "
+            "(a cheap learning curve) and --do_predict scores all of them."
+        },
+    )
     question_column_name: str = field(default="question", metadata={"help": "Column with the question."})
     context_column_name: str = field(default="context", metadata={"help": "Column with the context."})
     answer_column_name: str = field(
@@ -85,11 +93,14 @@ class QADataArguments:
     max_answer_length: int = field(default=30, metadata={"help": "Longest answer, in tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    max_predict_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N examples of --test_file."}
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
     def __post_init__(self):
-        if not self.dataset_name and not self.train_file and not self.validation_file:
-            raise ValueError("Give --dataset_name or local --train_file/--validation_file.")
+        if not self.dataset_name and not self.train_file and not self.validation_file and not self.test_file:
+            raise ValueError("Give --dataset_name or local --train_file/--validation_file/--test_file.")
         if self.max_query_length < 1 or self.max_seq_length < 16:
             raise ValueError("max_query_length must be >= 1 and max_seq_length >= 16.")
         room = self.max_seq_length - self.max_query_length - 3  # [CLS] q [SEP] c [SEP]
@@ -112,7 +123,7 @@ class QADataArguments:
 def load_raw_datasets(data: QADataArguments) -> datasets.DatasetDict:
     if data.dataset_name:
         return datasets.load_dataset(data.dataset_name, data.dataset_config_name)
-    splits = {"train": data.train_file, "validation": data.validation_file}
+    splits = {"train": data.train_file, "validation": data.validation_file, "test": data.test_file}
     return datasets.DatasetDict({split: load_squad_json(path) for split, path in splits.items() if path})
 
 
@@ -178,28 +189,38 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
             num_proc=data_args.preprocessing_num_workers,
             desc="Training features",
         )
-    if "validation" in raw and (training_args.do_eval or training_args.eval_strategy != "no"):
-        eval_examples = raw["validation"]
-        if data_args.max_eval_samples is not None:
-            eval_examples = eval_examples.select(range(min(data_args.max_eval_samples, len(eval_examples))))
-        eval_features = eval_examples.map(
+
+    def scored_split(split: str, limit: int | None) -> tuple[datasets.Dataset, datasets.Dataset]:
+        examples = raw[split]
+        if limit is not None:
+            examples = examples.select(range(min(limit, len(examples))))
+        features = examples.map(
             prepare_validation_features,
             fn_kwargs=options,
             batched=True,
-            remove_columns=eval_examples.column_names,
+            remove_columns=examples.column_names,
             num_proc=data_args.preprocessing_num_workers,
-            desc="Evaluation features",
+            desc=f"{split.capitalize()} features",
         )
+        return examples, features
+
+    if "validation" in raw and (training_args.do_eval or training_args.eval_strategy != "no"):
+        eval_examples, eval_features = scored_split("validation", data_args.max_eval_samples)
+    test_examples = test_features = None
+    if training_args.do_predict:
+        if "test" not in raw:
+            raise ValueError("--do_predict scores --test_file: give one (it may be the validation file).")
+        test_examples, test_features = scored_split("test", data_args.max_predict_samples)
 
     teacher = AutoModelForQuestionAnswering.from_pretrained(model_args.teacher_model_name_or_path)
     common.check_lengths(teacher, {"--max_seq_length": data_args.max_seq_length})
     distill = model_args.training_mode == "distill"
     model = build_student(model_args, teacher, AutoModelForQuestionAnswering) if model_args.has_student else teacher
     compute_metrics = None
-    if eval_features is not None:
+    if eval_features is not None or test_features is not None:
         compute_metrics = QAMetrics(
-            eval_examples,
-            eval_features,
+            eval_examples if eval_features is not None else test_examples,
+            eval_features if eval_features is not None else test_features,
             data_args.version_2_with_negative,
             data_args.n_best_size,
             data_args.max_answer_length,
@@ -217,7 +238,29 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     )
     trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else InOrderTrainer(**common_kwargs)
 
-    evaluations = [common.Evaluation("eval")] if training_args.do_eval and eval_features is not None else []
+    def scored_against(examples, features):  # one QAMetrics, shared with the teacher's trainer, per split
+        def before():
+            compute_metrics.examples, compute_metrics.features = examples, features
+
+        return before
+
+    evaluations = []
+    if training_args.do_eval and eval_features is not None:
+        evaluations.append(common.Evaluation("eval", before=scored_against(eval_examples, eval_features)))
+    if test_features is not None:
+        evaluations.append(
+            common.Evaluation(
+                "test",
+                test_features.remove_columns(list(EVAL_ONLY_COLUMNS)),
+                scored_against(test_examples, test_features),
+            )
+        )
+
+    questions = {
+        prefix: len(examples)
+        for prefix, examples in (("eval", eval_examples), ("test", test_examples))
+        if examples is not None
+    }
 
     def sample():
         example = (eval_examples if eval_examples is not None else raw["train"])[0]
@@ -241,20 +284,25 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         ("exact_match", "f1", "_exact"),
         sample,
         lambda metrics, example: write_card(
-            trainer, model_args, data_args, training_args, teacher, model, metrics, example
+            trainer, model_args, data_args, training_args, teacher, model, metrics, example, questions
         ),
     )
 
 
-def write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample) -> None:
+def write_card(trainer, model_args, data_args, training_args, teacher, model, metrics, sample, questions) -> None:
+    """The student's card; ``questions`` counts the scored questions by metric prefix (``eval``, ``test``)."""
+    tested = any(key.startswith("test_") for key in metrics)  # the card reports test_* metrics when present
     data = common.describe_data(
         data_args.dataset_name,
         data_args.train_file,
-        data_args.validation_file,
-        "validation",
+        data_args.test_file if tested else data_args.validation_file,
+        "test" if tested else "validation",
         data_args.dataset_config_name,
         model_args.card_dataset_id,
     )
+    scored = questions.get("test" if tested else "eval")
+    if scored is not None:
+        data["eval_split"] += f", {scored} questions"
     if data_args.version_2_with_negative:
         data["eval_split"] += " (SQuAD v2 format)"
     extra = {k: getattr(data_args, k) for k in ("max_seq_length", "doc_stride", "version_2_with_negative")}

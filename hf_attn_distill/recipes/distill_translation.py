@@ -218,6 +218,13 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    if training_args.generation_max_length is None:
+        # as run_translation.py: generate as long as the targets were tokenized, not transformers' generic 20 tokens
+        training_args.generation_max_length = data_args.max_target_length
+        logger.info(
+            "Generating at most --max_target_length=%d tokens (--generation_max_length not set).",
+            data_args.max_target_length,
+        )
 
     raw = load_raw_datasets(data_args)
     common.check_not_empty(raw)
@@ -283,8 +290,17 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
 
         return before
 
+    def generation_settings(prefix: str) -> dict:  # what the generated translations were made with
+        if not training_args.predict_with_generate:
+            return {}
+        beams = training_args.generation_num_beams or model.generation_config.num_beams
+        return {
+            f"{prefix}_generation_max_length": training_args.generation_max_length,
+            f"{prefix}_generation_num_beams": beams,
+        }
+
     evaluations = [
-        common.Evaluation(prefix, tokenized[split], scored_against(split))
+        common.Evaluation(prefix, tokenized[split], scored_against(split), generation_settings(prefix))
         for split, prefix, wanted in (
             (data_args.validation_split, "eval", training_args.do_eval),
             (data_args.test_split, "test", training_args.do_predict),
@@ -356,6 +372,10 @@ def write_card(trainer, model_args, data_args, training_args, teacher, model, me
         "sequence_kd": model_args.sequence_kd or None,
         "max_source_length": data_args.max_source_length,
         "max_target_length": data_args.max_target_length,
+        **{
+            name: metrics.get(f"{'test' if test else 'eval'}_{name}")
+            for name in ("generation_max_length", "generation_num_beams")
+        },
     }
     common.write_card(
         trainer,
