@@ -44,7 +44,12 @@ def claim_rows(results: dict[str, dict]) -> list[dict]:
             continue
         result = results[task]
         students = {n: s for n, s in result["students"].items() if not n.startswith("small_")}
-        best = max((n for n in students if n != "finetune"), key=lambda n: students[n]["mean"])
+        distilled = [n for n in students if n != "finetune"]
+        if "finetune" not in students or not distilled:  # a table still being run: nothing to compare yet
+            done = ", ".join(f"`{n}`" for n in students) or "none"
+            rows.append({"task": task, "claim": words, "best": None, "rows_so_far": done})
+            continue
+        best = max(distilled, key=lambda n: students[n]["mean"])
         scale = 100.0 if result["metric"] == "accuracy" else 1.0
         gain = (students[best]["mean"] - students["finetune"]["mean"]) * scale
         relative = (students[best]["mean"] / students["finetune"]["mean"] - 1) * 100
@@ -68,6 +73,9 @@ def table(results: dict[str, dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in claim_rows(results):
+        if r["best"] is None:
+            lines.append(f"| {r['task']} | {r['claim']} | not measured yet (rows so far: {r['rows_so_far']}) | | | | |")
+            continue
         lines.append(
             f"| {r['task']} | {r['claim']} | `{r['best']}` | {r['gain_points']:+.2f} | {r['gain_percent']:+.1f}% | "
             f"{'yes' if r['met'] else 'no'} | {r['meaningful']} |"

@@ -51,10 +51,11 @@ from benchmarks.quality_runs import (
     write_results,
 )
 from hf_attn_distill.checkpoints import last_complete_checkpoint
+from hf_attn_distill.pretrained import minilm_path
 from hf_attn_distill.profiling import machine_info
 from hf_attn_distill.recipes.distill_classification import main as run_recipe
 from hf_attn_distill.recipes.distill_general import main as run_general
-from hf_attn_distill.recipes.sst2_demo import DemoArguments, minilm_path, student_recipe_args, teacher_recipe_args
+from hf_attn_distill.recipes.sst2_demo import DemoArguments, student_recipe_args, teacher_recipe_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +110,7 @@ class QualityArguments:
         default=str(ROOT / "model_cards" / "sst2"),
         metadata={"help": "Where the best student's model card goes, as its recipe wrote it ('' for nowhere)."},
     )
-    data_dir: str = field(default=DemoArguments.data_dir, metadata={"help": "SST-2 folder."})
+    data_dir: str = field(default=str(ROOT.parent / "shared" / "data" / "sst2"), metadata={"help": "SST-2 folder."})
     teacher_steps: int = field(default=1000, metadata={"help": "Teacher fine-tuning steps."})
     student_steps: int = field(default=500, metadata={"help": "Steps per student run (same for every variant)."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})

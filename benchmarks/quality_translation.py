@@ -62,8 +62,8 @@ from benchmarks.teacher_training import (
     train_teacher,
 )
 from hf_attn_distill.hardware import bf16_pays
+from hf_attn_distill.pretrained import minilm_path
 from hf_attn_distill.recipes.distill_translation import main as run_recipe
-from hf_attn_distill.recipes.sst2_demo import minilm_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TEACHER = SHIPPED_TEACHERS / "multi30k-de-en-minilm"

@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 from benchmarks.quality_runs import portable_settings
 from hf_attn_distill.objectives import LABEL_KEYS
 
@@ -544,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "speed"))
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub; workers inherit it
     if args._worker:
         spec = json.loads(args._worker)
         result = run_cache_worker(spec) if spec.get("kind") == "cache" else run_worker(spec)

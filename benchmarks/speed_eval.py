@@ -27,7 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODES = ("plain", "student_only", "teacher_logits", "teacher_attn")
 
@@ -55,6 +54,7 @@ def build(mode: str, teacher, student, tokenizer, dataset, batch: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models from local folders only
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2" / "test.tsv"))
     parser.add_argument("--examples", type=int, default=256)

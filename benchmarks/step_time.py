@@ -43,7 +43,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def _minilm() -> str:
-    from hf_attn_distill.recipes.sst2_demo import minilm_path
+    from hf_attn_distill.pretrained import minilm_path
 
     return minilm_path()
 

@@ -17,6 +17,7 @@ from .losses import (
     relation_kl_loss,
 )
 from .model_structure import SITES, AttentionLayer, find_attention_modules, find_attention_sites, find_encoder_layers
+from .nonfinite import NonFiniteError
 from .objective import Objective, Step
 from .objectives import OBJECTIVES, build_objectives
 from .pairing import check_distillation_pair, load_teacher
@@ -28,6 +29,7 @@ from .trainer import DistillTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "NonFiniteError",
     "ATTENTION_LOSSES",
     "ATTN_IMPLEMENTATION",
     "AttentionLayer",

@@ -108,6 +108,8 @@ class TermLoggingMixin:
     terms."""
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and getattr(self, "nonfinite", None) is not None:
+            self.nonfinite.check()  # the host synchronises here anyway (the logged loss is read)
         if "loss" in logs:  # a training log: add the terms averaged over its window, and the scheduled values
             logs.update(self.accounting.pop_means("train", self.args.device))
             logs.update(self._scheduled_in_window)  # the values the logged window was trained with

@@ -66,12 +66,21 @@ def position_limits(*models) -> dict[str, tuple[int, str]]:
     return limits
 
 
-def check_lengths(inputs: Mapping[str, Any], limits: dict[str, tuple[int, str]]) -> None:
-    """Raise ``ValueError`` naming the fix when a batch is longer than :func:`position_limits` allows."""
+def check_lengths(
+    inputs: Mapping[str, Any], limits: dict[str, tuple[int, str]], flags: Mapping[str, str] | None = None
+) -> None:
+    """Raise ``ValueError`` naming the fix when an input is longer than :func:`position_limits` allows. ``inputs``
+    maps input names (``input_ids``, ``decoder_input_ids``) to a batch tensor, or to the length a command-line flag
+    asks for, with ``flags`` naming that flag (``{"input_ids": "--max_seq_length"}``)."""
     for key, (positions, model) in limits.items():
         value = inputs.get(key)
         if torch.is_tensor(value) and value.dim() >= 2 and value.shape[-1] > positions:
             raise ValueError(
                 f"A batch has {key} of {value.shape[-1]} tokens, but {model} has only {positions} positions: "
                 f"truncate the inputs to at most {positions} tokens (tokenizer max_length / --max_seq_length)."
+            )
+        if isinstance(value, int) and value > positions:
+            flag = (flags or {}).get(key, key)
+            raise ValueError(
+                f"{flag}={value} but {model} has only {positions} positions: lower {flag} to at most {positions}."
             )

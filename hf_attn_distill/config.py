@@ -296,6 +296,13 @@ class DistillConfig(TrainingArguments):
             Keyword arguments for `from_pretrained` when `teacher_model` is given as a Hub id or folder (a dict, or
             a JSON string on the command line), e.g. `{"dtype": "bfloat16", "revision": "main"}`.
             `trust_remote_code` stays off unless given here.
+        nonfinite_check (`bool`, *optional*, defaults to `True`):
+            Stop training with `NonFiniteError` at the step where the teacher's outputs (logits, hidden states) or
+            a term of the loss are NaN or inf, naming the source, the teacher's dtype and what to try; nothing of
+            that step is applied. Checked at every step on CPU; on an accelerator the flags stay on the device and
+            are read at each training log and at the end of training (no synchronisation per step). `False` keeps
+            transformers' behaviour: training goes on (the weights take the non-finite update) and the logged
+            `loss` of such a window shows `nan` (`logging_nan_inf_filter` is switched off), never 0.
         eval_with_teacher (`bool`, *optional*, defaults to `True`):
             Run the teacher during evaluation and report `eval_loss_kd` / `eval_loss_attn_*` next to `eval_loss`
             (the weighted distillation loss). `False`: evaluation runs the student alone, at the cost of a plain
@@ -413,6 +420,13 @@ class DistillConfig(TrainingArguments):
         metadata={
             "help": "from_pretrained kwargs for a teacher given as a Hub id or folder (dict or JSON string), e.g. "
             '\'{"dtype": "bfloat16"}\'. trust_remote_code stays off unless given.'
+        },
+    )
+    nonfinite_check: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training at the step where the teacher's outputs or a loss term are NaN or inf, naming "
+            "the source; False keeps transformers' behaviour (training goes on) and logs such steps' loss as nan."
         },
     )
     eval_with_teacher: bool = field(

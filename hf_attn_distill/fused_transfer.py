@@ -27,6 +27,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .attention_masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
+from .losses import lift_neg_inf_
 
 __all__ = ["SoftmaxWithTransferLoss", "TransferTarget", "softmax_with_transfer_loss"]
 
@@ -93,8 +94,9 @@ class SoftmaxWithTransferLoss(torch.autograd.Function):
             t = teacher[bs, hs]
             if loss == "kl":
                 p_t = _invalid_to_zero_(t.exp(), valid, bs)
-                # 0 * log(0) = 0 where the teacher gives a key no mass
-                total += p_t.mul_(t - log_s[bs, hs]).nan_to_num_(nan=0.0).sum()
+                # 0 * log(0) = 0 where the teacher gives a key no mass (-inf lifted to the lowest float: exact for
+                # every finite value), while a NaN or inf of the student stays in the loss, never hidden
+                total += p_t.mul_(lift_neg_inf_(t - log_s[bs, hs])).sum()
             else:
                 diff = scores[bs, hs] - t if loss == "mse_scores" else log_s[bs, hs].exp() - t.exp()
                 diff = _invalid_to_zero_(diff, valid, bs).reshape(-1)

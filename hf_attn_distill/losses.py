@@ -26,10 +26,18 @@ __all__ = [
     "group_teacher_heads",
     "hidden_cosine_loss",
     "hidden_mse_loss",
+    "lift_neg_inf_",
     "logit_kd_loss",
     "relation_kl_loss",
     "self_relation_log_probs",
 ]
+
+
+def lift_neg_inf_(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with -inf raised, in place, to the lowest finite value of their dtype, so that a ``0 * log 0``
+    term of a KL (a key the teacher gives no mass) is 0 while a NaN or +inf stays in the loss (``nan_to_num``
+    would hide a student's NaN). Every finite value is unchanged."""
+    return values.clamp_min_(torch.finfo(values.dtype).min)
 
 
 def _valid_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

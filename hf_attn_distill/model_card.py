@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
@@ -33,7 +30,6 @@ __all__ = [
     "distillation_method",
     "distillation_settings",
     "hub_model_id",
-    "measure_forward_latency_ms",
     "public_model_name",
     "summary_table",
     "task_of",
@@ -69,6 +65,14 @@ TASKS = {
             'extractor = pipeline("feature-extraction", model="{model}")\n'
             'features = extractor("a gripping, beautifully shot film")  # [1, tokens, hidden]\n'
             "# a general-purpose student: fine-tune it, e.g. with the classification recipe"
+        ),
+    ),
+    "text-generation": (
+        "Text Generation",
+        "AutoModelForCausalLM",
+        (
+            'generator = pipeline("text-generation", model="{model}")\n'
+            'print(generator("The quick brown fox", max_new_tokens=20)[0]["generated_text"])'
         ),
     ),
     "translation": (
@@ -125,29 +129,6 @@ def hub_model_id(name_or_path: str | None) -> str | None:
 def public_model_name(name_or_path: str) -> str:
     """What a published card may say about a model: its Hub id, or only the folder name of a local path."""
     return hub_model_id(name_or_path) or Path(str(name_or_path).rstrip("/")).name
-
-
-@torch.inference_mode()
-def measure_forward_latency_ms(model: nn.Module, inputs: dict, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``model(**inputs)`` in milliseconds (the model is put in eval mode for the measurement)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    times = []
-    try:
-        for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(**inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    return statistics.median(times) * 1e3
 
 
 @dataclass
@@ -318,6 +299,8 @@ def task_of(model: nn.Module) -> str:
         return "question-answering"
     if getattr(model.config, "is_encoder_decoder", False):
         return "translation"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "text-generation"
     if getattr(model, "base_model", None) is model:  # no task head: a general-purpose (task-agnostic) student
         return "feature-extraction"
     raise ValueError(f"No model card task for {name}; pass task= one of {list(TASKS)}.")
@@ -417,7 +400,10 @@ def trainer_card_info(trainer, **fields) -> CardInfo:
         "metrics": metrics,
         "settings": distillation_settings(args),
     }
-    return CardInfo(**{**defaults, **fields})
+    info = CardInfo(**{**defaults, **fields})
+    if getattr(trainer, "vocab_rows_note", None):  # a padded vocabulary: which rows logit KD compared
+        info.settings = {**info.settings, "logit_kd_vocab_rows": trainer.vocab_rows_note}
+    return info
 
 
 def write_trainer_card(trainer, given: dict, card_fields: dict, generic_card) -> CardInfo | None:

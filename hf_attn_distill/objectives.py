@@ -92,8 +92,10 @@ class LogitKD(Objective):
 
     name, weight_field = "loss_kd", "alpha_kd"
 
-    def __init__(self, label_order: list[int] | None):
+    def __init__(self, label_order: list[int] | None, vocab_rows: int | None = None):
         self.label_order = label_order
+        # token-level logits of padded vocabularies of different sizes: the first vocab_rows rows are compared
+        self.vocab_rows = vocab_rows
 
     @classmethod
     def build(cls, student, teacher, args, capture: Capture) -> list[Objective]:
@@ -124,6 +126,9 @@ class LogitKD(Objective):
                     mask = labels.ne(-100)
                 elif torch.is_tensor(attn) and attn.shape == student_logits.shape[:2]:
                     mask = attn.bool()
+                if self.vocab_rows is not None and student_logits.shape[-1] != teacher_logits.shape[-1]:
+                    student_logits = student_logits[..., : self.vocab_rows]
+                    teacher_logits = teacher_logits[..., : self.vocab_rows]
                 terms.append(token_kd_loss(student_logits, teacher_logits, temperature, mask))
                 continue
             if self.label_order is not None:  # same label names, other order

@@ -10,7 +10,15 @@ from transformers import AutoConfig, PreTrainedModel
 from .attention_transfer import check_attention_sites
 from .config import DistillConfig
 
-__all__ = ["check_distillation_pair", "load_teacher", "resolve_teacher", "teacher_label_order"]
+__all__ = [
+    "check_distillation_pair",
+    "check_same_tokenizer",
+    "load_teacher",
+    "load_teacher_tokenizer",
+    "resolve_teacher",
+    "shared_vocab_rows",
+    "teacher_label_order",
+]
 
 
 def load_teacher(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedModel:
@@ -87,21 +95,70 @@ def _config_value(config, name: str):
     return value
 
 
-def check_distillation_pair(student: PreTrainedModel, teacher: PreTrainedModel, args) -> None:
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
+    """Refuse two tokenizers that give the same ids to different tokens (naming the first ids that differ): logit
+    KD would match unrelated tokens, and attention transfer unrelated positions. Identical vocabularies pass."""
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab == student_vocab:
+        return
+    by_id = [{i: token for token, i in vocab.items()} for vocab in (teacher_vocab, student_vocab)]
+    differ = sorted(i for i in set(by_id[0]) | set(by_id[1]) if by_id[0].get(i) != by_id[1].get(i))
+    shown = "; ".join(f"id {i}: teacher {by_id[0].get(i)!r}, student {by_id[1].get(i)!r}" for i in differ[:3])
+    raise ValueError(
+        f"The student's tokenizer ({len(student_vocab)} tokens) and the teacher's ({len(teacher_vocab)}) give "
+        f"{len(differ)} ids different tokens (first: {shown}): logit KD would match unrelated tokens. Use a student "
+        "trained with the teacher's tokenizer, or build one from the teacher (student_from_teacher_layers / "
+        "student_from_config); distilling across tokenizers needs a token alignment, which this trainer does not do."
+    )
+
+
+def load_teacher_tokenizer(name_or_path: str, init_kwargs: dict | None = None):
+    """The tokenizer saved with a teacher given as a folder or Hub id, or ``None`` when it has none."""
+    from transformers import AutoTokenizer
+
+    kwargs = {k: v for k, v in (init_kwargs or {}).items() if k in ("revision", "token", "trust_remote_code")}
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def shared_vocab_rows(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer=None) -> int | None:
+    """How many vocabulary rows token-level KD compares: ``None`` (all) when both embeddings have the same size;
+    ``len(tokenizer)`` when they differ but ``tokenizer`` (shared by both models) fits both, as when one family
+    pads its embedding matrices differently (Qwen2.5: 152,064 rows for 7B, 151,936 for 0.5B): the rows past the
+    tokenizer are padding that no token id reaches, so KD over the first ``len(tokenizer)`` rows is exact.
+    Raises ``ValueError`` naming the fix otherwise."""
+    s_vocab = _config_value(student.config, "vocab_size")
+    t_vocab = _config_value(teacher.config, "vocab_size")
+    if s_vocab == t_vocab:
+        return None
+    rows = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    if rows is not None and rows <= min(s_vocab, t_vocab):
+        return rows
+    reason = (
+        f"the tokenizer given ({rows} tokens) does not fit the smaller one, so it is not the tokenizer of both"
+        if rows is not None
+        else "no tokenizer was given to tell whether the extra rows are padding (pass the one both models share "
+        "as processing_class: KD then runs over its rows)"
+    )
+    raise ValueError(
+        f"Student vocab_size {s_vocab} != teacher vocab_size {t_vocab}, and {reason}. Both models must read the same "
+        "token ids: build the student from the teacher (student_from_config / student_from_teacher_layers) or use a "
+        "student trained with the teacher's tokenizer."
+    )
+
+
+def check_distillation_pair(student: PreTrainedModel, teacher: PreTrainedModel, args, tokenizer=None) -> int | None:
     """Check that ``student`` can learn from ``teacher`` under ``args`` (a :class:`~hf_attn_distill.DistillConfig`),
-    reading configs and module structure only: neither model is changed or run.
+    reading configs and module structure only: neither model is changed or run. Returns the vocabulary rows that
+    token-level KD compares (:func:`shared_vocab_rows` with ``tokenizer``, the one both models read; ``None``: all).
 
     Raises ``ValueError`` naming the fix for vocab or label-count mismatches, different label names or decoder
     start tokens, layer maps out of range or for a site the models lack, and head counts that cannot be grouped.
     """
     s_cfg, t_cfg = student.config, teacher.config
-    s_vocab, t_vocab = _config_value(s_cfg, "vocab_size"), _config_value(t_cfg, "vocab_size")
-    if s_vocab != t_vocab:
-        raise ValueError(
-            f"Student vocab_size {s_vocab} != teacher vocab_size {t_vocab}: both models must "
-            "read the same token ids. Build the student from the teacher (student_from_config / "
-            "student_from_teacher_layers) or use a student trained with the teacher's tokenizer."
-        )
+    vocab_rows = shared_vocab_rows(student, teacher, tokenizer)
     if args.alpha_kd > 0 and getattr(s_cfg, "num_labels", None) != getattr(t_cfg, "num_labels", None):
         raise ValueError(
             f"Student has num_labels={s_cfg.num_labels}, teacher num_labels={t_cfg.num_labels}: logit KD needs the "
@@ -121,3 +178,4 @@ def check_distillation_pair(student: PreTrainedModel, teacher: PreTrainedModel, 
             "from_pretrained(..., device_map=None), before passing it as teacher_model."
         )
     check_attention_sites(student, teacher, args)
+    return vocab_rows

@@ -29,7 +29,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .attention_masks import attention_loss_count
-from .losses import group_teacher_heads
+from .losses import group_teacher_heads, lift_neg_inf_
 
 __all__ = [
     "ROW_BLOCK_ELEMENTS",
@@ -299,7 +299,9 @@ class StreamedTransfer(torch.autograd.Function):
             t = teacher.block(rows, quantity, heads)
             term = _transfer_term(loss, scores, probs, t, valid.rows(rows, num_q, num_k, query.device))
             if loss == "kl":
-                total += (t - log_probs).mul_(term).nan_to_num_(nan=0.0).sum()
+                # 0 * log(0) = 0 where the teacher gives a key no mass (-inf lifted to the lowest float: exact for
+                # every finite value), while a NaN or inf of the student stays in the loss, never hidden
+                total += lift_neg_inf_(t - log_probs).mul_(term).sum()
             else:
                 total += torch.dot(term.reshape(-1), term.reshape(-1))
             keep = dropout.keep(probs.shape, index)

@@ -22,9 +22,10 @@ from .distributed import prepare_teacher
 from .eval_order import InOrderEvaluationMixin
 from .hardware import emulated_bf16_warning
 from .model_card import ModelCardMixin
+from .nonfinite import NonFiniteWatch
 from .objective import KD_MASK_COLUMN, Step
-from .objectives import LABEL_KEYS, OBJECTIVES, build_objectives
-from .pairing import check_distillation_pair, resolve_teacher
+from .objectives import LABEL_KEYS, OBJECTIVES, LogitKD, build_objectives
+from .pairing import check_distillation_pair, check_same_tokenizer, load_teacher_tokenizer, resolve_teacher
 from .schedules import scheduled_value
 from .teacher_cache import CACHE_INDEX_COLUMN, prepare_logits_cache
 
@@ -73,19 +74,44 @@ class DistillTrainer(
     ):
         if args is None:
             args = DistillConfig(output_dir="tmp_trainer")
+        tokenizer = kwargs.get("processing_class")
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+        if isinstance(teacher_model, str) and tokenizer is not None and hasattr(tokenizer, "get_vocab"):
+            # a teacher given by name has its own tokenizer: the student's must give every id the same token
+            teacher_tokenizer = load_teacher_tokenizer(teacher_model, args.teacher_model_init_kwargs)
+            if teacher_tokenizer is not None:
+                check_same_tokenizer(teacher_tokenizer, tokenizer)
         teacher_model = resolve_teacher(model, teacher_model, args)
-        check_distillation_pair(model, teacher_model, args)
+        vocab_rows = check_distillation_pair(model, teacher_model, args, tokenizer)
         if args.teacher_dtype != "auto":
             teacher_model = teacher_model.to(getattr(torch, args.teacher_dtype))
         self.capture = Capture()
         self.capture.freeze(teacher_model)
         # before super(): the optimizer and DDP must see what objectives attach to the student
         self.objectives = build_objectives(model, teacher_model, args, self.capture, self.objective_classes)
+        self.vocab_rows_note = None  # what the card says about a padded vocabulary, when KD compares part of it
+        if vocab_rows is not None:
+            for objective in self.objectives:
+                if isinstance(objective, LogitKD):
+                    objective.vocab_rows = vocab_rows
+            sizes = [
+                getattr(getattr(m.config, "decoder", m.config), "vocab_size", None) for m in (teacher_model, model)
+            ]
+            self.vocab_rows_note = (
+                f"rows 0-{vocab_rows - 1} (the tokenizer's {vocab_rows} tokens) of the teacher's {sizes[0]} and the "
+                f"student's {sizes[1]}; the rest is embedding padding no token id reaches"
+            )
+            logger.warning("Token-level KD compares vocabulary %s.", self.vocab_rows_note)
         if any(getattr(o, "outside_forward", False) for o in self.objectives):
             # A module used outside the student's forward (the hidden-state projection): DDP must not look for
             # unused parameters (it would mark it unused, then fail when its gradient arrives).
             args = copy.copy(args)  # the caller's arguments stay as given
             args.ddp_find_unused_parameters = False
+        if not args.nonfinite_check and args.logging_nan_inf_filter:
+            # transformers' behaviour, except that a non-finite step shows as nan in the logged loss, never as 0
+            args = copy.copy(args)
+            args.logging_nan_inf_filter = False
+        self.nonfinite = NonFiniteWatch(next(teacher_model.parameters()).dtype) if args.nonfinite_check else None
         forward_params = inspect.signature(teacher_model.forward).parameters
         self.teacher_input_names = {
             n for n, p in forward_params.items() if p.kind is not p.VAR_KEYWORD and n not in LABEL_KEYS
@@ -163,6 +189,8 @@ class DistillTrainer(
             raise
         if not (model.training and torch.is_grad_enabled()):
             self._stop()  # else training_step stops after backward: checkpointing re-runs mapped layers there
+        if model.training and self.nonfinite is not None:
+            self.nonfinite.update(self.state.global_step + 1, step.teacher_outputs, terms)
         items = self.accounting.items(inputs)
         scales = self.accounting.scales(model.training, items)
         if model.training:
@@ -234,8 +262,13 @@ class DistillTrainer(
         attached to the models is taken off."""
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         self.capture.attach()
+        if self.nonfinite is not None:
+            self.nonfinite.reset()
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            if self.nonfinite is not None:
+                self.nonfinite.check()  # flags kept on an accelerator since the last log
+            return output
         finally:
             self.accounting.end_window()  # the last window's counts must not scale later calls
             self.accounting.reset("train")  # terms after the last log must not leak into a later run

@@ -23,13 +23,13 @@ from hf_attn_distill.model_card import (
     describe_layers,
     distillation_settings,
     hub_model_id,
-    measure_forward_latency_ms,
     public_model_name,
     summary_table,
     task_of,
     write_model_card,
 )
-from hf_attn_distill.profiling import machine_info
+from hf_attn_distill.pairing import check_same_tokenizer
+from hf_attn_distill.profiling import machine_info, measure_forward_latency_ms
 from hf_attn_distill.trainer import DistillTrainer
 
 logger = logging.getLogger(__name__)
@@ -193,12 +193,12 @@ def check_tokenizers(model_args: ModelArguments, tokenizer) -> None:
         student_tokenizer = AutoTokenizer.from_pretrained(model_args.student_model_name_or_path)
     except (OSError, ValueError):
         return  # student folder without tokenizer files: it reads the teacher's
-    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+    try:
+        check_same_tokenizer(tokenizer, student_tokenizer)
+    except ValueError as err:
         raise ValueError(
-            "Student and teacher tokenizers have different vocabularies, so the same token ids mean different "
-            "words. Use a student trained with the teacher's tokenizer, or build one with --student_teacher_layers "
-            "or --student_config_overrides."
-        )
+            f"{err} With the recipes: --student_teacher_layers or --student_config_overrides build one."
+        ) from None
 
 
 def push_folder_to_hub(training_args) -> None:
@@ -439,18 +439,6 @@ def finish(trainer, tokenizer, training_args, write_card) -> None:
         write_card()
         if training_args.push_to_hub:
             push_folder_to_hub(training_args)
-
-
-def check_lengths(model, lengths: dict[str, int]) -> None:
-    """Refuse sequence lengths (``{flag: value}``) beyond the model's position embeddings."""
-    config = getattr(model.config, "encoder", model.config)
-    positions = getattr(config, "max_position_embeddings", None)
-    for flag, value in lengths.items():
-        if isinstance(positions, int) and value > positions:
-            raise ValueError(
-                f"{flag}={value} but {type(model).__name__} has only {positions} positions: lower {flag} to at most "
-                f"{positions}."
-            )
 
 
 def check_not_empty(datasets_by_split: dict) -> None:

@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from hf_attn_distill import DistillConfig, DistillTrainer, InOrderTrainer
+from hf_attn_distill.batches import check_lengths, position_limits
 from hf_attn_distill.metrics import compute_classification_metrics
 
 from . import common
@@ -184,7 +185,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     if names:
         label_kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     teacher = AutoModelForSequenceClassification.from_pretrained(model_args.teacher_model_name_or_path, **label_kwargs)
-    common.check_lengths(teacher, {"--max_seq_length": data_args.max_seq_length})
+    check_lengths({"input_ids": data_args.max_seq_length}, position_limits(teacher), {"input_ids": "--max_seq_length"})
     for split, ds in tokenized.items():
         if "labels" in ds.column_names and len(ds):
             high, low = max(ds["labels"]), min(ds["labels"])

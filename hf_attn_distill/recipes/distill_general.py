@@ -29,6 +29,7 @@ import transformers
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, set_seed
 
 from hf_attn_distill import DistillConfig, DistillTrainer
+from hf_attn_distill.batches import check_lengths, position_limits
 
 from . import common
 from .common import ModelArguments, build_student, check_tokenizers
@@ -195,7 +196,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         if limit is not None and split in tokenized:
             tokenized[split] = tokenized[split].select(range(min(limit, len(tokenized[split]))))
     teacher = AutoModel.from_pretrained(model_args.teacher_model_name_or_path)
-    common.check_lengths(teacher, {"--max_seq_length": data_args.max_seq_length})
+    check_lengths({"input_ids": data_args.max_seq_length}, position_limits(teacher), {"input_ids": "--max_seq_length"})
     model = build_student(model_args, teacher, AutoModel)
     common_kwargs = dict(
         model=model,

@@ -31,6 +31,7 @@ import transformers
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, default_data_collator, set_seed
 
 from hf_attn_distill import DistillConfig, DistillTrainer, InOrderTrainer
+from hf_attn_distill.batches import check_lengths, position_limits
 from hf_attn_distill.qa import (
     QACollator,
     QAMetrics,
@@ -213,7 +214,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         test_examples, test_features = scored_split("test", data_args.max_predict_samples)
 
     teacher = AutoModelForQuestionAnswering.from_pretrained(model_args.teacher_model_name_or_path)
-    common.check_lengths(teacher, {"--max_seq_length": data_args.max_seq_length})
+    check_lengths({"input_ids": data_args.max_seq_length}, position_limits(teacher), {"input_ids": "--max_seq_length"})
     distill = model_args.training_mode == "distill"
     model = build_student(model_args, teacher, AutoModelForQuestionAnswering) if model_args.has_student else teacher
     compute_metrics = None

@@ -45,6 +45,7 @@ from hf_attn_distill import (
     student_from_config,
     student_from_teacher_layers,
 )
+from hf_attn_distill.batches import check_lengths, position_limits
 from hf_attn_distill.metrics import TranslationMetrics
 from hf_attn_distill.model_card import distillation_method
 from hf_attn_distill.sequence_kd import sequence_kd_dataset
@@ -233,9 +234,10 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     teacher = load_teacher(model_args, tokenizer)
     distill = model_args.training_mode == "distill"
     model = build_student(model_args, teacher) if model_args.has_student else teacher
-    common.check_lengths(
-        teacher,
-        {"--max_source_length": data_args.max_source_length, "--max_target_length": data_args.max_target_length},
+    check_lengths(
+        {"input_ids": data_args.max_source_length, "decoder_input_ids": data_args.max_target_length},
+        position_limits(teacher),
+        {"input_ids": "--max_source_length", "decoder_input_ids": "--max_target_length"},
     )
     tokenized = tokenize(raw, tokenizer, data_args, model.config.decoder_start_token_id)
     limits = {

