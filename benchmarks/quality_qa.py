@@ -416,6 +416,40 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityQAArgumen
     }
 
 
+LABELS = {
+    "finetune": "`finetune` (no teacher)",
+    "kd": "`kd` (start/end logit KD)",
+    "kd_attn": "`kd_attn` (+ MiniLM attention KL)",
+    "kd_attn_hidden": "`kd_attn_hidden` (+ attention-score MSE + hidden-state MSE)",
+}
+
+
+def readme(result: dict) -> str:
+    """The README's QA section of ``result``: teacher and budget in one line, the table, the runs done so far."""
+    settings = result["settings"]
+    curve = ", ".join(f"{step:,}: {value:.2f}" for step, value in result["teacher_curve"])
+    runs = sum(len(s["seeds"]) for s in result["students"].values())
+    planned = len(settings["variants"]) * len(settings["seeds"])
+    scored = f"the first {settings['test_examples']:,}" if settings.get("test_examples") else "all 10,570"
+    lines = [
+        "### SQuAD v1.1: 3-layer QA student of the shipped MiniLM QA teacher",
+        "",
+        f"Teacher: all-MiniLM-L6-v2 with a QA head, {result['teacher_steps']:,} steps x {settings['batch_size']} "
+        f"windows on the first {result['train_examples']:,} training questions ({settings['max_seq_length']} tokens, "
+        f"stride {settings['doc_stride']}); F1 on {result['eval_examples']:,} dev questions by step {curve} "
+        f"({result['teacher_curve_note']}). Students: {result['student_steps']} steps x {settings['batch_size']} "
+        f"windows from teacher layers {settings['student_layers']} (QA head included), the same data and seeds for "
+        f"every row; F1 (EM in benchmarks/README.md) on {scored} dev questions, teacher included: F1 "
+        f"{result['teacher']:.2f}, EM {result['teacher_em']:.2f}.",
+        "",
+        readme_table(result, labels=LABELS).rstrip("\n"),
+        "",
+        f"Runs so far: {runs} of {planned} ({len(settings['variants'])} rows x seeds "
+        f"{', '.join(str(seed) for seed in settings['seeds'])}); machine: {result['machine']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Teacher: F1 {result['teacher']:.2f}, EM {result['teacher_em']:.2f}  ",

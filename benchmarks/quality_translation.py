@@ -515,6 +515,41 @@ def attention_weight_line(result: dict) -> str:
     )
 
 
+LABELS = {
+    "finetune": "`finetune` (no teacher)",
+    "kd": "`kd` (word-level KD)",
+    "seq_kd": "`seq_kd` (+ the teacher's translations as targets)",
+    "kd_attn": "`kd_attn` (+ attention KL at every site)",
+    "kd_attn_self": "`kd_attn_self` (+ encoder and decoder self-attention only)",
+    "seq_kd_attn": "`seq_kd_attn` (`seq_kd` + attention at every site)",
+    "kd_attn_cross_last": "`kd_attn_cross_last` (cross-attention at the last layer only)",
+    "kd_attn_cross_decay": "`kd_attn_cross_decay` (cross-attention weight decaying to 0)",
+}
+
+
+def readme(result: dict) -> str:
+    """The README's translation section of ``result``: teacher and budget in one line, the table, the runs so far."""
+    settings = result["settings"]
+    curve = ", ".join(f"{step:,}: {value:.2f}" for step, value in result["teacher_curve"])
+    runs = sum(len(s["seeds"]) for s in result["students"].values())
+    lines = [
+        "### Multi30k de→en: 3+3-layer student of the shipped MiniLM encoder-decoder",
+        "",
+        f"Teacher: `EncoderDecoderModel` of two all-MiniLM-L6-v2, {result['teacher_curve'][-1][0]:,} steps x 32 pairs "
+        f"on the {settings['teacher_train_examples']:,} training pairs; val BLEU by step {curve} "
+        f"({result['teacher_curve_note']}). Students: encoder layers {settings['encoder_layers']} and decoder "
+        f"layers {settings['decoder_layers']} of the teacher, {settings['student_steps']} steps x "
+        f"{settings['batch_size']} pairs, the same data and seeds for every row; {attention_weight_line(result)}. "
+        f"Lower-cased BLEU of greedy translations of all {settings['test_examples']:,} `test_2016_flickr` pairs "
+        f"(teacher: {result['teacher']:.2f} BLEU, {result['teacher_chrf']:.2f} chrF).",
+        "",
+        readme_table(result, labels=LABELS).rstrip("\n"),
+        "",
+        f"Runs so far: {runs} ({len(result['students'])} rows); machine: {result['machine']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Teacher: BLEU {result['teacher']:.2f}, chrF {result['teacher_chrf']:.2f} ({result['casing']})  ",
