@@ -20,9 +20,6 @@ where the last one stopped and the table is merged from every kept run; CUDA is 
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +29,14 @@ from transformers import HfArgumentParser
 from benchmarks.quality_runs import (
     RUN_SELECTION,
     check_variants,
+    curve_points,
     learning_curve_lines,
     machines,
     mean_std,
     portable_settings,
     readme_table,
     run_students,
+    runs_done,
     teacher_curve_line,
     term_curves,
 )
@@ -46,6 +45,7 @@ from benchmarks.teacher_training import (
     fingerprint,
     last_round_metrics,
     shipped_teacher,
+    teacher_test_scores,
     train_teacher,
 )
 from hf_attn_distill.hardware import bf16_pays
@@ -261,31 +261,8 @@ def teacher_settings(args: QualityQAArguments) -> dict:
 def shipped(args: QualityQAArguments) -> dict:
     """The teacher of ``--teacher_dir`` checked against this run's settings (a clear exit when they disagree), with
     its recorded curve: ``{cache_key, provenance, teacher_curve, teacher_converged, teacher_curve_note}``."""
-    return shipped_teacher(
-        Path(args.teacher_dir),
-        lambda provenance, settings: teacher_key(args, provenance, settings),
-        {k: getattr(args, k) for k in STUDENT_FACING},
-        {k: getattr(QualityQAArguments, k) for k in STUDENT_FACING},
-        args.converged_gain,
-    )
-
-
-def teacher_key(args: QualityQAArguments, provenance: dict, settings: dict) -> str:
-    """The cache key of the teacher a shipped teacher's ``provenance`` describes, with ``settings`` (the
-    :data:`STUDENT_FACING` ones) and this run's data; its curve was measured on the default ``eval_examples``."""
-    training = provenance["training"]
-    recorded = dataclasses.replace(
-        args,
-        teacher_learning_rate=training["learning_rate"],
-        batch_size=training["per_device_train_batch_size"],
-        teacher_warmup_steps=int(training["warmup_steps"]),
-        bf16=training["bf16_autocast"],
-        group_by_length=training.get("train_sampling_strategy") == "group_by_length",
-        teacher_first_steps=provenance["rounds"][0][0],
-        eval_examples=QualityQAArguments.eval_examples,
-        **settings,
-    )
-    return "teacher-" + fingerprint(teacher_settings(recorded), [Path(args.data_dir) / "train.json"])
+    files = [Path(args.data_dir) / "train.json"]
+    return shipped_teacher(args, teacher_settings, files, STUDENT_FACING, "eval_examples")
 
 
 def given_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
@@ -300,28 +277,10 @@ def teacher_scores(args: QualityQAArguments, folder: Path, name: str) -> dict:
     """``{f1, exact_match}`` of the teacher in ``folder`` (called ``name``) on the final dev questions, computed once
     and kept in ``runs_dir`` (a rerun, or a later sitting, reads them back)."""
     scored = {"teacher": name, "test_examples": args.test_examples, "bf16": args.bf16}
-    record = Path(args.runs_dir) / "teacher_test.json"
-    kept = json.loads(record.read_text()) if record.exists() else {}
-    if kept.get("key") != scored:
-        output_dir = Path(args.work_dir) / "teacher_test"
-        metrics = run_recipe(
-            [
-                "--training_mode",
-                "finetune",
-                "--teacher_model_name_or_path",
-                str(folder),
-                "--output_dir",
-                str(output_dir),
-                "--do_predict",
-                *data_args(args),
-                *run_args(args),
-            ]
-        )
-        shutil.rmtree(output_dir, ignore_errors=True)
-        kept = {"key": scored, "f1": metrics["test_f1"], "exact_match": metrics["test_exact_match"]}
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(kept, indent=2))
-    return {"f1": kept["f1"], "exact_match": kept["exact_match"]}
+
+    return teacher_test_scores(
+        run_recipe, folder, [*data_args(args), *run_args(args)], args, scored, ("f1", "exact_match")
+    )
 
 
 def trained_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
@@ -427,8 +386,7 @@ LABELS = {
 def readme(result: dict) -> str:
     """The README's QA section of ``result``: teacher and budget in one line, the table, the runs done so far."""
     settings = result["settings"]
-    curve = ", ".join(f"{step:,}: {value:.2f}" for step, value in result["teacher_curve"])
-    runs = sum(len(s["seeds"]) for s in result["students"].values())
+    curve, runs = curve_points(result["teacher_curve"]), runs_done(result)
     planned = len(settings["variants"]) * len(settings["seeds"])
     scored = f"the first {settings['test_examples']:,}" if settings.get("test_examples") else "all 10,570"
     lines = [

@@ -20,6 +20,8 @@ __all__ = [
     "RUN_SELECTION",
     "best_run",
     "check_variants",
+    "curve_points",
+    "runs_done",
     "learning_curve_lines",
     "machines",
     "mean_std",
@@ -323,6 +325,16 @@ def machines(runs: dict[str, list[dict]]) -> str:
     is recorded yet."""
     found = sorted({r["machine"] for items in runs.values() for r in items if r.get("machine")})
     return "; ".join(found) if found else machine_info()
+
+
+def curve_points(curve: list) -> str:
+    """``[[step, value], ...]`` as ``"500: 63.37, 1,000: 68.38"``."""
+    return ", ".join(f"{step:,}: {value:.2f}" for step, value in curve)
+
+
+def runs_done(result: dict) -> int:
+    """How many (variant, seed) runs a quality result holds."""
+    return sum(len(s["seeds"]) for s in result["students"].values())
 
 
 def teacher_curve_line(result: dict) -> str:

@@ -29,7 +29,6 @@ BLEU and chrF (sacrebleu, lower-cased: the MiniLM vocabulary is uncased) of gree
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from transformers import HfArgumentParser
 from benchmarks.quality_runs import (
     RUN_SELECTION,
     check_variants,
+    curve_points,
     learning_curve_lines,
     machines,
     mean_std,
@@ -50,6 +50,7 @@ from benchmarks.quality_runs import (
     read_runs,
     readme_table,
     run_students,
+    runs_done,
     teacher_curve_line,
     term_curves,
     write_results,
@@ -59,6 +60,7 @@ from benchmarks.teacher_training import (
     fingerprint,
     last_round_metrics,
     shipped_teacher,
+    teacher_test_scores,
     train_teacher,
 )
 from hf_attn_distill.hardware import bf16_pays
@@ -331,59 +333,18 @@ def teacher_settings(args: QualityTranslationArguments) -> dict:
 def shipped(args: QualityTranslationArguments) -> dict:
     """The teacher of ``--teacher_dir`` checked against this run's settings (a clear exit when they disagree), with
     its recorded curve: ``{cache_key, provenance, teacher_curve, teacher_converged, teacher_curve_note}``."""
-    return shipped_teacher(
-        Path(args.teacher_dir),
-        lambda provenance, settings: teacher_key(args, provenance, settings),
-        {k: getattr(args, k) for k in STUDENT_FACING},
-        {k: getattr(QualityTranslationArguments, k) for k in STUDENT_FACING},
-        args.converged_gain,
-    )
-
-
-def teacher_key(args: QualityTranslationArguments, provenance: dict, settings: dict) -> str:
-    """The cache key of the teacher a shipped teacher's ``provenance`` describes, with ``settings`` (the
-    :data:`STUDENT_FACING` ones) and this run's data; its curve was measured on the default ``val_examples``."""
-    training = provenance["training"]
-    recorded = dataclasses.replace(
-        args,
-        teacher_learning_rate=training["learning_rate"],
-        batch_size=training["per_device_train_batch_size"],
-        teacher_warmup_steps=int(training["warmup_steps"]),
-        bf16=training["bf16_autocast"],
-        group_by_length=training.get("train_sampling_strategy") == "group_by_length",
-        teacher_first_steps=provenance["rounds"][0][0],
-        val_examples=QualityTranslationArguments.val_examples,
-        **settings,
-    )
     files = [Path(args.data_dir) / f"train.{lang}" for lang in ("de", "en")]
-    return "teacher-" + fingerprint(teacher_settings(recorded), files)
+    return shipped_teacher(args, teacher_settings, files, STUDENT_FACING, "val_examples")
 
 
 def teacher_scores(args: QualityTranslationArguments, folder: Path, name: str) -> dict:
     """``{bleu, chrf}`` of the teacher in ``folder`` (called ``name``) on the test pairs, greedy as the students,
     computed once and kept in ``runs_dir`` (a rerun, or a later sitting, reads them back)."""
     scored = {"teacher": name, "test_examples": args.test_examples, "max_length": args.max_length, "bf16": args.bf16}
-    record = Path(args.runs_dir) / "teacher_test.json"
-    kept = json.loads(record.read_text()) if record.exists() else {}
-    if kept.get("key") != scored:
-        output_dir = Path(args.work_dir) / "teacher_test"
-        metrics = run_recipe(
-            [
-                "--training_mode",
-                "finetune",
-                "--teacher_model_name_or_path",
-                str(folder),
-                "--output_dir",
-                str(output_dir),
-                "--do_predict",
-                *data_args(args, args.teacher_train_examples),
-            ]
-        )
-        shutil.rmtree(output_dir, ignore_errors=True)
-        kept = {"key": scored, "bleu": metrics["test_bleu"], "chrf": metrics["test_chrf"]}
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(kept, indent=2))
-    return {"bleu": kept["bleu"], "chrf": kept["chrf"]}
+
+    return teacher_test_scores(
+        run_recipe, folder, data_args(args, args.teacher_train_examples), args, scored, ("bleu", "chrf")
+    )
 
 
 def trained_teacher(args: QualityTranslationArguments) -> tuple[Path, dict]:
@@ -530,8 +491,7 @@ LABELS = {
 def readme(result: dict) -> str:
     """The README's translation section of ``result``: teacher and budget in one line, the table, the runs so far."""
     settings = result["settings"]
-    curve = ", ".join(f"{step:,}: {value:.2f}" for step, value in result["teacher_curve"])
-    runs = sum(len(s["seeds"]) for s in result["students"].values())
+    curve, runs = curve_points(result["teacher_curve"]), runs_done(result)
     lines = [
         "### Multi30k de→en: 3+3-layer student of the shipped MiniLM encoder-decoder",
         "",

@@ -14,11 +14,13 @@ last complete one; finished rounds are kept in ``teacher_curve.json`` and not ru
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "CURVE_FILE",
@@ -27,8 +29,10 @@ __all__ = [
     "fingerprint",
     "last_checkpoint",
     "last_round_metrics",
+    "scored_once",
     "shipped_teacher",
     "teacher_summary",
+    "teacher_test_scores",
     "train_teacher",
 ]
 
@@ -197,22 +201,24 @@ SHIPPED_TEACHERS = Path(__file__).resolve().parent.parent.parent / "shared" / "t
 
 
 def shipped_teacher(
-    folder: str | Path,
-    key_with: Callable[[dict, dict], str],
-    asked: dict,
-    defaults: dict,
-    threshold: float,
+    args,
+    teacher_settings: Callable[[Any], dict],
+    files: list[Path],
+    student_facing: tuple[str, ...],
+    curve_eval_field: str,
 ) -> dict:
-    """A teacher trained elsewhere and shipped as a model folder with ``provenance.json`` (the benchmark's cache key
-    of its teacher settings and data) and ``teacher_curve.json`` (its dev curve), taken as it is.
+    """The teacher of ``args.teacher_dir``, trained elsewhere and shipped as a model folder with ``provenance.json``
+    (the benchmark's cache key of its teacher settings and data) and ``teacher_curve.json`` (its dev curve), taken
+    as it is.
 
-    ``key_with(training, settings)`` is the benchmark's teacher cache key (``teacher-<hash>``) with the teacher's
-    recorded training settings (``provenance["training"]``, ``provenance["rounds"]``) and the settings that matter
-    to the students (tokenizer lengths, stride, training examples) given by ``settings``. The teacher is refused
-    unless ``key_with(training, asked)`` is its recorded key: when ``defaults`` give that key, the error names the
-    settings that differ; otherwise the data it was trained on differs. Returns the teacher's ``cache_key``,
-    ``provenance`` and :func:`teacher_summary` of its curve (the budget being the steps it was trained for)."""
-    folder = Path(folder)
+    ``args`` is the benchmark's arguments dataclass; ``teacher_settings(args)`` its teacher cache settings, hashed
+    with ``files`` (:func:`fingerprint`). The recorded key is recomputed from the teacher's recorded training
+    (``provenance["training"]``, its first round, the default ``curve_eval_field``) and this run's
+    ``student_facing`` settings (what decides the students' inputs); the teacher is refused unless they give the
+    recorded key. When the benchmark's defaults of those settings give it, the error names each differing setting;
+    otherwise the data it was trained on differs. Returns ``cache_key``, ``provenance`` and :func:`teacher_summary`
+    of its curve (the budget being the steps it was trained for)."""
+    folder = Path(args.teacher_dir)
     for name in (PROVENANCE_FILE, CURVE_FILE, "config.json"):
         if not (folder / name).exists():
             raise SystemExit(
@@ -220,21 +226,75 @@ def shipped_teacher(
                 f"{PROVENANCE_FILE} and {CURVE_FILE}, as in ../shared/teachers). Pass --teacher_dir '' to train one."
             )
     provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    defaults = type(args)
+
+    def key_with(settings: dict) -> str:
+        training = provenance["training"]
+        recorded = dataclasses.replace(
+            args,
+            teacher_learning_rate=training["learning_rate"],
+            batch_size=training["per_device_train_batch_size"],
+            teacher_warmup_steps=int(training["warmup_steps"]),
+            bf16=training["bf16_autocast"],
+            group_by_length=training.get("train_sampling_strategy") == "group_by_length",
+            teacher_first_steps=provenance["rounds"][0][0],
+            **{curve_eval_field: getattr(defaults, curve_eval_field)},
+            **settings,
+        )
+        return "teacher-" + fingerprint(teacher_settings(recorded), files)
+
+    asked = {k: getattr(args, k) for k in student_facing}
+    default = {k: getattr(defaults, k) for k in student_facing}
     recorded = provenance["cache_key"]
-    if key_with(provenance, asked) != recorded:
-        if key_with(provenance, defaults) == recorded:
-            differ = ", ".join(f"{k}={defaults[k]} (this run: {asked[k]})" for k in asked if asked[k] != defaults[k])
+    if key_with(asked) != recorded:
+        if key_with(default) == recorded:
+            differ = ", ".join(f"{k}={default[k]} (this run: {asked[k]})" for k in asked if asked[k] != default[k])
             raise SystemExit(
                 f"The teacher in {folder} was trained with {differ}; the students would see other inputs than their "
                 "teacher did. Run with the teacher's settings, or pass --teacher_dir '' to train a teacher of your own."
             )
         raise SystemExit(
             f"The teacher in {folder} was trained on other data or settings than this run's ({recorded} recorded in "
-            f"its {PROVENANCE_FILE}, {key_with(provenance, asked)} here): check --data_dir, or pass --teacher_dir '' "
+            f"its {PROVENANCE_FILE}, {key_with(asked)} here): check --data_dir, or pass --teacher_dir '' "
             "to train a teacher of your own."
         )
     state = json.loads((folder / CURVE_FILE).read_text())
     if not state.get("curve"):
         raise SystemExit(f"{folder / CURVE_FILE} holds no curve: the teacher's training is not recorded.")
-    summary = teacher_summary(state, threshold, state["curve"][-1][0])
+    summary = teacher_summary(state, args.converged_gain, state["curve"][-1][0])
     return {"cache_key": recorded, "provenance": provenance, **summary}
+
+
+def scored_once(record: Path, key: dict, score: Callable[[], dict]) -> dict:
+    """``score()`` (a teacher's test metrics, say), computed once for ``key`` and kept in the JSON file ``record``:
+    a rerun, or a later sitting, reads it back while the key is the same."""
+    kept = json.loads(record.read_text()) if record.exists() else {}
+    if kept.get("key") != key:
+        kept = {"key": key, **score()}
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(kept, indent=2))
+    return kept
+
+
+def teacher_test_scores(
+    run_recipe: Callable[[list[str]], dict],
+    folder: Path,
+    recipe_args: list[str],
+    args,
+    key: dict,
+    names: tuple[str, ...],
+) -> dict:
+    """``{name: test_<name>}`` of the teacher in ``folder``, scored by its recipe without training (``--do_predict``
+    with ``recipe_args``, in ``args.work_dir``), once for ``key``: kept in ``args.runs_dir/teacher_test.json``."""
+
+    def score() -> dict:
+        output_dir = Path(args.work_dir) / "teacher_test"
+        metrics = run_recipe(
+            ["--training_mode", "finetune", "--teacher_model_name_or_path", str(folder), "--output_dir", str(output_dir),
+             "--do_predict", *recipe_args]
+        )  # fmt: skip
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return {name: metrics[f"test_{name}"] for name in names}
+
+    kept = scored_once(Path(args.runs_dir) / "teacher_test.json", key, score)
+    return {name: kept[name] for name in names}

@@ -60,6 +60,13 @@ def isolated_env(target) -> dict:
     }
 
 
+def run_python(script: str, cwd, target) -> subprocess.CompletedProcess:
+    """``python -c script`` in ``cwd`` with only the wheel's install (``target``) on the path, offline."""
+    return subprocess.run(
+        [sys.executable, "-c", script], check=False, cwd=cwd, env=isolated_env(target), capture_output=True, text=True
+    )
+
+
 @pytest.mark.slow
 def test_wheel_install_writes_model_card_and_loads_metric(tmp_path, wheel_install):
     _, target = wheel_install
@@ -76,14 +83,7 @@ def test_wheel_install_writes_model_card_and_loads_metric(tmp_path, wheel_instal
         assert "| temperature | 2.0000 |" in card and "base_model: teacher" in card
         print(load_metric("accuracy").compute(predictions=[1, 0], references=[1, 1])["accuracy"])
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        check=False,
-        cwd=tmp_path,
-        env=isolated_env(target),
-        capture_output=True,
-        text=True,
-    )
+    out = run_python(script, tmp_path, target)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "0.5"
 
@@ -118,14 +118,7 @@ def test_wheel_ships_recipes_inside_the_package_and_the_console_script(tmp_path,
         assert module.__file__.startswith({str(target)!r}), module.__file__
         assert "recipes" not in sys.modules and module.common.__name__ == "hf_attn_distill.recipes.common"
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", check],
-        check=False,
-        cwd=tmp_path,
-        env=isolated_env(target),
-        capture_output=True,
-        text=True,
-    )
+    out = run_python(check, tmp_path, target)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage: hf-attn-distill qa ") and "--doc_stride" in out.stdout
 
@@ -156,14 +149,7 @@ def test_the_installed_package_works_from_any_folder(tmp_path, wheel_install):
         ])
         print("EPOCH", metrics["epoch"])
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        check=False,
-        cwd=tmp_path,
-        env=isolated_env(target),
-        capture_output=True,
-        text=True,
-    )
+    out = run_python(script, tmp_path, target)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "EPOCH" in out.stdout and (tmp_path / "student" / "README.md").exists()
     assert not (tmp_path / "demo").exists()  # nothing written before the data was found

@@ -393,24 +393,9 @@ def test_do_predict_scores_all_of_the_test_file_while_evaluations_during_trainin
 
 
 def again_argv(model_dir, data, out):
-    """Flags that evaluate the model in ``model_dir`` on ``data`` without training."""
-    return [
-        "--teacher_model_name_or_path",
-        str(model_dir),
-        "--validation_file",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_seq_length",
-        "64",
-        "--doc_stride",
-        "16",
-        "--max_query_length",
-        "16",
-        "--do_eval",
-        "--per_device_eval_batch_size",
-        "4",
-        "--report_to",
-        "none",
-        "--use_cpu",
-    ]
+    """Flags that evaluate the model in ``model_dir`` on ``data`` without training: the recipe test's windows."""
+    argv = _recipe_argv(model_dir, data, out)
+    keep = {"--teacher_model_name_or_path", "--validation_file", "--output_dir", "--max_seq_length", "--doc_stride"}
+    keep |= {"--max_query_length", "--per_device_eval_batch_size", "--report_to"}
+    pairs = [argv[i : i + 2] for i, flag in enumerate(argv) if flag in keep]
+    return [*(item for pair in pairs for item in pair), "--do_eval", "--use_cpu"]
