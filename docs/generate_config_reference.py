@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from hf_attn_distill.config import DistillConfig
+from hf_attn_distill.term_registry import term_specs
 
 TARGET = Path(__file__).resolve().parent / "config.md"
 ENTRY = re.compile(r"^ {8}(\w+) \((.+), \*optional\*, defaults to `([^`]*)`\):$")
@@ -41,6 +42,22 @@ def own_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(DistillConfig) if f.name not in inherited]
 
 
+def term_rows() -> list[str]:
+    """One row per registered loss term (the term registry): its weight, map and settings fields."""
+
+    def fields(spec) -> str:
+        return ", ".join(f"`{name}`" for name in spec.settings if name != spec.map_field) or "-"
+
+    def cache(spec) -> str:
+        return "not needed" if not spec.needs_teacher else "yes" if spec.logits_only else "no"
+
+    return [
+        f"| `{spec.name}` | `{spec.weight_field}` | {f'`{spec.map_field}`' if spec.map_field else '-'} | {fields(spec)} "
+        f"| {cache(spec)} |"
+        for spec in term_specs()
+    ]
+
+
 def render() -> str:
     rows = [
         f"| `{name}` | `{kind}` | `{default}` | {text.replace('|', '/')} |"
@@ -60,6 +77,16 @@ def render() -> str:
             "| field | type | default | meaning |",
             "|---|---|---|---|",
             *rows,
+            "",
+            "## Loss terms",
+            "",
+            "Every term of the loss, from the term registry (`hf_attn_distill.term_registry`): the field of its weight",
+            "(`>= 0`, schedulable, 0 switches it off), the layer map that must also be set, the other fields it reads",
+            "(shown with it on the model card), and whether the teacher-logit cache can stand in for the teacher.",
+            "",
+            "| term | weight | layer map | settings | teacher-logit cache |",
+            "|---|---|---|---|---|",
+            *term_rows(),
             "",
         ]
     )

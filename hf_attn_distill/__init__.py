@@ -23,12 +23,15 @@ from .objectives import OBJECTIVES, build_objectives
 from .pairing import check_distillation_pair, load_teacher
 from .seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
 from .students import student_from_config, student_from_teacher_layers
+from .term_registry import TermSpec, register_term
 from .token_kd import token_kd_loss
 from .trainer import DistillTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TermSpec",
+    "register_term",
     "NonFiniteError",
     "ATTENTION_LOSSES",
     "ATTN_IMPLEMENTATION",

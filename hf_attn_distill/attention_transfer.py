@@ -29,6 +29,7 @@ from .losses import group_teacher_heads
 from .model_structure import AttentionLayer, find_attention_sites
 from .objective import Objective, Step
 from .streamed_transfer import AttentionRows
+from .term_registry import TermSpec
 
 __all__ = ["SiteTransfer", "check_attention_sites", "site_layer_maps", "target_mask"]
 
@@ -60,6 +61,21 @@ class SiteTransfer(Objective):
         student, teacher: recorders of the mapped modules.
         seq2seq: the models have an encoder and a decoder (target masks come from the decoder inputs).
     """
+
+    specs = tuple(
+        TermSpec(
+            site.term,
+            site.weight_field,
+            map_field=site.map_field,
+            settings=(
+                ("attention_loss", site.map_field, "head_grouping") if site.name == "encoder" else (site.map_field,)
+            ),
+            shown="always" if site.name == "encoder" else "map",
+            card=site.name,
+            card_group="attention",
+        )
+        for site in ATTENTION_SITES
+    )
 
     def __init__(self, site: AttentionSite, pairs, loss: str, student_heads: int, student, teacher, seq2seq: bool):
         self.site, self.pairs, self.loss_kind, self.student_heads = site.name, list(pairs), loss, student_heads
@@ -176,9 +192,6 @@ class SiteTransfer(Objective):
     def term(self) -> str:
         """The site's term name (``loss_attn_enc``, ...), as :attr:`name`."""
         return self.name
-
-    def describe(self) -> str:
-        return self.site
 
 
 def site_layer_maps(student: PreTrainedModel, teacher: PreTrainedModel, args) -> list[tuple[AttentionSite, list]]:

@@ -1,9 +1,11 @@
 """Training arguments for :class:`~hf_attn_distill.DistillTrainer`.
 
-This module imports nothing else of the package: it is the leaf every other module reads the objective's
-names from: :data:`ATTENTION_SITES` (each site's map field, weight field and term) and :data:`TERM_WEIGHTS` (every
-term's weight field). ``__post_init__`` checks what the fields' ``choices`` metadata lists, the bounds of
-:data:`LOWER_BOUNDS` and the layer maps of :data:`LAYER_MAP_FIELDS`.
+This module imports nothing else of the package but the term registry (:mod:`~hf_attn_distill.term_registry`, a
+leaf): every other module reads the attention sites from it (:data:`ATTENTION_SITES`: each site's map field,
+weight field and term), and it reads every term's weight field, when the term is on and whether the
+teacher-logit cache can serve it from the registry. ``__post_init__`` checks what the fields' ``choices`` metadata
+lists, the bounds of :data:`LOWER_BOUNDS`, every registered term's weight (``>= 0``) and the layer maps of
+:data:`LAYER_MAP_FIELDS`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 from transformers import TrainingArguments
+
+from .term_registry import term_specs
 
 __all__ = [
     "ATTENTION_LOSSES",
@@ -25,7 +29,6 @@ __all__ = [
     "HIDDEN_LOSS_KINDS",
     "RELATION_KINDS",
     "SCHEDULE_KINDS",
-    "TERM_WEIGHTS",
     "AttentionSite",
     "DistillConfig",
     "deepspeed_requested",
@@ -33,7 +36,6 @@ __all__ = [
     "parse_relation_kinds",
     "parse_schedules",
     "require_deepspeed",
-    "term_weights",
 ]
 
 ATTENTION_LOSSES = ("kl", "mse_scores", "mse_probs")
@@ -112,28 +114,16 @@ def parse_relation_kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
-TERM_WEIGHTS = {
-    "loss_ce": "alpha_ce",
-    "loss_kd": "alpha_kd",
-    **{s.term: s.weight_field for s in ATTENTION_SITES},
-    "loss_hidden": "hidden_weight",
-    "loss_relation": "relation_weight",
-}
-"""Every loss term and the field of its weight, defined once (what ``schedules`` may move, what must be >= 0)."""
 LAYER_MAP_FIELDS = (*(s.map_field for s in ATTENTION_SITES), "hidden_layer_map")
 LOWER_BOUNDS = {"temperature": (0, False), "relation_heads": (1, True)}
 """``{field: (bound, inclusive)}`` checked in ``__post_init__``, besides every term weight's ``>= 0``."""
 
 
-def term_weights() -> dict[str, str]:
-    """``{term: weight field}`` of every loss term (:data:`TERM_WEIGHTS`)."""
-    return dict(TERM_WEIGHTS)
-
-
 def schedulable(term_weight_fields: dict[str, str] | None = None) -> tuple[str, ...]:
-    """What ``schedules`` may move: the temperature and every term weight (of :data:`TERM_WEIGHTS`, or of
-    ``term_weight_fields``)."""
-    return ("temperature", *(term_weight_fields or TERM_WEIGHTS).values())
+    """What ``schedules`` may move: the temperature and every term weight (of ``term_weight_fields``, default every
+    registered term's)."""
+    weights = term_weight_fields or {spec.name: spec.weight_field for spec in term_specs()}
+    return ("temperature", *weights.values())
 
 
 def parse_schedules(
@@ -315,7 +305,13 @@ class DistillConfig(TrainingArguments):
             Storage dtype of the cache: `"float16"` (half the size) or `"float32"` (exact).
     """
 
-    term_weight_fields: ClassVar[dict[str, str]] = TERM_WEIGHTS
+    @property
+    def term_weight_fields(self) -> dict[str, str]:
+        """``{term: weight field}`` of every registered term whose weight this config has (a term registered from
+        outside brings its weight in its own config class)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        return {spec.name: spec.weight_field for spec in term_specs() if spec.weight_field in fields}
+
     """``{term: weight field}`` of the terms this configuration weighs; a subclass that adds a term's weight
     field extends it (``docs/adding_a_term.md``)."""
 
@@ -500,11 +496,15 @@ class DistillConfig(TrainingArguments):
             raise ValueError(
                 f"teacher_model_init_kwargs must be a dict, got {type(self.teacher_model_init_kwargs).__name__}"
             )
-        if self.teacher_logits_cache and (self.uses_attention or self.hidden_weight > 0 or self.relation_weight > 0):
+        beyond_logits = [
+            s for s in term_specs() if s.is_on(self) and s.needs_teacher and not s.logits_only
+        ]  # terms that read more of the teacher than its logits: the cache cannot stand in for its forward
+        if self.teacher_logits_cache and beyond_logits:
             raise ValueError(
-                "teacher_logits_cache only replaces the teacher when it is needed for logits alone: set "
-                "attention_weight=0, hidden_weight=0 and relation_weight=0 and leave decoder_layer_map/cross_layer_map "
-                "unset, or drop teacher_logits_cache (with those terms the teacher runs every step)."
+                "teacher_logits_cache only replaces the teacher when it is needed for logits alone, but "
+                f"{', '.join(s.name for s in beyond_logits)} read(s) more of it: set "
+                f"{', '.join(f'{s.weight_field}=0' for s in beyond_logits)} (or leave their layer maps unset), or drop "
+                "teacher_logits_cache (with those terms the teacher runs every step)."
             )
         if self.teacher_logits_cache and self.alpha_kd == 0:
             raise ValueError("teacher_logits_cache is useless with alpha_kd=0: no teacher logits are used.")
@@ -515,10 +515,10 @@ class DistillConfig(TrainingArguments):
 
     def term_is_on(self, term: str) -> bool:
         """Whether the loss term ``term`` contributes: its weight is above 0 (and, for a site, its map is set)."""
-        for site in ATTENTION_SITES:
-            if site.term == term:
-                return self.site_is_on(site)
-        return getattr(self, self.term_weight_fields[term]) > 0
+        spec = next((s for s in term_specs() if s.name == term), None)
+        if spec is None:
+            raise KeyError(f"No registered term {term!r}; registered: {[s.name for s in term_specs()]}.")
+        return spec.is_on(self)
 
     @property
     def uses_attention(self) -> bool:

@@ -19,6 +19,7 @@ from .attention_masks import valid_token_count
 from .layer_map import resolve_layer_map
 from .losses import hidden_cosine_loss, hidden_mse_loss
 from .objective import Objective, Step
+from .term_registry import TermSpec
 
 __all__ = ["HIDDEN_LOSSES", "PROJECTION_NAME", "HiddenTransfer"]
 
@@ -57,6 +58,14 @@ class HiddenTransfer(Objective):
     """
 
     name, weight_field = "loss_hidden", "hidden_weight"
+    specs = (
+        TermSpec(
+            "loss_hidden",
+            "hidden_weight",
+            settings=("hidden_loss", "hidden_layer_map"),
+            card="hidden-state transfer ({hidden_loss})",
+        ),
+    )
     teacher_forward_kwargs = student_forward_kwargs = {"output_hidden_states": True}
 
     def __init__(self, pairs: Sequence[tuple[int, int]], loss: str, weight: float, projection: nn.Module | None):
@@ -91,9 +100,6 @@ class HiddenTransfer(Objective):
     def count(self, inputs) -> torch.Tensor:
         """What the term averages over in a batch: its valid tokens."""
         return valid_token_count(inputs)
-
-    def describe(self) -> str:
-        return f"hidden-state transfer ({self.loss_kind})"
 
     @classmethod
     def build(cls, student: nn.Module, teacher: nn.Module, args, capture) -> list[Objective]:

@@ -7,6 +7,7 @@ a Hub id becomes ``base_model``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from .config import ATTENTION_SITES
+from .term_registry import CARD_GROUPS, term_specs
 
 __all__ = [
     "CARD_METRICS",
@@ -316,62 +317,49 @@ def describe_layers(model: nn.Module) -> str:
 
 
 def distillation_method(args, sequence_kd: bool = False) -> str:
-    """One phrase naming the objective a :class:`~hf_attn_distill.DistillConfig` sets up."""
+    """One phrase naming the objective a :class:`~hf_attn_distill.DistillConfig` sets up: each registered term
+    that is on, by its card phrase (:mod:`~hf_attn_distill.term_registry`), terms of one group in one phrase."""
     parts = ["sequence-level KD"] if sequence_kd else []
-    if args.alpha_kd > 0:
-        parts.append("logit KD" if args.temperature is not None else "KD")
-    sites = [
-        site.name
-        for site in ATTENTION_SITES
-        if getattr(args, site.weight_field) > 0 and getattr(args, site.map_field) not in (None, "none")
+    groups: dict[str, list[str]] = {}
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    for spec in term_specs():
+        if not spec.card or not spec.is_on(args):
+            continue
+        if spec.card_group is None:
+            parts.append(spec.card.format(**fields))
+            continue
+        if spec.card_group not in groups:  # the group's phrase stands where its first member is
+            groups[spec.card_group] = []
+            parts.append(spec.card_group)
+        groups[spec.card_group].append(spec.card)
+    phrases = [
+        CARD_GROUPS[part].format(**fields, members=", ".join(groups[part])) if part in groups else part
+        for part in parts
     ]
-    if sites:
-        parts.append(f"attention transfer ({args.attention_loss}; {', '.join(sites)})")
-    if getattr(args, "hidden_weight", 0) > 0:
-        parts.append(f"hidden-state transfer ({args.hidden_loss})")
-    if getattr(args, "relation_weight", 0) > 0:
-        parts.append(f"self-attention relation transfer ({args.relation_kinds})")
-    return " + ".join(parts) or "hard labels only"
+    return " + ".join(phrases) or "hard labels only"
+
+
+#: Card settings of the training budget, after the terms' own.
+BUDGET_SETTINGS = (
+    "schedules",
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+)
 
 
 def distillation_settings(args) -> dict:
-    """The settings table of a card: objective and training budget of a :class:`~hf_attn_distill.DistillConfig`."""
-    keys = [
-        "temperature",
-        "alpha_ce",
-        "alpha_kd",
-        "attention_loss",
-        "attention_weight",
-        "layer_map",
-        "decoder_layer_map",
-        "decoder_attention_weight",
-        "cross_layer_map",
-        "cross_attention_weight",
-        "head_grouping",
-        "hidden_weight",
-        "hidden_loss",
-        "hidden_layer_map",
-        "relation_weight",
-        "relation_kinds",
-        "relation_heads",
-        "relation_teacher_layer",
-        "relation_student_layer",
-        "schedules",
-        "learning_rate",
-        "num_train_epochs",
-        "max_steps",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "seed",
-    ]
+    """The settings table of a card: the temperature, each registered term's weight and settings where the term
+    says they are shown (:meth:`~hf_attn_distill.term_registry.TermSpec.is_shown`), then the training budget."""
+    keys = ["temperature"]
+    for spec in term_specs():
+        if spec.is_shown(args):
+            keys += [k for k in (spec.weight_field, *spec.settings) if k not in keys]
+    keys += BUDGET_SETTINGS
     settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
-    if settings.get("decoder_layer_map") is None:
-        settings = {k: v for k, v in settings.items() if not k.startswith("decoder_")}
-    if settings.get("cross_layer_map") is None:
-        settings = {k: v for k, v in settings.items() if not k.startswith("cross_")}
-    for prefix in ("hidden_", "relation_"):
-        if not settings.get(f"{prefix}weight"):
-            settings = {k: v for k, v in settings.items() if not k.startswith(prefix)}
     if settings.get("max_steps", -1) > 0:
         settings.pop("num_train_epochs", None)
     return {k: (str(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in settings.items() if v is not None}

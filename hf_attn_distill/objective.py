@@ -60,6 +60,9 @@ class Objective:
     """The term's name in logs (``loss_ce``, ``eval_loss_ce``) and in the result of ``compute_loss``."""
     weight_field: ClassVar[str] | str = ""
     """The :class:`~hf_attn_distill.DistillConfig` field holding its weight (what ``schedules`` can move)."""
+    specs: ClassVar[tuple] = ()
+    """What the configuration and the model card know of the terms this class makes, one
+    :class:`~hf_attn_distill.term_registry.TermSpec` each (``register_term`` reads them)."""
     needs_teacher: ClassVar[bool] = True
     """Whether the term reads anything of the teacher's forward."""
     teacher_forward_kwargs: ClassVar[dict[str, Any]] = {}
@@ -89,10 +92,6 @@ class Objective:
 
     def stop(self) -> None:
         """Disarm everything the step armed, drop references to its tensors."""
-
-    def describe(self) -> str | None:
-        """A phrase for the model card's objective (``None``: not named there)."""
-        return None
 
 
 def label_items(inputs: Mapping[str, Any]) -> torch.Tensor:

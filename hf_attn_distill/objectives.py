@@ -19,6 +19,7 @@ from .losses import logit_kd_loss
 from .objective import Objective, Step, label_items
 from .pairing import teacher_label_order
 from .relation_transfer import RelationTransfer
+from .term_registry import TermSpec, register_term, registered_classes
 from .token_kd import token_kd_loss
 
 __all__ = ["LABEL_KEYS", "LOGIT_KEYS", "OBJECTIVES", "HardLabelLoss", "LogitKD", "build_objectives"]
@@ -33,6 +34,7 @@ class HardLabelLoss(Objective):
     ``t + 1`` at position ``t``, so its loss averages over the labels after the first of each row (``shifted``)."""
 
     name, weight_field, needs_teacher = "loss_ce", "alpha_ce", False
+    specs = (TermSpec("loss_ce", "alpha_ce", shown="always", needs_teacher=False),)
 
     def __init__(self, weight: float, num_labels: int | None = None, shifted: bool = False):
         self.weight = weight
@@ -91,6 +93,7 @@ class LogitKD(Objective):
     the context positions (``kd_mask``), token-level logits in chunks (:func:`~hf_attn_distill.token_kd_loss`)."""
 
     name, weight_field = "loss_kd", "alpha_kd"
+    specs = (TermSpec("loss_kd", "alpha_kd", shown="always", card="logit KD", logits_only=True),)
 
     def __init__(self, label_order: list[int] | None, vocab_rows: int | None = None):
         self.label_order = label_order
@@ -139,21 +142,24 @@ class LogitKD(Objective):
     def count(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         return label_items(inputs)
 
-    def describe(self) -> str:
-        return "logit KD"
-
 
 OBJECTIVES: tuple[type, ...] = (HardLabelLoss, LogitKD, SiteTransfer, HiddenTransfer, RelationTransfer)
-"""Every term class, in the order terms are computed and logged. Each has
-``build(student, teacher, args, capture) -> list[Objective]``."""
+"""The package's term classes, in the order terms are computed and logged. Each has
+``build(student, teacher, args, capture) -> list[Objective]`` and ``specs`` (what the configuration and the card
+know of its terms), registered here in this order (:mod:`~hf_attn_distill.term_registry`)."""
+for _cls in OBJECTIVES:
+    register_term(_cls)
 
 
 def build_objectives(
-    student, teacher, args, capture: Capture, classes: tuple[type, ...] = OBJECTIVES
+    student, teacher, args, capture: Capture, classes: tuple[type, ...] | None = None
 ) -> list[Objective]:
-    """The objectives of ``classes`` that ``args`` asks for, checked against both models; what they attach to the
-    models goes through ``capture``."""
-    objectives = [objective for cls in classes for objective in cls.build(student, teacher, args, capture)]
+    """The objectives of ``classes`` (default: every registered term class) that ``args`` asks for, checked against
+    both models; what they attach to the models goes through ``capture``. A class whose weight field ``args`` does
+    not have (a term registered from outside with a config of its own) is left out."""
+    classes = registered_classes() if classes is None else classes
+    usable = [cls for cls in classes if all(hasattr(args, spec.weight_field) for spec in getattr(cls, "specs", ()))]
+    objectives = [objective for cls in usable for objective in cls.build(student, teacher, args, capture)]
     names = [o.name for o in objectives]
     if len(set(names)) != len(names):
         raise ValueError(f"Two objectives share a name: {names}.")

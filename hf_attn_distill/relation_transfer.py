@@ -22,6 +22,7 @@ from .config import RELATION_KINDS, parse_relation_kinds
 from .losses import relation_kl_loss
 from .model_structure import find_attention_sites
 from .objective import Objective, Step
+from .term_registry import TermSpec
 
 __all__ = ["RELATION_KINDS", "RelationTransfer", "parse_relation_kinds", "state_widths"]
 
@@ -41,6 +42,14 @@ class RelationTransfer(Objective):
     """
 
     name, weight_field = "loss_relation", "relation_weight"
+    specs = (
+        TermSpec(
+            "loss_relation",
+            "relation_weight",
+            settings=("relation_kinds", "relation_heads", "relation_teacher_layer", "relation_student_layer"),
+            card="self-attention relation transfer ({relation_kinds})",
+        ),
+    )
 
     def __init__(
         self,
@@ -99,9 +108,6 @@ class RelationTransfer(Objective):
         self.student.stop()
         self.teacher.stop()
         self._student_states = self._teacher_states = None
-
-    def describe(self) -> str:
-        return f"self-attention relation transfer ({','.join(self.kinds)})"
 
     @classmethod
     def build(cls, student: nn.Module, teacher: nn.Module, args, capture) -> list[Objective]:

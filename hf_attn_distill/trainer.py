@@ -24,7 +24,7 @@ from .hardware import emulated_bf16_warning
 from .model_card import ModelCardMixin
 from .nonfinite import NonFiniteWatch
 from .objective import KD_MASK_COLUMN, Step
-from .objectives import LABEL_KEYS, OBJECTIVES, LogitKD, build_objectives
+from .objectives import LABEL_KEYS, LogitKD, build_objectives
 from .pairing import check_distillation_pair, check_same_tokenizer, load_teacher_tokenizer, resolve_teacher
 from .schedules import scheduled_value
 from .teacher_cache import CACHE_INDEX_COLUMN, prepare_logits_cache
@@ -61,9 +61,10 @@ class DistillTrainer(
     """
 
     loss_is_scaled_for_ga = True
-    objective_classes: tuple[type, ...] = OBJECTIVES
-    """The term classes this trainer builds (:data:`~hf_attn_distill.objectives.OBJECTIVES`); a subclass may add
-    its own (``docs/adding_a_term.md``)."""
+    objective_classes: tuple[type, ...] | None = None
+    """The term classes this trainer builds; ``None``: every registered one (the package's
+    :data:`~hf_attn_distill.objectives.OBJECTIVES`, then those registered from outside with
+    :func:`~hf_attn_distill.term_registry.register_term`, see ``docs/adding_a_term.md``)."""
 
     def __init__(
         self,

@@ -11,23 +11,23 @@ from conftest import tiny_classifier
 from test_trainer_exactness import InOrderTrainer, exact_trainer, uneven_dataset
 from transformers import DataCollatorWithPadding
 
-from hf_attn_distill import OBJECTIVES, DistillConfig, DistillTrainer, Objective
+from hf_attn_distill import OBJECTIVES, DistillConfig, DistillTrainer, Objective, TermSpec, register_term
 from hf_attn_distill.accounting import TermAccounting
 from hf_attn_distill.attention_capture import ATTN_IMPLEMENTATION, POINT_ATTR
-from hf_attn_distill.config import ATTENTION_SITES, TERM_WEIGHTS
+from hf_attn_distill.config import ATTENTION_SITES
 from hf_attn_distill.hidden_transfer import PROJECTION_NAME
 from hf_attn_distill.objective import label_items
+from hf_attn_distill.term_registry import term_specs, unregister_term
 
 
 @dataclass
 class MyConfig(DistillConfig):
     logit_mse_weight: float = field(default=0.0, metadata={"help": "Weight of loss_logit_mse (>= 0)."})
 
-    term_weight_fields = {**DistillConfig.term_weight_fields, "loss_logit_mse": "logit_mse_weight"}
-
 
 class LogitMSE(Objective):
     name, weight_field = "loss_logit_mse", "logit_mse_weight"
+    specs = (TermSpec("loss_logit_mse", "logit_mse_weight", card="logit MSE", logits_only=True),)
 
     @classmethod
     def build(cls, student, teacher, args, capture):
@@ -41,13 +41,17 @@ class LogitMSE(Objective):
         return label_items(inputs)
 
 
-class MyTrainer(InOrderTrainer):
-    objective_classes = (*OBJECTIVES, LogitMSE)
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """The one registration call of docs/adding_a_term.md, taken back after this module's tests."""
+    register_term(LogitMSE, config_class=MyConfig)
+    yield
+    unregister_term(LogitMSE)
 
 
 def my_trainer(tmp_path, tokenizer, batch=8, accumulation=1, **overrides):
     return exact_trainer(
-        tmp_path, tokenizer, batch, accumulation, MyTrainer, MyConfig, **{"logit_mse_weight": 0.7, **overrides}
+        tmp_path, tokenizer, batch, accumulation, InOrderTrainer, MyConfig, **{"logit_mse_weight": 0.7, **overrides}
     )
 
 
@@ -67,6 +71,28 @@ def test_a_term_added_from_outside_equals_its_recomputation_and_is_logged(tmp_pa
     trainer.train()
     log = next(e for e in trainer.state.log_history if "loss" in e)
     assert log["loss_logit_mse"] > 0 and "eval_loss_logit_mse" in trainer.evaluate(uneven_dataset())
+    trainer.create_model_card(model_name="student")  # the card reads the registry: the term and its weight
+    card = (tmp_path / "b8ga1" / "README.md").read_text()
+    assert "logit KD + attention transfer (kl; encoder) + logit MSE" in card and "| logit_mse_weight |" in card
+
+
+def test_registration_is_checked_against_the_config_and_other_terms(tmp_path):
+    @dataclass
+    class Without(DistillConfig):
+        pass
+
+    class Misnamed(LogitMSE):
+        specs = (TermSpec("loss_kd", "logit_mse_weight"),)
+
+    with pytest.raises(ValueError, match=r"config fields \['logit_mse_weight'\] that Without does not have"):
+        register_term(LogitMSE, config_class=Without)
+    with pytest.raises(ValueError, match="loss_kd is already registered by LogitKD"):
+        register_term(Misnamed, config_class=MyConfig)
+    with pytest.raises(ValueError, match="declares no specs"):
+        register_term(Objective)
+    # a plain DistillConfig has no weight for the outside term: the trainer leaves it out, nothing fails
+    assert "loss_logit_mse" not in DistillConfig(output_dir=str(tmp_path)).term_weight_fields
+    assert "loss_logit_mse" in MyConfig(output_dir=str(tmp_path)).term_weight_fields
 
 
 def test_a_term_added_from_outside_accumulates_exactly(tmp_path, tokenizer):
@@ -87,14 +113,17 @@ def test_a_term_added_from_outside_accumulates_exactly(tmp_path, tokenizer):
 
 def test_one_table_names_every_term_and_site():
     assert [s.term for s in ATTENTION_SITES] == ["loss_attn_enc", "loss_attn_dec", "loss_attn_cross"]
-    assert {s.term: s.weight_field for s in ATTENTION_SITES}.items() <= TERM_WEIGHTS.items()
+    weights = {spec.name: spec.weight_field for cls in OBJECTIVES for spec in cls.specs}
+    assert {s.term: s.weight_field for s in ATTENTION_SITES}.items() <= weights.items()
     built_in = {
         "loss_ce": "alpha_ce",
         "loss_kd": "alpha_kd",
         "loss_hidden": "hidden_weight",
         "loss_relation": "relation_weight",
     }
-    assert built_in.items() <= TERM_WEIGHTS.items() and len(TERM_WEIGHTS) == 7
+    assert built_in.items() <= weights.items() and len(weights) == 7
+    assert [s.name for s in term_specs()][:7] == list(weights)  # registered in OBJECTIVES' order
+    assert DistillConfig(output_dir="o").term_weight_fields == weights
 
 
 def test_pop_means_enters_the_cross_process_sum_on_a_process_with_nothing_to_sum():

@@ -30,6 +30,7 @@ from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, set_
 
 from hf_attn_distill import DistillConfig, DistillTrainer
 from hf_attn_distill.batches import check_lengths, position_limits
+from hf_attn_distill.model_card import distillation_method
 
 from . import common
 from .common import ModelArguments, build_student, check_tokenizers
@@ -235,9 +236,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
             model,
             metrics,
             sample=example,
-            method="task-agnostic distillation on unlabeled text ("
-            + ", ".join(o.describe() for o in trainer.objectives if o.needs_teacher)
-            + ")",
+            method=f"task-agnostic distillation on unlabeled text ({distillation_method(training_args)})",
             citations=("tinybert", "minilm", "minilmv2"),
             **common.describe_data(
                 data_args.dataset_name,
