@@ -2,7 +2,7 @@
 """Does bf16 autocast pay on this machine? Times one linear layer of a MiniLM block (384 -> 1536), forward and
 forward + backward, float32 vs bf16 autocast, at a few token counts, with 1 and 2 threads.
 
-On CPUs with bf16 matrix instructions (AVX512-BF16, AMX: :func:`hf_attn_distill.hardware.native_bf16`) bf16
+On CPUs with bf16 matrix instructions (AVX512-BF16, AMX: :func:`hf_attn_distill.utils.hardware.native_bf16`) bf16
 autocast is the faster choice; without them the matmuls are emulated and it is many times slower, which is why the
 quality benchmarks default to bf16 only where it is native. Writes ``benchmarks/results/bf16_check.json`` and
 ``.md``; run it on a quiet machine.
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.quality_runs import write_results
-from hf_attn_distill.hardware import native_bf16
-from hf_attn_distill.profiling import machine_info
+from hf_attn_distill.utils.hardware import native_bf16
+from hf_attn_distill.utils.profiling import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ two 1-thread processes at once (what two background runs on 2 cores get), each t
 ``quality_translation --teacher_only`` (cached and resumable: a rerun continues). Then it reads both teachers'
 val BLEU after every doubling round and their BLEU / chrF on ``test_2016_flickr``. Writes
 ``benchmarks/results/group_by_length_check.json`` and ``.md``. (Its first run found evaluation, not training,
-broken: ``Trainer`` evaluated in length-grouped order; see :mod:`hf_attn_distill.eval_order`.)
+broken: ``Trainer`` evaluated in length-grouped order; see :mod:`hf_attn_distill.training.eval_order`.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from transformers import HfArgumentParser
 
 from benchmarks.quality_runs import write_results
 from benchmarks.quality_translation import QualityTranslationArguments, trained_teacher
-from hf_attn_distill.profiling import machine_info
+from hf_attn_distill.utils.profiling import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {"random": False, "group_by_length": True}

@@ -48,9 +48,9 @@ from benchmarks.teacher_training import (
     teacher_test_scores,
     train_teacher,
 )
-from hf_attn_distill.hardware import bf16_pays
-from hf_attn_distill.pretrained import minilm_path
 from hf_attn_distill.recipes.distill_qa import main as run_recipe
+from hf_attn_distill.utils.hardware import bf16_pays
+from hf_attn_distill.utils.pretrained import minilm_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TEACHER = SHIPPED_TEACHERS / "squad-minilm-l6"
@@ -134,7 +134,7 @@ class QualityQAArguments:
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "bf16 autocast; default: where it pays (hf_attn_distill.hardware.bf16_pays: CUDA with bf16; a "
+            "help": "bf16 autocast; default: where it pays (hf_attn_distill.utils.hardware.bf16_pays: CUDA with bf16; a "
             "CPU with AVX512-BF16 or AMX where a one-second probe measures bf16 faster than float32), else float32."
         },
     )

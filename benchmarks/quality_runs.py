@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from hf_attn_distill.profiling import machine_info
+from hf_attn_distill.utils.profiling import machine_info
 
 __all__ = [
     "CARD_NAME",

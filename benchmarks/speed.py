@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.quality_runs import portable_settings
-from hf_attn_distill.objectives import LABEL_KEYS
+from hf_attn_distill.terms.logit import LABEL_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,7 +203,7 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
         return step
 
     if mode == "N":
-        from hf_attn_distill.attention_capture import set_attention_implementation
+        from hf_attn_distill.attention.capture import set_attention_implementation
 
         set_attention_implementation(teacher, "eager")
         set_attention_implementation(student, "eager")
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("RESULT " + json.dumps(result), flush=True)
         return {}
 
-    from hf_attn_distill.profiling import machine_info
+    from hf_attn_distill.utils.profiling import machine_info
 
     qa_pairs = [p for p in args.pairs if p.endswith("-qa")]
     seq2seq_pairs = [p for p in args.pairs if p == "minilm-ed6->3"]

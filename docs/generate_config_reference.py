@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from hf_attn_distill.config import DistillConfig
-from hf_attn_distill.term_registry import term_specs
+from hf_attn_distill.terms.registry import term_specs
 
 TARGET = Path(__file__).resolve().parent / "config.md"
 ENTRY = re.compile(r"^ {8}(\w+) \((.+), \*optional\*, defaults to `([^`]*)`\):$")
@@ -80,7 +80,7 @@ def render() -> str:
             "",
             "## Loss terms",
             "",
-            "Every term of the loss, from the term registry (`hf_attn_distill.term_registry`): the field of its weight",
+            "Every term of the loss, from the term registry (`hf_attn_distill.terms.registry`): the field of its weight",
             "(`>= 0`, schedulable, 0 switches it off), the layer map that must also be set, the other fields it reads",
             "(shown with it on the model card), and whether the teacher-logit cache can stand in for the teacher.",
             "",

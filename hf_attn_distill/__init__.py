@@ -1,13 +1,22 @@
 """Knowledge distillation with attention transfer for Hugging Face Transformers."""
 
-from .attention_capture import ATTN_IMPLEMENTATION, AttentionRecorder, Capture, enable_attention_capture
-from .attention_masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
-from .config import DistillConfig
-from .distributed import prepare_teacher, require_deepspeed
-from .eval_order import InOrderEvaluationMixin, InOrderSeq2SeqTrainer, InOrderTrainer
-from .fused_transfer import TransferTarget, softmax_with_transfer_loss
-from .layer_map import parse_layer_map, resolve_layer_map
-from .losses import (
+from hf_attn_distill.attention.capture import ATTN_IMPLEMENTATION, AttentionRecorder, Capture, enable_attention_capture
+from hf_attn_distill.attention.fused import TransferTarget, softmax_with_transfer_loss
+from hf_attn_distill.attention.layer_map import parse_layer_map, resolve_layer_map
+from hf_attn_distill.attention.masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
+from hf_attn_distill.attention.sites import (
+    SITES,
+    AttentionLayer,
+    find_attention_modules,
+    find_attention_sites,
+    find_encoder_layers,
+)
+from hf_attn_distill.config import DistillConfig
+from hf_attn_distill.seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
+from hf_attn_distill.students import student_from_config, student_from_teacher_layers
+from hf_attn_distill.terms.base import Objective, Step
+from hf_attn_distill.terms.build import OBJECTIVES, build_objectives
+from hf_attn_distill.terms.losses import (
     attention_kl_loss,
     attention_mse_loss,
     group_teacher_heads,
@@ -16,16 +25,13 @@ from .losses import (
     logit_kd_loss,
     relation_kl_loss,
 )
-from .model_structure import SITES, AttentionLayer, find_attention_modules, find_attention_sites, find_encoder_layers
-from .nonfinite import NonFiniteError
-from .objective import Objective, Step
-from .objectives import OBJECTIVES, build_objectives
-from .pairing import check_distillation_pair, load_teacher
-from .seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
-from .students import student_from_config, student_from_teacher_layers
-from .term_registry import TermSpec, register_term
-from .token_kd import token_kd_loss
-from .trainer import DistillTrainer
+from hf_attn_distill.terms.registry import TermSpec, register_term
+from hf_attn_distill.terms.token_kd import token_kd_loss
+from hf_attn_distill.trainer import DistillTrainer
+from hf_attn_distill.training.distributed import prepare_teacher, require_deepspeed
+from hf_attn_distill.training.eval_order import InOrderEvaluationMixin, InOrderSeq2SeqTrainer, InOrderTrainer
+from hf_attn_distill.training.nonfinite import NonFiniteError
+from hf_attn_distill.training.pairing import check_distillation_pair, load_teacher
 
 __version__ = "0.1.0"
 

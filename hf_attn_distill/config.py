@@ -1,6 +1,6 @@
 """Training arguments for :class:`~hf_attn_distill.DistillTrainer`.
 
-This module imports nothing else of the package but the term registry (:mod:`~hf_attn_distill.term_registry`, a
+This module imports nothing else of the package but the term registry (:mod:`~hf_attn_distill.terms.registry`, a
 leaf): every other module reads the attention sites from it (:data:`ATTENTION_SITES`: each site's map field,
 weight field and term), and it reads every term's weight field, when the term is on and whether the
 teacher-logit cache can serve it from the registry. ``__post_init__`` checks what the fields' ``choices`` metadata
@@ -13,28 +13,25 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from transformers import TrainingArguments
 
-from .term_registry import term_specs
+from hf_attn_distill.attention.layer_map import parse_layer_map
+from hf_attn_distill.terms.registry import term_specs
+from hf_attn_distill.training.schedules import parse_schedules
 
 __all__ = [
     "ATTENTION_LOSSES",
     "ATTENTION_SITES",
     "HIDDEN_LOSS_KINDS",
     "RELATION_KINDS",
-    "SCHEDULE_KINDS",
     "AttentionSite",
     "DistillConfig",
     "deepspeed_requested",
-    "parse_layer_map",
     "parse_relation_kinds",
-    "parse_schedules",
     "require_deepspeed",
 ]
 
@@ -43,7 +40,6 @@ ATTENTION_LOSSES = ("kl", "mse_scores", "mse_probs")
 (TinyBERT, MSE of pre-softmax scores), ``"mse_probs"`` (MSE of attention probabilities)."""
 HIDDEN_LOSS_KINDS = ("mse", "cosine")
 RELATION_KINDS = ("qq", "kk", "vv")
-SCHEDULE_KINDS = ("constant", "linear", "cosine")
 HEAD_GROUPINGS = ("mean", "strict")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_DTYPES = ("float16", "float32")
@@ -65,45 +61,6 @@ ATTENTION_SITES = (
 )
 """The attention sites, defined once: encoder self-attention, causal decoder self-attention, cross-attention."""
 
-LayerMapSpec = str | Sequence[Sequence[int]]
-
-
-def parse_layer_map(spec: LayerMapSpec) -> str | tuple[tuple[int, int], ...]:
-    """Normalise a layer-map spec to ``"uniform"``, ``"last"`` or a tuple of ``(student, teacher)`` pairs.
-
-    Accepts the names, a list of pairs, a JSON list (``"[[0, 1], [1, 3]]"``) or the command-line
-    form ``"0:1,1:3,2:5"``.
-    """
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text in ("uniform", "last"):
-            return text
-        try:
-            if text.startswith("["):
-                pairs = json.loads(text)
-            else:
-                pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item.strip()]
-        except (ValueError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"Cannot parse layer_map {spec!r}: use 'uniform', 'last', pairs like '0:1,1:3' "
-                "or a JSON list like '[[0, 1], [1, 3]]'."
-            ) from err
-    else:
-        pairs = spec
-    out = []
-    for pair in pairs:
-        if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
-            raise ValueError(
-                f"Each layer_map entry must be a (student_layer, teacher_layer) pair of ints, got {pair!r}"
-            )
-        out.append((int(pair[0]), int(pair[1])))
-    if not out:
-        raise ValueError("layer_map is empty: give at least one (student_layer, teacher_layer) pair.")
-    students = [s for s, _ in out]
-    if len(set(students)) != len(students):
-        raise ValueError(f"layer_map {out} maps a student layer twice; each student layer may have one teacher layer.")
-    return tuple(out)
-
 
 def parse_relation_kinds(text: str) -> tuple[str, ...]:
     """``"qq,kk,vv"`` -> ``("qq", "kk", "vv")``, checked."""
@@ -117,58 +74,6 @@ def parse_relation_kinds(text: str) -> tuple[str, ...]:
 LAYER_MAP_FIELDS = (*(s.map_field for s in ATTENTION_SITES), "hidden_layer_map")
 LOWER_BOUNDS = {"temperature": (0, False), "relation_heads": (1, True)}
 """``{field: (bound, inclusive)}`` checked in ``__post_init__``, besides every term weight's ``>= 0``."""
-
-
-def schedulable(term_weight_fields: dict[str, str] | None = None) -> tuple[str, ...]:
-    """What ``schedules`` may move: the temperature and every term weight (of ``term_weight_fields``, default every
-    registered term's)."""
-    weights = term_weight_fields or {spec.name: spec.weight_field for spec in term_specs()}
-    return ("temperature", *weights.values())
-
-
-def parse_schedules(
-    spec: dict | str | None, term_weight_fields: dict[str, str] | None = None
-) -> dict[str, tuple[str, float]]:
-    """``{name: (kind, end)}`` from a dict, a JSON object or ``"name=kind:end,..."``; checked (the names against
-    :func:`schedulable`)."""
-    if spec is None or spec == "" or spec == {}:
-        return {}
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text.startswith("{"):
-            spec = json.loads(text)
-        else:
-            items = [item for item in text.split(",") if item.strip()]
-            bad = [item for item in items if "=" not in item]
-            if bad:
-                raise ValueError(
-                    f"schedules items are 'name=kind:end' (e.g. 'temperature=linear:1.0'); got {bad[0]!r}."
-                )
-            spec = dict(item.split("=", 1) for item in items)
-    names = schedulable(term_weight_fields)
-    out = {}
-    for name, value in spec.items():
-        name = name.strip()
-        if name not in names:
-            raise ValueError(f"Cannot schedule {name!r}; schedulable values: {list(names)}.")
-        kind, _, end = str(value).strip().partition(":")
-        if kind not in SCHEDULE_KINDS:
-            raise ValueError(f"Schedule of {name} must be one of {SCHEDULE_KINDS} (as 'kind:end'), got {value!r}.")
-        if kind == "constant":
-            out[name] = ("constant", math.nan)
-            continue
-        try:
-            end_value = float(end)
-        except ValueError:
-            raise ValueError(f"Schedule of {name} needs an end value, e.g. '{kind}:0.5'; got {value!r}.") from None
-        if not math.isfinite(end_value):
-            raise ValueError(f"The {name} schedule must end at a finite value, got {end_value}.")
-        if name == "temperature" and not end_value > 0:
-            raise ValueError(f"The temperature schedule must end above 0, got {end_value}.")
-        if end_value < 0:
-            raise ValueError(f"The {name} schedule must end at a value >= 0, got {end_value}.")
-        out[name] = (kind, end_value)
-    return out
 
 
 def deepspeed_requested(args: Any = None) -> bool:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-from .config import DistillConfig
-from .trainer import DistillTrainer
+from hf_attn_distill.config import DistillConfig
+from hf_attn_distill.trainer import DistillTrainer
 
 __all__ = ["DistillSeq2SeqConfig", "DistillSeq2SeqTrainer"]
 
@@ -29,7 +29,7 @@ class DistillSeq2SeqTrainer(DistillTrainer, Seq2SeqTrainer):
 
     With ``predict_with_generate`` the predictions are generated token ids (``generation_max_length``,
     ``generation_num_beams``), for ``compute_metrics`` such as
-    :class:`~hf_attn_distill.metrics.TranslationMetrics`; the reported ``eval_loss`` is still the distillation
+    :class:`~hf_attn_distill.tasks.metrics.TranslationMetrics`; the reported ``eval_loss`` is still the distillation
     loss and the per-term ``eval_loss_*`` are still computed on the same batches (teacher forcing).
     """
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .model_structure import find_layer_stacks
+from hf_attn_distill.attention.sites import find_layer_stacks
 
 __all__ = ["student_from_config", "student_from_teacher_layers"]
 

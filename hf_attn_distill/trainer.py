@@ -12,22 +12,28 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
-from .accounting import TermAccounting, TermLoggingMixin
-from .attention_capture import Capture
-from .attention_transfer import SiteTransfer
-from .batches import check_lengths, position_limits, strip_outputs, with_decoder_inputs
-from .checkpoints import CheckpointMixin, SaveGuardMixin, resolve_resume
-from .config import DistillConfig, parse_schedules
-from .distributed import prepare_teacher
-from .eval_order import InOrderEvaluationMixin
-from .hardware import emulated_bf16_warning
-from .model_card import ModelCardMixin
-from .nonfinite import NonFiniteWatch
-from .objective import KD_MASK_COLUMN, Step
-from .objectives import LABEL_KEYS, LogitKD, build_objectives
-from .pairing import check_distillation_pair, check_same_tokenizer, load_teacher_tokenizer, resolve_teacher
-from .schedules import scheduled_value
-from .teacher_cache import CACHE_INDEX_COLUMN, prepare_logits_cache
+from hf_attn_distill.attention.capture import Capture
+from hf_attn_distill.config import DistillConfig
+from hf_attn_distill.hub.model_card import ModelCardMixin
+from hf_attn_distill.terms.attention import SiteTransfer
+from hf_attn_distill.terms.base import KD_MASK_COLUMN, Step
+from hf_attn_distill.terms.build import build_objectives
+from hf_attn_distill.terms.logit import LABEL_KEYS, LogitKD
+from hf_attn_distill.training.accounting import TermAccounting, TermLoggingMixin
+from hf_attn_distill.training.batches import check_lengths, position_limits, strip_outputs, with_decoder_inputs
+from hf_attn_distill.training.checkpoints import CheckpointMixin, SaveGuardMixin, resolve_resume
+from hf_attn_distill.training.distributed import prepare_teacher
+from hf_attn_distill.training.eval_order import InOrderEvaluationMixin
+from hf_attn_distill.training.nonfinite import NonFiniteWatch
+from hf_attn_distill.training.pairing import (
+    check_distillation_pair,
+    check_same_tokenizer,
+    load_teacher_tokenizer,
+    resolve_teacher,
+)
+from hf_attn_distill.training.schedules import parse_schedules, scheduled_value
+from hf_attn_distill.training.teacher_cache import CACHE_INDEX_COLUMN, prepare_logits_cache
+from hf_attn_distill.utils.hardware import emulated_bf16_warning
 
 __all__ = ["DistillTrainer"]
 
@@ -38,20 +44,20 @@ class DistillTrainer(
     TermLoggingMixin, SaveGuardMixin, CheckpointMixin, ModelCardMixin, InOrderEvaluationMixin, Trainer
 ):
     """``transformers.Trainer`` whose loss is the weighted sum of the objectives ``args`` asks for
-    (:mod:`~hf_attn_distill.objectives`): ``alpha_ce * CE + alpha_kd * KD``, one attention term per mapped site,
+    (:mod:`~hf_attn_distill.terms.logit`): ``alpha_ce * CE + alpha_kd * KD``, one attention term per mapped site,
     and the hidden-state and relation terms when their weights are above 0.
 
     The teacher runs in eval mode under ``torch.inference_mode``, is never given to the optimizer and is not
     saved with student checkpoints. Every teacher layer and every unmapped student layer runs the fused SDPA
     kernel; mapped student layers compute attention and its loss block by block over query rows
-    (:mod:`~hf_attn_distill.streamed_transfer`). Each term is normalised over the whole gradient-accumulation window
-    (:mod:`~hf_attn_distill.accounting`), so ``k`` micro-batches of ``n`` give the update of one batch of
+    (:mod:`~hf_attn_distill.attention.streamed`). Each term is normalised over the whole gradient-accumulation window
+    (:mod:`~hf_attn_distill.training.accounting`), so ``k`` micro-batches of ``n`` give the update of one batch of
     ``k * n``. Terms are logged by name (``loss_ce``, ``loss_kd``, ``loss_attn_enc`` ..., ``eval_loss_*``),
     averaged over their items in the logging window and across processes. What the trainer attaches to the
     models (capture points, attention implementation, the hidden-state projection, the teacher's frozen state)
-    is taken off when ``train`` ends (:class:`~hf_attn_distill.attention_capture.Capture`). Evaluation and
+    is taken off when ``train`` ends (:class:`~hf_attn_distill.attention.capture.Capture`). Evaluation and
     prediction visit the dataset in its order, also when training groups batches by length
-    (:mod:`~hf_attn_distill.eval_order`).
+    (:mod:`~hf_attn_distill.training.eval_order`).
 
     Args:
         model: the student (a ``PreTrainedModel``).
@@ -63,8 +69,8 @@ class DistillTrainer(
     loss_is_scaled_for_ga = True
     objective_classes: tuple[type, ...] | None = None
     """The term classes this trainer builds; ``None``: every registered one (the package's
-    :data:`~hf_attn_distill.objectives.OBJECTIVES`, then those registered from outside with
-    :func:`~hf_attn_distill.term_registry.register_term`, see ``docs/adding_a_term.md``)."""
+    :data:`~hf_attn_distill.terms.logit.OBJECTIVES`, then those registered from outside with
+    :func:`~hf_attn_distill.terms.registry.register_term`, see ``docs/adding_a_term.md``)."""
 
     def __init__(
         self,
@@ -162,7 +168,7 @@ class DistillTrainer(
         """Run teacher and student on ``inputs`` and combine the objectives' terms (see the class docstring).
 
         ``num_items_in_batch`` is accepted for the ``Trainer`` contract; normalisation uses each term's own
-        window counts (:class:`~hf_attn_distill.accounting.TermAccounting`). Called on its own after ``train()``
+        window counts (:class:`~hf_attn_distill.training.accounting.TermAccounting`). Called on its own after ``train()``
         has taken capture off the models, it attaches capture for the call.
         """
         if not self.capture.attached:
@@ -219,7 +225,7 @@ class DistillTrainer(
 
     def current_value(self, name: str) -> float:
         """The temperature or loss weight ``name`` at this step: its configured value, moved along its schedule
-        (:mod:`~hf_attn_distill.schedules`) by ``global_step / max_steps``."""
+        (:mod:`~hf_attn_distill.training.schedules`) by ``global_step / max_steps``."""
         start = getattr(self.args, name)
         if name not in self._schedules:
             return start

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_classifier
 
-import hf_attn_distill.fused_transfer as fused_transfer
+import hf_attn_distill.attention.fused as fused_transfer
 from hf_attn_distill import AttentionRecorder, enable_attention_capture, find_attention_modules
 
 # Recording with autograd (the student) and without (the teacher, computed block by block); the tiny
@@ -179,7 +179,7 @@ def test_t5_position_bias_is_honoured(teacher_side, monkeypatch):
 
 @pytest.mark.parametrize("name", ["softcap", "s_aux", "sinks"])
 def test_unsupported_attention_kwargs_are_refused_not_dropped(name):
-    from hf_attn_distill.attention_capture import recording_attention_forward
+    from hf_attn_distill.attention.capture import recording_attention_forward
 
     model = tiny_classifier(0, num_hidden_layers=1).eval()
     module = find_attention_modules(model)[0].module

@@ -52,7 +52,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, loss):
 @pytest.mark.slow
 def test_two_processes_match_one_with_hidden_states_and_relations(tmp_path):
     """The hidden-state projection lives outside the student's forward: DDP must still average its gradient."""
-    from hf_attn_distill.hidden_transfer import PROJECTION_NAME
+    from hf_attn_distill.terms.hidden import PROJECTION_NAME
 
     single, single_log = run(tmp_path / "single", 1, 4, 2, "kl", "objectives")
     ddp, ddp_log = run(tmp_path / "ddp", 2, 2, 2, "kl", "objectives")

@@ -1,4 +1,4 @@
-"""Evaluation in dataset order with length-grouped training (hf_attn_distill.eval_order)."""
+"""Evaluation in dataset order with length-grouped training (hf_attn_distill.training.eval_order)."""
 
 import copy
 

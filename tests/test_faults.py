@@ -49,7 +49,7 @@ def kill_when_stalled(proc: subprocess.Popen) -> None:
     ids=["killed-between-steps", "killed-inside-a-save"],
 )
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, mode, resumed_from):
-    from hf_attn_distill.checkpoints import checkpoint_is_complete, last_complete_checkpoint
+    from hf_attn_distill.training.checkpoints import checkpoint_is_complete, last_complete_checkpoint
 
     full = start(tmp_path / "full", "full")
     finish(full)
@@ -90,7 +90,7 @@ def test_an_incomplete_checkpoint_is_refused_by_name(tmp_path):
 def test_resume_from_the_command_line_strings(tmp_path):
     """``--resume_from_checkpoint true`` (a string) means the last complete checkpoint, as run_glue.py users
     expect; ``false`` a fresh start; a folder named ``true`` stays a folder."""
-    from hf_attn_distill.checkpoints import resolve_resume
+    from hf_attn_distill.training.checkpoints import resolve_resume
 
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"
@@ -122,7 +122,7 @@ def test_a_disk_that_fills_during_a_checkpoint_save_is_named_and_the_resumed_run
     from safetensors.torch import load_file
 
     from hf_attn_distill import DistillConfig, DistillTrainer
-    from hf_attn_distill.checkpoints import DiskFullError, last_complete_checkpoint
+    from hf_attn_distill.training.checkpoints import DiskFullError, last_complete_checkpoint
 
     rows = [{"input_ids": [101, 5 + i, 7 + i % 3, 102], "attention_mask": [1] * 4, "labels": i % 2} for i in range(16)]
 

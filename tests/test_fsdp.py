@@ -1,4 +1,4 @@
-"""Where the teacher lives under FSDP and DeepSpeed ZeRO-3 (``hf_attn_distill.distributed``).
+"""Where the teacher lives under FSDP and DeepSpeed ZeRO-3 (``hf_attn_distill.training.distributed``).
 
 The multi-process tests run DistillTrainer under torchrun with 2 CPU processes (gloo). accelerate enables FSDP only
 for processes on GPUs, so the FSDP2 test switches the accelerator state to FSDP as it would be there
@@ -23,7 +23,7 @@ from conftest import tiny_classifier
 from torch import nn
 
 from hf_attn_distill import DistillConfig
-from hf_attn_distill.distributed import check_distributed_setup, prepare_teacher, require_deepspeed
+from hf_attn_distill.training.distributed import check_distributed_setup, prepare_teacher, require_deepspeed
 
 WORKER = Path(__file__).parent / "workers" / "fsdp_train.py"
 DEEPSPEED_INSTALLED = importlib.util.find_spec("deepspeed") is not None

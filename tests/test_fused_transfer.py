@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import hf_attn_distill.fused_transfer as fused_transfer
+import hf_attn_distill.attention.fused as fused_transfer
 from hf_attn_distill import TransferTarget, attention_kl_loss, attention_mse_loss, softmax_with_transfer_loss
 
 MIN = torch.finfo(torch.float32).min

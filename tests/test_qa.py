@@ -8,8 +8,14 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from hf_attn_distill import logit_kd_loss
-from hf_attn_distill.metrics import compute_squad_metrics, load_metric, normalize_answer, squad_exact_match, squad_f1
-from hf_attn_distill.qa import (
+from hf_attn_distill.tasks.metrics import (
+    compute_squad_metrics,
+    load_metric,
+    normalize_answer,
+    squad_exact_match,
+    squad_f1,
+)
+from hf_attn_distill.tasks.qa import (
     QACollator,
     load_squad_json,
     misplaced_answers,
@@ -246,7 +252,7 @@ def _tiny_qa(seed, layers):
 
 
 def test_missing_columns_name_the_flag(tmp_path):
-    from hf_attn_distill.qa import check_qa_columns
+    from hf_attn_distill.tasks.qa import check_qa_columns
 
     ds = load_squad_json(squad_json(tmp_path / "d.json")).rename_column("question", "query")
     with pytest.raises(ValueError, match="no column 'question'.*--question_column_name"):

@@ -11,8 +11,8 @@ from test_trainer_exactness import InOrderTrainer, uneven_dataset
 from transformers import DataCollatorWithPadding
 
 from hf_attn_distill import DistillConfig, DistillTrainer
-from hf_attn_distill.losses import relation_kl_loss, self_relation_log_probs
-from hf_attn_distill.relation_transfer import state_widths
+from hf_attn_distill.terms.losses import relation_kl_loss, self_relation_log_probs
+from hf_attn_distill.terms.relation import state_widths
 
 
 def _reference_relation_kl(student, teacher, heads, mask):

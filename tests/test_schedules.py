@@ -9,7 +9,7 @@ from test_trainer_exactness import InOrderTrainer, uneven_dataset
 from transformers import DataCollatorWithPadding
 
 from hf_attn_distill import DistillConfig
-from hf_attn_distill.schedules import parse_schedules, scheduled_value
+from hf_attn_distill.training.schedules import parse_schedules, scheduled_value
 
 
 def test_schedule_formulas_by_hand():

@@ -26,8 +26,8 @@ from hf_attn_distill import (
     group_teacher_heads,
     logit_kd_loss,
 )
-from hf_attn_distill.attention_capture import set_attention_implementation
-from hf_attn_distill.model_structure import find_attention_sites
+from hf_attn_distill.attention.capture import set_attention_implementation
+from hf_attn_distill.attention.sites import find_attention_sites
 
 PAD = 1
 VOCAB = 100
@@ -366,7 +366,7 @@ def test_a_model_that_never_calls_the_recording_implementation_is_caught_at_cons
     """Sites are learnt from the calls the recording implementation sees: a model that makes none is refused."""
     from conftest import tiny_classifier
 
-    import hf_attn_distill.attention_capture as attention_capture
+    import hf_attn_distill.attention.capture as attention_capture
 
     monkeypatch.setattr(attention_capture, "enable_attention_capture", lambda model: None)  # stays on sdpa
     with pytest.raises(ValueError, match=r"made no attention call that could be seen.*attention_weight=0"):
@@ -452,7 +452,7 @@ def test_generation_based_evaluation_keeps_the_loss_terms(tmp_path):
 @pytest.mark.parametrize("family", ["bart", "marian", "bert2bert"])
 def test_student_from_teacher_layers_for_encoder_decoders(family, tmp_path):
     from hf_attn_distill import student_from_teacher_layers
-    from hf_attn_distill.model_structure import find_layer_stacks
+    from hf_attn_distill.attention.sites import find_layer_stacks
 
     teacher = FAMILIES[family](4, 4, 0).eval()
     batch = collate(rows())
@@ -491,7 +491,7 @@ def test_sequence_kd_labels_are_the_teachers_translations_cached_until_the_teach
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from hf_attn_distill.sequence_kd import sequence_kd_dataset
+    from hf_attn_distill.tasks.sequence_kd import sequence_kd_dataset
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"<pad>": PAD, "<unk>": 0}, "<unk>")), pad_token="<pad>"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_classifier
 
-import hf_attn_distill.streamed_transfer as streamed
+import hf_attn_distill.attention.streamed as streamed
 from hf_attn_distill import (
     AttentionRecorder,
     attention_kl_loss,
@@ -13,8 +13,8 @@ from hf_attn_distill import (
     find_attention_modules,
     group_teacher_heads,
 )
-from hf_attn_distill.fused_transfer import TransferTarget
-from hf_attn_distill.streamed_transfer import AttentionMask, AttentionRows, streamed_transfer
+from hf_attn_distill.attention.fused import TransferTarget
+from hf_attn_distill.attention.streamed import AttentionMask, AttentionRows, streamed_transfer
 
 LOSSES = ["kl", "mse_scores", "mse_probs"]
 _MIN = torch.finfo(torch.float32).min

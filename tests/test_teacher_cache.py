@@ -8,7 +8,7 @@ from datasets import Dataset
 from test_trainer import make_args, make_trainer
 
 from hf_attn_distill import DistillConfig
-from hf_attn_distill.teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
+from hf_attn_distill.training.teacher_cache import CACHE_INDEX_COLUMN, TeacherLogitsCache
 
 
 def _counting_teacher():
@@ -57,7 +57,7 @@ def test_cache_is_reused_and_rebuilt_when_the_teacher_changes(tmp_path, tokenize
     other = tiny_classifier(5, num_hidden_layers=2, initializer_range=0.2)
     trainer = make_trainer(args, tokenizer, sentiment_dataset, teacher=other)
     meta = json.loads((folder / "meta.json").read_text())
-    from hf_attn_distill.teacher_cache import weights_checksum
+    from hf_attn_distill.training.teacher_cache import weights_checksum
 
     assert meta["teacher_weights_checksum"] == weights_checksum(trainer.teacher_model)
     logits = np.load(folder / "logits.npy")

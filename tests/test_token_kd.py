@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import hf_attn_distill.token_kd as token_kd
+import hf_attn_distill.terms.token_kd as token_kd
 from hf_attn_distill import logit_kd_loss
-from hf_attn_distill.token_kd import token_kd_loss
+from hf_attn_distill.terms.token_kd import token_kd_loss
 
 
 @pytest.mark.parametrize("chunk", [1 << 22, 37 * 3, 37], ids=["one-chunk", "three-rows", "one-row"])

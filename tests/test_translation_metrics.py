@@ -5,7 +5,7 @@ import pytest
 import sacrebleu
 from transformers import EvalPrediction
 
-from hf_attn_distill.metrics import TranslationMetrics, compute_translation_metrics
+from hf_attn_distill.tasks.metrics import TranslationMetrics, compute_translation_metrics
 
 
 def test_identical_text_scores_100():

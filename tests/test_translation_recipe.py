@@ -5,8 +5,8 @@ import torch
 from conftest import tiny_bert_config
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, BertModel
 
-from hf_attn_distill.metrics import compute_translation_metrics
 from hf_attn_distill.recipes.distill_translation import load_parallel_text, main
+from hf_attn_distill.tasks.metrics import compute_translation_metrics
 
 DE = [
     "Zwei junge Männer sind im Freien.",

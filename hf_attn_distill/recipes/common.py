@@ -13,10 +13,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_attn_distill import student_from_config, student_from_teacher_layers
-from hf_attn_distill.checkpoints import last_complete_checkpoint, resolve_resume
-from hf_attn_distill.eval_order import InOrderTrainer
-from hf_attn_distill.hardware import emulated_bf16_warning
-from hf_attn_distill.model_card import (
+from hf_attn_distill.hub.model_card import (
     CardInfo,
     card_metrics,
     count_parameters,
@@ -28,9 +25,12 @@ from hf_attn_distill.model_card import (
     task_of,
     write_model_card,
 )
-from hf_attn_distill.pairing import check_same_tokenizer
-from hf_attn_distill.profiling import machine_info, measure_forward_latency_ms
 from hf_attn_distill.trainer import DistillTrainer
+from hf_attn_distill.training.checkpoints import last_complete_checkpoint, resolve_resume
+from hf_attn_distill.training.eval_order import InOrderTrainer
+from hf_attn_distill.training.pairing import check_same_tokenizer
+from hf_attn_distill.utils.hardware import emulated_bf16_warning
+from hf_attn_distill.utils.profiling import machine_info, measure_forward_latency_ms
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def card_settings(model_args: ModelArguments, training_args, extra: dict | None 
 def is_sharded(trainer) -> bool:
     """Whether the student or the teacher is sharded across processes (FSDP, DeepSpeed ZeRO-3): their forward
     then needs every process, so the main process cannot run them alone (latency, teacher evaluation)."""
-    from hf_attn_distill.distributed import teacher_placement
+    from hf_attn_distill.training.distributed import teacher_placement
 
     return bool(getattr(trainer, "is_fsdp_enabled", False)) or teacher_placement(trainer.accelerator) != "replicated"
 
@@ -455,7 +455,7 @@ def write_figures(trainer, tokenizer, inputs: dict, output_dir: str | Path) -> l
     import logging
 
     from hf_attn_distill import group_teacher_heads
-    from hf_attn_distill.plots import attention_maps, log_figures_to_tensorboard, plot_attention, plot_loss_curves
+    from hf_attn_distill.hub.plots import attention_maps, log_figures_to_tensorboard, plot_attention, plot_loss_curves
 
     try:
         import matplotlib  # noqa: F401

@@ -37,8 +37,8 @@ from transformers import (
 )
 
 from hf_attn_distill import DistillConfig, DistillTrainer, InOrderTrainer
-from hf_attn_distill.batches import check_lengths, position_limits
-from hf_attn_distill.metrics import compute_classification_metrics
+from hf_attn_distill.tasks.metrics import compute_classification_metrics
+from hf_attn_distill.training.batches import check_lengths, position_limits
 
 from . import common
 from .common import ModelArguments, build_student, check_tokenizers

@@ -29,8 +29,8 @@ import transformers
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, set_seed
 
 from hf_attn_distill import DistillConfig, DistillTrainer
-from hf_attn_distill.batches import check_lengths, position_limits
-from hf_attn_distill.model_card import distillation_method
+from hf_attn_distill.hub.model_card import distillation_method
+from hf_attn_distill.training.batches import check_lengths, position_limits
 
 from . import common
 from .common import ModelArguments, build_student, check_tokenizers

@@ -31,8 +31,7 @@ import transformers
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, default_data_collator, set_seed
 
 from hf_attn_distill import DistillConfig, DistillTrainer, InOrderTrainer
-from hf_attn_distill.batches import check_lengths, position_limits
-from hf_attn_distill.qa import (
+from hf_attn_distill.tasks.qa import (
     QACollator,
     QAMetrics,
     check_qa_columns,
@@ -41,6 +40,7 @@ from hf_attn_distill.qa import (
     prepare_train_features,
     prepare_validation_features,
 )
+from hf_attn_distill.training.batches import check_lengths, position_limits
 
 from . import common
 from .common import ModelArguments, build_student, check_tokenizers

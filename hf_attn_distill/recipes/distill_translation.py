@@ -45,10 +45,10 @@ from hf_attn_distill import (
     student_from_config,
     student_from_teacher_layers,
 )
-from hf_attn_distill.batches import check_lengths, position_limits
-from hf_attn_distill.metrics import TranslationMetrics
-from hf_attn_distill.model_card import distillation_method
-from hf_attn_distill.sequence_kd import sequence_kd_dataset
+from hf_attn_distill.hub.model_card import distillation_method
+from hf_attn_distill.tasks.metrics import TranslationMetrics
+from hf_attn_distill.tasks.sequence_kd import sequence_kd_dataset
+from hf_attn_distill.training.batches import check_lengths, position_limits
 
 from . import common
 from .common import ModelArguments, check_tokenizers, parse_overrides

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from hf_attn_distill.model_card import count_parameters
-from hf_attn_distill.pretrained import minilm_path
-from hf_attn_distill.profiling import folder_weights_mb, measure_latency_ms
+from hf_attn_distill.hub.model_card import count_parameters
+from hf_attn_distill.utils.pretrained import minilm_path
+from hf_attn_distill.utils.profiling import folder_weights_mb, measure_latency_ms
 
 from .distill_classification import main as run_recipe
 

@@ -26,7 +26,7 @@ from test_trainer_exactness import uneven_dataset
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_attn_distill import DistillConfig, DistillTrainer
-from hf_attn_distill.distributed import teacher_placement
+from hf_attn_distill.training.distributed import teacher_placement
 
 
 class InOrderTrainer(DistillTrainer):

@@ -1,9 +1,9 @@
-"""``evaluate`` module for accuracy, computed by ``hf_attn_distill.metrics.accuracy`` (offline, no Hub)."""
+"""``evaluate`` module for accuracy, computed by ``hf_attn_distill.tasks.metrics.accuracy`` (offline, no Hub)."""
 
 import datasets
 import evaluate
 
-from hf_attn_distill.metrics import accuracy
+from hf_attn_distill.tasks.metrics import accuracy
 
 _DESCRIPTION = "Fraction of predictions equal to the references (class ids)."
 _KWARGS_DESCRIPTION = """

@@ -1,9 +1,9 @@
-"""``evaluate`` module for SQuAD v1.1/v2.0 exact match and F1, computed by ``hf_attn_distill.metrics`` (offline)."""
+"""``evaluate`` module for SQuAD v1.1/v2.0 exact match and F1, computed by ``hf_attn_distill.tasks.metrics`` (offline)."""
 
 import datasets
 import evaluate
 
-from hf_attn_distill.metrics import compute_squad_metrics
+from hf_attn_distill.tasks.metrics import compute_squad_metrics
 
 _DESCRIPTION = "SQuAD exact match and F1 in percent (official answer normalisation; v2 HasAns/NoAns split)."
 _KWARGS_DESCRIPTION = """

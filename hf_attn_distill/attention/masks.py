@@ -2,7 +2,7 @@
 
 An entry ``(b, h, q, k)`` is *valid* when query ``q`` and key ``k`` are real tokens of example ``b``
 (not padding) and, for causal attention, ``k`` is not in ``q``'s future. The reference losses
-(:mod:`~hf_attn_distill.losses`), the fused kernel (:mod:`~hf_attn_distill.fused_transfer`) and the
+(:mod:`~hf_attn_distill.terms.losses`), the fused kernel (:mod:`~hf_attn_distill.attention.fused`) and the
 trainer's gradient-accumulation counts all use the functions here, so a term is always divided by the
 count it actually sums over.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ATTENTION_LOSSES
+from hf_attn_distill.config import ATTENTION_LOSSES
 
 __all__ = ["ATTENTION_LOSSES", "attention_loss_count", "attention_valid_mask", "valid_token_count", "recorded_quantity"]
 

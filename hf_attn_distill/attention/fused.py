@@ -12,7 +12,7 @@ softmax needs them anyway), and adds the loss gradient inside the softmax backwa
 - ``"mse_probs"``: ``2w (p_s - p_t)`` added to the probability gradient before the softmax backward;
 - ``"mse_scores"`` (TinyBERT): ``d/dS = 2w (S - S_t)``,
 
-on valid entries only (:mod:`~hf_attn_distill.attention_masks`), where ``p~_t`` is the teacher
+on valid entries only (:mod:`~hf_attn_distill.attention.masks`), where ``p~_t`` is the teacher
 distribution with invalid entries zeroed and ``w`` the loss's incoming gradient over its count.
 The loss passes run over cache-sized blocks of (batch, heads). Values and gradients equal the
 reference formulas :func:`~hf_attn_distill.attention_kl_loss` / :func:`~hf_attn_distill.attention_mse_loss`
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .attention_masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
-from .losses import lift_neg_inf_
+from hf_attn_distill.attention.masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
+from hf_attn_distill.terms.losses import lift_neg_inf_
 
 __all__ = ["SoftmaxWithTransferLoss", "TransferTarget", "softmax_with_transfer_loss"]
 
@@ -43,7 +43,7 @@ class TransferTarget:
     Attributes:
         teacher: ``[B, H, Q, K]`` teacher log-probabilities (``"kl"``, ``"mse_probs"``) or pre-softmax
             scores (``"mse_scores"``), heads already grouped to the student's count; or the
-            :class:`~hf_attn_distill.streamed_transfer.AttentionRows` that recompute them block by block (heads
+            :class:`~hf_attn_distill.attention.streamed.AttentionRows` that recompute them block by block (heads
             grouped there).
         loss: one of ``ATTENTION_LOSSES``.
         key_mask: ``[B, K]`` valid keys, or ``None``.

@@ -1,9 +1,4 @@
-"""The loss terms of :class:`~hf_attn_distill.DistillTrainer`, registered in one place.
-
-:data:`OBJECTIVES` lists every term class in the order terms are computed and logged; :func:`build_objectives`
-asks each for the objects a (student, teacher, config) needs. A new term is one :class:`Objective` subclass with
-a ``build`` classmethod, added to :data:`OBJECTIVES` (see ``docs/adding_a_term.md``).
-"""
+"""The terms on the models' outputs: ``loss_ce`` (the student's own task loss) and ``loss_kd`` (logit KD)."""
 
 from __future__ import annotations
 
@@ -12,17 +7,14 @@ from typing import Any
 
 import torch
 
-from .attention_capture import Capture
-from .attention_transfer import SiteTransfer
-from .hidden_transfer import HiddenTransfer
-from .losses import logit_kd_loss
-from .objective import Objective, Step, label_items
-from .pairing import teacher_label_order
-from .relation_transfer import RelationTransfer
-from .term_registry import TermSpec, register_term, registered_classes
-from .token_kd import token_kd_loss
+from hf_attn_distill.attention.capture import Capture
+from hf_attn_distill.terms.base import Objective, Step, label_items
+from hf_attn_distill.terms.losses import logit_kd_loss
+from hf_attn_distill.terms.registry import TermSpec
+from hf_attn_distill.terms.token_kd import token_kd_loss
+from hf_attn_distill.training.pairing import teacher_label_order
 
-__all__ = ["LABEL_KEYS", "LOGIT_KEYS", "OBJECTIVES", "HardLabelLoss", "LogitKD", "build_objectives"]
+__all__ = ["LABEL_KEYS", "LOGIT_KEYS", "HardLabelLoss", "LogitKD"]
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 LOGIT_KEYS = ("logits", "start_logits", "end_logits")
@@ -141,26 +133,3 @@ class LogitKD(Objective):
 
     def count(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         return label_items(inputs)
-
-
-OBJECTIVES: tuple[type, ...] = (HardLabelLoss, LogitKD, SiteTransfer, HiddenTransfer, RelationTransfer)
-"""The package's term classes, in the order terms are computed and logged. Each has
-``build(student, teacher, args, capture) -> list[Objective]`` and ``specs`` (what the configuration and the card
-know of its terms), registered here in this order (:mod:`~hf_attn_distill.term_registry`)."""
-for _cls in OBJECTIVES:
-    register_term(_cls)
-
-
-def build_objectives(
-    student, teacher, args, capture: Capture, classes: tuple[type, ...] | None = None
-) -> list[Objective]:
-    """The objectives of ``classes`` (default: every registered term class) that ``args`` asks for, checked against
-    both models; what they attach to the models goes through ``capture``. A class whose weight field ``args`` does
-    not have (a term registered from outside with a config of its own) is left out."""
-    classes = registered_classes() if classes is None else classes
-    usable = [cls for cls in classes if all(hasattr(args, spec.weight_field) for spec in getattr(cls, "specs", ()))]
-    objectives = [objective for cls in usable for objective in cls.build(student, teacher, args, capture)]
-    names = [o.name for o in objectives]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Two objectives share a name: {names}.")
-    return objectives

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .attention_capture import POINT_ATTR, Capture, point_of, probability_rows
+from hf_attn_distill.attention.capture import POINT_ATTR, Capture, point_of, probability_rows
 
 __all__ = [
     "SITES",

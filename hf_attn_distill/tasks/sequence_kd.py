@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
-from .teacher_cache import weights_checksum
+from hf_attn_distill.training.teacher_cache import weights_checksum
 
 __all__ = ["sequence_kd_dataset"]
 

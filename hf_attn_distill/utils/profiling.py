@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .hardware import cpu_name
+from hf_attn_distill.utils.hardware import cpu_name
 
 __all__ = ["folder_weights_mb", "machine_info", "measure_forward_latency_ms", "measure_latency_ms"]
 

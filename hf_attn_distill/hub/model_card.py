@@ -16,7 +16,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from .term_registry import CARD_GROUPS, term_specs
+from hf_attn_distill.terms.registry import CARD_GROUPS, term_specs
 
 __all__ = [
     "CARD_METRICS",
@@ -39,7 +39,7 @@ __all__ = [
     "write_trainer_card",
 ]
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "distilled_student_card.md"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "distilled_student_card.md"
 
 #: Hub task id -> (task name shown in the model-index, Auto class that loads the student, usage snippet).
 TASKS = {
@@ -114,7 +114,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters of the model as exported (shared tensors counted once; the training-only hidden-state
     projection left out; DeepSpeed ZeRO-3 partitioned parameters counted at full size)."""
-    from .hidden_transfer import PROJECTION_NAME
+    from hf_attn_distill.terms.hidden import PROJECTION_NAME
 
     unique = {id(p): p for name, p in model.named_parameters() if not name.startswith(PROJECTION_NAME)}
     return sum(getattr(p, "ds_numel", p.numel()) for p in unique.values())
@@ -310,7 +310,7 @@ def task_of(model: nn.Module) -> str:
 def describe_layers(model: nn.Module) -> str:
     """``"3-layer"`` or, for an encoder-decoder, ``"3+3-layer"``: the depth of each self-attention site (a layer
     shared across depth, as in ALBERT, counts once per depth)."""
-    from .model_structure import find_attention_sites
+    from hf_attn_distill.attention.sites import find_attention_sites
 
     sites = find_attention_sites(model)
     return "+".join(str(len(layers)) for site, layers in sites.items() if site != "cross") + "-layer"
@@ -318,7 +318,7 @@ def describe_layers(model: nn.Module) -> str:
 
 def distillation_method(args, sequence_kd: bool = False) -> str:
     """One phrase naming the objective a :class:`~hf_attn_distill.DistillConfig` sets up: each registered term
-    that is on, by its card phrase (:mod:`~hf_attn_distill.term_registry`), terms of one group in one phrase."""
+    that is on, by its card phrase (:mod:`~hf_attn_distill.terms.registry`), terms of one group in one phrase."""
     parts = ["sequence-level KD"] if sequence_kd else []
     groups: dict[str, list[str]] = {}
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
@@ -353,7 +353,7 @@ BUDGET_SETTINGS = (
 
 def distillation_settings(args) -> dict:
     """The settings table of a card: the temperature, each registered term's weight and settings where the term
-    says they are shown (:meth:`~hf_attn_distill.term_registry.TermSpec.is_shown`), then the training budget."""
+    says they are shown (:meth:`~hf_attn_distill.terms.registry.TermSpec.is_shown`), then the training budget."""
     keys = ["temperature"]
     for spec in term_specs():
         if spec.is_shown(args):
@@ -440,9 +440,9 @@ class ModelCardMixin:
         dataset_args=None,
         **card_fields,
     ) -> CardInfo | None:
-        """Write the distillation card (:func:`~hf_attn_distill.model_card.write_trainer_card`) as ``README.md`` in
+        """Write the distillation card (:func:`~hf_attn_distill.hub.model_card.write_trainer_card`) as ``README.md`` in
         ``output_dir``. Takes ``Trainer.create_model_card``'s arguments, so ``push_to_hub`` writes it too;
-        ``card_fields`` set :class:`~hf_attn_distill.model_card.CardInfo` fields. Returns what the card says
+        ``card_fields`` set :class:`~hf_attn_distill.hub.model_card.CardInfo` fields. Returns what the card says
         (``None`` off the main process, or where transformers' generic card was written instead)."""
         if not self.is_world_process_zero():
             return None

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import deepspeed_requested, require_deepspeed
+from hf_attn_distill.config import deepspeed_requested, require_deepspeed
 
 __all__ = [
     "TEACHER_PLACEMENTS",

@@ -36,10 +36,10 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention_masks import ATTENTION_LOSSES, recorded_quantity
-from .fused_transfer import TransferTarget, attention_blocks, softmax_with_transfer_loss
-from .losses import attention_kl_loss, attention_mse_loss, group_teacher_heads
-from .streamed_transfer import AttentionMask, AttentionRows, streamed_transfer
+from hf_attn_distill.attention.fused import TransferTarget, attention_blocks, softmax_with_transfer_loss
+from hf_attn_distill.attention.masks import ATTENTION_LOSSES, recorded_quantity
+from hf_attn_distill.attention.streamed import AttentionMask, AttentionRows, streamed_transfer
+from hf_attn_distill.terms.losses import attention_kl_loss, attention_mse_loss, group_teacher_heads
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -180,7 +180,7 @@ class AttentionRecorder:
 
     ``with recorder.record() as records: model(**inputs)``: afterwards ``records`` holds one ``[B, H, Q, K]``
     float32 tensor per layer (with gradient, when the forward had one). With ``record(targets=[...])``
-    (one :class:`~hf_attn_distill.fused_transfer.TransferTarget` per layer, typically the teacher's records
+    (one :class:`~hf_attn_distill.attention.fused.TransferTarget` per layer, typically the teacher's records
     of the same batch) each layer instead computes its transfer loss inside its softmax and ``records``
     holds one scalar loss per layer: no ``[B, H, Q, K]`` tensor outlives the layer.
 
@@ -574,7 +574,7 @@ def _connect_loss(slot: _Slot, module: nn.Module, loss: torch.Tensor):
 
 
 def _mask_of(attention_mask: torch.Tensor | None, causal: bool, compact: bool) -> AttentionMask:
-    """The :class:`~hf_attn_distill.streamed_transfer.AttentionMask` of a call (``compact``: a padding mask as its
+    """The :class:`~hf_attn_distill.attention.streamed.AttentionMask` of a call (``compact``: a padding mask as its
     ``[B, K]`` key padding, so nothing of size Q x K is kept)."""
     if attention_mask is None:
         return AttentionMask(causal=causal)
@@ -593,7 +593,7 @@ def _future(num_q: int, num_k: int, device) -> torch.Tensor:
 
 
 def _describe_call(module, query, key, attention_mask, is_causal, kwargs) -> dict:
-    """What site discovery learns from one attention call (:mod:`~hf_attn_distill.model_structure`)."""
+    """What site discovery learns from one attention call (:mod:`~hf_attn_distill.attention.sites`)."""
     num_q, num_k = query.shape[-2], key.shape[-2]
     future = _future(num_q, num_k, query.device)
     if not bool(future.any()):

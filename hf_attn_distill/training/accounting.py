@@ -1,6 +1,6 @@
 """Per-term bookkeeping: what gradient accumulation divides by, and the item-weighted means that are logged.
 
-Every objective averages over its own items (:meth:`~hf_attn_distill.objective.Objective.count`: examples,
+Every objective averages over its own items (:meth:`~hf_attn_distill.terms.base.Objective.count`: examples,
 label tokens, valid attention rows or entries, valid tokens). So that ``k`` micro-batches of ``n`` give the
 update of one batch of ``k * n``, each micro-batch's mean is scaled by ``items / window items`` before
 backward, the window items being summed over the whole accumulation window (and across processes) before its
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .objective import Objective
-from .objectives import LABEL_KEYS
+from hf_attn_distill.terms.base import Objective
+from hf_attn_distill.terms.logit import LABEL_KEYS
 
 __all__ = ["TermAccounting", "TermLoggingMixin"]
 

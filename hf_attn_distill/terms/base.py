@@ -62,7 +62,7 @@ class Objective:
     """The :class:`~hf_attn_distill.DistillConfig` field holding its weight (what ``schedules`` can move)."""
     specs: ClassVar[tuple] = ()
     """What the configuration and the model card know of the terms this class makes, one
-    :class:`~hf_attn_distill.term_registry.TermSpec` each (``register_term`` reads them)."""
+    :class:`~hf_attn_distill.terms.registry.TermSpec` each (``register_term`` reads them)."""
     needs_teacher: ClassVar[bool] = True
     """Whether the term reads anything of the teacher's forward."""
     teacher_forward_kwargs: ClassVar[dict[str, Any]] = {}

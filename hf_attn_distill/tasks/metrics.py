@@ -28,7 +28,7 @@ __all__ = [
     "squad_f1",
 ]
 
-METRIC_MODULES = Path(__file__).resolve().parent / "evaluate_modules"
+METRIC_MODULES = Path(__file__).resolve().parents[1] / "evaluate_modules"
 
 
 def load_metric(name: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .hidden_transfer import PROJECTION_NAME
+from hf_attn_distill.terms.hidden import PROJECTION_NAME
 
 __all__ = [
     "TRAINER_STATE_NAME",

@@ -1,7 +1,7 @@
 """Which attention each site transfers: layer pairs, weights, masks and recorders, checked against both models.
 
 One :class:`SiteTransfer` per attention site (``"encoder"``, ``"decoder"``, ``"cross"``, see
-:mod:`~hf_attn_distill.model_structure`) that the configuration maps. Its masks follow the site:
+:mod:`~hf_attn_distill.attention.sites`) that the configuration maps. Its masks follow the site:
 
 | site | keys | queries | causal |
 |---|---|---|---|
@@ -20,16 +20,16 @@ from collections.abc import Mapping
 import torch
 from transformers import PreTrainedModel
 
-from .attention_capture import Capture
-from .attention_masks import attention_loss_count, recorded_quantity
-from .config import ATTENTION_SITES, AttentionSite
-from .fused_transfer import TransferTarget
-from .layer_map import resolve_layer_map
-from .losses import group_teacher_heads
-from .model_structure import AttentionLayer, find_attention_sites
-from .objective import Objective, Step
-from .streamed_transfer import AttentionRows
-from .term_registry import TermSpec
+from hf_attn_distill.attention.capture import Capture
+from hf_attn_distill.attention.fused import TransferTarget
+from hf_attn_distill.attention.layer_map import resolve_layer_map
+from hf_attn_distill.attention.masks import attention_loss_count, recorded_quantity
+from hf_attn_distill.attention.sites import AttentionLayer, find_attention_sites
+from hf_attn_distill.attention.streamed import AttentionRows
+from hf_attn_distill.config import ATTENTION_SITES, AttentionSite
+from hf_attn_distill.terms.base import Objective, Step
+from hf_attn_distill.terms.losses import group_teacher_heads
+from hf_attn_distill.terms.registry import TermSpec
 
 __all__ = ["SiteTransfer", "check_attention_sites", "site_layer_maps", "target_mask"]
 
@@ -47,10 +47,10 @@ class SiteTransfer(Objective):
     """Attention transfer at one site (``loss_attn_enc``, ``loss_attn_dec`` or ``loss_attn_cross``).
 
     The teacher's mapped layers keep what recomputes their attention rows (queries, keys, mask:
-    :class:`~hf_attn_distill.streamed_transfer.AttentionRows`); each mapped student layer then computes its output
-    and transfer loss block by block over query rows (:mod:`~hf_attn_distill.streamed_transfer`), and the term is
+    :class:`~hf_attn_distill.attention.streamed.AttentionRows`); each mapped student layer then computes its output
+    and transfer loss block by block over query rows (:mod:`~hf_attn_distill.attention.streamed`), and the term is
     the mean over the pairs. A teacher whose attention is read as probabilities (DeBERTa) records them in full, and
-    its students take the loss inside their softmax (:mod:`~hf_attn_distill.fused_transfer`).
+    its students take the loss inside their softmax (:mod:`~hf_attn_distill.attention.fused`).
 
     Attributes:
         site: ``"encoder"``, ``"decoder"`` or ``"cross"`` (:data:`~hf_attn_distill.config.ATTENTION_SITES`).

@@ -3,12 +3,12 @@
 For one student layer and one teacher layer (any layers, e.g. MiniLMv2's upper-middle teacher layer), the
 queries, keys and values of all heads are concatenated to ``[B, T, D]`` and split into ``R`` relation heads;
 each relation ``softmax(x_r x_r^T / sqrt(D / R))`` of the student learns the teacher's by KL
-(:func:`~hf_attn_distill.losses.relation_kl_loss`). Relations are ``T x T`` whatever the width, so student
+(:func:`~hf_attn_distill.terms.losses.relation_kl_loss`). Relations are ``T x T`` whatever the width, so student
 and teacher may differ in hidden size and head count: only both widths must divide into ``R`` heads.
 ``relation_kinds="vv"`` with ``R`` = the attention heads is MiniLM (v1)'s value relation.
 
 The states come from the same selective path as attention transfer: only the two chosen attention modules
-hand their ``query``/``key``/``value`` to a :class:`~hf_attn_distill.attention_capture.StateRecorder`; every other layer keeps the fused kernel.
+hand their ``query``/``key``/``value`` to a :class:`~hf_attn_distill.attention.capture.StateRecorder`; every other layer keeps the fused kernel.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention_capture import StateRecorder
-from .attention_masks import valid_token_count
-from .config import RELATION_KINDS, parse_relation_kinds
-from .losses import relation_kl_loss
-from .model_structure import find_attention_sites
-from .objective import Objective, Step
-from .term_registry import TermSpec
+from hf_attn_distill.attention.capture import StateRecorder
+from hf_attn_distill.attention.masks import valid_token_count
+from hf_attn_distill.attention.sites import find_attention_sites
+from hf_attn_distill.config import RELATION_KINDS, parse_relation_kinds
+from hf_attn_distill.terms.base import Objective, Step
+from hf_attn_distill.terms.losses import relation_kl_loss
+from hf_attn_distill.terms.registry import TermSpec
 
 __all__ = ["RELATION_KINDS", "RelationTransfer", "parse_relation_kinds", "state_widths"]
 
@@ -37,7 +37,7 @@ class RelationTransfer(Objective):
         kinds: relation kinds (``"qq"``, ``"kk"``, ``"vv"``); the term is their mean.
         num_heads: relation heads ``R``.
         weight: weight of the term.
-        student, teacher: :class:`~hf_attn_distill.attention_capture.StateRecorder` of the two modules.
+        student, teacher: :class:`~hf_attn_distill.attention.capture.StateRecorder` of the two modules.
         student_layer, teacher_layer: the 0-based layers.
     """
 
@@ -67,7 +67,7 @@ class RelationTransfer(Objective):
         self._teacher_states = self._student_states = None
 
     def relation_loss(self, student_states, teacher_states, mask: torch.Tensor | None) -> torch.Tensor:
-        """Mean over kinds of :func:`~hf_attn_distill.losses.relation_kl_loss` of the recorded states."""
+        """Mean over kinds of :func:`~hf_attn_distill.terms.losses.relation_kl_loss` of the recorded states."""
         losses = [
             relation_kl_loss(student_states[RELATION_INDEX[k]], teacher_states[RELATION_INDEX[k]], self.num_heads, mask)
             for k in self.kinds

@@ -7,8 +7,8 @@ from pathlib import Path
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
-from .attention_transfer import check_attention_sites
-from .config import DistillConfig
+from hf_attn_distill.config import DistillConfig
+from hf_attn_distill.terms.attention import check_attention_sites
 
 __all__ = [
     "check_distillation_pair",

@@ -7,7 +7,7 @@ Every function returns the mean over valid items, so the caller can rescale it b
 All math runs in float32, whatever the input dtype, so fp16/bf16 inputs give no inf/NaN.
 
 The attention losses here are the plain reference formulas: readable, autograd-differentiated, and
-the oracles the fused kernel the trainer uses (:mod:`~hf_attn_distill.fused_transfer`) is tested
+the oracles the fused kernel the trainer uses (:mod:`~hf_attn_distill.attention.fused`) is tested
 against. Use them in custom training loops on recorded attention.
 """
 
@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention_masks import attention_loss_count, attention_valid_mask
+from hf_attn_distill.attention.masks import attention_loss_count, attention_valid_mask
 
 __all__ = [
     "attention_kl_loss",
@@ -149,7 +149,7 @@ def attention_kl_loss(
     """MiniLM attention-transfer loss: row-wise ``KL(teacher || student)`` over keys, per head.
 
     ``sum_k p_t (log p_t - log p_s)`` over valid keys, averaged over heads and valid query rows
-    (:func:`~hf_attn_distill.attention_masks.attention_loss_count`). Takes **log-probabilities**
+    (:func:`~hf_attn_distill.attention.masks.attention_loss_count`). Takes **log-probabilities**
     (``log_softmax`` of the masked attention scores, as :class:`~hf_attn_distill.AttentionRecorder`
     records them), never probabilities, so there is no ``log(0)``. Keys the teacher gives zero
     probability contribute ``0``; fully padded rows contribute nothing and give no NaN.

@@ -14,10 +14,10 @@ the memory it saves):
 - ``"mse_probs"``: ``dP += 2w (p_s - p_t)`` before the softmax backward;
 - ``"mse_scores"`` (TinyBERT): ``dS += 2w (S - S_t)``,
 
-on valid entries only (:mod:`~hf_attn_distill.attention_masks`), ``w`` being the loss's gradient over its count.
+on valid entries only (:mod:`~hf_attn_distill.attention.masks`), ``w`` being the loss's gradient over its count.
 Block rows are chosen from a memory budget (:data:`ROW_BLOCK_ELEMENTS` float32 elements per block temporary), so
 the extra memory is the same at any length. Values and gradients equal the fused path
-(:mod:`~hf_attn_distill.fused_transfer`) and the reference losses (tested). Attention dropout, when training, is
+(:mod:`~hf_attn_distill.attention.fused`) and the reference losses (tested). Attention dropout, when training, is
 drawn per block from a generator seeded once per call, and drawn again identically in backward.
 """
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.function import once_differentiable
 
-from .attention_masks import attention_loss_count
-from .losses import group_teacher_heads, lift_neg_inf_
+from hf_attn_distill.attention.masks import attention_loss_count
+from hf_attn_distill.terms.losses import group_teacher_heads, lift_neg_inf_
 
 __all__ = [
     "ROW_BLOCK_ELEMENTS",
@@ -371,7 +371,7 @@ def _sum_to(x: torch.Tensor, shape) -> torch.Tensor:
 
 def streamed_transfer(query, key, value, bias, mask: AttentionMask, target, dropout: float = 0.0):
     """Output ``[B, H, Q, D]`` of one student attention layer and its transfer loss to ``target`` (a
-    :class:`~hf_attn_distill.fused_transfer.TransferTarget` whose ``teacher`` is :class:`AttentionRows`).
+    :class:`~hf_attn_distill.attention.fused.TransferTarget` whose ``teacher`` is :class:`AttentionRows`).
 
     ``query`` is scaled already; ``key``/``value`` have the query's head count. The loss is the mean over valid
     (head, query) rows for ``"kl"`` and over valid entries for the MSE kinds, as the reference losses define it."""

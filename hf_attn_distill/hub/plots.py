@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .attention_capture import Capture
+from hf_attn_distill.attention.capture import Capture
 
 __all__ = ["attention_maps", "log_figures_to_tensorboard", "plot_attention", "plot_loss_curves"]
 

@@ -3,7 +3,7 @@
 The feature and post-processing logic follows transformers' ``examples/pytorch/question-answering``
 (``run_qa.py`` / ``utils_qa.py``), plus what distillation needs: every feature carries ``kd_mask``, the
 positions an answer can take (context tokens, and the CLS token for SQuAD v2), so the start/end logit KD
-compares teacher and student there only (:data:`~hf_attn_distill.objective.KD_MASK_COLUMN`).
+compares teacher and student there only (:data:`~hf_attn_distill.terms.base.KD_MASK_COLUMN`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from transformers import EvalPrediction, PreTrainedTokenizerBase
 
-from .metrics import compute_squad_metrics
-from .objective import KD_MASK_COLUMN
+from hf_attn_distill.tasks.metrics import compute_squad_metrics
+from hf_attn_distill.terms.base import KD_MASK_COLUMN
 
 __all__ = [
     "QACollator",
@@ -200,7 +200,7 @@ def prepare_train_features(
     if bad:
         raise ValueError(
             f"{len(bad)} training examples have an answer_start that does not point at their answer text "
-            f"(e.g. {bad[:3]}). Fix them or drop them first (hf_attn_distill.qa.misplaced_answers)."
+            f"(e.g. {bad[:3]}). Fix them or drop them first (hf_attn_distill.tasks.qa.misplaced_answers)."
         )
     encoded, context_index = _encode(
         examples, tokenizer, max_seq_length, doc_stride, max_query_length, columns, pad_to_max_length
@@ -262,7 +262,7 @@ class QACollator:
     """Pads a batch of QA features (from ``pad_to_max_length=False``) to its longest window, on the right.
 
     Model inputs are padded by the tokenizer (``input_ids`` with its pad token, ``attention_mask`` and
-    ``token_type_ids`` with 0), :data:`~hf_attn_distill.objective.KD_MASK_COLUMN` with 0, so a padded position
+    ``token_type_ids`` with 0), :data:`~hf_attn_distill.terms.base.KD_MASK_COLUMN` with 0, so a padded position
     is neither attended to nor distilled. Fixed-length features pass through unchanged, as with
     ``default_data_collator``. With ``train_sampling_strategy="group_by_length"``, batches hold windows of
     similar length and carry little padding.

@@ -16,7 +16,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import has_length
 
-from .checkpoints import SaveGuardMixin
+from hf_attn_distill.training.checkpoints import SaveGuardMixin
 
 __all__ = ["InOrderEvaluationMixin", "InOrderSeq2SeqTrainer", "InOrderTrainer"]
 

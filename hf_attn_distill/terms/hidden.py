@@ -15,11 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .attention_masks import valid_token_count
-from .layer_map import resolve_layer_map
-from .losses import hidden_cosine_loss, hidden_mse_loss
-from .objective import Objective, Step
-from .term_registry import TermSpec
+from hf_attn_distill.attention.layer_map import resolve_layer_map
+from hf_attn_distill.attention.masks import valid_token_count
+from hf_attn_distill.terms.base import Objective, Step
+from hf_attn_distill.terms.losses import hidden_cosine_loss, hidden_mse_loss
+from hf_attn_distill.terms.registry import TermSpec
 
 __all__ = ["HIDDEN_LOSSES", "PROJECTION_NAME", "HiddenTransfer"]
 
