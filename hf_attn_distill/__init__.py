@@ -12,11 +12,7 @@ from hf_attn_distill.attention.sites import (
     find_encoder_layers,
 )
 from hf_attn_distill.config import DistillConfig
-from hf_attn_distill.seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
-from hf_attn_distill.students import student_from_config, student_from_teacher_layers
-from hf_attn_distill.terms.base import Objective, Step
-from hf_attn_distill.terms.build import OBJECTIVES, build_objectives
-from hf_attn_distill.terms.losses import (
+from hf_attn_distill.losses import (
     attention_kl_loss,
     attention_mse_loss,
     group_teacher_heads,
@@ -25,6 +21,10 @@ from hf_attn_distill.terms.losses import (
     logit_kd_loss,
     relation_kl_loss,
 )
+from hf_attn_distill.seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
+from hf_attn_distill.students import student_from_config, student_from_teacher_layers
+from hf_attn_distill.terms.base import Objective, Step
+from hf_attn_distill.terms.build import OBJECTIVES, build_objectives
 from hf_attn_distill.terms.registry import TermSpec, register_term
 from hf_attn_distill.terms.token_kd import token_kd_loss
 from hf_attn_distill.trainer import DistillTrainer

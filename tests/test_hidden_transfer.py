@@ -12,8 +12,8 @@ from test_trainer_exactness import InOrderTrainer, uneven_dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from hf_attn_distill import DistillConfig, DistillTrainer
+from hf_attn_distill.losses import hidden_cosine_loss, hidden_mse_loss
 from hf_attn_distill.terms.hidden import PROJECTION_NAME
-from hf_attn_distill.terms.losses import hidden_cosine_loss, hidden_mse_loss
 
 
 def test_hidden_losses_by_hand_with_padding():

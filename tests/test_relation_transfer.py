@@ -11,7 +11,7 @@ from test_trainer_exactness import InOrderTrainer, uneven_dataset
 from transformers import DataCollatorWithPadding
 
 from hf_attn_distill import DistillConfig, DistillTrainer
-from hf_attn_distill.terms.losses import relation_kl_loss, self_relation_log_probs
+from hf_attn_distill.losses import relation_kl_loss, self_relation_log_probs
 from hf_attn_distill.terms.relation import state_widths
 
 

@@ -39,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from hf_attn_distill.attention.fused import TransferTarget, attention_blocks, softmax_with_transfer_loss
 from hf_attn_distill.attention.masks import ATTENTION_LOSSES, recorded_quantity
 from hf_attn_distill.attention.streamed import AttentionMask, AttentionRows, streamed_transfer
-from hf_attn_distill.terms.losses import attention_kl_loss, attention_mse_loss, group_teacher_heads
+from hf_attn_distill.losses import attention_kl_loss, attention_mse_loss, group_teacher_heads
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

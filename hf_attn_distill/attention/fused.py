@@ -27,7 +27,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from hf_attn_distill.attention.masks import ATTENTION_LOSSES, attention_loss_count, attention_valid_mask
-from hf_attn_distill.terms.losses import lift_neg_inf_
+from hf_attn_distill.losses import lift_neg_inf_
 
 __all__ = ["SoftmaxWithTransferLoss", "TransferTarget", "softmax_with_transfer_loss"]
 

@@ -2,7 +2,7 @@
 
 An entry ``(b, h, q, k)`` is *valid* when query ``q`` and key ``k`` are real tokens of example ``b``
 (not padding) and, for causal attention, ``k`` is not in ``q``'s future. The reference losses
-(:mod:`~hf_attn_distill.terms.losses`), the fused kernel (:mod:`~hf_attn_distill.attention.fused`) and the
+(:mod:`~hf_attn_distill.losses`), the fused kernel (:mod:`~hf_attn_distill.attention.fused`) and the
 trainer's gradient-accumulation counts all use the functions here, so a term is always divided by the
 count it actually sums over.
 """

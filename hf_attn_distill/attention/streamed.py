@@ -29,7 +29,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from hf_attn_distill.attention.masks import attention_loss_count
-from hf_attn_distill.terms.losses import group_teacher_heads, lift_neg_inf_
+from hf_attn_distill.losses import group_teacher_heads, lift_neg_inf_
 
 __all__ = [
     "ROW_BLOCK_ELEMENTS",

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, HfArgumentParser
 
-from hf_attn_distill import student_from_config, student_from_teacher_layers
 from hf_attn_distill.hub.model_card import (
     CardInfo,
     card_metrics,
@@ -25,6 +24,7 @@ from hf_attn_distill.hub.model_card import (
     task_of,
     write_model_card,
 )
+from hf_attn_distill.students import student_from_config, student_from_teacher_layers
 from hf_attn_distill.trainer import DistillTrainer
 from hf_attn_distill.training.checkpoints import last_complete_checkpoint, resolve_resume
 from hf_attn_distill.training.eval_order import InOrderTrainer

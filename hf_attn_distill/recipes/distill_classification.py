@@ -36,9 +36,11 @@ from transformers import (
     set_seed,
 )
 
-from hf_attn_distill import DistillConfig, DistillTrainer, InOrderTrainer
+from hf_attn_distill.config import DistillConfig
 from hf_attn_distill.tasks.metrics import compute_classification_metrics
+from hf_attn_distill.trainer import DistillTrainer
 from hf_attn_distill.training.batches import check_lengths, position_limits
+from hf_attn_distill.training.eval_order import InOrderTrainer
 
 from . import common
 from .common import ModelArguments, build_student, check_tokenizers

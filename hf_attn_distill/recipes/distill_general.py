@@ -28,8 +28,9 @@ import datasets
 import transformers
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, set_seed
 
-from hf_attn_distill import DistillConfig, DistillTrainer
+from hf_attn_distill.config import DistillConfig
 from hf_attn_distill.hub.model_card import distillation_method
+from hf_attn_distill.trainer import DistillTrainer
 from hf_attn_distill.training.batches import check_lengths, position_limits
 
 from . import common

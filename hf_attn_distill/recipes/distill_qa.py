@@ -30,7 +30,7 @@ import datasets
 import transformers
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, default_data_collator, set_seed
 
-from hf_attn_distill import DistillConfig, DistillTrainer, InOrderTrainer
+from hf_attn_distill.config import DistillConfig
 from hf_attn_distill.tasks.qa import (
     QACollator,
     QAMetrics,
@@ -40,7 +40,9 @@ from hf_attn_distill.tasks.qa import (
     prepare_train_features,
     prepare_validation_features,
 )
+from hf_attn_distill.trainer import DistillTrainer
 from hf_attn_distill.training.batches import check_lengths, position_limits
+from hf_attn_distill.training.eval_order import InOrderTrainer
 
 from . import common
 from .common import ModelArguments, build_student, check_tokenizers

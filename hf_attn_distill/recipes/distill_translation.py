@@ -38,17 +38,13 @@ from transformers import (
     set_seed,
 )
 
-from hf_attn_distill import (
-    DistillSeq2SeqConfig,
-    DistillSeq2SeqTrainer,
-    InOrderSeq2SeqTrainer,
-    student_from_config,
-    student_from_teacher_layers,
-)
 from hf_attn_distill.hub.model_card import distillation_method
+from hf_attn_distill.seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2SeqTrainer
+from hf_attn_distill.students import student_from_config, student_from_teacher_layers
 from hf_attn_distill.tasks.metrics import TranslationMetrics
 from hf_attn_distill.tasks.sequence_kd import sequence_kd_dataset
 from hf_attn_distill.training.batches import check_lengths, position_limits
+from hf_attn_distill.training.eval_order import InOrderSeq2SeqTrainer
 
 from . import common
 from .common import ModelArguments, check_tokenizers, parse_overrides

@@ -27,8 +27,8 @@ from hf_attn_distill.attention.masks import attention_loss_count, recorded_quant
 from hf_attn_distill.attention.sites import AttentionLayer, find_attention_sites
 from hf_attn_distill.attention.streamed import AttentionRows
 from hf_attn_distill.config import ATTENTION_SITES, AttentionSite
+from hf_attn_distill.losses import group_teacher_heads
 from hf_attn_distill.terms.base import Objective, Step
-from hf_attn_distill.terms.losses import group_teacher_heads
 from hf_attn_distill.terms.registry import TermSpec
 
 __all__ = ["SiteTransfer", "check_attention_sites", "site_layer_maps", "target_mask"]

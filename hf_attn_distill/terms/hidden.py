@@ -17,8 +17,8 @@ from torch import nn
 
 from hf_attn_distill.attention.layer_map import resolve_layer_map
 from hf_attn_distill.attention.masks import valid_token_count
+from hf_attn_distill.losses import hidden_cosine_loss, hidden_mse_loss
 from hf_attn_distill.terms.base import Objective, Step
-from hf_attn_distill.terms.losses import hidden_cosine_loss, hidden_mse_loss
 from hf_attn_distill.terms.registry import TermSpec
 
 __all__ = ["HIDDEN_LOSSES", "PROJECTION_NAME", "HiddenTransfer"]

@@ -6,19 +6,40 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from hf_attn_distill.attention.capture import Capture
+from hf_attn_distill.losses import logit_kd_loss
 from hf_attn_distill.terms.base import Objective, Step, label_items
-from hf_attn_distill.terms.losses import logit_kd_loss
 from hf_attn_distill.terms.registry import TermSpec
 from hf_attn_distill.terms.token_kd import token_kd_loss
-from hf_attn_distill.training.pairing import teacher_label_order
 
-__all__ = ["LABEL_KEYS", "LOGIT_KEYS", "HardLabelLoss", "LogitKD"]
+__all__ = ["LABEL_KEYS", "LOGIT_KEYS", "HardLabelLoss", "LogitKD", "teacher_label_order"]
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 LOGIT_KEYS = ("logits", "start_logits", "end_logits")
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # model classes whose loss shifts the labels by one
+
+
+def teacher_label_order(student: PreTrainedModel, teacher: PreTrainedModel) -> list[int] | None:
+    """Teacher logit columns in the student's label order, or ``None`` when both order labels alike.
+
+    Models name their labels in ``config.id2label``. Default names (``LABEL_0``...) or identical maps need no
+    reordering; the same names in another order are remapped; different names raise.
+    """
+    s_map, t_map = getattr(student.config, "id2label", None), getattr(teacher.config, "id2label", None)
+    if not s_map or not t_map or len(s_map) != len(t_map):
+        return None
+    s_names = [s_map[i] for i in sorted(s_map)]
+    t_names = [t_map[i] for i in sorted(t_map)]
+    if s_names == t_names:
+        return None
+    if sorted(s_names) != sorted(t_names):
+        raise ValueError(
+            f"Student labels {s_names} and teacher labels {t_names} differ: KD would teach the student the wrong "
+            "classes. Create the student with the teacher's id2label/label2id (or relabel the data)."
+        )
+    return [t_names.index(name) for name in s_names]
 
 
 class HardLabelLoss(Objective):

@@ -3,7 +3,7 @@
 For one student layer and one teacher layer (any layers, e.g. MiniLMv2's upper-middle teacher layer), the
 queries, keys and values of all heads are concatenated to ``[B, T, D]`` and split into ``R`` relation heads;
 each relation ``softmax(x_r x_r^T / sqrt(D / R))`` of the student learns the teacher's by KL
-(:func:`~hf_attn_distill.terms.losses.relation_kl_loss`). Relations are ``T x T`` whatever the width, so student
+(:func:`~hf_attn_distill.losses.relation_kl_loss`). Relations are ``T x T`` whatever the width, so student
 and teacher may differ in hidden size and head count: only both widths must divide into ``R`` heads.
 ``relation_kinds="vv"`` with ``R`` = the attention heads is MiniLM (v1)'s value relation.
 
@@ -20,8 +20,8 @@ from hf_attn_distill.attention.capture import StateRecorder
 from hf_attn_distill.attention.masks import valid_token_count
 from hf_attn_distill.attention.sites import find_attention_sites
 from hf_attn_distill.config import RELATION_KINDS, parse_relation_kinds
+from hf_attn_distill.losses import relation_kl_loss
 from hf_attn_distill.terms.base import Objective, Step
-from hf_attn_distill.terms.losses import relation_kl_loss
 from hf_attn_distill.terms.registry import TermSpec
 
 __all__ = ["RELATION_KINDS", "RelationTransfer", "parse_relation_kinds", "state_widths"]
@@ -67,7 +67,7 @@ class RelationTransfer(Objective):
         self._teacher_states = self._student_states = None
 
     def relation_loss(self, student_states, teacher_states, mask: torch.Tensor | None) -> torch.Tensor:
-        """Mean over kinds of :func:`~hf_attn_distill.terms.losses.relation_kl_loss` of the recorded states."""
+        """Mean over kinds of :func:`~hf_attn_distill.losses.relation_kl_loss` of the recorded states."""
         losses = [
             relation_kl_loss(student_states[RELATION_INDEX[k]], teacher_states[RELATION_INDEX[k]], self.num_heads, mask)
             for k in self.kinds

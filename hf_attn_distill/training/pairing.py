@@ -9,6 +9,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from hf_attn_distill.config import DistillConfig
 from hf_attn_distill.terms.attention import check_attention_sites
+from hf_attn_distill.terms.logit import teacher_label_order
 
 __all__ = [
     "check_distillation_pair",
@@ -17,7 +18,6 @@ __all__ = [
     "load_teacher_tokenizer",
     "resolve_teacher",
     "shared_vocab_rows",
-    "teacher_label_order",
 ]
 
 
@@ -64,27 +64,6 @@ def resolve_teacher(model, teacher_model, args) -> PreTrainedModel:
     if teacher_model is model:
         raise ValueError("teacher_model is the student itself; pass a separate teacher.")
     return teacher_model
-
-
-def teacher_label_order(student: PreTrainedModel, teacher: PreTrainedModel) -> list[int] | None:
-    """Teacher logit columns in the student's label order, or ``None`` when both order labels alike.
-
-    Models name their labels in ``config.id2label``. Default names (``LABEL_0``...) or identical maps need no
-    reordering; the same names in another order are remapped; different names raise.
-    """
-    s_map, t_map = getattr(student.config, "id2label", None), getattr(teacher.config, "id2label", None)
-    if not s_map or not t_map or len(s_map) != len(t_map):
-        return None
-    s_names = [s_map[i] for i in sorted(s_map)]
-    t_names = [t_map[i] for i in sorted(t_map)]
-    if s_names == t_names:
-        return None
-    if sorted(s_names) != sorted(t_names):
-        raise ValueError(
-            f"Student labels {s_names} and teacher labels {t_names} differ: KD would teach the student the wrong "
-            "classes. Create the student with the teacher's id2label/label2id (or relabel the data)."
-        )
-    return [t_names.index(name) for name in s_names]
 
 
 def _config_value(config, name: str):
