@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import one_sgd_step, tiny_classifier
 
-from hf_attn_distill import DistillConfig, DistillTrainer, hardware
+from hf_attn_distill import DistillConfig, DistillTrainer
+from hf_attn_distill.utils import hardware
 
 
 @pytest.mark.parametrize(
