@@ -1,5 +1,6 @@
 """Installed from a wheel (not the checkout), the package finds its card template, metric modules and recipes."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,8 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel_install(tmp_path_factory):
-    """The project built as a wheel and installed with ``pip --target``: (wheel, target folder)."""
+    """The project built as a wheel and installed with ``pip --target``: (wheel, target folder). Built from a copy of
+    the files git tracks (a stale ``build/`` folder in the checkout would leak removed modules into the wheel)."""
     tmp_path = tmp_path_factory.mktemp("wheel")
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files", "pyproject.toml", "README.md", "hf_attn_distill"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
     subprocess.run(
         [
             sys.executable,
@@ -38,7 +46,7 @@ def wheel_install(tmp_path_factory):
             "-q",
             "-w",
             str(tmp_path / "dist"),
-            str(ROOT),
+            str(source),
         ],
         check=True,
     )
