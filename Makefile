@@ -29,7 +29,7 @@ test-all: install
 	$(BIN)/python -m pytest
 
 bench-quality: install
-	$(BIN)/python -m benchmarks.quality_sst2
+	$(BIN)/python -m benchmarks.quality.sst2
 
 bench-speed: install
-	$(BIN)/python -m benchmarks.speed
+	$(BIN)/python -m benchmarks.speed.step

@@ -51,31 +51,31 @@ def _not_rerun(task: str, name: str) -> str:
 
 
 def sst2() -> str:
-    from benchmarks import quality_sst2
+    from benchmarks.quality import sst2 as quality_sst2
 
     return quality_sst2.readme(_load("quality_sst2.json"))
 
 
 def qa() -> str:
-    from benchmarks import quality_qa
+    from benchmarks.quality import qa as quality_qa
 
     result = _load("quality_qa.json")
     if "teacher_dir" not in result["settings"]:
-        return _not_rerun("SQuAD v1.1", "quality_qa")
+        return _not_rerun("SQuAD v1.1", "quality.qa")
     return quality_qa.readme(result) + "\n" + _best_reading(result) + "\n"
 
 
 def translation() -> str:
-    from benchmarks import quality_translation
+    from benchmarks.quality import translation as quality_translation
 
     result = _load("quality_translation.json")
     if "teacher_dir" not in result["settings"]:
-        return _not_rerun("Multi30k de→en", "quality_translation")
+        return _not_rerun("Multi30k de→en", "quality.translation")
     return quality_translation.readme(result) + "\n" + _best_reading(result) + "\n"
 
 
 def claims() -> str:
-    from benchmarks import claims as claims_module
+    from benchmarks.quality import claims as claims_module
 
     results = claims_module.committed_results()
     for task in ("SQuAD v1.1", "Multi30k de-en"):
@@ -95,13 +95,13 @@ def claims() -> str:
 
 
 def speed() -> str:
-    from benchmarks import speed as speed_module
+    from benchmarks.speed import step as speed_module
 
     return speed_module.summary_table(_load("speed.json"))
 
 
 def speed_long() -> str:
-    from benchmarks import speed as speed_module
+    from benchmarks.speed import step as speed_module
 
     return speed_module.summary_table(_load("speed_long.json"))
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from transformers import HfArgumentParser
 
-from benchmarks import quality_sst2, quality_translation
-from benchmarks.quality_runs import portable_settings
+from benchmarks.quality import sst2 as quality_sst2
+from benchmarks.quality import translation as quality_translation
+from benchmarks.quality.runs import portable_settings
 
 SETTINGS = {"teacher_steps": 1000, "student_steps": 500, "batch_size": 32, "attention_weight_mse": 0.3}
 
@@ -138,7 +139,7 @@ def test_portable_settings_hold_no_machine_paths(tmp_path):
 def test_finished_runs_are_kept_and_a_rerun_continues(tmp_path):
     """A benchmark longer than one sitting is finished by running the same command again: finished (variant,
     seed) runs are reused when their key matches, and trained again when it does not."""
-    from benchmarks.quality_runs import run_students
+    from benchmarks.quality.runs import run_students
 
     calls = []
 
@@ -169,9 +170,9 @@ def test_finished_runs_are_kept_and_a_rerun_continues(tmp_path):
 
 
 def test_step_time_rows_are_valid_recipe_commands(monkeypatch, tmp_path):
-    """Every row of benchmarks/step_time.py is a command its recipe parses, with the precision, threads, lengths
+    """Every row of benchmarks/speed/step_time.py is a command its recipe parses, with the precision, threads, lengths
     and cache the row's name says; the per-step time is the difference of two runs."""
-    from benchmarks import step_time
+    from benchmarks.speed import step_time
     from hf_attn_distill import DistillConfig, DistillSeq2SeqConfig
     from hf_attn_distill.recipes import common, distill_qa, distill_translation
     from hf_attn_distill.recipes.distill_classification import parse_args
@@ -241,9 +242,9 @@ def test_general_student_is_trained_once_on_training_text_only(tmp_path, minilm_
 
 
 def test_speed_long_pair_runs_every_mode_and_reports_memory_above_the_limit():
-    """The long-position pair of benchmarks/speed.py on a short batch: each mode runs in this process, and the
+    """The long-position pair of benchmarks/speed/step.py on a short batch: each mode runs in this process, and the
     summary gives D's and N's working memory above L."""
-    from benchmarks import speed
+    from benchmarks.speed import step as speed
 
     rows = []
     for mode in ("L", "D", "N"):
@@ -261,11 +262,12 @@ def test_speed_long_pair_runs_every_mode_and_reports_memory_above_the_limit():
 
 
 def test_gpu_plan_flags_are_the_benchmarks_own_and_full_scale_needs_cuda(tmp_path, monkeypatch):
-    """benchmarks/run_gpu.py: every planned flag parses with its benchmark's parser; full scale refuses a CPU."""
+    """benchmarks/quality/run_gpu.py: every planned flag parses with its benchmark's parser; full scale refuses a CPU."""
     import torch
     from transformers import HfArgumentParser
 
-    from benchmarks import quality_qa, run_gpu
+    from benchmarks.quality import qa as quality_qa
+    from benchmarks.quality import run_gpu as run_gpu
 
     parsers = {
         "sst2": quality_sst2.QualityArguments,
@@ -293,7 +295,7 @@ def test_gpu_plan_flags_are_the_benchmarks_own_and_full_scale_needs_cuda(tmp_pat
 @pytest.mark.skipif(not (SHARED / "squad" / "train.json").exists(), reason="needs ../shared/data")
 def test_gpu_plan_runs_end_to_end_at_tiny_scale(tmp_path):
     """The whole GPU plan at tiny scale on CPU (about 3 minutes on 2 cores): every part trains and writes results."""
-    from benchmarks import run_gpu
+    from benchmarks.quality import run_gpu as run_gpu
 
     summary = run_gpu.main(["--scale", "tiny", "--work_dir", str(tmp_path / "w"), "--results_dir", str(tmp_path / "r")])
     assert set(summary["wall_s"]) == set(run_gpu.TASKS)
@@ -307,7 +309,7 @@ def test_gpu_plan_runs_end_to_end_at_tiny_scale(tmp_path):
 def test_the_readmes_speed_tables_are_the_committed_runs(name):
     """The speed tables of README.md and benchmarks/README.md are summary_table() of the committed result files,
     so a table cannot drift from the run it claims to show."""
-    from benchmarks import speed
+    from benchmarks.speed import step as speed
 
     root = Path(__file__).resolve().parent.parent
     table = speed.summary_table(json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text()))
@@ -318,7 +320,7 @@ def test_the_readmes_speed_tables_are_the_committed_runs(name):
 def test_the_best_students_card_is_published_as_its_recipe_wrote_it(tmp_path):
     """``card_dir/README.md`` is, byte for byte, the card the best run's recipe wrote (best variant by mean, then
     its best seed), also when that run was kept from an earlier sitting; ``result["card"]`` names the run."""
-    from benchmarks.quality_runs import best_run, mean_std, run_students
+    from benchmarks.quality.runs import best_run, mean_std, run_students
 
     scores = {("kd", 1): 0.70, ("kd", 2): 0.74, ("kd_attn", 1): 0.80, ("kd_attn", 2): 0.76}
 
@@ -370,7 +372,7 @@ def test_step_time_budget_is_steps_times_step_time_plus_evaluations():
     (500 ... 16,000 steps) at the two-at-once step time, 6 dev evaluations slowed by the same factor, and 8
     variants x 2 seeds + 3 attention-weight tuning runs of 250 student steps + one evaluation each; two processes
     share the machine."""
-    from benchmarks import step_time
+    from benchmarks.speed import step_time
 
     def row(name, step_s, eval_s, processes=1):
         return {"row": name, "threads": 1, "processes": processes, "step_s": step_s, "eval_s": eval_s}
@@ -404,7 +406,7 @@ def test_step_time_budget_is_steps_times_step_time_plus_evaluations():
 
 
 def test_step_time_update_replaces_rows_only_in_a_result_of_the_same_machine(tmp_path):
-    from benchmarks import step_time
+    from benchmarks.speed import step_time
 
     fresh = {"machine": "m", "short": 5, "long": 25, "rows": []}
     with pytest.raises(SystemExit, match="measure without --update first"):
@@ -423,7 +425,7 @@ def test_the_readmes_sst2_table_is_the_committed_run():
 
 
 def test_readme_table_gains_retention_and_the_flag_by_hand():
-    from benchmarks.quality_runs import readme_table
+    from benchmarks.quality.runs import readme_table
 
     def student(mean, std, seeds=(1, 2)):
         return {"mean": mean, "std": std, "seeds": list(seeds)}
@@ -457,7 +459,7 @@ def test_readme_table_gains_retention_and_the_flag_by_hand():
 
 
 def test_per_site_attention_curves_come_from_the_training_log(tmp_path):
-    from benchmarks.quality_runs import term_curves
+    from benchmarks.quality.runs import term_curves
 
     log = [
         {"step": 50, "loss": 3.0, "loss_kd": 2.0, "loss_attn_enc": 0.4, "loss_attn_cross": 0.9, "learning_rate": 1e-4},
@@ -497,7 +499,8 @@ def test_the_readmes_result_sections_are_the_committed_results():
     ``python -m benchmarks.readme_sections`` writes from the committed result files, and the claims section holds
     the claims table of those files (the QA / translation claims counted only once their tables use the trained
     teachers)."""
-    from benchmarks import claims, readme_sections
+    from benchmarks import readme_sections
+    from benchmarks.quality import claims as claims
 
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
@@ -509,7 +512,7 @@ def test_the_readmes_result_sections_are_the_committed_results():
 
 
 def test_claims_compare_the_best_distilled_row_with_finetune_and_judge_the_teacher():
-    from benchmarks import claims
+    from benchmarks.quality import claims as claims
 
     def students(**means):
         return {n: {"mean": m} for n, m in means.items()}
@@ -575,10 +578,10 @@ def test_published_model_cards_are_the_benchmark_runs_they_name():
 @pytest.mark.parametrize(
     ("module", "name"),
     [
-        ("step_time", "step_time"),
-        ("step_time", "step_time_avx512bf16"),
-        ("bf16_check", "bf16_check"),
-        ("group_by_length_check", "group_by_length_check"),
+        ("speed.step_time", "step_time"),
+        ("speed.step_time", "step_time_avx512bf16"),
+        ("checks.bf16", "bf16_check"),
+        ("checks.group_by_length", "group_by_length_check"),
     ],
 )
 def test_the_timing_tables_in_benchmarks_readme_are_the_committed_runs(module, name):
@@ -620,7 +623,7 @@ def test_translation_group_by_length_reaches_teacher_and_students_and_keys_a_new
 
 
 def test_group_by_length_check_trains_the_benchmarks_teacher_both_ways_and_tabulates_the_curves():
-    from benchmarks import group_by_length_check as check
+    from benchmarks.checks import group_by_length as check
 
     args = check.GroupCheckArguments(work_dir="w", teacher_max_steps=1000, extra="--batch_size 8")
     for mode, grouped in (("random", False), ("group_by_length", True)):
@@ -702,7 +705,7 @@ def test_translation_tunes_the_attention_weight_on_val_only_and_runs_every_atten
 def test_qa_benchmark_cards_name_squad_on_the_hub_and_parse_as_the_recipe_does():
     """The QA benchmark's data flags parse with the QA recipe's own arguments, and its cards name the Hub
     dataset that shared/data/squad holds."""
-    from benchmarks import quality_qa
+    from benchmarks.quality import qa as quality_qa
     from hf_attn_distill import DistillConfig
     from hf_attn_distill.recipes import common, distill_qa
 
@@ -718,7 +721,7 @@ def test_qa_benchmark_cards_name_squad_on_the_hub_and_parse_as_the_recipe_does()
 def test_qa_group_by_length_pads_per_batch_groups_teacher_and_students_and_keys_a_new_teacher():
     """--group_by_length (default on) pads QA windows per batch and batches them by length in every training run,
     as the QA recipe parses it, and keys a teacher of its own; off, the teacher's key is what it was before."""
-    from benchmarks import quality_qa
+    from benchmarks.quality import qa as quality_qa
     from hf_attn_distill import DistillConfig
     from hf_attn_distill.recipes import common, distill_qa
 
@@ -740,10 +743,10 @@ def test_qa_group_by_length_pads_per_batch_groups_teacher_and_students_and_keys_
 @pytest.mark.parametrize(
     "module, dataclass_name",
     [
-        ("quality_qa", "QualityQAArguments"),
-        ("quality_translation", "QualityTranslationArguments"),
-        ("quality_sst2", "QualityArguments"),
-        ("group_by_length_check", "GroupCheckArguments"),
+        ("quality.qa", "QualityQAArguments"),
+        ("quality.translation", "QualityTranslationArguments"),
+        ("quality.sst2", "QualityArguments"),
+        ("checks.group_by_length", "GroupCheckArguments"),
     ],
 )
 def test_benchmark_help_prints(module, dataclass_name):
@@ -802,7 +805,8 @@ def test_the_shipped_teachers_are_the_defaults_taken_as_they_are_and_refused_for
     this code computes for the benchmark's default settings and data (so any machine, bf16 or not, accepts it), its
     curve and converged flag come from its teacher_curve.json, and a setting that changes what the students see,
     or other training data, is refused with a message that names the setting."""
-    from benchmarks import quality_qa, quality_translation
+    from benchmarks.quality import qa as quality_qa
+    from benchmarks.quality import translation as quality_translation
 
     cases = (
         (quality_qa, quality_qa.QualityQAArguments, "squad-minilm-l6", "max_seq_length", 384),

@@ -81,7 +81,8 @@ def test_cpu_bf16_speedup_is_the_ratio_of_the_two_timings(monkeypatch):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_the_quality_benchmarks_default_to_bf16_only_where_it_pays(monkeypatch, native):
-    from benchmarks import quality_qa, quality_translation
+    from benchmarks.quality import qa as quality_qa
+    from benchmarks.quality import translation as quality_translation
 
     monkeypatch.setattr(quality_qa, "bf16_pays", lambda: native)
     monkeypatch.setattr(quality_translation, "bf16_pays", lambda: native)
@@ -91,7 +92,7 @@ def test_the_quality_benchmarks_default_to_bf16_only_where_it_pays(monkeypatch, 
 
 
 def test_bf16_check_times_both_precisions_and_reports_their_ratio():
-    from benchmarks import bf16_check
+    from benchmarks.checks import bf16 as bf16_check
 
     result = bf16_check.main(["--tokens", "8", "--threads", "1", "--repeats", "1", "--results", ""])
     assert [(r["threads"], r["tokens"], r["pass"]) for r in result["rows"]] == [

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.teacher_training import fingerprint, last_checkpoint, last_round_metrics, teacher_summary, train_teacher
+from benchmarks.quality.teachers import fingerprint, last_checkpoint, last_round_metrics, teacher_summary, train_teacher
 
 ARGS = ["--lr_scheduler_type", "inverse_sqrt", "--warmup_steps", "2", "--do_eval"]
 

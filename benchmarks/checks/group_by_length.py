@@ -2,7 +2,7 @@
 """Does ``group_by_length`` batching cost the translation teacher quality?
 
 ``group_by_length`` (``train_sampling_strategy``) batches Multi30k sentences of similar length, so a batch
-carries less padding and a teacher step takes fewer FLOPs (``step_time.py`` row ``mt_teacher_fp32_1t_group``).
+carries less padding and a teacher step takes fewer FLOPs (``speed/step_time.py`` row ``mt_teacher_fp32_1t_group``).
 Before the translation benchmark may use it, its teacher must learn as well per step. This trains the benchmark's
 own teacher twice, with the same seed, data and schedule, once with random batches and once grouped by length:
 two 1-thread processes at once (what two background runs on 2 cores get), each through
@@ -24,11 +24,11 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from benchmarks.quality_runs import write_results
-from benchmarks.quality_translation import QualityTranslationArguments, trained_teacher
+from benchmarks.quality.runs import write_results
+from benchmarks.quality.translation import QualityTranslationArguments, trained_teacher
 from hf_attn_distill.utils.profiling import machine_info
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODES = {"random": False, "group_by_length": True}
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = {
         mode: subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.quality_translation", *teacher_argv(args, mode)], cwd=ROOT, env=env
+            [sys.executable, "-m", "benchmarks.quality.translation", *teacher_argv(args, mode)], cwd=ROOT, env=env
         )
         for mode in args.modes
     }

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from benchmarks.quality_runs import (
+from benchmarks.quality.runs import (
     RUN_SELECTION,
     check_variants,
     curve_points,
@@ -40,7 +40,7 @@ from benchmarks.quality_runs import (
     teacher_curve_line,
     term_curves,
 )
-from benchmarks.teacher_training import (
+from benchmarks.quality.teachers import (
     SHIPPED_TEACHERS,
     fingerprint,
     last_round_metrics,
@@ -52,7 +52,7 @@ from hf_attn_distill.recipes.distill_qa import main as run_recipe
 from hf_attn_distill.utils.hardware import bf16_pays
 from hf_attn_distill.utils.pretrained import minilm_path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TEACHER = SHIPPED_TEACHERS / "squad-minilm-l6"
 #: Teacher settings that decide what the students see (windows and training questions): a shipped teacher must
 #: have been trained with this run's.

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """All three quality benchmarks at full scale on one CUDA GPU, in one command.
 
-    python -m benchmarks.run_gpu                                   # full scale: needs CUDA
-    python -m benchmarks.run_gpu --scale tiny --work_dir outputs/gpu_tiny  # the same plan on CPU, a few steps each
+    python -m benchmarks.quality.run_gpu                                   # full scale: needs CUDA
+    python -m benchmarks.quality.run_gpu --scale tiny --work_dir outputs/gpu_tiny  # the same plan on CPU, a few steps each
 
 Full scale uses the whole training sets (SST-2 train, SQuAD v1.1 train, all 29k Multi30k pairs), the whole
 evaluation sets, bf16 autocast and larger batches, one seed per row; results go to ``benchmarks/results/gpu/``
@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("sst2", "qa", "translation")
 
 # per task: the benchmark's own flags at each scale (everything else keeps the benchmark's defaults)
@@ -143,7 +143,9 @@ def plan(
 
 def benchmark(task: str):
     """The ``main`` of a task's benchmark module."""
-    from benchmarks import quality_qa, quality_sst2, quality_translation
+    from benchmarks.quality import qa as quality_qa
+    from benchmarks.quality import sst2 as quality_sst2
+    from benchmarks.quality import translation as quality_translation
 
     return {"sst2": quality_sst2.main, "qa": quality_qa.main, "translation": quality_translation.main}[task]
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality_runs import write_results
+from benchmarks.quality.runs import write_results
 from hf_attn_distill.utils.hardware import native_bf16
 from hf_attn_distill.utils.profiling import machine_info
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def time_ms(fn, repeats: int) -> float:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 METHODS = ("reference", "chunked")
@@ -25,7 +25,7 @@ METHODS = ("reference", "chunked")
 def worker(spec: dict) -> dict:
     import torch
 
-    from benchmarks.speed import proc_status_mb, reset_peak_rss
+    from benchmarks.speed.step import proc_status_mb, reset_peak_rss
     from hf_attn_distill import logit_kd_loss
     from hf_attn_distill.terms.token_kd import token_kd_loss
 
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     for method in METHODS:
         spec = {"method": method, "batch": args.batch, "target_len": args.target_len, "vocab": args.vocab}
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.token_kd_memory", "--_worker", json.dumps(spec)],
+            [sys.executable, "-m", "benchmarks.speed.token_kd_memory", "--_worker", json.dumps(spec)],
             capture_output=True,
             text=True,
             cwd=ROOT,

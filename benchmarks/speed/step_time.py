@@ -34,11 +34,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.quality_runs import write_results
+from benchmarks.quality.runs import write_results
 from hf_attn_distill.utils.hardware import native_bf16
 from hf_attn_distill.utils.profiling import machine_info
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
 
 
@@ -286,7 +286,7 @@ def _launch(row: str, work: Path, steps: int, evaluate: bool) -> subprocess.Pope
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_of(row)), "MKL_NUM_THREADS": str(threads_of(row))}
     spec = json.dumps({"row": row, "work": str(work), "out": out, "steps": steps, "evaluate": evaluate})
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.step_time", "--_worker", spec],
+        [sys.executable, "-m", "benchmarks.speed.step_time", "--_worker", spec],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -350,7 +350,7 @@ def markdown(result: dict) -> str:
 
 def tuning_runs(args) -> int:
     """Student runs a benchmark spends choosing its attention weight on val before the test runs."""
-    from benchmarks.quality_translation import ATTENTION_VARIANTS
+    from benchmarks.quality.translation import ATTENTION_VARIANTS
 
     grid = getattr(args, "attention_weight_grid", [])
     return len(grid) if grid and set(args.variants) & set(ATTENTION_VARIANTS) else 0
@@ -362,8 +362,8 @@ def budget(result: dict) -> list[dict]:
     teacher to its step cap (every doubling round evaluated on dev), then every (variant, seed) student run and
     its evaluation (with the runs that tune the attention weight on val); two 1-thread processes run at once, so each is slowed by the ``_x2`` factor and two
     progress at a time. Tasks whose rows are missing are left out."""
-    from benchmarks.quality_qa import QualityQAArguments
-    from benchmarks.quality_translation import QualityTranslationArguments
+    from benchmarks.quality.qa import QualityQAArguments
+    from benchmarks.quality.translation import QualityTranslationArguments
 
     rows = {r["row"]: r for r in result["rows"]}
     plans = []

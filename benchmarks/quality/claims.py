@@ -4,7 +4,7 @@ quality results: for each task the best distilled row against ``finetune`` (same
 and relative to ``finetune``, and whether the task's teacher makes the comparison meaningful (trained to a
 plateau, and above every student).
 
-    python -m benchmarks.claims      # prints the README's table from benchmarks/results/quality_*.json
+    python -m benchmarks.quality.claims      # prints the README's table from benchmarks/results/quality_*.json
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 #: task -> (result file, claimed relative gain over plain training in percent, what the claim says)
 CLAIMS = {

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from benchmarks.quality_runs import (
+from benchmarks.quality.runs import (
     RUN_SELECTION,
     check_variants,
     mean_std,
@@ -57,7 +57,7 @@ from hf_attn_distill.training.checkpoints import last_complete_checkpoint
 from hf_attn_distill.utils.pretrained import minilm_path
 from hf_attn_distill.utils.profiling import machine_info
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 VARIANTS = {
     "finetune": ["--training_mode", "finetune"],

@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.quality_runs import portable_settings
+from benchmarks.quality.runs import portable_settings
 from hf_attn_distill.terms.logit import LABEL_KEYS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 MODES = ("L", "P", "D", "N", "T")
 PAIRS = {
@@ -373,7 +373,7 @@ def run_row(spec: dict, timeout: int) -> dict:
     row = {k: spec[k] for k in ("pair", "seq_len", "batch", "mode")}
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.speed", "--_worker", json.dumps(spec)],
+            [sys.executable, "-m", "benchmarks.speed.step", "--_worker", json.dumps(spec)],
             capture_output=True,
             text=True,
             timeout=timeout,

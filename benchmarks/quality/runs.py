@@ -50,7 +50,7 @@ def project_commit() -> str | None:
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def check_variants(asked: Iterable[str], known: Iterable[str]) -> None:

@@ -197,7 +197,7 @@ def train_teacher(
 
 PROVENANCE_FILE = "provenance.json"
 #: Where trained teachers ship, beside the data (``../shared/teachers`` from the project root).
-SHIPPED_TEACHERS = Path(__file__).resolve().parent.parent.parent / "shared" / "teachers"
+SHIPPED_TEACHERS = Path(__file__).resolve().parents[3] / "shared" / "teachers"
 
 
 def shipped_teacher(

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from benchmarks.quality_runs import (
+from benchmarks.quality.runs import (
     RUN_SELECTION,
     check_variants,
     curve_points,
@@ -55,7 +55,7 @@ from benchmarks.quality_runs import (
     term_curves,
     write_results,
 )
-from benchmarks.teacher_training import (
+from benchmarks.quality.teachers import (
     SHIPPED_TEACHERS,
     fingerprint,
     last_round_metrics,
@@ -67,7 +67,7 @@ from hf_attn_distill.recipes.distill_translation import main as run_recipe
 from hf_attn_distill.utils.hardware import bf16_pays
 from hf_attn_distill.utils.pretrained import minilm_path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TEACHER = SHIPPED_TEACHERS / "multi30k-de-en-minilm"
 #: Teacher settings that decide what the students see and learn from (token lengths, the teacher's data): a shipped
 #: teacher must have been trained with this run's.
@@ -171,7 +171,7 @@ class QualityTranslationArguments:
         metadata={
             "help": "Batch sentences of similar length (train_sampling_strategy='group_by_length'), teacher and "
             "students; evaluation stays in dataset order. 1.46x faster teacher steps at the same val BLEU (23.96 vs "
-            "24.06 after 1,000 steps; benchmarks/group_by_length_check.py)."
+            "24.06 after 1,000 steps; benchmarks/checks/group_by_length.py)."
         },
     )
     attention_weight_grid: list[float] = field(
