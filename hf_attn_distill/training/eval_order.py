@@ -6,7 +6,7 @@ is then no longer the prediction of ``ds[i]``. Metrics computed from the predict
 ``label_ids`` survive that, but every metric that pairs predictions with the dataset does not: SQuAD
 post-processing maps features back to their examples by position, and translation scores against the raw
 reference sentences in split order. Both then report near-zero scores for a well-trained model, silently (a
-Multi30k teacher read 1.1 BLEU instead of 24; ``benchmarks/group_by_length_check.py``).
+Multi30k teacher read 1.1 BLEU instead of 24; ``benchmarks/checks/group_by_length.py``).
 :class:`InOrderEvaluationMixin` keeps training length-grouped and evaluates in dataset order.
 """
 

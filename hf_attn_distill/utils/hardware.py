@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 #: ``/proc/cpuinfo`` flags of CPUs with bf16 matrix instructions (AVX512-BF16, AMX). Without them bf16 matmuls are
-#: emulated, many times slower than float32 (``benchmarks/bf16_check.py`` measures it on the machine at hand).
+#: emulated, many times slower than float32 (``benchmarks/checks/bf16.py`` measures it on the machine at hand).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
