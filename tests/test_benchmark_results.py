@@ -841,3 +841,35 @@ def test_the_shipped_teachers_are_the_defaults_taken_as_they_are_and_refused_for
         quality_translation.shipped(quality_translation.QualityTranslationArguments(bf16=False, data_dir=str(data)))
     with pytest.raises(SystemExit, match="not a shipped teacher: provenance.json is missing"):
         quality_qa.shipped(quality_qa.QualityQAArguments(bf16=False, teacher_dir=str(tmp_path)))
+
+
+@pytest.mark.skipif(not (SHARED_TEACHERS / "README.md").exists(), reason="../shared/teachers is not laid out here")
+@pytest.mark.parametrize("name", ["qa", "translation"])
+def test_the_committed_quality_rows_are_recognised_by_todays_code(name):
+    """Every kept (variant, seed) run under benchmarks/results/runs/quality_<task>/ carries the key today's code
+    computes for the command that made it (the shipped teacher, float32; for translation's attention rows, the
+    weight tuned on val and kept in tuning/), so a rerun continues them and a refactor cannot orphan them; each
+    names the machine and the commit that ran it."""
+    import importlib
+
+    from benchmarks.quality.teachers import fingerprint
+
+    module = importlib.import_module(f"benchmarks.quality.{name}")
+    cls = module.QualityQAArguments if name == "qa" else module.QualityTranslationArguments
+    (args,) = HfArgumentParser(cls).parse_args_into_dataclasses(["--bf16", "false"])
+    settings = {"teacher": module.shipped(args)["cache_key"], **module.student_settings(args)}
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "runs" / f"quality_{name}"
+    records = sorted(root.glob("*_seed*.json"))
+    if not records:
+        pytest.skip(f"no kept run of quality_{name} yet")
+    weight = None
+    if name == "translation":
+        tuning = fingerprint({k: v for k, v in settings.items() if k != "attention_weight_grid"}, [])
+        scores = json.loads((root / "tuning" / f"{tuning}.json").read_text())
+        weight = max(args.attention_weight_grid, key=lambda w: scores[str(w)])
+    for record in records:
+        kept = json.loads(record.read_text())
+        variant = record.stem.rsplit("_seed", 1)[0]
+        tuned = {"attention_weight": weight} if name == "translation" and variant in module.ATTENTION_VARIANTS else {}
+        assert kept["key"] == fingerprint({**settings, **tuned}, []), record.name
+        assert kept["run"]["machine"] and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", kept["run"]["commit"] or ""), record
