@@ -31,7 +31,7 @@ def _best_reading(result: dict, scale: float = 1.0, unit: str = "") -> str:
         return "No run has finished yet."
     best = max(students, key=lambda n: students[n]["mean"])
     parts = [
-        f"Best so far: `{best}`, {students[best]['mean'] * scale:.2f}{unit} ({len(students[best]['seeds'])} seeds)"
+        f"Best so far: `{best}`, {students[best]['mean'] * scale:.2f}{unit} ({len(students[best]['seeds'])} seed{'s' if len(students[best]['seeds']) > 1 else ''})"
     ]
     for base in ("finetune", "kd"):
         if base in students and base != best:

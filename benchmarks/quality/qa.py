@@ -400,7 +400,7 @@ def readme(result: dict) -> str:
         f"every row; F1 (EM in benchmarks/README.md) on {scored} dev questions, teacher included: F1 "
         f"{result['teacher']:.2f}, EM {result['teacher_em']:.2f}.",
         "",
-        readme_table(result, labels=LABELS).rstrip("\n"),
+        readme_table({**result, "metric": "F1"}, labels=LABELS).rstrip("\n"),
         "",
         f"Runs so far: {runs} of {planned} ({len(settings['variants'])} rows x seeds "
         f"{', '.join(str(seed) for seed in settings['seeds'])}); machine: {result['machine']}.",

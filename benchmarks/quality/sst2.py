@@ -52,7 +52,7 @@ from benchmarks.quality.runs import (
 )
 from hf_attn_distill.recipes.distill_classification import main as run_recipe
 from hf_attn_distill.recipes.distill_general import main as run_general
-from hf_attn_distill.recipes.sst2_demo import DemoArguments, student_recipe_args, teacher_recipe_args
+from hf_attn_distill.recipes.sst2_setup import DemoArguments, student_recipe_args, teacher_recipe_args
 from hf_attn_distill.training.checkpoints import last_complete_checkpoint
 from hf_attn_distill.utils.pretrained import minilm_path
 from hf_attn_distill.utils.profiling import machine_info

@@ -503,7 +503,7 @@ def readme(result: dict) -> str:
         f"Lower-cased BLEU of greedy translations of all {settings['test_examples']:,} `test_2016_flickr` pairs "
         f"(teacher: {result['teacher']:.2f} BLEU, {result['teacher_chrf']:.2f} chrF).",
         "",
-        readme_table(result, labels=LABELS).rstrip("\n"),
+        readme_table({**result, "metric": "BLEU"}, labels=LABELS).rstrip("\n"),
         "",
         f"Runs so far: {runs} ({len(result['students'])} rows); machine: {result['machine']}.",
     ]
