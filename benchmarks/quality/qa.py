@@ -46,7 +46,7 @@ from benchmarks.quality.teachers import (
     last_round_metrics,
     shipped_teacher,
     teacher_test_scores,
-    train_teacher,
+    train_benchmark_teacher,
 )
 from hf_attn_distill.recipes.distill_qa import main as run_recipe
 from hf_attn_distill.utils.hardware import bf16_pays
@@ -288,48 +288,13 @@ def trained_teacher(args: QualityQAArguments) -> tuple[Path, dict]:
     if args.teacher_dir:
         return given_teacher(args)
     key = fingerprint(teacher_settings(args), [Path(args.data_dir) / "train.json"])
-    teacher_dir, summary = train_teacher(
+    teacher_dir, summary = train_benchmark_teacher(
         run_recipe,
-        [
-            "--training_mode",
-            "finetune",
-            "--teacher_model_name_or_path",
-            minilm_path(),
-            "--learning_rate",
-            str(args.teacher_learning_rate),
-            "--lr_scheduler_type",
-            "inverse_sqrt",
-            "--warmup_steps",
-            str(args.teacher_warmup_steps),
-            "--per_device_train_batch_size",
-            str(args.batch_size),
-            "--seed",
-            "0",
-            "--do_train",
-            "--do_eval",
-            *data_args(args),
-            *run_args(args),
-        ],
-        work=Path(args.work_dir),
-        key=key,
-        metric="f1",
-        first_steps=args.teacher_first_steps,
-        max_steps=args.teacher_max_steps,
-        save_steps=args.teacher_first_steps // 2,
-        threshold=args.converged_gain,
-        evaluate_checkpoint=lambda folder: run_recipe(
-            [
-                "--training_mode",
-                "finetune",
-                "--teacher_model_name_or_path",
-                str(folder),
-                "--output_dir",
-                str(folder / "eval"),
-                "--do_eval",
-                *data_args(args),
-                *run_args(args),
-            ]
-        ),
+        args,
+        key,
+        "f1",
+        ["--teacher_model_name_or_path", minilm_path()],
+        [*data_args(args), *run_args(args)],
     )
     last_round_metrics(teacher_dir)  # a finished round, or a clear error
     return teacher_dir, {**teacher_scores(args, teacher_dir, teacher_dir.name), **summary}

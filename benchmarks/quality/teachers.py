@@ -33,6 +33,7 @@ __all__ = [
     "shipped_teacher",
     "teacher_summary",
     "teacher_test_scores",
+    "train_benchmark_teacher",
     "train_teacher",
 ]
 
@@ -298,3 +299,31 @@ def teacher_test_scores(
 
     kept = scored_once(Path(args.runs_dir) / "teacher_test.json", key, score)
     return {name: kept[name] for name in names}
+
+
+def train_benchmark_teacher(
+    run_recipe: Callable[[list[str]], dict], args, key: str, metric: str, model_args: list[str], data_args: list[str]
+) -> tuple[Path, dict]:
+    """The teacher of a quality benchmark trained by its recipe in doubling rounds (:func:`train_teacher`), the one
+    flow of every task: ``model_args`` name the model (and recipe-specific flags), ``data_args`` the data and run
+    flags shared by training and the evaluation of a checkpoint; ``args`` gives the schedule (``teacher_*``,
+    ``batch_size``, ``converged_gain``, ``work_dir``): inverse-sqrt after an absolute warm-up, seed 0."""
+    return train_teacher(
+        run_recipe,
+        [
+            "--training_mode", "finetune", *model_args, "--learning_rate", str(args.teacher_learning_rate),
+            "--lr_scheduler_type", "inverse_sqrt", "--warmup_steps", str(args.teacher_warmup_steps),
+            "--per_device_train_batch_size", str(args.batch_size), "--seed", "0", "--do_train", "--do_eval", *data_args,
+        ],
+        work=Path(args.work_dir),
+        key=key,
+        metric=metric,
+        first_steps=args.teacher_first_steps,
+        max_steps=args.teacher_max_steps,
+        save_steps=args.teacher_first_steps // 2,
+        threshold=args.converged_gain,
+        evaluate_checkpoint=lambda folder: run_recipe(
+            ["--training_mode", "finetune", "--teacher_model_name_or_path", str(folder), "--output_dir",
+             str(folder / "eval"), "--do_eval", *data_args]
+        ),
+    )  # fmt: skip

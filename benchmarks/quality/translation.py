@@ -61,7 +61,7 @@ from benchmarks.quality.teachers import (
     last_round_metrics,
     shipped_teacher,
     teacher_test_scores,
-    train_teacher,
+    train_benchmark_teacher,
 )
 from hf_attn_distill.recipes.distill_translation import main as run_recipe
 from hf_attn_distill.utils.hardware import bf16_pays
@@ -356,51 +356,10 @@ def trained_teacher(args: QualityTranslationArguments) -> tuple[Path, dict]:
         return folder, {**teacher_scores(args, folder, teacher["cache_key"]), **teacher}
     files = [Path(args.data_dir) / f"train.{lang}" for lang in ("de", "en")]
     key = fingerprint(teacher_settings(args), files)
-    teacher_dir, summary = train_teacher(
-        run_recipe,
-        [
-            "--training_mode",
-            "finetune",
-            "--teacher_model_name_or_path",
-            minilm_path(),
-            "--build_encoder_decoder",
-            "--learning_rate",
-            str(args.teacher_learning_rate),
-            "--lr_scheduler_type",
-            "inverse_sqrt",
-            "--warmup_steps",
-            str(args.teacher_warmup_steps),
-            "--weight_decay",
-            "0.01",
-            "--logging_steps",
-            "50",
-            "--per_device_train_batch_size",
-            str(args.batch_size),
-            "--seed",
-            "0",
-            "--do_train",
-            "--do_eval",
-            *data_args(args, args.teacher_train_examples),
-        ],
-        work=Path(args.work_dir),
-        key=key,
-        metric="bleu",
-        first_steps=args.teacher_first_steps,
-        max_steps=args.teacher_max_steps,
-        save_steps=args.teacher_first_steps // 2,
-        threshold=args.converged_gain,
-        evaluate_checkpoint=lambda folder: run_recipe(
-            [
-                "--training_mode",
-                "finetune",
-                "--teacher_model_name_or_path",
-                str(folder),
-                "--output_dir",
-                str(folder / "eval"),
-                "--do_eval",
-                *data_args(args, args.teacher_train_examples),
-            ]
-        ),
+    model_args = ["--teacher_model_name_or_path", minilm_path(), "--build_encoder_decoder"]
+    model_args += ["--weight_decay", "0.01", "--logging_steps", "50"]
+    teacher_dir, summary = train_benchmark_teacher(
+        run_recipe, args, key, "bleu", model_args, data_args(args, args.teacher_train_examples)
     )
     steps, _ = last_round_metrics(teacher_dir)  # a teacher continued later is scored again
     return teacher_dir, {**teacher_scores(args, teacher_dir, f"{teacher_dir.name}-{steps}"), **summary}
