@@ -25,6 +25,7 @@ from hf_attn_distill.seq2seq_trainer import DistillSeq2SeqConfig, DistillSeq2Seq
 from hf_attn_distill.students import student_from_config, student_from_teacher_layers
 from hf_attn_distill.terms.base import Objective, Step
 from hf_attn_distill.terms.build import OBJECTIVES, build_objectives
+from hf_attn_distill.terms.divergences import chunked_lm_divergence, token_divergence
 from hf_attn_distill.terms.registry import TermSpec, register_term
 from hf_attn_distill.terms.token_kd import token_kd_loss
 from hf_attn_distill.trainer import DistillTrainer
@@ -36,6 +37,8 @@ from hf_attn_distill.training.pairing import check_distillation_pair, load_teach
 __version__ = "0.1.0"
 
 __all__ = [
+    "chunked_lm_divergence",
+    "token_divergence",
     "TermSpec",
     "register_term",
     "NonFiniteError",
