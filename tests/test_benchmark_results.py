@@ -873,3 +873,11 @@ def test_the_committed_quality_rows_are_recognised_by_todays_code(name):
         tuned = {"attention_weight": weight} if name == "translation" and variant in module.ATTENTION_VARIANTS else {}
         assert kept["key"] == fingerprint({**settings, **tuned}, []), record.name
         assert kept["run"]["machine"] and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", kept["run"]["commit"] or ""), record
+
+
+def test_runs_done_lists_every_variant_and_its_seeds():
+    from benchmarks.quality.runs import curve_points, runs_done
+
+    result = {"students": {"finetune": {"seeds": [1, 2]}, "kd": {"seeds": [1]}}}
+    assert runs_done(result) == "3 (`finetune` seeds 1, 2; `kd` seed 1)"
+    assert curve_points([[500, 63.371], [1000, 68.384]]) == "500: 63.37, 1,000: 68.38"

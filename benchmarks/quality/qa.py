@@ -367,7 +367,7 @@ def readme(result: dict) -> str:
         "",
         readme_table({**result, "metric": "F1"}, labels=LABELS).rstrip("\n"),
         "",
-        f"Runs so far: {runs} of {planned} ({len(settings['variants'])} rows x seeds "
+        f"Runs so far: {runs} of the {planned} planned ({len(settings['variants'])} rows x seeds "
         f"{', '.join(str(seed) for seed in settings['seeds'])}); machine: {result['machine']}.",
     ]
     return "\n".join(lines) + "\n"

@@ -332,9 +332,14 @@ def curve_points(curve: list) -> str:
     return ", ".join(f"{step:,}: {value:.2f}" for step, value in curve)
 
 
-def runs_done(result: dict) -> int:
-    """How many (variant, seed) runs a quality result holds."""
-    return sum(len(s["seeds"]) for s in result["students"].values())
+def runs_done(result: dict) -> str:
+    """The (variant, seed) runs a quality result holds, as ``"3 (`finetune` seeds 1, 2; `kd` seed 1)"``."""
+    students = result["students"]
+    listed = "; ".join(
+        f"`{name}` seed{'s' if len(s['seeds']) > 1 else ''} {', '.join(str(seed) for seed in s['seeds'])}"
+        for name, s in students.items()
+    )
+    return f"{sum(len(s['seeds']) for s in students.values())} ({listed})"
 
 
 def teacher_curve_line(result: dict) -> str:

@@ -458,13 +458,13 @@ def readme(result: dict) -> str:
         f"on the {settings['teacher_train_examples']:,} training pairs; val BLEU by step {curve} "
         f"({result['teacher_curve_note']}). Students: encoder layers {settings['encoder_layers']} and decoder "
         f"layers {settings['decoder_layers']} of the teacher, {settings['student_steps']} steps x "
-        f"{settings['batch_size']} pairs, the same data and seeds for every row; {attention_weight_line(result)}. "
+        f"{settings['batch_size']} pairs, the same data and seeds for every row; {attention_weight_line(result)[0].lower() + attention_weight_line(result)[1:]}. "
         f"Lower-cased BLEU of greedy translations of all {settings['test_examples']:,} `test_2016_flickr` pairs "
         f"(teacher: {result['teacher']:.2f} BLEU, {result['teacher_chrf']:.2f} chrF).",
         "",
         readme_table({**result, "metric": "BLEU"}, labels=LABELS).rstrip("\n"),
         "",
-        f"Runs so far: {runs} ({len(result['students'])} rows); machine: {result['machine']}.",
+        f"Runs so far: {runs}; machine: {result['machine']}.",
     ]
     return "\n".join(lines) + "\n"
 
