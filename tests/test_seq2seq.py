@@ -528,3 +528,39 @@ def test_sequence_kd_labels_are_the_teachers_translations_cached_until_the_teach
         weight.copy_(weight.flip(0))  # same parameter sum, other weights: rebuilt
     sequence_kd_dataset(teacher, tok, other, tmp_path / "cache", num_beams=1, max_length=6, batch_size=3)
     assert len(calls) == 10
+
+
+def test_sequence_kd_generation_stopped_midway_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A generation killed after some batches keeps what it made (``partial.json.gz``); run again, it generates
+    only the rest and ends with the translations of an uninterrupted run."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_attn_distill.tasks.sequence_kd import sequence_kd_dataset
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": PAD, "<unk>": 0}, "<unk>")), pad_token="<pad>"
+    )
+    teacher = bart(2, 4, 0).eval()
+    data = Dataset.from_list(rows() * 2)  # 8 rows: 4 batches of 2
+    want = sequence_kd_dataset(teacher, tok, data, tmp_path / "whole", num_beams=1, max_length=6, batch_size=2)
+    generate, calls = teacher.generate, []
+
+    def stopped_after_two(**kw):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt  # the sitting ends
+        return generate(**kw)
+
+    monkeypatch.setattr(teacher, "generate", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sequence_kd_dataset(teacher, tok, data, tmp_path / "cut", num_beams=1, max_length=6, batch_size=2, save_every=1)
+    assert (tmp_path / "cut" / "partial.json.gz").exists()
+    calls.clear()
+    monkeypatch.setattr(teacher, "generate", lambda **kw: calls.append(1) or generate(**kw))
+    got = sequence_kd_dataset(
+        teacher, tok, data, tmp_path / "cut", num_beams=1, max_length=6, batch_size=2, save_every=1
+    )
+    assert len(calls) == 2 and got["labels"] == want["labels"]  # the two batches left, nothing redone
+    assert not (tmp_path / "cut" / "partial.json.gz").exists()

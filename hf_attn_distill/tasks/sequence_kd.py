@@ -38,6 +38,13 @@ def _strip(tokens: list[int], start: int | None, pad: int | None, eos: int | Non
     return out
 
 
+def _write(path: Path, value) -> None:
+    """``value`` as gzip-compressed JSON, written whole or not at all (a stop mid-write leaves the old file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(gzip.compress(json.dumps(value, separators=(",", ":")).encode(), mtime=0))
+    tmp.replace(path)
+
+
 def _sources_checksum(sources) -> str:
     """SHA-256 of the token ids of every source, in order: the same on every machine for the same data."""
     digest = hashlib.sha256()
@@ -55,11 +62,14 @@ def sequence_kd_dataset(
     num_beams: int = 4,
     max_length: int = 64,
     batch_size: int = 32,
+    save_every: int = 20,
 ) -> datasets.Dataset:
     """``dataset`` (with ``input_ids``) with ``labels`` replaced by the teacher's translations of its sources.
 
     Translations come from ``cache_dir`` when its key (teacher weights checksum, a checksum of the tokenized sources,
-    generation settings) matches; otherwise they are generated (teacher in eval mode, beam search) and cached.
+    generation settings) matches; otherwise they are generated (teacher in eval mode, beam search) and cached. Every
+    ``save_every`` batches the translations so far are kept (``partial.json.gz``), so a generation stopped midway
+    resumes where it stopped (with the same key) instead of starting over.
     """
     if "input_ids" not in dataset.column_names:
         raise ValueError("sequence-level KD needs a tokenized dataset with an input_ids column.")
@@ -73,6 +83,7 @@ def sequence_kd_dataset(
     }
     folder = Path(cache_dir)
     meta, data = folder / "meta.json", folder / "translations.json.gz"
+    partial = folder / "partial.json.gz"  # what an interrupted generation had done: resumed, not redone
     if meta.exists() and data.exists() and json.loads(meta.read_text()) == key:
         labels = json.loads(gzip.decompress(data.read_bytes()))
     else:
@@ -81,19 +92,26 @@ def sequence_kd_dataset(
         was_training = teacher.training
         teacher.eval()
         labels = []
+        if partial.exists():
+            kept = json.loads(gzip.decompress(partial.read_bytes()))
+            labels = kept["labels"] if kept.get("key") == key else []
+        folder.mkdir(parents=True, exist_ok=True)
         device = next(teacher.parameters()).device
         with tqdm(total=len(dataset), desc="Teacher translations (sequence-level KD)", unit="sentence") as bar:
-            for first in range(0, len(dataset), batch_size):
+            bar.update(len(labels))
+            for index, first in enumerate(range(len(labels), len(dataset), batch_size)):
                 rows = dataset[first : first + batch_size]["input_ids"]
                 batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
                 generated = teacher.generate(**batch, num_beams=num_beams, max_length=max_length)
                 labels += [_strip(seq, start, pad, eos) for seq in generated.tolist()]
                 bar.update(len(rows))
+                if (index + 1) % save_every == 0 and len(labels) < len(dataset):
+                    _write(partial, {"key": key, "labels": labels})
         teacher.train(was_training)
-        folder.mkdir(parents=True, exist_ok=True)
         meta.unlink(missing_ok=True)
-        data.write_bytes(gzip.compress(json.dumps(labels, separators=(",", ":")).encode(), mtime=0))
+        _write(data, labels)
         meta.write_text(json.dumps(key, indent=1))
+        partial.unlink(missing_ok=True)
     if "labels" in dataset.column_names:
         dataset = dataset.remove_columns("labels")
     return dataset.add_column("labels", labels)
