@@ -42,6 +42,26 @@ def _best_reading(result: dict, scale: float = 1.0, unit: str = "") -> str:
     return ", ".join(parts) + f"; it keeps {retention:.1f}% of the teacher."
 
 
+def _curve_reading(result: dict, name: str = "finetune") -> str:
+    """Whether ``name``'s learning curve (mean over its seeds) has flattened at the budget: its points and what it
+    still gained over its last doubling of steps (last step against the step nearest half of it)."""
+    curves = result["students"].get(name, {}).get("learning_curves") or []
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(int(step), []).append(value)
+    if len(by_step) < 2:
+        return ""
+    mean = {step: sum(v) / len(v) for step, v in sorted(by_step.items())}
+    last = max(mean)
+    half = min((step for step in mean if step < last), key=lambda step: abs(step - last / 2))
+    points = ", ".join(f"{step}: {value:.2f}" for step, value in mean.items())
+    return (
+        f" `{name}`'s learning curve on the dev subset (step: value, mean over its seeds): {points}; it still rose "
+        f"{mean[last] - mean[half]:+.2f} from step {half} to {last}."
+    )
+
+
 def _not_rerun(task: str, name: str) -> str:
     return (
         f"### {task}\n\nNo run with the trained teacher of ../shared/teachers has finished yet "
@@ -62,7 +82,7 @@ def qa() -> str:
     result = _load("quality_qa.json")
     if "teacher_dir" not in result["settings"]:
         return _not_rerun("SQuAD v1.1", "quality.qa")
-    return quality_qa.readme(result) + "\n" + _best_reading(result) + "\n"
+    return quality_qa.readme(result) + "\n" + _best_reading(result) + _curve_reading(result) + "\n"
 
 
 def translation() -> str:
@@ -71,7 +91,7 @@ def translation() -> str:
     result = _load("quality_translation.json")
     if "teacher_dir" not in result["settings"]:
         return _not_rerun("Multi30k de→en", "quality.translation")
-    return quality_translation.readme(result) + "\n" + _best_reading(result) + "\n"
+    return quality_translation.readme(result) + "\n" + _best_reading(result) + _curve_reading(result) + "\n"
 
 
 def claims() -> str:

@@ -881,3 +881,18 @@ def test_runs_done_lists_every_variant_and_its_seeds():
     result = {"students": {"finetune": {"seeds": [1, 2]}, "kd": {"seeds": [1]}}}
     assert runs_done(result) == "3 (`finetune` seeds 1, 2; `kd` seed 1)"
     assert curve_points([[500, 63.371], [1000, 68.384]]) == "500: 63.37, 1,000: 68.38"
+
+
+def test_the_readme_says_how_much_finetunes_curve_still_rose_over_its_last_doubling():
+    from benchmarks.readme_sections import _curve_reading
+
+    result = {
+        "students": {
+            "finetune": {
+                "learning_curves": [[[75, 20.0], [150, 30.0], [300, 34.0]], [[75, 22.0], [150, 32.0], [300, 38.0]]]
+            }
+        }
+    }
+    reading = _curve_reading(result)
+    assert "75: 21.00, 150: 31.00, 300: 36.00" in reading and "it still rose +5.00 from step 150 to 300" in reading
+    assert _curve_reading({"students": {"kd": {}}}) == ""
