@@ -16,14 +16,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-__all__ = ["SECTIONS", "render", "sections"]
+__all__ = ["SECTIONS", "best_reading", "curve_reading", "render", "sections"]
 
 
 def _load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
 
-def _best_reading(result: dict, scale: float = 1.0, unit: str = "") -> str:
+def best_reading(result: dict, scale: float = 1.0, unit: str = "") -> str:
     """One line of facts about a quality table: the best row and its gains over ``finetune`` and ``kd``, with the
     seed std that says whether they mean anything."""
     students = {n: s for n, s in result["students"].items() if not n.startswith("small_")}
@@ -42,7 +42,7 @@ def _best_reading(result: dict, scale: float = 1.0, unit: str = "") -> str:
     return ", ".join(parts) + f"; it keeps {retention:.1f}% of the teacher."
 
 
-def _curve_reading(result: dict, name: str = "finetune") -> str:
+def curve_reading(result: dict, name: str = "finetune") -> str:
     """Whether ``name``'s learning curve (mean over its seeds) has flattened at the budget: its points and what it
     still gained over its last doubling of steps (last step against the step nearest half of it)."""
     curves = result["students"].get(name, {}).get("learning_curves") or []
@@ -82,7 +82,7 @@ def qa() -> str:
     result = _load("quality_qa.json")
     if "teacher_dir" not in result["settings"]:
         return _not_rerun("SQuAD v1.1", "quality.qa")
-    return quality_qa.readme(result) + "\n" + _best_reading(result) + _curve_reading(result) + "\n"
+    return quality_qa.readme(result) + "\n" + best_reading(result) + curve_reading(result) + "\n"
 
 
 def translation() -> str:
@@ -91,7 +91,7 @@ def translation() -> str:
     result = _load("quality_translation.json")
     if "teacher_dir" not in result["settings"]:
         return _not_rerun("Multi30k de→en", "quality.translation")
-    return quality_translation.readme(result) + "\n" + _best_reading(result) + _curve_reading(result) + "\n"
+    return quality_translation.readme(result) + "\n" + best_reading(result) + curve_reading(result) + "\n"
 
 
 def claims() -> str:

@@ -884,7 +884,7 @@ def test_runs_done_lists_every_variant_and_its_seeds():
 
 
 def test_the_readme_says_how_much_finetunes_curve_still_rose_over_its_last_doubling():
-    from benchmarks.readme_sections import _curve_reading
+    from benchmarks.readme_sections import curve_reading
 
     result = {
         "students": {
@@ -893,6 +893,6 @@ def test_the_readme_says_how_much_finetunes_curve_still_rose_over_its_last_doubl
             }
         }
     }
-    reading = _curve_reading(result)
+    reading = curve_reading(result)
     assert "75: 21.00, 150: 31.00, 300: 36.00" in reading and "it still rose +5.00 from step 150 to 300" in reading
-    assert _curve_reading({"students": {"kd": {}}}) == ""
+    assert curve_reading({"students": {"kd": {}}}) == ""
