@@ -896,3 +896,18 @@ def test_the_readme_says_how_much_finetunes_curve_still_rose_over_its_last_doubl
     reading = curve_reading(result)
     assert "75: 21.00, 150: 31.00, 300: 36.00" in reading and "it still rose +5.00 from step 150 to 300" in reading
     assert curve_reading({"students": {"kd": {}}}) == ""
+
+
+def test_lm_memory_runs_every_method_and_they_agree(tmp_path):
+    """benchmarks/speed/lm_memory.py at tiny scale: every method runs in its own process (or says why not: Liger
+    needs its package and Triton), and the three that run give the same forward-KL loss."""
+    from benchmarks.speed import lm_memory
+
+    argv = ["--vocabs", "300", "--batch", "2", "--tokens", "16", "--student_hidden", "8", "--teacher_hidden", "12"]
+    result = lm_memory.main([*argv, "--repeats", "1", "--output", str(tmp_path / "lm")])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == set(lm_memory.METHODS)
+    losses = [rows[m]["loss"] for m in ("naive", "token_kd", "chunked")]
+    assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]) and losses[0] > 0
+    assert "skipped" in rows["liger"] or rows["liger"]["loss"] == pytest.approx(losses[0], rel=1e-4)
+    assert "| 300 | chunked |" in (tmp_path / "lm.md").read_text()

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Memory and time of an LM logit-distillation loss at large vocabularies: full logits vs chunked from hidden states.
+
+One forward + backward of the forward-KL term (T = 2) between a student and a teacher output head of a real width
+(random weights), from their last hidden states ``[batch, tokens, hidden]``, each method in a fresh subprocess:
+
+- ``naive``: both models' full ``[tokens, vocab]`` logits, then :func:`~hf_attn_distill.token_divergence`;
+- ``token_kd``: the full logits, then the package's chunked :func:`~hf_attn_distill.terms.token_kd.token_kd_loss`
+  (no float32 copies of them, but the logits themselves);
+- ``chunked``: :func:`~hf_attn_distill.chunked_lm_divergence`, a chunk of tokens at a time through both heads,
+  forward and backward: no ``[tokens, vocab]`` tensor;
+- ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (``beta=0``: forward KL) where it installs and runs (it is
+  written in Triton; on a CPU it does not run, and the row says why).
+
+Reported: the peak RSS above what was resident once the hidden states and heads existed (Linux VmHWM, reset first),
+the median time of ``--repeats`` steps after one warm-up, and the loss (equal across methods). Defaults: 4 x 1,024
+tokens, student width 896 and teacher width 1,536 (Qwen2.5-0.5B and -1.5B), vocabularies 32,000 and 152,064.
+Writes ``benchmarks/results/lm_memory.json`` and ``.md``. Time it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ("naive", "token_kd", "chunked", "liger")
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    from benchmarks.speed.step import proc_status_mb, reset_peak_rss
+    from hf_attn_distill import chunked_lm_divergence, token_divergence
+    from hf_attn_distill.terms.token_kd import token_kd_loss
+
+    torch.manual_seed(0)
+    tokens = spec["batch"] * spec["tokens"]
+    s_head = torch.nn.Linear(spec["student_hidden"], spec["vocab"], bias=False)
+    t_head = torch.nn.Linear(spec["teacher_hidden"], spec["vocab"], bias=False).requires_grad_(False)
+    s_hidden = torch.randn(tokens, spec["student_hidden"], requires_grad=True)
+    t_hidden = torch.randn(tokens, spec["teacher_hidden"])
+    method = spec["method"]
+    if method == "liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearJSDLoss
+        except ImportError as err:
+            return {"skipped": f"liger-kernel is not installed ({err.name})"}
+        liger = LigerFusedLinearJSDLoss(jsd_beta=0.0, temperature=2.0)
+
+    def step() -> float:
+        s_hidden.grad = None
+        s_head.weight.grad = None
+        if method == "chunked":
+            loss = chunked_lm_divergence(s_hidden, s_head, t_hidden, t_head, None, "forward_kl", temperature=2.0)
+        elif method == "liger":
+            loss = liger(s_hidden, s_head.weight, t_hidden, t_head.weight)
+        else:
+            s_logits, t_logits = s_head(s_hidden), t_head(t_hidden)
+            if method == "naive":
+                loss = token_divergence(s_logits, t_logits, "forward_kl", temperature=2.0).mean() * 4.0
+            else:
+                loss = token_kd_loss(s_logits[None], t_logits[None], 2.0, None)
+        loss.backward()
+        return loss.item()
+
+    try:
+        reset_peak_rss()
+        base = proc_status_mb("VmRSS")
+        loss = step()
+        peak = proc_status_mb("VmHWM") - base
+        times = []
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    except Exception as err:  # Liger's Triton kernels on a CPU
+        return {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"}
+    logits_mb = tokens * spec["vocab"] * 4 / 2**20
+    return {"loss": loss, "peak_mb": peak, "step_s": statistics.median(times), "one_logits_tensor_mb": logits_mb}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Machine: {result['machine']}",
+        "",
+        f"Forward KL (T = 2) forward + backward, {result['batch']} x {result['tokens']} tokens, student width "
+        f"{result['student_hidden']}, teacher width {result['teacher_hidden']}; peak memory above the hidden states and "
+        f"heads; median of {result['repeats']} steps after one.",
+        "",
+        "| vocab | method | loss | peak MB | one [tokens, vocab] float32 tensor (MB) | s / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['vocab']:,} | {r['method']} | not run: {r['skipped']} | | | |")
+        else:
+            lines.append(
+                f"| {r['vocab']:,} | {r['method']} | {r['loss']:.6f} | {r['peak_mb']:.0f} | "
+                f"{r['one_logits_tensor_mb']:.0f} | {r['step_s']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 152064])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--student_hidden", type=int, default=896)
+    parser.add_argument("--teacher_hidden", type=int, default=1536)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "lm_memory"))
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker:
+        print("RESULT " + json.dumps(worker(json.loads(args._worker))), flush=True)
+        return {}
+    from hf_attn_distill.utils.profiling import machine_info
+
+    shape = {k: getattr(args, k) for k in ("batch", "tokens", "student_hidden", "teacher_hidden", "repeats")}
+    rows = []
+    for vocab in args.vocabs:
+        for method in args.methods:
+            spec = {"method": method, "vocab": vocab, **shape}
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.speed.lm_memory", "--_worker", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                check=True,
+            )
+            line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+            rows.append({**spec, **json.loads(line[len("RESULT ") :])})
+            print(rows[-1], flush=True)
+    result = {"machine": machine_info(), **shape, "rows": rows}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.output + ".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
