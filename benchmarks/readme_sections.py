@@ -37,7 +37,11 @@ def best_reading(result: dict, scale: float = 1.0, unit: str = "") -> str:
         if base in students and base != best:
             gain = (students[best]["mean"] - students[base]["mean"]) * scale
             larger = max(students[best]["std"], students[base]["std"]) * scale
-            parts.append(f"{gain:+.2f} over `{base}` (larger seed std {larger:.2f})")
+            single = len(students[best]["seeds"]) < 2 or len(students[base]["seeds"]) < 2
+            parts.append(
+                f"{gain:+.2f} over `{base}`"
+                + (" (one seed: no std yet)" if single else f" (larger seed std {larger:.2f})")
+            )
     retention = students[best]["mean"] / result["teacher"] * 100
     return ", ".join(parts) + f"; it keeps {retention:.1f}% of the teacher."
 
