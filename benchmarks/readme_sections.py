@@ -124,19 +124,12 @@ def speed() -> str:
     return speed_module.summary_table(_load("speed.json"))
 
 
-def speed_long() -> str:
-    from benchmarks.speed import step as speed_module
-
-    return speed_module.summary_table(_load("speed_long.json"))
-
-
 SECTIONS: dict[str, Callable[[], str]] = {
     "sst2": sst2,
     "qa": qa,
     "translation": translation,
     "claims": claims,
     "speed": speed,
-    "speed_long": speed_long,
 }
 
 

@@ -313,7 +313,8 @@ def test_the_readmes_speed_tables_are_the_committed_runs(name):
 
     root = Path(__file__).resolve().parent.parent
     table = speed.summary_table(json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text()))
-    for readme in ("README.md", "benchmarks/README.md"):
+    readmes = ("README.md", "benchmarks/README.md") if name == "speed" else ("benchmarks/README.md",)
+    for readme in readmes:
         assert table in (root / readme).read_text(), f"{readme} does not show benchmarks/results/{name}.json"
 
 
@@ -508,7 +509,12 @@ def test_the_readmes_result_sections_are_the_committed_results():
     results = claims.committed_results()
     fresh = {t: r for t, r in results.items() if t == "SST-2" or "teacher_dir" in r["settings"]}
     for row in claims.claim_rows(fresh):
-        assert f"| {row['task']} | {row['claim']} | `{row['best']}` | {row['gain_points']:+.2f} |" in readme
+        if row["best"] is None:  # a table still being run
+            assert (
+                f"| {row['task']} | {row['claim']} | not measured yet (rows so far: {row['rows_so_far']}) |" in readme
+            )
+        else:
+            assert f"| {row['task']} | {row['claim']} | `{row['best']}` | {row['gain_points']:+.2f} |" in readme
 
 
 def test_claims_compare_the_best_distilled_row_with_finetune_and_judge_the_teacher():
