@@ -3,6 +3,7 @@
     hf-attn-distill classification recipes/configs/sst2_student.yaml
     hf-attn-distill qa recipes/configs/squad_teacher.yaml --teacher_model_name_or_path <folder>
     hf-attn-distill translation --help
+    hf-attn-distill lm --teacher_model_name_or_path <folder> --student_teacher_layers 0,2 --train_file train.txt ...
 
 Everything after the subcommand goes to the recipe's ``main(argv)``: its flags, or one YAML/JSON file of the
 same arguments, optionally followed by flags that override the file's values. The recipes are the modules of
@@ -32,6 +33,7 @@ RECIPES = {
     "qa": "hf_attn_distill.recipes.distill_qa",
     "translation": "hf_attn_distill.recipes.distill_translation",
     "general": "hf_attn_distill.recipes.distill_general",
+    "lm": "hf_attn_distill.recipes.distill_lm",
 }
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")

@@ -26,6 +26,7 @@ from hf_attn_distill.training.schedules import parse_schedules
 __all__ = [
     "ATTENTION_LOSSES",
     "ATTENTION_SITES",
+    "DIVERGENCES",
     "HIDDEN_LOSS_KINDS",
     "RELATION_KINDS",
     "AttentionSite",
@@ -42,6 +43,8 @@ HIDDEN_LOSS_KINDS = ("mse", "cosine")
 RELATION_KINDS = ("qq", "kk", "vv")
 HEAD_GROUPINGS = ("mean", "strict")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
+"""Divergences of token-level logit KD (:mod:`~hf_attn_distill.terms.divergences`)."""
 CACHE_DTYPES = ("float16", "float32")
 
 
@@ -72,7 +75,7 @@ def parse_relation_kinds(text: str) -> tuple[str, ...]:
 
 
 LAYER_MAP_FIELDS = (*(s.map_field for s in ATTENTION_SITES), "hidden_layer_map")
-LOWER_BOUNDS = {"temperature": (0, False), "relation_heads": (1, True)}
+LOWER_BOUNDS = {"temperature": (0, False), "relation_heads": (1, True), "lm_chunk_tokens": (0, True)}
 """``{field: (bound, inclusive)}`` checked in ``__post_init__``, besides every term weight's ``>= 0``."""
 
 
@@ -117,6 +120,28 @@ class DistillConfig(TrainingArguments):
             unlabeled transfer data.
         alpha_kd (`float`, *optional*, defaults to `0.5`):
             Weight of the KL divergence between temperature-softened teacher and student logits.
+        divergence (`str`, *optional*, defaults to `"forward_kl"`):
+            Divergence of token-level logit KD (language models, decoder logits), between `p_t = softmax(t / T)`
+            and `p_s = softmax(s / T)`, averaged over the tokens that have a label and times `T**2`:
+            `"forward_kl"` `KL(p_t || p_s)` (Hinton et al.), `"reverse_kl"` `KL(p_s || p_t)` (MiniLLM), `"jsd"`
+            the generalized Jensen-Shannon divergence with `jsd_beta` (TRL's GKD: `0` is forward KL, `1` reverse KL),
+            `"skew_kl"` / `"skew_reverse_kl"` DistiLLM's skew divergences with `skew_alpha`. Classification and QA
+            heads use `"forward_kl"`.
+        jsd_beta (`float`, *optional*, defaults to `0.5`):
+            `beta` of `divergence="jsd"`, in `[0, 1]`: `beta KL(p_t || m) + (1 - beta) KL(p_s || m)` with
+            `m = beta p_t + (1 - beta) p_s`.
+        skew_alpha (`float`, *optional*, defaults to `0.1`):
+            `alpha` of the skew divergences, in `[0, 1)`: `KL(p_t || alpha p_t + (1 - alpha) p_s)` (`skew_kl`) and
+            `KL(p_s || alpha p_s + (1 - alpha) p_t)` (`skew_reverse_kl`).
+        chunked_lm_loss (`bool`, *optional*, defaults to `True`):
+            Causal LMs: compute the hard-label loss and logit KD from the last hidden states through both output
+            heads, `lm_chunk_tokens` tokens at a time in forward and backward, so neither model's
+            `[tokens, vocab]` logits exist (the heads then return the last position's logits only). Models whose
+            logits are not a plain linear head (logit soft-capping, a logit scale) and the teacher-logit cache use
+            the full logits. Same values and gradients as the full logits.
+        lm_chunk_tokens (`int`, *optional*, defaults to `0`):
+            Tokens per chunk of the chunked LM loss; `0` picks them from the vocabulary size (about 4M logits,
+            16 MB of float32, per chunk).
         attention_loss (`str`, *optional*, defaults to `"kl"`):
             Per-head attention-transfer loss. `"kl"`: MiniLM, row-wise KL(teacher || student) between attention
             distributions (from log-probabilities), mean over heads and valid query rows. `"mse_scores"`: TinyBERT,
@@ -229,6 +254,28 @@ class DistillConfig(TrainingArguments):
         metadata={"help": "Weight of the student's hard-label loss (>= 0); 0 allows unlabeled data."},
     )
     alpha_kd: float = field(default=0.5, metadata={"help": "Weight of the logit KD term (>= 0)."})
+    divergence: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "Divergence of token-level logit KD: 'forward_kl', 'reverse_kl', 'jsd' (with jsd_beta), "
+            "'skew_kl' or 'skew_reverse_kl' (with skew_alpha).",
+            "choices": list(DIVERGENCES),
+        },
+    )
+    jsd_beta: float = field(
+        default=0.5, metadata={"help": "beta of divergence='jsd' in [0, 1] (0: forward KL, 1: reverse KL)."}
+    )
+    skew_alpha: float = field(default=0.1, metadata={"help": "alpha of the skew divergences, in [0, 1)."})
+    chunked_lm_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Causal LMs: compute loss_ce and loss_kd from the last hidden states a chunk of tokens at a "
+            "time, so [tokens, vocab] logits never exist (same values and gradients)."
+        },
+    )
+    lm_chunk_tokens: int = field(
+        default=0, metadata={"help": "Tokens per chunk of the chunked LM loss (>= 0); 0 picks from the vocabulary."}
+    )
     attention_loss: str = field(
         default="kl",
         metadata={
@@ -377,6 +424,10 @@ class DistillConfig(TrainingArguments):
                 "layer map) are 0: nothing to train on."
             )
         parse_relation_kinds(self.relation_kinds)
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {self.jsd_beta}")
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ValueError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}")
         parsed_schedules = parse_schedules(self.schedules, self.term_weight_fields)
         for name in parsed_schedules:
             if getattr(self, name) == 0:

@@ -187,7 +187,10 @@ class DistillTrainer(
             for objective in objectives:
                 objective.start_student(step)
             kwargs = {k: v for o in objectives for k, v in o.student_forward_kwargs.items()}
-            step.outputs = model(**inputs, **kwargs)
+            student_inputs = inputs
+            for objective in objectives:
+                student_inputs = objective.student_inputs(student_inputs)
+            step.outputs = model(**student_inputs, **kwargs)
             for objective in objectives:
                 objective.read_student(step)
             terms = {o.name: value for o in objectives if (value := o.loss(step)) is not None}

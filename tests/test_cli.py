@@ -37,15 +37,21 @@ def run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
 
 
 def test_help_lists_each_subcommand_with_its_recipe_summary(capsys):
-    from hf_attn_distill.recipes import distill_classification, distill_general, distill_qa, distill_translation
+    from hf_attn_distill.recipes import (
+        distill_classification,
+        distill_general,
+        distill_lm,
+        distill_qa,
+        distill_translation,
+    )
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
     assert text.startswith("usage: hf-attn-distill")
-    assert list(RECIPES) == ["classification", "qa", "translation", "general"]
-    recipes = (distill_classification, distill_qa, distill_translation, distill_general)
+    assert list(RECIPES) == ["classification", "qa", "translation", "general", "lm"]
+    recipes = (distill_classification, distill_qa, distill_translation, distill_general, distill_lm)
     for command, recipe in zip(RECIPES, recipes):
         assert summary(RECIPES[command]) == recipe.__doc__.splitlines()[0]
         assert f"{command} {summary(RECIPES[command])}" in text
@@ -57,6 +63,7 @@ def test_help_lists_each_subcommand_with_its_recipe_summary(capsys):
         ("classification", "--text_pair_column"),
         ("qa", "--doc_stride"),
         ("translation", "--student_decoder_layers"),
+        ("lm", "--block_size"),
         ("general", "--pack"),
     ],
 )

@@ -171,8 +171,9 @@ def test_trainer_terms_equal_the_reference_losses(family, tmp_path):
         [attention_kl_loss(s, group_teacher_heads(t, 2, "log_probs"), mask, causal=True) for s, t in zip(s_att, t_att)]
     ).mean()
     assert got["loss_attn_dec"] == pytest.approx(want.item(), rel=1e-5)
-    valid = batch["labels"].ne(-100)
-    assert got["loss_kd"] == pytest.approx(logit_kd_loss(s_logits[valid], t_logits[valid], 2.0).item(), rel=1e-5)
+    valid = batch["labels"][:, 1:].ne(-100)  # position t predicts token t + 1: compared where that one counts
+    s_next, t_next = s_logits[:, :-1][valid], t_logits[:, :-1][valid]
+    assert got["loss_kd"] == pytest.approx(logit_kd_loss(s_next, t_next, 2.0).item(), rel=1e-5)
     assert got["loss_ce"] == pytest.approx(student(**batch).loss.item(), rel=1e-5)
 
 

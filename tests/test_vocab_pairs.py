@@ -54,7 +54,8 @@ def test_padded_vocabularies_are_distilled_over_the_tokenizers_rows(family, tmp_
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         t_logits, s_logits = teacher(**inputs).logits, student(**inputs).logits
-    valid = batch["labels"].ne(-100)
+    valid = batch["labels"][:, 1:].ne(-100)  # position t predicts token t + 1
+    s_logits, t_logits = s_logits[:, :-1], t_logits[:, :-1]
     want = logit_kd_loss(s_logits[valid][:, :VOCAB], t_logits[valid][:, :VOCAB], 2.0).item()
     # the trainer's logits come from the fused and streamed attention paths: float32 rounding of log-probabilities
     # is absolute (~1e-7), and this KL of two random models is small (~1e-2)

@@ -343,7 +343,19 @@ class Capture:
         self._submodules: list[tuple[nn.Module, str, nn.Module]] = []
         self._frozen: list[tuple[nn.Module, dict]] = []
         self._recorders: list[AttentionRecorder] = []
+        self._taps: list = []
+        self.shared: dict[str, object] = {}
+        """Objects the objectives of one trainer build once and share (the causal-LM head pass)."""
         self.attached = True
+
+    def add_tap(self, tap) -> None:
+        """Keep ``tap`` (an object with ``register()``, ``remove()`` and ``disarm()``, such as
+        :class:`~hf_attn_distill.terms.lm_head.HeadTap`) on its module while attached: registered now, disarmed by
+        :meth:`stop`, removed by :meth:`release`, registered again by :meth:`attach`."""
+        if tap not in self._taps:
+            self._taps.append(tap)
+            if self.attached:
+                tap.register()
 
     def freeze(self, model: PreTrainedModel) -> None:
         """Eval mode and no gradients (for good: the teacher stays frozen), and no attentions or hidden states
@@ -398,6 +410,8 @@ class Capture:
             recorder.stop()
         for _, point in self._points:
             point.reset()
+        for tap in self._taps:
+            tap.disarm()
 
     def release(self) -> None:
         """Take everything off the models: points and submodules removed, attention implementations and the frozen
@@ -405,6 +419,8 @@ class Capture:
         if not self.attached:
             return
         self.stop()
+        for tap in self._taps:
+            tap.remove()
         for module, point in self._points:
             if getattr(module, POINT_ATTR, None) is point:
                 delattr(module, POINT_ATTR)
@@ -433,6 +449,8 @@ class Capture:
         for model, _ in self._models:
             _register()
             set_attention_implementation(model, ATTN_IMPLEMENTATION)
+        for tap in self._taps:
+            tap.register()
         self.attached = True
 
 

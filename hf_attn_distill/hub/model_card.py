@@ -106,7 +106,7 @@ CITATIONS = {
 }
 
 #: Metrics a card reports (``evaluate`` names), in this order.
-CARD_METRICS = ("accuracy", "exact_match", "f1", "bleu", "chrf")
+CARD_METRICS = ("accuracy", "exact_match", "f1", "bleu", "chrf", "perplexity")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 

@@ -252,13 +252,15 @@ def train(trainer, training_args) -> dict:
 @dataclass
 class Evaluation:
     """One evaluation at the end of a recipe: metric prefix (``"eval"``, ``"test"``), the dataset (``None``: the
-    trainer's ``eval_dataset``), what to do before it (e.g. point ``compute_metrics`` at its references), and
-    settings to record with its metrics (e.g. the generation length of generated translations)."""
+    trainer's ``eval_dataset``), what to do before it (e.g. point ``compute_metrics`` at its references),
+    settings to record with its metrics (e.g. the generation length of generated translations), and metrics the
+    recipe measures itself, added to the trainer's (``extra()``, e.g. perplexities)."""
 
     prefix: str
     dataset: object | None = None
     before: Callable[[], None] | None = None
     settings: dict | None = None
+    extra: Callable[[], dict] | None = None
 
 
 def run(
@@ -294,7 +296,14 @@ def run(
         if evaluation.before is not None:
             evaluation.before()
         metrics.update(
-            evaluate(trainer, teacher_trainer, evaluation.prefix, teacher_keys, evaluation.dataset, evaluation.settings)
+            evaluate(
+                trainer,
+                teacher_trainer,
+                evaluation.prefix,
+                teacher_keys,
+                evaluation.dataset,
+                {**(evaluation.extra() if evaluation.extra is not None else {}), **(evaluation.settings or {})},
+            )
         )
     example = sample()
     if training_args.do_train and trainer.is_world_process_zero() and example is not None:

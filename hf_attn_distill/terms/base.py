@@ -75,6 +75,11 @@ class Objective:
         """Read what the teacher's forward handed over; runs in inference mode, before the teacher's capture is
         disarmed."""
 
+    def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The inputs of the student's forward, from those it would get (e.g. without the labels of a loss the
+        objective computes itself); the default changes nothing."""
+        return inputs
+
     def start_student(self, step: Step) -> None:
         """Arm what the student's forward must hand over (or compute inside its layers)."""
 

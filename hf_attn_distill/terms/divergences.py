@@ -11,22 +11,36 @@ distributions ``p_t = softmax(teacher / T)`` and ``p_s = softmax(student / T)`` 
 - ``skew_kl``: DistiLLM's skew KL with ``alpha``: ``KL(p_t ‖ alpha p_t + (1 - alpha) p_s)``;
 - ``skew_reverse_kl``: ``KL(p_s ‖ alpha p_s + (1 - alpha) p_t)``.
 
-:func:`chunked_lm_divergence` computes the mean of one of them over the masked tokens from the two models' last
-hidden states through their output heads, a chunk of tokens at a time, in the forward and the backward pass, so
-neither model's ``[tokens, vocab]`` logits ever exist in full. The mean is multiplied by ``T²`` (Hinton's
-convention: gradients keep their scale as ``T`` changes).
+:func:`lm_head_losses` computes, from the two models' last hidden states through their output heads, the student's
+cross-entropy on its targets and the summed divergence, a chunk of tokens at a time in the forward and the backward
+pass, so neither model's ``[tokens, vocab]`` logits ever exist in full; :func:`chunked_lm_divergence` is its
+divergence alone, as a mean over masked tokens. Divergences are multiplied by ``T²`` (Hinton's convention:
+gradients keep their scale as ``T`` changes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-__all__ = ["DIVERGENCES", "chunked_lm_divergence", "token_divergence"]
+from hf_attn_distill.config import DIVERGENCES
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
+__all__ = [
+    "DIVERGENCES",
+    "LM_CHUNK_ELEMENTS",
+    "LMHeadSettings",
+    "chunked_lm_divergence",
+    "lm_head_losses",
+    "token_divergence",
+]
+
+LM_CHUNK_ELEMENTS = 1 << 22
+"""Logits per chunk when ``chunk_tokens`` is 0: 4M, 16 MB of float32 per temporary."""
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -42,13 +56,14 @@ def _mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
 def token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    kind: str = "forward_kl",
+    divergence: str = "forward_kl",
     temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
 ) -> torch.Tensor:
-    """Per-token divergence ``[N]`` (float32) of ``kind`` (:data:`DIVERGENCES`) between the rows of
+    """Per-token ``divergence`` ``[N]`` (float32, one of :data:`DIVERGENCES`) between the rows of
     ``student_logits`` and ``teacher_logits`` ``[N, V]`` softened by ``temperature``; no ``T²`` factor here."""
+    kind, beta, alpha = divergence, jsd_beta, skew_alpha
     if kind not in DIVERGENCES:
         raise ValueError(f"Unknown divergence {kind!r}; choose from {DIVERGENCES}.")
     if student_logits.shape != teacher_logits.shape:
@@ -56,7 +71,7 @@ def token_divergence(
             f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ."
         )
     if not 0.0 <= beta <= 1.0 or not 0.0 <= alpha < 1.0:
-        raise ValueError(f"beta must be in [0, 1] and alpha in [0, 1), got beta={beta}, alpha={alpha}.")
+        raise ValueError(f"jsd_beta must be in [0, 1] and skew_alpha in [0, 1), got {beta} and {alpha}.")
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
@@ -71,42 +86,169 @@ def token_divergence(
     return _kl(log_s, log_t if alpha == 0.0 else _mixture(log_s, log_t, alpha))
 
 
-class _ChunkedLMDivergence(torch.autograd.Function):
-    """Forward: the summed divergence over the rows, a chunk at a time, and its gradients with respect to the
-    student's hidden states and head (computed there, chunk by chunk, so no chunk's logits outlive it); backward:
-    those gradients times the incoming one."""
+class LMHeadSettings(NamedTuple):
+    """What :func:`lm_head_losses` computes: the divergence and its parameters, the chunk size, the compared
+    vocabulary rows, and the weights the caller will give the two sums (their gradient is prepared in forward)."""
+
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    chunk_tokens: int = 0
+    vocab_rows: int | None = None
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+
+
+def _chunk_losses(h, w, b, t_h, t_w, t_b, targets, settings: LMHeadSettings):
+    """``(cross-entropy sum, T² · divergence sum)`` of one chunk of rows (``None`` for what is not asked)."""
+    logits = F.linear(h, w, b)
+    ce = F.cross_entropy(logits.float(), targets, reduction="sum") if targets is not None else None
+    kd = None
+    if t_h is not None:
+        with torch.no_grad():
+            t_logits = F.linear(t_h, t_w, t_b)
+        rows = slice(None, settings.vocab_rows)
+        kd = token_divergence(
+            logits[:, rows],
+            t_logits[:, rows],
+            settings.divergence,
+            settings.temperature,
+            settings.jsd_beta,
+            settings.skew_alpha,
+        ).sum() * (settings.temperature**2)
+    return ce, kd
+
+
+def _combined(ce, kd, ce_weight, kd_weight):
+    total = 0.0
+    if ce is not None and ce_weight != 0:
+        total = total + ce * ce_weight
+    if kd is not None and kd_weight != 0:
+        total = total + kd * kd_weight
+    return total
+
+
+class _LMHeadLosses(torch.autograd.Function):
+    """Forward: both sums, a chunk of rows at a time; when a backward will follow, also the gradient (student hidden
+    states, head weight and bias) of ``ce_weight · ce + kd_weight · kd``, chunk by chunk, so no chunk's logits outlive
+    it. Backward: that gradient scaled, when the incoming gradients stand in the ratio of the weights (what the
+    trainer's weighted sum gives); otherwise computed anew, chunk by chunk, for the gradients given."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, options):
-        kind, temperature, beta, alpha, chunk = options
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight)
-        grad_bias = torch.zeros_like(bias) if bias is not None else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            with torch.no_grad():
-                t_logits = F.linear(t_hidden[rows], t_weight, t_bias)
-            with torch.enable_grad():
-                h = hidden[rows].detach().requires_grad_(True)
-                w = weight.detach().requires_grad_(True)
-                b = bias.detach().requires_grad_(True) if bias is not None else None
-                value = token_divergence(F.linear(h, w, b), t_logits, kind, temperature, beta, alpha).sum()
-                grads = torch.autograd.grad(value, (h, w) if b is None else (h, w, b))
-            total += value.detach()
-            grad_hidden[rows] = grads[0]
-            grad_weight += grads[1]
-            if grad_bias is not None:
-                grad_bias += grads[2]
-        ctx.save_for_backward(grad_hidden, grad_weight, *([grad_bias] if grad_bias is not None else []))
-        ctx.has_bias = bias is not None
-        return total
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, targets, settings, want_grad):
+        rows_total = hidden.shape[0]
+        vocab = weight.shape[0]
+        step = settings.chunk_tokens or max(1, min(4096, LM_CHUNK_ELEMENTS // max(vocab, 1)))
+        chunks = [slice(i, min(i + step, rows_total)) for i in range(0, rows_total, step)]
+        ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        weights = (
+            settings.ce_weight if targets is not None else 0.0,
+            settings.kd_weight if t_hidden is not None else 0.0,
+        )
+        prepare = want_grad and any(weights)
+        grads = None
+        if prepare:
+            grads = [
+                torch.zeros_like(hidden),
+                torch.zeros_like(weight),
+                None if bias is None else torch.zeros_like(bias),
+            ]
+        for rows in chunks:
+            t_h = None if t_hidden is None else t_hidden[rows]
+            tgt = None if targets is None else targets[rows]
+            with torch.enable_grad() if prepare else contextlib.nullcontext():
+                h = hidden[rows].detach().requires_grad_(prepare)
+                w = weight.detach().requires_grad_(prepare)
+                b = None if bias is None else bias.detach().requires_grad_(prepare)
+                ce, kd = _chunk_losses(h, w, b, t_h, t_weight, t_bias, tgt, settings)
+                if prepare:
+                    inputs = (h, w) if b is None else (h, w, b)
+                    got = torch.autograd.grad(_combined(ce, kd, *weights), inputs)
+                    grads[0][rows] = got[0]
+                    grads[1] += got[1]
+                    if b is not None:
+                        grads[2] += got[2]
+            if ce is not None:
+                ce_total += ce.detach()
+            if kd is not None:
+                kd_total += kd.detach()
+        if want_grad:  # what a backward needs: references, no copies (the teacher's may be inference tensors)
+            ctx.inputs = (hidden, weight, bias, t_hidden, t_weight, t_bias, targets)
+            ctx.chunks, ctx.settings, ctx.weights, ctx.grads = chunks, settings, weights, grads
+        return ce_total, kd_total
 
     @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight, *rest = ctx.saved_tensors
-        grad_bias = rest[0] * grad_output if ctx.has_bias else None
-        return grad_hidden * grad_output, grad_weight * grad_output, grad_bias, None, None, None, None
+    @once_differentiable
+    def backward(ctx, grad_ce, grad_kd):
+        hidden, weight, bias, t_hidden, t_weight, t_bias, targets = ctx.inputs
+        g_ce = 0.0 if grad_ce is None or targets is None else float(grad_ce)
+        g_kd = 0.0 if grad_kd is None or t_hidden is None else float(grad_kd)
+        w_ce, w_kd = ctx.weights
+        grads = ctx.grads
+        ctx.inputs = ctx.grads = None
+        if grads is not None and math.isclose(g_ce * w_kd, g_kd * w_ce, rel_tol=1e-6, abs_tol=0.0):
+            factor = g_kd / w_kd if w_kd != 0 else g_ce / w_ce
+            out = [None if g is None else g.mul_(factor) for g in grads]
+        else:  # gradients not in the prepared ratio: compute them anew for (g_ce, g_kd)
+            out = [torch.zeros_like(hidden), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)]
+            if g_ce != 0 or g_kd != 0:
+                for rows in ctx.chunks:
+                    with torch.enable_grad():
+                        h = hidden[rows].detach().requires_grad_(True)
+                        w = weight.detach().requires_grad_(True)
+                        b = None if bias is None else bias.detach().requires_grad_(True)
+                        ce, kd = _chunk_losses(
+                            h,
+                            w,
+                            b,
+                            None if t_hidden is None else t_hidden[rows],
+                            t_weight,
+                            t_bias,
+                            None if targets is None else targets[rows],
+                            ctx.settings,
+                        )
+                        got = torch.autograd.grad(_combined(ce, kd, g_ce, g_kd), (h, w) if b is None else (h, w, b))
+                    out[0][rows] = got[0]
+                    out[1] += got[1]
+                    if b is not None:
+                        out[2] += got[2]
+        return out[0], out[1], out[2], None, None, None, None, None, None
+
+
+def lm_head_losses(
+    student_hidden: torch.Tensor,
+    student_head: torch.nn.Module,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.nn.Module | None = None,
+    targets: torch.Tensor | None = None,
+    settings: LMHeadSettings | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ CE(student, targets), T² · Σ divergence(student, teacher))`` over the rows of ``student_hidden``
+    ``[N, H]`` (float32 scalars), through the output heads (``weight [V, H]``, optional ``bias``; a tied head is the
+    embedding matrix and its gradient reaches it), ``settings.chunk_tokens`` rows at a time in forward and backward.
+
+    ``teacher_hidden`` ``[N, H_t]`` (no gradient) and ``teacher_head``: the divergence (``0`` without them);
+    ``targets`` ``[N]``: the cross-entropy over the student's whole vocabulary, as its own loss (``0`` without them).
+    The divergence compares the first ``settings.vocab_rows`` rows of both heads (a padded vocabulary). The gradient
+    of ``settings.ce_weight · CE + settings.kd_weight · KD`` is prepared in forward (one pass over the head);
+    any other combination is computed anew in backward, so the result is exact either way."""
+    settings = LMHeadSettings() if settings is None else settings
+    t_weight = t_bias = None
+    if teacher_hidden is not None:
+        t_weight, t_bias = teacher_head.weight.detach(), getattr(teacher_head, "bias", None)
+        t_bias = None if t_bias is None else t_bias.detach()
+        teacher_hidden = teacher_hidden.detach()
+    if targets is not None:
+        targets = targets.reshape(-1)
+    bias = getattr(student_head, "bias", None)
+    want_grad = torch.is_grad_enabled() and (
+        student_hidden.requires_grad or student_head.weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return _LMHeadLosses.apply(
+        student_hidden, student_head.weight, bias, teacher_hidden, t_weight, t_bias, targets, settings, want_grad
+    )
 
 
 def chunked_lm_divergence(
@@ -115,32 +257,29 @@ def chunked_lm_divergence(
     teacher_hidden: torch.Tensor,
     teacher_head: torch.nn.Linear,
     mask: torch.Tensor | None = None,
-    kind: str = "forward_kl",
+    divergence: str = "forward_kl",
     temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    chunk_tokens: int = 1024,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    chunk_tokens: int = 0,
     vocab_rows: int | None = None,
 ) -> torch.Tensor:
     """``T² ·`` the mean over the tokens of ``mask`` of :func:`token_divergence` between the two models' next-token
-    distributions, computed from their last hidden states ``[..., H]`` through their output heads (``weight
-    [V, H]``, optional ``bias``; a tied head is the embedding matrix, and its gradient reaches it), ``chunk_tokens``
-    rows at a time, forward and backward: no ``[tokens, V]`` tensor is ever held in full.
+    distributions, computed from their last hidden states ``[..., H]`` through their output heads,
+    ``chunk_tokens`` rows at a time (``0``: about :data:`LM_CHUNK_ELEMENTS` logits a chunk), forward and backward:
+    no ``[tokens, V]`` tensor is ever held in full (:func:`lm_head_losses`).
 
     ``mask`` (``[...]``, bool) selects the tokens that count (labels ``!= -100``); ``vocab_rows`` compares only the
     first rows of both heads (a padded vocabulary). Equal, values and gradients, to the divergence of the full
     logits (tested)."""
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
+    if chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be >= 0 (0: chosen from the vocabulary), got {chunk_tokens}.")
+    token_divergence(torch.zeros(1, 1), torch.zeros(1, 1), divergence, 1.0, jsd_beta, skew_alpha)  # checks the names
     s_h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    t_h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    t_h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     if mask is not None:
         keep = mask.reshape(-1).bool()
         s_h, t_h = s_h[keep], t_h[keep]
-    rows = slice(None, vocab_rows)
-    s_w, t_w = student_head.weight[rows], teacher_head.weight[rows].detach()
-    s_b = student_head.bias[rows] if student_head.bias is not None else None
-    t_b = teacher_head.bias[rows].detach() if teacher_head.bias is not None else None
-    count = s_h.shape[0]
-    total = _ChunkedLMDivergence.apply(s_h, s_w, s_b, t_h, t_w, t_b, (kind, temperature, beta, alpha, chunk_tokens))
-    return total * (temperature**2) / max(count, 1)
+    settings = LMHeadSettings(divergence, temperature, jsd_beta, skew_alpha, chunk_tokens, vocab_rows, 0.0, 1.0)
+    _, total = lm_head_losses(s_h, student_head, t_h, teacher_head, None, settings)
+    return total / max(s_h.shape[0], 1)

@@ -11,6 +11,8 @@ from transformers import PreTrainedModel
 from hf_attn_distill.attention.capture import Capture
 from hf_attn_distill.losses import logit_kd_loss
 from hf_attn_distill.terms.base import Objective, Step, label_items
+from hf_attn_distill.terms.divergences import token_divergence
+from hf_attn_distill.terms.lm_head import LMHeadPass, is_causal_lm, lm_head_pass, next_token_mask
 from hf_attn_distill.terms.registry import TermSpec
 from hf_attn_distill.terms.token_kd import token_kd_loss
 
@@ -18,7 +20,6 @@ __all__ = ["LABEL_KEYS", "LOGIT_KEYS", "HardLabelLoss", "LogitKD", "teacher_labe
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 LOGIT_KEYS = ("logits", "start_logits", "end_logits")
-CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # model classes whose loss shifts the labels by one
 
 
 def teacher_label_order(student: PreTrainedModel, teacher: PreTrainedModel) -> list[int] | None:
@@ -44,15 +45,20 @@ def teacher_label_order(student: PreTrainedModel, teacher: PreTrainedModel) -> l
 
 class HardLabelLoss(Objective):
     """``loss_ce``: the student's own task loss (what it returns given labels). A causal LM predicts token
-    ``t + 1`` at position ``t``, so its loss averages over the labels after the first of each row (``shifted``)."""
+    ``t + 1`` at position ``t``, so its loss averages over the labels after the first of each row (``shifted``);
+    with ``head_pass`` (:mod:`~hf_attn_distill.terms.lm_head`) it is computed from the hidden states a chunk of
+    tokens at a time, and the student's forward gets no labels (it makes no full logits)."""
 
     name, weight_field, needs_teacher = "loss_ce", "alpha_ce", False
     specs = (TermSpec("loss_ce", "alpha_ce", shown="always", needs_teacher=False),)
 
-    def __init__(self, weight: float, num_labels: int | None = None, shifted: bool = False):
+    def __init__(
+        self, weight: float, num_labels: int | None = None, shifted: bool = False, head_pass: LMHeadPass | None = None
+    ):
         self.weight = weight
         self.num_labels = num_labels  # class labels are checked against it (single-label classification)
         self.shifted = shifted
+        self.head_pass = head_pass
 
     @classmethod
     def build(cls, student, teacher, args, capture: Capture) -> list[Objective]:
@@ -66,12 +72,18 @@ class HardLabelLoss(Objective):
             "ForSequenceClassification"
         ):
             classes = None
-        shifted = not getattr(config, "is_encoder_decoder", False) and type(student).__name__.endswith(
-            CAUSAL_LM_SUFFIXES
-        )
-        return [cls(args.alpha_ce, classes, shifted)]  # logged even at weight 0, when the batch has labels
+        shifted = is_causal_lm(student)
+        head_pass = lm_head_pass(student, teacher, args, capture) if shifted else None
+        return [cls(args.alpha_ce, classes, shifted, head_pass)]  # logged even at weight 0, when the batch has labels
+
+    def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        if self.head_pass is None or "labels" not in inputs:
+            return inputs
+        return {k: v for k, v in inputs.items() if k != "labels"}
 
     def start_student(self, step: Step) -> None:
+        if self.head_pass is not None:
+            self.head_pass.student_tap.arm()
         labels = step.inputs.get("labels")
         if self.num_labels is None or self.num_labels < 2 or not torch.is_tensor(labels) or labels.dim() != 1:
             return
@@ -86,6 +98,9 @@ class HardLabelLoss(Objective):
             )
 
     def loss(self, step: Step) -> torch.Tensor | None:
+        if self.head_pass is not None and torch.is_tensor(step.inputs.get("labels")):
+            ce, _ = self.head_pass.sums(step)
+            return ce / self.count(step.inputs).clamp_min(1)
         loss = step.outputs.get("loss")
         if loss is None and self.weight > 0:
             raise ValueError(
@@ -100,25 +115,73 @@ class HardLabelLoss(Objective):
             return labels[:, 1:].ne(-100).sum()
         return label_items(inputs)
 
+    def stop(self) -> None:
+        if self.head_pass is not None:
+            self.head_pass.stop()
+
 
 class LogitKD(Objective):
     """``loss_kd``: KL of temperature-softened logits, times T² (Hinton et al.); start/end logits of QA heads over
-    the context positions (``kd_mask``), token-level logits in chunks (:func:`~hf_attn_distill.token_kd_loss`)."""
+    the context positions (``kd_mask``), token-level logits in chunks (:func:`~hf_attn_distill.token_kd_loss`) or
+    with the configured ``divergence`` (:func:`~hf_attn_distill.token_divergence`). A causal LM's position ``t`` is
+    compared where token ``t + 1`` counts (``shifted``); with ``head_pass`` from the hidden states, a chunk of tokens
+    at a time (:mod:`~hf_attn_distill.terms.lm_head`)."""
 
     name, weight_field = "loss_kd", "alpha_kd"
-    specs = (TermSpec("loss_kd", "alpha_kd", shown="always", card="logit KD", logits_only=True),)
+    specs = (
+        TermSpec(
+            "loss_kd",
+            "alpha_kd",
+            settings=("divergence",),
+            shown="always",
+            card="logit KD",
+            logits_only=True,
+        ),
+    )
 
-    def __init__(self, label_order: list[int] | None, vocab_rows: int | None = None):
+    def __init__(
+        self,
+        label_order: list[int] | None,
+        vocab_rows: int | None = None,
+        divergence: str = "forward_kl",
+        jsd_beta: float = 0.5,
+        skew_alpha: float = 0.1,
+        shifted: bool = False,
+        head_pass: LMHeadPass | None = None,
+    ):
         self.label_order = label_order
         # token-level logits of padded vocabularies of different sizes: the first vocab_rows rows are compared
         self.vocab_rows = vocab_rows
+        self.divergence, self.jsd_beta, self.skew_alpha = divergence, jsd_beta, skew_alpha
+        self.shifted = shifted
+        self.head_pass = head_pass
 
     @classmethod
     def build(cls, student, teacher, args, capture: Capture) -> list[Objective]:
-        return [cls(teacher_label_order(student, teacher))] if args.alpha_kd > 0 else []
+        if args.alpha_kd == 0:
+            return []
+        shifted = is_causal_lm(student)
+        return [
+            cls(
+                teacher_label_order(student, teacher),
+                divergence=args.divergence,
+                jsd_beta=args.jsd_beta,
+                skew_alpha=args.skew_alpha,
+                shifted=shifted,
+                head_pass=lm_head_pass(student, teacher, args, capture) if shifted else None,
+            )
+        ]
+
+    def start_teacher(self, inputs: Mapping[str, Any]) -> None:
+        if self.head_pass is not None:
+            self.head_pass.vocab_rows = self.vocab_rows
+            self.head_pass.teacher_tap.arm()
 
     def loss(self, step: Step) -> torch.Tensor:
         outputs, teacher_outputs, inputs = step.outputs, step.teacher_outputs, step.inputs
+        if self.head_pass is not None:
+            _, kd = self.head_pass.sums(step)
+            return kd / self.count(inputs).clamp_min(1)
         temperature = step.value("temperature")
         keys = [k for k in LOGIT_KEYS if outputs.get(k) is not None and teacher_outputs.get(k) is not None]
         if not keys:
@@ -129,28 +192,60 @@ class LogitKD(Objective):
         terms = []
         for key in keys:
             student_logits, teacher_logits = outputs[key], teacher_outputs[key]
+            token_level = key == "logits" and student_logits.dim() == 3 and student_logits.shape[-1] > 1
+            if self.divergence != "forward_kl" and not token_level:
+                raise ValueError(
+                    f"divergence={self.divergence!r} applies to token-level logits (language models, decoder "
+                    f"logits); this model's {key} are per example or per position: use divergence='forward_kl'."
+                )
             if key != "logits":  # start/end logits: a distribution over token positions
                 positions = step.kd_mask if step.kd_mask is not None else inputs.get("attention_mask")
                 terms.append(logit_kd_loss(student_logits, teacher_logits, temperature, class_mask=positions))
                 continue
-            if student_logits.dim() == 3 and student_logits.shape[-1] > 1:
-                # token-level outputs (token classification, decoder logits): ignore -100 labels, else padding;
-                # computed in chunks of tokens, without float32 copies of [B, T, V]
-                labels, attn = inputs.get("labels"), inputs.get("attention_mask")
-                mask = None
-                if torch.is_tensor(labels) and labels.shape == student_logits.shape[:2]:
-                    mask = labels.ne(-100)
-                elif torch.is_tensor(attn) and attn.shape == student_logits.shape[:2]:
-                    mask = attn.bool()
-                if self.vocab_rows is not None and student_logits.shape[-1] != teacher_logits.shape[-1]:
-                    student_logits = student_logits[..., : self.vocab_rows]
-                    teacher_logits = teacher_logits[..., : self.vocab_rows]
-                terms.append(token_kd_loss(student_logits, teacher_logits, temperature, mask))
+            if token_level:
+                terms.append(self._token_loss(student_logits, teacher_logits, inputs, temperature))
                 continue
             if self.label_order is not None:  # same label names, other order
                 teacher_logits = teacher_logits[..., self.label_order]
             terms.append(logit_kd_loss(student_logits, teacher_logits, temperature))
         return torch.stack(terms).mean()
 
+    def _token_loss(self, student_logits, teacher_logits, inputs, temperature) -> torch.Tensor:
+        """Token-level outputs (token classification, decoder logits): ignore -100 labels, else padding; a causal
+        LM's position ``t`` where token ``t + 1`` counts. Forward KL in chunks of tokens, without float32 copies
+        of ``[B, T, V]``; the other divergences on the counted rows."""
+        if self.shifted:
+            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+            mask = next_token_mask(inputs)
+        else:
+            labels, attn = inputs.get("labels"), inputs.get("attention_mask")
+            mask = None
+            if torch.is_tensor(labels) and labels.shape == student_logits.shape[:2]:
+                mask = labels.ne(-100)
+            elif torch.is_tensor(attn) and attn.shape == student_logits.shape[:2]:
+                mask = attn.bool()
+        if self.vocab_rows is not None and student_logits.shape[-1] != teacher_logits.shape[-1]:
+            student_logits = student_logits[..., : self.vocab_rows]
+            teacher_logits = teacher_logits[..., : self.vocab_rows]
+        if self.divergence == "forward_kl":
+            return token_kd_loss(student_logits, teacher_logits, temperature, mask)
+        vocab = student_logits.shape[-1]
+        rows_s, rows_t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+        if mask is not None:
+            keep = mask.reshape(-1)
+            rows_s, rows_t = rows_s[keep], rows_t[keep]
+        values = token_divergence(rows_s, rows_t, self.divergence, temperature, self.jsd_beta, self.skew_alpha)
+        return values.sum() * temperature**2 / max(rows_s.shape[0], 1)
+
     def count(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if self.shifted:
+            mask = next_token_mask(inputs)
+            if mask is not None:
+                return mask.sum()
+            reference = inputs["input_ids"]
+            return torch.tensor(reference.shape[0] * (reference.shape[1] - 1), device=reference.device)
         return label_items(inputs)
+
+    def stop(self) -> None:
+        if self.head_pass is not None:
+            self.head_pass.stop()

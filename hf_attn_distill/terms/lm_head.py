@@ -1,0 +1,208 @@
+"""Causal LMs: the hard-label loss and logit KD from the last hidden states, without ``[tokens, vocab]`` logits.
+
+A :class:`HeadTap` sits on a causal LM's output head (``get_output_embeddings()``): while armed it records the hidden
+states the model hands its head and passes the head only the last position, so the model's forward never makes its
+full logits. :class:`LMHeadPass` then computes, once per step, the student's cross-entropy and the divergence from
+the two models' hidden states through their heads, a chunk of tokens at a time
+(:func:`~hf_attn_distill.terms.divergences.lm_head_losses`); ``loss_ce`` and ``loss_kd``
+(:mod:`~hf_attn_distill.terms.logit`) read their sums from it. Position ``t`` predicts token ``t + 1``: the tokens
+that count are those whose next label is not ``-100`` (without labels: whose next token is not padding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import logging
+
+from hf_attn_distill.terms.divergences import LMHeadSettings, lm_head_losses
+
+__all__ = ["CAUSAL_LM_SUFFIXES", "HeadTap", "LMHeadPass", "is_causal_lm", "lm_head_pass", "next_token_mask"]
+
+logger = logging.get_logger(__name__)
+
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # model classes whose loss shifts the labels by one
+#: Config fields of models whose logits are more than a linear head of the last hidden states.
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder-only LM whose loss predicts token ``t + 1`` at position ``t``."""
+    config = getattr(model, "config", None)
+    return not getattr(config, "is_encoder_decoder", False) and type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)
+
+
+def next_token_mask(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """``[B, T - 1]`` bool: the positions whose next token counts (next label ``!= -100``, else next token not
+    padding); ``None`` when every position counts."""
+    labels, attention = inputs.get("labels"), inputs.get("attention_mask")
+    if torch.is_tensor(labels) and labels.dim() == 2:
+        return labels[:, 1:].ne(-100)
+    if torch.is_tensor(attention) and attention.dim() == 2:
+        return attention[:, 1:].bool()
+    return None
+
+
+class HeadTap:
+    """A forward pre-hook on an output head; while armed it records the head's input (the last hidden states
+    ``[B, T, H]``) and hands the head the last position only (logits ``[B, 1, V]``). Registered for as long as the
+    trainer's :class:`~hf_attn_distill.attention.capture.Capture` is attached; disarmed at the end of every step."""
+
+    def __init__(self, head: nn.Module):
+        self.head = head
+        self.armed = False
+        self.hidden: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module, args):
+        if not self.armed or not args:
+            return None
+        self.hidden = args[0]
+        return (args[0][..., -1:, :], *args[1:])
+
+    def register(self) -> None:
+        if self._handle is None:
+            self._handle = self.head.register_forward_pre_hook(self._hook)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def arm(self) -> None:
+        self.armed, self.hidden = True, None
+
+    def disarm(self) -> None:
+        self.armed, self.hidden = False, None
+
+    def take(self, who: str) -> torch.Tensor:
+        if self.hidden is None:
+            raise RuntimeError(
+                f"The {who}'s output head was not called on its hidden states during the forward, so the chunked LM "
+                "loss has nothing to read: set chunked_lm_loss=False."
+            )
+        return self.hidden
+
+
+def head_refusal(model: nn.Module) -> str | None:
+    """Why ``model``'s logits cannot be computed from its last hidden states through its head alone (``None``: they
+    can)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return f"{type(model).__name__} has no nn.Linear output head"
+    config = model.config
+    for name in HEAD_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 0, 1, 1.0):
+            return f"{type(model).__name__} transforms its head's output ({name}={value})"
+    return None
+
+
+class LMHeadPass:
+    """What one step's ``loss_ce`` and ``loss_kd`` of a causal-LM pair share: the taps on both heads and the two
+    sums over the step's counted tokens, computed once (:meth:`sums`)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, args: Any):
+        self.student_tap = HeadTap(student.get_output_embeddings())
+        self.teacher_tap = HeadTap(teacher.get_output_embeddings()) if teacher is not None else None
+        self.args = args
+        self.vocab_rows: int | None = None  # set by loss_kd: the rows of a padded vocabulary that are compared
+        self.checked = False
+        self._step = None
+        self._sums: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    @property
+    def taps(self) -> list[HeadTap]:
+        return [t for t in (self.student_tap, self.teacher_tap) if t is not None]
+
+    def sums(self, step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(Σ cross-entropy, T² · Σ divergence)`` over the tokens of ``step`` that count (``None``: not computed:
+        no labels, or no teacher)."""
+        if self._step is step:
+            return self._sums
+        hidden = self.student_tap.take("student")
+        teacher_hidden = self.teacher_tap.take("teacher") if self.teacher_tap is not None else None
+        if not self.checked:
+            self._check(hidden, step.outputs, "student", self.student_tap.head)
+            if teacher_hidden is not None:
+                self._check(teacher_hidden, step.teacher_outputs, "teacher", self.teacher_tap.head)
+            self.checked = True
+        mask = next_token_mask(step.inputs)
+        labels = step.inputs.get("labels")
+        rows = hidden[:, :-1]
+        targets = labels[:, 1:] if torch.is_tensor(labels) and labels.dim() == 2 else None
+        t_rows = None if teacher_hidden is None else teacher_hidden[:, :-1]
+        if mask is not None:
+            rows, t_rows = rows[mask], None if t_rows is None else t_rows[mask]
+            targets = None if targets is None else targets[mask]
+        else:
+            rows, t_rows = (
+                rows.reshape(-1, rows.shape[-1]),
+                None if t_rows is None else t_rows.reshape(-1, t_rows.shape[-1]),
+            )
+            targets = None if targets is None else targets.reshape(-1)
+        args = self.args
+        settings = LMHeadSettings(
+            divergence=args.divergence,
+            temperature=step.value("temperature"),
+            jsd_beta=args.jsd_beta,
+            skew_alpha=args.skew_alpha,
+            chunk_tokens=args.lm_chunk_tokens,
+            vocab_rows=self.vocab_rows,
+            ce_weight=step.value("alpha_ce"),
+            kd_weight=step.value("alpha_kd") if t_rows is not None else 0.0,
+        )
+        ce, kd = lm_head_losses(
+            rows,
+            self.student_tap.head,
+            t_rows,
+            self.teacher_tap.head if t_rows is not None else None,
+            targets,
+            settings,
+        )
+        self._step, self._sums = step, (ce if targets is not None else None, kd if t_rows is not None else None)
+        return self._sums
+
+    @staticmethod
+    def _check(hidden: torch.Tensor, outputs, who: str, head: nn.Module) -> None:
+        """The model's own logits of the last position must be its head applied to the recorded hidden states."""
+        logits = outputs.get("logits") if outputs is not None else None
+        if logits is None or logits.shape[-2] != 1:
+            return
+        with torch.no_grad():
+            want = F.linear(hidden[:, -1:].detach(), head.weight, head.bias)
+        if not torch.allclose(logits.float(), want.float(), rtol=1e-3, atol=1e-3):
+            raise ValueError(
+                f"The {who}'s logits are not its output head applied to its last hidden states (the model transforms "
+                "them after the head), so the chunked LM loss would differ from its own: set chunked_lm_loss=False."
+            )
+
+    def stop(self) -> None:
+        self._step, self._sums = None, (None, None)
+
+
+def lm_head_pass(student: nn.Module, teacher: nn.Module | None, args: Any, capture) -> LMHeadPass | None:
+    """The trainer's shared :class:`LMHeadPass` (built once, its taps kept by ``capture``), or ``None`` when the
+    pair trains on full logits: not a causal LM, ``chunked_lm_loss=False``, the teacher-logit cache, or a head that
+    is more than a linear layer (said in a warning)."""
+    if not is_causal_lm(student) or not getattr(args, "chunked_lm_loss", False) or args.teacher_logits_cache:
+        return None
+    if "lm_head_pass" in capture.shared:
+        return capture.shared["lm_head_pass"]
+    uses_teacher = teacher is not None and args.alpha_kd > 0
+    reasons = [r for r in (head_refusal(student), head_refusal(teacher) if uses_teacher else None) if r]
+    if reasons:
+        logger.warning(
+            "The LM loss is computed from full logits: %s (chunked_lm_loss needs a plain linear head).",
+            "; ".join(reasons),
+        )
+        capture.shared["lm_head_pass"] = None
+        return None
+    head_pass = LMHeadPass(student, teacher if uses_teacher else None, args)
+    for tap in head_pass.taps:
+        capture.add_tap(tap)
+    capture.shared["lm_head_pass"] = head_pass
+    return head_pass

@@ -1,0 +1,184 @@
+"""The causal-LM recipe (``hf-attn-distill lm``) end to end on a tiny Llama with grouped-query attention: packed
+text, prompt/completion and chat records with their masks, held-out metrics against the full logits, the card, and
+bad input refused naming the fix."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_attn_distill.recipes import distill_lm
+from hf_attn_distill.tasks.lm import LMCollator, chat_example, completion_example, lm_format, lm_metrics, pack_texts
+
+WORDS = [f"w{i}" for i in range(60)]
+CHAT = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+
+
+def word_tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "user": 3, "assistant": 4, **{w: i + 5 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, "<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT
+    return tokenizer
+
+
+def sentences(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(WORDS[i] for i in torch.randint(0, 60, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g))
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def lm_teacher_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=72,  # padded past the tokenizer's 65 tokens, as large LMs pad theirs
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    folder = tmp_path_factory.mktemp("lm_teacher")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lm_data")
+    (folder / "train.txt").write_text("\n".join(sentences(40, 1)) + "\n")
+    (folder / "val.txt").write_text("\n".join(sentences(10, 2)) + "\n")
+    return folder
+
+
+def run_args(teacher, folder, out, *extra):
+    return [
+        "--teacher_model_name_or_path", teacher, "--student_teacher_layers", "1,3",
+        "--train_file", str(folder / "train.txt"), "--validation_file", str(folder / "val.txt"),
+        "--block_size", "16", "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3", "--learning_rate", "1e-3",
+        "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true",
+        "--lm_chunk_tokens", "5", *extra,
+    ]  # fmt: skip
+
+
+def full_logit_metrics(student, teacher, blocks, rows):
+    """The held-out metrics from full logits, one block at a time."""
+    nll = t_nll = kl = agree = count = 0.0
+    with torch.no_grad():
+        for ids in blocks:
+            x = torch.tensor([ids])
+            s, t = student(x).logits[0, :-1].float(), teacher(x).logits[0, :-1].float()
+            y = x[0, 1:]
+            nll += F.cross_entropy(s, y, reduction="sum").item()
+            t_nll += F.cross_entropy(t, y, reduction="sum").item()
+            log_s, log_t = F.log_softmax(s[:, :rows], -1), F.log_softmax(t[:, :rows], -1)
+            kl += (log_t.exp() * (log_t - log_s)).sum().item()
+            agree += (s[:, :rows].argmax(-1) == t[:, :rows].argmax(-1)).sum().item()
+            count += len(ids) - 1
+    return math.exp(nll / count), math.exp(t_nll / count), kl / count, agree / count, count
+
+
+def test_the_recipe_distills_packed_text_and_reports_what_the_full_logits_give(lm_teacher_dir, text_files, tmp_path):
+    out = tmp_path / "student"
+    metrics = distill_lm.main(run_args(lm_teacher_dir, text_files, out, "--divergence", "jsd", "--jsd_beta", "0.3"))
+    saved = json.loads((out / "eval_results.json").read_text())
+    student = AutoModelForCausalLM.from_pretrained(out).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(lm_teacher_dir).eval()
+    assert student.config.num_hidden_layers == 2 and student.config.num_key_value_heads == 2
+    tokenizer = word_tokenizer()
+    blocks = pack_texts((text_files / "val.txt").read_text().splitlines(), tokenizer, 16)
+    # both embeddings have the same 72 rows: KD and its KL compare all of them, as the trainer does
+    ppl, t_ppl, kl, agree, count = full_logit_metrics(student, teacher, blocks, 72)
+    assert saved["eval_tokens"] == count
+    assert saved["eval_perplexity"] == pytest.approx(ppl, rel=1e-5)
+    assert saved["teacher_eval_perplexity"] == pytest.approx(t_ppl, rel=1e-5)
+    assert saved["eval_kl_to_teacher"] == pytest.approx(kl, rel=1e-4)
+    assert saved["eval_top1_agreement"] == pytest.approx(agree)
+    assert metrics["eval_perplexity"] == saved["eval_perplexity"] and "eval_loss_kd" in saved
+    card = (out / "README.md").read_text()
+    assert "perplexity" in card and "divergence" in card and "jsd" in card
+    assert str(tmp_path) not in card and "text-generation" in card
+
+
+def test_prompt_completion_and_chat_records_learn_only_the_answers():
+    tokenizer = word_tokenizer()
+    ids = tokenizer("w1 w2 w3", add_special_tokens=False)["input_ids"]
+    done = completion_example("w1 w2", "w3", tokenizer, 16)
+    assert done == {"input_ids": [*ids, 1], "labels": [-100, -100, ids[2], 1]}
+    assert completion_example("w1 w2", "w3", tokenizer, 2)["labels"] == [-100, -100]  # cut off: nothing to learn
+    messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+    chat = chat_example(messages, tokenizer, 16)
+    rendered = tokenizer("user w1 w2 <eos> assistant w3 <eos>", add_special_tokens=False)["input_ids"]
+    assert chat["input_ids"] == rendered
+    assert chat["labels"] == [-100] * 4 + rendered[4:]
+    assert [lm_format(c) for c in (["text"], ["prompt", "completion"], ["messages", "id"])] == [
+        "text",
+        "prompt_completion",
+        "messages",
+    ]
+    with pytest.raises(ValueError, match="needs a 'text' column"):
+        lm_format(["sentence"])
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_example(messages, tokenizer, 16)
+
+
+def test_masked_tokens_do_not_count_in_the_metrics(lm_teacher_dir):
+    """lm_metrics on prompt/completion examples: the mean over the completion tokens only, as the full logits give."""
+    tokenizer = word_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(lm_teacher_dir).eval()
+    examples = [
+        completion_example("w1 w2 w3", "w4 w5", tokenizer, 16),
+        completion_example("w9", "w8 w7 w6", tokenizer, 16),
+    ]
+    batch = LMCollator(tokenizer)(examples)
+    got = lm_metrics(model, None, [batch], chunk_tokens=2)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    want = F.cross_entropy(logits[keep], labels[keep])
+    assert got["eval_tokens"] == int(keep.sum()) == 3 + 4
+    assert got["eval_perplexity"] == pytest.approx(math.exp(want.item()), rel=1e-5)
+
+
+def test_jsonl_records_train_through_the_recipe(lm_teacher_dir, tmp_path):
+    rows = [{"prompt": p, "completion": c} for p, c in zip(sentences(12, 3), sentences(12, 4))]
+    for name in ("train.jsonl", "val.jsonl"):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = run_args(lm_teacher_dir, tmp_path, tmp_path / "out")
+    args[args.index("--train_file") + 1] = str(tmp_path / "train.jsonl")
+    args[args.index("--validation_file") + 1] = str(tmp_path / "val.jsonl")
+    metrics = distill_lm.main([*args, "--block_size", "32"])
+    tokenizer = word_tokenizer()
+    completions = [completion_example(r["prompt"], r["completion"], tokenizer, 32) for r in rows]
+    assert metrics["eval_tokens"] == sum(sum(1 for y in e["labels"][1:] if y != -100) for e in completions)
+
+
+def test_bad_input_is_refused_naming_the_fix(lm_teacher_dir, text_files, tmp_path):
+    with pytest.raises(ValueError, match="--block_size"):
+        distill_lm.main(run_args(lm_teacher_dir, text_files, tmp_path / "a", "--block_size", "100"))
+    long_prompts = [{"prompt": " ".join(WORDS[:20]), "completion": "w1"}] * 3
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in long_prompts) + "\n")
+    args = run_args(lm_teacher_dir, text_files, tmp_path / "b")
+    args[args.index("--train_file") + 1] = str(tmp_path / "p.jsonl")
+    with pytest.raises(ValueError, match="no token to learn.*Raise --block_size"):
+        distill_lm.main(args)
+    with pytest.raises(ValueError, match="jsd_beta must be in"):
+        distill_lm.main(run_args(lm_teacher_dir, text_files, tmp_path / "c", "--jsd_beta", "1.5"))
