@@ -153,3 +153,17 @@ def test_a_known_head_transform_falls_back_to_full_logits(tmp_path, caplog):
         again = DistillTrainer(model=student, teacher_model=trainer.teacher_model, args=trainer.args)
     assert again.objective("loss_kd").head_pass is None
     assert "final_logit_softcapping=30.0" in caplog.text and VOCAB == 500
+
+
+def test_a_divergence_other_than_forward_kl_is_refused_for_class_logits(tmp_path):
+    from conftest import one_sgd_step, tiny_classifier
+    from datasets import Dataset
+
+    from hf_attn_distill import DistillConfig, DistillTrainer
+
+    args = DistillConfig(**one_sgd_step(tmp_path, 2, 1, divergence="reverse_kl", layer_map=None))
+    data = Dataset.from_list([{"input_ids": [1, 5, 6, 2], "attention_mask": [1] * 4, "labels": 1}] * 2)
+    trainer = DistillTrainer(model=tiny_classifier(1), teacher_model=tiny_classifier(0), args=args, train_dataset=data)
+    batch = {k: torch.tensor(data[k]) for k in data.column_names}
+    with pytest.raises(ValueError, match="use divergence='forward_kl'"):
+        trainer.compute_loss(trainer.model, batch)

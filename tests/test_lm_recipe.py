@@ -15,7 +15,10 @@ from hf_attn_distill.recipes import distill_lm
 from hf_attn_distill.tasks.lm import LMCollator, chat_example, completion_example, lm_format, lm_metrics, pack_texts
 
 WORDS = [f"w{i}" for i in range(60)]
-CHAT = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+CHAT = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}assistant {% endif %}"
+)
 
 
 def word_tokenizer():
@@ -126,7 +129,7 @@ def test_prompt_completion_and_chat_records_learn_only_the_answers():
     chat = chat_example(messages, tokenizer, 16)
     rendered = tokenizer("user w1 w2 <eos> assistant w3 <eos>", add_special_tokens=False)["input_ids"]
     assert chat["input_ids"] == rendered
-    assert chat["labels"] == [-100] * 4 + rendered[4:]
+    assert chat["labels"] == [-100] * 5 + rendered[5:]  # the user turn and the assistant header are masked
     assert [lm_format(c) for c in (["text"], ["prompt", "completion"], ["messages", "id"])] == [
         "text",
         "prompt_completion",
@@ -158,17 +161,29 @@ def test_masked_tokens_do_not_count_in_the_metrics(lm_teacher_dir):
     assert got["eval_perplexity"] == pytest.approx(math.exp(want.item()), rel=1e-5)
 
 
-def test_jsonl_records_train_through_the_recipe(lm_teacher_dir, tmp_path):
-    rows = [{"prompt": p, "completion": c} for p, c in zip(sentences(12, 3), sentences(12, 4))]
+@pytest.mark.parametrize("kind", ["prompt_completion", "messages"])
+def test_jsonl_records_train_through_the_recipe(kind, lm_teacher_dir, tmp_path):
+    """Records through the recipe: the held-out tokens are the completions / assistant turns only."""
+    pairs = list(zip(sentences(12, 3), sentences(12, 4)))
+    if kind == "prompt_completion":
+        rows = [{"prompt": p, "completion": c} for p, c in pairs]
+    else:
+        rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in pairs]
     for name in ("train.jsonl", "val.jsonl"):
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     args = run_args(lm_teacher_dir, tmp_path, tmp_path / "out")
     args[args.index("--train_file") + 1] = str(tmp_path / "train.jsonl")
     args[args.index("--validation_file") + 1] = str(tmp_path / "val.jsonl")
-    metrics = distill_lm.main([*args, "--block_size", "32"])
+    metrics = distill_lm.main([*args, "--block_size", "40"])
     tokenizer = word_tokenizer()
-    completions = [completion_example(r["prompt"], r["completion"], tokenizer, 32) for r in rows]
-    assert metrics["eval_tokens"] == sum(sum(1 for y in e["labels"][1:] if y != -100) for e in completions)
+    if kind == "prompt_completion":
+        examples = [completion_example(r["prompt"], r["completion"], tokenizer, 40) for r in rows]
+    else:
+        examples = [chat_example(r["messages"], tokenizer, 40) for r in rows]
+    answers = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for _, c in pairs]  # + <eos>
+    counted = [sum(1 for y in e["labels"][1:] if y != -100) for e in examples]
+    assert counted == answers  # nothing of the prompts, every answer token and its end
+    assert metrics["eval_tokens"] == sum(answers)
 
 
 def test_bad_input_is_refused_naming_the_fix(lm_teacher_dir, text_files, tmp_path):

@@ -9,7 +9,7 @@ Records and their labels (``-100``: no loss; the model shifts labels by one):
 - ``prompt`` / ``completion``: one example each, ``prompt + completion + eos``, truncated to ``block_size``; the
   prompt's tokens are masked.
 - ``messages`` (``[{"role", "content"}, ...]``): one example each, rendered with the tokenizer's chat template;
-  the tokens of ``assistant`` turns are labels, all others masked.
+  the tokens of ``assistant`` turns are labels (not the header that prompts them), all others masked.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def completion_example(prompt: str, completion: str, tokenizer, block_size: int)
 
 def chat_example(messages: list[dict[str, str]], tokenizer, block_size: int) -> dict[str, list[int]]:
     """A conversation rendered with the tokenizer's chat template, truncated to ``block_size``; the tokens each
-    ``assistant`` turn adds are labels, the rest is masked. The template must render a conversation as the
-    rendering of its first turns followed by what the next turn adds (checked)."""
+    ``assistant`` turn adds are labels, except the header the template puts before an answer
+    (``add_generation_prompt``); the rest is masked. The template must render a conversation as the rendering of
+    its first turns followed by what the next turn adds (checked)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "The data has 'messages' but the tokenizer has no chat template: set tokenizer.chat_template (and save "
@@ -87,7 +88,14 @@ def chat_example(messages: list[dict[str, str]], tokenizer, block_size: int) -> 
                 "The tokenizer's chat template does not render a conversation as its first turns followed by the "
                 "next turn, so the assistant's tokens cannot be told apart: give 'prompt'/'completion' records."
             )
-        added = rendered[len(ids) :]
+        start = len(ids)
+        if messages[turn].get("role") == "assistant" and turn > 0:
+            # the header the template adds to prompt an answer (add_generation_prompt) is not the answer
+            header = _ids(tokenizer.apply_chat_template(messages[:turn], tokenize=True, add_generation_prompt=True))
+            if rendered[: len(header)] == header:
+                labels += [-100] * (len(header) - start)
+                start = len(header)
+        added = rendered[start:]
         labels += added if messages[turn].get("role") == "assistant" else [-100] * len(added)
         ids = rendered
     return {"input_ids": ids[:block_size], "labels": labels[:block_size]}
