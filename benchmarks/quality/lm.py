@@ -1,0 +1,380 @@
+#!/usr/bin/env python
+"""Quality benchmark for causal LMs: does logit KD (and attention transfer) give a half-depth Llama student a lower
+held-out perplexity than plain LM training?
+
+Everything is built here, deterministically, so any sitting can rebuild it:
+
+- **Corpus**: English Wikipedia paragraphs from the shared SQuAD v1.1 files: the unique paragraphs of the 442
+  train articles for training, of the 48 disjoint dev articles for held-out perplexity (one paragraph a line).
+- **Tokenizer**: byte-level BPE of ``vocab_size`` tokens trained on the training paragraphs; the teacher's
+  embedding is padded past it to a multiple of 64 (rows no token reaches, as large LMs pad theirs).
+- **Teacher**: a Llama with grouped-query attention (``teacher_layers`` layers, ``teacher_heads`` query and
+  ``teacher_kv_heads`` key/value heads), trained from scratch by ``hf-attn-distill lm --training_mode finetune``
+  for ``teacher_steps`` steps; its held-out perplexity curve is recorded (converged or not, said).
+- **Students**: half its depth, initialised from teacher layers ``student_layers``; rows ``ce`` (plain LM
+  training), ``fkl`` / ``rkl`` / ``jsd`` (logit KD with that divergence, + hard labels), ``fkl_attn`` (``fkl`` +
+  causal attention KL on every student layer) and ``fkl_attn_hidden`` (+ hidden-state MSE); the same steps, data
+  order and seeds for every row.
+
+Perplexity on every held-out block (``eval_blocks`` for the learning curves). Each finished (variant, seed) run is
+kept in ``runs_dir`` (committed), so a rerun of the same command continues where the last stopped; the teacher is
+retrained when its folder is gone (its curve and perplexity are kept in ``runs_dir/teacher.json``). Writes
+``benchmarks/results/quality_lm.json`` and ``.md``, updated after every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from benchmarks.quality.runs import (
+    RUN_SELECTION,
+    check_variants,
+    learning_curve_lines,
+    machines,
+    mean_std,
+    portable_settings,
+    run_students,
+    runs_done,
+    term_curves,
+)
+from benchmarks.quality.teachers import fingerprint
+from hf_attn_distill.recipes.distill_lm import main as run_recipe
+from hf_attn_distill.utils.profiling import machine_info
+
+ROOT = Path(__file__).resolve().parents[2]
+
+VARIANTS = {
+    "ce": ["--training_mode", "finetune"],
+    "fkl": ["--divergence", "forward_kl", "--layer_map", "none"],
+    "rkl": ["--divergence", "reverse_kl", "--layer_map", "none"],
+    "jsd": ["--divergence", "jsd", "--jsd_beta", "0.5", "--layer_map", "none"],
+    "fkl_attn": ["--divergence", "forward_kl", "--layer_map", "uniform", "--attention_weight", "1.0"],
+    "fkl_attn_hidden": [
+        "--divergence", "forward_kl", "--layer_map", "uniform", "--attention_weight", "1.0",
+        "--hidden_weight", "1.0", "--hidden_layer_map", "uniform",
+    ],
+}  # fmt: skip
+
+LABELS = {
+    "ce": "`ce` (plain LM training)",
+    "fkl": "`fkl` (forward-KL logit KD)",
+    "rkl": "`rkl` (reverse KL)",
+    "jsd": "`jsd` (generalized JSD, beta 0.5)",
+    "fkl_attn": "`fkl_attn` (+ causal attention KL)",
+    "fkl_attn_hidden": "`fkl_attn_hidden` (+ hidden-state MSE)",
+}
+
+
+@dataclass
+class QualityLMArguments:
+    data_dir: str = field(default="../shared/data/squad", metadata={"help": "SQuAD v1.1 train.json / validation.json."})
+    work_dir: str = field(default="outputs/quality_lm", metadata={"help": "Corpus, tokenizer, teacher, run folders."})
+    results: str = field(default="benchmarks/results/quality_lm", metadata={"help": "Result stem (.json, .md)."})
+    runs_dir: str = field(
+        default="benchmarks/results/runs/quality_lm", metadata={"help": "Kept (variant, seed) runs and the teacher."}
+    )
+    max_paragraphs: int | None = field(
+        default=None, metadata={"help": "Use only the first N paragraphs of each split."}
+    )
+    vocab_size: int = field(default=8100, metadata={"help": "BPE vocabulary size (tokens)."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per packed block."})
+    teacher_layers: int = field(default=6, metadata={"help": "Teacher depth."})
+    hidden_size: int = field(default=256, metadata={"help": "Width of teacher and students."})
+    intermediate_size: int = field(default=704, metadata={"help": "MLP width."})
+    teacher_heads: int = field(default=8, metadata={"help": "Query heads."})
+    teacher_kv_heads: int = field(default=2, metadata={"help": "Key/value heads (grouped-query attention)."})
+    teacher_steps: int = field(default=1500, metadata={"help": "Teacher training steps."})
+    teacher_batch_size: int = field(default=32, metadata={"help": "Teacher blocks per step."})
+    teacher_learning_rate: float = field(default=1e-3, metadata={"help": "Teacher peak learning rate."})
+    teacher_eval_steps: int = field(default=250, metadata={"help": "Teacher curve: evaluate every N steps."})
+    student_layers: str = field(default="1,3,5", metadata={"help": "Teacher layers that initialise the student."})
+    student_steps: int = field(default=400, metadata={"help": "Student training steps (every row)."})
+    student_batch_size: int = field(default=16, metadata={"help": "Student blocks per step."})
+    student_learning_rate: float = field(default=5e-4, metadata={"help": "Student peak learning rate."})
+    student_eval_steps: int = field(default=100, metadata={"help": "Student curves: evaluate every N steps."})
+    eval_blocks: int = field(default=200, metadata={"help": "Held-out blocks of the learning curves."})
+    test_blocks: int | None = field(
+        default=None, metadata={"help": "Held-out blocks of the final perplexities (default: all)."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Logit-KD temperature."})
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "Student seeds."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
+
+
+def paragraphs(path: Path, limit: int | None) -> list[str]:
+    """The unique paragraphs of a SQuAD file, in file order (whitespace collapsed: one paragraph a line)."""
+    seen: dict[str, None] = {}
+    for article in json.loads(path.read_text())["data"]:
+        for paragraph in article["paragraphs"]:
+            seen.setdefault(" ".join(paragraph["context"].split()), None)
+    return list(seen)[:limit]
+
+
+def build_corpus(args: QualityLMArguments, work: Path) -> tuple[Path, Path]:
+    """``work/data/{train,validation}.txt`` (written once)."""
+    folder = work / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in ("train", "validation"):
+        target = folder / f"{name}.txt"
+        if not target.exists():
+            text = "\n".join(paragraphs(Path(args.data_dir) / f"{name}.json", args.max_paragraphs)) + "\n"
+            target.with_suffix(".part").write_text(text)
+            target.with_suffix(".part").rename(target)
+        files.append(target)
+    return files[0], files[1]
+
+
+def build_tokenizer(args: QualityLMArguments, train_file: Path):
+    """Byte-level BPE trained on the training paragraphs, ``<|endoftext|>`` its end-of-sequence and padding."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([str(train_file)], vocab_size=args.vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+def teacher_settings(args: QualityLMArguments) -> dict:
+    keys = [
+        "max_paragraphs", "vocab_size", "block_size", "teacher_layers", "hidden_size", "intermediate_size",
+        "teacher_heads", "teacher_kv_heads", "teacher_steps", "teacher_batch_size", "teacher_learning_rate",
+        "teacher_eval_steps", "eval_blocks",
+    ]  # fmt: skip
+    return {"recipe": "lm-teacher-v1", **{k: getattr(args, k) for k in keys}}
+
+
+def common_args(args: QualityLMArguments, output_dir: Path, seed: int, train: Path, val: Path) -> list[str]:
+    return [
+        "--train_file", str(train), "--validation_file", str(val), "--block_size", str(args.block_size),
+        "--output_dir", str(output_dir), "--seed", str(seed), "--do_train", "--do_eval",
+        "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "25", "--print_summary", "false",
+        "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05", "--weight_decay", "0.01",
+    ]  # fmt: skip
+
+
+def perplexity_curve(output_dir: Path) -> list[list[float]]:
+    """``[[step, held-out perplexity], ...]`` from a run's logged ``eval_loss`` (the model's own cross-entropy:
+    students are evaluated without the teacher)."""
+    curve = term_curves(output_dir, "eval_loss").get("eval_loss", [])
+    return [[step, math.exp(value)] for step, value in curve]
+
+
+def held_out_metrics(args: QualityLMArguments, model_dir: Path, teacher_dir: Path | None, val: Path) -> dict:
+    """:func:`~hf_attn_distill.tasks.lm.lm_metrics` of the model in ``model_dir`` (and the teacher) on the first
+    ``test_blocks`` held-out blocks (all by default)."""
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_attn_distill.tasks.lm import LMCollator, lm_metrics, pack_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir or model_dir)
+    blocks = pack_texts(val.read_text().splitlines(), tokenizer, args.block_size)[: args.test_blocks]
+    examples = [{"input_ids": b, "labels": b} for b in blocks]
+    loader = DataLoader(examples, batch_size=16, collate_fn=LMCollator(tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir) if teacher_dir is not None else None
+    return lm_metrics(model, teacher, loader)
+
+
+def trained_teacher(args: QualityLMArguments, work: Path, train: Path, val: Path) -> tuple[Path, dict]:
+    """The benchmark's teacher: trained here (resuming its checkpoints) unless its folder holds a finished one of
+    the same key; ``{perplexity, teacher_curve, teacher_converged, teacher_curve_note, key}``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    key = fingerprint(teacher_settings(args), [train, val])
+    folder = work / f"teacher-{key}"
+    record = Path(args.runs_dir) / "teacher.json"
+    done = folder / "eval_results.json"
+    if done.exists() and (folder / "teacher_key.txt").read_text() == key:
+        kept = json.loads(record.read_text()) if record.exists() else {}
+        return folder, kept if kept.get("key") == key else _teacher_record(args, folder, key, val)
+    init = work / f"teacher-init-{key}"
+    if not (init / "config.json").exists():
+        tokenizer = build_tokenizer(args, train)
+        torch.manual_seed(0)
+        padded = -(-(len(tokenizer) + 1) // 64) * 64  # past the tokenizer, to a multiple of 64
+        eos = tokenizer.eos_token_id
+        config = LlamaConfig(
+            vocab_size=padded,
+            hidden_size=args.hidden_size,
+            intermediate_size=args.intermediate_size,
+            num_hidden_layers=args.teacher_layers,
+            num_attention_heads=args.teacher_heads,
+            num_key_value_heads=args.teacher_kv_heads,
+            max_position_embeddings=args.block_size,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            tie_word_embeddings=False,
+        )
+        LlamaForCausalLM(config).save_pretrained(init)
+        tokenizer.save_pretrained(init)
+    resume = any(folder.glob("checkpoint-*"))
+    run_recipe(
+        [
+            "--teacher_model_name_or_path", str(init), "--training_mode", "finetune",
+            "--max_steps", str(args.teacher_steps), "--per_device_train_batch_size", str(args.teacher_batch_size),
+            "--learning_rate", str(args.teacher_learning_rate), "--eval_strategy", "steps",
+            "--eval_steps", str(args.teacher_eval_steps), "--save_strategy", "steps",
+            "--save_steps", str(args.teacher_eval_steps), "--save_total_limit", "1",
+            "--max_eval_samples", str(args.eval_blocks), "--resume_from_checkpoint", "true" if resume else "false",
+            *common_args(args, folder, 0, train, val),
+        ]
+    )  # fmt: skip
+    (folder / "teacher_key.txt").write_text(key)
+    summary = _teacher_record(args, folder, key, val)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(summary, indent=2))
+    return folder, summary
+
+
+def _teacher_record(args: QualityLMArguments, folder: Path, key: str, val: Path) -> dict:
+    final = held_out_metrics(args, folder, None, val)
+    curve = perplexity_curve(folder)
+    half = [p for s, p in curve if s <= curve[-1][0] // 2] if curve else []
+    drop = (half[-1] - curve[-1][1]) / half[-1] if half else None
+    converged = drop is not None and drop < 0.02
+    return {
+        "key": key,
+        "perplexity": final["eval_perplexity"],
+        "eval_tokens": final["eval_tokens"],
+        "steps": args.teacher_steps,
+        "teacher_curve": curve,
+        "teacher_converged": converged,
+        "teacher_curve_note": (
+            f"held-out perplexity on {args.eval_blocks} blocks fell {drop * 100:.1f}% over the last doubling of "
+            f"steps: {'converged' if converged else 'not converged'} by the 2% rule"
+            if drop is not None
+            else "no curve"
+        ),
+        "machine": machine_info(),
+    }
+
+
+def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityLMArguments) -> dict:
+    students = {}
+    for name, items in runs.items():
+        values = [r["perplexity"] for r in items]
+        mean, std = mean_std(values)
+        students[name] = {
+            "mean": mean,
+            "std": std,
+            "runs": values,
+            "seeds": [r["seed"] for r in items],
+            "kl_to_teacher": statistics.fmean(r["kl_to_teacher"] for r in items if "kl_to_teacher" in r)
+            if any("kl_to_teacher" in r for r in items)
+            else None,
+            "wall_s_mean": statistics.fmean(r["wall_s"] for r in items),
+            "learning_curves": [r["learning_curve"] for r in items if r.get("learning_curve")],
+        }
+    return {
+        "metric": "perplexity",
+        "unit": "held-out perplexity (lower is better)",
+        "teacher": teacher["perplexity"],
+        **{k: teacher[k] for k in ("teacher_curve", "teacher_converged", "teacher_curve_note", "key") if k in teacher},
+        "students": students,
+        "machine": machines(runs),
+        "settings": portable_settings(args, ROOT),
+    }
+
+
+def markdown(result: dict) -> str:
+    """The table: teacher, then each row's perplexity, std, seeds and its gain over ``ce`` and ``fkl`` (in
+    perplexity points: positive is better)."""
+    students = result["students"]
+    lines = [
+        f"Teacher: held-out perplexity {result['teacher']:.2f} ({result.get('teacher_curve_note', '')})  ",
+        f"Machine: {result['machine']}",
+        "",
+        "| row | perplexity | std | seeds | better than `ce` by | better than `fkl` by | KL to teacher |",
+        "|---|---|---|---|---|---|---|",
+        f"| teacher | {result['teacher']:.2f} | | | | | |",
+    ]
+
+    def gain(name: str, base: str) -> str:
+        if base not in students or name == base:
+            return "-"
+        return f"{students[base]['mean'] - students[name]['mean']:+.2f}"
+
+    flagged = []
+    for name, s in students.items():
+        kl = f"{s['kl_to_teacher']:.4f}" if s.get("kl_to_teacher") is not None else "-"
+        seeds = ", ".join(str(x) for x in s["seeds"])
+        lines.append(
+            f"| {LABELS.get(name, name)} | {s['mean']:.2f} | {s['std']:.2f} | {seeds} | {gain(name, 'ce')} "
+            f"| {gain(name, 'fkl')} | {kl} |"
+        )
+        if s["mean"] <= result["teacher"]:
+            flagged.append(name)
+    if flagged:
+        lines += ["", f"The teacher is not better than {', '.join(flagged)}: these rows measure nothing."]
+    curves = learning_curve_lines(result)
+    if curves:
+        lines += ["", "Student learning curves (held-out perplexity, mean over seeds):", "", *curves]
+    lines += ["", f"Runs: {runs_done(result)}."]
+    return "\n".join(lines) + "\n"
+
+
+def student_settings(args: QualityLMArguments) -> dict:
+    from benchmarks.quality.runs import portable_settings as settings_of
+
+    return {k: v for k, v in settings_of(args, ROOT).items() if k not in RUN_SELECTION}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(QualityLMArguments).parse_args_into_dataclasses(argv)
+    check_variants(args.variants, VARIANTS)
+    work = Path(args.work_dir)
+    train, val = build_corpus(args, work)
+    teacher_dir, teacher = trained_teacher(args, work, train, val)
+    print(f"teacher perplexity {teacher['perplexity']:.2f} ({teacher['teacher_curve_note']})", flush=True)
+
+    def run_one(name: str, seed: int, output_dir: Path) -> dict:
+        distill = name != "ce"
+        run_recipe(
+            [
+                "--teacher_model_name_or_path", str(teacher_dir), "--student_teacher_layers", args.student_layers,
+                "--max_steps", str(args.student_steps), "--per_device_train_batch_size", str(args.student_batch_size),
+                "--learning_rate", str(args.student_learning_rate), "--eval_strategy", "steps",
+                "--eval_steps", str(args.student_eval_steps), "--save_strategy", "no",
+                "--temperature", str(args.temperature),
+                *(["--alpha_ce", "0.5", "--alpha_kd", "0.5", "--eval_with_teacher", "false"] if distill else []),
+                *common_args(args, output_dir, seed, train, val),
+                "--max_eval_samples", str(args.eval_blocks), "--evaluate_teacher", "false",
+                *VARIANTS[name],
+            ]
+        )  # fmt: skip
+        final = held_out_metrics(args, output_dir, teacher_dir, val)
+        return {
+            "perplexity": final["eval_perplexity"],
+            "kl_to_teacher": final["eval_kl_to_teacher"],
+            "top1_agreement": final["eval_top1_agreement"],
+            "eval_tokens": final["eval_tokens"],
+            "learning_curve": perplexity_curve(output_dir),
+        }
+
+    return run_students(
+        args.variants,
+        args.seeds,
+        work,
+        run_one,
+        lambda runs: summarize(teacher, runs, args),
+        Path(args.results),
+        markdown,
+        done_dir=Path(args.runs_dir),
+        key=fingerprint({"teacher": teacher["key"], **student_settings(args)}, []),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""benchmarks/quality/lm.py at tiny scale on the shared SQuAD paragraphs: corpus, BPE tokenizer, a GQA Llama
+teacher trained from scratch with its curve, students of every kind of row kept as they land, and a rerun that
+continues instead of training again."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.quality import lm
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad"
+
+
+@pytest.mark.skipif(not (DATA / "train.json").exists(), reason="needs ../shared/data/squad")
+def test_the_lm_benchmark_builds_everything_keeps_rows_and_continues(tmp_path, monkeypatch):
+    argv = [
+        "--data_dir", str(DATA), "--work_dir", str(tmp_path / "work"), "--results", str(tmp_path / "res"),
+        "--runs_dir", str(tmp_path / "runs"), "--max_paragraphs", "40", "--vocab_size", "400", "--block_size", "32",
+        "--teacher_layers", "2", "--hidden_size", "32", "--intermediate_size", "64", "--teacher_heads", "4",
+        "--teacher_kv_heads", "2", "--teacher_steps", "4", "--teacher_batch_size", "4", "--teacher_eval_steps", "2",
+        "--student_layers", "1", "--student_steps", "2", "--student_batch_size", "4", "--student_eval_steps", "1",
+        "--eval_blocks", "4", "--test_blocks", "6", "--seeds", "1", "--variants", "ce", "jsd", "fkl_attn_hidden",
+    ]  # fmt: skip
+    result = lm.main(argv)
+    corpus = (tmp_path / "work" / "data" / "train.txt").read_text().splitlines()
+    assert len(corpus) == 40 and len(set(corpus)) == 40
+    teacher = json.loads((tmp_path / "runs" / "teacher.json").read_text())
+    assert [step for step, _ in teacher["teacher_curve"]] == [2, 4] and teacher["key"] == result["key"]
+    (teacher_dir,) = (tmp_path / "work").glob("teacher-[0-9a-f]*")
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer, config = AutoTokenizer.from_pretrained(teacher_dir), AutoConfig.from_pretrained(teacher_dir)
+    assert config.vocab_size % 64 == 0 and config.vocab_size > len(tokenizer)  # padded past the tokenizer
+    assert config.num_key_value_heads == 2 and config.num_attention_heads == 4
+    assert set(result["students"]) == {"ce", "jsd", "fkl_attn_hidden"}
+    for name, s in result["students"].items():
+        assert s["seeds"] == [1] and s["mean"] > 1 and [p for p, _ in s["learning_curves"][0]] == [1, 2], name
+        kept = json.loads((tmp_path / "runs" / f"{name}_seed1.json").read_text())
+        assert kept["run"]["perplexity"] == s["mean"]
+    assert "better than `ce` by" in (tmp_path / "res.md").read_text()
+
+    def refuse(argv):
+        raise AssertionError(f"trained again: {argv}")
+
+    monkeypatch.setattr(lm, "run_recipe", refuse)  # a rerun continues: teacher and rows are kept
+    again = lm.main(argv)
+    assert again["students"] == result["students"]
