@@ -46,6 +46,8 @@ TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 """Divergences of token-level logit KD (:mod:`~hf_attn_distill.terms.divergences`)."""
 CACHE_DTYPES = ("float16", "float32")
+TOP_K_TAILS = ("renormalize", "uniform")
+"""What a top-k teacher-logit cache does with the probability outside its ``k`` tokens."""
 
 
 class AttentionSite(NamedTuple):
@@ -75,7 +77,12 @@ def parse_relation_kinds(text: str) -> tuple[str, ...]:
 
 
 LAYER_MAP_FIELDS = (*(s.map_field for s in ATTENTION_SITES), "hidden_layer_map")
-LOWER_BOUNDS = {"temperature": (0, False), "relation_heads": (1, True), "lm_chunk_tokens": (0, True)}
+LOWER_BOUNDS = {
+    "temperature": (0, False),
+    "relation_heads": (1, True),
+    "lm_chunk_tokens": (0, True),
+    "teacher_logits_top_k": (0, True),
+}
 """``{field: (bound, inclusive)}`` checked in ``__post_init__``, besides every term weight's ``>= 0``."""
 
 
@@ -233,6 +240,17 @@ class DistillConfig(TrainingArguments):
             `relation_weight=0`) and sequence-level logits. Rebuilt when the teacher or the training data change.
         teacher_logits_cache_dtype (`str`, *optional*, defaults to `"float16"`):
             Storage dtype of the cache: `"float16"` (half the size) or `"float32"` (exact).
+        teacher_logits_top_k (`int`, *optional*, defaults to `0`):
+            Token-level teachers (causal LMs): the cache keeps, for every position of every training example, the
+            ids of the teacher's `k` most likely next tokens and their log-probabilities at `temperature` (in
+            `teacher_logits_cache_dtype`), not the whole vocabulary: `k * 4` bytes a token at float16 with a
+            vocabulary of at most 65,536 (`k * 6` above). Logit KD is then forward KL against them
+            (`teacher_logits_tail`); the temperature cannot follow a schedule. `0`: whole logit vectors (one per
+            example: sequence-level tasks).
+        teacher_logits_tail (`str`, *optional*, defaults to `"renormalize"`):
+            What a top-k cache does with the probability outside the `k` tokens: `"renormalize"` scales the `k`
+            probabilities to sum to 1 (DistillKit's choice); `"uniform"` keeps them and spreads the rest evenly
+            over the other tokens of the vocabulary.
     """
 
     @property
@@ -392,6 +410,17 @@ class DistillConfig(TrainingArguments):
         default="float16",
         metadata={"help": "Storage dtype of the teacher-logit cache.", "choices": list(CACHE_DTYPES)},
     )
+    teacher_logits_top_k: int = field(
+        default=0,
+        metadata={"help": "Causal LMs: cache each position's top-k teacher log-probabilities (>= 0; 0: whole logits)."},
+    )
+    teacher_logits_tail: str = field(
+        default="renormalize",
+        metadata={
+            "help": "Mass outside a top-k cache's tokens: 'renormalize' (scale the k to 1) or 'uniform' (spread it).",
+            "choices": list(TOP_K_TAILS),
+        },
+    )
 
     def __post_init__(self):
         require_deepspeed(self)  # transformers would fail first, with a bare PackageNotFoundError
@@ -464,6 +493,19 @@ class DistillConfig(TrainingArguments):
             )
         if self.teacher_logits_cache and self.alpha_kd == 0:
             raise ValueError("teacher_logits_cache is useless with alpha_kd=0: no teacher logits are used.")
+        if self.teacher_logits_top_k > 0:
+            if not self.teacher_logits_cache:
+                raise ValueError("teacher_logits_top_k needs teacher_logits_cache: the folder the top-k outputs go to.")
+            if self.divergence != "forward_kl":
+                raise ValueError(
+                    f"teacher_logits_top_k supports divergence='forward_kl' only, got {self.divergence!r}: the other "
+                    "divergences need the teacher's whole distribution (set teacher_logits_top_k=0)."
+                )
+            if "temperature" in (self.schedules or {}):
+                raise ValueError(
+                    "teacher_logits_top_k stores log-probabilities at the configured temperature, so the temperature "
+                    "cannot follow a schedule: drop its schedule or set teacher_logits_top_k=0."
+                )
 
     def site_is_on(self, site: AttentionSite) -> bool:
         """Whether ``site`` is transferred: its layer map is set and its weight is above 0."""

@@ -18,6 +18,7 @@ from hf_attn_distill.hub.model_card import ModelCardMixin
 from hf_attn_distill.terms.attention import SiteTransfer
 from hf_attn_distill.terms.base import KD_MASK_COLUMN, Step
 from hf_attn_distill.terms.build import build_objectives
+from hf_attn_distill.terms.lm_head import TOP_K_IDS, TOP_K_LOG_PROBS
 from hf_attn_distill.terms.logit import LABEL_KEYS, LogitKD
 from hf_attn_distill.training.accounting import TermAccounting, TermLoggingMixin
 from hf_attn_distill.training.batches import check_lengths, position_limits, strip_outputs, with_decoder_inputs
@@ -32,7 +33,7 @@ from hf_attn_distill.training.pairing import (
     resolve_teacher,
 )
 from hf_attn_distill.training.schedules import parse_schedules, scheduled_value
-from hf_attn_distill.training.teacher_cache import CACHE_INDEX_COLUMN, prepare_logits_cache
+from hf_attn_distill.training.teacher_cache import CACHE_INDEX_COLUMN, TeacherTopKCache, prepare_logits_cache
 from hf_attn_distill.utils.hardware import emulated_bf16_warning
 
 __all__ = ["DistillTrainer"]
@@ -215,6 +216,9 @@ class DistillTrainer(
 
     def _teacher_forward(self, step: Step, cache_index):
         if self.teacher_logits_cache is not None and cache_index is not None:
+            if isinstance(self.teacher_logits_cache, TeacherTopKCache):
+                ids, log_probs = self.teacher_logits_cache.lookup(cache_index, step.inputs["attention_mask"])
+                return {TOP_K_IDS: ids, TOP_K_LOG_PROBS: log_probs}
             return {"logits": self.teacher_logits_cache.lookup(cache_index)}
         teacher_inputs = {k: v for k, v in step.inputs.items() if k in self.teacher_input_names}
         kwargs = {k: v for o in self.objectives for k, v in o.teacher_forward_kwargs.items()}

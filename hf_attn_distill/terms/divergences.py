@@ -28,14 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from hf_attn_distill.config import DIVERGENCES
+from hf_attn_distill.config import DIVERGENCES, TOP_K_TAILS
 
 __all__ = [
     "DIVERGENCES",
     "LM_CHUNK_ELEMENTS",
     "LMHeadSettings",
+    "TOP_K_TAILS",
     "chunked_lm_divergence",
     "lm_head_losses",
+    "top_k_forward_kl",
     "token_divergence",
 ]
 
@@ -86,6 +88,40 @@ def token_divergence(
     return _kl(log_s, log_t if alpha == 0.0 else _mixture(log_s, log_t, alpha))
 
 
+def top_k_forward_kl(
+    student_logits: torch.Tensor,
+    indices: torch.Tensor,
+    log_probs: torch.Tensor,
+    temperature: float = 1.0,
+    tail: str = "renormalize",
+) -> torch.Tensor:
+    """Per-row ``KL(q ‖ softmax(student / T))`` ``[N]`` (float32; no ``T²`` here) against a teacher known by its
+    top ``k`` tokens: ``indices`` ``[N, k]`` and their log-probabilities at temperature ``T`` ``log_probs``
+    ``[N, k]`` (rows of ``-inf`` padding allowed). ``tail="renormalize"``: ``q`` is the top-k probabilities scaled
+    to sum to 1 (DistillKit's choice); ``"uniform"``: ``q`` keeps them as they are and spreads the missing mass
+    ``1 - Σ p_top-k`` evenly over the other ``V - k`` tokens of ``student_logits``' vocabulary."""
+    if tail not in TOP_K_TAILS:
+        raise ValueError(f"Unknown tail {tail!r}; choose from {TOP_K_TAILS}.")
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    picked = log_s.gather(-1, indices.long())
+    log_q = log_probs.float()
+    if tail == "renormalize":
+        log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
+        return _kl_rows(log_q, picked)
+    head = _kl_rows(log_q, picked)
+    vocab, k = student_logits.shape[-1], indices.shape[-1]
+    rest = (1.0 - log_q.exp().sum(-1)).clamp_min(0.0)  # [N]
+    others = max(vocab - k, 1)
+    u = rest / others
+    rest_log_s = log_s.sum(-1) - picked.sum(-1)  # Σ over the other tokens of log p_s
+    tail_kl = torch.where(rest > 0, rest * torch.log(u.clamp_min(1e-30)) - u * rest_log_s, 0.0)
+    return head + tail_kl
+
+
+def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    return torch.where(log_q > -math.inf, log_q.exp() * (log_q - log_p), 0.0).sum(-1)
+
+
 class LMHeadSettings(NamedTuple):
     """What :func:`lm_head_losses` computes: the divergence and its parameters, the chunk size, the compared
     vocabulary rows, and the weights the caller will give the two sums (their gradient is prepared in forward)."""
@@ -98,6 +134,7 @@ class LMHeadSettings(NamedTuple):
     vocab_rows: int | None = None
     ce_weight: float = 1.0
     kd_weight: float = 1.0
+    top_k_tail: str = "renormalize"
 
 
 def _chunk_losses(h, w, b, t_h, t_w, t_b, targets, settings: LMHeadSettings):
@@ -105,7 +142,11 @@ def _chunk_losses(h, w, b, t_h, t_w, t_b, targets, settings: LMHeadSettings):
     logits = F.linear(h, w, b)
     ce = F.cross_entropy(logits.float(), targets, reduction="sum") if targets is not None else None
     kd = None
-    if t_h is not None:
+    if isinstance(t_h, tuple):  # a top-k teacher: (indices, log-probabilities) of these rows
+        rows = slice(None, settings.vocab_rows)
+        values = top_k_forward_kl(logits[:, rows], t_h[0], t_h[1], settings.temperature, settings.top_k_tail)
+        kd = values.sum() * (settings.temperature**2)
+    elif t_h is not None:
         with torch.no_grad():
             t_logits = F.linear(t_h, t_w, t_b)
         rows = slice(None, settings.vocab_rows)
@@ -127,6 +168,15 @@ def _combined(ce, kd, ce_weight, kd_weight):
     if kd is not None and kd_weight != 0:
         total = total + kd * kd_weight
     return total
+
+
+def _rows_of(teacher, rows: slice):
+    """The teacher's rows of a chunk: hidden states, or a top-k ``(indices, log_probs)`` pair."""
+    if teacher is None:
+        return None
+    if isinstance(teacher, tuple):
+        return tuple(t[rows] for t in teacher)
+    return teacher[rows]
 
 
 class _LMHeadLosses(torch.autograd.Function):
@@ -156,7 +206,7 @@ class _LMHeadLosses(torch.autograd.Function):
                 None if bias is None else torch.zeros_like(bias),
             ]
         for rows in chunks:
-            t_h = None if t_hidden is None else t_hidden[rows]
+            t_h = _rows_of(t_hidden, rows)
             tgt = None if targets is None else targets[rows]
             with torch.enable_grad() if prepare else contextlib.nullcontext():
                 h = hidden[rows].detach().requires_grad_(prepare)
@@ -203,7 +253,7 @@ class _LMHeadLosses(torch.autograd.Function):
                             h,
                             w,
                             b,
-                            None if t_hidden is None else t_hidden[rows],
+                            _rows_of(t_hidden, rows),
                             t_weight,
                             t_bias,
                             None if targets is None else targets[rows],
@@ -229,14 +279,22 @@ def lm_head_losses(
     ``[N, H]`` (float32 scalars), through the output heads (``weight [V, H]``, optional ``bias``; a tied head is the
     embedding matrix and its gradient reaches it), ``settings.chunk_tokens`` rows at a time in forward and backward.
 
-    ``teacher_hidden`` ``[N, H_t]`` (no gradient) and ``teacher_head``: the divergence (``0`` without them);
+    ``teacher_hidden`` ``[N, H_t]`` (no gradient) and ``teacher_head``: the divergence (``0`` without them); or
+    ``teacher_hidden`` a top-k teacher ``(indices [N, k], log_probs [N, k])`` and ``teacher_head`` ``None``: forward
+    KL against it (:func:`top_k_forward_kl` with ``settings.top_k_tail``);
     ``targets`` ``[N]``: the cross-entropy over the student's whole vocabulary, as its own loss (``0`` without them).
     The divergence compares the first ``settings.vocab_rows`` rows of both heads (a padded vocabulary). The gradient
     of ``settings.ce_weight · CE + settings.kd_weight · KD`` is prepared in forward (one pass over the head);
     any other combination is computed anew in backward, so the result is exact either way."""
     settings = LMHeadSettings() if settings is None else settings
     t_weight = t_bias = None
-    if teacher_hidden is not None:
+    if isinstance(teacher_hidden, tuple):
+        if settings.divergence != "forward_kl":
+            raise ValueError(
+                f"A top-k teacher supports divergence='forward_kl' only, got {settings.divergence!r}: the other "
+                "divergences need the teacher's whole distribution (drop teacher_logits_top_k)."
+            )
+    elif teacher_hidden is not None:
         t_weight, t_bias = teacher_head.weight.detach(), getattr(teacher_head, "bias", None)
         t_bias = None if t_bias is None else t_bias.detach()
         teacher_hidden = teacher_hidden.detach()

@@ -20,11 +20,32 @@ from transformers.utils import logging
 
 from hf_attn_distill.terms.divergences import LMHeadSettings, lm_head_losses
 
-__all__ = ["CAUSAL_LM_SUFFIXES", "HeadTap", "LMHeadPass", "is_causal_lm", "lm_head_pass", "next_token_mask"]
+__all__ = [
+    "CAUSAL_LM_SUFFIXES",
+    "TOP_K_IDS",
+    "TOP_K_LOG_PROBS",
+    "HeadTap",
+    "LMHeadPass",
+    "is_causal_lm",
+    "lm_head_pass",
+    "next_token_mask",
+    "top_k_teacher",
+]
 
 logger = logging.get_logger(__name__)
 
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # model classes whose loss shifts the labels by one
+TOP_K_IDS, TOP_K_LOG_PROBS = "top_k_ids", "top_k_log_probs"
+"""The teacher outputs a top-k teacher-logit cache stands in with: ``[B, T, k]`` ids and log-probabilities."""
+
+
+def top_k_teacher(teacher_outputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(ids, log_probs)`` ``[B, T, k]`` when the teacher's outputs come from a top-k cache, else ``None``."""
+    if teacher_outputs is not None and TOP_K_IDS in teacher_outputs:
+        return teacher_outputs[TOP_K_IDS], teacher_outputs[TOP_K_LOG_PROBS]
+    return None
+
+
 #: Config fields of models whose logits are more than a linear head of the last hidden states.
 HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -110,7 +131,7 @@ class LMHeadPass:
         self.teacher_tap = HeadTap(teacher.get_output_embeddings()) if teacher is not None else None
         self.args = args
         self.vocab_rows: int | None = None  # set by loss_kd: the rows of a padded vocabulary that are compared
-        self.checked = False
+        self.checked: set[str] = set()  # the models whose head was checked (at their first step)
         self._step = None
         self._sums: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
@@ -124,26 +145,30 @@ class LMHeadPass:
         if self._step is step:
             return self._sums
         hidden = self.student_tap.take("student")
-        teacher_hidden = self.teacher_tap.take("teacher") if self.teacher_tap is not None else None
-        if not self.checked:
+        cached = top_k_teacher(step.teacher_outputs) if self.teacher_tap is not None else None
+        teacher_hidden = None
+        if self.teacher_tap is not None and cached is None:
+            teacher_hidden = self.teacher_tap.take("teacher")
+        if "student" not in self.checked:
             self._check(hidden, step.outputs, "student", self.student_tap.head)
-            if teacher_hidden is not None:
-                self._check(teacher_hidden, step.teacher_outputs, "teacher", self.teacher_tap.head)
-            self.checked = True
+            self.checked.add("student")
+        if teacher_hidden is not None and "teacher" not in self.checked:
+            self._check(teacher_hidden, step.teacher_outputs, "teacher", self.teacher_tap.head)
+            self.checked.add("teacher")
         mask = next_token_mask(step.inputs)
         labels = step.inputs.get("labels")
         rows = hidden[:, :-1]
         targets = labels[:, 1:] if torch.is_tensor(labels) and labels.dim() == 2 else None
-        t_rows = None if teacher_hidden is None else teacher_hidden[:, :-1]
+        teachers = [teacher_hidden] if cached is None else list(cached)
+        teachers = [None if t is None else t[:, :-1] for t in teachers]
         if mask is not None:
-            rows, t_rows = rows[mask], None if t_rows is None else t_rows[mask]
+            rows, teachers = rows[mask], [None if t is None else t[mask] for t in teachers]
             targets = None if targets is None else targets[mask]
         else:
-            rows, t_rows = (
-                rows.reshape(-1, rows.shape[-1]),
-                None if t_rows is None else t_rows.reshape(-1, t_rows.shape[-1]),
-            )
+            rows = rows.reshape(-1, rows.shape[-1])
+            teachers = [None if t is None else t.reshape(-1, t.shape[-1]) for t in teachers]
             targets = None if targets is None else targets.reshape(-1)
+        t_rows = teachers[0] if cached is None else tuple(teachers)
         args = self.args
         settings = LMHeadSettings(
             divergence=args.divergence,
@@ -154,15 +179,10 @@ class LMHeadPass:
             vocab_rows=self.vocab_rows,
             ce_weight=step.value("alpha_ce"),
             kd_weight=step.value("alpha_kd") if t_rows is not None else 0.0,
+            top_k_tail=args.teacher_logits_tail,
         )
-        ce, kd = lm_head_losses(
-            rows,
-            self.student_tap.head,
-            t_rows,
-            self.teacher_tap.head if t_rows is not None else None,
-            targets,
-            settings,
-        )
+        teacher_head = self.teacher_tap.head if t_rows is not None and cached is None else None
+        ce, kd = lm_head_losses(rows, self.student_tap.head, t_rows, teacher_head, targets, settings)
         self._step, self._sums = step, (ce if targets is not None else None, kd if t_rows is not None else None)
         return self._sums
 
@@ -188,7 +208,9 @@ def lm_head_pass(student: nn.Module, teacher: nn.Module | None, args: Any, captu
     """The trainer's shared :class:`LMHeadPass` (built once, its taps kept by ``capture``), or ``None`` when the
     pair trains on full logits: not a causal LM, ``chunked_lm_loss=False``, the teacher-logit cache, or a head that
     is more than a linear layer (said in a warning)."""
-    if not is_causal_lm(student) or not getattr(args, "chunked_lm_loss", False) or args.teacher_logits_cache:
+    if not is_causal_lm(student) or not getattr(args, "chunked_lm_loss", False):
+        return None
+    if args.teacher_logits_cache and not getattr(args, "teacher_logits_top_k", 0):
         return None
     if "lm_head_pass" in capture.shared:
         return capture.shared["lm_head_pass"]

@@ -11,8 +11,8 @@ from transformers import PreTrainedModel
 from hf_attn_distill.attention.capture import Capture
 from hf_attn_distill.losses import logit_kd_loss
 from hf_attn_distill.terms.base import Objective, Step, label_items
-from hf_attn_distill.terms.divergences import token_divergence
-from hf_attn_distill.terms.lm_head import LMHeadPass, is_causal_lm, lm_head_pass, next_token_mask
+from hf_attn_distill.terms.divergences import token_divergence, top_k_forward_kl
+from hf_attn_distill.terms.lm_head import LMHeadPass, is_causal_lm, lm_head_pass, next_token_mask, top_k_teacher
 from hf_attn_distill.terms.registry import TermSpec
 from hf_attn_distill.terms.token_kd import token_kd_loss
 
@@ -148,6 +148,7 @@ class LogitKD(Objective):
         skew_alpha: float = 0.1,
         shifted: bool = False,
         head_pass: LMHeadPass | None = None,
+        top_k_tail: str = "renormalize",
     ):
         self.label_order = label_order
         # token-level logits of padded vocabularies of different sizes: the first vocab_rows rows are compared
@@ -155,6 +156,7 @@ class LogitKD(Objective):
         self.divergence, self.jsd_beta, self.skew_alpha = divergence, jsd_beta, skew_alpha
         self.shifted = shifted
         self.head_pass = head_pass
+        self.top_k_tail = top_k_tail
 
     @classmethod
     def build(cls, student, teacher, args, capture: Capture) -> list[Objective]:
@@ -169,6 +171,7 @@ class LogitKD(Objective):
                 skew_alpha=args.skew_alpha,
                 shifted=shifted,
                 head_pass=lm_head_pass(student, teacher, args, capture) if shifted else None,
+                top_k_tail=getattr(args, "teacher_logits_tail", "renormalize"),
             )
         ]
 
@@ -183,6 +186,15 @@ class LogitKD(Objective):
             _, kd = self.head_pass.sums(step)
             return kd / self.count(inputs).clamp_min(1)
         temperature = step.value("temperature")
+        cached = top_k_teacher(teacher_outputs)
+        if cached is not None:  # a top-k teacher-logit cache, full student logits
+            logits, ids, log_probs = outputs["logits"][:, :-1], cached[0][:, :-1], cached[1][:, :-1]
+            mask = next_token_mask(inputs)
+            if mask is not None:
+                logits, ids, log_probs = logits[mask], ids[mask], log_probs[mask]
+            logits = logits[..., : self.vocab_rows] if self.vocab_rows is not None else logits
+            values = top_k_forward_kl(logits, ids, log_probs, temperature, self.top_k_tail)
+            return values.sum() * temperature**2 / max(values.numel(), 1)
         keys = [k for k in LOGIT_KEYS if outputs.get(k) is not None and teacher_outputs.get(k) is not None]
         if not keys:
             raise ValueError(
