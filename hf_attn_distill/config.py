@@ -82,6 +82,8 @@ LOWER_BOUNDS = {
     "relation_heads": (1, True),
     "lm_chunk_tokens": (0, True),
     "teacher_logits_top_k": (0, True),
+    "on_policy_max_new_tokens": (1, True),
+    "on_policy_temperature": (0, False),
 }
 """``{field: (bound, inclusive)}`` checked in ``__post_init__``, besides every term weight's ``>= 0``."""
 
@@ -140,6 +142,16 @@ class DistillConfig(TrainingArguments):
         skew_alpha (`float`, *optional*, defaults to `0.1`):
             `alpha` of the skew divergences, in `[0, 1)`: `KL(p_t || alpha p_t + (1 - alpha) p_s)` (`skew_kl`) and
             `KL(p_s || alpha p_s + (1 - alpha) p_t)` (`skew_reverse_kl`).
+        lmbda (`float`, *optional*, defaults to `0.0`):
+            Causal LMs, on-policy distillation (GKD, Agarwal et al. 2024; TRL's `lmbda`): the fraction of training
+            batches whose completions the student generates itself (sampling from each record's prompt, everything
+            before its first labelled token); the teacher scores them and only the teacher's terms train on them
+            (no hard-label loss). Needs prompt/completion or chat records and `alpha_kd > 0`. Which batches is drawn
+            from `seed` and the step, so a rerun makes the same choice.
+        on_policy_max_new_tokens (`int`, *optional*, defaults to `64`):
+            Longest completion the student generates for an on-policy batch.
+        on_policy_temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the student's on-policy completions.
         chunked_lm_loss (`bool`, *optional*, defaults to `True`):
             Causal LMs: compute the hard-label loss and logit KD from the last hidden states through both output
             heads, `lm_chunk_tokens` tokens at a time in forward and backward, so neither model's
@@ -284,6 +296,16 @@ class DistillConfig(TrainingArguments):
         default=0.5, metadata={"help": "beta of divergence='jsd' in [0, 1] (0: forward KL, 1: reverse KL)."}
     )
     skew_alpha: float = field(default=0.1, metadata={"help": "alpha of the skew divergences, in [0, 1)."})
+    lmbda: float = field(
+        default=0.0,
+        metadata={"help": "Causal LMs: fraction of batches whose completions the student generates (on-policy, GKD)."},
+    )
+    on_policy_max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest completion the student generates for an on-policy batch (>= 1)."}
+    )
+    on_policy_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of the student's on-policy completions (> 0)."}
+    )
     chunked_lm_loss: bool = field(
         default=True,
         metadata={
@@ -457,6 +479,15 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"jsd_beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {self.jsd_beta}")
         if not 0.0 <= self.skew_alpha < 1.0:
             raise ValueError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda (the fraction of on-policy batches) must be in [0, 1], got {self.lmbda}")
+        if self.lmbda > 0 and self.alpha_kd == 0:
+            raise ValueError("lmbda > 0 trains on-policy batches on the teacher's logits alone: set alpha_kd > 0.")
+        if self.lmbda > 0 and self.teacher_logits_cache:
+            raise ValueError(
+                "lmbda > 0 needs the teacher to score the student's own completions, which no cache holds: drop "
+                "teacher_logits_cache or set lmbda=0."
+            )
         parsed_schedules = parse_schedules(self.schedules, self.term_weight_fields)
         for name in parsed_schedules:
             if getattr(self, name) == 0:

@@ -16,7 +16,7 @@ from hf_attn_distill.attention.capture import Capture
 from hf_attn_distill.config import DistillConfig
 from hf_attn_distill.hub.model_card import ModelCardMixin
 from hf_attn_distill.terms.attention import SiteTransfer
-from hf_attn_distill.terms.base import KD_MASK_COLUMN, Step
+from hf_attn_distill.terms.base import KD_MASK_COLUMN, ON_POLICY_COLUMN, Step
 from hf_attn_distill.terms.build import build_objectives
 from hf_attn_distill.terms.lm_head import TOP_K_IDS, TOP_K_LOG_PROBS
 from hf_attn_distill.terms.logit import LABEL_KEYS, LogitKD
@@ -26,6 +26,7 @@ from hf_attn_distill.training.checkpoints import CheckpointMixin, SaveGuardMixin
 from hf_attn_distill.training.distributed import prepare_teacher
 from hf_attn_distill.training.eval_order import InOrderEvaluationMixin
 from hf_attn_distill.training.nonfinite import NonFiniteWatch
+from hf_attn_distill.training.on_policy import is_on_policy_step, on_policy_batch
 from hf_attn_distill.training.pairing import (
     check_distillation_pair,
     check_same_tokenizer,
@@ -153,7 +154,7 @@ class DistillTrainer(
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        for column in (CACHE_INDEX_COLUMN, KD_MASK_COLUMN):
+        for column in (CACHE_INDEX_COLUMN, KD_MASK_COLUMN, ON_POLICY_COLUMN):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -178,7 +179,14 @@ class DistillTrainer(
         inputs = self._with_decoder_inputs(inputs)
         check_lengths(inputs, self._position_limits)
         cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
-        step = Step(inputs, self.current_value, kd_mask=inputs.pop(KD_MASK_COLUMN, None), training=model.training)
+        on_policy = inputs.pop(ON_POLICY_COLUMN, None)
+        step = Step(
+            inputs,
+            self.current_value,
+            kd_mask=inputs.pop(KD_MASK_COLUMN, None),
+            training=model.training,
+            on_policy=on_policy is not None and bool(on_policy.any()),
+        )
         if not model.training and not self.args.eval_with_teacher:
             return self._student_only_loss(model, inputs, return_outputs)
         objectives = self.objectives
@@ -202,7 +210,7 @@ class DistillTrainer(
             self._stop()  # else training_step stops after backward: checkpointing re-runs mapped layers there
         if model.training and self.nonfinite is not None:
             self.nonfinite.update(self.state.global_step + 1, step.teacher_outputs, terms)
-        items = self.accounting.items(inputs)
+        items = self.accounting.items(inputs if on_policy is None else {**inputs, ON_POLICY_COLUMN: on_policy})
         scales = self.accounting.scales(model.training, items)
         if model.training:
             self._scheduled_in_window = {name: self.current_value(name) for name in self._schedules}
@@ -260,9 +268,27 @@ class DistillTrainer(
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.lmbda > 0 and batch_samples:  # on-policy micro-batches, before the window is counted
+            batch_samples = [self._maybe_on_policy(b, i) for i, b in enumerate(batch_samples)]
         if batch_samples:  # count the whole accumulation window before its first micro-batch
             self.accounting.start_window([self._with_decoder_inputs(b) for b in batch_samples], device)
         return batch_samples, num_items_in_batch
+
+    def _maybe_on_policy(self, batch: dict[str, Any], micro_batch: int) -> dict[str, Any]:
+        """``batch``, or (a ``lmbda`` share of micro-batches) its prompts with completions the student samples."""
+        if not is_on_policy_step(self.args.seed, self.state.global_step, micro_batch, self.args.lmbda):
+            return batch
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        student = self.accelerator.unwrap_model(self.model)
+        config = student.generation_config
+        eos = getattr(tokenizer, "eos_token_id", None) or config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else config.pad_token_id if config.pad_token_id is not None else eos or 0
+        moved = {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return on_policy_batch(
+            student, moved, self.args.on_policy_max_new_tokens, self.args.on_policy_temperature, pad, eos
+        )
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None):
         try:  # capture stays armed through backward: gradient checkpointing re-runs mapped layers there

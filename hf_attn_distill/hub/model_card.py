@@ -320,6 +320,8 @@ def distillation_method(args, sequence_kd: bool = False) -> str:
     """One phrase naming the objective a :class:`~hf_attn_distill.DistillConfig` sets up: each registered term
     that is on, by its card phrase (:mod:`~hf_attn_distill.terms.registry`), terms of one group in one phrase."""
     parts = ["sequence-level KD"] if sequence_kd else []
+    if getattr(args, "lmbda", 0) > 0:
+        parts.append(f"on-policy distillation (lmbda={args.lmbda})")
     groups: dict[str, list[str]] = {}
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
     for spec in term_specs():

@@ -31,7 +31,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_attn_distill.config import DistillConfig
+from hf_attn_distill.hub.model_card import distillation_method
 from hf_attn_distill.tasks.lm import LMCollator, chat_example, completion_example, lm_format, lm_metrics, pack_texts
+from hf_attn_distill.tasks.sequence_kd import sequence_kd_dataset
 from hf_attn_distill.trainer import DistillTrainer
 from hf_attn_distill.training.batches import check_lengths, position_limits
 from hf_attn_distill.training.eval_order import InOrderTrainer
@@ -41,7 +43,25 @@ from .common import ModelArguments, build_student, check_tokenizers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LMDataArguments", "load_lm_splits", "main", "parse_args"]
+__all__ = ["LMDataArguments", "LMModelArguments", "load_lm_splits", "main", "parse_args"]
+
+
+@dataclass
+class LMModelArguments(ModelArguments):
+    """Model arguments plus sequence-level KD of a causal LM."""
+
+    sequence_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-level KD (Kim & Rush 2016): train on the teacher's answers to the training prompts "
+            "(generated once, cached on disk) instead of the given completions; needs prompt/completion or chat data."
+        },
+    )
+    sequence_kd_num_beams: int = field(default=1, metadata={"help": "Beams of the teacher's answers (1: greedy)."})
+    sequence_kd_max_new_tokens: int = field(default=128, metadata={"help": "Longest teacher answer, in tokens."})
+    sequence_kd_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where the teacher's answers are cached (default: output_dir/teacher_answers)."}
+    )
 
 
 @dataclass
@@ -77,7 +97,7 @@ class LMDataArguments:
 
 def parse_args(args: list[str] | None = None, prog: str | None = None):
     """Parse the command line, or a single YAML/JSON file of the same arguments."""
-    return common.parse_args((ModelArguments, LMDataArguments, DistillConfig), args, prog)
+    return common.parse_args((LMModelArguments, LMDataArguments, DistillConfig), args, prog)
 
 
 def _raw(data: LMDataArguments) -> datasets.DatasetDict:
@@ -130,6 +150,21 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     check_lengths({"input_ids": data_args.block_size}, position_limits(teacher), {"input_ids": "--block_size"})
     splits = load_lm_splits(data_args, tokenizer)
     distill = model_args.training_mode == "distill"
+    if model_args.sequence_kd:
+        if not distill or "train" not in splits:
+            raise ValueError("--sequence_kd needs --training_mode distill and training data.")
+        answered = sequence_kd_dataset(
+            teacher,
+            tokenizer,
+            splits["train"],
+            model_args.sequence_kd_cache_dir or str(Path(training_args.output_dir) / "teacher_answers"),
+            num_beams=model_args.sequence_kd_num_beams,
+            max_length=model_args.sequence_kd_max_new_tokens,
+            batch_size=training_args.per_device_eval_batch_size,
+        )
+        splits["train"] = answered.map(
+            lambda e: {k: e[k][: data_args.block_size] for k in ("input_ids", "labels")}, desc="Truncating"
+        )
     model = build_student(model_args, teacher, AutoModelForCausalLM) if model_args.has_student else teacher
     collator = LMCollator(tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None)
     common_kwargs = dict(
@@ -171,8 +206,9 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
             model,
             metrics,
             sample=example,
-            extra_settings={"block_size": data_args.block_size},
-            citations=("hinton2015", "minilm"),
+            extra_settings={"block_size": data_args.block_size, "sequence_kd": model_args.sequence_kd or None},
+            method=distillation_method(training_args, sequence_kd=True) if distill and model_args.sequence_kd else None,
+            citations=("hinton2015", "minilm", *(("kim2016",) if model_args.sequence_kd else ())),
             **common.describe_data(
                 data_args.dataset_name,
                 data_args.train_file,

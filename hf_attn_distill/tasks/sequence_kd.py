@@ -1,8 +1,9 @@
-"""Sequence-level knowledge distillation (Kim & Rush, 2016): train the student on the teacher's translations.
+"""Sequence-level knowledge distillation (Kim & Rush, 2016): train the student on the teacher's outputs.
 
 The teacher translates every training source once (beam search, or greedy with one beam); the student is then
 trained on those outputs instead of (or, with word-level KD and attention transfer, as well as with) the
-references. The translations are cached on disk (gzip-compressed token ids, with the settings that made them in
+references. A causal-LM teacher answers every record's prompt (its tokens before the first labelled one) instead,
+and the example becomes the prompt followed by that answer (the prompt still masked). The translations are cached on disk (gzip-compressed token ids, with the settings that made them in
 ``meta.json``) and reused only while the teacher weights, the tokenized sources and the generation settings are
 the same, on any machine.
 """
@@ -19,9 +20,47 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
+from hf_attn_distill.terms.lm_head import is_causal_lm
 from hf_attn_distill.training.teacher_cache import weights_checksum
 
 __all__ = ["sequence_kd_dataset"]
+
+
+def _causal_prompts(dataset: datasets.Dataset) -> list[list[int]]:
+    """Each record's prompt: its tokens before the first labelled one; records without a prompt are refused."""
+    if "labels" not in dataset.column_names:
+        raise ValueError("Sequence-level KD of a causal LM needs prompt/completion or chat records (labels).")
+    prompts = []
+    for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
+        first = next((i for i, label in enumerate(labels) if label != -100), len(ids))
+        if first == 0:
+            raise ValueError(
+                "Sequence-level KD of a causal LM answers prompts, but a record has none (plain text: every token "
+                "is a label). Use prompt/completion or chat records."
+            )
+        prompts.append(list(ids[:first]))
+    return prompts
+
+
+def _generate_causal(teacher, prompts: list[list[int]], pad: int, eos: int | None, num_beams: int, max_new: int):
+    """The teacher's answers to ``prompts`` (left-padded batch), each cut after its first ``eos``."""
+    device = next(teacher.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[row, width - len(prompt) :] = 1
+    out = teacher.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        num_beams=num_beams,
+        do_sample=False,
+        max_new_tokens=max_new,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )[:, width:]
+    return [_strip(seq, None, None, eos) for seq in out.tolist()]
 
 
 def _strip(tokens: list[int], start: int | None, pad: int | None, eos: int | None) -> list[int]:
@@ -64,7 +103,9 @@ def sequence_kd_dataset(
     batch_size: int = 32,
     save_every: int = 20,
 ) -> datasets.Dataset:
-    """``dataset`` (with ``input_ids``) with ``labels`` replaced by the teacher's translations of its sources.
+    """``dataset`` (with ``input_ids``) with ``labels`` replaced by the teacher's translations of its sources; for a
+    causal-LM teacher, each record's prompt followed by the teacher's answer (at most ``max_length`` new tokens) as
+    ``input_ids``, the answer as ``labels``.
 
     Translations come from ``cache_dir`` when its key (teacher weights checksum, a checksum of the tokenized sources,
     generation settings) matches; otherwise they are generated (teacher in eval mode, beam search) and cached. Every
@@ -73,10 +114,12 @@ def sequence_kd_dataset(
     """
     if "input_ids" not in dataset.column_names:
         raise ValueError("sequence-level KD needs a tokenized dataset with an input_ids column.")
+    causal = is_causal_lm(teacher)
+    sources = _causal_prompts(dataset) if causal else dataset["input_ids"]
     key = {
         "teacher": type(teacher).__name__,
         "teacher_weights_checksum": weights_checksum(teacher),
-        "sources_sha256": _sources_checksum(dataset["input_ids"]),
+        "sources_sha256": _sources_checksum(sources),
         "num_examples": len(dataset),
         "num_beams": num_beams,
         "max_length": max_length,
@@ -89,6 +132,9 @@ def sequence_kd_dataset(
     else:
         config = teacher.generation_config
         start, pad, eos = config.decoder_start_token_id, config.pad_token_id, config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        if causal:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else pad if pad is not None else eos
         was_training = teacher.training
         teacher.eval()
         labels = []
@@ -100,10 +146,13 @@ def sequence_kd_dataset(
         with tqdm(total=len(dataset), desc="Teacher translations (sequence-level KD)", unit="sentence") as bar:
             bar.update(len(labels))
             for index, first in enumerate(range(len(labels), len(dataset), batch_size)):
-                rows = dataset[first : first + batch_size]["input_ids"]
-                batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
-                generated = teacher.generate(**batch, num_beams=num_beams, max_length=max_length)
-                labels += [_strip(seq, start, pad, eos) for seq in generated.tolist()]
+                rows = sources[first : first + batch_size]
+                if causal:
+                    labels += _generate_causal(teacher, rows, pad, eos, num_beams, max_length)
+                else:
+                    batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
+                    generated = teacher.generate(**batch, num_beams=num_beams, max_length=max_length)
+                    labels += [_strip(seq, start, pad, eos) for seq in generated.tolist()]
                 bar.update(len(rows))
                 if (index + 1) % save_every == 0 and len(labels) < len(dataset):
                     _write(partial, {"key": key, "labels": labels})
@@ -112,6 +161,9 @@ def sequence_kd_dataset(
         _write(data, labels)
         meta.write_text(json.dumps(key, indent=1))
         partial.unlink(missing_ok=True)
+    if causal:
+        rows = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(sources, labels)]
+        return datasets.Dataset.from_list(rows)
     if "labels" in dataset.column_names:
         dataset = dataset.remove_columns("labels")
     return dataset.add_column("labels", labels)

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from hf_attn_distill.attention.capture import Capture
 from hf_attn_distill.losses import logit_kd_loss
-from hf_attn_distill.terms.base import Objective, Step, label_items
+from hf_attn_distill.terms.base import ON_POLICY_COLUMN, Objective, Step, label_items
 from hf_attn_distill.terms.divergences import token_divergence, top_k_forward_kl
 from hf_attn_distill.terms.lm_head import LMHeadPass, is_causal_lm, lm_head_pass, next_token_mask, top_k_teacher
 from hf_attn_distill.terms.registry import TermSpec
@@ -98,6 +98,8 @@ class HardLabelLoss(Objective):
             )
 
     def loss(self, step: Step) -> torch.Tensor | None:
+        if step.on_policy:  # the student's own samples: nothing to learn from as labels
+            return None
         if self.head_pass is not None and torch.is_tensor(step.inputs.get("labels")):
             ce, _ = self.head_pass.sums(step)
             return ce / self.count(step.inputs).clamp_min(1)
@@ -111,6 +113,9 @@ class HardLabelLoss(Objective):
 
     def count(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         labels = inputs.get("labels")
+        marker = inputs.get(ON_POLICY_COLUMN)
+        if torch.is_tensor(marker) and bool(marker.any()):
+            return torch.zeros((), dtype=torch.long, device=marker.device)
         if self.shifted and torch.is_tensor(labels) and labels.dim() == 2:
             return labels[:, 1:].ne(-100).sum()
         return label_items(inputs)
