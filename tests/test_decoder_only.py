@@ -1,4 +1,4 @@
-"""Decoder-only causal LMs (GPT-2, Llama and Qwen2 with grouped-query attention) through DistillTrainer.
+"""Decoder-only causal LMs (GPT-2; Llama, Qwen2 and Mistral with grouped-query attention) through DistillTrainer.
 
 Tiny random configs: capture equals eager and the output equals sdpa; the trainer's causal attention term and
 token-level KD equal the reference losses; an update split into micro-batches with padding equals one batch.
@@ -14,6 +14,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -85,7 +87,24 @@ def qwen2(layers, heads, seed):
     )
 
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2}
+def mistral(layers, heads, seed):
+    """Grouped-query attention with a 6-token sliding window on every layer."""
+    torch.manual_seed(seed)
+    return MistralForCausalLM(
+        MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            max_position_embeddings=64,
+            sliding_window=6,
+        )
+    )
+
+
+FAMILIES = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2, "mistral": mistral}
 LENGTHS = [9, 6, 3, 8, 9, 4, 7, 5]
 
 

@@ -84,6 +84,26 @@ def test_fsdp2_two_processes_match_one_and_shard_the_teacher(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_trains_a_causal_lm_pair_with_the_chunked_loss_as_one_process(tmp_path):
+    """A tiny Llama pair (grouped-query attention) under FSDP2 on 2 processes, the teacher sharded: the chunked LM
+    loss reads both output heads gathered, and the update and every term equal one process's."""
+    from test_decoder_only import llama
+
+    start = llama(2, 2, 1).state_dict()
+    single = run(tmp_path / "single", 1, 4, 2, "2", "lm")
+    fsdp = run(tmp_path / "fsdp", 2, 2, 2, "2", "lm")
+    assert all(rank["placement"] == "fsdp2_sharded" and rank["student_fsdp"] for rank in fsdp["ranks"])
+    largest = max((single["weights"][k] - start[k]).abs().max().item() for k in start)
+    assert largest > 1e-5
+    for key in start:
+        torch.testing.assert_close(
+            fsdp["weights"][key] - start[key], single["weights"][key] - start[key], atol=1e-3 * largest, rtol=1e-3
+        )
+    for key in ("loss", "loss_ce", "loss_kd", "loss_attn_dec"):  # decoder-only: the causal site
+        assert fsdp["log"][key] == pytest.approx(single["log"][key], rel=1e-5), key
+
+
+@pytest.mark.slow
 def test_fsdp_on_cpu_processes_is_refused(tmp_path):
     """accelerate runs DDP when FSDP is asked for on CPU processes; nothing would be sharded, so we refuse."""
     result = run(tmp_path / "plain", 2, 2, 2, "2", "plain")

@@ -11,6 +11,8 @@ that count are those whose next label is not ``-100`` (without labels: whose nex
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -122,11 +124,38 @@ def head_refusal(model: nn.Module) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def gathered_head(model: nn.Module, head: nn.Module, who: str) -> Iterator[None]:
+    """The head's parameters whole for the duration: under FSDP2 a model's head is a sharded ``DTensor`` outside its
+    forward (a teacher run in inference mode is resharded after it), so its FSDP root gathers it (``unshard``)
+    and shards it again after."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(head.weight, DTensor):
+        yield
+        return
+    if not hasattr(model, "unshard"):
+        raise RuntimeError(
+            f"The {who}'s output head is sharded (a DTensor) but {type(model).__name__} is not the FSDP module that "
+            "can gather it: set chunked_lm_loss=False."
+        )
+    # the teacher runs in inference mode, and so did the gathering of its parameters: gather them again so
+    frozen = torch.inference_mode() if who == "teacher" else contextlib.nullcontext()
+    with frozen:
+        model.unshard()
+    try:
+        yield
+    finally:
+        with frozen:
+            model.reshard()
+
+
 class LMHeadPass:
     """What one step's ``loss_ce`` and ``loss_kd`` of a causal-LM pair share: the taps on both heads and the two
     sums over the step's counted tokens, computed once (:meth:`sums`)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, args: Any):
+        self.student, self.teacher = student, teacher
         self.student_tap = HeadTap(student.get_output_embeddings())
         self.teacher_tap = HeadTap(teacher.get_output_embeddings()) if teacher is not None else None
         self.args = args
@@ -149,6 +178,13 @@ class LMHeadPass:
         teacher_hidden = None
         if self.teacher_tap is not None and cached is None:
             teacher_hidden = self.teacher_tap.take("teacher")
+        with contextlib.ExitStack() as gathered:
+            gathered.enter_context(gathered_head(self.student, self.student_tap.head, "student"))
+            if teacher_hidden is not None:
+                gathered.enter_context(gathered_head(self.teacher, self.teacher_tap.head, "teacher"))
+            return self._sums_of(step, hidden, teacher_hidden, cached)
+
+    def _sums_of(self, step, hidden, teacher_hidden, cached):
         if "student" not in self.checked:
             self._check(hidden, step.outputs, "student", self.student_tap.head)
             self.checked.add("student")

