@@ -199,7 +199,9 @@ def test_bad_input_is_refused_naming_the_fix(lm_teacher_dir, text_files, tmp_pat
         distill_lm.main(run_args(lm_teacher_dir, text_files, tmp_path / "c", "--jsd_beta", "1.5"))
     with pytest.raises(ValueError, match="has no prompt.*prompt/completion or chat records"):
         distill_lm.main(run_args(lm_teacher_dir, text_files, tmp_path / "d", "--lmbda", "1.0"))
-    with pytest.raises(ValueError, match="answers prompts, but a record has none.*Use prompt/completion"):
+    with pytest.raises(
+        ValueError, match="Sequence-level KD answers prompts, but a record has no prompt.*use prompt/completion"
+    ):
         distill_lm.main(run_args(lm_teacher_dir, text_files, tmp_path / "e", "--sequence_kd"))
     for flags, message in (
         (["--lmbda", "1.5"], "must be in \\[0, 1\\]"),

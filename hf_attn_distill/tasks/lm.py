@@ -15,7 +15,7 @@ Records and their labels (``-100``: no loss; the model shifts labels by one):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,17 @@ from torch import nn
 
 from hf_attn_distill.terms.lm_head import HeadTap, next_token_mask
 
-__all__ = ["LM_FORMATS", "LMCollator", "chat_example", "completion_example", "lm_format", "lm_metrics", "pack_texts"]
+__all__ = [
+    "LM_FORMATS",
+    "LMCollator",
+    "chat_example",
+    "completion_example",
+    "generate_answers",
+    "lm_format",
+    "lm_metrics",
+    "pack_texts",
+    "prompt_of",
+]
 
 LM_FORMATS = ("text", "prompt_completion", "messages")
 
@@ -99,6 +109,51 @@ def chat_example(messages: list[dict[str, str]], tokenizer, block_size: int) -> 
         labels += added if messages[turn].get("role") == "assistant" else [-100] * len(added)
         ids = rendered
     return {"input_ids": ids[:block_size], "labels": labels[:block_size]}
+
+
+def prompt_of(ids: Sequence[int], labels: Sequence[int], purpose: str) -> list[int]:
+    """A record's prompt: its tokens before the first labelled one. A record without one (plain text, where every
+    token is a label) is refused: ``purpose`` (what needs prompts) answers prompts only."""
+    first = next((i for i, label in enumerate(labels) if label != -100), len(ids))
+    if first == 0:
+        raise ValueError(
+            f"{purpose} answers prompts, but a record has no prompt (plain text: every token is a label): use "
+            "prompt/completion or chat records."
+        )
+    return list(ids[:first])
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module, prompts: list[list[int]], pad_id: int, eos_id: int | None, max_new_tokens: int, **sampling
+) -> list[list[int]]:
+    """``model``'s answers to ``prompts`` (one left-padded batch, in eval mode), each cut after its first
+    ``eos_id``; ``sampling``: further ``generate`` arguments (``do_sample``, ``temperature``, ``num_beams``)."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[row, width - len(prompt) :] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            **sampling,
+        )[:, width:]
+    finally:
+        model.train(was_training)
+    answers = []
+    for tokens in out.tolist():
+        cut = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
+        answers.append(tokens[:cut])
+    return answers
 
 
 class LMCollator:

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
+from hf_attn_distill.tasks.lm import generate_answers, prompt_of
 from hf_attn_distill.terms.lm_head import is_causal_lm
 from hf_attn_distill.training.teacher_cache import weights_checksum
 
@@ -27,40 +28,10 @@ __all__ = ["sequence_kd_dataset"]
 
 
 def _causal_prompts(dataset: datasets.Dataset) -> list[list[int]]:
-    """Each record's prompt: its tokens before the first labelled one; records without a prompt are refused."""
+    """Each record's prompt: its tokens before the first labelled one."""
     if "labels" not in dataset.column_names:
         raise ValueError("Sequence-level KD of a causal LM needs prompt/completion or chat records (labels).")
-    prompts = []
-    for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
-        first = next((i for i, label in enumerate(labels) if label != -100), len(ids))
-        if first == 0:
-            raise ValueError(
-                "Sequence-level KD of a causal LM answers prompts, but a record has none (plain text: every token "
-                "is a label). Use prompt/completion or chat records."
-            )
-        prompts.append(list(ids[:first]))
-    return prompts
-
-
-def _generate_causal(teacher, prompts: list[list[int]], pad: int, eos: int | None, num_beams: int, max_new: int):
-    """The teacher's answers to ``prompts`` (left-padded batch), each cut after its first ``eos``."""
-    device = next(teacher.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
-        mask[row, width - len(prompt) :] = 1
-    out = teacher.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        num_beams=num_beams,
-        do_sample=False,
-        max_new_tokens=max_new,
-        pad_token_id=pad,
-        eos_token_id=eos,
-    )[:, width:]
-    return [_strip(seq, None, None, eos) for seq in out.tolist()]
+    return [prompt_of(ids, labels, "Sequence-level KD") for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
 
 
 def _strip(tokens: list[int], start: int | None, pad: int | None, eos: int | None) -> list[int]:
@@ -148,7 +119,9 @@ def sequence_kd_dataset(
             for index, first in enumerate(range(len(labels), len(dataset), batch_size)):
                 rows = sources[first : first + batch_size]
                 if causal:
-                    labels += _generate_causal(teacher, rows, pad, eos, num_beams, max_length)
+                    labels += generate_answers(
+                        teacher, rows, pad, eos, max_length, num_beams=num_beams, do_sample=False
+                    )
                 else:
                     batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
                     generated = teacher.generate(**batch, num_beams=num_beams, max_length=max_length)

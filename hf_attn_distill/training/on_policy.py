@@ -12,29 +12,23 @@ from typing import Any
 
 import torch
 
+from hf_attn_distill.tasks.lm import generate_answers, prompt_of
 from hf_attn_distill.terms.base import ON_POLICY_COLUMN
 
 __all__ = ["is_on_policy_step", "on_policy_batch", "prompts_of"]
 
 
 def prompts_of(batch: dict[str, Any]) -> list[list[int]]:
-    """Each row's prompt: its tokens before the first labelled next token (``labels != -100``); a row without a
-    prompt (plain text: every token is a label) is refused, naming the data it needs."""
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
+    """Each row's prompt: its tokens (padding left out) before the first labelled one; a row without one is
+    refused, naming the data on-policy distillation needs."""
+    lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else None
     prompts = []
-    for row in range(ids.shape[0]):
-        labelled = (labels[row] != -100).nonzero()
-        first = int(labelled[0]) if len(labelled) else int(mask[row].sum()) if mask is not None else ids.shape[1]
-        if first == 0:
-            raise ValueError(
-                "On-policy distillation (lmbda > 0) samples completions of prompts, but a batch row has no prompt "
-                "(its first token is already a label: plain text). Use prompt/completion or chat records, or lmbda=0."
-            )
-        prompts.append(ids[row, :first].tolist())
+    for row, (ids, labels) in enumerate(zip(batch["input_ids"].tolist(), batch["labels"].tolist())):
+        n = lengths[row] if lengths is not None else len(ids)
+        prompts.append(prompt_of(ids[:n], labels[:n], "On-policy distillation (lmbda > 0)"))
     return prompts
 
 
-@torch.no_grad()
 def on_policy_batch(
     student,
     batch: dict[str, Any],
@@ -43,47 +37,20 @@ def on_policy_batch(
     pad_id: int,
     eos_id: int | None,
 ) -> dict[str, torch.Tensor]:
-    """``batch`` with each row's completion replaced by one the student samples from its prompt (left-padded for
-    generation, right-padded again after; the completion ends at the first ``eos_id``): ``input_ids``,
-    ``attention_mask``, ``labels`` (the prompt masked) and the on-policy marker."""
+    """``batch`` with each row's completion replaced by one the student samples from its prompt (right-padded; the
+    completion ends at the first ``eos_id``): ``input_ids``, ``attention_mask``, ``labels`` (the prompt masked)
+    and the on-policy marker."""
     prompts = prompts_of(batch)
     device = batch["input_ids"].device
-    width = max(len(p) for p in prompts)
-    left = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    left_mask = torch.zeros_like(left)
-    for row, prompt in enumerate(prompts):
-        left[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
-        left_mask[row, width - len(prompt) :] = 1
-    was_training = student.training
-    student.eval()
-    try:
-        generated = student.generate(
-            input_ids=left,
-            attention_mask=left_mask,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-        )[:, width:]
-    finally:
-        student.train(was_training)
-    rows = []
-    for prompt, completion in zip(prompts, generated.tolist()):
-        kept = []
-        for token in completion:
-            kept.append(token)
-            if token == eos_id:
-                break
-        rows.append((prompt, kept))
-    length = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
+    answers = generate_answers(
+        student, prompts, pad_id, eos_id, max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0
+    )
+    length = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for row, (prompt, completion) in enumerate(rows):
-        tokens = torch.tensor(prompt + completion, device=device)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        tokens = torch.tensor(prompt + answer, device=device)
         ids[row, : len(tokens)] = tokens
         mask[row, : len(tokens)] = 1
         labels[row, len(prompt) : len(tokens)] = tokens[len(prompt) :]
@@ -91,7 +58,7 @@ def on_policy_batch(
         "input_ids": ids,
         "attention_mask": mask,
         "labels": labels,
-        ON_POLICY_COLUMN: torch.ones(len(rows), dtype=torch.bool, device=device),
+        ON_POLICY_COLUMN: torch.ones(len(prompts), dtype=torch.bool, device=device),
     }
 
 
