@@ -291,3 +291,26 @@ def test_sequence_kd_trains_on_the_teachers_greedy_answers(lm_teacher_dir, tmp_p
         assert answer == want
     card = (tmp_path / "out" / "README.md").read_text()
     assert "sequence-level KD" in card
+
+
+def test_the_shipped_yaml_config_parses_and_a_yaml_file_runs(lm_teacher_dir, text_files, tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    model_args, data_args, training_args = distill_lm.parse_args(
+        [str(root / "recipes" / "configs" / "lm_student.yaml")]
+    )
+    assert model_args.student_teacher_layers.startswith("0,2,4") and training_args.divergence == "jsd"
+    assert data_args.block_size == 512 and training_args.jsd_beta == 0.5
+    flags = run_args(lm_teacher_dir, text_files, tmp_path / "y")
+    config = {}
+    for i, flag in enumerate(flags):
+        if flag.startswith("--"):
+            value = flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("--") else "true"
+            try:
+                config[flag[2:]] = json.loads(value)  # numbers and booleans as JSON has them
+            except json.JSONDecodeError:
+                config[flag[2:]] = value
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    metrics = distill_lm.main([str(tmp_path / "run.json")])
+    assert metrics["eval_perplexity"] > 1 and (tmp_path / "y" / "eval_results.json").exists()
