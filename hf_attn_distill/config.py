@@ -205,12 +205,14 @@ class DistillConfig(TrainingArguments):
         hidden_include_embeddings (`bool`, *optional*, defaults to `True`):
             Also match the embedding outputs (TinyBERT's embedding-layer loss).
         relation_weight (`float`, *optional*, defaults to `0.0`):
-            Weight of the self-attention relation term `loss_relation` (MiniLM / MiniLMv2; encoder-only models);
+            Weight of the self-attention relation term `loss_relation` (MiniLM / MiniLMv2; encoder-only models, and
+            decoder-only LMs at their causal self-attention, with the queries and keys as rotated for attention);
             `0` turns it off. For each kind in `relation_kinds`, `KL(softmax(X_t X_t^T / sqrt(d_r)) ||
             softmax(X_s X_s^T / sqrt(d_r)))` per relation head and valid row, `X` the queries, keys or values of
             all heads concatenated and split into `relation_heads` heads of width `d_r`; the term is the mean over
             the kinds (MiniLMv2 sums its three, so `relation_weight=3` gives the paper's weighting). Works when the
-            student has another width and head count than the teacher.
+            student has another width and head count than the teacher, and across grouped-query attention (keys
+            and values have the key/value heads' width).
         relation_kinds (`str`, *optional*, defaults to `"qq,kk,vv"`):
             Relations transferred: MiniLMv2's `"qq,kk,vv"`, or MiniLM's value relation `"vv"`.
         relation_heads (`int` or `None`, *optional*, defaults to `None`):

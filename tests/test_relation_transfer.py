@@ -183,3 +183,50 @@ def test_relation_states_without_gradient_are_refused(tmp_path, tokenizer):
     batch = dict(DataCollatorWithPadding(tokenizer)([uneven_dataset()[i] for i in (0, 4)]))
     with pytest.raises(RuntimeError, match="relation_student_layer=1 carry no gradient"):
         trainer.compute_loss(student, batch)
+
+
+def test_relations_of_a_causal_lm_pair_with_other_query_and_key_value_heads(tmp_path):
+    """Llama teacher (4 query, 2 key/value heads) and student (2 query, 1 key/value head): MiniLMv2 relations of the
+    (rotated) queries, keys and values each attention layer hands its attention function, in 2 relation heads,
+    equal the reference computed from the layers' own projections and rotary embedding."""
+    from datasets import Dataset
+    from test_decoder_only import collate, llama, rows
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    teacher, student = llama(4, 4, 0), llama(2, 2, 1)
+    args = DistillConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        alpha_ce=0.0,
+        alpha_kd=0.0,
+        attention_weight=0.0,
+        relation_weight=1.0,
+        relation_heads=2,
+        relation_teacher_layer=2,
+    )
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows()))
+    batch = collate(rows()[:4])
+    with torch.no_grad():
+        loss = trainer.compute_loss(student.eval(), dict(batch))
+
+    def states(model, layer):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[layer]
+        attention = model.model.layers[layer].self_attn
+        x = model.model.layers[layer].input_layernorm(hidden)
+        positions = torch.arange(x.shape[1])[None]
+        cos, sin = model.model.rotary_emb(x, positions)
+        shape = (*x.shape[:2], -1, attention.head_dim)
+        q = attention.q_proj(x).view(shape).transpose(1, 2)
+        k = attention.k_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        v = attention.v_proj(x).view(shape).transpose(1, 2)
+        return [s.transpose(1, 2).reshape(*x.shape[:2], -1) for s in (q, k, v)]
+
+    with torch.no_grad():
+        t_states, s_states = states(teacher, 2), states(student, 1)
+    assert [s.shape[-1] for s in t_states] == [32, 16, 16] and [s.shape[-1] for s in s_states] == [32, 16, 16]
+    mask = batch["attention_mask"]
+    expected = [_reference_relation_kl(s, t, 2, mask) for s, t in zip(s_states, t_states)]
+    assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-4)

@@ -117,7 +117,7 @@ class RelationTransfer(Objective):
             return []
         if getattr(student.config, "is_encoder_decoder", False):
             raise ValueError(
-                "relation_weight > 0 is implemented for encoder-only models; set relation_weight=0 and "
+                "relation_weight > 0 is implemented for encoder-only and decoder-only models; set relation_weight=0 and "
                 "use attention transfer (layer_map, decoder_layer_map, cross_layer_map) for "
                 "encoder-decoders."
             )
@@ -128,7 +128,16 @@ class RelationTransfer(Objective):
                 "which reentrant checkpointing does not keep: use activation_checkpointing_kwargs "
                 "(gradient_checkpointing_kwargs on older transformers)={'use_reentrant': False}."
             )
-        s_mods, t_mods = find_attention_sites(student)["encoder"], find_attention_sites(teacher)["encoder"]
+        s_sites, t_sites = find_attention_sites(student), find_attention_sites(teacher)
+        # encoders: their self-attention; decoder-only LMs: their causal self-attention (a position's queries, keys
+        # and values depend on the past only, so relations over every pair of valid positions leak nothing)
+        site = "encoder" if "encoder" in s_sites else "decoder"
+        if site not in s_sites or site not in t_sites:
+            raise ValueError(
+                f"Relation transfer needs a self-attention site in both models; the student has {sorted(s_sites)}, "
+                f"the teacher {sorted(t_sites)}. Set relation_weight=0."
+            )
+        s_mods, t_mods = s_sites[site], t_sites[site]
         s_layer = _layer(args.relation_student_layer, len(s_mods), "relation_student_layer")
         t_layer = _layer(args.relation_teacher_layer, len(t_mods), "relation_teacher_layer")
         kinds = parse_relation_kinds(args.relation_kinds)
