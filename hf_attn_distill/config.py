@@ -251,7 +251,9 @@ class DistillConfig(TrainingArguments):
         teacher_logits_cache (`str` or `None`, *optional*, defaults to `None`):
             Folder for teacher logits computed once per training example and memory-mapped; later steps read them
             instead of running the teacher. Needs the teacher for logits alone (no attention site, `hidden_weight=0`,
-            `relation_weight=0`) and sequence-level logits. Rebuilt when the teacher or the training data change.
+            `relation_weight=0`) and sequence-level logits, or `teacher_logits_top_k` for causal LMs. Rebuilt when the
+            teacher or the training data change. Once built, a run may pass `teacher_model=None` (with
+            `eval_with_teacher=False`): the teacher is never loaded, the cache is checked against its training data.
         teacher_logits_cache_dtype (`str`, *optional*, defaults to `"float16"`):
             Storage dtype of the cache: `"float16"` (half the size) or `"float32"` (exact).
         teacher_logits_top_k (`int`, *optional*, defaults to `0`):

@@ -28,13 +28,19 @@ from hf_attn_distill.training.eval_order import InOrderEvaluationMixin
 from hf_attn_distill.training.nonfinite import NonFiniteWatch
 from hf_attn_distill.training.on_policy import is_on_policy_step, on_policy_batch
 from hf_attn_distill.training.pairing import (
+    check_cache_only,
     check_distillation_pair,
     check_same_tokenizer,
     load_teacher_tokenizer,
     resolve_teacher,
 )
 from hf_attn_distill.training.schedules import parse_schedules, scheduled_value
-from hf_attn_distill.training.teacher_cache import CACHE_INDEX_COLUMN, TeacherTopKCache, prepare_logits_cache
+from hf_attn_distill.training.teacher_cache import (
+    CACHE_INDEX_COLUMN,
+    TeacherTopKCache,
+    complete_cache_meta,
+    prepare_logits_cache,
+)
 from hf_attn_distill.utils.hardware import emulated_bf16_warning
 
 __all__ = ["DistillTrainer"]
@@ -63,7 +69,9 @@ class DistillTrainer(
 
     Args:
         model: the student (a ``PreTrainedModel``).
-        teacher_model: the teacher, or a Hub id / folder to load it from.
+        teacher_model: the teacher, or a Hub id / folder to load it from; ``None`` with a finished
+            ``teacher_logits_cache`` (built by a run with the teacher): training reads the teacher's outputs from
+            it and the teacher is never loaded (logit KD only, ``eval_with_teacher=False``).
         args: a :class:`DistillConfig`.
         **kwargs: everything else ``Trainer`` takes (datasets, ``processing_class``, callbacks, ...).
     """
@@ -91,11 +99,14 @@ class DistillTrainer(
             if teacher_tokenizer is not None:
                 check_same_tokenizer(teacher_tokenizer, tokenizer)
         teacher_model = resolve_teacher(model, teacher_model, args)
-        vocab_rows = check_distillation_pair(model, teacher_model, args, tokenizer)
-        if args.teacher_dtype != "auto":
-            teacher_model = teacher_model.to(getattr(torch, args.teacher_dtype))
         self.capture = Capture()
-        self.capture.freeze(teacher_model)
+        if teacher_model is None:  # its outputs come from a finished teacher-logit cache alone
+            vocab_rows = check_cache_only(model, args, tokenizer)
+        else:
+            vocab_rows = check_distillation_pair(model, teacher_model, args, tokenizer)
+            if args.teacher_dtype != "auto":
+                teacher_model = teacher_model.to(getattr(torch, args.teacher_dtype))
+            self.capture.freeze(teacher_model)
         # before super(): the optimizer and DDP must see what objectives attach to the student
         self.objectives = build_objectives(model, teacher_model, args, self.capture, self.objective_classes)
         self.vocab_rows_note = None  # what the card says about a padded vocabulary, when KD compares part of it
@@ -104,8 +115,11 @@ class DistillTrainer(
                 if isinstance(objective, LogitKD):
                     objective.vocab_rows = vocab_rows
             sizes = [
-                getattr(getattr(m.config, "decoder", m.config), "vocab_size", None) for m in (teacher_model, model)
+                getattr(getattr(m.config, "decoder", m.config), "vocab_size", None) if m is not None else None
+                for m in (teacher_model, model)
             ]
+            if teacher_model is None:
+                sizes[0] = complete_cache_meta(args.teacher_logits_cache).get("vocab")
             self.vocab_rows_note = (
                 f"rows 0-{vocab_rows - 1} (the tokenizer's {vocab_rows} tokens) of the teacher's {sizes[0]} and the "
                 f"student's {sizes[1]}; the rest is embedding padding no token id reaches"
@@ -120,16 +134,20 @@ class DistillTrainer(
             # transformers' behaviour, except that a non-finite step shows as nan in the logged loss, never as 0
             args = copy.copy(args)
             args.logging_nan_inf_filter = False
-        self.nonfinite = NonFiniteWatch(next(teacher_model.parameters()).dtype) if args.nonfinite_check else None
-        forward_params = inspect.signature(teacher_model.forward).parameters
+        reference = teacher_model if teacher_model is not None else model
+        self.nonfinite = NonFiniteWatch(next(reference.parameters()).dtype) if args.nonfinite_check else None
+        forward_params = inspect.signature(reference.forward).parameters
         self.teacher_input_names = {
             n for n, p in forward_params.items() if p.kind is not p.VAR_KEYWORD and n not in LABEL_KEYS
         }
-        self._position_limits = position_limits(model, teacher_model)
+        self._position_limits = position_limits(*(m for m in (model, teacher_model) if m is not None))
         super().__init__(model=model, args=args, **kwargs)
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
             raise ValueError("train_dataset is empty: there is nothing to train on. Pass a dataset with examples.")
-        self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args)  # see distributed.py
+        # see distributed.py; None: the teacher's outputs come from its cache alone
+        self.teacher_model = (
+            prepare_teacher(teacher_model, self.accelerator, args) if teacher_model is not None else None
+        )
         warning = emulated_bf16_warning(args, self.accelerator.device)
         if warning:
             logger.warning(warning)
@@ -223,6 +241,12 @@ class DistillTrainer(
         return (loss, strip_outputs(step.outputs)) if return_outputs else loss
 
     def _teacher_forward(self, step: Step, cache_index):
+        if self.teacher_model is None and (self.teacher_logits_cache is None or cache_index is None):
+            raise ValueError(
+                "This trainer has no teacher in memory (teacher_model=None: its outputs come from "
+                "teacher_logits_cache), but this batch has no teacher_cache_index column to read them by: train on "
+                "the trainer's train_dataset, and evaluate with eval_with_teacher=False."
+            )
         if self.teacher_logits_cache is not None and cache_index is not None:
             if isinstance(self.teacher_logits_cache, TeacherTopKCache):
                 ids, log_probs = self.teacher_logits_cache.lookup(cache_index, step.inputs["attention_mask"])

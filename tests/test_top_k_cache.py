@@ -125,3 +125,36 @@ def test_top_k_settings_are_checked_naming_the_fix(tmp_path):
         DistillConfig(**base, teacher_logits_cache="c", teacher_logits_top_k=8, schedules="temperature=linear:1.0")
     with pytest.raises(ValueError, match="teacher_logits_tail must be one of"):
         DistillConfig(**base, teacher_logits_cache="c", teacher_logits_top_k=8, teacher_logits_tail="spread")
+
+
+def test_a_finished_cache_trains_without_the_teacher_in_memory(tmp_path):
+    """A run with teacher_model=None reads the cache a run with the teacher built: the same update; without a
+    finished cache, or asked to evaluate with the teacher, or on other data, it is refused naming the fix."""
+    from datasets import Dataset
+    from test_decoder_only import FAMILIES, InOrderTrainer
+
+    with_teacher = cached(tmp_path, "shared", 16, eval_with_teacher=False)
+    first_delta, first_log = update(with_teacher)  # builds the cache, then trains from it
+    args = with_teacher.args
+    student = FAMILIES["llama"](2, 2, 1)
+    alone = InOrderTrainer(
+        model=student, teacher_model=None, args=args, train_dataset=Dataset.from_list(rows()), data_collator=collate
+    )
+    assert alone.teacher_model is None
+    delta, log = update(alone)
+    for key, value in first_delta.items():
+        torch.testing.assert_close(delta[key], value, rtol=1e-5, atol=1e-7, msg=key)
+    assert log["loss_kd"] == pytest.approx(first_log["loss_kd"], rel=1e-6)
+    alone.create_model_card(model_name="cached")
+    from pathlib import Path
+
+    card = (Path(alone.args.output_dir) / "README.md").read_text()
+    params = sum(p.numel() for p in with_teacher.teacher_model.parameters())
+    assert f"{params / 1e6:.1f}M" in card and str(tmp_path) not in card  # the teacher as the cache records it
+    build = dict(model=FAMILIES["llama"](2, 2, 1), teacher_model=None, data_collator=collate)
+    with pytest.raises(ValueError, match="eval_with_teacher=False"):
+        InOrderTrainer(**build, args=DistillConfig(**{**args.to_dict(), "eval_with_teacher": True}))
+    with pytest.raises(ValueError, match="teacher_model is required.*finished teacher_logits_cache"):
+        InOrderTrainer(**build, args=DistillConfig(**{**args.to_dict(), "teacher_logits_cache": str(tmp_path / "x")}))
+    with pytest.raises(ValueError, match="built for other data or settings"):
+        InOrderTrainer(**build, args=args, train_dataset=Dataset.from_list(rows()[:5]))

@@ -144,7 +144,7 @@ class CardInfo:
     eval_split: str
     method: str
     student_params: int
-    teacher_params: int
+    teacher_params: int | None
     student_layers: str
     metrics: dict[str, float] = field(default_factory=dict)
     teacher_metrics: dict[str, float] = field(default_factory=dict)
@@ -266,7 +266,7 @@ def build_model_card(info: CardInfo, template: str | Path | None = None) -> Mode
         metric_names=names,
         rows=rows,
         teacher_name=public_model_name(info.teacher),
-        compression=info.teacher_params / max(info.student_params, 1),
+        compression=info.teacher_params / max(info.student_params, 1) if info.teacher_params else None,
         speedup=speedup,
         settings=[(k, _fmt(v)) for k, v in info.settings.items()],
         citations=[CITATIONS[c] for c in info.citations],
@@ -374,7 +374,14 @@ def trainer_card_info(trainer, **fields) -> CardInfo:
     evals = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
     metrics, _ = card_metrics(evals[-1] if evals else {}, "eval")
     teacher = trainer.teacher_model
-    teacher_name = getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__
+    if teacher is None:  # its outputs came from a cache: named and counted as the cache records it
+        from hf_attn_distill.training.teacher_cache import complete_cache_meta
+
+        recorded = complete_cache_meta(trainer.args.teacher_logits_cache) or {}
+        teacher_name, teacher_params = recorded.get("teacher") or "cached teacher", recorded.get("teacher_params")
+    else:
+        teacher_name = getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__
+        teacher_params = count_parameters(teacher)
     args = trainer.args
     defaults = {
         "model_name": args.hub_model_id or Path(args.output_dir).name,
@@ -385,7 +392,7 @@ def trainer_card_info(trainer, **fields) -> CardInfo:
         "eval_split": "evaluation set",
         "method": distillation_method(args),
         "student_params": count_parameters(student),
-        "teacher_params": count_parameters(teacher),
+        "teacher_params": teacher_params,
         "student_layers": describe_layers(student),
         "metrics": metrics,
         "settings": distillation_settings(args),

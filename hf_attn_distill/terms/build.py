@@ -34,6 +34,13 @@ def build_objectives(
     not have (a term registered from outside with a config of its own) is left out."""
     classes = registered_classes() if classes is None else classes
     usable = [cls for cls in classes if all(hasattr(args, spec.weight_field) for spec in getattr(cls, "specs", ()))]
+    if teacher is None:  # the teacher's outputs come from its cache: only terms that need no more than its logits
+        usable = [
+            cls
+            for cls in usable
+            if all(not s.needs_teacher or s.logits_only or not s.is_on(args) for s in cls.specs)
+            and any(not s.needs_teacher or s.is_on(args) for s in cls.specs)
+        ]
     objectives = [objective for cls in usable for objective in cls.build(student, teacher, args, capture)]
     names = [o.name for o in objectives]
     if len(set(names)) != len(names):

@@ -174,7 +174,7 @@ class LMHeadPass:
         if self._step is step:
             return self._sums
         hidden = self.student_tap.take("student")
-        cached = top_k_teacher(step.teacher_outputs) if self.teacher_tap is not None else None
+        cached = top_k_teacher(step.teacher_outputs)
         teacher_hidden = None
         if self.teacher_tap is not None and cached is None:
             teacher_hidden = self.teacher_tap.take("teacher")
@@ -250,7 +250,7 @@ def lm_head_pass(student: nn.Module, teacher: nn.Module | None, args: Any, captu
         return None
     if "lm_head_pass" in capture.shared:
         return capture.shared["lm_head_pass"]
-    uses_teacher = teacher is not None and args.alpha_kd > 0
+    uses_teacher = teacher is not None and args.alpha_kd > 0  # None: its outputs come from a top-k cache
     reasons = [r for r in (head_refusal(student), head_refusal(teacher) if uses_teacher else None) if r]
     if reasons:
         logger.warning(

@@ -28,6 +28,8 @@ def teacher_label_order(student: PreTrainedModel, teacher: PreTrainedModel) -> l
     Models name their labels in ``config.id2label``. Default names (``LABEL_0``...) or identical maps need no
     reordering; the same names in another order are remapped; different names raise.
     """
+    if teacher is None:  # outputs from a cache: the label order was checked when it was built
+        return None
     s_map, t_map = getattr(student.config, "id2label", None), getattr(teacher.config, "id2label", None)
     if not s_map or not t_map or len(s_map) != len(t_map):
         return None
@@ -183,11 +185,13 @@ class LogitKD(Objective):
     def start_teacher(self, inputs: Mapping[str, Any]) -> None:
         if self.head_pass is not None:
             self.head_pass.vocab_rows = self.vocab_rows
-            self.head_pass.teacher_tap.arm()
+            if self.head_pass.teacher_tap is not None:
+                self.head_pass.teacher_tap.arm()
 
     def loss(self, step: Step) -> torch.Tensor:
         outputs, teacher_outputs, inputs = step.outputs, step.teacher_outputs, step.inputs
         if self.head_pass is not None:
+            self.head_pass.vocab_rows = self.vocab_rows
             _, kd = self.head_pass.sums(step)
             return kd / self.count(inputs).clamp_min(1)
         temperature = step.value("temperature")

@@ -10,6 +10,7 @@ from transformers import AutoConfig, PreTrainedModel
 from hf_attn_distill.config import DistillConfig
 from hf_attn_distill.terms.attention import check_attention_sites
 from hf_attn_distill.terms.logit import teacher_label_order
+from hf_attn_distill.training.teacher_cache import complete_cache_meta
 
 __all__ = [
     "check_distillation_pair",
@@ -50,7 +51,7 @@ def load_teacher(name_or_path: str, init_kwargs: dict | None = None) -> PreTrain
     return model_class.from_pretrained(name_or_path, **kwargs)
 
 
-def resolve_teacher(model, teacher_model, args) -> PreTrainedModel:
+def resolve_teacher(model, teacher_model, args) -> PreTrainedModel | None:
     """The teacher ``DistillTrainer(model=..., teacher_model=..., args=...)`` means, loaded when given as a Hub id
     or folder; raises naming the fix for arguments of the wrong kind."""
     if not isinstance(args, DistillConfig):
@@ -58,7 +59,12 @@ def resolve_teacher(model, teacher_model, args) -> PreTrainedModel:
     if not isinstance(model, PreTrainedModel):
         raise TypeError("model must be the student, a transformers PreTrainedModel (model_init is not supported).")
     if teacher_model is None:
-        raise ValueError("teacher_model is required: a PreTrainedModel, a Hub id or a folder.")
+        if complete_cache_meta(getattr(args, "teacher_logits_cache", None)) is not None:
+            return None  # its outputs come from the cache alone
+        raise ValueError(
+            "teacher_model is required: a PreTrainedModel, a Hub id or a folder (or None with a finished "
+            "teacher_logits_cache, built once by a run with the teacher)."
+        )
     if isinstance(teacher_model, str):
         teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
     if teacher_model is model:
@@ -126,6 +132,29 @@ def shared_vocab_rows(student: PreTrainedModel, teacher: PreTrainedModel, tokeni
         "token ids: build the student from the teacher (student_from_config / student_from_teacher_layers) or use a "
         "student trained with the teacher's tokenizer."
     )
+
+
+def check_cache_only(student: PreTrainedModel, args, tokenizer=None) -> int | None:
+    """Check a run whose teacher's outputs come from a finished ``teacher_logits_cache`` alone (``teacher_model=None``):
+    evaluation cannot run the teacher, and the cached vocabulary must be the student's (or, padded differently
+    around one tokenizer, compared over the tokenizer's rows, which are returned; ``None``: all)."""
+    if args.eval_with_teacher:
+        raise ValueError(
+            "teacher_model=None (the teacher's outputs from teacher_logits_cache): evaluation cannot run the teacher, "
+            "set eval_with_teacher=False."
+        )
+    meta = complete_cache_meta(args.teacher_logits_cache) or {}
+    vocab = meta.get("vocab")
+    student_vocab = getattr(student.config, "vocab_size", None)
+    if vocab is None or vocab == student_vocab:
+        return None
+    rows = len(tokenizer) if tokenizer is not None else None
+    if rows is None or rows > min(vocab, student_vocab or 0):
+        raise ValueError(
+            f"The cached teacher has {vocab} vocabulary rows, the student {student_vocab}: give the tokenizer both "
+            "share (processing_class) so that its rows are compared, or use a student of the teacher's vocabulary."
+        )
+    return rows
 
 
 def check_distillation_pair(student: PreTrainedModel, teacher: PreTrainedModel, args, tokenizer=None) -> int | None:

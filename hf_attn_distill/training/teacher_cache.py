@@ -25,6 +25,7 @@ from transformers.utils.logging import tqdm
 
 __all__ = [
     "CACHE_INDEX_COLUMN",
+    "complete_cache_meta",
     "TeacherLogitsCache",
     "TeacherTopKCache",
     "prepare_logits_cache",
@@ -43,6 +44,15 @@ def weights_checksum(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def complete_cache_meta(folder: str | Path | None) -> dict | None:
+    """What a finished teacher-output cache in ``folder`` records (its key), or ``None`` when there is none."""
+    meta = Path(folder) / "meta.json" if folder else None
+    if meta is None or not meta.exists():
+        return None
+    recorded = json.loads(meta.read_text())
+    return recorded if recorded.get("complete") else None
 
 
 class TeacherLogitsCache:
@@ -233,6 +243,8 @@ def prepare_logits_cache(trainer) -> TeacherLogitsCache | TeacherTopKCache:
     dataset, args, teacher = trainer.train_dataset, trainer.args, trainer.teacher_model
     if not isinstance(dataset, datasets.Dataset):
         raise ValueError("teacher_logits_cache needs train_dataset to be a datasets.Dataset (rows are keyed by index).")
+    if teacher is None:
+        return _cache_without_teacher(trainer, dataset)
     if "start_positions" in inspect.signature(teacher.forward).parameters:
         raise ValueError(
             "teacher_logits_cache stores one sequence-level `logits` vector per example; a question-answering "
@@ -241,6 +253,7 @@ def prepare_logits_cache(trainer) -> TeacherLogitsCache | TeacherTopKCache:
     key = {
         "teacher": str(getattr(teacher.config, "_name_or_path", "")),
         "teacher_weights_checksum": weights_checksum(teacher),
+        "teacher_params": sum(p.numel() for p in {id(p): p for p in teacher.parameters()}.values()),
         "dataset_fingerprint": dataset._fingerprint,
         "num_examples": len(dataset),
         "dtype": args.teacher_logits_cache_dtype,
@@ -286,7 +299,7 @@ def _prepare_top_k(trainer, dataset, key: dict) -> TeacherTopKCache:
     k = args.teacher_logits_top_k
     if k > vocab:
         raise ValueError(f"teacher_logits_top_k={k} is more than the teacher's {vocab} tokens.")
-    key = {**key, "top_k": k, "temperature": args.temperature}
+    key = {**key, "top_k": k, "temperature": args.temperature, "vocab": vocab}
     cache = TeacherTopKCache(args.teacher_logits_cache, key)
     if not cache.is_complete and trainer.is_world_process_zero():
         data = trainer._remove_unused_columns(dataset, description="teacher cache")
@@ -321,3 +334,35 @@ def _prepare_top_k(trainer, dataset, key: dict) -> TeacherTopKCache:
             tap.remove()
     trainer.accelerator.wait_for_everyone()
     return cache
+
+
+def _cache_without_teacher(trainer, dataset) -> TeacherLogitsCache | TeacherTopKCache:
+    """The cache a run without the teacher in memory reads: the one in ``teacher_logits_cache``, taken as its key
+    says it was built (by a run with the teacher), once it is checked to hold this training set with these
+    settings."""
+    args = trainer.args
+    meta = complete_cache_meta(args.teacher_logits_cache) or {}
+    wanted = {
+        "dataset_fingerprint": dataset._fingerprint,
+        "num_examples": len(dataset),
+        "dtype": args.teacher_logits_cache_dtype,
+        **({"top_k": args.teacher_logits_top_k, "temperature": args.temperature} if args.teacher_logits_top_k else {}),
+    }
+    differ = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
+    if differ:
+        raise ValueError(
+            f"The teacher-output cache in {args.teacher_logits_cache} was built for other data or settings "
+            f"(recorded vs this run: {differ}); without the teacher it cannot be rebuilt: pass teacher_model to "
+            "build it for this run."
+        )
+    if CACHE_INDEX_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(CACHE_INDEX_COLUMN, list(range(len(dataset))))
+    trainer.train_dataset = dataset
+    if not isinstance(trainer.data_collator, IndexCarryingCollator):
+        trainer.data_collator = IndexCarryingCollator(trainer.data_collator)
+    key = {k: v for k, v in meta.items() if k != "complete"}
+    return (
+        TeacherTopKCache(args.teacher_logits_cache, key)
+        if "top_k" in meta
+        else TeacherLogitsCache(args.teacher_logits_cache, key)
+    )
