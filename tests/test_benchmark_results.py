@@ -916,4 +916,6 @@ def test_lm_memory_runs_every_method_and_they_agree(tmp_path):
     losses = [rows[m]["loss"] for m in ("naive", "token_kd", "chunked")]
     assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]) and losses[0] > 0
     assert "skipped" in rows["liger"] or rows["liger"]["loss"] == pytest.approx(losses[0], rel=1e-4)
+    assert rows["chunked_ce_kd"]["loss"] == pytest.approx(rows["naive_ce_kd"]["loss"], rel=1e-5)
+    assert rows["naive_ce_kd"]["loss"] > 0.5 * losses[0]  # the cross-entropy is in it
     assert "| 300 | chunked |" in (tmp_path / "lm.md").read_text()

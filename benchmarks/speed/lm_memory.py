@@ -10,7 +10,10 @@ One forward + backward of the forward-KL term (T = 2) between a student and a te
 - ``chunked``: :func:`~hf_attn_distill.chunked_lm_divergence`, a chunk of tokens at a time through both heads,
   forward and backward: no ``[tokens, vocab]`` tensor;
 - ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (``beta=0``: forward KL) where it installs and runs (it is
-  written in Triton; on a CPU it does not run, and the row says why).
+  written in Triton; on a CPU it does not run, and the row says why);
+- ``naive_ce_kd`` and ``chunked_ce_kd``: what the trainer computes for a causal LM, ``0.5 * CE + 0.5 * KD``, from the
+  full logits, and fused a chunk at a time by :func:`~hf_attn_distill.terms.divergences.lm_head_losses` (one pass
+  over the student's head for both terms).
 
 Reported: the peak RSS above what was resident once the hidden states and heads existed (Linux VmHWM, reset first),
 the median time of ``--repeats`` steps after one warm-up, and the loss (equal across methods). Defaults: 4 x 1,024
@@ -29,14 +32,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("naive", "token_kd", "chunked", "liger")
+METHODS = ("naive", "token_kd", "chunked", "liger", "naive_ce_kd", "chunked_ce_kd")
 
 
 def worker(spec: dict) -> dict:
     import torch
+    import torch.nn.functional as F
 
     from benchmarks.speed.step import proc_status_mb, reset_peak_rss
     from hf_attn_distill import chunked_lm_divergence, token_divergence
+    from hf_attn_distill.terms.divergences import LMHeadSettings, lm_head_losses
     from hf_attn_distill.terms.token_kd import token_kd_loss
 
     torch.manual_seed(0)
@@ -45,6 +50,7 @@ def worker(spec: dict) -> dict:
     t_head = torch.nn.Linear(spec["teacher_hidden"], spec["vocab"], bias=False).requires_grad_(False)
     s_hidden = torch.randn(tokens, spec["student_hidden"], requires_grad=True)
     t_hidden = torch.randn(tokens, spec["teacher_hidden"])
+    targets = torch.randint(0, spec["vocab"], (tokens,))
     method = spec["method"]
     if method == "liger":
         try:
@@ -58,6 +64,14 @@ def worker(spec: dict) -> dict:
         s_head.weight.grad = None
         if method == "chunked":
             loss = chunked_lm_divergence(s_hidden, s_head, t_hidden, t_head, None, "forward_kl", temperature=2.0)
+        elif method == "chunked_ce_kd":
+            settings = LMHeadSettings("forward_kl", 2.0, ce_weight=0.5, kd_weight=0.5)
+            ce, kd = lm_head_losses(s_hidden, s_head, t_hidden, t_head, targets, settings)
+            loss = (0.5 * ce + 0.5 * kd) / tokens
+        elif method == "naive_ce_kd":
+            s_logits, t_logits = s_head(s_hidden), t_head(t_hidden)
+            kd = token_divergence(s_logits, t_logits, "forward_kl", temperature=2.0).mean() * 4.0
+            loss = 0.5 * F.cross_entropy(s_logits.float(), targets) + 0.5 * kd
         elif method == "liger":
             loss = liger(s_hidden, s_head.weight, t_hidden, t_head.weight)
         else:
@@ -89,7 +103,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"Machine: {result['machine']}",
         "",
-        f"Forward KL (T = 2) forward + backward, {result['batch']} x {result['tokens']} tokens, student width "
+        f"Forward KL (T = 2; `*_ce_kd`: 0.5 CE + 0.5 KL) forward + backward, {result['batch']} x {result['tokens']} tokens, student width "
         f"{result['student_hidden']}, teacher width {result['teacher_hidden']}; peak memory above the hidden states and "
         f"heads; median of {result['repeats']} steps after one.",
         "",
