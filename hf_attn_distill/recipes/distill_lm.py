@@ -182,6 +182,12 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     vocab_rows = len(tokenizer) if len(sizes) > 1 else None
 
     def perplexities() -> dict:
+        if common.is_sharded(trainer):  # a sharded model's forward needs every process: the trainer's terms only
+            logger.warning(
+                "The models are sharded: eval_perplexity and the teacher comparisons are not measured; the "
+                "student's perplexity is exp(eval_loss_ce)."
+            )
+            return {}
         loader = DataLoader(held_out, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator)
         return lm_metrics(model, measured_teacher, loader, vocab_rows, max(1, training_args.lm_chunk_tokens or 1024))
 
