@@ -9,7 +9,7 @@ Examples::
         --block_size 512 --divergence jsd --jsd_beta 0.5 --output_dir out/student --do_train --do_eval
 
     # the same as one command, or from a YAML/JSON file of the same arguments
-    hf-attn-distill lm recipes/configs/lm_student.yaml
+    hf-attn-distill lm my_lm_student.yaml
 
 Data (``--train_file``/``--validation_file``): plain text (``.txt``, packed into ``--block_size`` blocks), or JSON
 lines with a ``text`` field (packed), ``prompt``/``completion`` fields or a chat ``messages`` list (one example per
