@@ -111,8 +111,10 @@ def claims() -> str:
             lines.append(f"{row['task']}: not measured yet.")
         else:
             verdict = "meets" if row["met"] else "misses"
+            seeds = row.get("seeds") or 0
+            so_far = f" on {seeds} seed{'s' if seeds > 1 else ''} so far" if 0 < seeds < 3 else ""
             lines.append(
-                f"{row['task']}: `{row['best']}` {verdict} {row['claim']} ({row['gain_percent']:+.1f}% relative, "
+                f"{row['task']}: `{row['best']}` {verdict} {row['claim']}{so_far} ({row['gain_percent']:+.1f}% relative, "
                 f"{row['gain_points']:+.2f} points; teacher: {row['meaningful']})."
             )
     return claims_module.table(results) + "\n" + " ".join(lines) + "\n"

@@ -58,6 +58,7 @@ def claim_rows(results: dict[str, dict]) -> list[dict]:
                 "task": task,
                 "claim": words,
                 "best": best,
+                "seeds": min(len(students[n].get("seeds", [])) for n in (best, "finetune")),
                 "gain_points": gain,
                 "gain_percent": relative,
                 "met": relative >= claimed,
@@ -76,9 +77,13 @@ def table(results: dict[str, dict]) -> str:
         if r["best"] is None:
             lines.append(f"| {r['task']} | {r['claim']} | not measured yet (rows so far: {r['rows_so_far']}) | | | | |")
             continue
+        seeds = r.get("seeds") or 0
+        verdict = ("yes" if r["met"] else "no") + (
+            f" ({seeds} seed{'s' if seeds > 1 else ''}: provisional)" if 0 < seeds < 3 else ""
+        )
         lines.append(
             f"| {r['task']} | {r['claim']} | `{r['best']}` | {r['gain_points']:+.2f} | {r['gain_percent']:+.1f}% | "
-            f"{'yes' if r['met'] else 'no'} | {r['meaningful']} |"
+            f"{verdict} | {r['meaningful']} |"
         )
     return "\n".join(lines) + "\n"
 
