@@ -153,11 +153,13 @@ class DistillConfig(TrainingArguments):
         on_policy_temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature of the student's on-policy completions.
         chunked_lm_loss (`bool`, *optional*, defaults to `True`):
-            Causal LMs: compute the hard-label loss and logit KD from the last hidden states through both output
-            heads, `lm_chunk_tokens` tokens at a time in forward and backward, so neither model's
-            `[tokens, vocab]` logits exist (the heads then return the last position's logits only). Models whose
-            logits are not a plain linear head (logit soft-capping, a logit scale) and the teacher-logit cache use
-            the full logits. Same values and gradients as the full logits.
+            Causal LMs and encoder-decoders whose logits are a plain linear head of the decoder's last hidden states
+            (T5, `EncoderDecoderModel`): compute the hard-label loss and token-level logit KD from those hidden
+            states through both output heads, `lm_chunk_tokens` tokens at a time in forward and backward, so
+            neither model's `[tokens, vocab]` logits exist (the heads then return the last position's logits
+            only). Models that transform the head's output (logit soft-capping, a logit scale, BART's and Marian's
+            `final_logits_bias`) and a teacher-logit cache of whole logits use the full logits. Same values and
+            gradients as the full logits.
         lm_chunk_tokens (`int`, *optional*, defaults to `0`):
             Tokens per chunk of the chunked LM loss; `0` picks them from the vocabulary size (about 4M logits,
             16 MB of float32, per chunk).
@@ -313,8 +315,8 @@ class DistillConfig(TrainingArguments):
     chunked_lm_loss: bool = field(
         default=True,
         metadata={
-            "help": "Causal LMs: compute loss_ce and loss_kd from the last hidden states a chunk of tokens at a "
-            "time, so [tokens, vocab] logits never exist (same values and gradients)."
+            "help": "Causal LMs and encoder-decoders with a linear head: compute loss_ce and loss_kd from the last "
+            "hidden states a chunk of tokens at a time, so [tokens, vocab] logits never exist (same values)."
         },
     )
     lm_chunk_tokens: int = field(

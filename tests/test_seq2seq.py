@@ -564,3 +564,41 @@ def test_sequence_kd_generation_stopped_midway_resumes_where_it_stopped(tmp_path
     )
     assert len(calls) == 2 and got["labels"] == want["labels"]  # the two batches left, nothing redone
     assert not (tmp_path / "cut" / "partial.json.gz").exists()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_chunked_decoder_loss_trains_as_the_full_logits(family, tmp_path):
+    """Encoder-decoders with a plain linear head (T5, EncoderDecoderModel) compute loss_ce and token KD from the
+    decoder's last hidden states a chunk at a time, with the same update as their full logits; BART and Marian add
+    final_logits_bias after the head and keep the full logits."""
+
+    def one_update(chunked):
+        trainer = make_trainer(
+            family,
+            tmp_path / f"{family}-{chunked}",
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            max_grad_norm=0,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            chunked_lm_loss=chunked,
+            lm_chunk_tokens=3,
+        )
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        start = copy.deepcopy(trainer.model.state_dict())
+        trainer.train()
+        log = next(e for e in trainer.state.log_history if "loss" in e)
+        head_pass = trainer.objective("loss_kd").head_pass
+        return {k: v - start[k] for k, v in trainer.model.state_dict().items()}, log, head_pass
+
+    (got, got_log, head_pass), (want, want_log, _) = one_update(True), one_update(False)
+    assert (head_pass is not None) == (family in ("t5", "bert2bert"))
+    largest = max(d.abs().max().item() for d in want.values())
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-4 * largest, rtol=1e-4, msg=key)
+    # the KL of two random models (~1e-2) is a sum of differences of log-probabilities: its float32 rounding is
+    # absolute (~1e-7), not relative to its value
+    for key in ("loss", "loss_ce", "loss_kd"):
+        assert got_log[key] == pytest.approx(want_log[key], rel=1e-5, abs=1e-6), key

@@ -24,6 +24,8 @@ from hf_attn_distill.terms.divergences import LMHeadSettings, lm_head_losses
 
 __all__ = [
     "CAUSAL_LM_SUFFIXES",
+    "is_seq2seq_lm",
+    "label_mask",
     "TOP_K_IDS",
     "TOP_K_LOG_PROBS",
     "HeadTap",
@@ -56,6 +58,25 @@ def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` is a decoder-only LM whose loss predicts token ``t + 1`` at position ``t``."""
     config = getattr(model, "config", None)
     return not getattr(config, "is_encoder_decoder", False) and type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)
+
+
+def is_seq2seq_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder with a generation head: its decoder position ``t`` predicts label
+    ``t`` (the decoder inputs are the labels shifted right)."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return bool(getattr(config, "is_encoder_decoder", False)) and head is not None
+
+
+def label_mask(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """``[B, T]`` bool of an encoder-decoder's decoder positions that count (label ``!= -100``, else not decoder
+    padding); ``None`` when every position counts."""
+    labels, attention = inputs.get("labels"), inputs.get("decoder_attention_mask")
+    if torch.is_tensor(labels) and labels.dim() == 2:
+        return labels.ne(-100)
+    if torch.is_tensor(attention) and attention.dim() == 2:
+        return attention.bool()
+    return None
 
 
 def next_token_mask(inputs: dict[str, Any]) -> torch.Tensor | None:
@@ -121,6 +142,8 @@ def head_refusal(model: nn.Module) -> str | None:
         value = getattr(config, name, None)
         if value not in (None, 0, 1, 1.0):
             return f"{type(model).__name__} transforms its head's output ({name}={value})"
+    if getattr(model, "final_logits_bias", None) is not None:  # BART, Marian, Pegasus: a bias added after the head
+        return f"{type(model).__name__} adds final_logits_bias to its head's output"
     return None
 
 
@@ -159,6 +182,8 @@ class LMHeadPass:
         self.student_tap = HeadTap(student.get_output_embeddings())
         self.teacher_tap = HeadTap(teacher.get_output_embeddings()) if teacher is not None else None
         self.args = args
+        self.shifted = is_causal_lm(student)  # position t predicts token t + 1 (else label t: encoder-decoders)
+        self.rows: torch.Tensor | None = None  # how many positions this step's sums are over
         self.vocab_rows: int | None = None  # set by loss_kd: the rows of a padded vocabulary that are compared
         self.checked: set[str] = set()  # the models whose head was checked (at their first step)
         self._step = None
@@ -191,12 +216,16 @@ class LMHeadPass:
         if teacher_hidden is not None and "teacher" not in self.checked:
             self._check(teacher_hidden, step.teacher_outputs, "teacher", self.teacher_tap.head)
             self.checked.add("teacher")
-        mask = next_token_mask(step.inputs)
         labels = step.inputs.get("labels")
-        rows = hidden[:, :-1]
-        targets = labels[:, 1:] if torch.is_tensor(labels) and labels.dim() == 2 else None
+        targets = labels if torch.is_tensor(labels) and labels.dim() == 2 else None
         teachers = [teacher_hidden] if cached is None else list(cached)
-        teachers = [None if t is None else t[:, :-1] for t in teachers]
+        rows = hidden
+        if self.shifted:
+            mask = next_token_mask(step.inputs)
+            rows, targets = rows[:, :-1], None if targets is None else targets[:, 1:]
+            teachers = [None if t is None else t[:, :-1] for t in teachers]
+        else:
+            mask = label_mask(step.inputs)
         if mask is not None:
             rows, teachers = rows[mask], [None if t is None else t[mask] for t in teachers]
             targets = None if targets is None else targets[mask]
@@ -205,6 +234,7 @@ class LMHeadPass:
             teachers = [None if t is None else t.reshape(-1, t.shape[-1]) for t in teachers]
             targets = None if targets is None else targets.reshape(-1)
         t_rows = teachers[0] if cached is None else tuple(teachers)
+        self.rows = torch.tensor(rows.shape[0], device=rows.device)
         args = self.args
         settings = LMHeadSettings(
             divergence=args.divergence,
@@ -237,14 +267,14 @@ class LMHeadPass:
             )
 
     def stop(self) -> None:
-        self._step, self._sums = None, (None, None)
+        self._step, self._sums, self.rows = None, (None, None), None
 
 
 def lm_head_pass(student: nn.Module, teacher: nn.Module | None, args: Any, capture) -> LMHeadPass | None:
     """The trainer's shared :class:`LMHeadPass` (built once, its taps kept by ``capture``), or ``None`` when the
     pair trains on full logits: not a causal LM, ``chunked_lm_loss=False``, the teacher-logit cache, or a head that
     is more than a linear layer (said in a warning)."""
-    if not is_causal_lm(student) or not getattr(args, "chunked_lm_loss", False):
+    if not (is_causal_lm(student) or is_seq2seq_lm(student)) or not getattr(args, "chunked_lm_loss", False):
         return None
     if args.teacher_logits_cache and not getattr(args, "teacher_logits_top_k", 0):
         return None

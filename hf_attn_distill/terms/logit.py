@@ -12,7 +12,14 @@ from hf_attn_distill.attention.capture import Capture
 from hf_attn_distill.losses import logit_kd_loss
 from hf_attn_distill.terms.base import ON_POLICY_COLUMN, Objective, Step, label_items
 from hf_attn_distill.terms.divergences import token_divergence, top_k_forward_kl
-from hf_attn_distill.terms.lm_head import LMHeadPass, is_causal_lm, lm_head_pass, next_token_mask, top_k_teacher
+from hf_attn_distill.terms.lm_head import (
+    LMHeadPass,
+    is_causal_lm,
+    is_seq2seq_lm,
+    lm_head_pass,
+    next_token_mask,
+    top_k_teacher,
+)
 from hf_attn_distill.terms.registry import TermSpec
 from hf_attn_distill.terms.token_kd import token_kd_loss
 
@@ -75,7 +82,7 @@ class HardLabelLoss(Objective):
         ):
             classes = None
         shifted = is_causal_lm(student)
-        head_pass = lm_head_pass(student, teacher, args, capture) if shifted else None
+        head_pass = lm_head_pass(student, teacher, args, capture) if shifted or is_seq2seq_lm(student) else None
         return [cls(args.alpha_ce, classes, shifted, head_pass)]  # logged even at weight 0, when the batch has labels
 
     def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +111,7 @@ class HardLabelLoss(Objective):
             return None
         if self.head_pass is not None and torch.is_tensor(step.inputs.get("labels")):
             ce, _ = self.head_pass.sums(step)
-            return ce / self.count(step.inputs).clamp_min(1)
+            return ce / self.head_pass.rows.clamp_min(1)
         loss = step.outputs.get("loss")
         if loss is None and self.weight > 0:
             raise ValueError(
@@ -177,7 +184,7 @@ class LogitKD(Objective):
                 jsd_beta=args.jsd_beta,
                 skew_alpha=args.skew_alpha,
                 shifted=shifted,
-                head_pass=lm_head_pass(student, teacher, args, capture) if shifted else None,
+                head_pass=lm_head_pass(student, teacher, args, capture) if shifted or is_seq2seq_lm(student) else None,
                 top_k_tail=getattr(args, "teacher_logits_tail", "renormalize"),
             )
         ]
@@ -193,7 +200,7 @@ class LogitKD(Objective):
         if self.head_pass is not None:
             self.head_pass.vocab_rows = self.vocab_rows
             _, kd = self.head_pass.sums(step)
-            return kd / self.count(inputs).clamp_min(1)
+            return kd / self.head_pass.rows.clamp_min(1)
         temperature = step.value("temperature")
         cached = top_k_teacher(teacher_outputs)
         if cached is not None:  # a top-k teacher-logit cache, full student logits
