@@ -168,3 +168,24 @@ def test_a_divergence_other_than_forward_kl_is_refused_for_class_logits(tmp_path
     batch = {k: torch.tensor(data[k]) for k in data.column_names}
     with pytest.raises(ValueError, match="use divergence='forward_kl'"):
         trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_chunked_update(reentrant, tmp_path):
+    """Checkpointed decoder layers re-run in backward; the head's hidden states are outside them: the same update."""
+    kwargs = dict(layer_map=None, decoder_layer_map=None, lm_chunk_tokens=4)
+    plain, _ = step_update(trainer_for("llama", tmp_path / "plain", 2, 4, **kwargs))
+    checkpointed, _ = step_update(
+        trainer_for(
+            "llama",
+            tmp_path / "ckpt",
+            2,
+            4,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+            **kwargs,
+        )
+    )
+    largest = max(d.abs().max().item() for d in plain.values())
+    for key, delta in plain.items():
+        torch.testing.assert_close(checkpointed[key], delta, atol=1e-5 * largest, rtol=1e-5, msg=key)
