@@ -6,7 +6,9 @@ forward, its loss, and the count it averages over. ``DistillTrainer.compute_loss
 
 1. ``start_teacher(inputs)`` for every objective, the teacher's forward (in inference mode, with the merged
    ``teacher_forward_kwargs``), ``read_teacher(step)``;
-2. ``start_student(step)``, the student's forward (``student_forward_kwargs``), ``read_student(step)``;
+2. ``start_student(step)``, the student's forward (``student_forward_kwargs``, on the inputs every objective's
+   ``student_inputs`` passed on: e.g. without the labels of a loss the objective computes itself),
+   ``read_student(step)``;
 3. ``loss(step)`` of each objective (``None``: the term has nothing to say on this batch), weighted by the
    (scheduled) value of ``weight_field`` and scaled by ``count(inputs)`` over the accumulation window;
 4. after backward, ``stop()`` (gradient checkpointing re-runs layers during backward, so whatever an objective
