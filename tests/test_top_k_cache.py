@@ -158,3 +158,19 @@ def test_a_finished_cache_trains_without_the_teacher_in_memory(tmp_path):
         InOrderTrainer(**build, args=DistillConfig(**{**args.to_dict(), "teacher_logits_cache": str(tmp_path / "x")}))
     with pytest.raises(ValueError, match="built for other data or settings"):
         InOrderTrainer(**build, args=args, train_dataset=Dataset.from_list(rows()[:5]))
+
+
+def test_ids_past_65536_tokens_are_stored_as_int32(tmp_path):
+    """k * 6 bytes a token past 65,536 tokens (int32 ids, float16 log-probabilities), k * 4 below (uint16)."""
+    from hf_attn_distill.training.teacher_cache import CACHE_INDEX_COLUMN, TeacherTopKCache
+
+    for vocab, per_token in ((65_536, 4), (152_064, 6)):
+        cache = TeacherTopKCache(tmp_path / str(vocab), {"vocab": vocab})
+        ids = torch.tensor([[[vocab - 1, 0], [5, vocab - 2], [1, 2]]])  # one example of 3 positions, k = 2
+        log_probs = torch.log(torch.tensor([[[0.6, 0.3], [0.5, 0.4], [0.9, 0.05]]]))
+        batch = {CACHE_INDEX_COLUMN: torch.tensor([0])}
+        cache.build([batch], lambda b, i=ids, p=log_probs: (i, p), [3], k=2, vocab=vocab)
+        assert cache.bytes_per_token == 2 * per_token
+        got_ids, got = cache.lookup(torch.tensor([0]), torch.ones(1, 3, dtype=torch.long))
+        assert torch.equal(got_ids, ids)  # the largest ids survive the storage type
+        torch.testing.assert_close(got, log_probs, atol=1e-3, rtol=1e-3)
