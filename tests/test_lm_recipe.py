@@ -306,3 +306,14 @@ def test_a_json_config_file_runs_the_recipe(lm_teacher_dir, text_files, tmp_path
     (tmp_path / "run.json").write_text(json.dumps(config))
     metrics = distill_lm.main([str(tmp_path / "run.json")])
     assert metrics["eval_perplexity"] > 1 and (tmp_path / "y" / "eval_results.json").exists()
+
+
+def test_the_on_policy_share_is_lmbda_and_the_same_on_every_rerun():
+    from hf_attn_distill.training.on_policy import is_on_policy_step
+
+    draws = [is_on_policy_step(42, step, micro, 0.3) for step in range(500) for micro in range(2)]
+    assert 0.25 < sum(draws) / len(draws) < 0.35
+    assert draws == [is_on_policy_step(42, step, micro, 0.3) for step in range(500) for micro in range(2)]
+    assert draws != [is_on_policy_step(7, step, micro, 0.3) for step in range(500) for micro in range(2)]
+    assert not any(is_on_policy_step(42, step, 0, 0.0) for step in range(100))
+    assert all(is_on_policy_step(42, step, 0, 1.0) for step in range(100))
