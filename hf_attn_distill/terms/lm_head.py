@@ -1,12 +1,14 @@
-"""Causal LMs: the hard-label loss and logit KD from the last hidden states, without ``[tokens, vocab]`` logits.
+"""Causal LMs and encoder-decoders: the hard-label loss and logit KD from the last hidden states, without
+``[tokens, vocab]`` logits.
 
-A :class:`HeadTap` sits on a causal LM's output head (``get_output_embeddings()``): while armed it records the hidden
+A :class:`HeadTap` sits on a model's output head (``get_output_embeddings()``): while armed it records the hidden
 states the model hands its head and passes the head only the last position, so the model's forward never makes its
 full logits. :class:`LMHeadPass` then computes, once per step, the student's cross-entropy and the divergence from
 the two models' hidden states through their heads, a chunk of tokens at a time
 (:func:`~hf_attn_distill.terms.divergences.lm_head_losses`); ``loss_ce`` and ``loss_kd``
-(:mod:`~hf_attn_distill.terms.logit`) read their sums from it. Position ``t`` predicts token ``t + 1``: the tokens
-that count are those whose next label is not ``-100`` (without labels: whose next token is not padding).
+(:mod:`~hf_attn_distill.terms.logit`) read their sums from it. In a causal LM position ``t`` predicts token ``t + 1``:
+the tokens that count are those whose next label is not ``-100`` (without labels: whose next token is not padding);
+in an encoder-decoder decoder position ``t`` predicts label ``t``.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def gathered_head(model: nn.Module, head: nn.Module, who: str) -> Iterator[None]
             f"The {who}'s output head is sharded (a DTensor) but {type(model).__name__} is not the FSDP module that "
             "can gather it: set chunked_lm_loss=False."
         )
-    # the teacher runs in inference mode, and so did the gathering of its parameters: gather them again so
+    # the teacher runs in inference mode, and so did the gathering of its parameters: gather them again in it
     frozen = torch.inference_mode() if who == "teacher" else contextlib.nullcontext()
     with frozen:
         model.unshard()
@@ -174,8 +176,8 @@ def gathered_head(model: nn.Module, head: nn.Module, who: str) -> Iterator[None]
 
 
 class LMHeadPass:
-    """What one step's ``loss_ce`` and ``loss_kd`` of a causal-LM pair share: the taps on both heads and the two
-    sums over the step's counted tokens, computed once (:meth:`sums`)."""
+    """What one step's ``loss_ce`` and ``loss_kd`` of a causal-LM or encoder-decoder pair share: the taps on both
+    heads and the two sums over the step's counted tokens, computed once (:meth:`sums`)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, args: Any):
         self.student, self.teacher = student, teacher
@@ -195,7 +197,7 @@ class LMHeadPass:
 
     def sums(self, step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(Σ cross-entropy, T² · Σ divergence)`` over the tokens of ``step`` that count (``None``: not computed:
-        no labels, or no teacher)."""
+        no labels or an on-policy batch, or no teacher)."""
         if self._step is step:
             return self._sums
         hidden = self.student_tap.take("student")
@@ -218,6 +220,8 @@ class LMHeadPass:
             self.checked.add("teacher")
         labels = step.inputs.get("labels")
         targets = labels if torch.is_tensor(labels) and labels.dim() == 2 else None
+        if step.on_policy:  # the student's own samples: no hard-label loss, so no cross-entropy to compute
+            targets = None
         teachers = [teacher_hidden] if cached is None else list(cached)
         rows = hidden
         if self.shifted:
