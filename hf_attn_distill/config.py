@@ -81,6 +81,7 @@ LOWER_BOUNDS = {
     "temperature": (0, False),
     "relation_heads": (1, True),
     "lm_chunk_tokens": (0, True),
+    "attention_keep_mb": (0, True),
     "teacher_logits_top_k": (0, True),
     "on_policy_max_new_tokens": (1, True),
     "on_policy_temperature": (0, False),
@@ -187,6 +188,12 @@ class DistillConfig(TrainingArguments):
             Weight of the decoder self-attention loss.
         cross_attention_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the cross-attention loss.
+        attention_keep_mb (`float`, *optional*, defaults to `64.0`):
+            Per mapped student layer: when one float32 `[batch, heads, queries, keys]` tensor of its attention takes
+            at most this many MB, the layer keeps its probabilities and teacher term (and dropout mask) for backward
+            and recomputes nothing, which is faster at the lengths most runs use; above it, the layer streams blocks
+            of query rows and recomputes them in backward, so its extra memory does not grow with length. `0`
+            always streams. The choice of each layer is logged (info) at the first step.
         head_grouping (`str`, *optional*, defaults to `"mean"`):
             How teacher heads meet student heads when their counts differ. `"mean"`: teacher heads are averaged in
             consecutive groups of `teacher_heads // student_heads` (teacher heads must be a multiple of student
@@ -352,6 +359,13 @@ class DistillConfig(TrainingArguments):
         default=1.0, metadata={"help": "Weight of the decoder self-attention loss (>= 0)."}
     )
     cross_attention_weight: float = field(default=1.0, metadata={"help": "Weight of the cross-attention loss (>= 0)."})
+    attention_keep_mb: float = field(
+        default=64.0,
+        metadata={
+            "help": "A mapped student layer whose float32 [batch, heads, queries, keys] attention takes at most this "
+            "many MB keeps it for backward (no recompute); above it streams query blocks (>= 0; 0 always streams).",
+        },
+    )
     head_grouping: str = field(
         default="mean",
         metadata={

@@ -279,3 +279,84 @@ def test_a_sliding_window_teacher_keeps_its_window_not_its_mask(tmp_path):
     valid = inputs["attention_mask"].bool()
     valid = (valid[:, None, :, None] & valid[:, None, None, :]).expand_as(eager)
     torch.testing.assert_close(local.materialize("log_probs").exp()[valid], eager[valid], atol=1e-6, rtol=1e-5)
+
+
+class _CountingRows(AttentionRows):
+    """Teacher rows that count the blocks they are asked for."""
+
+    calls = 0
+
+    def block(self, rows, quantity, heads):
+        type(self).calls += 1
+        return super().block(rows, quantity, heads)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("keep", [0, 10**6], ids=["streamed", "kept"])
+def test_a_layer_within_keep_elements_recomputes_nothing(loss, keep, monkeypatch):
+    """``keep_elements`` picks the path, the row-block size only the blocks: a layer within it keeps its blocks and
+    its backward asks the teacher for nothing more; one above it recomputes them. Both equal the reference."""
+    monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", 3 * 2 * 7 * 2)  # 4 blocks (2, 2, 2, 1 rows) when streamed
+    c = _case("decoder")
+    want_out, want_loss = _reference(c, loss)
+    want = _grads(c, want_out, want_loss)
+    _CountingRows.calls = 0
+    rows = _CountingRows(c["t_q"], c["t_k"], None, AttentionMask.compact(c["blocked"], False))
+    target = TransferTarget(rows, loss, c["key_valid"], c["query_valid"], c["causal"], keep_elements=keep)
+    got_out, got_loss = streamed_transfer(c["q"], c["k"], c["v"], None, AttentionMask(blocked=c["blocked"]), target)
+    assert _CountingRows.calls == 4
+    got = _grads(c, got_out, got_loss)
+    assert _CountingRows.calls == (4 if keep else 8)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert streamed.keeps_attention(3, 2, 7, 7, keep) is bool(keep)
+    assert streamed.keeps_attention(3, 2, 7, 7, 3 * 2 * 7 * 7) and not streamed.keeps_attention(3, 2, 7, 7, 293)
+
+
+def test_kept_dropout_equals_streamed_dropout(monkeypatch):
+    """With dropout, the kept path (its masks kept, the dropped probabilities redrawn from them in backward) gives
+    the recomputing path's output and gradients for the same draws, in one block and in several."""
+    c = _case("encoder")
+    results = []
+    for keep, block in ((10**6, None), (0, None), (10**6, 3 * 2 * 7 * 3), (0, 3 * 2 * 7 * 3)):
+        if block is not None:
+            monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", block)
+        rows = AttentionRows(c["t_q"], c["t_k"], None, AttentionMask(blocked=c["blocked"]))
+        target = TransferTarget(rows, "kl", c["key_valid"], keep_elements=keep)
+        torch.manual_seed(1)
+        out, loss = streamed_transfer(c["q"], c["k"], c["v"], None, AttentionMask(blocked=c["blocked"]), target, 0.5)
+        results.append((out, loss, _grads(c, out, loss)))
+    for first in (0, 2):
+        (want_out, want_loss, want), (got_out, got_loss, got) = results[first : first + 2]
+        assert 0 < torch.count_nonzero(want_out) < want_out.numel()
+        torch.testing.assert_close(got_out, want_out, atol=0, rtol=0)
+        torch.testing.assert_close(got_loss, want_loss, atol=0, rtol=0)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_trainer_logs_each_layers_path_once(tmp_path, caplog):
+    """``attention_keep_mb`` reaches the student's layers: with 0 they stream, with the default they keep, and the
+    choice of each mapped layer is logged once, at the first step."""
+    import logging
+
+    from hf_attn_distill import DistillConfig, DistillTrainer
+
+    ids = torch.randint(1000, 2000, (2, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    for keep_mb, path in ((0.0, "streamed in blocks"), (64.0, "kept for backward")):
+        teacher = tiny_classifier(0, num_hidden_layers=4)
+        student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
+        args = DistillConfig(output_dir=str(tmp_path), report_to="none", attention_keep_mb=keep_mb)
+        trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
+        (transfer,) = trainer.transfers
+        assert transfer.keep_elements == int(keep_mb * 2**20) // 4
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_attn_distill.terms.attention"):
+            for _ in range(2):
+                trainer.compute_loss(student, dict(batch))
+        lines = [r.getMessage() for r in caplog.records if "loss_attn_enc" in r.getMessage()]
+        assert len(lines) == 2, lines  # two mapped layers, once each
+        assert all(path in line and "2x2x16x16" in line for line in lines), lines

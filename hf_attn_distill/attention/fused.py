@@ -49,6 +49,9 @@ class TransferTarget:
         key_mask: ``[B, K]`` valid keys, or ``None``.
         query_mask: ``[B, Q]`` valid queries; ``None`` means ``key_mask`` for self-attention.
         causal: the attention is causal (future keys are not compared).
+        keep_elements: streamed layers (``teacher`` is ``AttentionRows``) whose ``[B, H, Q, K]`` attention has at
+            most this many elements keep it for backward instead of recomputing it; ``None``: one row block's worth
+            (:func:`~hf_attn_distill.attention.streamed.keeps_attention`).
     """
 
     teacher: torch.Tensor
@@ -56,6 +59,7 @@ class TransferTarget:
     key_mask: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
     causal: bool = False
+    keep_elements: int | None = None
 
     def __post_init__(self):
         if self.loss not in ATTENTION_LOSSES:

@@ -6,17 +6,19 @@ rows themselves, and compute their output with ``"sdpa"`` as unrecorded layers d
 runs :class:`StreamedTransfer`: over blocks of query rows it computes its scores, softmax and output ``P V``,
 recomputes the teacher's rows of the block (heads grouped to the student's), and adds the block's transfer loss;
 it keeps for backward only its inputs and one log-sum-exp per row, and backward recomputes each block's
-probabilities (as flash attention does), adding the loss gradient (a layer that fits in one block keeps that
-block's probabilities, dropout mask and teacher term instead: at short lengths recomputing would cost more than
-the memory it saves):
+probabilities (as flash attention does), adding the loss gradient. A layer whose ``[B, H, Q, K]`` attention fits
+the target's ``keep_elements`` (:func:`keeps_attention`; ``DistillConfig.attention_keep_mb``) keeps each block's
+probabilities, teacher term and dropout mask for backward instead, which then recomputes nothing: at the lengths
+most runs use, recomputing costs more time than the memory it saves is worth (the blocks stay block-sized, so the
+allocator reuses them rather than mapping fresh pages for one layer-sized tensor):
 
 - ``"kl"`` (MiniLM): ``dS += w (p_s sum_k p~_t - p~_t)``;
 - ``"mse_probs"``: ``dP += 2w (p_s - p_t)`` before the softmax backward;
 - ``"mse_scores"`` (TinyBERT): ``dS += 2w (S - S_t)``,
 
 on valid entries only (:mod:`~hf_attn_distill.attention.masks`), ``w`` being the loss's gradient over its count.
-Block rows are chosen from a memory budget (:data:`ROW_BLOCK_ELEMENTS` float32 elements per block temporary), so
-the extra memory is the same at any length. Values and gradients equal the fused path
+Streamed layers choose block rows from a memory budget (:data:`ROW_BLOCK_ELEMENTS` float32 elements per block
+temporary), so their extra memory is the same at any length. Values and gradients equal the fused path
 (:mod:`~hf_attn_distill.attention.fused`) and the reference losses (tested). Attention dropout, when training, is
 drawn per block from a generator seeded once per call, and drawn again identically in backward.
 """
@@ -36,6 +38,7 @@ __all__ = [
     "AttentionMask",
     "AttentionRows",
     "StreamedTransfer",
+    "keeps_attention",
     "row_blocks",
     "streamed_transfer",
 ]
@@ -49,6 +52,14 @@ def row_blocks(batch: int, heads: int, num_q: int, num_k: int, budget: int | Non
     budget = ROW_BLOCK_ELEMENTS if budget is None else budget
     rows = max(1, budget // max(1, batch * heads * num_k))
     return [slice(i, min(i + rows, num_q)) for i in range(0, num_q, rows)]
+
+
+def keeps_attention(batch: int, heads: int, num_q: int, num_k: int, keep_elements: int | None = None) -> bool:
+    """Whether a layer with this ``[batch, heads, num_q, num_k]`` attention keeps its blocks for backward (no
+    recompute) rather than recomputing them there: it does when the attention has at most ``keep_elements``
+    elements (``None``: one row block's worth, :data:`ROW_BLOCK_ELEMENTS`)."""
+    limit = ROW_BLOCK_ELEMENTS if keep_elements is None else keep_elements
+    return batch * heads * num_q * num_k <= limit
 
 
 def _future(rows: slice, num_q: int, num_k: int, device) -> torch.Tensor:
@@ -283,17 +294,19 @@ class StreamedTransfer(torch.autograd.Function):
     docstring. ``query`` is already scaled; ``key`` and ``value`` have the query's head count."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, mask, teacher, loss, valid, dropout, count):
+    def forward(ctx, query, key, value, bias, mask, teacher, loss, valid, dropout, count, keep_elements):
         batch, heads, num_q, _ = query.shape
         num_k = key.shape[-2]
         quantity = "scores" if loss == "mse_scores" else "log_probs"
+        kept = keeps_attention(batch, heads, num_q, num_k, keep_elements)  # kept: backward recomputes nothing
         blocks = row_blocks(batch, heads, num_q, num_k)
-        single = len(blocks) == 1  # the whole layer fits the block budget: keep it, backward need not recompute
         out = (
-            None if single else torch.empty(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=query.device)
+            None
+            if len(blocks) == 1
+            else torch.empty(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=query.device)
         )
         total = torch.zeros((), dtype=torch.float32, device=query.device)
-        lses, ctx.kept = [], None
+        lses, ctx.kept = [], [] if kept else None
         for index, rows in enumerate(blocks):
             scores, log_probs, probs = _student_block(query, key, bias, mask, rows)
             t = teacher.block(rows, quantity, heads)
@@ -304,17 +317,21 @@ class StreamedTransfer(torch.autograd.Function):
                 total += lift_neg_inf_(t - log_probs).mul_(term).sum()
             else:
                 total += torch.dot(term.reshape(-1), term.reshape(-1))
+            del t, log_probs
             keep = dropout.keep(probs.shape, index)
-            dropped = dropout.apply(probs, keep)
-            block_out = torch.matmul(dropped.to(value.dtype), value)
-            if single:
-                out, ctx.kept = block_out, (probs, dropped, keep, term)
+            block_out = torch.matmul(dropout.apply(probs, keep).to(value.dtype), value)
+            if out is None:
+                out = block_out
             else:
                 out[:, :, rows] = block_out
+            if kept:  # the dropped probabilities are redrawn from probs and keep in backward: one tensor less
+                ctx.kept.append((probs, keep, term))
+            else:
                 lses.append(torch.logsumexp(scores, dim=-1, keepdim=True))
         lse = torch.cat(lses, dim=2) if lses else None
         ctx.save_for_backward(query, key, value, bias, lse, count)
         ctx.mask, ctx.teacher, ctx.loss, ctx.valid, ctx.dropout = mask, teacher, loss, valid, dropout
+        ctx.blocks = blocks
         return out, total / count
 
     @staticmethod
@@ -331,9 +348,10 @@ class StreamedTransfer(torch.autograd.Function):
             torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[3] else None
         )
         key_f, value_f = key.float(), value.float()
-        for index, rows in enumerate(row_blocks(batch, heads, num_q, num_k)):
+        for index, rows in enumerate(ctx.blocks):
             if ctx.kept is not None:
-                probs, dropped, keep, term = ctx.kept
+                probs, keep, term = ctx.kept[index]
+                dropped = dropout.apply(probs, keep)
             else:
                 scores, _, probs = _student_block(query, key, bias, mask, rows, lse)
                 t = teacher.block(rows, quantity, heads)
@@ -361,7 +379,7 @@ class StreamedTransfer(torch.autograd.Function):
                 grad_bias[..., rows, :] += _sum_to(grad_s, grad_bias[..., rows, :].shape)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
         grad_q = torch.cat(grad_q, dim=2) if len(grad_q) > 1 else grad_q[0]
-        return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_bias, *([None] * 6)
+        return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_bias, *([None] * 7)
 
 
 def _sum_to(x: torch.Tensor, shape) -> torch.Tensor:
@@ -374,7 +392,9 @@ def streamed_transfer(query, key, value, bias, mask: AttentionMask, target, drop
     :class:`~hf_attn_distill.attention.fused.TransferTarget` whose ``teacher`` is :class:`AttentionRows`).
 
     ``query`` is scaled already; ``key``/``value`` have the query's head count. The loss is the mean over valid
-    (head, query) rows for ``"kl"`` and over valid entries for the MSE kinds, as the reference losses define it."""
+    (head, query) rows for ``"kl"`` and over valid entries for the MSE kinds, as the reference losses define it.
+    A layer whose attention has at most ``target.keep_elements`` elements keeps it for backward
+    (:func:`keeps_attention`)."""
     batch, heads, num_q, _ = query.shape
     num_k = key.shape[-2]
     t_batch, _, t_q, t_k = target.teacher.shape
@@ -396,4 +416,5 @@ def streamed_transfer(query, key, value, bias, mask: AttentionMask, target, drop
         _ValidEntries.of(target, num_q, num_k),
         _Dropout(dropout, query.device),
         count,
+        target.keep_elements,
     )

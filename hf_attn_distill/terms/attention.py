@@ -19,19 +19,22 @@ from collections.abc import Mapping
 
 import torch
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from hf_attn_distill.attention.capture import Capture
 from hf_attn_distill.attention.fused import TransferTarget
 from hf_attn_distill.attention.layer_map import resolve_layer_map
 from hf_attn_distill.attention.masks import attention_loss_count, recorded_quantity
 from hf_attn_distill.attention.sites import AttentionLayer, find_attention_sites
-from hf_attn_distill.attention.streamed import AttentionRows
+from hf_attn_distill.attention.streamed import AttentionRows, keeps_attention
 from hf_attn_distill.config import ATTENTION_SITES, AttentionSite
 from hf_attn_distill.losses import group_teacher_heads
 from hf_attn_distill.terms.base import Objective, Step
 from hf_attn_distill.terms.registry import TermSpec
 
 __all__ = ["SiteTransfer", "check_attention_sites", "site_layer_maps", "target_mask"]
+
+logger = logging.get_logger(__name__)
 
 
 def target_mask(inputs: Mapping) -> torch.Tensor | None:
@@ -60,6 +63,8 @@ class SiteTransfer(Objective):
         student_heads: head count of the student's attention at this site.
         student, teacher: recorders of the mapped modules.
         seq2seq: the models have an encoder and a decoder (target masks come from the decoder inputs).
+        keep_elements: a streamed student layer whose attention has at most this many elements keeps it for
+            backward (``attention_keep_mb``, :func:`~hf_attn_distill.attention.streamed.keeps_attention`).
     """
 
     specs = tuple(
@@ -77,9 +82,21 @@ class SiteTransfer(Objective):
         for site in ATTENTION_SITES
     )
 
-    def __init__(self, site: AttentionSite, pairs, loss: str, student_heads: int, student, teacher, seq2seq: bool):
+    def __init__(
+        self,
+        site: AttentionSite,
+        pairs,
+        loss: str,
+        student_heads: int,
+        student,
+        teacher,
+        seq2seq: bool,
+        keep_elements: int | None = None,
+    ):
         self.site, self.pairs, self.loss_kind, self.student_heads = site.name, list(pairs), loss, student_heads
         self.student, self.teacher, self.seq2seq = student, teacher, seq2seq
+        self.keep_elements = keep_elements
+        self._logged_paths = False
         self.name, self.weight_field, self.map_field = site.term, site.weight_field, site.map_field
         self._records: list | None = None
         self._losses: list | None = None
@@ -108,6 +125,7 @@ class SiteTransfer(Objective):
                     # the teacher keeps what recomputes its rows (queries, keys, mask), not the rows
                     capture.attention_recorder(t_layers, args.attention_loss, rows=True),
                     "cross" in s_sites,
+                    int(args.attention_keep_mb * 2**20) // 4,  # float32 elements
                 )
             )
         for model, sites in ((student, s_sites), (teacher, t_sites)):
@@ -157,9 +175,31 @@ class SiteTransfer(Objective):
                 key,
                 query,
                 causal,
+                self.keep_elements,
             )
             for t in teacher_records
         ]
+
+    def log_paths(self, teacher_records: list, inputs: Mapping) -> None:
+        """Log (info), once, whether each mapped student layer keeps its attention for backward or streams it, for
+        the shapes of this batch."""
+        if self._logged_paths:
+            return
+        self._logged_paths = True
+        batch, num_q, num_k = self.lengths(inputs)
+        size = batch * self.student_heads * num_q * num_k
+        for (s, t), record in zip(self.pairs, teacher_records):
+            if not isinstance(record, AttentionRows):
+                path = "fused (the teacher's probabilities are recorded in full)"
+            elif keeps_attention(batch, self.student_heads, num_q, num_k, self.keep_elements):
+                path = "kept for backward, no recompute"
+            else:
+                path = "streamed in blocks of query rows, recomputed in backward"
+            logger.info(
+                f"{self.name}: student layer {s} <- teacher layer {t}: attention {batch}x{self.student_heads}x"
+                f"{num_q}x{num_k} ({size * 4 / 2**20:.1f} MB float32, attention_keep_mb "
+                f"{(self.keep_elements or 0) * 4 / 2**20:g}): {path}"
+            )
 
     # ---- the objective's steps ----
 
@@ -173,6 +213,7 @@ class SiteTransfer(Objective):
     def start_student(self, step: Step) -> None:
         if self._records is None:
             raise RuntimeError(f"{self.name}: the teacher's attention was not recorded for this batch.")
+        self.log_paths(self._records, step.inputs)
         self.student.start(self.targets(self._records, step.inputs))
         self._records = None
 
