@@ -123,7 +123,7 @@ def claims() -> str:
 def speed() -> str:
     from benchmarks.speed import step as speed_module
 
-    return speed_module.summary_table(_load("speed.json"))
+    return speed_module.summary_table(_load("speed.json"), batch=8)  # the batch sweep: benchmarks/README.md
 
 
 SECTIONS: dict[str, Callable[[], str]] = {

@@ -312,10 +312,13 @@ def test_the_readmes_speed_tables_are_the_committed_runs(name):
     from benchmarks.speed import step as speed
 
     root = Path(__file__).resolve().parent.parent
-    table = speed.summary_table(json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text()))
-    readmes = ("README.md", "benchmarks/README.md") if name == "speed" else ("benchmarks/README.md",)
-    for readme in readmes:
-        assert table in (root / readme).read_text(), f"{readme} does not show benchmarks/results/{name}.json"
+    result = json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text())
+    table = speed.summary_table(result)
+    assert table in (root / "benchmarks/README.md").read_text(), f"benchmarks/README.md does not show {name}.json"
+    if name == "speed":  # the top-level README: the batch-8 rows (length sweep, QA, encoder-decoder)
+        short = speed.summary_table(result, batch=8)
+        assert short in (root / "README.md").read_text(), "README.md does not show benchmarks/results/speed.json"
+        assert short.count("\n") == 2 + sum(item["batch"] == 8 for item in result["ratios"])
 
 
 def test_the_best_students_card_is_published_as_its_recipe_wrote_it(tmp_path):

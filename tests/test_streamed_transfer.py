@@ -353,6 +353,10 @@ def test_the_trainer_logs_each_layers_path_once(tmp_path, caplog):
         trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
         (transfer,) = trainer.transfers
         assert transfer.keep_elements == int(keep_mb * 2**20) // 4
+        if keep_mb == 64.0:  # the default keeps up to 384 tokens at batch 8, 12 heads (docs/internals.md)
+            assert args.attention_keep_mb == DistillConfig.attention_keep_mb
+            assert streamed.keeps_attention(8, 12, 384, 384, transfer.keep_elements)
+            assert not streamed.keeps_attention(8, 12, 512, 512, transfer.keep_elements)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="hf_attn_distill.terms.attention"):
             for _ in range(2):

@@ -418,15 +418,18 @@ def _cell(mapping: dict, key: str, spec: str = ".2f") -> str:
     return format(mapping[key], spec) if key in mapping else "-"
 
 
-def summary_table(result: dict) -> str:
+def summary_table(result: dict, batch: int | None = None) -> str:
     """The table the READMEs show: per (pair, length, batch), each mode's step time, D's ratios and the working
-    memory (peak RSS above the start of the measured steps) of L, D and N."""
+    memory (peak RSS above the start of the measured steps) of L, D and N; ``batch``: only the rows of that batch
+    size (the top-level README's length sweep, without the batch sweep)."""
     lines = [
         "| pair | seq | batch | L (s) | D (s) | N (s) | T (s) | D/L | D/N | D/T | working MB L / D / N / T |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for item in result["ratios"]:
         key = (item["pair"], item["seq_len"], item["batch"])
+        if batch is not None and key[2] != batch:
+            continue
         by_mode = {r["mode"]: r for r in result["rows"] if (r["pair"], r["seq_len"], r["batch"]) == key}
 
         def step(mode, by_mode=by_mode):
