@@ -922,3 +922,29 @@ def test_lm_memory_runs_every_method_and_they_agree(tmp_path):
     assert rows["chunked_ce_kd"]["loss"] == pytest.approx(rows["naive_ce_kd"]["loss"], rel=1e-5)
     assert rows["naive_ce_kd"]["loss"] > 0.5 * losses[0]  # the cross-entropy is in it
     assert "| 300 | chunked |" in (tmp_path / "lm.md").read_text()
+
+
+def test_lm_memory_resumes_and_records_a_killed_worker(tmp_path, monkeypatch):
+    """A rerun of the same shape keeps the rows it has (the same measurements, not new ones); a worker the kernel
+    kills (out of memory) becomes a row that says so, and the other methods still run."""
+    import subprocess
+
+    from benchmarks.speed import lm_memory
+
+    argv = ["--vocabs", "300", "--batch", "2", "--tokens", "16", "--student_hidden", "8", "--teacher_hidden", "12"]
+    argv += ["--repeats", "1", "--output", str(tmp_path / "lm")]
+    real_run = subprocess.run
+
+    def run(cmd, **kwargs):
+        if '"method": "naive"' in cmd[-1]:
+            return subprocess.CompletedProcess(cmd, -9, "", "")
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(lm_memory.subprocess, "run", run)
+    first = lm_memory.main([*argv, "--methods", "naive", "chunked"])
+    rows = {r["method"]: r for r in first["rows"]}
+    assert rows["naive"]["skipped"] == "the process exited with code -9 (killed: out of memory on this machine)"
+    assert rows["chunked"]["loss"] > 0
+    monkeypatch.setattr(lm_memory.subprocess, "run", lambda *a, **k: pytest.fail("measured again"))
+    again = lm_memory.main([*argv, "--methods", "naive", "chunked"])
+    assert again["rows"] == first["rows"]

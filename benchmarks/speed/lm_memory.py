@@ -139,24 +139,40 @@ def main(argv=None) -> dict:
     from hf_attn_distill.utils.profiling import machine_info
 
     shape = {k: getattr(args, k) for k in ("batch", "tokens", "student_hidden", "teacher_hidden", "repeats")}
+    output = Path(args.output + ".json")
+    machine = machine_info()
+    kept = {}  # rows of an interrupted run of the same shape on the same machine kind: not measured again
+    if output.exists():
+        earlier = json.loads(output.read_text())
+        if earlier.get("machine") == machine and all(earlier.get(k) == v for k, v in shape.items()):
+            kept = {(r["vocab"], r["method"]): r for r in earlier["rows"]}
     rows = []
     for vocab in args.vocabs:
         for method in args.methods:
             spec = {"method": method, "vocab": vocab, **shape}
+            if (vocab, method) in kept:
+                rows.append(kept[vocab, method])
+                print(f"{method} at {vocab:,}: kept from an earlier run", flush=True)
+                continue
             proc = subprocess.run(
                 [sys.executable, "-m", "benchmarks.speed.lm_memory", "--_worker", json.dumps(spec)],
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
-                check=True,
             )
-            line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-            rows.append({**spec, **json.loads(line[len("RESULT ") :])})
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is not None:
+                rows.append({**spec, **json.loads(line[len("RESULT ") :])})
+            else:  # the worker died: say how, and go on with the other methods
+                killed = " (killed: out of memory on this machine)" if proc.returncode == -9 else ""
+                tail = (proc.stderr.strip().splitlines() or [""])[-1][:160]
+                rows.append({**spec, "skipped": f"the process exited with code {proc.returncode}{killed} {tail}".strip()})
             print(rows[-1], flush=True)
-    result = {"machine": machine_info(), **shape, "rows": rows}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.output + ".md").write_text(markdown(result))
+            result = {"machine": machine, **shape, "rows": rows}
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(result, indent=2) + "\n")
+            Path(args.output + ".md").write_text(markdown(result))
+    result = {"machine": machine, **shape, "rows": rows}
     print(markdown(result))
     return result
 
