@@ -189,11 +189,12 @@ class DistillConfig(TrainingArguments):
         cross_attention_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the cross-attention loss.
         attention_keep_mb (`float`, *optional*, defaults to `64.0`):
-            Per mapped student layer: when one float32 `[batch, heads, queries, keys]` tensor of its attention takes
-            at most this many MB, the layer keeps its probabilities and teacher term (and dropout mask) for backward
-            and recomputes nothing, which is faster at the lengths most runs use; above it, the layer streams blocks
-            of query rows and recomputes them in backward, so its extra memory does not grow with length. `0`
-            always streams. The choice of each layer is logged (info) at the first step.
+            Per mapped student layer, which computes its attention in blocks of query rows: when one float32
+            `[batch, heads, queries, keys]` tensor of its attention takes at most this many MB, the layer keeps its
+            blocks' probabilities and teacher term (and dropout mask) for backward and recomputes nothing, which is
+            faster at the lengths most runs use (up to 384 tokens at batch 8 and 12 heads by default); above it,
+            backward recomputes the blocks, so the layer's extra memory does not grow with length. `0` always
+            recomputes. The choice of each layer is logged (info) at the first step.
         head_grouping (`str`, *optional*, defaults to `"mean"`):
             How teacher heads meet student heads when their counts differ. `"mean"`: teacher heads are averaged in
             consecutive groups of `teacher_heads // student_heads` (teacher heads must be a multiple of student
@@ -363,7 +364,8 @@ class DistillConfig(TrainingArguments):
         default=64.0,
         metadata={
             "help": "A mapped student layer whose float32 [batch, heads, queries, keys] attention takes at most this "
-            "many MB keeps it for backward (no recompute); above it streams query blocks (>= 0; 0 always streams).",
+            "many MB keeps its blocks for backward (no recompute); above it backward recomputes them (>= 0; 0: always "
+            "recompute).",
         },
     )
     head_grouping: str = field(
