@@ -948,3 +948,23 @@ def test_lm_memory_resumes_and_records_a_killed_worker(tmp_path, monkeypatch):
     monkeypatch.setattr(lm_memory.subprocess, "run", lambda *a, **k: pytest.fail("measured again"))
     again = lm_memory.main([*argv, "--methods", "naive", "chunked"])
     assert again["rows"] == first["rows"]
+
+
+def test_lm_memory_worker_fails_cleanly_past_the_memory_the_machine_has():
+    """A method that needs more memory than the worker may take (here: 0.1% of what is available) ends as a row that
+    names the failed allocation, not as a process the kernel kills."""
+    import subprocess
+    import sys
+
+    spec = {"method": "naive", "vocab": 32000, "batch": 2, "tokens": 256, "student_hidden": 64, "teacher_hidden": 64}
+    spec |= {"repeats": 1, "memory_headroom": 0.001}  # full logits: 2 x 256 x 32,000 float32 = 62.5 MiB each
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed.lm_memory", "--_worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=True,
+    )
+    row = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
+    assert "can't allocate memory" in row["skipped"]

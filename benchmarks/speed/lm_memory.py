@@ -35,6 +35,23 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("naive", "token_kd", "chunked", "liger", "naive_ce_kd", "chunked_ce_kd")
 
 
+def limit_address_space(headroom: float) -> None:
+    """Let this process grow by at most ``headroom`` of the memory the machine has available now (Linux), so that a
+    method that needs more fails with torch's "can't allocate memory" (its row says so) instead of the kernel's
+    out-of-memory killer choosing a process, possibly another one."""
+    import resource
+
+    from benchmarks.speed.step import proc_status_mb
+
+    try:
+        with open("/proc/meminfo") as f:
+            available_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return
+    limit = int((proc_status_mb("VmSize") * 2**20) + headroom * available_kb * 1024)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
 def worker(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
@@ -44,6 +61,7 @@ def worker(spec: dict) -> dict:
     from hf_attn_distill.terms.divergences import LMHeadSettings, lm_head_losses
     from hf_attn_distill.terms.token_kd import token_kd_loss
 
+    limit_address_space(spec.get("memory_headroom", 0.9))
     torch.manual_seed(0)
     tokens = spec["batch"] * spec["tokens"]
     s_head = torch.nn.Linear(spec["student_hidden"], spec["vocab"], bias=False)
@@ -93,7 +111,7 @@ def worker(spec: dict) -> dict:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    except Exception as err:  # Liger's Triton kernels on a CPU
+    except Exception as err:  # Liger's Triton kernels on a CPU; more memory than the machine has
         return {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"}
     logits_mb = tokens * spec["vocab"] * 4 / 2**20
     return {"loss": loss, "peak_mb": peak, "step_s": statistics.median(times), "one_logits_tensor_mb": logits_mb}
@@ -166,7 +184,9 @@ def main(argv=None) -> dict:
             else:  # the worker died: say how, and go on with the other methods
                 killed = " (killed: out of memory on this machine)" if proc.returncode == -9 else ""
                 tail = (proc.stderr.strip().splitlines() or [""])[-1][:160]
-                rows.append({**spec, "skipped": f"the process exited with code {proc.returncode}{killed} {tail}".strip()})
+                rows.append(
+                    {**spec, "skipped": f"the process exited with code {proc.returncode}{killed} {tail}".strip()}
+                )
             print(rows[-1], flush=True)
             result = {"machine": machine, **shape, "rows": rows}
             output.parent.mkdir(parents=True, exist_ok=True)
