@@ -192,9 +192,11 @@ class DistillConfig(TrainingArguments):
             Per mapped student layer, which computes its attention in blocks of query rows: when one float32
             `[batch, heads, queries, keys]` tensor of its attention takes at most this many MB, the layer keeps its
             blocks' probabilities and teacher term (and dropout mask) for backward and recomputes nothing, which is
-            faster at the lengths most runs use (up to 384 tokens at batch 8 and 12 heads by default); above it,
-            backward recomputes the blocks, so the layer's extra memory does not grow with length. `0` always
-            recomputes. The choice of each layer is logged (info) at the first step.
+            faster at the lengths most runs use (up to 384 tokens at batch 8 and 12 heads by default) and holds
+            about 2.25 times this size per layer until backward (probabilities, teacher term, a one-byte dropout
+            mask); above it, backward recomputes the blocks, so the layer's extra memory does not grow with length.
+            `0` always recomputes. Decided per batch (lengths vary with padding); each layer's choice for the first
+            batch is logged (info).
         head_grouping (`str`, *optional*, defaults to `"mean"`):
             How teacher heads meet student heads when their counts differ. `"mean"`: teacher heads are averaged in
             consecutive groups of `teacher_heads // student_heads` (teacher heads must be a multiple of student

@@ -346,7 +346,7 @@ def test_the_trainer_logs_each_layers_path_once(tmp_path, caplog):
 
     ids = torch.randint(1000, 2000, (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
-    for keep_mb, path in ((0.0, "streamed in blocks"), (64.0, "kept for backward")):
+    for keep_mb, path in ((0.0, "blocks recomputed in backward"), (64.0, "kept for backward")):
         teacher = tiny_classifier(0, num_hidden_layers=4)
         student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
         args = DistillConfig(output_dir=str(tmp_path), report_to="none", attention_keep_mb=keep_mb)
@@ -364,3 +364,24 @@ def test_the_trainer_logs_each_layers_path_once(tmp_path, caplog):
         lines = [r.getMessage() for r in caplog.records if "loss_attn_enc" in r.getMessage()]
         assert len(lines) == 2, lines  # two mapped layers, once each
         assert all(path in line and "2x2x16x16" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("keep", [0, 10**6], ids=["recomputed", "kept"])
+@pytest.mark.parametrize("bias_rows", [7, 1], ids=["bias-per-query", "bias-broadcast-over-queries"])
+def test_a_trainable_bias_over_several_blocks(keep, bias_rows, monkeypatch):
+    """A student bias, per query or broadcast over the queries (``[1, H, 1, K]``), gets the reference gradient when
+    the layer runs in several blocks, kept or recomputed."""
+    monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", 3 * 2 * 7 * 2)
+    c = _case("encoder", bias=True)
+    c["s_bias"] = torch.randn(1, 2, bias_rows, 7, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    want_out, want_loss = _reference(c, "kl")
+    want = _grads(c, want_out, want_loss)
+    rows = AttentionRows(c["t_q"], c["t_k"], c["t_bias"], AttentionMask.compact(c["blocked"], False))
+    target = TransferTarget(rows, "kl", c["key_valid"], c["query_valid"], c["causal"], keep_elements=keep)
+    got_out, got_loss = streamed_transfer(
+        c["q"], c["k"], c["v"], c["s_bias"], AttentionMask(blocked=c["blocked"]), target
+    )
+    got = _grads(c, got_out, got_loss)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)

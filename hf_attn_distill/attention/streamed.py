@@ -306,7 +306,7 @@ class StreamedTransfer(torch.autograd.Function):
             else torch.empty(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=query.device)
         )
         total = torch.zeros((), dtype=torch.float32, device=query.device)
-        lses, ctx.kept = [], [] if kept else None
+        lses, held = [], []  # held: each kept block's (probs, dropout mask, teacher term)
         for index, rows in enumerate(blocks):
             scores, log_probs, probs = _student_block(query, key, bias, mask, rows)
             t = teacher.block(rows, quantity, heads)
@@ -325,11 +325,13 @@ class StreamedTransfer(torch.autograd.Function):
             else:
                 out[:, :, rows] = block_out
             if kept:  # the dropped probabilities are redrawn from probs and keep in backward: one tensor less
-                ctx.kept.append((probs, keep, term))
+                held += [probs, keep, term]
             else:
                 lses.append(torch.logsumexp(scores, dim=-1, keepdim=True))
         lse = torch.cat(lses, dim=2) if lses else None
-        ctx.save_for_backward(query, key, value, bias, lse, count)
+        # saved, not attributes: checkpointing's and offloading's saved-tensor hooks then see the kept blocks too
+        ctx.save_for_backward(query, key, value, bias, lse, count, *held)
+        ctx.kept = kept
         ctx.mask, ctx.teacher, ctx.loss, ctx.valid, ctx.dropout = mask, teacher, loss, valid, dropout
         ctx.blocks = blocks
         return out, total / count
@@ -337,7 +339,7 @@ class StreamedTransfer(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_loss):
-        query, key, value, bias, lse, count = ctx.saved_tensors
+        query, key, value, bias, lse, count, *held = ctx.saved_tensors
         mask, teacher, loss, valid, dropout = ctx.mask, ctx.teacher, ctx.loss, ctx.valid, ctx.dropout
         batch, heads, num_q, _ = query.shape
         num_k = key.shape[-2]
@@ -349,8 +351,8 @@ class StreamedTransfer(torch.autograd.Function):
         )
         key_f, value_f = key.float(), value.float()
         for index, rows in enumerate(ctx.blocks):
-            if ctx.kept is not None:
-                probs, keep, term = ctx.kept[index]
+            if ctx.kept:
+                probs, keep, term = held[3 * index : 3 * index + 3]
                 dropped = dropout.apply(probs, keep)
             else:
                 scores, _, probs = _student_block(query, key, bias, mask, rows, lse)
@@ -376,7 +378,10 @@ class StreamedTransfer(torch.autograd.Function):
             block_k = torch.matmul(grad_s.transpose(-1, -2), query[:, :, rows].float())
             grad_k = block_k if grad_k is None else grad_k.add_(block_k)
             if grad_bias is not None:
-                grad_bias[..., rows, :] += _sum_to(grad_s, grad_bias[..., rows, :].shape)
+                if grad_bias.shape[-2] == 1:  # a bias broadcast over the queries: every block adds to it
+                    grad_bias += _sum_to(grad_s, grad_bias.shape)
+                else:
+                    grad_bias[..., rows, :] += _sum_to(grad_s, grad_bias[..., rows, :].shape)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
         grad_q = torch.cat(grad_q, dim=2) if len(grad_q) > 1 else grad_q[0]
         return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_bias, *([None] * 7)

@@ -26,7 +26,7 @@ from hf_attn_distill.attention.fused import TransferTarget
 from hf_attn_distill.attention.layer_map import resolve_layer_map
 from hf_attn_distill.attention.masks import attention_loss_count, recorded_quantity
 from hf_attn_distill.attention.sites import AttentionLayer, find_attention_sites
-from hf_attn_distill.attention.streamed import AttentionRows, keeps_attention
+from hf_attn_distill.attention.streamed import ROW_BLOCK_ELEMENTS, AttentionRows, keeps_attention
 from hf_attn_distill.config import ATTENTION_SITES, AttentionSite
 from hf_attn_distill.losses import group_teacher_heads
 from hf_attn_distill.terms.base import Objective, Step
@@ -181,24 +181,25 @@ class SiteTransfer(Objective):
         ]
 
     def log_paths(self, teacher_records: list, inputs: Mapping) -> None:
-        """Log (info), once, whether each mapped student layer keeps its attention for backward or streams it, for
-        the shapes of this batch."""
+        """Log (info), once, whether each mapped student layer keeps its attention blocks for backward or recomputes
+        them, for the lengths of this batch (later batches of other lengths may take the other path)."""
         if self._logged_paths:
             return
         self._logged_paths = True
         batch, num_q, num_k = self.lengths(inputs)
         size = batch * self.student_heads * num_q * num_k
+        limit = ROW_BLOCK_ELEMENTS if self.keep_elements is None else self.keep_elements
         for (s, t), record in zip(self.pairs, teacher_records):
             if not isinstance(record, AttentionRows):
                 path = "fused (the teacher's probabilities are recorded in full)"
             elif keeps_attention(batch, self.student_heads, num_q, num_k, self.keep_elements):
                 path = "kept for backward, no recompute"
             else:
-                path = "streamed in blocks of query rows, recomputed in backward"
+                path = "blocks recomputed in backward"
             logger.info(
                 f"{self.name}: student layer {s} <- teacher layer {t}: attention {batch}x{self.student_heads}x"
                 f"{num_q}x{num_k} ({size * 4 / 2**20:.1f} MB float32, attention_keep_mb "
-                f"{(self.keep_elements or 0) * 4 / 2**20:g}): {path}"
+                f"{limit * 4 / 2**20:g}, for this batch's lengths): {path}"
             )
 
     # ---- the objective's steps ----
