@@ -35,20 +35,22 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("naive", "token_kd", "chunked", "liger", "naive_ce_kd", "chunked_ce_kd")
 
 
-def limit_address_space(headroom: float) -> None:
-    """Let this process grow by at most ``headroom`` of the memory the machine has available now (Linux), so that a
-    method that needs more fails with torch's "can't allocate memory" (its row says so) instead of the kernel's
-    out-of-memory killer choosing a process, possibly another one."""
+def limit_address_space(allowance_mb: float | None = None) -> None:
+    """Let this process grow by at most ``allowance_mb`` (default: 90% of the memory the machine has available now,
+    Linux), so that a method that needs more fails with torch's "can't allocate memory" (its row says so) instead of
+    the kernel's out-of-memory killer choosing a process, possibly another one."""
     import resource
 
     from benchmarks.speed.step import proc_status_mb
 
-    try:
-        with open("/proc/meminfo") as f:
-            available_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return
-    limit = int((proc_status_mb("VmSize") * 2**20) + headroom * available_kb * 1024)
+    if allowance_mb is None:
+        try:
+            with open("/proc/meminfo") as f:
+                available_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return
+        allowance_mb = 0.9 * available_kb / 1024
+    limit = int((proc_status_mb("VmSize") + allowance_mb) * 2**20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
@@ -61,7 +63,6 @@ def worker(spec: dict) -> dict:
     from hf_attn_distill.terms.divergences import LMHeadSettings, lm_head_losses
     from hf_attn_distill.terms.token_kd import token_kd_loss
 
-    limit_address_space(spec.get("memory_headroom", 0.9))
     torch.manual_seed(0)
     tokens = spec["batch"] * spec["tokens"]
     s_head = torch.nn.Linear(spec["student_hidden"], spec["vocab"], bias=False)
@@ -101,6 +102,7 @@ def worker(spec: dict) -> dict:
         loss.backward()
         return loss.item()
 
+    limit_address_space(spec.get("memory_allowance_mb"))  # the heads and hidden states exist: the step may grow
     try:
         reset_peak_rss()
         base = proc_status_mb("VmRSS")
@@ -159,17 +161,17 @@ def main(argv=None) -> dict:
     shape = {k: getattr(args, k) for k in ("batch", "tokens", "student_hidden", "teacher_hidden", "repeats")}
     output = Path(args.output + ".json")
     machine = machine_info()
-    kept = {}  # rows of an interrupted run of the same shape on the same machine kind: not measured again
+    measured = {}  # measured rows of an earlier run of this shape on this machine kind: not measured again
     if output.exists():
         earlier = json.loads(output.read_text())
         if earlier.get("machine") == machine and all(earlier.get(k) == v for k, v in shape.items()):
-            kept = {(r["vocab"], r["method"]): r for r in earlier["rows"]}
+            measured = {(r["vocab"], r["method"]): r for r in earlier["rows"] if "loss" in r}
     rows = []
     for vocab in args.vocabs:
         for method in args.methods:
             spec = {"method": method, "vocab": vocab, **shape}
-            if (vocab, method) in kept:
-                rows.append(kept[vocab, method])
+            if (vocab, method) in measured:  # a method that failed or was skipped is tried again
+                rows.append(measured[vocab, method])
                 print(f"{method} at {vocab:,}: kept from an earlier run", flush=True)
                 continue
             proc = subprocess.run(
