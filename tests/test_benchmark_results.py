@@ -974,3 +974,22 @@ def test_lm_memory_worker_fails_cleanly_past_the_memory_the_machine_has():
     )
     row = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
     assert "can't allocate memory" in row["skipped"]
+
+
+def test_sst2_seed1_after_the_re_layout_and_attention_keep_mb_is_the_streaming_rerun_to_the_last_bit():
+    """The seed-1 reruns of this version (results/runs/quality_sst2_{keep,layout,layout_b}_seed1.json) give the
+    teacher and every row they ran exactly the accuracy of the streaming rerun (quality_sst2_repro_streaming_seed1),
+    and benchmarks/README.md lists exactly those rows."""
+    root = Path(__file__).resolve().parent.parent
+    runs = root / "benchmarks" / "results" / "runs"
+    reference = json.loads((runs / "quality_sst2_repro_streaming_seed1.json").read_text())
+    names = []
+    for stem in ("keep", "layout", "layout_b"):
+        rerun = json.loads((runs / f"quality_sst2_{stem}_seed1.json").read_text())
+        assert rerun["teacher"] == reference["teacher"] == 0.8841743119266054
+        for name, row in rerun["students"].items():
+            assert row["seeds"] == [1] and row["runs"] == reference["students"][name]["runs"], name
+            names.append(name)
+    bench = " ".join((root / "benchmarks" / "README.md").read_text().split())
+    listed = ", ".join(f"`{name}`" for name in sorted(names))
+    assert f"reproduced the streaming rerun's seed 1 to the last bit ({len(names)} rows): {listed}." in bench
