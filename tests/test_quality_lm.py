@@ -20,7 +20,7 @@ def test_the_lm_benchmark_builds_everything_keeps_rows_and_continues(tmp_path, m
         "--teacher_layers", "2", "--hidden_size", "32", "--intermediate_size", "64", "--teacher_heads", "4",
         "--teacher_kv_heads", "2", "--teacher_steps", "4", "--teacher_batch_size", "4", "--teacher_eval_steps", "2",
         "--student_layers", "1", "--student_steps", "2", "--student_batch_size", "4", "--student_eval_steps", "1",
-        "--eval_blocks", "4", "--test_blocks", "6", "--seeds", "1", "--variants", "ce", "jsd", "fkl_attn_hidden",
+        "--eval_blocks", "4", "--test_blocks", "6", "--seeds", "1", "--variants", "ce", "jsd", "fkl_attn_hidden", "fkl_top64",
     ]  # fmt: skip
     result = lm.main(argv)
     corpus = (tmp_path / "work" / "data" / "train.txt").read_text().splitlines()
@@ -33,12 +33,30 @@ def test_the_lm_benchmark_builds_everything_keeps_rows_and_continues(tmp_path, m
     tokenizer, config = AutoTokenizer.from_pretrained(teacher_dir), AutoConfig.from_pretrained(teacher_dir)
     assert config.vocab_size % 64 == 0 and config.vocab_size > len(tokenizer)  # padded past the tokenizer
     assert config.num_key_value_heads == 2 and config.num_attention_heads == 4
-    assert set(result["students"]) == {"ce", "jsd", "fkl_attn_hidden"}
+    assert set(result["students"]) == {"ce", "jsd", "fkl_attn_hidden", "fkl_top64"}
     for name, s in result["students"].items():
         assert s["seeds"] == [1] and s["mean"] > 1 and [p for p, _ in s["learning_curves"][0]] == [1, 2], name
         kept = json.loads((tmp_path / "runs" / f"{name}_seed1.json").read_text())
         assert kept["run"]["perplexity"] == s["mean"]
     assert "better than `ce` by" in (tmp_path / "res.md").read_text()
+    # the top-k row: its cache holds k = 64 float16 log-probabilities and 16-bit ids a position (4 bytes each)
+    fidelity = result["students"]["fkl_top64"]["top_k_fidelity"]
+    assert result["students"]["fkl_top64"]["cache_bytes_per_token"] == pytest.approx(64 * 4, rel=0.01)
+    assert 0 < fidelity["teacher_top_k_mass"] < 1 and fidelity["k"] == 64
+    assert "top 64 tokens hold" in (tmp_path / "res.md").read_text()
+
+    # with k = every token of the tokenizer the top-k losses are the dense KL (random student against the teacher)
+    (args,) = lm.HfArgumentParser(lm.QualityLMArguments).parse_args_into_dataclasses(argv)
+    from transformers import AutoModelForCausalLM
+
+    sharp = AutoModelForCausalLM.from_pretrained(teacher_dir)  # a student far from the teacher: its head x 30
+    sharp.lm_head.weight.data.mul_(30.0)
+    sharp.save_pretrained(tmp_path / "sharp")
+    val = tmp_path / "work" / "data" / "validation.txt"
+    whole = lm.top_k_fidelity(args, tmp_path / "sharp", teacher_dir, val, len(tokenizer))
+    assert whole["teacher_top_k_mass"] == pytest.approx(1.0, abs=1e-5) and whole["kl_dense"] > 0.1
+    for tail in ("renormalize", "uniform"):
+        assert whole[f"kl_top_k_{tail}"] == pytest.approx(whole["kl_dense"], rel=1e-4)
 
     def refuse(argv):
         raise AssertionError(f"trained again: {argv}")
@@ -46,3 +64,11 @@ def test_the_lm_benchmark_builds_everything_keeps_rows_and_continues(tmp_path, m
     monkeypatch.setattr(lm, "run_recipe", refuse)  # a rerun continues: teacher and rows are kept
     again = lm.main(argv)
     assert again["students"] == result["students"]
+
+
+def test_a_retrained_lm_teacher_must_be_the_one_the_kept_rows_had(tmp_path):
+    kept = {"key": "k", "perplexity": 40.0, "machine": "cpu A"}
+    same = lm.same_teacher(kept, {"perplexity": 40.0 * (1 + 1e-4), "machine": "cpu B"}, tmp_path / "teacher.json")
+    assert same["perplexity"] == 40.0 and same["retrained"] == [{"perplexity": 40.004, "machine": "cpu B"}]
+    with pytest.raises(RuntimeError, match="would mix teachers.*move .* aside"):
+        lm.same_teacher(kept, {"perplexity": 40.1, "machine": "cpu B"}, tmp_path / "teacher.json")

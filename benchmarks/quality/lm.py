@@ -13,8 +13,12 @@ Everything is built here, deterministically, so any sitting can rebuild it:
   for ``teacher_steps`` steps; its held-out perplexity curve is recorded (converged or not, said).
 - **Students**: half its depth, initialised from teacher layers ``student_layers``; rows ``ce`` (plain LM
   training), ``fkl`` / ``rkl`` / ``jsd`` (logit KD with that divergence, + hard labels), ``fkl_attn`` (``fkl`` +
-  causal attention KL on every student layer) and ``fkl_attn_hidden`` (+ hidden-state MSE); the same steps, data
-  order and seeds for every row.
+  causal attention KL on every student layer), ``fkl_attn_hidden`` (+ hidden-state MSE) and ``fkl_top64`` /
+  ``fkl_top64_uniform`` (``fkl`` from an offline cache of the teacher's top-64 log-probabilities, built once and
+  shared by their runs, the tail renormalised or spread: the gap a top-k cache costs); the same steps, data order
+  and seeds for every row. The top-k rows also record on the held-out tokens how much of the teacher's
+  probability its top-k holds, the forward KL of their trained student against the top-k teacher next to the KL
+  against the dense one, and the cache's bytes per token.
 
 Perplexity on every held-out block (``eval_blocks`` for the learning curves). Each finished (variant, seed) run is
 kept in ``runs_dir`` (committed), so a rerun of the same command continues where the last stopped; the teacher is
@@ -48,6 +52,8 @@ from hf_attn_distill.recipes.distill_lm import main as run_recipe
 from hf_attn_distill.utils.profiling import machine_info
 
 ROOT = Path(__file__).resolve().parents[2]
+TOP_K = 64
+"""Teacher tokens per position the ``fkl_top64*`` rows keep (an offline top-k cache shared by their runs)."""
 
 VARIANTS = {
     "ce": ["--training_mode", "finetune"],
@@ -59,6 +65,11 @@ VARIANTS = {
         "--divergence", "forward_kl", "--layer_map", "uniform", "--attention_weight", "1.0",
         "--hidden_weight", "1.0", "--hidden_layer_map", "uniform",
     ],
+    "fkl_top64": ["--divergence", "forward_kl", "--layer_map", "none", "--teacher_logits_top_k", str(TOP_K)],
+    "fkl_top64_uniform": [
+        "--divergence", "forward_kl", "--layer_map", "none", "--teacher_logits_top_k", str(TOP_K),
+        "--teacher_logits_tail", "uniform",
+    ],
 }  # fmt: skip
 
 LABELS = {
@@ -68,6 +79,8 @@ LABELS = {
     "jsd": "`jsd` (generalized JSD, beta 0.5)",
     "fkl_attn": "`fkl_attn` (+ causal attention KL)",
     "fkl_attn_hidden": "`fkl_attn_hidden` (+ hidden-state MSE)",
+    "fkl_top64": f"`fkl_top64` (`fkl` from a top-{TOP_K} teacher cache, tail renormalised)",
+    "fkl_top64_uniform": f"`fkl_top64_uniform` (`fkl` from a top-{TOP_K} cache, tail spread uniformly)",
 }
 
 
@@ -185,6 +198,49 @@ def held_out_metrics(args: QualityLMArguments, model_dir: Path, teacher_dir: Pat
     return lm_metrics(model, teacher, loader)
 
 
+def top_k_fidelity(args: QualityLMArguments, model_dir: Path, teacher_dir: Path, val: Path, k: int) -> dict:
+    """On the first ``test_blocks`` held-out blocks, per labelled token: ``teacher_top_k_mass`` (the teacher's
+    probability on its ``k`` most likely tokens), ``kl_dense`` (``KL(p_teacher || p_student)``, what a top-k cache
+    stands for) and ``kl_top_k_{tail}`` (the loss a top-k cache trains on, :func:`top_k_forward_kl`, each tail), all
+    at temperature 1 over the tokenizer's rows."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_attn_distill.tasks.lm import pack_texts
+    from hf_attn_distill.terms.divergences import TOP_K_TAILS, top_k_forward_kl
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    rows = len(tokenizer)
+    blocks = pack_texts(val.read_text().splitlines(), tokenizer, args.block_size)[: args.test_blocks]
+    student = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    sums = {"teacher_top_k_mass": 0.0, "kl_dense": 0.0, **{f"kl_top_k_{tail}": 0.0 for tail in TOP_K_TAILS}}
+    tokens = 0
+    with torch.inference_mode():
+        for block in blocks:
+            ids = torch.tensor([block])
+            # the last position has no next token in the block: it is no labelled token
+            s = student(input_ids=ids).logits[0, :-1, :rows].float()
+            t = teacher(input_ids=ids).logits[0, :-1, :rows].float()
+            log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
+            top = log_t.topk(k, dim=-1)
+            sums["teacher_top_k_mass"] += top.values.exp().sum().item()
+            sums["kl_dense"] += (log_t.exp() * (log_t - log_s)).sum().item()
+            for tail in TOP_K_TAILS:
+                sums[f"kl_top_k_{tail}"] += top_k_forward_kl(s, top.indices, top.values, 1.0, tail).sum().item()
+            tokens += s.shape[0]
+    return {"k": k, "tokens": tokens, **{name: value / tokens for name, value in sums.items()}}
+
+
+def cache_bytes_per_token(folder: Path) -> float:
+    """Bytes on disk of a finished top-k cache (its ``.npy`` arrays) per cached position."""
+    import numpy as np
+
+    ids = np.load(folder / "ids.npy", mmap_mode="r")
+    return sum(f.stat().st_size for f in folder.glob("*.npy")) / ids.shape[0]
+
+
 def trained_teacher(args: QualityLMArguments, work: Path, train: Path, val: Path) -> tuple[Path, dict]:
     """The benchmark's teacher: trained here (resuming its checkpoints) unless its folder holds a finished one of
     the same key; ``{perplexity, teacher_curve, teacher_converged, teacher_curve_note, key}``."""
@@ -233,9 +289,32 @@ def trained_teacher(args: QualityLMArguments, work: Path, train: Path, val: Path
     )  # fmt: skip
     (folder / "teacher_key.txt").write_text(key)
     summary = _teacher_record(args, folder, key, val)
+    kept = json.loads(record.read_text()) if record.exists() else {}
+    if kept.get("key") == key:  # retrained in a later sitting: the kept rows were trained against the first one
+        summary = same_teacher(kept, summary, record)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(summary, indent=2))
     return folder, summary
+
+
+TEACHER_RETRAIN_RTOL = 1e-3
+"""How far (relative) a retrained teacher's held-out perplexity may be from the recorded one's."""
+
+
+def same_teacher(kept: dict, retrained: dict, record: Path) -> dict:
+    """The kept teacher record, with ``retrained`` (the perplexity and machine of this sitting's retraining) added to
+    its ``retrained`` list, when the retraining gave the same teacher (perplexity within
+    :data:`TEACHER_RETRAIN_RTOL`; bit-equal on the same kind of CPU); a ``RuntimeError`` naming the fix otherwise,
+    since the kept student rows would then have been trained against another teacher."""
+    ppl, recorded = retrained["perplexity"], kept["perplexity"]
+    if abs(ppl - recorded) > TEACHER_RETRAIN_RTOL * recorded:
+        raise RuntimeError(
+            f"The teacher retrained in this sitting has held-out perplexity {ppl:.4f}, the one the kept rows were "
+            f"trained against {recorded:.4f} (machine: {kept.get('machine')}; this one: {retrained['machine']}): "
+            f"the rows would mix teachers. Run on that kind of machine, or move {record.parent} aside to start the "
+            "table again with this teacher."
+        )
+    return {**kept, "retrained": [*kept.get("retrained", []), {k: retrained[k] for k in ("perplexity", "machine")}]}
 
 
 def _teacher_record(args: QualityLMArguments, folder: Path, key: str, val: Path) -> dict:
@@ -275,6 +354,19 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityLMArgumen
             if any("kl_to_teacher" in r for r in items)
             else None,
             "wall_s_mean": statistics.fmean(r["wall_s"] for r in items),
+            **(
+                {
+                    "top_k_fidelity": {
+                        key: value
+                        if key in ("k", "tokens")
+                        else statistics.fmean(r["top_k_fidelity"][key] for r in items)
+                        for key, value in items[0]["top_k_fidelity"].items()
+                    },
+                    "cache_bytes_per_token": items[0]["cache_bytes_per_token"],
+                }
+                if all("top_k_fidelity" in r for r in items)
+                else {}
+            ),
             "learning_curves": [r["learning_curve"] for r in items if r.get("learning_curve")],
         }
     return {
@@ -282,6 +374,7 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityLMArgumen
         "unit": "held-out perplexity (lower is better)",
         "teacher": teacher["perplexity"],
         **{k: teacher[k] for k in ("teacher_curve", "teacher_converged", "teacher_curve_note", "key") if k in teacher},
+        "teacher_retrained": teacher.get("retrained", []),
         "students": students,
         "machine": machines(runs),
         "settings": portable_settings(args, ROOT),
@@ -318,6 +411,22 @@ def markdown(result: dict) -> str:
             flagged.append(name)
     if flagged:
         lines += ["", f"The teacher is not better than {', '.join(flagged)}: these rows measure nothing."]
+    top_k = {name: s for name, s in students.items() if "top_k_fidelity" in s}
+    if top_k:
+        lines += ["", "Top-k teacher caches, on the held-out tokens (per token, mean over seeds):", ""]
+        for name, s in top_k.items():
+            f = s["top_k_fidelity"]
+            tail = "uniform" if name.endswith("uniform") else "renormalize"
+            lines.append(
+                f"- `{name}`: the teacher's top {f['k']} tokens hold {f['teacher_top_k_mass'] * 100:.2f}% of its "
+                f"probability; the trained student's KL to the top-k teacher ({tail} tail) "
+                f"{f[f'kl_top_k_{tail}']:.4f} against {f['kl_dense']:.4f} to the dense teacher; cache "
+                f"{s['cache_bytes_per_token']:.0f} bytes per token."
+            )
+    retrained = result.get("teacher_retrained") or []
+    if retrained:
+        again = ", ".join(f"{r['perplexity']:.4f}" for r in retrained)
+        lines += ["", f"The teacher was retrained in later sittings (held-out perplexity {again}): the same teacher."]
     curves = learning_curve_lines(result)
     if curves:
         lines += ["", "Student learning curves (held-out perplexity, mean over seeds):", "", *curves]
@@ -339,8 +448,11 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_dir, teacher = trained_teacher(args, work, train, val)
     print(f"teacher perplexity {teacher['perplexity']:.2f} ({teacher['teacher_curve_note']})", flush=True)
 
+    top_k_cache = work / f"teacher-top{TOP_K}-cache-{teacher['key']}"
+
     def run_one(name: str, seed: int, output_dir: Path) -> dict:
         distill = name != "ce"
+        top_k = "--teacher_logits_top_k" in VARIANTS[name]
         run_recipe(
             [
                 "--teacher_model_name_or_path", str(teacher_dir), "--student_teacher_layers", args.student_layers,
@@ -352,15 +464,21 @@ def main(argv: list[str] | None = None) -> dict:
                 *common_args(args, output_dir, seed, train, val),
                 "--max_eval_samples", str(args.eval_blocks), "--evaluate_teacher", "false",
                 *VARIANTS[name],
+                *(["--teacher_logits_cache", str(top_k_cache)] if top_k else []),
             ]
         )  # fmt: skip
         final = held_out_metrics(args, output_dir, teacher_dir, val)
+        extra = {}
+        if top_k:
+            extra["top_k_fidelity"] = top_k_fidelity(args, output_dir, teacher_dir, val, TOP_K)
+            extra["cache_bytes_per_token"] = cache_bytes_per_token(top_k_cache)
         return {
             "perplexity": final["eval_perplexity"],
             "kl_to_teacher": final["eval_kl_to_teacher"],
             "top1_agreement": final["eval_top1_agreement"],
             "eval_tokens": final["eval_tokens"],
             "learning_curve": perplexity_curve(output_dir),
+            **extra,
         }
 
     return run_students(
