@@ -993,3 +993,61 @@ def test_sst2_seed1_after_the_re_layout_and_attention_keep_mb_is_the_streaming_r
     bench = " ".join((root / "benchmarks" / "README.md").read_text().split())
     listed = ", ".join(f"`{name}`" for name in sorted(names))
     assert f"reproduced the streaming rerun's seed 1 to the last bit ({len(names)} rows): {listed}." in bench
+
+
+def test_lm_modes_times_each_mode_from_the_trainers_runtime(tmp_path, monkeypatch):
+    """benchmarks/speed/lm_modes.py at tiny scale: a step's time is the difference of the trainer's runtimes over
+    steps + 1 and 1 step (here a fake recipe of 2 s + 0.5 s a step, 1.5 s on-policy), seq_kd's generation time per
+    record, and the table's ratios are those of the JSON."""
+    from benchmarks.speed import lm_modes
+    from hf_attn_distill.recipes import distill_lm
+
+    seen = []
+
+    def recipe(argv):
+        seen.append(argv)
+        steps = int(argv[argv.index("--max_steps") + 1])
+        return {"train_runtime": 2.0 + steps * (1.5 if "--lmbda" in argv else 0.5)}
+
+    monkeypatch.setattr(distill_lm, "main", recipe)
+    argv = ["--layers", "2", "--hidden", "16", "--vocab", "100", "--prompt_tokens", "4", "--new_tokens", "4"]
+    result = lm_modes.main(
+        [*argv, "--records", "4", "--batch_size", "2", "--steps", "3", "--output", str(tmp_path / "m")]
+    )
+    rows = result["rows"]
+    assert rows["off_policy"]["step_s"] == pytest.approx(0.5) and rows["on_policy"]["step_s"] == pytest.approx(1.5)
+    assert [a[a.index("--student_teacher_layers") + 1] for a in seen] == ["1"] * 4
+    assert rows["seq_kd"]["records"] == 4 and rows["seq_kd"]["s_per_record"] > 0
+    table = (tmp_path / "m.md").read_text()
+    assert "| `on_policy` | 1.500 s / step | 3.00x |" in table
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == rows
+    with pytest.raises(ValueError, match="Unknown modes"):
+        lm_modes.main(["--modes", "offline"])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_lm_cost_readings_are_the_committed_runs():
+    """README's on-policy / seq_kd costs and benchmarks/README.md's lm_modes and lm_memory tables are the committed
+    results (lm_modes.json, lm_memory.json)."""
+    modes = json.loads((ROOT / "benchmarks/results/lm_modes.json").read_text())
+    rows, batch = modes["rows"], modes["settings"]["batch_size"]
+    on = rows["on_policy"]["step_s"] / rows["off_policy"]["step_s"]
+    seq = rows["seq_kd"]["s_per_record"] * batch / rows["off_policy"]["step_s"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{on:.1f}x an off-policy step, and `seq_kd`'s answers {seq:.1f} steps a batch, once" in readme
+    bench = (ROOT / "benchmarks/README.md").read_text()
+    table = (ROOT / "benchmarks/results/lm_modes.md").read_text().split("\n\n", 2)[2].strip()
+    assert table in bench
+    memory = json.loads((ROOT / "benchmarks/results/lm_memory.json").read_text())
+    by = {(r["vocab"], r["method"]): r for r in memory["rows"]}
+    for vocab in sorted({r["vocab"] for r in memory["rows"]}):
+        cells = [f"{by[vocab, 'naive']['one_logits_tensor_mb']:,.0f}"] if "loss" in by[vocab, "naive"] else []
+        peaks = [
+            f"{by[vocab, m]['peak_mb']:,.0f}" if "loss" in by[vocab, m] else "did not fit"
+            for m in ("naive", "token_kd", "chunked", "naive_ce_kd", "chunked_ce_kd")
+        ]
+        line = next(x for x in bench.splitlines() if x.startswith(f"| {vocab:,} |"))
+        assert line.endswith(" | ".join(peaks) + " |"), line
+        assert not cells or line.startswith(f"| {vocab:,} | {cells[0]} |"), line

@@ -114,7 +114,11 @@ def sequence_kd_dataset(
             labels = kept["labels"] if kept.get("key") == key else []
         folder.mkdir(parents=True, exist_ok=True)
         device = next(teacher.parameters()).device
-        with tqdm(total=len(dataset), desc="Teacher translations (sequence-level KD)", unit="sentence") as bar:
+        with tqdm(
+            total=len(dataset),
+            desc=f"Teacher {'answers' if causal else 'translations'} (sequence-level KD)",
+            unit="record",
+        ) as bar:
             bar.update(len(labels))
             for index, first in enumerate(range(len(labels), len(dataset), batch_size)):
                 rows = sources[first : first + batch_size]
