@@ -162,8 +162,8 @@ class DistillConfig(TrainingArguments):
             `final_logits_bias`) and a teacher-logit cache of whole logits use the full logits. Same values and
             gradients as the full logits.
         lm_chunk_tokens (`int`, *optional*, defaults to `0`):
-            Tokens per chunk of the chunked LM loss; `0` picks them from the vocabulary size (about 4M logits,
-            16 MB of float32, per chunk).
+            Tokens per chunk of the chunked LM loss; `0` picks them from the vocabulary size (about 8M logits,
+            32 MB of float32, per chunk, and at least 128 tokens: fewer make a large vocabulary's step slower).
         attention_loss (`str`, *optional*, defaults to `"kl"`):
             Per-head attention-transfer loss. `"kl"`: MiniLM, row-wise KL(teacher || student) between attention
             distributions (from log-probabilities), mean over heads and valid query rows. `"mse_scores"`: TinyBERT,

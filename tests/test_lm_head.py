@@ -66,6 +66,27 @@ def test_both_sums_and_every_combination_of_their_gradients_equal_the_full_logit
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_ignored_targets_add_nothing_to_the_sums_or_the_gradients(divergence):
+    """Rows whose target is -100 count in the divergence but not in the cross-entropy, as ``F.cross_entropy``
+    (the closed-form forward-KL gradient and the autograd one of the other divergences alike)."""
+    s_head, t_head = head(200, 12, True, 3), head(200, 20, False, 4)
+    torch.manual_seed(5)
+    s_hidden = torch.randn(23, 12, requires_grad=True)
+    t_hidden, targets = torch.randn(23, 20), torch.randint(0, 200, (23,))
+    targets[::3] = -100
+    settings = LMHeadSettings(divergence, 1.5, 0.5, 0.1, 4, None, 0.6, 0.4)
+    ce, kd = lm_head_losses(s_hidden, s_head, t_hidden, t_head, targets, settings)
+    s_hidden2 = s_hidden.detach().clone().requires_grad_(True)
+    ce_ref, kd_ref = reference(s_hidden2, s_head, t_hidden, t_head, targets, settings)
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kd, kd_ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(0.6 * ce + 0.4 * kd, [s_hidden, *s_head.parameters()])
+    want = torch.autograd.grad(0.6 * ce_ref + 0.4 * kd_ref, [s_hidden2, *s_head.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_without_targets_or_teacher_only_the_other_sum_is_made():
     s_head, t_head = head(50, 8, False, 0), head(50, 8, False, 1)
     hidden, t_hidden, targets = torch.randn(9, 8, requires_grad=True), torch.randn(9, 8), torch.randint(0, 50, (9,))

@@ -71,6 +71,7 @@ def worker(spec: dict) -> dict:
     t_hidden = torch.randn(tokens, spec["teacher_hidden"])
     targets = torch.randint(0, spec["vocab"], (tokens,))
     method = spec["method"]
+    chunk = spec.get("chunk_tokens", 0)
     if method == "liger":
         try:
             from liger_kernel.transformers import LigerFusedLinearJSDLoss
@@ -82,9 +83,11 @@ def worker(spec: dict) -> dict:
         s_hidden.grad = None
         s_head.weight.grad = None
         if method == "chunked":
-            loss = chunked_lm_divergence(s_hidden, s_head, t_hidden, t_head, None, "forward_kl", temperature=2.0)
+            loss = chunked_lm_divergence(
+                s_hidden, s_head, t_hidden, t_head, None, "forward_kl", temperature=2.0, chunk_tokens=chunk
+            )
         elif method == "chunked_ce_kd":
-            settings = LMHeadSettings("forward_kl", 2.0, ce_weight=0.5, kd_weight=0.5)
+            settings = LMHeadSettings("forward_kl", 2.0, chunk_tokens=chunk, ce_weight=0.5, kd_weight=0.5)
             ce, kd = lm_head_losses(s_hidden, s_head, t_hidden, t_head, targets, settings)
             loss = (0.5 * ce + 0.5 * kd) / tokens
         elif method == "naive_ce_kd":
@@ -150,6 +153,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher_hidden", type=int, default=1536)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--chunk_tokens", type=int, default=0, help="Rows per chunk of the chunked methods (0: the package's choice)."
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "lm_memory"))
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -158,7 +164,9 @@ def main(argv=None) -> dict:
         return {}
     from hf_attn_distill.utils.profiling import machine_info
 
-    shape = {k: getattr(args, k) for k in ("batch", "tokens", "student_hidden", "teacher_hidden", "repeats")}
+    shape = {
+        k: getattr(args, k) for k in ("batch", "tokens", "student_hidden", "teacher_hidden", "repeats", "chunk_tokens")
+    }
     output = Path(args.output + ".json")
     machine = machine_info()
     measured = {}  # measured rows of an earlier run of this shape on this machine kind: not measured again

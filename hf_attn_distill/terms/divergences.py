@@ -20,7 +20,6 @@ gradients keep their scale as ``T`` changes).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import NamedTuple
 
@@ -33,16 +32,30 @@ from hf_attn_distill.config import DIVERGENCES, TOP_K_TAILS
 __all__ = [
     "DIVERGENCES",
     "LM_CHUNK_ELEMENTS",
+    "LM_MIN_CHUNK_ROWS",
     "LMHeadSettings",
     "TOP_K_TAILS",
     "chunked_lm_divergence",
+    "lm_chunk_rows",
     "lm_head_losses",
     "top_k_forward_kl",
     "token_divergence",
 ]
 
-LM_CHUNK_ELEMENTS = 1 << 22
-"""Logits per chunk when ``chunk_tokens`` is 0: 4M, 16 MB of float32 per temporary."""
+LM_CHUNK_ELEMENTS = 1 << 23
+"""Logits per chunk when ``chunk_tokens`` is 0: 8M, 32 MB of float32 per temporary (but at least
+:data:`LM_MIN_CHUNK_ROWS` rows)."""
+
+LM_MIN_CHUNK_ROWS = 128
+"""Fewest rows of a chunk chosen from the vocabulary: each chunk reads both heads' whole weights, so fewer rows make
+a large vocabulary's step bandwidth-bound (152k words, 4 x 1,024 tokens, 2 CPU cores: 21 s a step at 27 rows, 14 s
+at 128; ``benchmarks/results/lm_memory.md``)."""
+
+
+def lm_chunk_rows(vocab: int, chunk_tokens: int = 0) -> int:
+    """Rows per chunk of the chunked LM loss: ``chunk_tokens``, or (``0``) :data:`LM_CHUNK_ELEMENTS` logits' worth,
+    between :data:`LM_MIN_CHUNK_ROWS` and 4,096."""
+    return chunk_tokens or max(LM_MIN_CHUNK_ROWS, min(4096, LM_CHUNK_ELEMENTS // max(vocab, 1)))
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -137,9 +150,9 @@ class LMHeadSettings(NamedTuple):
     top_k_tail: str = "renormalize"
 
 
-def _chunk_losses(h, w, b, t_h, t_w, t_b, targets, settings: LMHeadSettings):
-    """``(cross-entropy sum, T² · divergence sum)`` of one chunk of rows (``None`` for what is not asked)."""
-    logits = F.linear(h, w, b)
+def _chunk_losses(logits, t_h, t_w, t_b, targets, settings: LMHeadSettings):
+    """``(cross-entropy sum, T² · divergence sum)`` of one chunk of student ``logits`` ``[n, V]`` (``None`` for what
+    is not asked)."""
     ce = F.cross_entropy(logits.float(), targets, reduction="sum") if targets is not None else None
     kd = None
     if isinstance(t_h, tuple):  # a top-k teacher: (indices, log-probabilities) of these rows
@@ -179,6 +192,68 @@ def _rows_of(teacher, rows: slice):
     return teacher[rows]
 
 
+def _forward_kl_ce_grad(logits, t_logits, targets, settings: LMHeadSettings, weights):
+    """``(ce, kd, g)`` of one chunk: the sums of :func:`_chunk_losses` for the forward KL (``None`` for what is not
+    asked) and ``g``, the gradient of ``weights[0] · ce + weights[1] · kd`` with respect to ``logits`` ``[n, V]``
+    (float32), from its closed form: ``softmax(z) - onehot(y)`` for the cross-entropy (rows of target ``-100`` add
+    nothing), ``T (softmax(z / T) - softmax(t / T))`` on the first ``vocab_rows`` columns for ``T² · KL``. No
+    autograd graph: a few in-place passes over the chunk instead of autograd's many temporaries."""
+    w_ce, w_kd = weights
+    z = logits.float()
+    g = torch.zeros_like(z)
+    ce = kd = None
+    if targets is not None:
+        valid = targets != -100
+        y = torch.where(valid, targets, 0)
+        lse = torch.logsumexp(z, dim=-1)
+        ce = torch.where(valid, lse - z.gather(-1, y[:, None])[:, 0], 0.0).sum()
+        if w_ce != 0:
+            torch.sub(z, lse[:, None], out=g).exp_().mul_(w_ce)
+            g.scatter_add_(-1, y[:, None], torch.full_like(lse, -w_ce)[:, None])
+            g.masked_fill_(~valid[:, None], 0.0)
+    if t_logits is not None:
+        cols = slice(None, settings.vocab_rows)
+        inv, temperature = 1.0 / settings.temperature, settings.temperature
+        log_s = F.log_softmax(z[:, cols] * inv, dim=-1)
+        log_t = F.log_softmax(t_logits[:, cols].float() * inv, dim=-1)
+        kd = _kl(log_t, log_s).sum() * temperature**2
+        if w_kd != 0:
+            g[:, cols] += log_s.exp_().sub_(log_t.exp_()).mul_(w_kd * temperature)
+    return ce, kd, g
+
+
+def _chunk_step(hidden, weight, bias, rows, t_h, t_w, t_b, targets, settings, weights, grads):
+    """The losses of one chunk of rows; with ``grads`` (``[d hidden, d weight, d bias]``), also adds into them the
+    gradient of ``weights[0] · ce + weights[1] · kd``. Only the chunk's logits go through autograd: the head's
+    gradient is accumulated in place (``addmm_``), so a chunk allocates no ``[V, H]`` tensor (a fresh one per
+    chunk, page-faulted in each time, made a 152k-vocabulary step several times slower)."""
+    h = hidden[rows].detach()
+    with torch.no_grad():
+        logits = F.linear(h, weight.detach(), None if bias is None else bias.detach())
+    if grads is None:
+        return _chunk_losses(logits, t_h, t_w, t_b, targets, settings)
+    if settings.divergence == "forward_kl" and not isinstance(t_h, tuple):
+        t_logits = None
+        if t_h is not None:
+            with torch.no_grad():
+                t_logits = F.linear(t_h, t_w, t_b)
+        ce, kd, g = _forward_kl_ce_grad(logits, t_logits, targets, settings, weights)
+    else:
+        with torch.enable_grad():
+            logits.requires_grad_(True)
+            ce, kd = _chunk_losses(logits, t_h, t_w, t_b, targets, settings)
+            total = _combined(ce, kd, *weights)
+            if not isinstance(total, torch.Tensor):  # no term of this chunk counts
+                return ce, kd
+            (g,) = torch.autograd.grad(total, logits)
+    g = g.to(weight.dtype)
+    grads[0][rows] = g @ weight.detach()
+    grads[1].addmm_(g.t(), h)
+    if grads[2] is not None:
+        grads[2] += g.sum(0)
+    return ce, kd
+
+
 class _LMHeadLosses(torch.autograd.Function):
     """Forward: both sums, a chunk of rows at a time; when a backward will follow, also the gradient (student hidden
     states, head weight and bias) of ``ce_weight · ce + kd_weight · kd``, chunk by chunk, so no chunk's logits outlive
@@ -189,7 +264,7 @@ class _LMHeadLosses(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, targets, settings, want_grad):
         rows_total = hidden.shape[0]
         vocab = weight.shape[0]
-        step = settings.chunk_tokens or max(1, min(4096, LM_CHUNK_ELEMENTS // max(vocab, 1)))
+        step = lm_chunk_rows(vocab, settings.chunk_tokens)
         chunks = [slice(i, min(i + step, rows_total)) for i in range(0, rows_total, step)]
         ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -208,18 +283,9 @@ class _LMHeadLosses(torch.autograd.Function):
         for rows in chunks:
             t_h = _rows_of(t_hidden, rows)
             tgt = None if targets is None else targets[rows]
-            with torch.enable_grad() if prepare else contextlib.nullcontext():
-                h = hidden[rows].detach().requires_grad_(prepare)
-                w = weight.detach().requires_grad_(prepare)
-                b = None if bias is None else bias.detach().requires_grad_(prepare)
-                ce, kd = _chunk_losses(h, w, b, t_h, t_weight, t_bias, tgt, settings)
-                if prepare:
-                    inputs = (h, w) if b is None else (h, w, b)
-                    got = torch.autograd.grad(_combined(ce, kd, *weights), inputs)
-                    grads[0][rows] = got[0]
-                    grads[1] += got[1]
-                    if b is not None:
-                        grads[2] += got[2]
+            ce, kd = _chunk_step(
+                hidden, weight, bias, rows, t_h, t_weight, t_bias, tgt, settings, weights, grads if prepare else None
+            )
             if ce is not None:
                 ce_total += ce.detach()
             if kd is not None:
@@ -245,25 +311,11 @@ class _LMHeadLosses(torch.autograd.Function):
             out = [torch.zeros_like(hidden), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)]
             if g_ce != 0 or g_kd != 0:
                 for rows in ctx.chunks:
-                    with torch.enable_grad():
-                        h = hidden[rows].detach().requires_grad_(True)
-                        w = weight.detach().requires_grad_(True)
-                        b = None if bias is None else bias.detach().requires_grad_(True)
-                        ce, kd = _chunk_losses(
-                            h,
-                            w,
-                            b,
-                            _rows_of(t_hidden, rows),
-                            t_weight,
-                            t_bias,
-                            None if targets is None else targets[rows],
-                            ctx.settings,
-                        )
-                        got = torch.autograd.grad(_combined(ce, kd, g_ce, g_kd), (h, w) if b is None else (h, w, b))
-                    out[0][rows] = got[0]
-                    out[1] += got[1]
-                    if b is not None:
-                        out[2] += got[2]
+                    tgt = None if targets is None else targets[rows]
+                    _chunk_step(
+                        hidden, weight, bias, rows, _rows_of(t_hidden, rows), t_weight, t_bias, tgt, ctx.settings,
+                        (g_ce, g_kd), out,
+                    )  # fmt: skip
         return out[0], out[1], out[2], None, None, None, None, None, None
 
 
@@ -324,7 +376,7 @@ def chunked_lm_divergence(
 ) -> torch.Tensor:
     """``T² ·`` the mean over the tokens of ``mask`` of :func:`token_divergence` between the two models' next-token
     distributions, computed from their last hidden states ``[..., H]`` through their output heads,
-    ``chunk_tokens`` rows at a time (``0``: about :data:`LM_CHUNK_ELEMENTS` logits a chunk), forward and backward:
+    ``chunk_tokens`` rows at a time (``0``: :func:`lm_chunk_rows`), forward and backward:
     no ``[tokens, V]`` tensor is ever held in full (:func:`lm_head_losses`).
 
     ``mask`` (``[...]``, bool) selects the tokens that count (labels ``!= -100``); ``vocab_rows`` compares only the

@@ -285,7 +285,7 @@ def prepare_logits_cache(trainer) -> TeacherLogitsCache | TeacherTopKCache:
 
 def _prepare_top_k(trainer, dataset, key: dict) -> TeacherTopKCache:
     """The top-k cache of a causal-LM teacher (built on the main process, reused when its key matches)."""
-    from hf_attn_distill.terms.divergences import LM_CHUNK_ELEMENTS
+    from hf_attn_distill.terms.divergences import lm_chunk_rows
     from hf_attn_distill.terms.lm_head import HeadTap, is_causal_lm
 
     args, teacher = trainer.args, trainer.teacher_model
@@ -309,7 +309,7 @@ def _prepare_top_k(trainer, dataset, key: dict) -> TeacherTopKCache:
         )
         tap = HeadTap(head)
         tap.register()
-        rows = max(1, LM_CHUNK_ELEMENTS // vocab)
+        rows = lm_chunk_rows(vocab)
 
         @torch.inference_mode()
         def forward(batch):
