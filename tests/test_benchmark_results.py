@@ -1048,6 +1048,11 @@ def test_the_lm_cost_readings_are_the_committed_runs():
             f"{by[vocab, m]['peak_mb']:,.0f}" if "loss" in by[vocab, m] else "did not fit"
             for m in ("naive", "token_kd", "chunked", "naive_ce_kd", "chunked_ce_kd")
         ]
-        line = next(x for x in bench.splitlines() if x.startswith(f"| {vocab:,} |"))
+        line, times = [x for x in bench.splitlines() if x.startswith(f"| {vocab:,} |")][:2]
         assert line.endswith(" | ".join(peaks) + " |"), line
         assert not cells or line.startswith(f"| {vocab:,} | {cells[0]} |"), line
+        seconds = [
+            f"{by[vocab, m]['step_s']:.2f}" if "loss" in by[vocab, m] else "-"
+            for m in ("naive", "token_kd", "chunked", "naive_ce_kd", "chunked_ce_kd")
+        ]
+        assert times == f"| {vocab:,} | " + " | ".join(seconds) + " |", times
