@@ -87,6 +87,31 @@ def test_ignored_targets_add_nothing_to_the_sums_or_the_gradients(divergence):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("vocab_rows", [None, 180])
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (0.0, 1.0), (1.0, 0.0)])
+def test_the_forward_kl_kernel_equals_the_full_logits_at_every_temperature_and_width(temperature, vocab_rows, weights):
+    """The closed-form forward-KL + CE kernel (at ``T = 1`` one softmax serves both terms; with ``vocab_rows`` the
+    teacher's term covers the first columns only; ignored targets in between): sums and gradients equal autograd
+    through the full logits, for the weighted sum it prepared and for the terms alone."""
+    s_head, t_head = head(200, 12, True, 6), head(200, 20, True, 7)
+    torch.manual_seed(8)
+    s_hidden = torch.randn(29, 12, requires_grad=True)
+    t_hidden, targets = torch.randn(29, 20), torch.randint(0, 200, (29,))
+    targets[1::4] = -100
+    settings = LMHeadSettings("forward_kl", temperature, 0.5, 0.1, 6, vocab_rows, *weights)
+    for combine in (lambda a, b: weights[0] * a + weights[1] * b, lambda a, b: 0.7 * a + 1.3 * b):
+        ce, kd = lm_head_losses(s_hidden, s_head, t_hidden, t_head, targets, settings)
+        s_hidden2 = s_hidden.detach().clone().requires_grad_(True)
+        ce_ref, kd_ref = reference(s_hidden2, s_head, t_hidden, t_head, targets, settings)
+        torch.testing.assert_close(ce, ce_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kd, kd_ref, rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad(combine(ce, kd), [s_hidden, *s_head.parameters()])
+        want = torch.autograd.grad(combine(ce_ref, kd_ref), [s_hidden2, *s_head.parameters()])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_without_targets_or_teacher_only_the_other_sum_is_made():
     s_head, t_head = head(50, 8, False, 0), head(50, 8, False, 1)
     hidden, t_hidden, targets = torch.randn(9, 8, requires_grad=True), torch.randn(9, 8), torch.randint(0, 50, (9,))

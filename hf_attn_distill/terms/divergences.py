@@ -192,33 +192,81 @@ def _rows_of(teacher, rows: slice):
     return teacher[rows]
 
 
+def _exp_shifted(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e, s, lse)`` of rows ``x`` ``[n, V]``: ``e = exp(scale · (x - max))`` in new memory, its row sums ``s``
+    ``[n]`` and ``lse = logsumexp(scale · x)`` ``[n]``; ``e / s`` is ``softmax(scale · x)``."""
+    m = x.amax(-1, keepdim=True)
+    e = torch.sub(x, m)
+    if scale != 1.0:
+        e.mul_(scale)
+    e.exp_()
+    s = e.sum(-1)
+    return e, s, m[:, 0] * scale + s.log()
+
+
 def _forward_kl_ce_grad(logits, t_logits, targets, settings: LMHeadSettings, weights):
     """``(ce, kd, g)`` of one chunk: the sums of :func:`_chunk_losses` for the forward KL (``None`` for what is not
     asked) and ``g``, the gradient of ``weights[0] · ce + weights[1] · kd`` with respect to ``logits`` ``[n, V]``
     (float32), from its closed form: ``softmax(z) - onehot(y)`` for the cross-entropy (rows of target ``-100`` add
-    nothing), ``T (softmax(z / T) - softmax(t / T))`` on the first ``vocab_rows`` columns for ``T² · KL``. No
-    autograd graph: a few in-place passes over the chunk instead of autograd's many temporaries."""
+    nothing), ``T (softmax(z / T) - softmax(t / T))`` on the first ``vocab_rows`` columns for ``T² · KL``.
+
+    No autograd graph, and few passes and allocations over the chunk (on a CPU each fresh chunk-sized tensor is
+    page-faulted in): ``logits`` and ``t_logits`` are consumed (overwritten), each softmax is made once and left
+    unnormalised until the gradient's single scaling pass, at ``T = 1`` the student's serves both terms, and a row's
+    KL is ``Σ p_t (t - z) / T - logsumexp(t / T) + logsumexp(z / T)``, summed in ``z``'s memory. Teacher
+    logits are finite (a linear layer's output; the trainer's ``nonfinite_check`` stops at a non-finite one)."""
     w_ce, w_kd = weights
     z = logits.float()
-    g = torch.zeros_like(z)
-    ce = kd = None
+    width = z.shape[-1]
+    cols = slice(None, settings.vocab_rows)
+    temperature = settings.temperature
+    inv = 1.0 / temperature
+    ce = kd = e = e_q = valid = None
     if targets is not None:
         valid = targets != -100
         y = torch.where(valid, targets, 0)
-        lse = torch.logsumexp(z, dim=-1)
+        e, s, lse = _exp_shifted(z, 1.0)
         ce = torch.where(valid, lse - z.gather(-1, y[:, None])[:, 0], 0.0).sum()
-        if w_ce != 0:
-            torch.sub(z, lse[:, None], out=g).exp_().mul_(w_ce)
-            g.scatter_add_(-1, y[:, None], torch.full_like(lse, -w_ce)[:, None])
-            g.masked_fill_(~valid[:, None], 0.0)
     if t_logits is not None:
-        cols = slice(None, settings.vocab_rows)
-        inv, temperature = 1.0 / settings.temperature, settings.temperature
-        log_s = F.log_softmax(z[:, cols] * inv, dim=-1)
-        log_t = F.log_softmax(t_logits[:, cols].float() * inv, dim=-1)
-        kd = _kl(log_t, log_s).sum() * temperature**2
-        if w_kd != 0:
-            g[:, cols] += log_s.exp_().sub_(log_t.exp_()).mul_(w_kd * temperature)
+        zc = z[:, cols]
+        shared = e is not None and temperature == 1.0 and zc.shape[-1] == width
+        e_q, s_q, lse_q = (e, s, lse) if shared else _exp_shifted(zc, inv)
+        t = t_logits[:, cols].float()
+        zc.sub_(t)  # z - t: z is not read again
+        m_t = t.amax(-1, keepdim=True)
+        e_t = t.sub_(m_t)
+        if inv != 1.0:
+            e_t.mul_(inv)
+        e_t.exp_()
+        s_t = e_t.sum(-1)
+        lse_t = m_t[:, 0] * inv + s_t.log()
+        rows = zc.mul_(e_t).sum(-1) * (-inv) / s_t + (lse_q - lse_t)  # a cascade sum: bmm's dot loses digits
+        kd = rows.sum() * temperature**2
+    # the gradient, in the softmaxes' memory: one scaling pass each, the teacher's subtracted in the same pass
+    g = None
+    ce_scale = None
+    if e is not None and w_ce != 0:
+        ce_scale = valid.to(e.dtype) * w_ce / s
+    if e_q is not None and w_kd != 0:
+        c = w_kd * temperature
+        scale = c / s_q if ce_scale is None or e_q is not e else ce_scale + c / s_q
+        e_q.mul_(scale[:, None]).addcmul_(e_t, (-c / s_t)[:, None])
+        if e_q is e:
+            g = e
+        elif ce_scale is not None:
+            g = e.mul_(ce_scale[:, None])
+            g[:, cols] += e_q
+        elif e_q.shape[-1] == width:
+            g = e_q
+        else:
+            g = torch.zeros_like(z)
+            g[:, cols] = e_q
+    elif ce_scale is not None:
+        g = e.mul_(ce_scale[:, None])
+    if g is None:
+        return ce, kd, torch.zeros_like(z)
+    if ce_scale is not None:
+        g.scatter_add_(-1, y[:, None], (valid.to(g.dtype) * -w_ce)[:, None])
     return ce, kd, g
 
 
@@ -243,12 +291,13 @@ def _chunk_step(hidden, weight, bias, rows, t_h, t_w, t_b, targets, settings, we
             logits.requires_grad_(True)
             ce, kd = _chunk_losses(logits, t_h, t_w, t_b, targets, settings)
             total = _combined(ce, kd, *weights)
-            if not isinstance(total, torch.Tensor):  # no term of this chunk counts
-                return ce, kd
-            (g,) = torch.autograd.grad(total, logits)
+            if isinstance(total, torch.Tensor):
+                (g,) = torch.autograd.grad(total, logits)
+            else:  # no term of this chunk counts; its rows are still written
+                g = torch.zeros_like(logits)
     g = g.to(weight.dtype)
     grads[0][rows] = g @ weight.detach()
-    grads[1].addmm_(g.t(), h)
+    grads[1].addmm_(g.t(), h, beta=0.0 if rows.start == 0 else 1.0)  # the first chunk writes it: no zero fill
     if grads[2] is not None:
         grads[2] += g.sum(0)
     return ce, kd
@@ -275,11 +324,8 @@ class _LMHeadLosses(torch.autograd.Function):
         prepare = want_grad and any(weights)
         grads = None
         if prepare:
-            grads = [
-                torch.zeros_like(hidden),
-                torch.zeros_like(weight),
-                None if bias is None else torch.zeros_like(bias),
-            ]
+            fresh = torch.empty_like if chunks else torch.zeros_like  # the chunks write every row and the head
+            grads = [fresh(hidden), fresh(weight), None if bias is None else torch.zeros_like(bias)]
         for rows in chunks:
             t_h = _rows_of(t_hidden, rows)
             tgt = None if targets is None else targets[rows]
