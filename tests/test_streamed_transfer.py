@@ -346,17 +346,17 @@ def test_the_trainer_logs_each_layers_path_once(tmp_path, caplog):
 
     ids = torch.randint(1000, 2000, (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
-    for keep_mb, path in ((0.0, "blocks recomputed in backward"), (64.0, "kept for backward")):
+    for keep_mb, path in ((0.0, "blocks recomputed in backward"), (128.0, "kept for backward")):
         teacher = tiny_classifier(0, num_hidden_layers=4)
         student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2)
         args = DistillConfig(output_dir=str(tmp_path), report_to="none", attention_keep_mb=keep_mb)
         trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
         (transfer,) = trainer.transfers
         assert transfer.keep_elements == int(keep_mb * 2**20) // 4
-        if keep_mb == 64.0:  # the default keeps up to 384 tokens at batch 8, 12 heads (docs/internals.md)
+        if keep_mb == 128.0:  # the default keeps up to 512 tokens at batch 8, 12 heads (docs/internals.md)
             assert args.attention_keep_mb == DistillConfig.attention_keep_mb
-            assert streamed.keeps_attention(8, 12, 384, 384, transfer.keep_elements)
-            assert not streamed.keeps_attention(8, 12, 512, 512, transfer.keep_elements)
+            assert streamed.keeps_attention(8, 12, 512, 512, transfer.keep_elements)
+            assert not streamed.keeps_attention(8, 12, 1024, 1024, transfer.keep_elements)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="hf_attn_distill.terms.attention"):
             for _ in range(2):

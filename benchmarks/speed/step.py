@@ -142,8 +142,9 @@ def same_optimizer(student, device):
     return optimizer_cls(student.parameters(), **kwargs)
 
 
-def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
-    """Return a zero-argument function doing one training step of ``mode``."""
+def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool, attention_keep_mb: float | None = None):
+    """Return a zero-argument function doing one training step of ``mode`` (``attention_keep_mb``: D's, ``None``
+    for the config's default)."""
     import torch
 
     from hf_attn_distill import DistillConfig, DistillTrainer
@@ -170,6 +171,7 @@ def step_fns(mode: str, teacher, student, batch, pairs, device, bf16: bool):
             attention_loss="kl",
             temperature=2.0,
             disable_tqdm=True,
+            **({} if attention_keep_mb is None else {"attention_keep_mb": attention_keep_mb}),
             **{k: [list(p) for p in v] if v is not None else None for k, v in maps.items()},
         )
         trainer = DistillTrainer(model=student, teacher_model=teacher, args=args)
@@ -297,7 +299,7 @@ def run_worker(spec: dict) -> dict:
         pairs = resolve_layer_map("uniform", student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         vocab = teacher.config.vocab_size
     batch = make_batch(spec["batch"], spec["seq_len"], vocab, device, qa=spec["pair"].endswith("-qa"), seq2seq=seq2seq)
-    step = step_fns(spec["mode"], teacher, student, batch, pairs, device, spec["bf16"])
+    step = step_fns(spec["mode"], teacher, student, batch, pairs, device, spec["bf16"], spec.get("attention_keep_mb"))
 
     def sync():
         if device.type == "cuda":
@@ -537,6 +539,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA).")
+    parser.add_argument(
+        "--attention_keep_mb",
+        type=float,
+        default=None,
+        help="D's DistillConfig.attention_keep_mb (default: the config's default).",
+    )
     parser.add_argument("--timeout", type=int, default=900, help="Seconds per row before it counts as an error.")
     parser.add_argument(
         "--cache_epochs", type=int, default=3, help="Epochs of the teacher-logit cache comparison (0 skips it)."
@@ -578,6 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "warmup": args.warmup,
                 "steps": args.steps,
                 "bf16": args.bf16,
+                "attention_keep_mb": args.attention_keep_mb,
             }
             row = run_row(spec, args.timeout)
             rows.append(row)
