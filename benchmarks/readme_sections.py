@@ -98,6 +98,18 @@ def translation() -> str:
     return quality_translation.readme(result) + "\n" + best_reading(result) + curve_reading(result) + "\n"
 
 
+def lm() -> str:
+    from benchmarks.quality import lm as quality_lm
+
+    path = ROOT / "benchmarks" / "results" / "quality_lm.json"
+    if not path.exists():
+        return (
+            "### Causal LM\n\nNo run of `python -m benchmarks.quality.lm` has finished yet (its design and plan: "
+            "[benchmarks/README.md](benchmarks/README.md)).\n"
+        )
+    return quality_lm.readme(json.loads(path.read_text()))
+
+
 def claims() -> str:
     from benchmarks.quality import claims as claims_module
 
@@ -130,6 +142,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "sst2": sst2,
     "qa": qa,
     "translation": translation,
+    "lm": lm,
     "claims": claims,
     "speed": speed,
 }

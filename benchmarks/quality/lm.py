@@ -39,6 +39,7 @@ from transformers import HfArgumentParser
 from benchmarks.quality.runs import (
     RUN_SELECTION,
     check_variants,
+    curve_points,
     learning_curve_lines,
     machines,
     mean_std,
@@ -431,6 +432,54 @@ def markdown(result: dict) -> str:
     if curves:
         lines += ["", "Student learning curves (held-out perplexity, mean over seeds):", "", *curves]
     lines += ["", f"Runs: {runs_done(result)}."]
+    return "\n".join(lines) + "\n"
+
+
+def readme(result: dict) -> str:
+    """The README's LM section of ``result``: corpus, teacher and budget in one paragraph, the table (perplexity:
+    lower is better; gains in perplexity points), the top-k cache's cost in one line, the runs done so far."""
+    settings, students = result["settings"], result["students"]
+    planned = len(settings["variants"]) * len(settings["seeds"])
+    lines = [
+        "### Causal LM: half-depth Llama student of a Llama teacher (English Wikipedia paragraphs)",
+        "",
+        f"Built by the benchmark, deterministically: a {settings['vocab_size']:,}-token byte-level BPE on the SQuAD "
+        f"train paragraphs (teacher embedding padded to a multiple of 64), a {settings['teacher_layers']}-layer Llama "
+        f"teacher ({settings['hidden_size']} wide, {settings['teacher_heads']} query / {settings['teacher_kv_heads']} "
+        f"key-value heads) trained from scratch for {settings['teacher_steps']:,} steps x "
+        f"{settings['teacher_batch_size']} blocks of {settings['block_size']} tokens (held-out perplexity by step "
+        f"{curve_points(result.get('teacher_curve') or [])}; {result.get('teacher_curve_note', 'no curve')}). "
+        f"Students: teacher layers {settings['student_layers']}, {settings['student_steps']} steps x "
+        f"{settings['student_batch_size']} blocks, the same data and seeds for every row; perplexity on every "
+        "block of the 48 held-out dev articles (lower is better; gains in perplexity points).",
+        "",
+        "| row | perplexity | std | seeds | vs `ce` | vs `fkl` |",
+        "|---|---|---|---|---|---|",
+        f"| teacher | {result['teacher']:.2f} | | | | |",
+    ]
+
+    def gain(name: str, base: str) -> str:
+        if base not in students or name == base:
+            return "-"
+        return f"{students[base]['mean'] - students[name]['mean']:+.2f}"
+
+    for name, st in students.items():
+        seeds = ", ".join(str(x) for x in st["seeds"])
+        lines.append(
+            f"| {LABELS.get(name, name)} | {st['mean']:.2f} | {st['std']:.2f} | {seeds} | {gain(name, 'ce')} "
+            f"| {gain(name, 'fkl')} |"
+        )
+    flagged = [name for name, st in students.items() if st["mean"] <= result["teacher"]]
+    if flagged:
+        lines += ["", f"The teacher is not better than {', '.join(flagged)}: these rows measure nothing."]
+    lines += ["", f"Runs so far: {runs_done(result)} of the {planned} planned; machine: {result['machine']}."]
+    fidelity = next((st for name, st in students.items() if "top_k_fidelity" in st), None)
+    if fidelity is not None:
+        f = fidelity["top_k_fidelity"]
+        lines[-1] += (
+            f" The top-{f['k']} cache: {fidelity['cache_bytes_per_token']:.0f} bytes a token, the teacher's top "
+            f"{f['k']} hold {f['teacher_top_k_mass'] * 100:.2f}% of its probability (benchmarks/README.md)."
+        )
     return "\n".join(lines) + "\n"
 
 
