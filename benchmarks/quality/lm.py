@@ -437,13 +437,13 @@ def markdown(result: dict) -> str:
 
 def readme(result: dict) -> str:
     """The README's LM section of ``result``: corpus, teacher and budget in one paragraph, the table (perplexity:
-    lower is better; gains in perplexity points), the top-k cache's cost in one line, the runs done so far."""
+    lower is better; gains in perplexity points); the runs done so far and the top-k cache's cost in the paragraph."""
     settings, students = result["settings"], result["students"]
     planned = len(settings["variants"]) * len(settings["seeds"])
     lines = [
         "### Causal LM: half-depth Llama student of a Llama teacher (English Wikipedia paragraphs)",
         "",
-        f"Built by the benchmark, deterministically: a {settings['vocab_size']:,}-token byte-level BPE on the SQuAD "
+        f"Built by the benchmark, deterministically: a byte-level BPE of {settings['vocab_size']:,} tokens on the SQuAD "
         f"train paragraphs (teacher embedding padded to a multiple of 64), a {settings['teacher_layers']}-layer Llama "
         f"teacher ({settings['hidden_size']} wide, {settings['teacher_heads']} query / {settings['teacher_kv_heads']} "
         f"key-value heads) trained from scratch for {settings['teacher_steps']:,} steps x "
@@ -451,11 +451,10 @@ def readme(result: dict) -> str:
         f"{curve_points(result.get('teacher_curve') or [])}; {result.get('teacher_curve_note', 'no curve')}). "
         f"Students: teacher layers {settings['student_layers']}, {settings['student_steps']} steps x "
         f"{settings['student_batch_size']} blocks, the same data and seeds for every row; perplexity on every "
-        "block of the 48 held-out dev articles (lower is better; gains in perplexity points).",
+        "block of the 48 held-out dev articles (lower is better; gains in perplexity points). Rows: "
+        + "; ".join(f"{LABELS.get(name, name)}" for name in students)
+        + f". Runs so far: {runs_done(result)} of the {planned} planned; machine: {result['machine']}.",
         "",
-        "| row | perplexity | std | seeds | vs `ce` | vs `fkl` |",
-        "|---|---|---|---|---|---|",
-        f"| teacher | {result['teacher']:.2f} | | | | |",
     ]
 
     def gain(name: str, base: str) -> str:
@@ -463,23 +462,29 @@ def readme(result: dict) -> str:
             return "-"
         return f"{students[base]['mean'] - students[name]['mean']:+.2f}"
 
-    for name, st in students.items():
-        seeds = ", ".join(str(x) for x in st["seeds"])
-        lines.append(
-            f"| {LABELS.get(name, name)} | {st['mean']:.2f} | {st['std']:.2f} | {seeds} | {gain(name, 'ce')} "
-            f"| {gain(name, 'fkl')} |"
+    names = list(students)  # one column a row: the table keeps 5 lines however many rows land
+    lines += [
+        "| | teacher | " + " | ".join(f"`{name}`" for name in names) + " |",
+        "|---|---|" + "---|" * len(names),
+        f"| perplexity ± std (seeds) | {result['teacher']:.2f} | "
+        + " | ".join(
+            f"{students[n]['mean']:.2f} ± {students[n]['std']:.2f} ({', '.join(str(x) for x in students[n]['seeds'])})"
+            for n in names
+        )
+        + " |",
+        "| better than `ce` by | | " + " | ".join(gain(n, "ce") for n in names) + " |",
+        "| better than `fkl` by | | " + " | ".join(gain(n, "fkl") for n in names) + " |",
+    ]
+    fidelity = next((st for st in students.values() if "top_k_fidelity" in st), None)
+    if fidelity is not None:
+        f = fidelity["top_k_fidelity"]
+        lines[2] += (
+            f" The top-{f['k']} cache: {fidelity['cache_bytes_per_token']:.0f} bytes a token; the teacher's top "
+            f"{f['k']} hold {f['teacher_top_k_mass'] * 100:.2f}% of its probability."
         )
     flagged = [name for name, st in students.items() if st["mean"] <= result["teacher"]]
     if flagged:
         lines += ["", f"The teacher is not better than {', '.join(flagged)}: these rows measure nothing."]
-    lines += ["", f"Runs so far: {runs_done(result)} of the {planned} planned; machine: {result['machine']}."]
-    fidelity = next((st for name, st in students.items() if "top_k_fidelity" in st), None)
-    if fidelity is not None:
-        f = fidelity["top_k_fidelity"]
-        lines[-1] += (
-            f" The top-{f['k']} cache: {fidelity['cache_bytes_per_token']:.0f} bytes a token, the teacher's top "
-            f"{f['k']} hold {f['teacher_top_k_mass'] * 100:.2f}% of its probability (benchmarks/README.md)."
-        )
     return "\n".join(lines) + "\n"
 
 
