@@ -144,11 +144,12 @@ def test_the_chunked_lm_loss_trains_as_the_full_logits(family, divergence, tmp_p
     full = trainer_for(family, tmp_path / "full", 2, 4, chunked_lm_loss=False, **settings)
     shapes = []
     head = chunked.model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    handle = head.register_forward_hook(lambda m, a, out: shapes.append((*out.shape, a[0].is_contiguous())))
     got_delta, got_log = step_update(chunked)
     handle.remove()
     want_delta, want_log = step_update(full)
     assert shapes and all(shape[1] == 1 for shape in shapes)  # [B, 1, V]: no full logits
+    assert all(shape[-1] for shape in shapes)  # the last position handed over contiguous (a plain GEMM, no bmm)
     largest = max(d.abs().max().item() for d in want_delta.values())
     assert largest > 1e-5
     for key, delta in want_delta.items():
