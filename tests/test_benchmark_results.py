@@ -241,6 +241,25 @@ def test_general_student_is_trained_once_on_training_text_only(tmp_path, minilm_
     assert len(corpus) > 50_000 and not corpus & evaluation
 
 
+def test_speed_repeats_report_the_median_of_the_process_medians():
+    """``--repeats``: one row per (pair, length, batch, mode) from several processes, each a hand-made reading: the
+    median of their step medians and memory readings, every step kept; a failed process makes the row its error; a
+    single process is returned as it is."""
+    from benchmarks.speed.step import merge_processes
+
+    key = {"pair": "p", "seq_len": 64, "batch": 8, "mode": "D"}
+    runs = [
+        {**key, "step_s": s, "step_s_all": [s, s + 1], "peak_mb": m, "peak_above_start_mb": m - 100}
+        for s, m in ((0.30, 900.0), (0.26, 950.0), (0.28, 910.0))
+    ]
+    row = merge_processes(runs)
+    assert row["step_s"] == 0.28 and row["process_step_s"] == [0.30, 0.26, 0.28]
+    assert row["peak_mb"] == 910.0 and row["peak_above_start_mb"] == 810.0
+    assert row["step_s_all"] == [0.30, 1.30, 0.26, 1.26, 0.28, 1.28]
+    assert merge_processes([runs[0], {**key, "error": "timed out after 9 s"}])["error"] == "timed out after 9 s"
+    assert merge_processes(runs[:1]) is runs[0]
+
+
 def test_speed_long_pair_runs_every_mode_and_reports_memory_above_the_limit():
     """The long-position pair of benchmarks/speed/step.py on a short batch: each mode runs in this process, and the
     summary gives D's and N's working memory above L."""

@@ -390,6 +390,25 @@ def run_row(spec: dict, timeout: int) -> dict:
     return {**row, **json.loads(lines[-1][len("RESULT ") :])}
 
 
+def merge_processes(runs: list[dict]) -> dict:
+    """One row from the processes of one (pair, length, batch, mode): the first error if any failed, else the median
+    of their step-time medians and of their memory readings (``process_step_s``: each process's median). One
+    process: its row as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    failed = next((run for run in runs if "error" in run), None)
+    if failed is not None:
+        return failed
+    row = {k: runs[0][k] for k in ("pair", "seq_len", "batch", "mode")}
+    row["step_s"] = statistics.median(run["step_s"] for run in runs)
+    row["process_step_s"] = [run["step_s"] for run in runs]
+    row["step_s_all"] = [t for run in runs for t in run["step_s_all"]]
+    for key in ("peak_mb", "peak_above_start_mb", "peak_above_weights_mb"):
+        if all(key in run for run in runs):
+            row[key] = statistics.median(run[key] for run in runs)
+    return row
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """D/L, D/N, D/T and memory ratios per (pair, seq_len, batch)."""
     out = []
@@ -545,6 +564,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="D's DistillConfig.attention_keep_mb (default: the config's default).",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Processes per (pair, length, batch, mode), in rounds over the modes; a row is the median of their "
+        "medians (this CPU's run-to-run spread at short lengths is up to 20%%).",
+    )
     parser.add_argument("--timeout", type=int, default=900, help="Seconds per row before it counts as an error.")
     parser.add_argument(
         "--cache_epochs", type=int, default=3, help="Epochs of the teacher-logit cache comparison (0 skips it)."
@@ -575,32 +601,39 @@ def main(argv: list[str] | None = None) -> dict:
     stem = Path(args.output)
     stem.parent.mkdir(parents=True, exist_ok=True)
     for pair, seq, batch in grid:
-        for mode in args.modes:
-            if mode == "T" and (pair.endswith("-qa") or pair in ("minilm-ed6->3", "long6->3")):
-                continue  # the TextBrewer comparison covers classification
-            spec = {
-                "pair": pair,
-                "seq_len": seq,
-                "batch": batch,
-                "mode": mode,
-                "warmup": args.warmup,
-                "steps": args.steps,
-                "bf16": args.bf16,
-                "attention_keep_mb": args.attention_keep_mb,
-            }
-            row = run_row(spec, args.timeout)
+        modes = [
+            mode
+            for mode in args.modes
+            if not (mode == "T" and (pair.endswith("-qa") or pair in ("minilm-ed6->3", "long6->3")))
+        ]  # the TextBrewer comparison covers classification
+        runs = {mode: [] for mode in modes}
+        for _ in range(args.repeats):  # rounds over the modes (L D N T L D N T ...): drift hits every mode alike
+            for mode in modes:
+                spec = {
+                    "pair": pair,
+                    "seq_len": seq,
+                    "batch": batch,
+                    "mode": mode,
+                    "warmup": args.warmup,
+                    "steps": args.steps,
+                    "bf16": args.bf16,
+                    "attention_keep_mb": args.attention_keep_mb,
+                }
+                runs[mode].append(run_row(spec, args.timeout))
+        for mode in modes:
+            row = merge_processes(runs[mode])
             rows.append(row)
             shown = row.get("error") or f"{row['step_s']:.3f} s/step, peak {row['peak_mb']:.0f} MB"
             print(f"{pair:>18} seq {seq:>4} batch {batch:>3} {mode}: {shown}", flush=True)
-            result = {
-                "machine": machine_info(),
-                "pairs": PAIRS,
-                "settings": portable_settings(args, ROOT),
-                "rows": rows,
-                "ratios": ratios(rows),
-            }
-            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-            stem.with_suffix(".md").write_text(markdown(result))
+        result = {
+            "machine": machine_info(),
+            "pairs": PAIRS,
+            "settings": portable_settings(args, ROOT),
+            "rows": rows,
+            "ratios": ratios(rows),
+        }
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        stem.with_suffix(".md").write_text(markdown(result))
     if args.cache_epochs and other_pairs:
         cache_rows = []
         for use_cache in (False, True):
