@@ -1075,3 +1075,42 @@ def test_the_lm_cost_readings_are_the_committed_runs():
             for m in ("naive", "token_kd", "chunked", "naive_ce_kd", "chunked_ce_kd")
         ]
         assert times == f"| {vocab:,} | " + " | ".join(seconds) + " |", times
+
+
+def test_speed_paired_timing_rotates_the_modes_and_takes_per_round_ratios():
+    """``--paired``: rounds rotate the modes; D/X is the median over rounds of D's step over X's in the same round
+    (hand-computed), and it replaces the ratio of the separate processes' medians, whose times are kept."""
+    from benchmarks.speed.step import apply_paired, paired_ratios, ratios, rotated
+
+    assert [rotated(["L", "D", "N"], i) for i in range(4)] == [
+        ["L", "D", "N"],
+        ["D", "N", "L"],
+        ["N", "L", "D"],
+        ["L", "D", "N"],
+    ]
+    # a process that slows down halfway slows both sides of every round's ratio
+    times = {"L": [1.0, 2.0, 1.0], "D": [1.1, 2.4, 0.9], "N": [2.0, 4.0, 1.5]}
+    got = paired_ratios(times)
+    assert got == {"D/L_time": pytest.approx(1.1), "D/N_time": pytest.approx(0.6)}
+    key = {"pair": "p", "seq_len": 64, "batch": 8}
+    rows = [
+        {**key, "mode": "L", "step_s": 0.5, "peak_mb": 900.0},
+        {**key, "mode": "D", "step_s": 2.0, "peak_mb": 950.0},
+        {**key, "mode": "N", "error": "timed out after 9 s"},
+    ]
+    apply_paired(rows, {"times": {m: times[m] for m in "LD"}, "ratios": paired_ratios({m: times[m] for m in "LD"})})
+    assert [r.get("step_s") for r in rows] == [1.0, 1.1, None] and rows[1]["process_step_s"] == [2.0]
+    (item,) = ratios(rows, {("p", 64, 8): {"ratios": {"D/L_time": 1.1}}})
+    assert item["D/L_time"] == pytest.approx(1.1) and item["timing"] == "paired" and "D/N_time" not in item
+    assert ratios(rows)[0]["D/L_time"] == pytest.approx(1.1)  # the paired medians: 1.1 / 1.0
+
+
+def test_speed_paired_worker_times_every_mode_in_one_process():
+    """One paired process on the long pair at 32 tokens: every mode stepped ``steps`` times after warm-up, and its
+    ratios are paired_ratios() of its own times."""
+    from benchmarks.speed import step as speed
+
+    spec = {"pair": "long6->3", "seq_len": 32, "batch": 1, "modes": ["L", "D", "N"], "warmup": 1, "steps": 3}
+    run = speed.run_paired_worker({**spec, "bf16": False})
+    assert sorted(run["times"]) == ["D", "L", "N"] and all(len(t) == 3 and min(t) > 0 for t in run["times"].values())
+    assert run["ratios"] == speed.paired_ratios(run["times"])

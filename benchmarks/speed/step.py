@@ -14,6 +14,12 @@ Every (pair, sequence length, batch, mode) row runs in a fresh subprocess so pea
 that mode alone: on CPU the peak RSS during the measured steps (the kernel's VmHWM, reset after
 warm-up; ``peak_above_start_mb`` subtracts the RSS at the reset), on CUDA ``max_memory_allocated``. The median step time is taken after
 warm-up. Writes ``benchmarks/results/speed.json`` and ``speed.md``.
+
+A fresh process on a shared 2-core VM lands at a speed of its own: the same mode's median moved by up to 50% between
+processes here. ``--paired`` therefore also times every mode in one process per (pair, length, batch), one step of
+each in turn (the order rotated every round): each mode's step time is its median there, and D/L, D/N, D/T are the
+medians over rounds of D's step over the other's in the same round, so what slows the process slows both sides of
+each ratio. Memory still comes from each mode's own process.
 """
 
 from __future__ import annotations
@@ -332,6 +338,74 @@ def run_worker(spec: dict) -> dict:
     return {"step_s": statistics.median(times), "step_s_all": times, "peak_mb": peak_mb, **extra}
 
 
+def rotated(modes: list[str], round_index: int) -> list[str]:
+    """The order of round ``round_index`` of a paired run: ``modes`` rotated left by the round's index, so every mode
+    runs first, second, ... equally often."""
+    shift = round_index % len(modes)
+    return list(modes[shift:]) + list(modes[:shift])
+
+
+def paired_ratios(times: dict[str, list[float]], of: str = "D") -> dict[str, float]:
+    """``{"D/X_time": median over rounds of times[of][r] / times[X][r]}`` for every other mode ``X`` of a paired run
+    (``times[mode][r]``: that mode's step in round ``r``)."""
+    return {
+        f"{of}/{other}_time": statistics.median(a / b for a, b in zip(times[of], times[other], strict=True))
+        for other in times
+        if other != of and of in times
+    }
+
+
+def run_paired_worker(spec: dict) -> dict:
+    """Every mode of ``spec["modes"]`` on its own copy of the same pair and batch in this process, one step of each
+    in turn (:func:`rotated`) for ``warmup`` rounds and then ``steps`` timed ones: ``{"times": {mode: [s, ...]},
+    "ratios": paired_ratios(times)}``."""
+    import copy
+
+    import torch
+
+    from hf_attn_distill import resolve_layer_map
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher, student = build_pair(spec["pair"])
+    seq2seq = bool(getattr(student.config, "is_encoder_decoder", False))
+    if seq2seq:
+        from hf_attn_distill import find_attention_sites
+
+        s_sites, t_sites = find_attention_sites(student), find_attention_sites(teacher)
+        pairs = {site: resolve_layer_map("uniform", len(s_sites[site]), len(t_sites[site])) for site in s_sites}
+        vocab = teacher.config.decoder.vocab_size
+    else:
+        pairs = resolve_layer_map("uniform", student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        vocab = teacher.config.vocab_size
+    batch = make_batch(spec["batch"], spec["seq_len"], vocab, device, qa=spec["pair"].endswith("-qa"), seq2seq=seq2seq)
+    steps = {}
+    # each mode gets fresh copies (D's trainer and N's eager attention stay its own); D is built last, as another
+    # mode's TrainingArguments would reset the accelerator state its trainer holds
+    for mode in sorted(spec["modes"], key=lambda mode: mode == "D"):
+        t, s = copy.deepcopy(teacher).to(device), copy.deepcopy(student).to(device)
+        steps[mode] = step_fns(mode, t, s, batch, pairs, device, spec["bf16"], spec.get("attention_keep_mb"))
+    del teacher, student
+
+    def timed(step) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for index in range(spec["warmup"]):
+        for mode in rotated(spec["modes"], index):
+            steps[mode]()
+    times = {mode: [0.0] * spec["steps"] for mode in spec["modes"]}
+    for index in range(spec["steps"]):
+        for mode in rotated(spec["modes"], index):
+            times[mode][index] = timed(steps[mode])
+    return {"times": times, "ratios": paired_ratios(times)}
+
+
 def run_cache_worker(spec: dict) -> dict:
     """Wall time of an N-epoch logit-KD run (attention off), with or without the teacher-logit cache."""
     import datasets
@@ -372,7 +446,7 @@ def run_cache_worker(spec: dict) -> dict:
 
 
 def run_row(spec: dict, timeout: int) -> dict:
-    row = {k: spec[k] for k in ("pair", "seq_len", "batch", "mode")}
+    row = {k: spec[k] for k in ("pair", "seq_len", "batch", "mode") if k in spec}
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.speed.step", "--_worker", json.dumps(spec)],
@@ -409,8 +483,22 @@ def merge_processes(runs: list[dict]) -> dict:
     return row
 
 
-def ratios(rows: list[dict]) -> list[dict]:
-    """D/L, D/N, D/T and memory ratios per (pair, seq_len, batch)."""
+def apply_paired(rows: list[dict], paired: dict) -> None:
+    """Give the ``rows`` of one (pair, length, batch) the step times of its paired run (a
+    :func:`run_paired_worker` result): each mode's ``step_s`` becomes its median there (its own process's stays in
+    ``process_step_s``); modes that failed in their own process are left as they are."""
+    for row in rows:
+        if "error" in row or row["mode"] not in paired["times"]:
+            continue
+        times = paired["times"][row["mode"]]
+        row.setdefault("process_step_s", [row["step_s"]])
+        row["step_s"] = statistics.median(times)
+        row["paired_step_s_all"] = times
+
+
+def ratios(rows: list[dict], paired: dict | None = None) -> list[dict]:
+    """D/L, D/N, D/T and memory ratios per (pair, seq_len, batch); ``paired``: ``{(pair, seq_len, batch): a
+    :func:`run_paired_worker` result}``, whose per-round time ratios replace the ratio of the medians."""
     out = []
     keys = sorted({(r["pair"], r["seq_len"], r["batch"]) for r in rows}, key=lambda k: (k[0], k[2], k[1]))
     for key in keys:
@@ -420,6 +508,10 @@ def ratios(rows: list[dict]) -> list[dict]:
             for other in ("L", "N", "T", "P"):
                 if other in by_mode:
                     item[f"D/{other}_time"] = by_mode["D"]["step_s"] / by_mode[other]["step_s"]
+                    run = (paired or {}).get(key, {})
+                    if f"D/{other}_time" in run.get("ratios", {}):
+                        item[f"D/{other}_time"] = run["ratios"][f"D/{other}_time"]
+                        item["timing"] = "paired"
                     item[f"D/{other}_mem"] = by_mode["D"]["peak_mb"] / by_mode[other]["peak_mb"]
                     work = "peak_above_start_mb" if "peak_above_start_mb" in by_mode["D"] else "peak_above_weights_mb"
                     if work in by_mode["D"] and work in by_mode[other] and by_mode[other][work] > 0:
@@ -470,6 +562,15 @@ def markdown(result: dict) -> str:
         f"Machine: {result['machine']}",
         "",
         summary_table(result),
+        *(
+            [
+                "Step times and D's time ratios: paired (every mode in one process, a step of each in turn; a ratio "
+                "is the median over rounds of D's step over the other's in the same round).",
+                "",
+            ]
+            if any(item.get("timing") == "paired" for item in result["ratios"])
+            else []
+        ),
         "`peak MB`: peak RSS (CPU) or allocated memory (CUDA) during the measured steps; `working MB`: the part "
         "above what was resident when they started (weights, optimizer state, libraries).",
         "",
@@ -571,6 +672,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="Processes per (pair, length, batch, mode), in rounds over the modes; a row is the median of their "
         "medians (this CPU's run-to-run spread at short lengths is up to 20%%).",
     )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="Also time every mode in one process per (pair, length, batch), a step of each in turn; step times and "
+        "D's time ratios then come from there (per-round ratios), memory from each mode's own process.",
+    )
+    parser.add_argument(
+        "--memory_steps",
+        type=int,
+        default=None,
+        help="With --paired: measured steps of each mode's own process, which then gives memory only (default: "
+        "--steps).",
+    )
     parser.add_argument("--timeout", type=int, default=900, help="Seconds per row before it counts as an error.")
     parser.add_argument(
         "--cache_epochs", type=int, default=3, help="Epochs of the teacher-logit cache comparison (0 skips it)."
@@ -582,7 +696,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub; workers inherit it
     if args._worker:
         spec = json.loads(args._worker)
-        result = run_cache_worker(spec) if spec.get("kind") == "cache" else run_worker(spec)
+        workers = {"cache": run_cache_worker, "paired": run_paired_worker}
+        result = workers.get(spec.get("kind"), run_worker)(spec)
         print("RESULT " + json.dumps(result), flush=True)
         return {}
 
@@ -597,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid += [(pair, seq, args.batch) for pair in qa_pairs for seq in args.qa_seq_lens]
     grid += [(pair, seq, args.batch) for pair in seq2seq_pairs for seq in args.seq2seq_seq_lens]
     grid += [(pair, seq, args.long_batch) for pair in long_pairs for seq in args.long_seq_lens]
-    rows = []
+    rows, paired = [], {}
     stem = Path(args.output)
     stem.parent.mkdir(parents=True, exist_ok=True)
     for pair, seq, batch in grid:
@@ -615,13 +730,33 @@ def main(argv: list[str] | None = None) -> dict:
                     "batch": batch,
                     "mode": mode,
                     "warmup": args.warmup,
-                    "steps": args.steps,
+                    "steps": args.memory_steps if args.paired and args.memory_steps else args.steps,
                     "bf16": args.bf16,
                     "attention_keep_mb": args.attention_keep_mb,
                 }
                 runs[mode].append(run_row(spec, args.timeout))
-        for mode in modes:
-            row = merge_processes(runs[mode])
+        merged = [merge_processes(runs[mode]) for mode in modes]
+        ok = [row["mode"] for row in merged if "error" not in row]
+        if args.paired and len(ok) > 1:
+            spec = {
+                "kind": "paired",
+                "pair": pair,
+                "seq_len": seq,
+                "batch": batch,
+                "modes": ok,
+                "warmup": args.warmup,
+                "steps": args.steps * args.repeats,
+                "bf16": args.bf16,
+                "attention_keep_mb": args.attention_keep_mb,
+            }
+            run = run_row(spec, args.timeout * len(ok))
+            if "error" in run:
+                print(f"{pair:>18} seq {seq:>4} batch {batch:>3} paired: {run['error']}", flush=True)
+            else:
+                paired[(pair, seq, batch)] = run
+                apply_paired(merged, run)
+        for row in merged:
+            mode = row["mode"]
             rows.append(row)
             shown = row.get("error") or f"{row['step_s']:.3f} s/step, peak {row['peak_mb']:.0f} MB"
             print(f"{pair:>18} seq {seq:>4} batch {batch:>3} {mode}: {shown}", flush=True)
@@ -630,7 +765,7 @@ def main(argv: list[str] | None = None) -> dict:
             "pairs": PAIRS,
             "settings": portable_settings(args, ROOT),
             "rows": rows,
-            "ratios": ratios(rows),
+            "ratios": ratios(rows, paired),
         }
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
         stem.with_suffix(".md").write_text(markdown(result))
