@@ -169,6 +169,33 @@ def test_finished_runs_are_kept_and_a_rerun_continues(tmp_path):
     assert calls[-1] == ("kd", 1) and len(calls) == 3
 
 
+def test_a_rerun_of_some_rows_keeps_the_others_in_the_table_and_the_plan_counts_every_row(tmp_path):
+    """``--variants b --seeds 3`` after ``--seeds 1 2`` of every row: the table still holds every kept row of the
+    benchmark (``table_variants``), in its order, and the README's plan counts every row and seed, not only the
+    ones the last command asked for."""
+    from benchmarks.quality.runs import run_students, runs_planned
+
+    def go(variants, seeds):
+        return run_students(
+            variants,
+            seeds,
+            tmp_path,
+            lambda name, seed, output_dir: {"f1": seed + (name == "b")},
+            lambda runs: {"students": {n: {"seeds": [r["seed"] for r in rs]} for n, rs in runs.items()}},
+            tmp_path / "res",
+            lambda r: "",
+            done_dir=tmp_path / "done",
+            key="k",
+            table_variants=["a", "b", "c"],
+        )
+
+    go(["a", "b", "c"], [1, 2])
+    result = go(["b"], [3])
+    assert result["students"] == {"a": {"seeds": [1, 2]}, "b": {"seeds": [1, 2, 3]}, "c": {"seeds": [1, 2]}}
+    assert runs_planned(result, ["a", "b", "c"], (1, 2, 3)) == "9 planned (3 rows x seeds 1, 2, 3)"
+    assert runs_planned(result, ["a", "b"], (1, 2)) == "9 planned (3 rows x seeds 1, 2, 3)"  # rows and seeds held
+
+
 def test_step_time_rows_are_valid_recipe_commands(monkeypatch, tmp_path):
     """Every row of benchmarks/speed/step_time.py is a command its recipe parses, with the precision, threads, lengths
     and cache the row's name says; the per-step time is the difference of two runs."""

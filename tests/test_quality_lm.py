@@ -72,3 +72,27 @@ def test_a_retrained_lm_teacher_must_be_the_one_the_kept_rows_had(tmp_path):
     assert same["perplexity"] == 40.0 and same["retrained"] == [{"perplexity": 40.004, "machine": "cpu B"}]
     with pytest.raises(RuntimeError, match="would mix teachers.*move .* aside"):
         lm.same_teacher(kept, {"perplexity": 40.1, "machine": "cpu B"}, tmp_path / "teacher.json")
+
+
+def test_the_lm_reading_sets_the_best_kd_row_against_ce_and_attention_against_it():
+    """Hand-made rows: the best of fkl / rkl / jsd is the one of lowest perplexity, each gain is the difference of
+    means, "more than the std" uses the larger std of the two sides, and one seed says there is no std yet."""
+
+    def row(mean, std, seeds):
+        return {"mean": mean, "std": std, "seeds": seeds}
+
+    result = {
+        "students": {
+            "ce": row(160.0, 1.0, [1, 2]),
+            "fkl": row(150.0, 0.5, [1, 2]),
+            "rkl": row(149.0, 2.0, [1, 2]),
+            "fkl_attn": row(150.5, 0.2, [1, 2]),
+            "fkl_attn_hidden": row(140.0, 1.0, [1]),
+        }
+    }
+    assert lm.reading(result) == (
+        "Targets (gains in perplexity points, positive is better): the best logit-KD row, `rkl`, against `ce`: "
+        "+11.00, more than the larger seed std (2.00); `fkl_attn` against `rkl`: -1.50, not more than the larger "
+        "seed std (2.00); `fkl_attn_hidden` against `rkl`: +9.00 (one seed on a side: no std yet)."
+    )
+    assert lm.reading({"students": {"ce": row(160.0, 0.0, [1])}}) == ""

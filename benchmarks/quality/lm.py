@@ -46,6 +46,7 @@ from benchmarks.quality.runs import (
     portable_settings,
     run_students,
     runs_done,
+    runs_planned,
     term_curves,
 )
 from benchmarks.quality.teachers import fingerprint
@@ -56,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TOP_K = 64
 """Teacher tokens per position the ``fkl_top64*`` rows keep (an offline top-k cache shared by their runs)."""
 
+PLANNED_SEEDS = (1, 2, 3)  # the seeds every row gets
 VARIANTS = {
     "ce": ["--training_mode", "finetune"],
     "fkl": ["--divergence", "forward_kl", "--layer_map", "none"],
@@ -117,7 +119,7 @@ class QualityLMArguments:
         default=None, metadata={"help": "Held-out blocks of the final perplexities (default: all)."}
     )
     temperature: float = field(default=1.0, metadata={"help": "Logit-KD temperature."})
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "Student seeds."})
+    seeds: list[int] = field(default_factory=lambda: list(PLANNED_SEEDS), metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
 
 
@@ -435,11 +437,37 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+KD_ROWS = ("fkl", "rkl", "jsd")  # the logit-only KD rows, whose best the attention rows are set against
+ATTENTION_ROWS = ("fkl_attn", "fkl_attn_hidden")
+
+
+def reading(result: dict) -> str:
+    """The targets of the README's LM section in one sentence: the best logit-KD row against ``ce`` and each attention
+    row against that best KD row, in perplexity points, each set against the larger of the two seed stds (or "one
+    seed" while a side has one run)."""
+    students = result["students"]
+    kd = [name for name in KD_ROWS if name in students]
+    if "ce" not in students or not kd:
+        return ""
+    best = min(kd, key=lambda name: students[name]["mean"])
+
+    def against(name: str, base: str) -> str:
+        gain = students[base]["mean"] - students[name]["mean"]
+        if min(len(students[name]["seeds"]), len(students[base]["seeds"])) < 2:
+            return f"{gain:+.2f} (one seed on a side: no std yet)"
+        std = max(students[name]["std"], students[base]["std"])
+        verdict = "more" if abs(gain) > std else "not more"
+        return f"{gain:+.2f}, {verdict} than the larger seed std ({std:.2f})"
+
+    parts = [f"the best logit-KD row, `{best}`, against `ce`: {against(best, 'ce')}"]
+    parts += [f"`{name}` against `{best}`: {against(name, best)}" for name in ATTENTION_ROWS if name in students]
+    return "Targets (gains in perplexity points, positive is better): " + "; ".join(parts) + "."
+
+
 def readme(result: dict) -> str:
     """The README's LM section of ``result``: corpus, teacher and budget in one paragraph, the table (perplexity:
     lower is better; gains in perplexity points); the runs done so far and the top-k cache's cost in the paragraph."""
     settings, students = result["settings"], result["students"]
-    planned = len(settings["variants"]) * len(settings["seeds"])
     lines = [
         "### Causal LM: half-depth Llama student of a Llama teacher (English Wikipedia paragraphs)",
         "",
@@ -453,7 +481,8 @@ def readme(result: dict) -> str:
         f"{settings['student_batch_size']} blocks, the same data and seeds for every row; perplexity on every "
         "block of the 48 held-out dev articles (lower is better; gains in perplexity points). Rows: "
         + "; ".join(f"{LABELS.get(name, name)}" for name in students)
-        + f". Runs so far: {runs_done(result)} of the {planned} planned; machine: {result['machine']}.",
+        + f". Runs so far: {runs_done(result)} of the {runs_planned(result, VARIANTS, PLANNED_SEEDS)}; machine: "
+        f"{result['machine']}. {reading(result)}".rstrip(),
         "",
     ]
 
@@ -545,6 +574,7 @@ def main(argv: list[str] | None = None) -> dict:
         markdown,
         done_dir=Path(args.runs_dir),
         key=fingerprint({"teacher": teacher["key"], **student_settings(args)}, []),
+        table_variants=list(VARIANTS),
     )
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "check_variants",
     "curve_points",
     "runs_done",
+    "runs_planned",
     "learning_curve_lines",
     "machines",
     "mean_std",
@@ -98,6 +99,7 @@ def run_students(
     done_dir: Path | None = None,
     key: str | Callable[[str], str] = "",
     card_dir: Path | None = None,
+    table_variants: Iterable[str] | None = None,
 ) -> dict:
     """Run ``run_one(variant, seed, output_dir) -> metrics`` for every seed (outer loop: every variant gets a run
     before any gets its second) and variant; after each run record its wall time, machine and commit, delete its
@@ -106,9 +108,10 @@ def run_students(
     With ``done_dir``, each finished run is kept there as ``{variant}_seed{seed}.json`` together with ``key`` (what
     makes the runs comparable: teacher, settings; a function of the variant where variants depend on different
     settings); a rerun of the same command reuses the runs whose key matches instead of training them again, so a
-    benchmark longer than one sitting is finished by running it again. The summary holds every kept run of the
-    asked variants whose key matches, also of seeds this command does not ask for (a later ``--seeds 3`` adds to
-    the table of ``--seeds 1 2``).
+    benchmark longer than one sitting is finished by running it again. The summary holds every kept run whose key
+    matches of the asked variants and of ``table_variants`` (the benchmark's every row), also of seeds this command
+    does not ask for: a later ``--seeds 3`` adds to the table of ``--seeds 1 2``, and ``--variants a`` keeps the
+    rows of ``b`` in it.
 
     With ``card_dir``, the model card each run's recipe wrote (``README.md`` of its output folder) is kept with
     its record, and ``card_dir/README.md`` is, after every run, the card of the best run (:func:`best_run`) of the
@@ -117,8 +120,8 @@ def run_students(
     runs: dict[str, list[dict]] = {}
     cards: dict[tuple[str, int], str] = {}
     commit = project_commit()  # the code this process runs, recorded with each of its runs
-    if done_dir is not None:  # every kept run of these variants, whatever seeds this command asks for
-        for name in variants:
+    if done_dir is not None:  # every kept run of the table's variants, whatever seeds this command asks for
+        for name in dict.fromkeys([*(table_variants or []), *variants]):
             for record in sorted(done_dir.glob(f"{name}_seed*.json")):
                 kept = json.loads(record.read_text())
                 if record.stem.removeprefix(f"{name}_seed").isdigit() and kept.get("key") == key_of(name):
@@ -340,6 +343,16 @@ def runs_done(result: dict) -> str:
         for name, s in students.items()
     )
     return f"{sum(len(s['seeds']) for s in students.values())} ({listed})"
+
+
+def runs_planned(result: dict, variants: Iterable[str], seeds: Iterable[int]) -> str:
+    """The (variant, seed) runs a benchmark plans, as ``"12 planned (4 rows x seeds 1, 2, 3)"``: every row it defines
+    (``variants``) or the result holds, times every seed of its plan (``seeds``, its default) or the result holds,
+    whatever seeds and rows the command that wrote the result asked for."""
+    names = dict.fromkeys([*variants, *result["students"]])
+    planned = sorted({*seeds, *(seed for student in result["students"].values() for seed in student["seeds"])})
+    listed = ", ".join(str(seed) for seed in planned)
+    return f"{len(names) * len(planned)} planned ({len(names)} rows x seeds {listed})"
 
 
 def teacher_curve_line(result: dict) -> str:

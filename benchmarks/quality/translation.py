@@ -598,6 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
         done_dir=Path(args.runs_dir),
         key=key,
         card_dir=Path(args.model_card_dir) if args.model_card_dir else None,
+        table_variants=list(VARIANTS),
     )
 
 
