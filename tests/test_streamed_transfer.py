@@ -385,3 +385,47 @@ def test_a_trainable_bias_over_several_blocks(keep, bias_rows, monkeypatch):
     torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_model_laid_out_keys_and_values_are_copied_once_a_layer_not_once_a_block(monkeypatch, kept):
+    """Keys and values as attention modules pass them (``[B, L, H, d]`` projections viewed as ``[B, H, L, d]``) do
+    not fold into one batch dimension, so ``matmul`` would copy them at every block: the layer-sized copies are as
+    many with 8 blocks as with 2 (copied at every block they were 59 against 17), and values and gradients are those
+    of the same inputs laid out contiguously."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    batch, heads, length, dim = 2, 3, 16, 5
+    g = torch.Generator().manual_seed(0)
+
+    def model_view(d, h=heads):
+        return torch.randn(batch, length, h * d, generator=g).view(batch, length, h, d).transpose(1, 2)
+
+    q, k, v, t_q, t_k = model_view(dim), model_view(dim), model_view(dim), model_view(6, 6), model_view(6, 2)
+    layer_sized = {(length, dim), (dim, length), (length, 6), (6, length)}  # a whole layer's keys or values
+    copied = []
+
+    class CountCopies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+                copied.append(tuple(args[0].shape[-2:]) in layer_sized)
+            return func(*args, **(kwargs or {}))
+
+    def run(contiguous: bool, rows_a_block: int):
+        monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", batch * heads * rows_a_block * length)
+        inputs = [(x.contiguous() if contiguous else x).detach().requires_grad_() for x in (q, k, v)]
+        rows = AttentionRows(t_q, t_k.contiguous() if contiguous else t_k, None, AttentionMask())
+        target = TransferTarget(rows, "kl", keep_elements=(1 << 30) if kept else 0)
+        out, loss = streamed_transfer(*inputs, None, AttentionMask(), target)
+        (out.square().sum() + loss).backward()
+        return [out, loss, *(x.grad for x in inputs)]
+
+    counts = []
+    for rows_a_block in (8, 2):
+        copied.clear()
+        with CountCopies():
+            got = run(contiguous=False, rows_a_block=rows_a_block)
+        counts.append(sum(copied))
+        for a, b in zip(got, run(contiguous=True, rows_a_block=rows_a_block)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert counts[0] == counts[1] > 0, counts

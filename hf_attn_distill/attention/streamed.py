@@ -157,6 +157,16 @@ class AttentionMask:
         return _rows_of(dead, rows) if any_dead else None
 
 
+def _matmul_operand(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[B, H, m, n]``, the second operand of every block's ``matmul``) as ``matmul`` lays it out: where its
+    batch dimensions do not fold into one, ``matmul`` copies it to contiguous memory at every call; this copies it
+    once a layer instead of once a block, to the same layout, so the products are the same to the last bit."""
+    batch, heads = x.shape[:2]
+    if batch == 1 or heads == 1 or x.stride(0) == heads * x.stride(1):
+        return x
+    return x.contiguous()
+
+
 def _rows_of(mask: torch.Tensor, rows: slice) -> torch.Tensor:
     return mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., rows, :]
 
@@ -176,6 +186,10 @@ class AttentionRows:
     key: torch.Tensor
     bias: torch.Tensor | None
     mask: AttentionMask
+
+    def __post_init__(self):
+        # held transposed as every block's matmul reads it: one copy a layer, not one a block
+        self.key = _matmul_operand(self.key.transpose(-1, -2)).transpose(-1, -2)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -262,11 +276,11 @@ class _Dropout:
         return x if keep is None else x.mul(keep).div_(1.0 - self.p)
 
 
-def _student_block(query, key, bias, mask: AttentionMask, rows: slice, lse: torch.Tensor | None = None):
-    """Masked float32 scores and probabilities of the student's rows ``rows``, and their log-probabilities (or,
-    given their log-sum-exps ``lse``, in backward, ``None``); fully masked rows get probability 0, as ``"sdpa"``
-    gives them output 0."""
-    scores = torch.matmul(query[:, :, rows], key.transpose(-1, -2)).float()
+def _student_block(query, key_t, bias, mask: AttentionMask, rows: slice, lse: torch.Tensor | None = None):
+    """Masked float32 scores and probabilities of the student's rows ``rows`` (``key_t``: the keys transposed,
+    ``[B, H, D, K]``), and their log-probabilities (or, given their log-sum-exps ``lse``, in backward, ``None``);
+    fully masked rows get probability 0, as ``"sdpa"`` gives them output 0."""
+    scores = torch.matmul(query[:, :, rows], key_t).float()
     if bias is not None:
         scores += _rows_of(bias, rows).float()
     mask.apply_(scores, rows, query.shape[2])
@@ -307,8 +321,9 @@ class StreamedTransfer(torch.autograd.Function):
         )
         total = torch.zeros((), dtype=torch.float32, device=query.device)
         lses, held = [], []  # held: each kept block's (probs, dropout mask, teacher term)
+        key_t, value_m = _matmul_operand(key.transpose(-1, -2)), _matmul_operand(value)
         for index, rows in enumerate(blocks):
-            scores, log_probs, probs = _student_block(query, key, bias, mask, rows)
+            scores, log_probs, probs = _student_block(query, key_t, bias, mask, rows)
             t = teacher.block(rows, quantity, heads)
             term = _transfer_term(loss, scores, probs, t, valid.rows(rows, num_q, num_k, query.device))
             if loss == "kl":
@@ -319,7 +334,7 @@ class StreamedTransfer(torch.autograd.Function):
                 total += torch.dot(term.reshape(-1), term.reshape(-1))
             del t, log_probs
             keep = dropout.keep(probs.shape, index)
-            block_out = torch.matmul(dropout.apply(probs, keep).to(value.dtype), value)
+            block_out = torch.matmul(dropout.apply(probs, keep).to(value.dtype), value_m)
             if out is None:
                 out = block_out
             else:
@@ -349,13 +364,15 @@ class StreamedTransfer(torch.autograd.Function):
         grad_bias = (
             torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[3] else None
         )
-        key_f, value_f = key.float(), value.float()
+        key_f = _matmul_operand(key.float())
+        value_t = _matmul_operand(value.float().transpose(-1, -2))
+        key_t = None if ctx.kept else _matmul_operand(key.transpose(-1, -2))
         for index, rows in enumerate(ctx.blocks):
             if ctx.kept:
                 probs, keep, term = held[3 * index : 3 * index + 3]
                 dropped = dropout.apply(probs, keep)
             else:
-                scores, _, probs = _student_block(query, key, bias, mask, rows, lse)
+                scores, _, probs = _student_block(query, key_t, bias, mask, rows, lse)
                 t = teacher.block(rows, quantity, heads)
                 term = _transfer_term(loss, scores, probs, t, valid.rows(rows, num_q, num_k, query.device))
                 keep = dropout.keep(probs.shape, index)
@@ -363,7 +380,7 @@ class StreamedTransfer(torch.autograd.Function):
             grad_o = grad_out[:, :, rows].float()
             block_v = torch.matmul(dropped.transpose(-1, -2), grad_o)
             grad_v = block_v if grad_v is None else grad_v.add_(block_v)
-            grad_p = torch.matmul(grad_o, value_f.transpose(-1, -2))
+            grad_p = torch.matmul(grad_o, value_t)
             if keep is not None:
                 grad_p.mul_(keep).div_(1.0 - dropout.p)
             if loss == "mse_probs":
