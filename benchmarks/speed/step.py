@@ -284,20 +284,17 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def run_worker(spec: dict) -> dict:
+def pair_and_batch(spec: dict, device):
+    """``spec["pair"]``'s teacher and student (seed 0), their uniform layer map (per site for the encoder-decoder)
+    and a ``spec["batch"] x spec["seq_len"]`` batch on ``device``."""
     import torch
 
-    from hf_attn_distill import resolve_layer_map
+    from hf_attn_distill import find_attention_sites, resolve_layer_map
 
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher, student = build_pair(spec["pair"])
-    teacher.to(device)
-    student.to(device)
     seq2seq = bool(getattr(student.config, "is_encoder_decoder", False))
     if seq2seq:
-        from hf_attn_distill import find_attention_sites
-
         s_sites, t_sites = find_attention_sites(student), find_attention_sites(teacher)
         pairs = {site: resolve_layer_map("uniform", len(s_sites[site]), len(t_sites[site])) for site in s_sites}
         vocab = teacher.config.decoder.vocab_size
@@ -305,6 +302,16 @@ def run_worker(spec: dict) -> dict:
         pairs = resolve_layer_map("uniform", student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         vocab = teacher.config.vocab_size
     batch = make_batch(spec["batch"], spec["seq_len"], vocab, device, qa=spec["pair"].endswith("-qa"), seq2seq=seq2seq)
+    return teacher, student, pairs, batch
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher, student, pairs, batch = pair_and_batch(spec, device)
+    teacher.to(device)
+    student.to(device)
     step = step_fns(spec["mode"], teacher, student, batch, pairs, device, spec["bf16"], spec.get("attention_keep_mb"))
 
     def sync():
@@ -363,22 +370,8 @@ def run_paired_worker(spec: dict) -> dict:
 
     import torch
 
-    from hf_attn_distill import resolve_layer_map
-
-    torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, student = build_pair(spec["pair"])
-    seq2seq = bool(getattr(student.config, "is_encoder_decoder", False))
-    if seq2seq:
-        from hf_attn_distill import find_attention_sites
-
-        s_sites, t_sites = find_attention_sites(student), find_attention_sites(teacher)
-        pairs = {site: resolve_layer_map("uniform", len(s_sites[site]), len(t_sites[site])) for site in s_sites}
-        vocab = teacher.config.decoder.vocab_size
-    else:
-        pairs = resolve_layer_map("uniform", student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-        vocab = teacher.config.vocab_size
-    batch = make_batch(spec["batch"], spec["seq_len"], vocab, device, qa=spec["pair"].endswith("-qa"), seq2seq=seq2seq)
+    teacher, student, pairs, batch = pair_and_batch(spec, device)
     steps = {}
     # each mode gets fresh copies (D's trainer and N's eager attention stay its own); D is built last, as another
     # mode's TrainingArguments would reset the accelerator state its trainer holds
