@@ -365,6 +365,10 @@ def test_the_readmes_speed_tables_are_the_committed_runs(name):
         short = speed.summary_table(result, batch=8)
         assert short in (root / "README.md").read_text(), "README.md does not show benchmarks/results/speed.json"
         assert short.count("\n") == 2 + sum(item["batch"] == 8 for item in result["ratios"])
+        # both READMEs say its times are paired (one process, modes in turn, per-round ratios)
+        assert result["settings"]["paired"] and all(item.get("timing") == "paired" for item in result["ratios"])
+        assert "times paired" in " ".join((root / "README.md").read_text().split())
+        assert "**Timing is paired** (`--paired`)" in (root / "benchmarks/README.md").read_text()
 
 
 def test_the_best_students_card_is_published_as_its_recipe_wrote_it(tmp_path):
