@@ -273,7 +273,8 @@ class _Dropout:
 
     def apply(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """``x`` with the dropped entries zeroed and the kept ones scaled by ``1 / (1 - p)`` (a new tensor)."""
-        return x if keep is None else x.mul(keep).div_(1.0 - self.p)
+        # where, not mul: multiplying by a boolean mask first casts it to a float tensor of the block's size
+        return x if keep is None else torch.where(keep, x, 0.0).div_(1.0 - self.p)
 
 
 def _student_block(query, key_t, bias, mask: AttentionMask, rows: slice, lse: torch.Tensor | None = None):
