@@ -2,14 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+TORCH_PIP_ARGS ?=
 
 .PHONY: install lint demo test test-all bench-quality bench-speed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# CPU wheel first, so nothing below pulls the CUDA build
-	$(BIN)/python -m pip install -q torch==2.13.0
+	# torch first, so nothing below pulls another build; from stock PyPI on Linux, the CPU build needs
+	# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -q -e ".[test,demo]"
 	touch $@
 

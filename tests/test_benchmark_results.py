@@ -1145,3 +1145,32 @@ def test_speed_paired_worker_times_every_mode_in_one_process():
     run = speed.run_paired_worker({**spec, "bf16": False})
     assert sorted(run["times"]) == ["D", "L", "N"] and all(len(t) == 3 and min(t) > 0 for t in run["times"].values())
     assert run["ratios"] == speed.paired_ratios(run["times"])
+
+
+def test_the_readmes_speed_sentences_are_the_committed_runs():
+    """README.md's sentences about long lengths (4,096 tokens' memory; from 512 tokens on: D/N, L's working memory
+    over D's) and short ones (D/L at 64-384 tokens, the 15-round recheck) are computed from the committed runs."""
+    results = ROOT / "benchmarks" / "results"
+    ratios = {name: json.loads((results / f"{name}.json").read_text())["ratios"] for name in ("speed", "speed_long")}
+    long_rows = json.loads((results / "speed_long.json").read_text())["rows"]
+    recheck = json.loads((results / "speed_recheck.json").read_text())["ratios"]
+    work = {r["mode"]: r["peak_above_start_mb"] for r in long_rows if r["seq_len"] == 4096}
+    long = [x for x in ratios["speed"] if x["seq_len"] >= 512] + ratios["speed_long"]
+    less = [1 / x["D/L_work_mem"] for x in long if x["seq_len"] != 1024]
+    equal = [x for x in long if x["seq_len"] == 1024]
+    short = [x["D/L_time"] for x in ratios["speed"] if x["seq_len"] < 512]
+    checked = [x["D/L_time"] for x in recheck]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"4,096 tokens take {work['D']:,.0f} MB, the naive way {work['N'] / 1024:.0f} GB" in readme
+    d_n = [x["D/N_time"] for x in long]
+    assert (
+        f"From 512 tokens on: {min(d_n):.2f}-{max(d_n):.2f}x the naive time, at most `L`'s working memory "
+        f"({min(less):.1f}-{max(less):.0f}x less but at 1,024 tokens: equal)"
+    ) in readme
+    assert all(abs(x["D/L_work_mem"] - 1) < 0.01 for x in equal) and len(equal) == 1
+    assert (
+        f"at 64-384 tokens {min(short):.2f}-{max(short):.2f}x `L`; rows above 1.05 measure "
+        f"{min(checked):.2f}-{max(checked):.2f}x in 15 rounds"
+    ) in readme
+    above = {(x["pair"], x["seq_len"], x["batch"]) for x in ratios["speed"] if x["D/L_time"] > 1.05}
+    assert above and above <= {(x["pair"], x["seq_len"], x["batch"]) for x in recheck}  # every such row rechecked

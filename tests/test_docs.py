@@ -31,3 +31,22 @@ def test_readme_stays_short_and_free_of_history():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 250
     assert not re.search(r"(issue|#)\s?#?\d{2}\b", text), re.search(r"(issue|#)\s?#?\d{2}\b", text)
+
+
+def test_make_installs_torch_first_with_the_readmes_torch_args(tmp_path):
+    """`make` installs torch 2.13.0 before anything that depends on it, passing `TORCH_PIP_ARGS` (what the README
+    says selects the CPU build from stock PyPI) to that install only."""
+    import subprocess
+
+    args = "--index-url https://download.pytorch.org/whl/cpu"
+    out = subprocess.run(
+        ["make", "-n", "install", f"VENV={tmp_path / 'venv'}", f"TORCH_PIP_ARGS={args}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    installs = [line for line in out.splitlines() if " pip install " in line and "--upgrade pip" not in line]
+    assert "torch==2.13.0" in installs[0] and installs[0].endswith(args)
+    assert all(args not in line for line in installs[1:]) and '-e ".[test,demo]"' in installs[1]
+    assert f'`TORCH_PIP_ARGS="{args}"`' in " ".join((ROOT / "README.md").read_text().split())

@@ -96,3 +96,15 @@ def test_the_lm_reading_sets_the_best_kd_row_against_ce_and_attention_against_it
         "seed std (2.00); `fkl_attn_hidden` against `rkl`: +9.00 (one seed on a side: no std yet)."
     )
     assert lm.reading({"students": {"ce": row(160.0, 0.0, [1])}}) == ""
+
+
+def test_the_lm_section_names_every_planned_row_run_or_not():
+    """The README's LM paragraph names every row of the plan: those with runs, then the others as not run yet."""
+    result = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/quality_lm.json").read_text())
+    paragraph = lm.readme(result).split("\n")[2]
+    waiting = [name for name in lm.VARIANTS if name not in result["students"]]
+    assert all(f"`{name}`" in paragraph for name in lm.VARIANTS)
+    assert ("; not run yet: " in paragraph) == bool(waiting)
+    if waiting:
+        assert all(f"`{name}`" in paragraph.split("; not run yet: ")[1] for name in waiting)
+        assert not any(f"`{name}` (" in paragraph.split("; not run yet: ")[1] for name in result["students"])

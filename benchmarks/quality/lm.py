@@ -481,6 +481,11 @@ def readme(result: dict) -> str:
         f"{settings['student_batch_size']} blocks, the same data and seeds for every row; perplexity on every "
         "block of the 48 held-out dev articles (lower is better; gains in perplexity points). Rows: "
         + "; ".join(f"{LABELS.get(name, name)}" for name in students)
+        + "".join(
+            f"; not run yet: {'; '.join(LABELS.get(name, name) for name in waiting)}"
+            for waiting in [[name for name in VARIANTS if name not in students]]
+            if waiting
+        )
         + f". Runs so far: {runs_done(result)} of the {runs_planned(result, VARIANTS, PLANNED_SEEDS)}; machine: "
         f"{result['machine']}. {reading(result)}".rstrip(),
         "",

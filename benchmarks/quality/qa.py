@@ -363,7 +363,7 @@ def readme(result: dict) -> str:
         f"stride {settings['doc_stride']}); F1 on {result['eval_examples']:,} dev questions by step {curve} "
         f"({result['teacher_curve_note']}). Students: {result['student_steps']} steps x {settings['batch_size']} "
         f"windows from teacher layers {settings['student_layers']} (QA head included), the same data and seeds for "
-        f"every row; F1 (EM in benchmarks/README.md) on {scored} dev questions, teacher included: F1 "
+        f"every row; F1 (EM: [benchmarks/results/quality_qa.md](benchmarks/results/quality_qa.md)) on {scored} dev questions, teacher included: F1 "
         f"{result['teacher']:.2f}, EM {result['teacher_em']:.2f}.",
         "",
         readme_table({**result, "metric": "F1"}, labels=LABELS).rstrip("\n"),

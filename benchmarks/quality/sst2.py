@@ -286,9 +286,30 @@ LABELS = {
 
 
 def readme(result: dict) -> str:
-    """The README's SST-2 table of ``result`` (``small_*`` rows are another student: no gains over the 3-layer
-    ``finetune``/``kd``)."""
-    return readme_table(result, 100, "%", LABELS, compared=lambda name: not name.startswith("small_"))
+    """The README's SST-2 section of ``result``: the teacher and students as trained, the table (``small_*`` rows
+    are another student: no gains over the 3-layer ``finetune``/``kd``) and what attention transfer adds over logit
+    KD, against the larger seed std of the two rows."""
+    settings, students = result["settings"], result["students"]
+    head = (
+        f"Teacher {result['teacher'] * 100:.2f}% ({settings['teacher_steps']} steps, {result['teacher_model']}). "
+        f"Students: {settings['student_steps']} steps at batch {settings['batch_size']}, accuracy on "
+        f"{result['eval_set'].split(',')[0]}); {result['student']}; {result['small_student']}.\n\n"
+    )
+    table = readme_table(result, 100, "%", LABELS, compared=lambda name: not name.startswith("small_"))
+    rows = {"KL": "kd_attn_kl", "MSE": "kd_attn_mse"}
+    if "kd" not in students or any(name not in students for name in rows.values()):
+        return head + table
+    kd = students["kd"]
+    gains = {kind: (students[name]["mean"] - kd["mean"]) * 100 for kind, name in rows.items()}
+    stds = [max(students[name]["std"], kd["std"]) * 100 for name in rows.values()]
+    times = sorted(gain / std for gain, std in zip(gains.values(), stds))
+    best = max((n for n in students if not n.startswith("small_")), key=lambda n: students[n]["mean"])
+    reading = (
+        f"\nAttention transfer adds {gains['KL']:.1f} (KL) to {gains['MSE']:.1f} (MSE) points over logit KD, "
+        f"{times[0]:.1f}-{times[-1]:.1f} times the larger seed std; the best row, `{best}`, keeps "
+        f"{students[best]['mean'] / result['teacher'] * 100:.1f}% of the teacher.\n"
+    )
+    return head + table + reading
 
 
 def markdown(result: dict) -> str:
