@@ -305,3 +305,35 @@ def test_accelerate_launch_runs_the_recipe_unchanged(tmp_path, tiny_teacher_dir,
     assert json.loads((out_dir / "trainer_state.json").read_text())["global_step"] == 2
     assert AutoModelForSequenceClassification.from_pretrained(out_dir).config.num_hidden_layers == 2
     assert "eval_accuracy" in json.loads((out_dir / "eval_results.json").read_text())
+
+
+def test_the_readmes_commands_parse_as_written(monkeypatch):
+    """Every `hf-attn-distill` command of README.md's command-line block reaches its recipe's argument parsing
+    with the flags it shows (nothing trains)."""
+    import re
+    import shlex
+
+    import hf_attn_distill.recipes.common as recipe_common
+
+    real_parse = recipe_common.parse_args
+
+    def parse_only(types, args, prog=None):
+        raise Parsed(real_parse(types, args, prog))
+
+    monkeypatch.setattr(recipe_common, "parse_args", parse_only)
+    monkeypatch.chdir(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Recipes and command line\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    assert [c[:2] for c in commands] == [["hf-attn-distill", "classification"], ["hf-attn-distill", "qa"]]
+    parsed = []
+    for command in commands:
+        with pytest.raises(Parsed) as got:
+            main(command[1:])
+        parsed.append(got.value.args[0])
+    (model, data, training), (qa_model, _, qa_training) = parsed
+    assert (model.teacher_model_name_or_path, model.student_teacher_layers) == ("out/teacher", "1,3,5")
+    assert data.train_file.endswith("sst2/train.tsv") and data.validation_file.endswith("sst2/dev.tsv")
+    assert training.output_dir == "out/student" and training.do_train and training.do_eval
+    assert training.max_steps == 1000
+    assert qa_model.training_mode == "distill" and qa_training.do_train
