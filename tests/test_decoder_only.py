@@ -4,6 +4,8 @@ Tiny random configs: capture equals eager and the output equals sdpa; the traine
 token-level KD equal the reference losses; an update split into micro-batches with padding equals one batch.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import one_sgd_step
@@ -151,6 +153,47 @@ def test_capture_equals_eager_and_output_equals_sdpa(family, teacher_side):
     torch.testing.assert_close(logits[inputs["attention_mask"].bool()], sdpa_logits[inputs["attention_mask"].bool()])
     for record, index in zip(records, (1, 3)):
         torch.testing.assert_close(record.exp()[valid], eager[index][valid], atol=1e-6, rtol=1e-5)
+
+
+def unnamed_family(name: str):
+    """A tiny causal LM of a family the package never names (Qwen3: RMS-normed queries and keys; OLMo)."""
+    import transformers
+
+    model_class, config_class = {
+        "qwen3": ("Qwen3ForCausalLM", "Qwen3Config"),
+        "olmo": ("OlmoForCausalLM", "OlmoConfig"),
+    }[name]
+
+    def build(layers, heads, seed):
+        torch.manual_seed(seed)
+        config = getattr(transformers, config_class)(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
+        return getattr(transformers, model_class)(config)
+
+    return build
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo"])
+def test_a_family_the_package_never_names_is_captured_exactly(family, monkeypatch):
+    """README: sites are learnt from one probe forward, so a model dispatching through ``AttentionInterface`` needs
+    no special case: no module of the package mentions these families, and their capture equals eager attention."""
+    import hf_attn_distill
+
+    package = Path(hf_attn_distill.__file__).parent
+    assert not [p for p in package.rglob("*.py") if family in p.read_text().lower()]
+    monkeypatch.setitem(FAMILIES, family, unnamed_family(family))
+    for teacher_side in (False, True):
+        test_capture_equals_eager_and_output_equals_sdpa(family, teacher_side)
 
 
 class InOrderTrainer(DistillTrainer):
