@@ -54,11 +54,11 @@ def gpt2(layers, heads, seed):
     return GPT2LMHeadModel(config)
 
 
-def llama(layers, heads, seed):
-    """Grouped-query attention: half as many key/value heads as query heads, rotary embeddings."""
+def causal_lm(model_class, config_class, layers, heads, seed, **extra):
+    """A tiny grouped-query causal LM: half as many key/value heads as query heads."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(
+    return model_class(
+        config_class(
             vocab_size=VOCAB,
             hidden_size=32,
             intermediate_size=64,
@@ -66,44 +66,33 @@ def llama(layers, heads, seed):
             num_attention_heads=heads,
             num_key_value_heads=heads // 2,
             max_position_embeddings=64,
+            **extra,
         )
     )
 
 
+def llama(layers, heads, seed):
+    """Grouped-query attention, rotary embeddings."""
+    return causal_lm(LlamaForCausalLM, LlamaConfig, layers, heads, seed)
+
+
 def qwen2(layers, heads, seed):
     """Grouped-query attention, and a 4-token sliding window on layers 2 and up."""
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            max_position_embeddings=64,
-            use_sliding_window=True,
-            sliding_window=4,
-            max_window_layers=2,
-        )
+    return causal_lm(
+        Qwen2ForCausalLM,
+        Qwen2Config,
+        layers,
+        heads,
+        seed,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
     )
 
 
 def mistral(layers, heads, seed):
     """Grouped-query attention with a 6-token sliding window on every layer."""
-    torch.manual_seed(seed)
-    return MistralForCausalLM(
-        MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            max_position_embeddings=64,
-            sliding_window=6,
-        )
-    )
+    return causal_lm(MistralForCausalLM, MistralConfig, layers, heads, seed, sliding_window=6)
 
 
 FAMILIES = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2, "mistral": mistral}
@@ -163,24 +152,9 @@ def unnamed_family(name: str):
         "qwen3": ("Qwen3ForCausalLM", "Qwen3Config"),
         "olmo": ("OlmoForCausalLM", "OlmoConfig"),
     }[name]
-
-    def build(layers, heads, seed):
-        torch.manual_seed(seed)
-        config = getattr(transformers, config_class)(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=2,
-        )
-        return getattr(transformers, model_class)(config)
-
-    return build
+    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    classes = getattr(transformers, model_class), getattr(transformers, config_class)
+    return lambda layers, heads, seed: causal_lm(*classes, layers, heads, seed, **ids)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "olmo"])
