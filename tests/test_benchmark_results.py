@@ -1174,3 +1174,37 @@ def test_the_readmes_speed_sentences_are_the_committed_runs():
     ) in readme
     above = {(x["pair"], x["seq_len"], x["batch"]) for x in ratios["speed"] if x["D/L_time"] > 1.05}
     assert above and above <= {(x["pair"], x["seq_len"], x["batch"]) for x in recheck}  # every such row rechecked
+
+
+def test_the_lm_memory_and_token_kd_prose_is_the_committed_runs():
+    """benchmarks/README.md's reading of lm_memory.json (memory and time ratios at 32,000; sizes and times at
+    152,064) and docs/internals.md's token_kd_memory figures are computed from the committed runs."""
+    memory = json.loads((ROOT / "benchmarks/results/lm_memory.json").read_text())
+    by = {(r["vocab"], r["method"]): r for r in memory["rows"]}
+    small, large = sorted({r["vocab"] for r in memory["rows"]})
+    naive, chunked = by[small, "naive"], by[small, "chunked"]
+    fused, fused_naive = by[small, "chunked_ce_kd"], by[small, "naive_ce_kd"]
+    tensors = naive["peak_mb"] / naive["one_logits_tensor_mb"]
+    big = [by[large, m] for m in ("chunked", "chunked_ce_kd")]
+    token_kd = by[large, "token_kd"]
+    bench = " ".join((ROOT / "benchmarks/README.md").read_text().split())
+    for reading in (
+        f"the chunked loss needs {naive['peak_mb'] / chunked['peak_mb']:.0f}x less memory than both full logits and "
+        f"{chunked['step_s'] / naive['step_s']:.2f}x their time (the fused CE + KD: "
+        f"{fused_naive['peak_mb'] / fused['peak_mb']:.0f}x less, {fused['step_s'] / fused_naive['step_s']:.2f}x the time;",
+        f"the allocation of a {token_kd['one_logits_tensor_mb']:,.0f} MB tensor failed; at {small:,} they needed "
+        f"{tensors:.1f} such tensors, which would be {tensors * token_kd['one_logits_tensor_mb'] / 1000:.0f} GB here)",
+        f"needed {token_kd['peak_mb'] / 1000:.1f} GB and {token_kd['step_s']:.0f} s, the chunked ones "
+        f"{max(r['peak_mb'] for r in big) / 1000:.1f} GB",
+        f"and {min(r['step_s'] for r in big):.0f}-{max(r['step_s'] for r in big):.0f} s: "
+        f"{min(r['step_s'] for r in big) / token_kd['step_s']:.1f}-{max(r['step_s'] for r in big) / token_kd['step_s']:.1f}x "
+        "`token_kd`'s time",
+    ):
+        assert reading in bench, reading
+    assert all("skipped" in by[large, m] for m in ("naive", "naive_ce_kd"))
+    rows = {r["method"]: r for r in json.loads((ROOT / "benchmarks/results/token_kd_memory.json").read_text())["rows"]}
+    internals = " ".join((ROOT / "docs/internals.md").read_text().split())
+    assert (
+        f"peaks at {rows['chunked']['peak_above_logits_mb']:,.0f} MB above the logits against "
+        f"{rows['reference']['peak_above_logits_mb']:,.0f} MB for the plain formula"
+    ) in internals
