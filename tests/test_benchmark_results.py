@@ -1208,3 +1208,20 @@ def test_the_lm_memory_and_token_kd_prose_is_the_committed_runs():
         f"peaks at {rows['chunked']['peak_above_logits_mb']:,.0f} MB above the logits against "
         f"{rows['reference']['peak_above_logits_mb']:,.0f} MB for the plain formula"
     ) in internals
+
+
+def test_the_evaluation_cost_table_is_the_committed_run():
+    """benchmarks/README.md's evaluation-cost table and its reading are computed from speed_eval.json."""
+    result = json.loads((ROOT / "benchmarks/results/speed_eval.json").read_text())
+    by = {(r["batch"], r["mode"]): r["eval_s"] for r in result["rows"]}
+    bench = (ROOT / "benchmarks/README.md").read_text()
+    added = []
+    for batch in sorted({r["batch"] for r in result["rows"]}):
+        plain, student = by[batch, "plain"], by[batch, "student_only"]
+        logits, attention = by[batch, "teacher_logits"], by[batch, "teacher_attn"]
+        added.append(attention / logits - 1)
+        assert (
+            f"| {batch} | {plain:.3f} s | {student:.3f} s ({student / plain:.2f}×) | {logits:.3f} s | "
+            f"{attention:.3f} s ({attention / logits:.2f}× logits only) |"
+        ) in bench
+    assert f"attention adds {min(added) * 100:.0f}–{max(added) * 100:.0f}% to that" in " ".join(bench.split())
