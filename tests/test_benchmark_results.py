@@ -1225,3 +1225,46 @@ def test_the_evaluation_cost_table_is_the_committed_run():
             f"{attention:.3f} s ({attention / logits:.2f}× logits only) |"
         ) in bench
     assert f"attention adds {min(added) * 100:.0f}–{max(added) * 100:.0f}% to that" in " ".join(bench.split())
+
+
+def test_speed_memory_rerun_replaces_memory_keeps_times_and_continues(monkeypatch):
+    """``--memory_rerun``: every row's memory comes from a new process of its mode (hand-made readings), step times
+    and the paired time ratios stay, memory ratios are recomputed from the new readings, and rows already re-measured
+    are not measured again."""
+    from benchmarks.speed import step as speed
+
+    def row(mode, s, peak, work):
+        return {"pair": "p", "seq_len": 64, "batch": 8, "mode": mode, "step_s": s, "peak_mb": peak,
+                "peak_above_start_mb": work}  # fmt: skip
+
+    old = {
+        "settings": {"bf16": False, "attention_keep_mb": None},
+        "rows": [row("L", 1.0, 1000.0, 500.0), row("D", 1.1, 900.0, 50.0)],
+        "ratios": [{"pair": "p", "seq_len": 64, "batch": 8, "D/L_time": 1.02, "timing": "paired", "D/L_mem": 0.9}],
+    }
+    fresh = {"L": (1100.0, 600.0), "D": (1320.0, 450.0)}
+    calls = []
+
+    def run_row(spec, timeout):
+        calls.append(spec["mode"])
+        assert (spec["warmup"], spec["steps"], spec["bf16"]) == (1, 2, False)
+        peak, work = fresh[spec["mode"]]
+        return {"pair": "p", "seq_len": 64, "batch": 8, "mode": spec["mode"], "step_s": 9.0, "peak_mb": peak,
+                "peak_above_start_mb": work}  # fmt: skip
+
+    monkeypatch.setattr(speed, "run_row", run_row)
+    written = []
+    result = speed.rerun_memory(old, 1, 2, 60, written.append)
+    assert calls == ["L", "D"] and len(written) == 2
+    assert [(r["step_s"], r["peak_mb"], r["peak_above_start_mb"]) for r in result["rows"]] == [
+        (1.0, 1100.0, 600.0),
+        (1.1, 1320.0, 450.0),
+    ]
+    (item,) = result["ratios"]
+    assert item["D/L_time"] == 1.02 and item["timing"] == "paired"
+    assert item["D/L_mem"] == 1320.0 / 1100.0 and item["D/L_work_mem"] == 450.0 / 600.0
+    assert item["D-L_work_mb"] == -150.0
+    assert result["settings"]["memory_rerun"]["steps"] == 2 and old["rows"][0]["peak_mb"] == 1000.0
+    calls.clear()
+    assert speed.rerun_memory(result, 1, 2, 60)["rows"] == result["rows"] and calls == []
+    assert "Memory measured again at commit" in speed.markdown({**result, "machine": "m"})

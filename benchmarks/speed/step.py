@@ -11,9 +11,11 @@ For the same batch, models and losses (logit KD + attention KL on the layers of 
 - ``T``: TextBrewer's ``GeneralDistiller`` (``attention_ce`` matches on the same layers), if installed.
 
 Every (pair, sequence length, batch, mode) row runs in a fresh subprocess so peak memory belongs to
-that mode alone: on CPU the peak RSS during the measured steps (the kernel's VmHWM, reset after
-warm-up; ``peak_above_start_mb`` subtracts the RSS at the reset), on CUDA ``max_memory_allocated``. The median step time is taken after
-warm-up. Writes ``benchmarks/results/speed.json`` and ``speed.md``.
+that mode alone: on CPU the peak RSS over the warm-up and measured steps (the kernel's VmHWM, reset once the models
+and the batch are built; ``peak_above_start_mb``, the working memory, subtracts the RSS at that reset, so memory the
+allocator keeps from the warm-up steps counts too), on CUDA ``max_memory_allocated``. The median step time is taken
+after warm-up. Writes ``benchmarks/results/speed.json`` and ``speed.md``. ``--memory_rerun`` measures the memory of
+an existing result's rows again, keeping its times.
 
 A fresh process on a shared 2-core VM lands at a speed of its own: the same mode's median moved by up to 50% between
 processes here. ``--paired`` therefore also times every mode in one process per (pair, length, batch), one step of
@@ -318,15 +320,15 @@ def run_worker(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    if device.type != "cuda":  # the working memory starts here: what warm-up leaves resident is part of it
+        rss_reset = reset_peak_rss()
+        base = proc_status_mb("VmRSS")
     for _ in range(spec["warmup"]):
         step()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        rss_reset = reset_peak_rss()
-        base = proc_status_mb("VmRSS")
     times = []
     for _ in range(spec["steps"]):
         start = time.perf_counter()
@@ -337,7 +339,7 @@ def run_worker(spec: dict) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
         extra = {"peak_above_weights_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
     elif rss_reset:
-        peak_mb = proc_status_mb("VmHWM")  # peak RSS since the reset, i.e. during the measured steps
+        peak_mb = proc_status_mb("VmHWM")  # peak RSS since the reset: warm-up and measured steps
         extra = {"peak_above_start_mb": peak_mb - base}
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB, whole process life
@@ -519,6 +521,47 @@ def ratios(rows: list[dict], paired: dict | None = None) -> list[dict]:
     return out
 
 
+def rerun_memory(result: dict, warmup: int, steps: int, timeout: int, write=None) -> dict:
+    """``result`` with the memory of its rows measured again, each mode in its own process (``warmup`` steps, then
+    ``steps``, under the run's own ``bf16`` and ``attention_keep_mb``): step times and time ratios stay as they
+    were, memory ratios are recomputed, and ``settings["memory_rerun"]`` says how. Rows already re-measured (marked
+    ``memory_rerun``) are skipped, so a stopped rerun continues; ``write(result)`` is called after every row."""
+    from benchmarks.quality.runs import project_commit
+
+    settings = result["settings"]
+    rerun = {"warmup": warmup, "steps": steps, "commit": project_commit()}
+    result = {**result, "settings": {**settings, "memory_rerun": settings.get("memory_rerun") or rerun}}
+    rows = [dict(row) for row in result["rows"]]
+    old = {(r["pair"], r["seq_len"], r["batch"]): r for r in result["ratios"]}
+    for row in rows:
+        if "error" in row or row.get("memory_rerun"):
+            continue
+        spec = {k: row[k] for k in ("pair", "seq_len", "batch", "mode")}
+        spec.update(
+            warmup=warmup,
+            steps=steps,
+            bf16=settings.get("bf16", False),
+            attention_keep_mb=settings.get("attention_keep_mb"),
+        )
+        fresh = run_row(spec, timeout)
+        for key in ("peak_mb", "peak_above_start_mb", "peak_above_weights_mb"):
+            row.pop(key, None)
+            if key in fresh:
+                row[key] = fresh[key]
+        row["memory_rerun"] = True
+        if "error" in fresh:
+            row["memory_error"] = fresh["error"]
+        merged = []
+        for item in ratios([r for r in rows if "peak_mb" in r or "error" in r]):
+            kept = old.get((item["pair"], item["seq_len"], item["batch"]), {})
+            times = {k: v for k, v in kept.items() if k.endswith("_time") or k == "timing"}
+            merged.append({**{k: v for k, v in item.items() if not k.endswith("_time")}, **times})
+        result = {**result, "rows": rows, "ratios": merged}
+        if write is not None:
+            write(result)
+    return result
+
+
 def _cell(mapping: dict, key: str, spec: str = ".2f") -> str:
     """``mapping[key]`` formatted for a table cell, ``-`` when absent."""
     return format(mapping[key], spec) if key in mapping else "-"
@@ -526,7 +569,7 @@ def _cell(mapping: dict, key: str, spec: str = ".2f") -> str:
 
 def summary_table(result: dict, batch: int | None = None) -> str:
     """The table the READMEs show: per (pair, length, batch), each mode's step time, D's ratios and the working
-    memory (peak RSS above the start of the measured steps) of L, D and N; ``batch``: only the rows of that batch
+    memory (peak RSS above the RSS before the first step) of L, D and N; ``batch``: only the rows of that batch
     size (the top-level README's length sweep, without the batch sweep)."""
     lines = [
         "| pair | seq | batch | L (s) | D (s) | N (s) | T (s) | D/L | D/N | D/T | working MB L / D / N / T |",
@@ -551,6 +594,7 @@ def summary_table(result: dict, batch: int | None = None) -> str:
 
 
 def markdown(result: dict) -> str:
+    rerun = result["settings"].get("memory_rerun")
     lines = [
         f"Machine: {result['machine']}",
         "",
@@ -564,8 +608,16 @@ def markdown(result: dict) -> str:
             if any(item.get("timing") == "paired" for item in result["ratios"])
             else []
         ),
-        "`peak MB`: peak RSS (CPU) or allocated memory (CUDA) during the measured steps; `working MB`: the part "
-        "above what was resident when they started (weights, optimizer state, libraries).",
+        "`peak MB`: peak RSS over the warm-up and measured steps (CPU) or allocated memory during the measured steps "
+        "(CUDA); `working MB`: the part above what was resident before the first step (weights, libraries).",
+        *(
+            [
+                f"Memory measured again at commit {str(rerun['commit'])[:7]} ({rerun['warmup']} warm-up + {rerun['steps']} "
+                "steps in each mode's own process); step times and time ratios from the run above."
+            ]
+            if rerun
+            else []
+        ),
         "",
         "| pair | seq | batch | mode | step (s) | peak MB | working MB |",
         "|---|---|---|---|---|---|---|",
@@ -678,6 +730,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="With --paired: measured steps of each mode's own process, which then gives memory only (default: "
         "--steps).",
     )
+    parser.add_argument(
+        "--memory_rerun",
+        action="store_true",
+        help="Measure the memory of the rows of --output's JSON again (each mode's own process, --warmup then "
+        "--memory_steps steps), keeping its step times and time ratios; continues a stopped rerun.",
+    )
     parser.add_argument("--timeout", type=int, default=900, help="Seconds per row before it counts as an error.")
     parser.add_argument(
         "--cache_epochs", type=int, default=3, help="Epochs of the teacher-logit cache comparison (0 skips it)."
@@ -695,6 +753,19 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     from hf_attn_distill.utils.profiling import machine_info
+
+    if args.memory_rerun:
+        stem = Path(args.output)
+
+        def write(result):
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+            stem.with_suffix(".md").write_text(markdown(result))
+
+        previous = json.loads(stem.with_suffix(".json").read_text())
+        result = rerun_memory(previous, args.warmup, args.memory_steps or args.steps, args.timeout, write)
+        write(result)
+        print(markdown(result))
+        return result
 
     qa_pairs = [p for p in args.pairs if p.endswith("-qa")]
     seq2seq_pairs = [p for p in args.pairs if p == "minilm-ed6->3"]
