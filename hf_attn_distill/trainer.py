@@ -227,7 +227,7 @@ class DistillTrainer(
         if not (model.training and torch.is_grad_enabled()):
             self._stop()  # else training_step stops after backward: checkpointing re-runs mapped layers there
         if model.training and self.nonfinite is not None:
-            self.nonfinite.update(self.state.global_step + 1, step.teacher_outputs, terms)
+            self.nonfinite.update(self.state.global_step + 1, {**step.teacher_outputs, **step.teacher_read}, terms)
         items = self.accounting.items(inputs if on_policy is None else {**inputs, ON_POLICY_COLUMN: on_policy})
         scales = self.accounting.scales(model.training, items)
         if model.training:

@@ -135,3 +135,27 @@ def test_the_check_costs_under_one_percent_of_a_step(tmp_path):
         checks.append(time.perf_counter() - start)
     step_s, check_s = sorted(steps)[len(steps) // 2], sorted(checks)[len(checks) // 2]
     assert check_s < 0.01 * step_s, (check_s, step_s)
+
+
+@pytest.mark.parametrize("where", ["every position", "one position"])
+def test_a_causal_teacher_whose_head_input_is_nan_is_named_under_the_chunked_lm_loss(tmp_path, where):
+    """The chunked LM loss reads the teacher's last hidden states, not its logits: NaN there (at every position, or
+    at one that is not the last, so its own last-position logits stay finite) stops training at that step naming the
+    teacher's head input, not the student and not a head that transforms its logits."""
+    from test_decoder_only import trainer_for
+
+    run = trainer_for("llama", tmp_path, max_steps=2)
+    assert run.args.chunked_lm_loss
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[:, 2 if where == "one position" else slice(None)] = float("nan")
+        return output
+
+    run.teacher_model.model.norm.register_forward_hook(hook)
+    with pytest.raises(NonFiniteError) as caught:
+        run.train()
+    message = str(caught.value)
+    assert "at step 1 in the teacher's outputs (" in message
+    assert "teacher hidden states its output head reads" in message and "loss_kd" in message
+    assert ("teacher logits" in message) == (where == "every position")

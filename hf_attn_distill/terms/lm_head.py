@@ -205,6 +205,7 @@ class LMHeadPass:
         teacher_hidden = None
         if self.teacher_tap is not None and cached is None:
             teacher_hidden = self.teacher_tap.take("teacher")
+            step.teacher_read["hidden states its output head reads"] = teacher_hidden
         with contextlib.ExitStack() as gathered:
             gathered.enter_context(gathered_head(self.student, self.student_tap.head, "student"))
             if teacher_hidden is not None:
@@ -212,11 +213,13 @@ class LMHeadPass:
             return self._sums_of(step, hidden, teacher_hidden, cached)
 
     def _sums_of(self, step, hidden, teacher_hidden, cached):
-        if "student" not in self.checked:
-            self._check(hidden, step.outputs, "student", self.student_tap.head)
+        if "student" not in self.checked and self._check(hidden, step.outputs, "student", self.student_tap.head):
             self.checked.add("student")
-        if teacher_hidden is not None and "teacher" not in self.checked:
-            self._check(teacher_hidden, step.teacher_outputs, "teacher", self.teacher_tap.head)
+        if (
+            teacher_hidden is not None
+            and "teacher" not in self.checked
+            and self._check(teacher_hidden, step.teacher_outputs, "teacher", self.teacher_tap.head)
+        ):
             self.checked.add("teacher")
         labels = step.inputs.get("labels")
         targets = labels if torch.is_tensor(labels) and labels.dim() == 2 else None
@@ -257,18 +260,23 @@ class LMHeadPass:
         return self._sums
 
     @staticmethod
-    def _check(hidden: torch.Tensor, outputs, who: str, head: nn.Module) -> None:
-        """The model's own logits of the last position must be its head applied to the recorded hidden states."""
+    def _check(hidden: torch.Tensor, outputs, who: str, head: nn.Module) -> bool:
+        """The model's own logits of the last position must be its head applied to the recorded hidden states;
+        ``False`` when this step cannot tell: no such logits, or NaN / inf in either (the non-finite check names
+        where those came from, and the next step checks again)."""
         logits = outputs.get("logits") if outputs is not None else None
         if logits is None or logits.shape[-2] != 1:
-            return
+            return False
         with torch.no_grad():
             want = F.linear(hidden[:, -1:].detach(), head.weight, head.bias)
+        if not (torch.isfinite(logits).all() and torch.isfinite(want).all()):
+            return False
         if not torch.allclose(logits.float(), want.float(), rtol=1e-3, atol=1e-3):
             raise ValueError(
                 f"The {who}'s logits are not its output head applied to its last hidden states (the model transforms "
                 "them after the head), so the chunked LM loss would differ from its own: set chunked_lm_loss=False."
             )
+        return True
 
     def stop(self) -> None:
         self._step, self._sums, self.rows = None, (None, None), None
