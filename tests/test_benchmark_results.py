@@ -746,6 +746,7 @@ def test_translation_tunes_the_attention_weight_on_val_only_and_runs_every_atten
         ] * 3
     assert result["attention_weight"] == 3.0
     assert result["attention_weight_tuning"]["val_bleu"] == {"0.3": 20.0, "1.0": 21.0, "3.0": 22.0}
+    assert result["attention_weight_tuning"]["seed"] == 7
     tested = {name.removesuffix("_seed7"): training for name, (_, training) in calls.items() if "seed7" in name}
     assert set(tested) == set(quality_translation.VARIANTS)
     for name, training in tested.items():
@@ -759,6 +760,10 @@ def test_translation_tunes_the_attention_weight_on_val_only_and_runs_every_atten
     calls.clear()
     assert quality_translation.main([*argv, "--bf16", "false", "--seeds", "7"])["attention_weight"] == 3.0
     assert calls == {}  # scores and runs reused
+    # a run of other seeds reuses the scores and says which seed they came from, not its own
+    again = quality_translation.main([*argv, "--bf16", "false", "--seeds", "8", "--variants", "finetune", "kd_attn"])
+    assert set(calls) == {"finetune_seed8", "kd_attn_seed8"}  # no tuning run
+    assert again["attention_weight_tuning"]["seed"] == 7 and "kd_attn, seed 7;" in (tmp_path / "r.md").read_text()
 
 
 def test_qa_benchmark_cards_name_squad_on_the_hub_and_parse_as_the_recipe_does():
@@ -925,7 +930,10 @@ def test_the_committed_quality_rows_are_recognised_by_todays_code(name):
     if name == "translation":
         tuning = fingerprint({k: v for k, v in settings.items() if k != "attention_weight_grid"}, [])
         scores = json.loads((root / "tuning" / f"{tuning}.json").read_text())
-        weight = max(args.attention_weight_grid, key=lambda w: scores[str(w)])
+        weight = max(args.attention_weight_grid, key=lambda w: scores[str(w)]["val_bleu"])
+        table = json.loads((ROOT / "benchmarks/results/quality_translation.json").read_text())
+        seeds = sorted({scores[str(w)]["seed"] for w in args.attention_weight_grid})
+        assert table["attention_weight_tuning"]["seed"] in (seeds, seeds[0] if len(seeds) == 1 else None)
     for record in records:
         kept = json.loads(record.read_text())
         variant = record.stem.rsplit("_seed", 1)[0]

@@ -325,15 +325,22 @@ def test_the_readmes_commands_parse_as_written(monkeypatch):
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"## Recipes and command line\n\n```bash\n(.*?)```", readme, re.S).group(1)
     commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
-    assert [c[:2] for c in commands] == [["hf-attn-distill", "classification"], ["hf-attn-distill", "qa"]]
+    assert [c[:2] for c in commands] == [
+        ["hf-attn-distill", "classification"],
+        ["hf-attn-distill", "lm"],
+        ["hf-attn-distill", "qa"],
+    ]
     parsed = []
     for command in commands:
         with pytest.raises(Parsed) as got:
             main(command[1:])
         parsed.append(got.value.args[0])
-    (model, data, training), (qa_model, _, qa_training) = parsed
+    (model, data, training), (lm_model, lm_data, lm_training), (qa_model, _, qa_training) = parsed
     assert (model.teacher_model_name_or_path, model.student_teacher_layers) == ("out/teacher", "1,3,5")
     assert data.train_file.endswith("sst2/train.tsv") and data.validation_file.endswith("sst2/dev.tsv")
     assert training.output_dir == "out/student" and training.do_train and training.do_eval
     assert training.max_steps == 1000
     assert qa_model.training_mode == "distill" and qa_training.do_train
+    assert (lm_model.teacher_model_name_or_path, lm_model.student_teacher_layers) == ("out/lm_teacher", "0,2,4")
+    assert (lm_data.train_file, lm_data.validation_file, lm_data.block_size) == ("train.txt", "val.txt", 512)
+    assert lm_training.divergence == "jsd" and lm_training.output_dir == "out/lm" and lm_training.do_eval

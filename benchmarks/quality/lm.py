@@ -472,7 +472,7 @@ def readme(result: dict) -> str:
         "### Causal LM: half-depth Llama student of a Llama teacher (English Wikipedia paragraphs)",
         "",
         f"Built by the benchmark, deterministically: a byte-level BPE of {settings['vocab_size']:,} tokens on the SQuAD "
-        f"train paragraphs (teacher embedding padded to a multiple of 64), a {settings['teacher_layers']}-layer Llama "
+        f"train paragraphs (embeddings padded to a multiple of 64, students' as the teacher's: KD over every row), a {settings['teacher_layers']}-layer Llama "
         f"teacher ({settings['hidden_size']} wide, {settings['teacher_heads']} query / {settings['teacher_kv_heads']} "
         f"key-value heads) trained from scratch for {settings['teacher_steps']:,} steps x "
         f"{settings['teacher_batch_size']} blocks of {settings['block_size']} tokens (held-out perplexity by step "

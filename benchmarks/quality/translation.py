@@ -286,19 +286,26 @@ def tuned_attention_weight(
 ) -> tuple[float, dict]:
     """The attention weight of ``args.attention_weight_grid`` whose ``tune_one(weight) -> val BLEU`` is highest
     (ties: the first), and ``{"variant", "seed", "val_bleu": {weight: BLEU}}``. Each weight's score is kept in the
-    JSON file ``record`` as soon as it is measured, so a rerun tunes only the weights it has not scored. No grid, or
-    no attention variant to run: 1.0, untuned."""
+    JSON file ``record`` as soon as it is measured, with the seed it was trained with (``args.seeds[0]`` of the run
+    that measured it), so a rerun tunes only the weights it has not scored and reports the seed the scores came
+    from, not its own; ``seed`` is a list when they came from several. No grid, or no attention variant to run: 1.0,
+    untuned."""
     if not args.attention_weight_grid or not set(args.variants) & set(ATTENTION_VARIANTS):
         return 1.0, {}
     scores = json.loads(record.read_text()) if record.exists() else {}
     for weight in args.attention_weight_grid:
         if str(weight) not in scores:
-            scores[str(weight)] = tune_one(weight)
+            scores[str(weight)] = {"val_bleu": tune_one(weight), "seed": args.seeds[0]}
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps(scores, indent=2))
-    best = max(args.attention_weight_grid, key=lambda w: scores[str(w)])
     tried = {str(w): scores[str(w)] for w in args.attention_weight_grid}
-    return best, {"variant": TUNED_VARIANT, "seed": args.seeds[0], "val_bleu": tried}
+    best = max(args.attention_weight_grid, key=lambda w: tried[str(w)]["val_bleu"])
+    seeds = sorted({score["seed"] for score in tried.values()})
+    return best, {
+        "variant": TUNED_VARIANT,
+        "seed": seeds[0] if len(seeds) == 1 else seeds,
+        "val_bleu": {w: score["val_bleu"] for w, score in tried.items()},
+    }
 
 
 def learning_curve_args(args: QualityTranslationArguments) -> list[str]:
@@ -431,7 +438,9 @@ def attention_weight_line(result: dict) -> str:
     tried = ", ".join(f"{w}: {b:.2f}" for w, b in tuning["val_bleu"].items())
     return (
         f"Attention weight: {result['attention_weight']} for every attention term, chosen on val "
-        f"({tuning['variant']}, seed {tuning['seed']}; val BLEU by weight: {tried})"
+        f"({tuning['variant']}, seed{'s' if isinstance(tuning['seed'], list) else ''} "
+        f"{', '.join(map(str, tuning['seed'])) if isinstance(tuning['seed'], list) else tuning['seed']}; "
+        f"val BLEU by weight: {tried})"
     )
 
 

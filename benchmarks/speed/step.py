@@ -594,7 +594,7 @@ def summary_table(result: dict, batch: int | None = None) -> str:
 
 
 def markdown(result: dict) -> str:
-    rerun = result["settings"].get("memory_rerun")
+    rerun = result.get("settings", {}).get("memory_rerun")
     lines = [
         f"Machine: {result['machine']}",
         "",
