@@ -46,7 +46,7 @@ def best_reading(result: dict, scale: float = 1.0, unit: str = "") -> str:
     return ", ".join(parts) + f"; it keeps {retention:.1f}% of the teacher."
 
 
-def curve_reading(result: dict, name: str = "finetune") -> str:
+def curve_reading(result: dict, name: str = "finetune", on: str = "the dev subset") -> str:
     """Whether ``name``'s learning curve (mean over its seeds) has flattened at the budget: its points and what it
     still gained over its last doubling of steps (last step against the step nearest half of it)."""
     curves = result["students"].get(name, {}).get("learning_curves") or []
@@ -61,7 +61,7 @@ def curve_reading(result: dict, name: str = "finetune") -> str:
     half = min((step for step in mean if step < last), key=lambda step: abs(step - last / 2))
     points = ", ".join(f"{step}: {value:.2f}" for step, value in mean.items())
     return (
-        f" `{name}`'s learning curve on the dev subset (step: value, mean over its seeds): {points}; it still rose "
+        f" `{name}`'s learning curve on {on} (step: value, mean over its seeds): {points}; it still rose "
         f"{mean[last] - mean[half]:+.2f} from step {half} to {last}."
     )
 
@@ -95,7 +95,7 @@ def translation() -> str:
     result = _load("quality_translation.json")
     if "teacher_dir" not in result["settings"]:
         return _not_rerun("Multi30k de→en", "quality.translation")
-    return quality_translation.readme(result) + "\n" + best_reading(result) + curve_reading(result) + "\n"
+    return quality_translation.readme(result) + "\n" + best_reading(result) + curve_reading(result, on="val") + "\n"
 
 
 def lm() -> str:
