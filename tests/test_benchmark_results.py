@@ -632,6 +632,8 @@ def test_published_model_cards_are_the_benchmark_runs_they_name():
         assert metric == pytest.approx(round(value, 4)), folder
         assert not any(marker in card.content for marker in ("/work/", "/home/", "/tmp/", "/root/")), folder
         assert not re.search(r"hf_[A-Za-z0-9]{30,}", card.content), folder  # no Hub token
+        listed = (root / "model_cards" / "README.md").read_text()  # the folder's index lists every card
+        assert f"| [`{folder}/`]({folder}/README.md) | " in listed, folder
 
 
 @pytest.mark.parametrize(
