@@ -196,6 +196,35 @@ def test_a_rerun_of_some_rows_keeps_the_others_in_the_table_and_the_plan_counts_
     assert runs_planned(result, ["a", "b"], (1, 2)) == "9 planned (3 rows x seeds 1, 2, 3)"  # rows and seeds held
 
 
+def test_two_processes_of_one_benchmark_each_write_a_table_with_the_others_rows(tmp_path):
+    """Two commands of the same benchmark running at once (other variants, other seeds): a row the other keeps while
+    this one runs is in the table this one writes next, so neither overwrites the table without the other's rows."""
+    from benchmarks.quality.runs import run_students
+
+    done = tmp_path / "done"
+
+    def other_process_keeps_a_row(name, seed, output_dir):
+        if name == "a":  # meanwhile the other command finishes its row c, seed 3
+            done.mkdir(parents=True, exist_ok=True)
+            run = {"f1": 9.0, "seed": 3, "wall_s": 1.0, "machine": "m", "commit": None}
+            (done / "c_seed3.json").write_text(json.dumps({"key": "k", "run": run, "card": None}))
+        return {"f1": float(seed)}
+
+    tables = []
+
+    def summarize(runs):
+        table = {"students": {n: {"seeds": [r["seed"] for r in rs]} for n, rs in runs.items()}}
+        tables.append(table)
+        return table
+
+    result = run_students(
+        ["a", "b"], [2], tmp_path, other_process_keeps_a_row, summarize, tmp_path / "res", lambda r: "",
+        done_dir=done, key="k", table_variants=["a", "b", "c"],
+    )  # fmt: skip
+    assert tables[1]["students"] == {"a": {"seeds": [2]}, "c": {"seeds": [3]}}  # written after row a
+    assert result["students"] == {"a": {"seeds": [2]}, "b": {"seeds": [2]}, "c": {"seeds": [3]}}
+
+
 def test_step_time_rows_are_valid_recipe_commands(monkeypatch, tmp_path):
     """Every row of benchmarks/speed/step_time.py is a command its recipe parses, with the precision, threads, lengths
     and cache the row's name says; the per-step time is the difference of two runs."""

@@ -120,14 +120,22 @@ def run_students(
     runs: dict[str, list[dict]] = {}
     cards: dict[tuple[str, int], str] = {}
     commit = project_commit()  # the code this process runs, recorded with each of its runs
-    if done_dir is not None:  # every kept run of the table's variants, whatever seeds this command asks for
+
+    def read_kept() -> None:
+        """Every kept run of the table's variants, whatever seeds this command asks for, read again before each
+        table is written: another process of the same benchmark may have kept rows since."""
         for name in dict.fromkeys([*(table_variants or []), *variants]):
             for record in sorted(done_dir.glob(f"{name}_seed*.json")):
                 kept = json.loads(record.read_text())
                 if record.stem.removeprefix(f"{name}_seed").isdigit() and kept.get("key") == key_of(name):
-                    runs.setdefault(name, []).append(kept["run"])
+                    seed = kept["run"]["seed"]
+                    if not any(run["seed"] == seed for run in runs.get(name, [])):
+                        runs.setdefault(name, []).append(kept["run"])
                     if kept.get("card") is not None:
-                        cards[name, kept["run"]["seed"]] = kept["card"]
+                        cards.setdefault((name, seed), kept["card"])
+
+    if done_dir is not None:
+        read_kept()
     result = summarize(_by_seed(runs))
 
     def publish() -> None:
@@ -160,6 +168,8 @@ def run_students(
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
             print(f"{name} seed {seed}: {shown} ({wall:.0f} s)", flush=True)
             shutil.rmtree(output_dir, ignore_errors=True)
+            if done_dir is not None:
+                read_kept()
             result = summarize(_by_seed(runs))
             publish()
     publish()
