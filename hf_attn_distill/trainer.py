@@ -25,6 +25,7 @@ from hf_attn_distill.training.batches import check_lengths, position_limits, str
 from hf_attn_distill.training.checkpoints import CheckpointMixin, SaveGuardMixin, resolve_resume
 from hf_attn_distill.training.distributed import prepare_teacher
 from hf_attn_distill.training.eval_order import InOrderEvaluationMixin
+from hf_attn_distill.training.eval_rng import RNGPreservingEvaluationMixin
 from hf_attn_distill.training.nonfinite import NonFiniteWatch
 from hf_attn_distill.training.on_policy import is_on_policy_step, on_policy_batch
 from hf_attn_distill.training.pairing import (
@@ -49,7 +50,13 @@ logger = logging.get_logger(__name__)
 
 
 class DistillTrainer(
-    TermLoggingMixin, SaveGuardMixin, CheckpointMixin, ModelCardMixin, InOrderEvaluationMixin, Trainer
+    TermLoggingMixin,
+    SaveGuardMixin,
+    CheckpointMixin,
+    ModelCardMixin,
+    InOrderEvaluationMixin,
+    RNGPreservingEvaluationMixin,
+    Trainer,
 ):
     """``transformers.Trainer`` whose loss is the weighted sum of the objectives ``args`` asks for
     (:mod:`~hf_attn_distill.terms.logit`): ``alpha_ce * CE + alpha_kd * KD``, one attention term per mapped site,
@@ -65,7 +72,8 @@ class DistillTrainer(
     models (capture points, attention implementation, the hidden-state projection, the teacher's frozen state)
     is taken off when ``train`` ends (:class:`~hf_attn_distill.attention.capture.Capture`). Evaluation and
     prediction visit the dataset in its order, also when training groups batches by length
-    (:mod:`~hf_attn_distill.training.eval_order`).
+    (:mod:`~hf_attn_distill.training.eval_order`), and leave the random generators as they were, so evaluating
+    during training does not change the training (:mod:`~hf_attn_distill.training.eval_rng`).
 
     Args:
         model: the student (a ``PreTrainedModel``).

@@ -139,8 +139,11 @@ class QualityTranslationArguments:
     )
     student_steps: int = field(default=250, metadata={"help": "Steps per student run (same for every variant)."})
     learning_curve_variants: list[str] = field(
-        default_factory=lambda: ["finetune", "kd", "kd_attn"],
-        metadata={"help": "Variants whose students are also evaluated on val during training (a learning curve)."},
+        default_factory=lambda: ["finetune", "kd", "kd_attn", "kd_attn_cross_decay"],
+        metadata={
+            "help": "Variants whose students are also evaluated on val during training (a learning curve; evaluation "
+            "leaves the training unchanged, so the runs are those of the table)."
+        },
     )
     learning_curve_points: int = field(
         default=4, metadata={"help": "Evaluations on val during a learning-curve run (every student_steps / N)."}
@@ -314,9 +317,17 @@ def learning_curve_args(args: QualityTranslationArguments) -> list[str]:
     return ["--do_eval", "--eval_strategy", "steps", "--eval_steps", str(every)]
 
 
+#: Settings that say which runs are also evaluated during training: evaluation leaves training unchanged
+#: (:mod:`hf_attn_distill.training.eval_rng`), so they are not part of what a run is.
+EVALUATION_ONLY = ("learning_curve_variants", "learning_curve_points")
+
+
 def student_settings(args) -> dict:
-    """What makes student runs comparable, besides the teacher: every setting but which runs and where."""
-    return {k: v for k, v in portable_settings(args, ROOT).items() if k not in RUN_SELECTION}
+    """What makes student runs comparable, besides the teacher: every setting but which runs, where, and which are
+    also evaluated during training."""
+    return {
+        k: v for k, v in portable_settings(args, ROOT).items() if k not in RUN_SELECTION and k not in EVALUATION_ONLY
+    }
 
 
 def teacher_settings(args: QualityTranslationArguments) -> dict:

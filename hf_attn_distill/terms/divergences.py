@@ -46,10 +46,11 @@ LM_CHUNK_ELEMENTS = 1 << 23
 """Logits per chunk when ``chunk_tokens`` is 0: 8M, 32 MB of float32 per temporary (but at least
 :data:`LM_MIN_CHUNK_ROWS` rows)."""
 
-LM_MIN_CHUNK_ROWS = 128
-"""Fewest rows of a chunk chosen from the vocabulary: each chunk reads both heads' whole weights, so fewer rows make
-a large vocabulary's step bandwidth-bound (152k words, 4 x 1,024 tokens, 2 CPU cores: 21 s a step at 27 rows, 14 s
-at 128; ``benchmarks/results/lm_memory.md``)."""
+LM_MIN_CHUNK_ROWS = 512
+"""Fewest rows of a chunk chosen from the vocabulary: each chunk reads both heads' whole weights and adds into the
+student head's whole gradient, so fewer rows make a large vocabulary's step bandwidth-bound (152k words, 4 x 1,024
+tokens, forward KL, 2 CPU cores: 53 s a step at 128 rows, 42 s at 512, 40 s at 1,024, for 0.8 / 1.4 / 2.3 GB peak;
+``benchmarks/results/lm_memory.md`` has the default's)."""
 
 
 def lm_chunk_rows(vocab: int, chunk_tokens: int = 0) -> int:

@@ -17,6 +17,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import has_length
 
 from hf_attn_distill.training.checkpoints import SaveGuardMixin
+from hf_attn_distill.training.eval_rng import RNGPreservingEvaluationMixin
 
 __all__ = ["InOrderEvaluationMixin", "InOrderSeq2SeqTrainer", "InOrderTrainer"]
 
@@ -36,10 +37,11 @@ class InOrderEvaluationMixin:
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
-class InOrderTrainer(SaveGuardMixin, InOrderEvaluationMixin, Trainer):
-    """``transformers.Trainer`` that evaluates in dataset order (the recipes' ``finetune`` mode and teacher scores)
+class InOrderTrainer(SaveGuardMixin, InOrderEvaluationMixin, RNGPreservingEvaluationMixin, Trainer):
+    """``transformers.Trainer`` that evaluates in dataset order without changing the training's random draws (the
+    recipes' ``finetune`` mode and teacher scores) and says so when a save fills the disk."""
+
+
+class InOrderSeq2SeqTrainer(SaveGuardMixin, InOrderEvaluationMixin, RNGPreservingEvaluationMixin, Seq2SeqTrainer):
+    """``transformers.Seq2SeqTrainer`` that evaluates in dataset order without changing the training's random draws
     and says so when a save fills the disk."""
-
-
-class InOrderSeq2SeqTrainer(SaveGuardMixin, InOrderEvaluationMixin, Seq2SeqTrainer):
-    """``transformers.Seq2SeqTrainer`` that evaluates in dataset order and says so when a save fills the disk."""
