@@ -37,6 +37,7 @@ from hf_attn_distill.tasks.sequence_kd import sequence_kd_dataset
 from hf_attn_distill.trainer import DistillTrainer
 from hf_attn_distill.training.batches import check_lengths, position_limits
 from hf_attn_distill.training.eval_order import InOrderTrainer
+from hf_attn_distill.training.pairing import shared_vocab_rows
 
 from . import common
 from .common import ModelArguments, build_student, check_tokenizers
@@ -178,8 +179,8 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     trainer = DistillTrainer(teacher_model=teacher, **common_kwargs) if distill else InOrderTrainer(**common_kwargs)
     held_out = splits.get(data_args.validation_split)
     measured_teacher = teacher if distill and model_args.evaluate_teacher and not common.is_sharded(trainer) else None
-    sizes = {m.get_output_embeddings().out_features for m in (model, teacher)}
-    vocab_rows = len(tokenizer) if len(sizes) > 1 else None
+    # the teacher comparisons run over the rows both vocabularies share (a padded one: the tokenizer's), as training
+    vocab_rows = shared_vocab_rows(model, measured_teacher, tokenizer) if measured_teacher is not None else None
 
     def perplexities() -> dict:
         if common.is_sharded(trainer):  # a sharded model's forward needs every process: the trainer's terms only
