@@ -83,13 +83,20 @@ def label_mask(inputs: dict[str, Any]) -> torch.Tensor | None:
 
 def next_token_mask(inputs: dict[str, Any]) -> torch.Tensor | None:
     """``[B, T - 1]`` bool: the positions whose next token counts (next label ``!= -100``, else next token not
-    padding); ``None`` when every position counts."""
+    padding) and that are tokens themselves (``attention_mask``); ``None`` when every position counts.
+
+    The second condition matters with left padding only: the padding position just before a row's first token has
+    no context (its attention sees padding alone), so predicting that token from it is not counted. ``transformers``'
+    own causal-LM loss counts it, which also makes its value depend on how much padding the batch added."""
     labels, attention = inputs.get("labels"), inputs.get("attention_mask")
+    attention = attention.bool() if torch.is_tensor(attention) and attention.dim() == 2 else None
     if torch.is_tensor(labels) and labels.dim() == 2:
-        return labels[:, 1:].ne(-100)
-    if torch.is_tensor(attention) and attention.dim() == 2:
-        return attention[:, 1:].bool()
-    return None
+        mask = labels[:, 1:].ne(-100)
+    elif attention is not None:
+        mask = attention[:, 1:]
+    else:
+        return None
+    return mask if attention is None else mask & attention[:, :-1]
 
 
 class HeadTap:

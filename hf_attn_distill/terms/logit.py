@@ -86,9 +86,17 @@ class HardLabelLoss(Objective):
         return [cls(args.alpha_ce, classes, shifted, head_pass)]  # logged even at weight 0, when the batch has labels
 
     def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        if self.head_pass is None or "labels" not in inputs:
+        if "labels" not in inputs:
             return inputs
-        return {k: v for k, v in inputs.items() if k != "labels"}
+        if self.head_pass is not None:
+            return {k: v for k, v in inputs.items() if k != "labels"}
+        mask = next_token_mask(inputs) if self.shifted and inputs["labels"].dim() == 2 else None
+        if mask is None:
+            return inputs
+        # the model's own loss, over the tokens that count here (not those predicted from left padding)
+        labels = inputs["labels"].clone()
+        labels[:, 1:] = labels[:, 1:].masked_fill(~mask, -100)
+        return {**inputs, "labels": labels}
 
     def start_student(self, step: Step) -> None:
         if self.head_pass is not None:
@@ -126,7 +134,7 @@ class HardLabelLoss(Objective):
         if torch.is_tensor(marker) and bool(marker.any()):
             return torch.zeros((), dtype=torch.long, device=marker.device)
         if self.shifted and torch.is_tensor(labels) and labels.dim() == 2:
-            return labels[:, 1:].ne(-100).sum()
+            return next_token_mask(inputs).sum()
         return label_items(inputs)
 
     def stop(self) -> None:
