@@ -317,3 +317,18 @@ def test_the_on_policy_share_is_lmbda_and_the_same_on_every_rerun():
     assert draws != [is_on_policy_step(7, step, micro, 0.3) for step in range(500) for micro in range(2)]
     assert not any(is_on_policy_step(42, step, 0, 0.0) for step in range(100))
     assert all(is_on_policy_step(42, step, 0, 1.0) for step in range(100))
+
+
+def test_on_policy_prompts_are_the_tokens_before_the_first_label_with_either_padding():
+    """A collator may pad on either side (generation-minded tokenizers pad left): the prompt the student answers is
+    the row's tokens before its first labelled one, padding left out."""
+    from hf_attn_distill.training.on_policy import prompts_of
+
+    right = {
+        "input_ids": torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]),
+        "labels": torch.tensor([[-100, -100, 7, 8, -100, -100], [-100, -100, -100, 12, 13, 14]]),
+    }
+    left = {k: torch.stack([v[0].roll(2), v[1]]) for k, v in right.items()}
+    assert left["input_ids"][0].tolist() == [0, 0, 5, 6, 7, 8]
+    assert prompts_of(right) == prompts_of(left) == [[5, 6], [9, 10, 11]]

@@ -19,13 +19,15 @@ __all__ = ["is_on_policy_step", "on_policy_batch", "prompts_of"]
 
 
 def prompts_of(batch: dict[str, Any]) -> list[list[int]]:
-    """Each row's prompt: its tokens (padding left out) before the first labelled one; a row without one is
-    refused, naming the data on-policy distillation needs."""
-    lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else None
+    """Each row's prompt: its tokens (padding left out, on either side) before the first labelled one; a row without
+    one is refused, naming the data on-policy distillation needs."""
+    masks = batch["attention_mask"].bool().tolist() if "attention_mask" in batch else None
     prompts = []
     for row, (ids, labels) in enumerate(zip(batch["input_ids"].tolist(), batch["labels"].tolist())):
-        n = lengths[row] if lengths is not None else len(ids)
-        prompts.append(prompt_of(ids[:n], labels[:n], "On-policy distillation (lmbda > 0)"))
+        if masks is not None:
+            ids = [t for t, keep in zip(ids, masks[row]) if keep]
+            labels = [t for t, keep in zip(labels, masks[row]) if keep]
+        prompts.append(prompt_of(ids, labels, "On-policy distillation (lmbda > 0)"))
     return prompts
 
 
