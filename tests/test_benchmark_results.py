@@ -1013,6 +1013,15 @@ def test_lm_memory_runs_every_method_and_they_agree(tmp_path):
     assert "| 300 | chunked |" in (tmp_path / "lm.md").read_text()
 
 
+def test_the_lm_memory_tables_are_the_committed_run():
+    """benchmarks/README.md shows summary_tables() of benchmarks/results/lm_memory.json: its memory and time tables
+    cannot drift from the run."""
+    from benchmarks.speed import lm_memory
+
+    result = json.loads((ROOT / "benchmarks/results/lm_memory.json").read_text())
+    assert lm_memory.summary_tables(result) in (ROOT / "benchmarks/README.md").read_text()
+
+
 def test_lm_memory_resumes_and_records_a_killed_worker(tmp_path, monkeypatch):
     """A worker the kernel kills (out of memory) becomes a row that says so, and the other methods still run; a
     rerun of the same shape keeps the measured rows (the same measurements, not new ones) and tries the killed
@@ -1248,14 +1257,13 @@ def test_the_lm_memory_and_token_kd_prose_is_the_committed_runs():
     for reading in (
         f"the chunked loss needs {naive['peak_mb'] / chunked['peak_mb']:.0f}x less memory than both full logits and "
         f"{chunked['step_s'] / naive['step_s']:.2f}x their time (the fused CE + KD: "
-        f"{fused_naive['peak_mb'] / fused['peak_mb']:.0f}x less, {fused['step_s'] / fused_naive['step_s']:.2f}x the time;",
+        f"{fused_naive['peak_mb'] / fused['peak_mb']:.0f}x less, {fused['step_s'] / fused_naive['step_s']:.2f}x the time)",
         f"the allocation of a {token_kd['one_logits_tensor_mb']:,.0f} MB tensor failed; at {small:,} they needed "
         f"{tensors:.1f} such tensors, which would be {tensors * token_kd['one_logits_tensor_mb'] / 1000:.0f} GB here)",
-        f"needed {token_kd['peak_mb'] / 1000:.1f} GB and {token_kd['step_s']:.0f} s, the chunked ones "
-        f"{max(r['peak_mb'] for r in big) / 1000:.1f} GB",
-        f"and {min(r['step_s'] for r in big):.0f}-{max(r['step_s'] for r in big):.0f} s: "
-        f"{min(r['step_s'] for r in big) / token_kd['step_s']:.1f}-{max(r['step_s'] for r in big) / token_kd['step_s']:.1f}x "
-        "`token_kd`'s time",
+        f"needed {token_kd['peak_mb'] / 1000:.1f} GB and {token_kd['step_s']:.1f} s, the chunked loss "
+        f"{big[0]['peak_mb'] / 1000:.1f} GB (1/{token_kd['peak_mb'] / big[0]['peak_mb']:.1f} of `token_kd`;",
+        f"and {big[0]['step_s']:.1f} s ({big[0]['step_s'] / token_kd['step_s']:.2f}x), the fused CE + KD "
+        f"{big[1]['peak_mb'] / 1000:.1f} GB and {big[1]['step_s']:.1f} s.",
     ):
         assert reading in bench, reading
     assert all("skipped" in by[large, m] for m in ("naive", "naive_ce_kd"))

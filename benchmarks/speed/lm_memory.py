@@ -9,7 +9,7 @@ One forward + backward of the forward-KL term (T = 2) between a student and a te
   (no float32 copies of them, but the logits themselves);
 - ``chunked``: :func:`~hf_attn_distill.chunked_lm_divergence`, a chunk of tokens at a time through both heads,
   forward and backward: no ``[tokens, vocab]`` tensor;
-- ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (``beta=0``: forward KL) where it installs and runs (it is
+- ``liger``: Liger-Kernel's ``LigerFusedLinearJSD`` (``jsd_beta=0``: forward KL) where it installs and runs (it is
   written in Triton; on a CPU it does not run, and the row says why);
 - ``naive_ce_kd`` and ``chunked_ce_kd``: what the trainer computes for a causal LM, ``0.5 * CE + 0.5 * KD``, from the
   full logits, and fused a chunk at a time by :func:`~hf_attn_distill.terms.divergences.lm_head_losses` (one pass
@@ -74,10 +74,14 @@ def worker(spec: dict) -> dict:
     chunk = spec.get("chunk_tokens", 0)
     if method == "liger":
         try:
-            from liger_kernel.transformers import LigerFusedLinearJSDLoss
+            import liger_kernel.transformers as liger_transformers
         except ImportError as err:
             return {"skipped": f"liger-kernel is not installed ({err.name})"}
-        liger = LigerFusedLinearJSDLoss(jsd_beta=0.0, temperature=2.0)
+        # the module's name for it (liger-kernel 0.5-0.8: LigerFusedLinearJSD)
+        liger_class = getattr(liger_transformers, "LigerFusedLinearJSD", None)
+        if liger_class is None:
+            return {"skipped": "this liger-kernel has no LigerFusedLinearJSD"}
+        liger = liger_class(jsd_beta=0.0, temperature=2.0)
 
     def step() -> float:
         s_hidden.grad = None
@@ -95,7 +99,7 @@ def worker(spec: dict) -> dict:
             kd = token_divergence(s_logits, t_logits, "forward_kl", temperature=2.0).mean() * 4.0
             loss = 0.5 * F.cross_entropy(s_logits.float(), targets) + 0.5 * kd
         elif method == "liger":
-            loss = liger(s_hidden, s_head.weight, t_hidden, t_head.weight)
+            loss = liger(s_hidden, s_head.weight, t_hidden, t_head.weight, None)  # no labels: every row counts
         else:
             s_logits, t_logits = s_head(s_hidden), t_head(t_hidden)
             if method == "naive":
@@ -117,7 +121,12 @@ def worker(spec: dict) -> dict:
             step()
             times.append(time.perf_counter() - start)
     except Exception as err:  # Liger's Triton kernels on a CPU; more memory than the machine has
-        return {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"}
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        if method == "liger":
+            from importlib.metadata import version
+
+            why = f"liger-kernel {version('liger-kernel')} (triton {version('triton')}) installed, its kernel fails: {why}"
+        return {"skipped": why}
     logits_mb = tokens * spec["vocab"] * 4 / 2**20
     return {"loss": loss, "peak_mb": peak, "step_s": statistics.median(times), "one_logits_tensor_mb": logits_mb}
 
@@ -142,6 +151,40 @@ def markdown(result: dict) -> str:
                 f"{r['one_logits_tensor_mb']:.0f} | {r['step_s']:.3f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def summary_tables(result: dict) -> str:
+    """The two tables benchmarks/README.md shows (peak MB, then seconds a step, per vocabulary and method, Liger
+    left out: it says why in its row of the full table); a method that could not allocate its tensors reads "did
+    not fit"."""
+    methods = [m for m in METHODS if m != "liger"]
+    by = {(r["vocab"], r["method"]): r for r in result["rows"]}
+    vocabs = list(dict.fromkeys(r["vocab"] for r in result["rows"]))
+
+    def cell(vocab, method, key, fmt):
+        r = by.get((vocab, method))
+        if r is None:
+            return "-"
+        if "skipped" in r:
+            return "did not fit" if "allocate memory" in r["skipped"] and key == "peak_mb" else "-"
+        return fmt(r[key])
+
+    tokens = result["batch"] * result["tokens"]
+    memory = [
+        "| vocab | one `[tokens, vocab]` float32 tensor | " + " | ".join(f"`{m}`" for m in methods) + " |",
+        "|---" * (len(methods) + 2) + "|",
+    ]
+    memory += [
+        f"| {v:,} | {tokens * v * 4 / 2**20:,.0f} | "
+        + " | ".join(cell(v, m, "peak_mb", lambda x: f"{x:,.0f}") for m in methods)
+        + " |"
+        for v in vocabs
+    ]
+    time = ["| vocab | " + " | ".join(f"`{m}` s" for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    time += [
+        f"| {v:,} | " + " | ".join(cell(v, m, "step_s", lambda x: f"{x:.2f}") for m in methods) + " |" for v in vocabs
+    ]
+    return "\n".join(memory) + "\n\n" + "\n".join(time) + "\n"
 
 
 def main(argv=None) -> dict:
