@@ -84,14 +84,21 @@ def test_fsdp2_two_processes_match_one_and_shard_the_teacher(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_trains_a_causal_lm_pair_with_the_chunked_loss_as_one_process(tmp_path):
+@pytest.mark.parametrize("head", ["untied", "tied"])
+def test_fsdp2_trains_a_causal_lm_pair_with_the_chunked_loss_as_one_process(head, tmp_path):
     """A tiny Llama pair (grouped-query attention) under FSDP2 on 2 processes, the teacher sharded: the chunked LM
-    loss reads both output heads gathered, and the update and every term equal one process's."""
-    from test_decoder_only import llama
+    loss reads both output heads gathered (also when a head is the tied input embedding, whose gradient then has
+    both uses), and the update and every term equal one process's."""
+    from test_decoder_only import causal_lm
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    start = llama(2, 2, 1).state_dict()
-    single = run(tmp_path / "single", 1, 4, 2, "2", "lm")
-    fsdp = run(tmp_path / "fsdp", 2, 2, 2, "2", "lm")
+    start = causal_lm(LlamaForCausalLM, LlamaConfig, 2, 2, 1, tie_word_embeddings=head == "tied").state_dict()
+    extra = ("lm", "tied") if head == "tied" else ("lm",)
+    single = run(tmp_path / "single", 1, 4, 2, "2", *extra)
+    fsdp = run(tmp_path / "fsdp", 2, 2, 2, "2", *extra)
+    if head == "tied":  # one matrix: saved under both names, equal after the update
+        for result in (single, fsdp):
+            assert torch.equal(result["weights"]["lm_head.weight"], result["weights"]["model.embed_tokens.weight"])
     assert all(rank["placement"] == "fsdp2_sharded" and rank["student_fsdp"] for rank in fsdp["ranks"])
     largest = max((single["weights"][k] - start[k]).abs().max().item() for k in start)
     assert largest > 1e-5

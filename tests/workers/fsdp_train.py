@@ -4,7 +4,8 @@ where the teacher's parameters are.
 Run as one process (no FSDP) or under ``torchrun --nproc_per_node 2``; ``argv``: output folder, per-device batch,
 accumulation steps, FSDP version (``1``/``2``; ignored for one process), and optionally ``plain`` to leave
 accelerate's own choice on CPU processes (it falls back to DDP) instead of switching it to FSDP, or ``lm`` to
-distill a tiny Llama pair (grouped-query attention) with the chunked LM loss instead of BERT classifiers.
+distill a tiny Llama pair (grouped-query attention) with the chunked LM loss instead of BERT classifiers (``lm
+tied``: both output heads tied to the input embeddings).
 
 accelerate turns FSDP on only for processes on GPUs; on CPU processes (gloo) it silently runs DDP. To run the
 GPU code path here, ``FSDPOnCPUTrainer`` switches the accelerator state to FSDP right after the accelerator is
@@ -95,9 +96,13 @@ def main():
     )
     if lm:
         from datasets import Dataset
-        from test_decoder_only import collate, llama, rows
+        from test_decoder_only import causal_lm, collate, rows
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-        teacher, student, data, collator = llama(4, 4, 0), llama(2, 2, 1), Dataset.from_list(rows()), collate
+        tied = {"tie_word_embeddings": "tied" in sys.argv[5:]}  # the output head is the input embedding
+        teacher = causal_lm(LlamaForCausalLM, LlamaConfig, 4, 4, 0, **tied)
+        student = causal_lm(LlamaForCausalLM, LlamaConfig, 2, 2, 1, **tied)
+        data, collator = Dataset.from_list(rows()), collate
     else:
         teacher = tiny_classifier(0, num_hidden_layers=4, initializer_range=0.2)
         student = tiny_classifier(1, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.1)
