@@ -163,7 +163,7 @@ class DistillConfig(TrainingArguments):
             gradients as the full logits.
         lm_chunk_tokens (`int`, *optional*, defaults to `0`):
             Tokens per chunk of the chunked LM loss; `0` picks them from the vocabulary size (about 8M logits,
-            32 MB of float32, per chunk, and at least 128 tokens: fewer make a large vocabulary's step slower).
+            32 MB of float32, per chunk, and at least 512 tokens: fewer make a large vocabulary's step slower).
         attention_loss (`str`, *optional*, defaults to `"kl"`):
             Per-head attention-transfer loss. `"kl"`: MiniLM, row-wise KL(teacher || student) between attention
             distributions (from log-probabilities), mean over heads and valid query rows. `"mse_scores"`: TinyBERT,

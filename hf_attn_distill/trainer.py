@@ -18,7 +18,7 @@ from hf_attn_distill.hub.model_card import ModelCardMixin
 from hf_attn_distill.terms.attention import SiteTransfer
 from hf_attn_distill.terms.base import KD_MASK_COLUMN, ON_POLICY_COLUMN, Step
 from hf_attn_distill.terms.build import build_objectives
-from hf_attn_distill.terms.lm_head import TOP_K_IDS, TOP_K_LOG_PROBS
+from hf_attn_distill.terms.lm_head import TOP_K_IDS, TOP_K_LOG_PROBS, is_causal_lm, mask_unpredictable_labels
 from hf_attn_distill.terms.logit import LABEL_KEYS, LogitKD
 from hf_attn_distill.training.accounting import TermAccounting, TermLoggingMixin
 from hf_attn_distill.training.batches import check_lengths, position_limits, strip_outputs, with_decoder_inputs
@@ -280,7 +280,10 @@ class DistillTrainer(
         return scheduled_value(kind, start, end, self.state.global_step / max(self.state.max_steps, 1))
 
     def _student_only_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool):
-        """Evaluation without the teacher (``eval_with_teacher=False``): the student's own task loss."""
+        """Evaluation without the teacher (``eval_with_teacher=False``): the student's own task loss (a causal LM's
+        over the tokens the trainer counts: none predicted from padding)."""
+        if is_causal_lm(self.accelerator.unwrap_model(model)):
+            inputs = mask_unpredictable_labels(inputs)
         outputs = model(**inputs)
         loss = outputs.get("loss")
         if loss is not None:

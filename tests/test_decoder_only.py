@@ -259,3 +259,14 @@ def test_accumulation_with_padding_equals_one_batch(family, side, tmp_path):
         assert small_log[term] == pytest.approx(big_log[term], rel=1e-5, abs=eps if term == "loss_attn_dec" else 0), (
             term
         )
+
+
+@pytest.mark.parametrize("with_teacher", [True, False], ids=["with_teacher", "student_only"])
+def test_evaluation_counts_the_same_tokens_with_either_padding(with_teacher, tmp_path):
+    """``eval_loss_ce`` of a left-padded evaluation equals the right-padded one, with the teacher or without it
+    (``eval_with_teacher=False``: the student's own loss, its labels masked where a token is predicted from padding)."""
+    losses = {}
+    for side in ("right", "left"):
+        trainer = trainer_for("gpt2", tmp_path / side, side=side, eval_with_teacher=with_teacher)
+        losses[side] = trainer.evaluate(Dataset.from_list(rows()))["eval_loss_ce"]
+    assert losses["left"] == pytest.approx(losses["right"], rel=1e-5)

@@ -142,7 +142,7 @@ class QualityTranslationArguments:
         default_factory=lambda: ["finetune", "kd", "kd_attn", "kd_attn_cross_decay"],
         metadata={
             "help": "Variants whose students are also evaluated on val during training (a learning curve; evaluation "
-            "leaves the training unchanged, so the runs are those of the table)."
+            "leaves the training unchanged, so a run with a curve is the run without one)."
         },
     )
     learning_curve_points: int = field(

@@ -99,7 +99,8 @@ def worker(spec: dict) -> dict:
             kd = token_divergence(s_logits, t_logits, "forward_kl", temperature=2.0).mean() * 4.0
             loss = 0.5 * F.cross_entropy(s_logits.float(), targets) + 0.5 * kd
         elif method == "liger":
-            loss = liger(s_hidden, s_head.weight, t_hidden, t_head.weight, None)  # no labels: every row counts
+            # no labels: every row counts; its loss is not scaled by T², the other rows' is
+            loss = liger(s_hidden, s_head.weight, t_hidden, t_head.weight, None) * 4.0
         else:
             s_logits, t_logits = s_head(s_hidden), t_head(t_hidden)
             if method == "naive":
@@ -123,9 +124,13 @@ def worker(spec: dict) -> dict:
     except Exception as err:  # Liger's Triton kernels on a CPU; more memory than the machine has
         why = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
         if method == "liger":
-            from importlib.metadata import version
+            from importlib.metadata import PackageNotFoundError, version
 
-            why = f"liger-kernel {version('liger-kernel')} (triton {version('triton')}) installed, its kernel fails: {why}"
+            try:
+                versions = f"liger-kernel {version('liger-kernel')} (triton {version('triton')})"
+            except PackageNotFoundError:
+                versions = "liger-kernel"
+            why = f"{versions} installed, its kernel fails: {why}"
         return {"skipped": why}
     logits_mb = tokens * spec["vocab"] * 4 / 2**20
     return {"loss": loss, "peak_mb": peak, "step_s": statistics.median(times), "one_logits_tensor_mb": logits_mb}

@@ -28,6 +28,7 @@ __all__ = [
     "CAUSAL_LM_SUFFIXES",
     "is_seq2seq_lm",
     "label_mask",
+    "mask_unpredictable_labels",
     "TOP_K_IDS",
     "TOP_K_LOG_PROBS",
     "HeadTap",
@@ -97,6 +98,19 @@ def next_token_mask(inputs: dict[str, Any]) -> torch.Tensor | None:
     else:
         return None
     return mask if attention is None else mask & attention[:, :-1]
+
+
+def mask_unpredictable_labels(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with each label whose position a causal LM predicts from padding set to ``-100`` (with left
+    padding: a row's first token), so the model's own loss counts the tokens :func:`next_token_mask` counts;
+    ``inputs`` itself when nothing changes."""
+    labels = inputs.get("labels")
+    mask = next_token_mask(inputs) if torch.is_tensor(labels) and labels.dim() == 2 else None
+    if mask is None or bool(mask.eq(labels[:, 1:].ne(-100)).all()):
+        return inputs
+    labels = labels.clone()
+    labels[:, 1:] = labels[:, 1:].masked_fill(~mask, -100)
+    return {**inputs, "labels": labels}
 
 
 class HeadTap:

@@ -17,6 +17,7 @@ from hf_attn_distill.terms.lm_head import (
     is_causal_lm,
     is_seq2seq_lm,
     lm_head_pass,
+    mask_unpredictable_labels,
     next_token_mask,
     top_k_teacher,
 )
@@ -90,13 +91,8 @@ class HardLabelLoss(Objective):
             return inputs
         if self.head_pass is not None:
             return {k: v for k, v in inputs.items() if k != "labels"}
-        mask = next_token_mask(inputs) if self.shifted and inputs["labels"].dim() == 2 else None
-        if mask is None:
-            return inputs
         # the model's own loss, over the tokens that count here (not those predicted from left padding)
-        labels = inputs["labels"].clone()
-        labels[:, 1:] = labels[:, 1:].masked_fill(~mask, -100)
-        return {**inputs, "labels": labels}
+        return mask_unpredictable_labels(inputs) if self.shifted else inputs
 
     def start_student(self, step: Step) -> None:
         if self.head_pass is not None:
