@@ -567,6 +567,8 @@ def test_per_site_attention_curves_come_from_the_training_log(tmp_path):
     assert quality_translation.attention_site_lines(result) == ["- kd_attn: cross 1 -> 0.6; enc 0.5 -> 0.3"]
     learning = {"students": {"finetune": {"learning_curves": [[[50, 10.0], [100, 14.0]], [[50, 12.0], [100, 15.0]]]}}}
     assert quality_translation.learning_curve_lines(learning) == ["- finetune: 50: 11.00, 100: 14.50"]
+    some = {"students": {"kd": {"learning_curves": [[[50, 9.0]]], "learning_curve_seeds": [3], "seeds": [1, 2, 3]}}}
+    assert quality_translation.learning_curve_lines(some) == ["- kd (seed 3 only): 50: 9.00"]
     args = quality_translation.QualityTranslationArguments(student_steps=250, learning_curve_points=4)
     assert quality_translation.learning_curve_args(args) == [
         "--do_eval",

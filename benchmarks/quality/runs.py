@@ -320,7 +320,8 @@ def readme_table(
 
 def learning_curve_lines(result: dict) -> list[str]:
     """One line per variant with learning curves (``learning_curves``: ``[[step, value], ...]`` per seed): the value
-    at each evaluated step, averaged over the seeds."""
+    at each evaluated step, averaged over the seeds; the seeds are named when only some of the variant's runs have a
+    curve (``learning_curve_seeds`` against ``seeds``)."""
     lines = []
     for name, s in result["students"].items():
         by_step: dict[int, list[float]] = {}
@@ -329,6 +330,9 @@ def learning_curve_lines(result: dict) -> list[str]:
                 by_step.setdefault(step, []).append(bleu)
         if by_step:
             points = ", ".join(f"{step}: {statistics.fmean(v):.2f}" for step, v in sorted(by_step.items()))
+            some = s.get("learning_curve_seeds")
+            if some is not None and sorted(some) != sorted(s.get("seeds", some)):
+                name = f"{name} (seed{'s' if len(some) > 1 else ''} {', '.join(map(str, some))} only)"
             lines.append(f"- {name}: {points}")
     return lines
 

@@ -400,6 +400,7 @@ def summarize(teacher: dict, runs: dict[str, list[dict]], args: QualityTranslati
             "term_curves": [r["term_curves"] for r in items if "term_curves" in r],
             # per seed: val BLEU during training, [[step, BLEU], ...] (learning_curve_variants only)
             "learning_curves": [r["learning_curve"] for r in items if "learning_curve" in r],
+            "learning_curve_seeds": [r["seed"] for r in items if "learning_curve" in r],
         }
     return {
         "metric": "bleu",
