@@ -516,6 +516,18 @@ def readme(result: dict) -> str:
             f" The top-{f['k']} cache: {fidelity['cache_bytes_per_token']:.0f} bytes a token; the teacher's top "
             f"{f['k']} hold {f['teacher_top_k_mass'] * 100:.2f}% of its probability."
         )
+        tails = {"fkl_top64": "renormalize", "fkl_top64_uniform": "uniform"}
+        gaps = [
+            f"`{name}` {students[name]['top_k_fidelity']['kl_dense']:.3f} (its top-{f['k']} loss: "
+            f"{students[name]['top_k_fidelity'][f'kl_top_k_{tail}']:.3f})"
+            for name, tail in tails.items()
+            if "top_k_fidelity" in students.get(name, {})
+        ]
+        lines[2] += (
+            " Loss gap on held-out tokens, KL(dense teacher ‖ student) in nats a token: "
+            + "; ".join(gaps)
+            + "; in perplexity: the table's last row, against `fkl`, KD from the dense teacher."
+        )
     flagged = [name for name, st in students.items() if st["mean"] <= result["teacher"]]
     if flagged:
         lines += ["", f"The teacher is not better than {', '.join(flagged)}: these rows measure nothing."]
