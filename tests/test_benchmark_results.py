@@ -797,6 +797,11 @@ def test_translation_tunes_the_attention_weight_on_val_only_and_runs_every_atten
     again = quality_translation.main([*argv, "--bf16", "false", "--seeds", "8", "--variants", "finetune", "kd_attn"])
     assert set(calls) == {"finetune_seed8", "kd_attn_seed8"}  # no tuning run
     assert again["attention_weight_tuning"]["seed"] == 7 and "kd_attn, seed 7;" in (tmp_path / "r.md").read_text()
+    # a run of variants without attention still reads the tuned weight: the kept attention rows stay in its table
+    calls.clear()
+    plain = quality_translation.main([*argv, "--bf16", "false", "--seeds", "9", "--variants", "kd"])
+    assert set(calls) == {"kd_seed9"} and plain["attention_weight"] == 3.0
+    assert plain["attention_weight_tuning"]["seed"] == 7 and plain["students"]["kd_attn"]["seeds"] == [7, 8]
 
 
 def test_qa_benchmark_cards_name_squad_on_the_hub_and_parse_as_the_recipe_does():

@@ -291,11 +291,15 @@ def tuned_attention_weight(
     (ties: the first), and ``{"variant", "seed", "val_bleu": {weight: BLEU}}``. Each weight's score is kept in the
     JSON file ``record`` as soon as it is measured, with the seed it was trained with (``args.seeds[0]`` of the run
     that measured it), so a rerun tunes only the weights it has not scored and reports the seed the scores came
-    from, not its own; ``seed`` is a list when they came from several. No grid, or no attention variant to run: 1.0,
-    untuned."""
-    if not args.attention_weight_grid or not set(args.variants) & set(ATTENTION_VARIANTS):
+    from, not its own; ``seed`` is a list when they came from several. A run with no attention variant reads a
+    finished record (the kept attention runs' key and the table need the weight) and tunes nothing; without a grid,
+    or with neither an attention variant nor a finished record: 1.0, untuned."""
+    if not args.attention_weight_grid:
         return 1.0, {}
     scores = json.loads(record.read_text()) if record.exists() else {}
+    finished = all(str(weight) in scores for weight in args.attention_weight_grid)
+    if not set(args.variants) & set(ATTENTION_VARIANTS) and not finished:
+        return 1.0, {}
     for weight in args.attention_weight_grid:
         if str(weight) not in scores:
             scores[str(weight)] = {"val_bleu": tune_one(weight), "seed": args.seeds[0]}
