@@ -188,15 +188,16 @@ class DistillConfig(TrainingArguments):
             Weight of the decoder self-attention loss.
         cross_attention_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the cross-attention loss.
-        attention_keep_mb (`float`, *optional*, defaults to `128.0`):
+        attention_keep_mb (`float`, *optional*, defaults to `64.0`):
             Per mapped student layer, which computes its attention in blocks of query rows: when one float32
             `[batch, heads, queries, keys]` tensor of its attention takes at most this many MB, the layer keeps its
-            blocks' probabilities and teacher term (and dropout mask) for backward and recomputes nothing, which is
-            faster at the lengths most runs use (up to 512 tokens at batch 8 and 12 heads by default) and holds
-            about 2.25 times this size per layer until backward (probabilities, teacher term, a one-byte dropout
-            mask), about what a plain training step of the student holds for its own attention there; above it, backward recomputes the blocks, so the layer's extra memory does not grow with length.
-            `0` always recomputes. Decided per batch (lengths vary with padding); each layer's choice for the first
-            batch is logged (info).
+            blocks' probabilities (and one-byte dropout mask) for backward, about 1.25 times this size until
+            backward, and recomputes nothing; above it, backward recomputes the student's blocks as flash attention
+            does, so the layer's extra memory does not grow with length. Either way the teacher's rows are computed
+            once, in forward (the transfer loss's gradient is taken there). Keeping is faster; the default keeps up
+            to 384 tokens at batch 8 and 12 heads and streams 512, where keeping four layers would hold more than
+            a tenth of a plain training step's memory (benchmarks/README.md). `0` always recomputes. Decided per
+            batch (lengths vary with padding); each layer's choice for the first batch is logged (info).
         head_grouping (`str`, *optional*, defaults to `"mean"`):
             How teacher heads meet student heads when their counts differ. `"mean"`: teacher heads are averaged in
             consecutive groups of `teacher_heads // student_heads` (teacher heads must be a multiple of student
@@ -363,7 +364,7 @@ class DistillConfig(TrainingArguments):
     )
     cross_attention_weight: float = field(default=1.0, metadata={"help": "Weight of the cross-attention loss (>= 0)."})
     attention_keep_mb: float = field(
-        default=128.0,
+        default=64.0,
         metadata={
             "help": "A mapped student layer whose float32 [batch, heads, queries, keys] attention takes at most this "
             "many MB keeps its blocks for backward (no recompute); above it backward recomputes them (>= 0; 0: always "

@@ -6,15 +6,18 @@ rows themselves, and compute their output with ``"sdpa"`` as unrecorded layers d
 runs :class:`StreamedTransfer`: over blocks of query rows it computes its scores, softmax and output ``P V``,
 recomputes the teacher's rows of the block (heads grouped to the student's), and adds the block's transfer loss;
 it keeps for backward only its inputs and one log-sum-exp per row, and backward recomputes each block's
-probabilities (as flash attention does), adding the loss gradient. A layer whose ``[B, H, Q, K]`` attention fits
-the target's ``keep_elements`` (:func:`keeps_attention`; ``DistillConfig.attention_keep_mb``) keeps each block's
-probabilities, teacher term and dropout mask for backward instead, which then recomputes nothing: at the lengths
-most runs use, recomputing costs more time than the memory it saves is worth (the blocks stay block-sized, so the
-allocator reuses them rather than mapping fresh pages for one layer-sized tensor):
+probabilities (as flash attention does). The transfer loss's own gradient on the inputs is taken in forward, block
+by block, while the teacher's rows are at hand (its gradient on the scores, times the keys and the queries, per unit
+of the loss's gradient: two ``[B, H, T, D]`` tensors), so backward neither keeps nor recomputes a teacher row. A
+layer whose ``[B, H, Q, K]`` attention fits the target's ``keep_elements`` (:func:`keeps_attention`;
+``DistillConfig.attention_keep_mb``) keeps each block's probabilities and dropout mask for backward instead, which
+then recomputes nothing: at the lengths most runs use, recomputing costs more time than the memory it saves is worth
+(the blocks stay block-sized, so the allocator reuses them rather than mapping fresh pages for one layer-sized
+tensor). The loss's gradient on the student's scores:
 
-- ``"kl"`` (MiniLM): ``dS += w (p_s sum_k p~_t - p~_t)``;
-- ``"mse_probs"``: ``dP += 2w (p_s - p_t)`` before the softmax backward;
-- ``"mse_scores"`` (TinyBERT): ``dS += 2w (S - S_t)``,
+- ``"kl"`` (MiniLM): ``dS = w (p_s sum_k p~_t - p~_t)``;
+- ``"mse_probs"``: ``dP = 2w (p_s - p_t)`` through the softmax backward;
+- ``"mse_scores"`` (TinyBERT): ``dS = 2w (S - S_t)``,
 
 on valid entries only (:mod:`~hf_attn_distill.attention.masks`), ``w`` being the loss's gradient over its count.
 Streamed layers choose block rows from a memory budget (:data:`ROW_BLOCK_ELEMENTS` float32 elements per block
@@ -309,7 +312,7 @@ class StreamedTransfer(torch.autograd.Function):
     docstring. ``query`` is already scaled; ``key`` and ``value`` have the query's head count."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, mask, teacher, loss, valid, dropout, count, keep_elements):
+    def forward(ctx, query, key, value, bias, mask, teacher, loss, valid, dropout, count, keep_elements, trains):
         batch, heads, num_q, _ = query.shape
         num_k = key.shape[-2]
         quantity = "scores" if loss == "mse_scores" else "log_probs"
@@ -321,8 +324,12 @@ class StreamedTransfer(torch.autograd.Function):
             else torch.empty(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=query.device)
         )
         total = torch.zeros((), dtype=torch.float32, device=query.device)
-        lses, held = [], []  # held: each kept block's (probs, dropout mask, teacher term)
+        lses, held = [], []  # held: each kept block's (probs, dropout mask)
         key_t, value_m = _matmul_operand(key.transpose(-1, -2)), _matmul_operand(value)
+        # the loss's gradient on the inputs, per unit of the loss's gradient (backward scales and adds it): the
+        # teacher's rows are then needed in forward only, neither kept nor recomputed for backward; not taken
+        # where nothing will be differentiated (evaluation, the no-grad pass of reentrant checkpointing)
+        loss_grads = _LossGrads(query, key, bias, ctx.needs_input_grad[3]) if trains else None
         for index, rows in enumerate(blocks):
             scores, log_probs, probs = _student_block(query, key_t, bias, mask, rows)
             t = teacher.block(rows, quantity, heads)
@@ -334,6 +341,9 @@ class StreamedTransfer(torch.autograd.Function):
             else:
                 total += torch.dot(term.reshape(-1), term.reshape(-1))
             del t, log_probs
+            if loss_grads is not None:
+                loss_grads.add_block(_loss_grad_scores_(loss, probs, term), query, rows)
+            del term
             keep = dropout.keep(probs.shape, index)
             block_out = torch.matmul(dropout.apply(probs, keep).to(value.dtype), value_m)
             if out is None:
@@ -341,25 +351,22 @@ class StreamedTransfer(torch.autograd.Function):
             else:
                 out[:, :, rows] = block_out
             if kept:  # the dropped probabilities are redrawn from probs and keep in backward: one tensor less
-                held += [probs, keep, term]
+                held += [probs, keep]
             else:
                 lses.append(torch.logsumexp(scores, dim=-1, keepdim=True))
         lse = torch.cat(lses, dim=2) if lses else None
+        grads = (loss_grads.query, loss_grads.key, loss_grads.bias) if loss_grads is not None else (None,) * 3
         # saved, not attributes: checkpointing's and offloading's saved-tensor hooks then see the kept blocks too
-        ctx.save_for_backward(query, key, value, bias, lse, count, *held)
+        ctx.save_for_backward(query, key, value, bias, lse, count, *grads, *held)
         ctx.kept = kept
-        ctx.mask, ctx.teacher, ctx.loss, ctx.valid, ctx.dropout = mask, teacher, loss, valid, dropout
-        ctx.blocks = blocks
+        ctx.mask, ctx.dropout, ctx.blocks = mask, dropout, blocks
         return out, total / count
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_loss):
-        query, key, value, bias, lse, count, *held = ctx.saved_tensors
-        mask, teacher, loss, valid, dropout = ctx.mask, ctx.teacher, ctx.loss, ctx.valid, ctx.dropout
-        batch, heads, num_q, _ = query.shape
-        num_k = key.shape[-2]
-        quantity = "scores" if loss == "mse_scores" else "log_probs"
+        query, key, value, bias, lse, count, loss_q, loss_k, loss_bias, *held = ctx.saved_tensors
+        mask, dropout = ctx.mask, ctx.dropout
         w = grad_loss / count
         grad_q, grad_k, grad_v = [], None, None  # grad_q: one piece per block of rows
         grad_bias = (
@@ -370,39 +377,72 @@ class StreamedTransfer(torch.autograd.Function):
         key_t = None if ctx.kept else _matmul_operand(key.transpose(-1, -2))
         for index, rows in enumerate(ctx.blocks):
             if ctx.kept:
-                probs, keep, term = held[3 * index : 3 * index + 3]
-                dropped = dropout.apply(probs, keep)
+                probs, keep = held[2 * index : 2 * index + 2]
             else:
-                scores, _, probs = _student_block(query, key_t, bias, mask, rows, lse)
-                t = teacher.block(rows, quantity, heads)
-                term = _transfer_term(loss, scores, probs, t, valid.rows(rows, num_q, num_k, query.device))
+                _, _, probs = _student_block(query, key_t, bias, mask, rows, lse)
                 keep = dropout.keep(probs.shape, index)
-                dropped = dropout.apply(probs, keep)
+            dropped = dropout.apply(probs, keep)
             grad_o = grad_out[:, :, rows].float()
             block_v = torch.matmul(dropped.transpose(-1, -2), grad_o)
+            del dropped
             grad_v = block_v if grad_v is None else grad_v.add_(block_v)
             grad_p = torch.matmul(grad_o, value_t)
             if keep is not None:
                 grad_p.mul_(keep).div_(1.0 - dropout.p)
-            if loss == "mse_probs":
-                grad_p += term * (2.0 * w)
             # softmax backward, in place: g <- p * (g - sum_k p g)
             grad_s = grad_p.sub_((probs * grad_p).sum(-1, keepdim=True)).mul_(probs)
-            if loss == "kl":  # dS += w (p_s sum_k p~_t - p~_t)
-                grad_s.addcmul_(probs, term.sum(-1, keepdim=True) * w).sub_(term * w)
-            elif loss == "mse_scores":
-                grad_s += term * (2.0 * w)
             grad_q.append(torch.matmul(grad_s, key_f))
             block_k = torch.matmul(grad_s.transpose(-1, -2), query[:, :, rows].float())
             grad_k = block_k if grad_k is None else grad_k.add_(block_k)
             if grad_bias is not None:
-                if grad_bias.shape[-2] == 1:  # a bias broadcast over the queries: every block adds to it
-                    grad_bias += _sum_to(grad_s, grad_bias.shape)
-                else:
-                    grad_bias[..., rows, :] += _sum_to(grad_s, grad_bias[..., rows, :].shape)
-        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+                _add_bias_grad_(grad_bias, grad_s, rows)
         grad_q = torch.cat(grad_q, dim=2) if len(grad_q) > 1 else grad_q[0]
-        return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_bias, *([None] * 7)
+        grad_q.addcmul_(loss_q, w)  # the transfer loss's own gradient, computed in forward
+        grad_k.addcmul_(loss_k, w)
+        if grad_bias is not None:
+            grad_bias = grad_bias.addcmul_(loss_bias, w).to(bias.dtype)
+        return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_bias, *([None] * 8)
+
+
+def _loss_grad_scores_(loss: str, probs: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """The block loss's gradient on the student's scores per unit of ``w`` (the loss's gradient over its count),
+    written over ``term`` (:func:`_transfer_term`):
+
+    - ``"kl"`` (MiniLM): ``p_s sum_k p~_t - p~_t``;
+    - ``"mse_probs"``: ``2 (p_s - p_t)`` through the softmax backward, ``p_s (g - sum_k p_s g)``;
+    - ``"mse_scores"`` (TinyBERT): ``2 (S - S_t)``;
+
+    zero on invalid entries (``term`` is)."""
+    if loss == "kl":
+        return term.neg_().addcmul_(probs, term.sum(-1, keepdim=True).neg_())
+    if loss == "mse_probs":
+        return term.sub_((probs * term).sum(-1, keepdim=True)).mul_(probs).mul_(2.0)
+    return term.mul_(2.0)
+
+
+class _LossGrads:
+    """The transfer loss's gradient on ``query``, ``key`` (float32, their shapes) and, when it needs one, the bias,
+    per unit of ``w``, accumulated block by block in forward from :func:`_loss_grad_scores_`: ``dQ = dS K``,
+    ``dK = dS^T Q``, ``dBias = dS`` (summed to the bias's shape)."""
+
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, bias_grad: bool):
+        self.query = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+        self.key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
+        self.bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias_grad else None
+        self._key_f = _matmul_operand(key.float())
+
+    def add_block(self, grad_s: torch.Tensor, query: torch.Tensor, rows: slice) -> None:
+        torch.matmul(grad_s, self._key_f, out=self.query[:, :, rows])
+        self.key.add_(torch.matmul(grad_s.transpose(-1, -2), query[:, :, rows].float()))
+        if self.bias is not None:
+            _add_bias_grad_(self.bias, grad_s, rows)
+
+
+def _add_bias_grad_(grad_bias: torch.Tensor, grad_s: torch.Tensor, rows: slice) -> None:
+    if grad_bias.shape[-2] == 1:  # a bias broadcast over the queries: every block adds to it
+        grad_bias += _sum_to(grad_s, grad_bias.shape)
+    else:
+        grad_bias[..., rows, :] += _sum_to(grad_s, grad_bias[..., rows, :].shape)
 
 
 def _sum_to(x: torch.Tensor, shape) -> torch.Tensor:
@@ -440,4 +480,5 @@ def streamed_transfer(query, key, value, bias, mask: AttentionMask, target, drop
         _Dropout(dropout, query.device),
         count,
         target.keep_elements,
+        torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, bias)),
     )
