@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--attention_keep_mb",
         type=float,
         default=None,
-        help="D's DistillConfig.attention_keep_mb (default: the config's default).",
+        help="D's DistillConfig.attention_keep_mb (default: the config's default; the result records the value).",
     )
     parser.add_argument(
         "--repeats",
@@ -767,6 +767,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown(result))
         return result
 
+    if args.attention_keep_mb is None:  # recorded as the value it ran with, which tells kept rows from streamed
+        from hf_attn_distill.config import DistillConfig
+
+        args.attention_keep_mb = DistillConfig.attention_keep_mb
     qa_pairs = [p for p in args.pairs if p.endswith("-qa")]
     seq2seq_pairs = [p for p in args.pairs if p == "minilm-ed6->3"]
     long_pairs = [p for p in args.pairs if p == "long6->3"]
