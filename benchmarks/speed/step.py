@@ -831,7 +831,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = {
             "machine": machine_info(),
             "pairs": PAIRS,
-            "settings": portable_settings(args, ROOT),
+            # working memory counted from before the first step (warm-up included), as --memory_rerun counts it
+            "settings": {**portable_settings(args, ROOT), "memory_from_first_step": True},
             "rows": rows,
             "ratios": ratios(rows, paired),
         }
