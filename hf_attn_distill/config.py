@@ -191,10 +191,13 @@ class DistillConfig(TrainingArguments):
         attention_keep_mb (`float`, *optional*, defaults to `64.0`):
             Per mapped student layer, which computes its attention in blocks of query rows: when one float32
             `[batch, heads, queries, keys]` tensor of its attention takes at most this many MB, the layer keeps its
-            blocks' probabilities (and one-byte dropout mask) for backward, about 1.25 times this size until
-            backward, and recomputes nothing; above it, backward recomputes the student's blocks as flash attention
-            does, so the layer's extra memory does not grow with length. Either way the teacher's rows are computed
-            once, in forward (the transfer loss's gradient is taken there). Keeping is faster; the default keeps up
+            blocks' probabilities (and, with attention dropout, a one-byte mask) for backward, up to 1.25 times this
+            size until backward, and recomputes nothing; above it, backward recomputes the student's blocks as flash
+            attention does, so the layer holds nothing of size queries x keys beyond one block (except, where they
+            fit this budget, its one-byte attention-dropout masks, kept rather than drawn again in backward). Either way the
+            teacher's rows are computed once, in forward, where the transfer loss's gradient on the student's
+            queries and keys is taken (two float32 tensors of their size, held until backward); only a trainable
+            position bias that differs by query (T5) has the teacher's rows recomputed in backward for its share. Keeping is faster; the default keeps up
             to 384 tokens at batch 8 and 12 heads and streams 512, where keeping four layers would hold more than
             a tenth of a plain training step's memory (benchmarks/README.md). `0` always recomputes. Decided per
             batch (lengths vary with padding); each layer's choice for the first batch is logged (info).

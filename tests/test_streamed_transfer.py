@@ -317,25 +317,36 @@ def test_a_layer_within_keep_elements_recomputes_nothing(loss, keep, monkeypatch
 
 
 def test_kept_dropout_equals_streamed_dropout(monkeypatch):
-    """With dropout, the kept path (its masks kept, the dropped probabilities redrawn from them in backward) gives
-    the recomputing path's output and gradients for the same draws, in one block and in several."""
-    c = _case("encoder")
-    results = []
-    for keep, block in ((10**6, None), (0, None), (10**6, 3 * 2 * 7 * 3), (0, 3 * 2 * 7 * 3)):
+    """With dropout, the kept path (its masks kept, the dropped probabilities redrawn from them in backward), the
+    recomputing path with its masks kept (they fit the budget, the attention does not) and the recomputing path
+    drawing them again in backward give the same output and gradients for the same draws, in one block and in
+    several; only the last draws in backward."""
+    c = _case("encoder")  # attention 3 x 2 x 7 x 7 = 294 entries
+    draws = []
+    original = streamed._Dropout.keep
+    monkeypatch.setattr(streamed._Dropout, "keep", lambda self, *a: draws.append(1) or original(self, *a))
+    for block, blocks in ((None, 1), (3 * 2 * 7 * 3, 3)):
         if block is not None:
             monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", block)
-        rows = AttentionRows(c["t_q"], c["t_k"], None, AttentionMask(blocked=c["blocked"]))
-        target = TransferTarget(rows, "kl", c["key_valid"], keep_elements=keep)
-        torch.manual_seed(1)
-        out, loss = streamed_transfer(c["q"], c["k"], c["v"], None, AttentionMask(blocked=c["blocked"]), target, 0.5)
-        results.append((out, loss, _grads(c, out, loss)))
-    for first in (0, 2):
-        (want_out, want_loss, want), (got_out, got_loss, got) = results[first : first + 2]
+        results = []
+        for keep, drawn in ((10**6, blocks), (100, blocks), (0, 2 * blocks)):  # 294 <= 4 * 100: masks kept
+            assert streamed.keeps_dropout_masks(3, 2, 7, 7, keep) is (keep > 0)
+            rows = AttentionRows(c["t_q"], c["t_k"], None, AttentionMask(blocked=c["blocked"]))
+            target = TransferTarget(rows, "kl", c["key_valid"], keep_elements=keep)
+            torch.manual_seed(1)
+            draws.clear()
+            out, loss = streamed_transfer(
+                c["q"], c["k"], c["v"], None, AttentionMask(blocked=c["blocked"]), target, 0.5
+            )
+            results.append((out, loss, _grads(c, out, loss)))
+            assert len(draws) == drawn, (block, keep)
+        want_out, want_loss, want = results[0]
         assert 0 < torch.count_nonzero(want_out) < want_out.numel()
-        torch.testing.assert_close(got_out, want_out, atol=0, rtol=0)
-        torch.testing.assert_close(got_loss, want_loss, atol=0, rtol=0)
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+        for got_out, got_loss, got in results[1:]:
+            torch.testing.assert_close(got_out, want_out, atol=0, rtol=0)
+            torch.testing.assert_close(got_loss, want_loss, atol=0, rtol=0)
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_the_trainer_logs_each_layers_path_once(tmp_path, caplog):
@@ -367,25 +378,52 @@ def test_the_trainer_logs_each_layers_path_once(tmp_path, caplog):
         assert all(path in line and "2x2x16x16" in line for line in lines), lines
 
 
+@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("keep", [0, 10**6], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("bias_rows", [7, 1], ids=["bias-per-query", "bias-broadcast-over-queries"])
-def test_a_trainable_bias_over_several_blocks(keep, bias_rows, monkeypatch):
+def test_a_trainable_bias_over_several_blocks(keep, bias_rows, loss, monkeypatch):
     """A student bias, per query or broadcast over the queries (``[1, H, 1, K]``), gets the reference gradient when
-    the layer runs in several blocks, kept or recomputed."""
-    monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", 3 * 2 * 7 * 2)
+    the layer runs in several blocks, kept or recomputed. A bias broadcast over the queries takes the loss's share
+    of its gradient in forward, as the queries and keys do (the teacher is asked for each block once); one per
+    query takes it in backward, from the teacher's rows asked again (a ``Q x K`` gradient is not held until
+    backward)."""
+    monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", 3 * 2 * 7 * 2)  # 4 blocks (2, 2, 2, 1 rows)
     c = _case("encoder", bias=True)
     c["s_bias"] = torch.randn(1, 2, bias_rows, 7, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    want_out, want_loss = _reference(c, "kl")
+    want_out, want_loss = _reference(c, loss)
     want = _grads(c, want_out, want_loss)
-    rows = AttentionRows(c["t_q"], c["t_k"], c["t_bias"], AttentionMask.compact(c["blocked"], False))
-    target = TransferTarget(rows, "kl", c["key_valid"], c["query_valid"], c["causal"], keep_elements=keep)
+    _CountingRows.calls = 0
+    rows = _CountingRows(c["t_q"], c["t_k"], c["t_bias"], AttentionMask.compact(c["blocked"], False))
+    target = TransferTarget(rows, loss, c["key_valid"], c["query_valid"], c["causal"], keep_elements=keep)
     got_out, got_loss = streamed_transfer(
         c["q"], c["k"], c["v"], c["s_bias"], AttentionMask(blocked=c["blocked"]), target
     )
+    blocks = 4
+    assert _CountingRows.calls == blocks
     got = _grads(c, got_out, got_loss)
+    assert _CountingRows.calls == (2 * blocks if bias_rows > 1 else blocks)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_only_the_values_training_takes_no_loss_gradient(monkeypatch):
+    """Where only the values train (the loss does not depend on them), forward takes no loss gradient and the
+    values' gradient is the reference's."""
+    c = _case("encoder")
+    c["q"].requires_grad_(False)
+    c["k"].requires_grad_(False)
+    want_out, _ = _reference(c, "kl")
+    (want,) = torch.autograd.grad((want_out * 2.0).sum(), [c["v"]])
+    made = []
+    original = streamed._LossGrads
+    monkeypatch.setattr(streamed, "_LossGrads", lambda *a: made.append(1) or original(*a))
+    rows = AttentionRows(c["t_q"], c["t_k"], None, AttentionMask.compact(c["blocked"], False))
+    target = TransferTarget(rows, "kl", c["key_valid"], c["query_valid"], c["causal"])
+    got_out, got_loss = streamed_transfer(c["q"], c["k"], c["v"], None, AttentionMask(blocked=c["blocked"]), target)
+    (got,) = torch.autograd.grad((got_out * 2.0).sum() + got_loss, [c["v"]])
+    assert made == []
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kept", [False, True])

@@ -8,12 +8,15 @@ recomputes the teacher's rows of the block (heads grouped to the student's), and
 it keeps for backward only its inputs and one log-sum-exp per row, and backward recomputes each block's
 probabilities (as flash attention does). The transfer loss's own gradient on the inputs is taken in forward, block
 by block, while the teacher's rows are at hand (its gradient on the scores, times the keys and the queries, per unit
-of the loss's gradient: two ``[B, H, T, D]`` tensors), so backward neither keeps nor recomputes a teacher row. A
+of the loss's gradient: two float32 ``[B, H, T, D]`` tensors), so backward neither keeps nor recomputes a teacher row
+(except for the loss's share of a trainable bias that differs by query, T5's position bias, whose gradient would
+otherwise be a ``Q x K`` tensor held until backward: that share is taken in backward from the rows recomputed). A
 layer whose ``[B, H, Q, K]`` attention fits the target's ``keep_elements`` (:func:`keeps_attention`;
 ``DistillConfig.attention_keep_mb``) keeps each block's probabilities and dropout mask for backward instead, which
 then recomputes nothing: at the lengths most runs use, recomputing costs more time than the memory it saves is worth
 (the blocks stay block-sized, so the allocator reuses them rather than mapping fresh pages for one layer-sized
-tensor). The loss's gradient on the student's scores:
+tensor). A recomputing layer whose one-byte dropout masks fit that budget (:func:`keeps_dropout_masks`) keeps them
+rather than drawing them again in backward. The loss's gradient on the student's scores:
 
 - ``"kl"`` (MiniLM): ``dS = w (p_s sum_k p~_t - p~_t)``;
 - ``"mse_probs"``: ``dP = 2w (p_s - p_t)`` through the softmax backward;
@@ -21,7 +24,7 @@ tensor). The loss's gradient on the student's scores:
 
 on valid entries only (:mod:`~hf_attn_distill.attention.masks`), ``w`` being the loss's gradient over its count.
 Streamed layers choose block rows from a memory budget (:data:`ROW_BLOCK_ELEMENTS` float32 elements per block
-temporary), so their extra memory is the same at any length. Values and gradients equal the fused path
+temporary), so they hold nothing of size ``Q x K`` beyond one block at any length. Values and gradients equal the fused path
 (:mod:`~hf_attn_distill.attention.fused`) and the reference losses (tested). Attention dropout, when training, is
 drawn per block from a generator seeded once per call, and drawn again identically in backward.
 """
@@ -42,6 +45,7 @@ __all__ = [
     "AttentionRows",
     "StreamedTransfer",
     "keeps_attention",
+    "keeps_dropout_masks",
     "row_blocks",
     "streamed_transfer",
 ]
@@ -63,6 +67,15 @@ def keeps_attention(batch: int, heads: int, num_q: int, num_k: int, keep_element
     elements (``None``: one row block's worth, :data:`ROW_BLOCK_ELEMENTS`)."""
     limit = ROW_BLOCK_ELEMENTS if keep_elements is None else keep_elements
     return batch * heads * num_q * num_k <= limit
+
+
+def keeps_dropout_masks(batch: int, heads: int, num_q: int, num_k: int, keep_elements: int | None = None) -> bool:
+    """Whether a layer that recomputes its blocks in backward (:func:`keeps_attention` false) keeps their one-byte
+    attention-dropout masks for backward rather than drawing them again there (the draw is the larger part of the
+    recompute on a CPU): it does when the masks, a quarter of the float32 attention, fit ``keep_elements``'s
+    bytes."""
+    limit = ROW_BLOCK_ELEMENTS if keep_elements is None else keep_elements
+    return batch * heads * num_q * num_k <= 4 * limit
 
 
 def _future(rows: slice, num_q: int, num_k: int, device) -> torch.Tensor:
@@ -317,6 +330,7 @@ class StreamedTransfer(torch.autograd.Function):
         num_k = key.shape[-2]
         quantity = "scores" if loss == "mse_scores" else "log_probs"
         kept = keeps_attention(batch, heads, num_q, num_k, keep_elements)  # kept: backward recomputes nothing
+        masks_kept = not kept and dropout.p > 0 and keeps_dropout_masks(batch, heads, num_q, num_k, keep_elements)
         blocks = row_blocks(batch, heads, num_q, num_k)
         out = (
             None
@@ -324,12 +338,16 @@ class StreamedTransfer(torch.autograd.Function):
             else torch.empty(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=query.device)
         )
         total = torch.zeros((), dtype=torch.float32, device=query.device)
-        lses, held = [], []  # held: each kept block's (probs, dropout mask)
+        lses, held = [], []  # held: each kept block's (probs, dropout mask), or only its dropout mask
         key_t, value_m = _matmul_operand(key.transpose(-1, -2)), _matmul_operand(value)
         # the loss's gradient on the inputs, per unit of the loss's gradient (backward scales and adds it): the
         # teacher's rows are then needed in forward only, neither kept nor recomputed for backward; not taken
         # where nothing will be differentiated (evaluation, the no-grad pass of reentrant checkpointing)
-        loss_grads = _LossGrads(query, key, bias, ctx.needs_input_grad[3]) if trains else None
+        # a trainable bias that differs by query (T5's position bias) would need a Q x K gradient held from here to
+        # backward: its share is taken in backward instead, from the teacher's rows recomputed there
+        bias_in_backward = trains and bias is not None and ctx.needs_input_grad[3] and bias.shape[-2] > 1
+        bias_now = trains and bias is not None and ctx.needs_input_grad[3] and not bias_in_backward
+        loss_grads = _LossGrads(query, key, bias if bias_now else None) if trains else None
         for index, rows in enumerate(blocks):
             scores, log_probs, probs = _student_block(query, key_t, bias, mask, rows)
             t = teacher.block(rows, quantity, heads)
@@ -354,12 +372,16 @@ class StreamedTransfer(torch.autograd.Function):
                 held += [probs, keep]
             else:
                 lses.append(torch.logsumexp(scores, dim=-1, keepdim=True))
+                if masks_kept:
+                    held.append(keep)
         lse = torch.cat(lses, dim=2) if lses else None
         grads = (loss_grads.query, loss_grads.key, loss_grads.bias) if loss_grads is not None else (None,) * 3
         # saved, not attributes: checkpointing's and offloading's saved-tensor hooks then see the kept blocks too
         ctx.save_for_backward(query, key, value, bias, lse, count, *grads, *held)
-        ctx.kept = kept
+        ctx.kept, ctx.masks_kept, ctx.bias_in_backward = kept, masks_kept, bias_in_backward
         ctx.mask, ctx.dropout, ctx.blocks = mask, dropout, blocks
+        if bias_in_backward:
+            ctx.teacher, ctx.loss, ctx.valid = teacher, loss, valid
         return out, total / count
 
     @staticmethod
@@ -374,13 +396,17 @@ class StreamedTransfer(torch.autograd.Function):
         )
         key_f = _matmul_operand(key.float())
         value_t = _matmul_operand(value.float().transpose(-1, -2))
-        key_t = None if ctx.kept else _matmul_operand(key.transpose(-1, -2))
+        key_t = None if ctx.kept and not ctx.bias_in_backward else _matmul_operand(key.transpose(-1, -2))
         for index, rows in enumerate(ctx.blocks):
             if ctx.kept:
                 probs, keep = held[2 * index : 2 * index + 2]
             else:
-                _, _, probs = _student_block(query, key_t, bias, mask, rows, lse)
-                keep = dropout.keep(probs.shape, index)
+                scores, _, probs = _student_block(query, key_t, bias, mask, rows, lse)
+                keep = held[index] if ctx.masks_kept else dropout.keep(probs.shape, index)
+            if ctx.bias_in_backward:  # the loss's share of a query-dependent bias's gradient (see forward)
+                if ctx.kept:
+                    scores, _, _ = _student_block(query, key_t, bias, mask, rows)
+                _add_bias_grad_(grad_bias, _block_loss_grad(ctx, query, scores, probs, rows).mul_(w), rows)
             dropped = dropout.apply(probs, keep)
             grad_o = grad_out[:, :, rows].float()
             block_v = torch.matmul(dropped.transpose(-1, -2), grad_o)
@@ -397,11 +423,22 @@ class StreamedTransfer(torch.autograd.Function):
             if grad_bias is not None:
                 _add_bias_grad_(grad_bias, grad_s, rows)
         grad_q = torch.cat(grad_q, dim=2) if len(grad_q) > 1 else grad_q[0]
-        grad_q.addcmul_(loss_q, w)  # the transfer loss's own gradient, computed in forward
-        grad_k.addcmul_(loss_k, w)
-        if grad_bias is not None:
-            grad_bias = grad_bias.addcmul_(loss_bias, w).to(bias.dtype)
+        if loss_q is not None:  # the transfer loss's own gradient, taken in forward (None: no input of it trains)
+            grad_q.addcmul_(loss_q, w)
+            grad_k.addcmul_(loss_k, w)
+        if loss_bias is not None:
+            grad_bias.addcmul_(loss_bias, w)
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
         return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_bias, *([None] * 8)
+
+
+def _block_loss_grad(ctx, query, scores, probs, rows: slice) -> torch.Tensor:
+    """The block loss's gradient on the student's scores per unit of ``w``, from the teacher's rows recomputed."""
+    batch, heads, num_q, _ = query.shape
+    quantity = "scores" if ctx.loss == "mse_scores" else "log_probs"
+    t = ctx.teacher.block(rows, quantity, heads)
+    valid = ctx.valid.rows(rows, num_q, scores.shape[-1], query.device)
+    return _loss_grad_scores_(ctx.loss, probs, _transfer_term(ctx.loss, scores, probs, t, valid))
 
 
 def _loss_grad_scores_(loss: str, probs: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
@@ -421,19 +458,21 @@ def _loss_grad_scores_(loss: str, probs: torch.Tensor, term: torch.Tensor) -> to
 
 
 class _LossGrads:
-    """The transfer loss's gradient on ``query``, ``key`` (float32, their shapes) and, when it needs one, the bias,
-    per unit of ``w``, accumulated block by block in forward from :func:`_loss_grad_scores_`: ``dQ = dS K``,
-    ``dK = dS^T Q``, ``dBias = dS`` (summed to the bias's shape)."""
+    """The transfer loss's gradient on ``query``, ``key`` (float32, their shapes) and ``bias`` (a trainable bias
+    broadcast over the queries, or ``None``), per unit of ``w``, accumulated block by block in forward from
+    :func:`_loss_grad_scores_`: ``dQ = dS K``, ``dK = dS^T Q``, ``dBias = dS`` (summed to the bias's shape); in
+    float32 under autocast too, as backward takes the rest of the gradient."""
 
-    def __init__(self, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, bias_grad: bool):
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None):
         self.query = torch.empty(query.shape, dtype=torch.float32, device=query.device)
         self.key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
-        self.bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias_grad else None
+        self.bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
         self._key_f = _matmul_operand(key.float())
 
     def add_block(self, grad_s: torch.Tensor, query: torch.Tensor, rows: slice) -> None:
-        torch.matmul(grad_s, self._key_f, out=self.query[:, :, rows])
-        self.key.add_(torch.matmul(grad_s.transpose(-1, -2), query[:, :, rows].float()))
+        with torch.autocast(grad_s.device.type, enabled=False):
+            torch.matmul(grad_s, self._key_f, out=self.query[:, :, rows])
+            self.key.add_(torch.matmul(grad_s.transpose(-1, -2), query[:, :, rows].float()))
         if self.bias is not None:
             _add_bias_grad_(self.bias, grad_s, rows)
 
@@ -480,5 +519,5 @@ def streamed_transfer(query, key, value, bias, mask: AttentionMask, target, drop
         _Dropout(dropout, query.device),
         count,
         target.keep_elements,
-        torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, bias)),
+        torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, bias)),
     )

@@ -26,7 +26,12 @@ from hf_attn_distill.attention.fused import TransferTarget
 from hf_attn_distill.attention.layer_map import resolve_layer_map
 from hf_attn_distill.attention.masks import attention_loss_count, recorded_quantity
 from hf_attn_distill.attention.sites import AttentionLayer, find_attention_sites
-from hf_attn_distill.attention.streamed import ROW_BLOCK_ELEMENTS, AttentionRows, keeps_attention
+from hf_attn_distill.attention.streamed import (
+    ROW_BLOCK_ELEMENTS,
+    AttentionRows,
+    keeps_attention,
+    keeps_dropout_masks,
+)
 from hf_attn_distill.config import ATTENTION_SITES, AttentionSite
 from hf_attn_distill.losses import group_teacher_heads
 from hf_attn_distill.terms.base import Objective, Step
@@ -194,6 +199,8 @@ class SiteTransfer(Objective):
                 path = "fused (the teacher's probabilities are recorded in full)"
             elif keeps_attention(batch, self.student_heads, num_q, num_k, self.keep_elements):
                 path = "kept for backward, no recompute"
+            elif keeps_dropout_masks(batch, self.student_heads, num_q, num_k, self.keep_elements):
+                path = "blocks recomputed in backward (attention-dropout masks kept, 1 byte an entry)"
             else:
                 path = "blocks recomputed in backward"
             logger.info(
