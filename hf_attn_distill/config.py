@@ -194,7 +194,7 @@ class DistillConfig(TrainingArguments):
             blocks' probabilities (and, with attention dropout, a one-byte mask) for backward, up to 1.25 times this
             size until backward, and recomputes nothing; above it, backward recomputes the student's blocks as flash
             attention does, so the layer holds nothing of size queries x keys beyond one block (except, where they
-            fit this budget, its one-byte attention-dropout masks, kept rather than drawn again in backward). Either way the
+            take at most half this budget, its one-byte attention-dropout masks, kept rather than drawn again). Either way the
             teacher's rows are computed once, in forward, where the transfer loss's gradient on the student's
             queries and keys is taken (two float32 tensors of their size, held until backward); only a trainable
             position bias that differs by query (T5) has the teacher's rows recomputed in backward for its share. Keeping is faster; the default keeps up

@@ -322,6 +322,9 @@ def test_kept_dropout_equals_streamed_dropout(monkeypatch):
     drawing them again in backward give the same output and gradients for the same draws, in one block and in
     several; only the last draws in backward."""
     c = _case("encoder")  # attention 3 x 2 x 7 x 7 = 294 entries
+    assert not streamed.keeps_dropout_masks(3, 2, 7, 7, 146)  # masks above half the budget are drawn again
+    assert streamed.keeps_dropout_masks(8, 12, 512, 512, 16 << 20)  # the default 64 MB: 512 tokens at batch 8
+    assert not streamed.keeps_dropout_masks(1, 12, 2048, 2048, 16 << 20)  # but not 2,048 at batch 1
     draws = []
     original = streamed._Dropout.keep
     monkeypatch.setattr(streamed._Dropout, "keep", lambda self, *a: draws.append(1) or original(self, *a))
@@ -329,7 +332,7 @@ def test_kept_dropout_equals_streamed_dropout(monkeypatch):
         if block is not None:
             monkeypatch.setattr(streamed, "ROW_BLOCK_ELEMENTS", block)
         results = []
-        for keep, drawn in ((10**6, blocks), (100, blocks), (0, 2 * blocks)):  # 294 <= 4 * 100: masks kept
+        for keep, drawn in ((10**6, blocks), (150, blocks), (0, 2 * blocks)):  # 294 <= 2 * 150: masks kept
             assert streamed.keeps_dropout_masks(3, 2, 7, 7, keep) is (keep > 0)
             rows = AttentionRows(c["t_q"], c["t_k"], None, AttentionMask(blocked=c["blocked"]))
             target = TransferTarget(rows, "kl", c["key_valid"], keep_elements=keep)
