@@ -1205,8 +1205,8 @@ def test_speed_paired_worker_times_every_mode_in_one_process():
 def test_the_readmes_speed_sentences_are_the_committed_runs():
     """README.md's sentences about long lengths (4,096 tokens' memory; from 512 tokens on: D/N, and D's working
     memory over L's where the default keeps the attention and where it streams it) and short ones (D/L at 64-384
-    tokens, the 15-round recheck) are computed from the committed runs; every memory figure was measured from before
-    the first step (the memory rerun)."""
+    tokens, and how many rows are above 1.05) are computed from the committed runs; every memory figure was measured
+    from before the first step."""
     from hf_attn_distill import DistillConfig
     from hf_attn_distill.attention.streamed import keeps_attention
 
@@ -1218,7 +1218,6 @@ def test_the_readmes_speed_sentences_are_the_committed_runs():
         or (run["settings"]["memory_rerun"] and all(r.get("memory_rerun") for r in run["rows"]))
         for run in runs.values()
     )
-    recheck = json.loads((results / "speed_recheck.json").read_text())["ratios"]
     work = {r["mode"]: r["peak_above_start_mb"] for r in runs["speed_long"]["rows"] if r["seq_len"] == 4096}
     long = [x for x in ratios["speed"] if x["seq_len"] >= 512] + ratios["speed_long"]
     # each run's rows were kept or streamed by the attention_keep_mb it ran with (recorded; None: 128, the default then)
@@ -1229,7 +1228,6 @@ def test_the_readmes_speed_sentences_are_the_committed_runs():
     streamed = [x for x in long if x not in kept]
     extra = json.loads((results / "speed_384.json").read_text())["ratios"]  # 384 tokens of both encoder pairs
     short = [x["D/L_time"] for x in ratios["speed"] + extra if x["seq_len"] < 512]
-    checked = [x["D/L_time"] for x in recheck]
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"4,096 tokens take {work['D']:,.0f} MB, the naive way {work['N'] / 1024:.0f} GB" in readme
     d_n = [x["D/N_time"] for x in long]
@@ -1246,12 +1244,8 @@ def test_the_readmes_speed_sentences_are_the_committed_runs():
         f"`L`'s where the attention is kept ({lengths(kept)} tokens) and {span(streamed)} where it streams "
         f"({lengths(streamed)})"
     ) in readme
-    assert (
-        f"at 64-384 tokens {min(short):.2f}-{max(short):.2f}x `L`; rows above 1.05 measure "
-        f"{min(checked):.2f}-{max(checked):.2f}x in 15 rounds"
-    ) in readme
-    above = {(x["pair"], x["seq_len"], x["batch"]) for x in ratios["speed"] if x["D/L_time"] > 1.05}
-    assert above and above <= {(x["pair"], x["seq_len"], x["batch"]) for x in recheck}  # every such row rechecked
+    above = sum(value > 1.05 for value in short)
+    assert f"at 64-384 tokens {min(short):.2f}-{max(short):.2f}x `L` ({above} of {len(short)} rows above 1.05" in readme
 
 
 def test_the_lm_memory_and_token_kd_prose_is_the_committed_runs():
