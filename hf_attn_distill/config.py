@@ -198,8 +198,9 @@ class DistillConfig(TrainingArguments):
             teacher's rows are computed once, in forward, where the transfer loss's gradient on the student's
             queries and keys is taken (two float32 tensors of their size, held until backward); only a trainable
             position bias that differs by query (T5) has the teacher's rows recomputed in backward for its share. Keeping is faster; the default keeps up
-            to 384 tokens at batch 8 and 12 heads and streams 512, where keeping four layers would hold more than
-            a tenth of a plain training step's memory (benchmarks/README.md). `0` always recomputes. Decided per
+            to 384 tokens at batch 8 and 12 heads and recomputes 512, where a kept layer would hold about 125 MB
+            until backward and recomputing measured 1.00x the limit's time at 0.51-0.61x its working memory
+            (benchmarks/README.md). `0` always recomputes. Decided per
             batch (lengths vary with padding); each layer's choice for the first batch is logged (info).
         head_grouping (`str`, *optional*, defaults to `"mean"`):
             How teacher heads meet student heads when their counts differ. `"mean"`: teacher heads are averaged in
