@@ -1100,6 +1100,27 @@ def test_sst2_seed1_after_the_re_layout_and_attention_keep_mb_is_the_streaming_r
     assert f"reproduced the streaming rerun's seed 1 to the last bit ({len(names)} rows): {listed}." in bench
 
 
+def test_sst2_seed1_after_the_forward_loss_gradient_kernel_reproduces_every_attention_row():
+    """The seed-1 reruns after the streamed kernel took the attention loss's gradient in forward
+    (results/runs/quality_sst2_kernel{,_b}_seed1.json) give the teacher and every attention row exactly the accuracy
+    of the streaming rerun (quality_sst2_repro_streaming_seed1), and benchmarks/README.md lists exactly those rows."""
+    root = Path(__file__).resolve().parent.parent
+    runs = root / "benchmarks" / "results" / "runs"
+    reference = json.loads((runs / "quality_sst2_repro_streaming_seed1.json").read_text())
+    names = []
+    for stem in ("kernel", "kernel_b"):
+        rerun = json.loads((runs / f"quality_sst2_{stem}_seed1.json").read_text())
+        assert rerun["teacher"] == reference["teacher"] == 0.8841743119266054
+        for name, row in rerun["students"].items():
+            assert row["seeds"] == [1] and row["runs"] == reference["students"][name]["runs"], name
+            names.append(name)
+    names = sorted(set(names))  # a process reads the rows another finished into the shared work folder
+    assert names == ["kd_attn_hidden", "kd_attn_kl", "kd_attn_mse", "kd_tinybert"]  # every attention row
+    bench = " ".join((root / "benchmarks" / "README.md").read_text().split())
+    listed = ", ".join(f"`{name}`" for name in names)
+    assert f"gave the streaming rerun's seed-1 accuracy exactly ({len(names)} rows): {listed}." in bench
+
+
 def test_lm_modes_times_each_mode_from_the_trainers_runtime(tmp_path, monkeypatch):
     """benchmarks/speed/lm_modes.py at tiny scale: a step's time is the difference of the trainer's runtimes over
     steps + 1 and 1 step (here a fake recipe of 2 s + 0.5 s a step, 1.5 s on-policy), seq_kd's generation time per
