@@ -380,7 +380,7 @@ def test_gpu_plan_runs_end_to_end_at_tiny_scale(tmp_path):
         assert (tmp_path / "r" / "cards" / task / "README.md").exists()  # its cards stay beside its results
 
 
-@pytest.mark.parametrize("name", ["speed", "speed_long", "speed_recheck", "speed_384"])
+@pytest.mark.parametrize("name", ["speed", "speed_long", "speed_recheck", "speed_384", "speed_recheck_xeon"])
 def test_the_readmes_speed_tables_are_the_committed_runs(name):
     """The speed tables of README.md and benchmarks/README.md are summary_table() of the committed result files,
     so a table cannot drift from the run it claims to show."""
