@@ -1254,8 +1254,8 @@ def test_the_readmes_speed_sentences_are_the_committed_runs():
     d_n = [x["D/N_time"] for x in long]
 
     def span(items):
-        values = [x["D/L_work_mem"] for x in items]
-        return f"{min(values):.2f}-{max(values):.2f}x"
+        low, high = (f"{f(x['D/L_work_mem'] for x in items):.2f}" for f in (min, max))
+        return f"{low}x" if low == high else f"{low}-{high}x"
 
     def lengths(items):
         return ", ".join(format(n, ",") for n in sorted({x["seq_len"] for x in items}))
