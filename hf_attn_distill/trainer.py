@@ -117,6 +117,7 @@ class DistillTrainer(
             self.capture.freeze(teacher_model)
         # before super(): the optimizer and DDP must see what objectives attach to the student
         self.objectives = build_objectives(model, teacher_model, args, self.capture, self.objective_classes)
+        self.vocab_rows = vocab_rows  # the vocabulary rows token-level KD compares (None: all)
         self.vocab_rows_note = None  # what the card says about a padded vocabulary, when KD compares part of it
         if vocab_rows is not None:
             for objective in self.objectives:

@@ -107,3 +107,67 @@ def test_tokenizers_of_one_size_with_other_tokens_are_refused_naming_the_first_i
     same = BertTokenizerFast.from_pretrained(teacher_dir)
     DistillTrainer(model=student, teacher_model=str(teacher_dir), args=args, processing_class=same)
     DistillTrainer(model=student, teacher_model=tiny_classifier(0, vocab_size=12), args=args, processing_class=other)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("tail", ["renormalize", "uniform"])
+def test_a_top_k_cache_of_a_padded_teacher_holds_the_tokenizers_rows_only(tail, chunked, tmp_path):
+    """A top-k cache of a teacher padded past the tokenizer (564 rows around 500 tokens) ranks the teacher's
+    distribution over the 500 real rows: no cached id is a padding row, and the loss (chunked head pass or full
+    logits) is the dense top-k reference over those rows (the padding's mass in no tail); a run from the cache
+    alone compares the same rows."""
+    from test_top_k_cache import dense_reference
+
+    teacher, student = padded_pair("llama")
+    tokenizer = word_tokenizer(VOCAB)
+    batch = collate(rows()[:4])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        padded_top = torch.log_softmax(teacher(**inputs).logits / 2.0, -1).topk(8, -1).indices
+    assert padded_top.ge(VOCAB).any()  # over every row, padding would be among the top 8 of these random heads
+    args = DistillConfig(
+        **one_sgd_step(tmp_path / "out", 8, 1, temperature=2.0, alpha_ce=0.5, alpha_kd=0.5, layer_map=None),
+        teacher_logits_cache=str(tmp_path / "cache"),
+        teacher_logits_top_k=8,
+        teacher_logits_cache_dtype="float32",
+        teacher_logits_tail=tail,
+        chunked_lm_loss=chunked,
+    )
+    data = Dataset.from_list(rows())
+    trainer = InOrderTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=data,
+        data_collator=collate,
+        processing_class=tokenizer,
+    )
+    cache = trainer.teacher_logits_cache
+    index = torch.arange(4)
+    ids, log_probs = cache.lookup(index, batch["attention_mask"])
+    with torch.no_grad():
+        t_logits, s_logits = teacher(**inputs).logits, student(**inputs).logits
+    want = torch.log_softmax(t_logits[..., :VOCAB] / 2.0, -1).topk(8, -1)
+    valid = batch["attention_mask"].bool()
+    assert ids[valid].max() < VOCAB
+    assert torch.equal(ids[valid], want.indices[valid])
+    torch.testing.assert_close(log_probs[valid], want.values[valid])
+    with torch.no_grad():
+        trainer.compute_loss(student.train(), {**batch, "teacher_cache_index": index})  # training reads the cache
+    got = trainer.accounting.pop_means("train")["loss_kd"]
+    mask = batch["labels"][:, 1:].ne(-100)
+    s, t = s_logits[:, :-1][mask][:, :VOCAB], t_logits[:, :-1][mask][:, :VOCAB]
+    reference = dense_reference(s, t, 8, 2.0, tail).mean().item() * 4
+    assert got == pytest.approx(reference, rel=1e-5, abs=1e-6)  # float32: the uniform tail's sum is absolute-exact
+    alone = InOrderTrainer(
+        model=student,
+        teacher_model=None,
+        args=DistillConfig(**{**args.to_dict(), "eval_with_teacher": False}),
+        train_dataset=data,
+        data_collator=collate,
+        processing_class=tokenizer,
+    )
+    assert alone.vocab_rows == VOCAB
+    with torch.no_grad():
+        alone.compute_loss(student, {**batch, "teacher_cache_index": index})
+    assert alone.accounting.pop_means("train")["loss_kd"] == pytest.approx(got, rel=1e-6)

@@ -207,7 +207,7 @@ class LMHeadPass:
         self.args = args
         self.shifted = is_causal_lm(student)  # position t predicts token t + 1 (else label t: encoder-decoders)
         self.rows: torch.Tensor | None = None  # how many positions this step's sums are over
-        self.vocab_rows: int | None = None  # set by loss_kd: the rows of a padded vocabulary that are compared
+        self.vocab_rows: int | None = None  # set by LogitKD.vocab_rows: the rows of a padded vocabulary compared
         self.checked: set[str] = set()  # the models whose head was checked (at their first step)
         self._step = None
         self._sums: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)

@@ -169,12 +169,23 @@ class LogitKD(Objective):
         top_k_tail: str = "renormalize",
     ):
         self.label_order = label_order
-        # token-level logits of padded vocabularies of different sizes: the first vocab_rows rows are compared
+        self.head_pass = head_pass
         self.vocab_rows = vocab_rows
         self.divergence, self.jsd_beta, self.skew_alpha = divergence, jsd_beta, skew_alpha
         self.shifted = shifted
-        self.head_pass = head_pass
         self.top_k_tail = top_k_tail
+
+    @property
+    def vocab_rows(self) -> int | None:
+        """The first rows of padded vocabularies of different sizes that token-level KD compares (``None``: all)."""
+        return self._vocab_rows
+
+    @vocab_rows.setter
+    def vocab_rows(self, rows: int | None) -> None:
+        # the head pass computes both sums once a step, whichever of loss_ce / loss_kd asks first: it must know now
+        self._vocab_rows = rows
+        if self.head_pass is not None:
+            self.head_pass.vocab_rows = rows
 
     @classmethod
     def build(cls, student, teacher, args, capture: Capture) -> list[Objective]:
@@ -194,15 +205,12 @@ class LogitKD(Objective):
         ]
 
     def start_teacher(self, inputs: Mapping[str, Any]) -> None:
-        if self.head_pass is not None:
-            self.head_pass.vocab_rows = self.vocab_rows
-            if self.head_pass.teacher_tap is not None:
-                self.head_pass.teacher_tap.arm()
+        if self.head_pass is not None and self.head_pass.teacher_tap is not None:
+            self.head_pass.teacher_tap.arm()
 
     def loss(self, step: Step) -> torch.Tensor:
         outputs, teacher_outputs, inputs = step.outputs, step.teacher_outputs, step.inputs
         if self.head_pass is not None:
-            self.head_pass.vocab_rows = self.vocab_rows
             _, kd = self.head_pass.sums(step)
             return kd / self.head_pass.rows.clamp_min(1)
         temperature = step.value("temperature")

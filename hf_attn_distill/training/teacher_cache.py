@@ -212,8 +212,8 @@ class TeacherTopKCache:
                     "or is not right-padded: a top-k cache needs the same "
                     "tokenization and right padding (padding_side='right') at build time and in training."
                 )
-            out_ids[row, :n] = torch.from_numpy(np.asarray(ids[start:end], dtype=np.int64))
-            out_log_probs[row, :n] = torch.from_numpy(np.asarray(log_probs[start:end], dtype=np.float32))
+            out_ids[row, :n] = torch.from_numpy(np.array(ids[start:end], dtype=np.int64))
+            out_log_probs[row, :n] = torch.from_numpy(np.array(log_probs[start:end], dtype=np.float32))
         device = attention_mask.device
         return out_ids.to(device), out_log_probs.to(device)
 
@@ -295,7 +295,9 @@ def _prepare_top_k(trainer, dataset, key: dict) -> TeacherTopKCache:
             "Set teacher_logits_top_k=0 (whole logit vectors, sequence-level tasks)."
         )
     head = teacher.get_output_embeddings()
-    vocab = head.out_features
+    # a padded vocabulary (Qwen-style): the teacher's distribution over the tokenizer's rows only, as the dense
+    # loss compares, so no cached id is a padding row and no padding mass enters the tail
+    vocab = getattr(trainer, "vocab_rows", None) or head.out_features
     k = args.teacher_logits_top_k
     if k > vocab:
         raise ValueError(f"teacher_logits_top_k={k} is more than the teacher's {vocab} tokens.")
@@ -321,7 +323,7 @@ def _prepare_top_k(trainer, dataset, key: dict) -> TeacherTopKCache:
             flat = hidden.reshape(-1, hidden.shape[-1])
             ids, log_probs = [], []
             for start in range(0, flat.shape[0], rows):
-                logits = head(flat[start : start + rows]).float() / args.temperature
+                logits = head(flat[start : start + rows])[:, :vocab].float() / args.temperature
                 top = torch.log_softmax(logits, -1).topk(k, dim=-1)
                 ids.append(top.indices)
                 log_probs.append(top.values)
