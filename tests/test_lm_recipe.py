@@ -115,8 +115,13 @@ def test_the_recipe_distills_packed_text_and_reports_what_the_full_logits_give(l
     assert saved["eval_top1_agreement"] == pytest.approx(agree)
     assert metrics["eval_perplexity"] == saved["eval_perplexity"] and "eval_loss_kd" in saved
     card = (out / "README.md").read_text()
-    assert "perplexity" in card and "divergence" in card and "jsd" in card
+    assert "divergence" in card and "jsd" in card
     assert str(tmp_path) not in card and "text-generation" in card
+    from huggingface_hub import ModelCard
+
+    (result,) = ModelCard.load(out / "README.md", ignore_metadata_errors=False).data.eval_results  # the model-index
+    assert (result.task_type, result.metric_type) == ("text-generation", "perplexity")
+    assert result.metric_value == pytest.approx(saved["eval_perplexity"], rel=1e-4)
 
 
 def test_prompt_completion_and_chat_records_learn_only_the_answers():
@@ -189,6 +194,13 @@ def test_jsonl_records_train_through_the_recipe(kind, lm_teacher_dir, tmp_path):
 def test_bad_input_is_refused_naming_the_fix(lm_teacher_dir, text_files, tmp_path):
     with pytest.raises(ValueError, match="--block_size"):
         distill_lm.main(run_args(lm_teacher_dir, text_files, tmp_path / "a", "--block_size", "100"))
+    short = run_args(lm_teacher_dir, text_files, tmp_path / "a2")  # a student with fewer positions than the teacher
+    short[short.index("--student_teacher_layers") : short.index("--student_teacher_layers") + 2] = [
+        "--student_config_overrides",
+        "num_hidden_layers=2,max_position_embeddings=8",
+    ]
+    with pytest.raises(ValueError, match="LlamaForCausalLM has only 8 positions.*--block_size"):
+        distill_lm.main(short)
     long_prompts = [{"prompt": " ".join(WORDS[:20]), "completion": "w1"}] * 3
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in long_prompts) + "\n")
     args = run_args(lm_teacher_dir, text_files, tmp_path / "b")

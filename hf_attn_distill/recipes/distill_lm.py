@@ -167,6 +167,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
             lambda e: {k: e[k][: data_args.block_size] for k in ("input_ids", "labels")}, desc="Truncating"
         )
     model = build_student(model_args, teacher, AutoModelForCausalLM) if model_args.has_student else teacher
+    check_lengths({"input_ids": data_args.block_size}, position_limits(model), {"input_ids": "--block_size"})
     collator = LMCollator(tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None)
     common_kwargs = dict(
         model=model,

@@ -48,8 +48,9 @@ def strip_outputs(outputs):
 
 def position_limits(*models) -> dict[str, tuple[int, str]]:
     """``{input name: (most tokens, model)}``: how long ``input_ids`` and ``decoder_input_ids`` may be for every one
-    of ``models`` with learned absolute positions (``max_position_embeddings``); models without (T5's relative
-    positions, rotary) set no limit."""
+    of ``models`` whose positions have a size (``max_position_embeddings``: learned absolute positions, and rotary
+    ones, which were not trained past it); relative positions (T5's, ``position_embedding_type`` other than
+    ``"absolute"``) set no limit."""
     limits: dict[str, tuple[int, str]] = {}
     for model in models:
         config = model.config
