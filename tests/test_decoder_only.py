@@ -270,3 +270,21 @@ def test_evaluation_counts_the_same_tokens_with_either_padding(with_teacher, tmp
         trainer = trainer_for("gpt2", tmp_path / side, side=side, eval_with_teacher=with_teacher)
         losses[side] = trainer.evaluate(Dataset.from_list(rows()))["eval_loss_ce"]
     assert losses["left"] == pytest.approx(losses["right"], rel=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_recomputing_the_attention_in_backward_gives_the_kept_update(family, side, tmp_path, caplog):
+    """``attention_keep_mb=0`` (every mapped layer recomputes its blocks in backward, as at long lengths) trains
+    each causal family, grouped-query heads, sliding windows and both paddings, to the update of keeping them."""
+    with caplog.at_level("INFO", logger="hf_attn_distill"):
+        kept_delta, kept_log = _update(trainer_for(family, tmp_path / "kept", side=side))
+        delta, log = _update(trainer_for(family, tmp_path / "recomputed", side=side, attention_keep_mb=0))
+    paths = [r.getMessage().rsplit(": ", 1)[-1] for r in caplog.records if "attention_keep_mb" in r.getMessage()]
+    assert paths == ["kept for backward, no recompute"] * 2 + ["blocks recomputed in backward"] * 2  # 2 layers each
+    largest = max(d.abs().max().item() for d in kept_delta.values())
+    assert largest > 1e-5
+    for key, value in kept_delta.items():
+        torch.testing.assert_close(delta[key], value, atol=1e-5 * largest, rtol=1e-5, msg=key)
+    for term in ("loss", "loss_ce", "loss_kd", "loss_attn_dec"):
+        assert log[term] == pytest.approx(kept_log[term], rel=1e-6), term
