@@ -19,7 +19,8 @@ DATA = FIXTURES / "sentiment_tiny.tsv"
 SHARED = ROOT.parent / "shared" / "data"
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 # shipped config -> subcommand, by the data set its name starts with
-TASK_OF_CONFIG = {"sst2": "classification", "squad": "qa", "multi30k": "translation"}
+TASK_OF_CONFIG = {"sst2": "classification", "squad": "qa", "multi30k": "translation", "wiki": "lm"}
+BENCHMARK_TEACHER = {"wiki"}  # configs whose teacher and data a benchmark builds (benchmarks.quality.lm)
 
 
 def console_script(name: str) -> str:
@@ -168,6 +169,19 @@ def test_shipped_configs_parse_with_their_recipe_and_point_at_real_files(monkeyp
     if teacher_config:
         assert model_args.training_mode == "finetune" and model_args.teacher_model_name_or_path.startswith("folder/")
         assert not model_args.has_student
+    elif config.name.split("_")[0] in BENCHMARK_TEACHER:  # the teacher the benchmark links, on its corpus
+        from benchmarks.quality.lm import QualityLMArguments
+
+        work = Path(QualityLMArguments.work_dir)
+        assert model_args.training_mode == "distill" and model_args.student_teacher_layers == "1,3,5"
+        assert Path(model_args.teacher_model_name_or_path) == work / "teacher"
+        assert [Path(data_args.train_file), Path(data_args.validation_file)] == [
+            work / "data" / "train.txt",
+            work / "data" / "validation.txt",
+        ]
+        assert data_args.block_size == QualityLMArguments.block_size and training_args.max_steps == 400
+        assert (training_args.layer_map, training_args.hidden_layer_map) == ("uniform", "uniform")
+        return
     else:
         assert model_args.training_mode == "distill" and model_args.student_teacher_layers == "1,3,5"
         teacher_yaml = config.with_name(config.name.replace("_student", "_teacher"))
@@ -195,7 +209,9 @@ def test_shipped_configs_parse_with_their_recipe_and_point_at_real_files(monkeyp
 def test_every_shipped_config_has_a_subcommand():
     assert {c.name.split("_")[0] for c in CONFIGS} == set(TASK_OF_CONFIG)
     assert {c.name for c in CONFIGS} >= {
-        f"{data}_{role}.yaml" for data in TASK_OF_CONFIG for role in ("teacher", "student")
+        f"{data}_{role}.yaml"
+        for data in TASK_OF_CONFIG
+        for role in (("student",) if data in BENCHMARK_TEACHER else ("teacher", "student"))
     }
 
 
@@ -328,19 +344,19 @@ def test_the_readmes_commands_parse_as_written(monkeypatch):
     assert [c[:2] for c in commands] == [
         ["hf-attn-distill", "classification"],
         ["hf-attn-distill", "lm"],
-        ["hf-attn-distill", "qa"],
+        ["hf-attn-distill", "lm"],
     ]
     parsed = []
     for command in commands:
         with pytest.raises(Parsed) as got:
             main(command[1:])
         parsed.append(got.value.args[0])
-    (model, data, training), (lm_model, lm_data, lm_training), (qa_model, _, qa_training) = parsed
+    (model, data, training), (lm_model, lm_data, lm_training), (demo_model, _, demo_training) = parsed
     assert (model.teacher_model_name_or_path, model.student_teacher_layers) == ("out/teacher", "1,3,5")
     assert data.train_file.endswith("sst2/train.tsv") and data.validation_file.endswith("sst2/dev.tsv")
     assert training.output_dir == "out/student" and training.do_train and training.do_eval
     assert training.max_steps == 1000
-    assert qa_model.training_mode == "distill" and qa_training.do_train
+    assert demo_model.teacher_model_name_or_path == "outputs/quality_lm/teacher" and demo_training.do_train
     assert (lm_model.teacher_model_name_or_path, lm_model.student_teacher_layers) == ("out/lm_teacher", "0,2,4")
     assert (lm_data.train_file, lm_data.validation_file, lm_data.block_size) == ("train.txt", "val.txt", 512)
     assert lm_training.divergence == "jsd" and lm_training.output_dir == "out/lm" and lm_training.do_eval

@@ -64,6 +64,27 @@ def test_the_lm_benchmark_builds_everything_keeps_rows_and_continues(tmp_path, m
     monkeypatch.setattr(lm, "run_recipe", refuse)  # a rerun continues: teacher and rows are kept
     again = lm.main(argv)
     assert again["students"] == result["students"]
+    link = tmp_path / "work" / "teacher"  # the stable name recipes/configs/wiki_student.yaml reads
+    assert link.resolve() == teacher_dir.resolve()
+    assert lm.main([*argv, "--teacher_only", "true"]) == teacher  # teacher_only: the teacher's record, no student
+
+    # the shipped example config distills this teacher through the CLI (its settings, this scale's sizes)
+    from hf_attn_distill.cli import main as cli_main
+
+    root = Path(__file__).resolve().parents[1]
+    demo = tmp_path / "demo"
+    cli_main(
+        [
+            "lm", str(root / "recipes" / "configs" / "wiki_student.yaml"), "--teacher_model_name_or_path", str(link),
+            "--student_teacher_layers", "1", "--train_file", str(tmp_path / "work" / "data" / "train.txt"),
+            "--validation_file", str(val), "--block_size", "32", "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--max_eval_samples", "4", "--output_dir", str(demo), "--use_cpu",
+        ]
+    )  # fmt: skip
+    metrics = json.loads((demo / "eval_results.json").read_text())
+    assert metrics["eval_tokens"] == 4 * 31  # 4 held-out blocks of 32 tokens, each predicting 31
+    assert {"eval_loss_kd", "eval_loss_attn_dec", "eval_loss_hidden", "teacher_eval_perplexity"} <= set(metrics)
+    assert str(tmp_path) not in (demo / "README.md").read_text()
 
 
 def test_a_retrained_lm_teacher_must_be_the_one_the_kept_rows_had(tmp_path):

@@ -22,8 +22,9 @@ Everything is built here, deterministically, so any sitting can rebuild it:
 
 Perplexity on every held-out block (``eval_blocks`` for the learning curves). Each finished (variant, seed) run is
 kept in ``runs_dir`` (committed), so a rerun of the same command continues where the last stopped; the teacher is
-retrained when its folder is gone (its curve and perplexity are kept in ``runs_dir/teacher.json``). Writes
-``benchmarks/results/quality_lm.json`` and ``.md``, updated after every run.
+retrained when its folder is gone (its curve and perplexity are kept in ``runs_dir/teacher.json``) and linked as
+``work_dir/teacher`` (``--teacher_only true`` stops there: the teacher of ``recipes/configs/wiki_student.yaml``).
+Writes ``benchmarks/results/quality_lm.json`` and ``.md``, updated after every run.
 """
 
 from __future__ import annotations
@@ -121,6 +122,13 @@ class QualityLMArguments:
     temperature: float = field(default=1.0, metadata={"help": "Logit-KD temperature."})
     seeds: list[int] = field(default_factory=lambda: list(PLANNED_SEEDS), metadata={"help": "Student seeds."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "Variants to run."})
+    teacher_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the corpus, tokenizer and teacher (or find them built), link the teacher as "
+            "work_dir/teacher, then stop: what recipes/configs/wiki_student.yaml reads."
+        },
+    )
 
 
 def paragraphs(path: Path, limit: int | None) -> list[str]:
@@ -547,6 +555,12 @@ def main(argv: list[str] | None = None) -> dict:
     train, val = build_corpus(args, work)
     teacher_dir, teacher = trained_teacher(args, work, train, val)
     print(f"teacher perplexity {teacher['perplexity']:.2f} ({teacher['teacher_curve_note']})", flush=True)
+    link = work / "teacher"  # a stable name for the recipe configs: the folder itself is named by its settings
+    if link.is_symlink() or not link.exists():
+        link.unlink(missing_ok=True)
+        link.symlink_to(teacher_dir.name, target_is_directory=True)
+    if args.teacher_only:
+        return teacher
 
     top_k_cache = work / f"teacher-top{TOP_K}-cache-{teacher['key']}"
 
