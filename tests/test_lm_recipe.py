@@ -122,6 +122,16 @@ def test_the_recipe_distills_packed_text_and_reports_what_the_full_logits_give(l
     (result,) = ModelCard.load(out / "README.md", ignore_metadata_errors=False).data.eval_results  # the model-index
     assert (result.task_type, result.metric_type) == ("text-generation", "perplexity")
     assert result.metric_value == pytest.approx(saved["eval_perplexity"], rel=1e-4)
+    # the saved student, given as --student_model_name_or_path, evaluates to the same numbers
+    again = run_args(lm_teacher_dir, text_files, tmp_path / "again")
+    again[again.index("--student_teacher_layers") : again.index("--student_teacher_layers") + 2] = [
+        "--student_model_name_or_path",
+        str(out),
+    ]
+    again.remove("--do_train")
+    reloaded = distill_lm.main(again)
+    for key in ("eval_perplexity", "teacher_eval_perplexity", "eval_kl_to_teacher", "eval_top1_agreement"):
+        assert reloaded[key] == pytest.approx(saved[key], rel=1e-6), key
 
 
 def test_prompt_completion_and_chat_records_learn_only_the_answers():
