@@ -219,7 +219,7 @@ def test_logit_only_distillation_skips_attention(tmp_path, tokenizer, sentiment_
     [
         (dict(vocab_size=1000), {}, {}, "vocab_size"),
         (dict(num_labels=3), {}, {}, "num_labels"),
-        ({}, dict(num_attention_heads=8, hidden_size=32), {}, "divides 4"),
+        ({}, dict(num_attention_heads=8, hidden_size=32), {}, "divides 4.*relation_weight > 0"),
         (dict(num_attention_heads=4), dict(num_attention_heads=2), dict(head_grouping="strict"), "strict"),
         ({}, {}, dict(layer_map="0:7"), "out of range"),
         ({}, {}, dict(layer_map="5:1"), "out of range"),

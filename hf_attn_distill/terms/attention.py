@@ -351,5 +351,6 @@ def _check_heads(site: str, s_heads: int, t_heads: int, head_grouping: str) -> N
     raise ValueError(
         f"Teacher {site} attention has {t_heads} heads and the student's {s_heads}, and {reason}. Options: give the "
         f"student a head count that divides {t_heads} ({divisors}) with head_grouping='mean' (teacher heads are "
-        "averaged in groups), or set that site's attention weight to 0 to leave it out."
+        "averaged in groups), or set that site's attention weight to 0 and transfer MiniLMv2's self-attention "
+        "relations instead (relation_weight > 0, relation_heads: any head counts), or leave attention out."
     )
