@@ -1367,3 +1367,28 @@ def test_speed_memory_rerun_replaces_memory_keeps_times_and_continues(monkeypatc
     calls.clear()
     assert speed.rerun_memory(result, 1, 2, 60)["rows"] == result["rows"] and calls == []
     assert "Memory measured again at commit" in speed.markdown({**result, "machine": "m"})
+
+
+def test_a_runs_commit_is_dirty_for_code_changes_not_for_the_results_the_benchmarks_write(tmp_path, monkeypatch):
+    """A run records ``<commit>+dirty`` when tracked code differs from the commit; the result files the benchmarks
+    themselves rewrite as rows land (``benchmarks/results``) leave it clean."""
+    import subprocess
+
+    from benchmarks.quality import runs
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "table.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(runs, "ROOT", tmp_path)
+    (tmp_path / "benchmarks" / "results" / "table.json").write_text('{"row": 1}\n')
+    (tmp_path / "notes.log").write_text("untracked\n")
+    assert runs.project_commit() == head
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert runs.project_commit() == head + "+dirty"

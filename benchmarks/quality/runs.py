@@ -37,14 +37,18 @@ __all__ = [
 
 
 def project_commit() -> str | None:
-    """The commit of this checkout (``+dirty`` with uncommitted changes to tracked files), ``None`` outside git:
-    recorded with each run, so a result says which code made it."""
+    """The commit of this checkout (``+dirty`` with uncommitted changes to tracked files outside
+    ``benchmarks/results``, which the benchmarks themselves rewrite as runs land), ``None`` outside git: recorded
+    with each run, so a result says which code made it."""
     import subprocess
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
     except (OSError, subprocess.CalledProcessError):
         return None
