@@ -236,3 +236,40 @@ def test_gradient_checkpointing_gives_the_chunked_update(reentrant, tmp_path):
     largest = max(d.abs().max().item() for d in plain.values())
     for key, delta in plain.items():
         torch.testing.assert_close(checkpointed[key], delta, atol=1e-5 * largest, rtol=1e-5, msg=key)
+
+
+def test_bfloat16_hidden_states_meet_a_float32_head_in_its_dtype():
+    """Under autocast a model's last hidden states may be bfloat16 while its head is float32: the sums are the
+    float32 ones of those hidden states, and their gradient comes back in the hidden states' dtype."""
+    torch.manual_seed(0)
+    head, t_head = torch.nn.Linear(16, 40), torch.nn.Linear(24, 40)
+    hidden = torch.randn(9, 16).bfloat16().requires_grad_(True)
+    t_hidden = torch.randn(9, 24).bfloat16()
+    targets = torch.randint(0, 40, (9,))
+    settings = LMHeadSettings(temperature=2.0, chunk_tokens=4, ce_weight=0.5, kd_weight=0.5)
+    ce, kd = lm_head_losses(hidden, head, t_hidden, t_head, targets, settings)
+    wide = hidden.detach().float().requires_grad_(True)
+    want_ce, want_kd = lm_head_losses(wide, head, t_hidden.float(), t_head, targets, settings)
+    torch.testing.assert_close((ce, kd), (want_ce, want_kd))
+    (grad,) = torch.autograd.grad(0.5 * ce + 0.5 * kd, hidden)
+    (want,) = torch.autograd.grad(0.5 * want_ce + 0.5 * want_kd, wide)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), want.bfloat16().float())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_under_bfloat16_autocast_the_chunked_loss_trains_as_the_full_logits(family, tmp_path):
+    """``bf16=True`` (autocast): the head ran in bfloat16, so the check of the model's own logits allows that
+    rounding (it refused every bf16 run before), and the chunked terms and update match the full logits' to it."""
+    deltas, logs = [], []
+    for chunked in (True, False):
+        trainer = trainer_for(family, tmp_path / str(chunked), bf16=True, chunked_lm_loss=chunked)
+        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.train()
+        deltas.append({k: v - start[k] for k, v in trainer.model.state_dict().items()})
+        logs.append(next(e for e in trainer.state.log_history if "loss" in e))
+    for term in ("loss_ce", "loss_kd"):
+        assert logs[0][term] == pytest.approx(logs[1][term], rel=1e-3), term
+    largest = max(d.abs().max().item() for d in deltas[1].values())
+    for key, value in deltas[1].items():
+        torch.testing.assert_close(deltas[0][key], value, atol=2e-2 * largest, rtol=2e-2, msg=key)

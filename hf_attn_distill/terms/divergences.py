@@ -162,7 +162,7 @@ def _chunk_losses(logits, t_h, t_w, t_b, targets, settings: LMHeadSettings):
         kd = values.sum() * (settings.temperature**2)
     elif t_h is not None:
         with torch.no_grad():
-            t_logits = F.linear(t_h, t_w, t_b)
+            t_logits = F.linear(t_h.to(t_w.dtype), t_w, t_b)
         rows = slice(None, settings.vocab_rows)
         kd = token_divergence(
             logits[:, rows],
@@ -276,7 +276,7 @@ def _chunk_step(hidden, weight, bias, rows, t_h, t_w, t_b, targets, settings, we
     gradient of ``weights[0] · ce + weights[1] · kd``. Only the chunk's logits go through autograd: the head's
     gradient is accumulated in place (``addmm_``), so a chunk allocates no ``[V, H]`` tensor (a fresh one per
     chunk, page-faulted in each time, made a 152k-vocabulary step several times slower)."""
-    h = hidden[rows].detach()
+    h = hidden[rows].detach().to(weight.dtype)  # bfloat16 hidden states under autocast: logits in the head's dtype
     with torch.no_grad():
         logits = F.linear(h, weight.detach(), None if bias is None else bias.detach())
     if grads is None:
@@ -285,7 +285,7 @@ def _chunk_step(hidden, weight, bias, rows, t_h, t_w, t_b, targets, settings, we
         t_logits = None
         if t_h is not None:
             with torch.no_grad():
-                t_logits = F.linear(t_h, t_w, t_b)
+                t_logits = F.linear(t_h.to(t_w.dtype), t_w, t_b)
         ce, kd, g = _forward_kl_ce_grad(logits, t_logits, targets, settings, weights)
     else:
         with torch.enable_grad():

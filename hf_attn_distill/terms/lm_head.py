@@ -122,12 +122,16 @@ class HeadTap:
         self.head = head
         self.armed = False
         self.hidden: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None  # what the head computed its logits in (autocast's, or its own)
         self._handle = None
 
     def _hook(self, module, args):
         if not self.armed or not args:
             return None
         self.hidden = args[0]
+        device = args[0].device.type
+        autocast = torch.is_autocast_enabled(device)
+        self.dtype = torch.get_autocast_dtype(device) if autocast else torch.result_type(args[0], module.weight)
         return (args[0][..., -1:, :].contiguous(), *args[1:])  # a strided slice makes linear a slow batched GEMV
 
     def register(self) -> None:
@@ -140,7 +144,7 @@ class HeadTap:
             self._handle = None
 
     def arm(self) -> None:
-        self.armed, self.hidden = True, None
+        self.armed, self.hidden, self.dtype = True, None, None
 
     def disarm(self) -> None:
         self.armed, self.hidden = False, None
@@ -234,12 +238,12 @@ class LMHeadPass:
             return self._sums_of(step, hidden, teacher_hidden, cached)
 
     def _sums_of(self, step, hidden, teacher_hidden, cached):
-        if "student" not in self.checked and self._check(hidden, step.outputs, "student", self.student_tap.head):
+        if "student" not in self.checked and self._check(hidden, step.outputs, "student", self.student_tap):
             self.checked.add("student")
         if (
             teacher_hidden is not None
             and "teacher" not in self.checked
-            and self._check(teacher_hidden, step.teacher_outputs, "teacher", self.teacher_tap.head)
+            and self._check(teacher_hidden, step.teacher_outputs, "teacher", self.teacher_tap)
         ):
             self.checked.add("teacher")
         labels = step.inputs.get("labels")
@@ -281,18 +285,22 @@ class LMHeadPass:
         return self._sums
 
     @staticmethod
-    def _check(hidden: torch.Tensor, outputs, who: str, head: nn.Module) -> bool:
-        """The model's own logits of the last position must be its head applied to the recorded hidden states;
-        ``False`` when this step cannot tell: no such logits, or NaN / inf in either (the non-finite check names
-        where those came from, and the next step checks again)."""
+    def _check(hidden: torch.Tensor, outputs, who: str, tap: HeadTap) -> bool:
+        """The model's own logits of the last position must be its head applied to the recorded hidden states (in
+        the dtype the head ran in: autocast's bfloat16 / float16, to that dtype's rounding); ``False`` when this
+        step cannot tell: no such logits, or NaN / inf in either (the non-finite check names where those came
+        from, and the next step checks again)."""
         logits = outputs.get("logits") if outputs is not None else None
         if logits is None or logits.shape[-2] != 1:
             return False
+        head, dtype = tap.head, tap.dtype or logits.dtype
         with torch.no_grad():
-            want = F.linear(hidden[:, -1:].detach(), head.weight, head.bias)
+            bias = None if head.bias is None else head.bias.to(dtype)
+            want = F.linear(hidden[:, -1:].detach().to(dtype), head.weight.to(dtype), bias).float()
         if not (torch.isfinite(logits).all() and torch.isfinite(want).all()):
             return False
-        if not torch.allclose(logits.float(), want.float(), rtol=1e-3, atol=1e-3):
+        tol = max(1e-3, 4 * torch.finfo(dtype).eps)  # the rounding of the logits' dtype; a transform is far larger
+        if not torch.allclose(logits.float(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item())):
             raise ValueError(
                 f"The {who}'s logits are not its output head applied to its last hidden states (the model transforms "
                 "them after the head), so the chunked LM loss would differ from its own: set chunked_lm_loss=False."
