@@ -160,7 +160,8 @@ class DistillConfig(TrainingArguments):
             neither model's `[tokens, vocab]` logits exist (the heads then return the last position's logits
             only). Models that transform the head's output (logit soft-capping, a logit scale, BART's and Marian's
             `final_logits_bias`) and a teacher-logit cache of whole logits use the full logits. Same values and
-            gradients as the full logits.
+            gradients as the full logits; under bf16/fp16 autocast the chunks' logits are in the head's dtype
+            (float32 for a float32 head), so they differ from the full ones by that rounding only.
         lm_chunk_tokens (`int`, *optional*, defaults to `0`):
             Tokens per chunk of the chunked LM loss; `0` picks them from the vocabulary size (about 8M logits,
             32 MB of float32, per chunk, and at least 512 tokens: fewer make a large vocabulary's step slower).
